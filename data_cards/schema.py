@@ -1,0 +1,303 @@
+"""Data cards: YAML files that say how to read a survey's numbers physically.
+
+A card is validated into a typed object (`SpectrumCard`, `ImageCard`, `CubeCard`,
+`FieldCard`). Physical fields are written in YAML as astropy quantity strings
+("3600 Angstrom", "0.2 arcsec", "1.05e9 Hz", "64 Mpc") and held as `astropy.units.Quantity`
+in the card's canonical unit; a value that does not convert raises `InputError`
+naming the field. Every error names the dotted path of the bad field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import astropy.units as u
+import yaml
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import MODALITIES
+
+CARDS_DIR = Path(__file__).parent / "cards"
+
+
+def _quantity(unit: str, positive: bool = True, default=dataclasses.MISSING):
+    """A card field holding a physical quantity, converted to `unit` on load."""
+    return field(default=default, metadata={"unit": unit, "positive": positive})
+
+
+def _choice(*choices: str, default=dataclasses.MISSING):
+    return field(default=default, metadata={"choices": choices})
+
+
+def _positive(default=dataclasses.MISSING):
+    return field(default=default, metadata={"positive": True})
+
+
+@dataclass
+class LabelSchema:
+    """What the labels in `Sample.meta["labels"]` mean."""
+
+    name: str  # the label key, e.g. "spectral_class" or "redshift"
+    kind: str = _choice("class", "regression", default="class")
+    classes: list[str] = field(default_factory=list)  # ordered; index = class id
+    unit: str = ""  # for regression targets, an astropy unit string ("" = dimensionless)
+
+
+@dataclass
+class Band:
+    """One imaging band."""
+
+    name: str
+    wavelength: u.Quantity = _quantity("Angstrom")  # effective wavelength
+    psf_fwhm: u.Quantity = _quantity("arcsec")
+    zero_point: float = 0.0  # AB magnitude of one flux unit per exposure
+    sky_noise: float = _positive(default=1.0)  # per-pixel noise sigma, in the card's flux_unit
+
+
+@dataclass
+class DataCard:
+    """What every card has, whatever the modality."""
+
+    name: str
+    modality: str
+    survey: str
+    description: str = ""
+    provenance: str = ""
+    license: str = "unknown"
+    citation: str = ""
+    intended_use: str = ""
+    labels: list[LabelSchema] = field(default_factory=list)
+    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1})
+    # the modality block's name in YAML; subclasses set it
+    block: ClassVar[str] = ""
+
+    def __post_init__(self):
+        total = sum(self.splits.values())
+        if self.splits and abs(total - 1.0) > 1e-6:
+            raise InputError(f"{self.name}.splits", f"fractions sum to {total}, not 1", "make the split fractions add up to 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The card as plain YAML-able data (quantities back to strings)."""
+        common = {f.name for f in dataclasses.fields(DataCard)}
+        out: dict[str, Any] = {}
+        block: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            (out if f.name in common else block)[f.name] = _plain(getattr(self, f.name))
+        out[self.block] = block
+        return out
+
+
+@dataclass
+class SpectrumCard(DataCard):
+    wavelength_min: u.Quantity = _quantity("Angstrom", default=None)  # vacuum
+    wavelength_max: u.Quantity = _quantity("Angstrom", default=None)
+    n_pixels: int = _positive(default=None)
+    sampling: str = _choice("log", "linear", default="log")  # log = constant dlambda/lambda (SDSS loglam)
+    medium: str = _choice("vacuum", "air", default="vacuum")  # of the wavelengths in the survey's files
+    resolving_power: float = _positive(default=None)  # R = lambda / FWHM of the line-spread function
+    flux_unit: str = "1e-17 erg / (s cm2 Angstrom)"
+    typical_snr: float = _positive(default=10.0)  # median per-pixel S/N
+    sky_model: str = ""
+    block: ClassVar[str] = "spectrum"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.wavelength_max <= self.wavelength_min:
+            raise InputError(f"{self.name}.spectrum.wavelength_max", "must be larger than wavelength_min", "swap or fix the range")
+        _check_unit(f"{self.name}.spectrum.flux_unit", self.flux_unit, u.erg / u.s / u.cm**2 / u.AA, u.spectral_density(self.wavelength_min))
+
+
+@dataclass
+class ImageCard(DataCard):
+    bands: list[Band] = field(default_factory=list)
+    pixel_scale: u.Quantity = _quantity("arcsec", default=None)
+    stamp_size: int = _positive(default=None)  # pixels on a side of the stamps the model sees
+    flux_unit: str = "nJy"
+    block: ClassVar[str] = "image"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.bands:
+            raise InputError(f"{self.name}.image.bands", "is empty", "list at least one band with name, wavelength and psf_fwhm")
+        _check_unit(f"{self.name}.image.flux_unit", self.flux_unit, u.Jy)
+
+
+@dataclass
+class CubeCard(DataCard):
+    pixel_scale: u.Quantity = _quantity("arcsec", default=None)
+    beam_fwhm: u.Quantity = _quantity("arcsec", default=None)
+    frequency_start: u.Quantity = _quantity("Hz", default=None)  # centre of the first channel
+    channel_width: u.Quantity = _quantity("Hz", default=None)
+    rest_frequency: u.Quantity = _quantity("Hz", default=1420405751.768 * u.Hz)  # HI 21 cm
+    n_channels: int = _positive(default=None)  # channels in the chunks the model sees
+    spatial_size: int = _positive(default=None)  # pixels on a side of those chunks
+    brightness_unit: str = "Jy/beam"
+    noise_per_channel: float = _positive(default=None)  # in brightness_unit
+    block: ClassVar[str] = "cube"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_unit(f"{self.name}.cube.brightness_unit", self.brightness_unit, u.Jy / u.beam)
+
+
+@dataclass
+class FieldCard(DataCard):
+    box_size: u.Quantity = _quantity("Mpc", default=None)  # comoving, transverse side
+    n_cells: int = _positive(default=None)  # cells per transverse side of a chunk
+    los_cells: int = _positive(default=None)  # cells along the line of sight of a chunk
+    redshift_min: float = field(default=None, metadata={"min": 0.0})
+    redshift_max: float = field(default=None, metadata={"min": 0.0})
+    quantity: str = "brightness_temperature"
+    unit: str = "mK"
+    lightcone: bool = True  # False: coeval boxes at redshift_min
+    simulator: str = ""
+    parameters: dict[str, float] = field(default_factory=dict)  # simulator parameters (21cmFAST names)
+    noise_sigma: float = _positive(default=1.0)  # per-cell noise in `unit` (thermal noise; sets ivar)
+    block: ClassVar[str] = "field"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.redshift_max < self.redshift_min:
+            raise InputError(f"{self.name}.field.redshift_max", "is below redshift_min", "fix the redshift range")
+        try:
+            u.Unit(self.unit)
+        except ValueError as e:
+            raise InputError(f"{self.name}.field.unit", f"{self.unit!r} is not an astropy unit ({e})", "use e.g. 'mK'") from None
+
+
+CARD_TYPES: dict[str, type[DataCard]] = {"spectrum": SpectrumCard, "image": ImageCard, "cube": CubeCard, "field": FieldCard}
+
+
+def available_cards() -> list[str]:
+    """Names of the cards shipped with the package."""
+    return sorted(p.stem.replace("_", "-") for p in CARDS_DIR.glob("*.yaml"))
+
+
+def load_card(name_or_path: str | Path) -> DataCard:
+    """Load a shipped card by name (`"sdss-like"`) or any card from a YAML path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CARDS_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
+        if not path.exists():
+            raise InputError("card", f"no shipped card named {name_or_path!r}", f"use one of {available_cards()} or a path to a YAML card")
+    if not path.exists():
+        raise InputError("card", f"file {path} does not exist", "give the path to a YAML data card")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
+    return card_from_dict(raw, source=str(path))
+
+
+def card_from_dict(raw: Any, source: str = "card") -> DataCard:
+    if not isinstance(raw, dict):
+        raise InputError(source, "is not a mapping of fields", "a card is a YAML mapping with name, modality, survey and a modality block")
+    modality = raw.get("modality")
+    if modality not in MODALITIES:
+        raise InputError(f"{source}: modality", f"unknown modality {modality!r}", f"use one of {', '.join(MODALITIES)}")
+    cls = CARD_TYPES[modality]
+    raw = dict(raw)
+    block = raw.pop(cls.block, None)
+    if not isinstance(block, dict):
+        raise InputError(f"{raw.get('name', source)}.{cls.block}", "block is missing", f"a {modality} card needs a '{cls.block}:' mapping")
+    common = {f.name for f in dataclasses.fields(DataCard)}
+    clash = common & set(block)
+    if clash:
+        raise InputError(f"{raw.get('name', source)}.{cls.block}", f"repeats top-level fields {sorted(clash)}", "keep them at the top level")
+    return _build(cls, {**raw, **block}, prefix=str(raw.get("name", source)), block=cls.block)
+
+
+def _build(cls, raw: dict, prefix: str, block: str = ""):
+    """Validate `raw` into dataclass `cls`; errors name `prefix.field`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    where = lambda name: f"{prefix}.{block}.{name}" if block and name not in _COMMON else f"{prefix}.{name}"  # noqa: E731
+    if unknown:
+        raise InputError(where(unknown[0]), f"unknown field(s) {unknown}", f"known fields: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw:
+            if required or f.default is None:
+                raise InputError(where(name), "is missing", _hint(f))
+            continue
+        kwargs[name] = _convert(raw[name], f, where(name))
+    return cls(**kwargs)
+
+
+_COMMON = {f.name for f in dataclasses.fields(DataCard)}
+
+
+def _hint(f: dataclasses.Field) -> str:
+    if "unit" in f.metadata:
+        return f"add it as a quantity string, e.g. '{f.name}: 1.0 {f.metadata['unit']}'"
+    if "choices" in f.metadata:
+        return f"add one of {list(f.metadata['choices'])}"
+    return f"add '{f.name}:' to the card"
+
+
+def _convert(value: Any, f: dataclasses.Field, where: str):
+    meta = f.metadata
+    if "unit" in meta:
+        try:
+            q = u.Quantity(value)
+        except (TypeError, ValueError) as e:
+            raise InputError(where, f"{value!r} is not a quantity ({e})", f"write it like '1.0 {meta['unit']}'") from None
+        if q.unit == u.dimensionless_unscaled:
+            raise InputError(where, f"{value!r} has no unit", f"write it like '{value} {meta['unit']}'")
+        try:
+            q = q.to(meta["unit"])
+        except u.UnitConversionError:
+            raise InputError(where, f"{value!r} cannot be converted to {meta['unit']}", f"give a quantity in units of {meta['unit']}") from None
+        if meta.get("positive") and q.value <= 0:
+            raise InputError(where, f"must be positive, got {value!r}", "give a positive value")
+        return q
+    if "choices" in meta:
+        if value not in meta["choices"]:
+            raise InputError(where, f"{value!r} is not allowed", f"use one of {list(meta['choices'])}")
+        return value
+    if f.name == "bands":
+        if not isinstance(value, list):
+            raise InputError(where, "must be a list of bands", "list bands as mappings with name, wavelength, psf_fwhm")
+        return [_build(Band, b, f"{where}[{i}]") if isinstance(b, dict) else _bad(f"{where}[{i}]") for i, b in enumerate(value)]
+    if f.name == "labels":
+        if not isinstance(value, list):
+            raise InputError(where, "must be a list of label schemas", "e.g. '- {name: spectral_class, kind: class, classes: [STAR, QSO]}'")
+        return [_build(LabelSchema, b, f"{where}[{i}]") if isinstance(b, dict) else _bad(f"{where}[{i}]") for i, b in enumerate(value)]
+    if isinstance(f.default, (int, float)) and not isinstance(f.default, bool) or meta.get("positive") or "min" in meta:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(where, f"{value!r} is not a number", "give a plain number")
+        if f.type == "int" and not isinstance(value, int):
+            raise InputError(where, f"{value!r} is not a whole number", "give an integer")
+        if meta.get("positive") and value <= 0:
+            raise InputError(where, f"must be positive, got {value!r}", "give a positive number")
+        if "min" in meta and value < meta["min"]:
+            raise InputError(where, f"must be >= {meta['min']}, got {value!r}", "give a physical value")
+        return value
+    return value
+
+
+def _bad(where: str):
+    raise InputError(where, "must be a mapping", "write it as 'key: value' pairs")
+
+
+def _check_unit(where: str, unit: str, target, equivalencies=None):
+    try:
+        u.Unit(unit).to(target, equivalencies=equivalencies or [])
+    except ValueError as e:
+        raise InputError(where, f"{unit!r} is not a unit convertible to {target} ({e})", f"use a unit like '{target}'") from None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, u.Quantity):
+        return f"{float(v.value)!r} {v.unit.to_string()}"
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v

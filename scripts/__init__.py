@@ -1,0 +1,1 @@
+"""cosmofm: a self-supervised foundation model for astronomical data."""
