@@ -182,7 +182,7 @@ def mock_cube(card: CubeCard, seed: int, index: int) -> Sample:
     offsets = (np.arange(n) - (n - 1) / 2) * scale
     y, x = np.meshgrid(offsets, offsets, indexing="ij")
     # HI mass -> size (Wang et al. 2016: log D_HI = 0.506 log M_HI - 3.293 kpc) and flux.
-    log_mhi = rng.uniform(9.0, 10.5)
+    log_mhi = rng.uniform(9.5, 11.0)
     z = card.rest_frequency.to_value("Hz") / freq[nf // 2] - 1
     d_mpc = C_KMS * z / 70.0
     size_kpc = 10 ** (0.506 * log_mhi - 3.293) / 2

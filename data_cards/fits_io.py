@@ -1,0 +1,411 @@
+"""FITS reader and writer for `Sample`s: one binary table of same-shape samples per file.
+
+File layout (format version 1, header key CFMFMT):
+
+* primary HDU: header keys CARD (the data card's name), MODALITY, CFMFMT.
+* a BinTableHDU named "SAMPLES", one row per sample:
+  ID (string), VALUES and IVAR (float32 vectors with TDIM = the sample shape),
+  one float64 vector column per axis of AXES[modality] (name = axis upper-cased,
+  TUNIT = COORD_UNITS[axis]), PAIR_ID (string, "" if none) and META (the rest of
+  `sample.meta` as JSON, e.g. labels).
+
+VALUES carries the card's data unit as TUNIT (see `data_unit`). On reading, VALUES and
+the coordinates are converted with astropy from whatever TUNIT the file has to the
+card's units, so files written by other tools work as long as their units are
+physical. Every failure while reading is an `InputError` naming the file and the
+HDU/column, never a raw astropy or numpy traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import astropy.units as u
+import numpy as np
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
+from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard, load_card
+
+FORMAT_VERSION = 1
+TABLE = "SAMPLES"
+# meta keys stored in their own columns, not in the META JSON
+_OWN_COLUMNS = ("card", "id", "pair_id")
+# Spellings other tools write that astropy does not know (SDSS headers use "Ang").
+_UNIT_ALIASES = {"Ang": u.AA, "Angs": u.AA, "Angstroms": u.AA}
+
+
+def data_unit(card: DataCard) -> u.UnitBase:
+    """The astropy unit of `Sample.values` for samples of `card`."""
+    if isinstance(card, (SpectrumCard, ImageCard)):
+        return u.Unit(card.flux_unit)
+    if isinstance(card, CubeCard):
+        return u.Unit(card.brightness_unit)
+    if isinstance(card, FieldCard):
+        return u.Unit(card.unit)
+    raise InputError("card", f"{type(card).__name__} has no data unit", "pass a SpectrumCard, ImageCard, CubeCard or FieldCard")
+
+
+# ---------------------------------------------------------------------------- meta helpers
+# Shared with hf_io: both formats keep card/id/pair_id in columns and the rest as JSON.
+
+
+def meta_to_json(sample: Sample) -> str:
+    """`sample.meta` minus card, id and pair_id, as a JSON string (numpy scalars allowed)."""
+    rest = {k: v for k, v in sample.meta.items() if k not in _OWN_COLUMNS}
+    try:
+        return json.dumps(rest, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        bad = next((k for k, v in rest.items() if not _json_ok(v)), "?")
+        raise InputError(f"sample {sample.id!r}: meta[{bad!r}]", f"is not JSON-serialisable ({e})", "keep meta to numbers, strings, lists and dicts") from None
+
+
+def pair_id_of(sample: Sample) -> str:
+    """The sample's pair_id as a string; "" when it has none."""
+    pid = sample.meta.get("pair_id")
+    return "" if pid is None else str(pid)
+
+
+def meta_from_columns(card: str, sample_id: str, pair_id: str, meta_json: str, where: str) -> dict[str, Any]:
+    """Rebuild `Sample.meta` from the stored columns; `where` names the row for errors."""
+    try:
+        rest = json.loads(meta_json) if meta_json else {}
+    except json.JSONDecodeError as e:
+        raise InputError(where, f"META is not valid JSON ({e})", "store the rest of sample.meta as a JSON object string") from None
+    if not isinstance(rest, dict):
+        raise InputError(where, f"META is a JSON {type(rest).__name__}, not an object", "store meta as a JSON object, e.g. '{\"labels\": {}}'")
+    meta = {"card": card, "id": sample_id, **rest}
+    if pair_id:
+        meta["pair_id"] = pair_id
+    return meta
+
+
+def _json_default(v):
+    # numpy scalars and arrays sneak into labels easily; store them as plain numbers/lists.
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+
+
+def _json_ok(v) -> bool:
+    try:
+        json.dumps(v, default=_json_default)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_fits(samples: Iterable[Sample], path: str | os.PathLike, card: DataCard) -> Path:
+    """Write samples of one modality and one shape to `path` (atomically); returns the path.
+
+    The file is first written to a temporary file in the same folder and then moved over
+    `path` with `os.replace`, so a reader never sees a half-written file.
+    """
+    samples = list(samples)
+    path = Path(path)
+    _check_writable(samples, path, card)
+    modality, shape = samples[0].modality, samples[0].shape
+    unit = data_unit(card)
+    dim = "(" + ",".join(str(n) for n in reversed(shape)) + ")"  # FITS TDIM is fastest-axis first
+    size = int(np.prod(shape))
+    columns = [
+        _string_column("ID", [s.id for s in samples], path),
+        fits.Column("VALUES", format=f"{size}E", dim=dim, unit=_unit_string(unit), array=np.stack([s.values for s in samples])),
+        fits.Column("IVAR", format=f"{size}E", dim=dim, unit=_unit_string(unit**-2), array=np.stack([s.ivar for s in samples])),
+    ]
+    for axis, n in zip(AXES[modality], shape):
+        coords = np.stack([s.coords[axis] for s in samples]).astype(np.float64)
+        columns.append(fits.Column(axis.upper(), format=f"{n}D", unit=COORD_UNITS[axis], array=coords))
+    columns.append(_string_column("PAIR_ID", [pair_id_of(s) for s in samples], path))
+    columns.append(_string_column("META", [meta_to_json(s) for s in samples], path))
+
+    primary = fits.PrimaryHDU()
+    primary.header["CARD"] = (card.name, "cosmofm data card of these samples")
+    primary.header["MODALITY"] = (modality, "spectrum, image, cube or field")
+    primary.header["CFMFMT"] = (FORMAT_VERSION, "cosmofm FITS layout version")
+    hdul = fits.HDUList([primary, fits.BinTableHDU.from_columns(columns, name=TABLE)])
+
+    # A fresh name in the same folder (so os.replace is an atomic rename); not mkstemp,
+    # whose 0600 permissions would stick to the final file.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        hdul.writeto(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        # Never leave a half-written temp file behind, whatever went wrong.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_writable(samples: list, path: Path, card: DataCard) -> None:
+    if not samples:
+        raise InputError(str(path), "no samples to write", "pass at least one Sample")
+    bad = next((i for i, s in enumerate(samples) if not isinstance(s, Sample)), None)
+    if bad is not None:
+        raise InputError(f"{path}: samples[{bad}]", f"is a {type(samples[bad]).__name__}, not a Sample", "build Samples first (see cosmofm.data_cards.Sample)")
+    if not path.parent.is_dir():
+        raise InputError(str(path), f"folder {path.parent} does not exist", "create the folder first")
+    modalities = sorted({s.modality for s in samples})
+    if len(modalities) > 1:
+        raise InputError(str(path), f"samples mix modalities {modalities}", "write one FITS file per modality")
+    if modalities[0] != card.modality:
+        raise InputError(str(path), f"samples are {modalities[0]}s but card {card.name!r} is a {card.modality} card", "pass the card the samples were made with")
+    shapes = sorted({s.shape for s in samples})
+    if len(shapes) > 1:
+        raise InputError(str(path), f"samples have {len(shapes)} different shapes {shapes[:4]}", "write one FITS file per shape (or cut the samples to one shape)")
+    other = sorted({s.card for s in samples if s.card and s.card != card.name})
+    if other:
+        raise InputError(str(path), f"samples belong to card(s) {other}, not {card.name!r}", "write one FITS file per card")
+
+
+def _string_column(name: str, strings: list[str], path: Path) -> fits.Column:
+    # FITS strings are ASCII; refuse others here rather than fail inside astropy.
+    bad = next((s for s in strings if not s.isascii()), None)
+    if bad is not None:
+        raise InputError(f"{path}: {name}", f"{bad[:40]!r} is not ASCII", "FITS strings are ASCII: use ASCII IDs and labels (or the datasets format)")
+    width = max(1, max(len(s) for s in strings))
+    return fits.Column(name, format=f"{width}A", array=np.array(strings, dtype=f"U{width}"))
+
+
+def _unit_string(unit: u.UnitBase) -> str:
+    # Prefer the FITS unit standard; fall back to astropy's generic string when it cannot say it.
+    try:
+        return unit.to_string("fits")
+    except (ValueError, TypeError):
+        return unit.to_string()
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_fits(path: str | os.PathLike, card: DataCard | None = None) -> list[Sample]:
+    """Read the samples in a FITS file written by `write_fits` (or laid out like one).
+
+    Args:
+        path: the FITS file.
+        card: the data card that interprets the numbers; by default the card named by the
+            file's CARD header, loaded with `load_card`.
+
+    VALUES are converted from their TUNIT to the card's data unit (IVAR by 1/factor^2;
+    flux densities per frequency and per wavelength convert into each other using the
+    sample's wavelengths), coordinates from their TUNIT to COORD_UNITS (spectral
+    equivalencies allowed, e.g. nm -> Angstrom). A column without TUNIT is taken to be in
+    the card's unit already.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(str(path), "does not exist", "check the path (and that the file was downloaded)")
+    if not path.is_file():
+        raise InputError(str(path), "is not a file", "give the path of a .fits file")
+    header, table = _load_table(path)
+    card = _card_for(path, header, card)
+    modality, axes = card.modality, AXES[card.modality]
+    where = f"{path}[{TABLE}]"
+    nrows = table["nrows"]
+    if nrows == 0:
+        return []
+
+    values = _column(table, "VALUES", where, card)
+    ivar = _column(table, "IVAR", where, card)
+    if values.ndim - 1 != len(axes):
+        raise InputError(
+            f"{where}.VALUES", f"holds arrays of shape {values.shape[1:]} per row; a {modality} needs {len(axes)} axes {axes}",
+            "set TDIM of VALUES and IVAR to the sample shape (write_fits does this)",
+        )
+    if ivar.shape != values.shape:
+        raise InputError(f"{where}.IVAR", f"has shape {ivar.shape[1:]} per row but VALUES has {values.shape[1:]}", "give IVAR the same shape (and TDIM) as VALUES")
+    coords = {axis: _coord_column(table, axis, where, nrows) for axis in axes}
+    ids = _strings(table, "ID", nrows) or [f"{path.stem}-{i}" for i in range(nrows)]
+    pair_ids = _strings(table, "PAIR_ID", nrows) or [""] * nrows
+    metas = _strings(table, "META", nrows) or [""] * nrows
+
+    v_unit = _unit(table, "VALUES", where, data_unit(card))
+    factor = _flux_factor(v_unit, card, where)
+    ivar_factor = _ivar_factor(table, v_unit, where)
+
+    samples = []
+    for i in range(nrows):
+        row = f"{where} row {i} (ID {ids[i]!r})"
+        row_coords = {axis: c[i] for axis, c in coords.items()}
+        f = factor(row_coords) if callable(factor) else factor
+        v, iv = values[i], ivar[i]
+        if not (np.all(f == 1.0) and ivar_factor == 1.0):
+            # Scale in float64 so a factor like 1e19 does not lose float32 precision twice.
+            f = np.asarray(f, dtype=np.float64)
+            v = values[i] * f
+            iv = ivar[i] * (ivar_factor / f**2)
+        meta = meta_from_columns(card.name, ids[i], pair_ids[i], metas[i], f"{row}.META")
+        try:
+            samples.append(Sample(modality, v, iv, row_coords, meta))
+        except InputError as e:
+            raise InputError(f"{row}: {e.field}", e.problem, e.fix) from None
+    return samples
+
+
+def _load_table(path: Path) -> tuple[fits.Header, dict]:
+    """Read the primary header and every column of SAMPLES into memory, errors as InputError.
+
+    Truncated files only warn in astropy (and may then fail anywhere), so warnings are
+    recorded and checked before any exception is interpreted.
+    """
+    table: dict[str, Any] = {}
+    failure = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+                # silentfix: repair what astropy can (e.g. lower-case keywords), raise on the rest
+                hdul.verify("silentfix+exception")
+                header = hdul[0].header.copy()
+                names = [h.name for h in hdul]
+                if TABLE not in names:
+                    failure = ("missing", names)
+                else:
+                    hdu = hdul[TABLE]
+                    if not isinstance(hdu, fits.BinTableHDU):
+                        failure = ("not_table", type(hdu).__name__)
+                    else:
+                        data = hdu.data
+                        table["nrows"] = 0 if data is None else len(data)
+                        for col in hdu.columns:
+                            array = None if data is None else np.asarray(data[col.name])
+                            table[col.name.upper()] = (array, col.unit)
+        except (OSError, TypeError, ValueError, KeyError, IndexError, EOFError, fits.VerifyError) as e:
+            failure = ("corrupt", f"{type(e).__name__}: {e}")
+    truncated = [str(w.message) for w in caught if False and "Error validating header" in str(w.message)]
+    if truncated:
+        raise InputError(str(path), f"is truncated or corrupt ({truncated[0].splitlines()[0]})", "re-download or re-write the file")
+    if failure and failure[0] == "corrupt":
+        raise InputError(str(path), f"is not a readable FITS file ({failure[1][:200]})", "check that it is a complete FITS file (re-download or re-write it)")
+    if failure and failure[0] == "missing":
+        raise InputError(f"{path}[{TABLE}]", f"no HDU named {TABLE} (HDUs: {failure[1]})", "write the file with cosmofm.data_cards.fits_io.write_fits, or name the sample table SAMPLES")
+    if failure:
+        raise InputError(f"{path}[{TABLE}]", f"is a {failure[1]}, not a binary table", "store samples in a BinTableHDU named SAMPLES")
+    return header, table
+
+
+def _card_for(path: Path, header: fits.Header, card: DataCard | None) -> DataCard:
+    version = header.get("CFMFMT", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(f"{path}[PRIMARY].CFMFMT", f"format version {version!r} is newer than this reader ({FORMAT_VERSION})", "update cosmofm")
+    if card is None:
+        name = header.get("CARD")
+        if not name:
+            raise InputError(f"{path}[PRIMARY].CARD", "header has no CARD key", "pass card=load_card(...) to read_fits")
+        try:
+            card = load_card(str(name))
+        except InputError as e:
+            raise InputError(f"{path}[PRIMARY].CARD", f"{e.problem}", "pass card=load_card('path/to/card.yaml') to read_fits") from None
+    modality = header.get("MODALITY")
+    if modality and modality != card.modality:
+        raise InputError(f"{path}[PRIMARY].MODALITY", f"the file holds {modality} samples but card {card.name!r} is a {card.modality} card", "pass the card the file was written with")
+    return card
+
+
+def _column(table: dict, name: str, where: str, card: DataCard) -> np.ndarray:
+    if name not in table:
+        raise InputError(f"{where}.{name}", f"column {name} is missing", f"add a float32 {name} column with TDIM = the {card.modality} shape (write_fits writes it)")
+    array = table[name][0]
+    if array is None:
+        return np.zeros((0,), np.float32)
+    if array.dtype.kind not in "fiu":
+        raise InputError(f"{where}.{name}", f"has dtype {array.dtype}, not numbers", "store VALUES and IVAR as float32 vector columns")
+    return array
+
+
+def _coord_column(table: dict, axis: str, where: str, nrows: int) -> np.ndarray:
+    name = axis.upper()
+    if name not in table:
+        raise InputError(f"{where}.{name}", f"column {name} is missing", f"add a float64 vector column {name} with one {axis} per element, TUNIT = {COORD_UNITS[axis]}")
+    array = table[name][0]
+    if array is None or array.dtype.kind not in "fiu":
+        raise InputError(f"{where}.{name}", f"has dtype {None if array is None else array.dtype}, not numbers", "store coordinates as float64 vector columns")
+    array = np.asarray(array, dtype=np.float64).reshape(nrows, -1)  # a repeat-1 column reads as (nrows,)
+    unit = _unit(table, name, where, u.Unit(COORD_UNITS[axis]))
+    if unit == u.Unit(COORD_UNITS[axis]):
+        return array
+    try:
+        return (array * unit).to_value(COORD_UNITS[axis], equivalencies=u.spectral())
+    except u.UnitsError:
+        raise InputError(f"{where}.{name}", f"unit {unit.to_string()!r} cannot be converted to {COORD_UNITS[axis]}", f"store {axis} in {COORD_UNITS[axis]} (or a unit convertible to it)") from None
+
+
+def _strings(table: dict, name: str, nrows: int) -> list[str] | None:
+    if name not in table or table[name][0] is None:
+        return None
+    # FITS pads strings with trailing blanks; astropy may hand back bytes for odd TFORMs.
+    return [(s.decode("ascii", "replace") if isinstance(s, bytes) else str(s)).rstrip() for s in table[name][0]]
+
+
+def _unit(table: dict, name: str, where: str, default: u.UnitBase) -> u.UnitBase:
+    """The column's TUNIT as an astropy unit; `default` if it has none."""
+    text = table[name][1]
+    if not text or not str(text).strip():
+        return default
+    with warnings.catch_warnings(), u.add_enabled_aliases(_UNIT_ALIASES):
+        warnings.simplefilter("ignore", u.UnitsWarning)  # e.g. "multiple slashes"; we parse it anyway
+        for fmt in ("generic", "fits"):
+            try:
+                unit = u.Unit(str(text), format=fmt)
+                break
+            except ValueError:
+                continue
+        else:
+            raise InputError(f"{where}.{name}", f"TUNIT {text!r} is not a unit astropy understands", f"write TUNIT as an astropy/FITS unit string such as {default.to_string()!r}")
+    if isinstance(unit, u.FunctionUnitBase):
+        raise InputError(f"{where}.{name}", f"TUNIT {text!r} is logarithmic", f"store linear values in {default.to_string()!r}")
+    return unit
+
+
+def _flux_factor(unit: u.UnitBase, card: DataCard, where: str):
+    """Multiplier from `unit` to the card's data unit: a number, or per-row function of coords.
+
+    Flux densities per frequency and per wavelength differ by lambda^2/c, which depends on
+    each pixel's (spectra) or band's (images) wavelength, hence the per-row function.
+    """
+    target = data_unit(card)
+    try:
+        return _snap(unit.to(target))
+    except u.UnitsError:
+        pass
+    if card.modality in ("spectrum", "image"):
+        axis = AXES[card.modality][0]
+        try:
+            unit.to(target, equivalencies=u.spectral_density(1 * u.AA))
+        except u.UnitsError:
+            pass
+        else:
+            def per_row(coords):
+                wave = coords[axis] * u.Unit(COORD_UNITS[axis])
+                f = unit.to(target, equivalencies=u.spectral_density(wave))
+                return f if card.modality == "spectrum" else f[:, None, None]
+            return per_row
+    raise InputError(f"{where}.VALUES", f"unit {unit.to_string()!r} cannot be converted to the card's {target.to_string()!r}", f"store VALUES in {target.to_string()!r} or pass the right card")
+
+
+def _ivar_factor(table: dict, v_unit: u.UnitBase, where: str) -> float:
+    """IVAR in (VALUES unit)^-2 is IVAR times this; 1 when IVAR has no TUNIT."""
+    unit = _unit(table, "IVAR", where, v_unit**-2)
+    try:
+        return _snap(unit.to(v_unit**-2))
+    except u.UnitsError:
+        raise InputError(f"{where}.IVAR", f"unit {unit.to_string()!r} is not VALUES unit^-2 ({(v_unit**-2).to_string()!r})", "store IVAR as 1/sigma^2 in the units of VALUES") from None
+
+
+def _snap(factor: float) -> float:
+    # Unit strings round-trip with float noise in their scale (10**34 vs 1e-17**-2 gives
+    # 1.0000000000000002); such a factor means "same unit" and must not perturb the data.
+    return 1.0 if abs(factor - 1.0) < 1e-12 else factor

@@ -1,0 +1,107 @@
+"""CosmoFMConfig: the backbone's and the pretraining objectives' hyper-parameters.
+
+transformers-style configuration (see `configuration_vit.py`): every argument is
+documented with its default and meaning, and the config round-trips through
+`config.json`. `schema_version` lets later releases upgrade old checkpoints.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+SCHEMA_VERSION = 1
+
+
+class CosmoFMConfig(PretrainedConfig):
+    r"""
+    Args:
+        hidden_size (`int`, 256): width of tokens and of the transformer.
+        num_hidden_layers (`int`, 4): transformer blocks shared by all modalities.
+        num_attention_heads (`int`, 4): attention heads per block.
+        mlp_ratio (`float`, 4.0): MLP hidden width / hidden_size.
+        hidden_dropout_prob (`float`, 0.0): dropout after attention and MLP. 0 keeps
+            pretraining deterministic across process layouts.
+        attention_dropout (`float`, 0.0): dropout on attention weights.
+        layer_norm_eps (`float`, 1e-6).
+        initializer_range (`float`, 0.02): std of the truncated-normal weight init.
+        spectrum_patch_size (`int`, 32): pixels per 1D spectrum token.
+        image_patch_size (`int`, 8): pixels per side of a 2D image token (one band each).
+        cube_patch_size (`list[int]`, [8, 8, 8]): (channels, y, x) per radio-cube token.
+        field_patch_size (`list[int]`, [8, 8, 8]): (los, y, x) cells per simulated-field token.
+        coord_frequencies (`int`, 12): Fourier frequencies per physical coordinate.
+        survey_names (`list[str]`, []): data cards with their own learned embedding; samples
+            of other cards share slot 0 ("other survey").
+        mask_ratio (`float`, 0.5): fraction of tokens hidden for masked modelling.
+        objectives (`list[str]`, ["masked", "contrastive"]): pretraining objectives to use.
+        masked_loss (`str`, "log_chi2"): per-sample score of masked modelling: "log_chi2"
+            (log of the reduced ivar-weighted chi-square, error scale profiled out) or
+            "chi2" (the reduced chi-square itself).
+        contrastive_weight (`float`, 0.1): weight of the cross-modal alignment loss.
+        contrastive_temperature (`float`, 0.1): InfoNCE temperature.
+        projection_dim (`int`, 128): width of the contrastive projection.
+        schema_version (`int`): version of this config's layout; see `SCHEMA_VERSION`.
+    """
+
+    model_type = "cosmofm"
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        hidden_dropout_prob: float = 0.0,
+        attention_dropout: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        spectrum_patch_size: int = 32,
+        image_patch_size: int = 8,
+        cube_patch_size: list[int] | tuple[int, ...] = (8, 8, 8),
+        field_patch_size: list[int] | tuple[int, ...] = (8, 8, 8),
+        coord_frequencies: int = 12,
+        survey_names: list[str] | None = None,
+        mask_ratio: float = 0.5,
+        objectives: list[str] | tuple[str, ...] = ("masked", "contrastive"),
+        masked_loss: str = "log_chi2",
+        contrastive_weight: float = 0.1,
+        contrastive_temperature: float = 0.1,
+        projection_dim: int = 128,
+        schema_version: int = SCHEMA_VERSION,
+        **kwargs,
+    ):
+        if hidden_size % num_attention_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        unknown = set(objectives) - {"masked", "contrastive"}
+        if unknown:
+            raise ValueError(f"unknown objectives {sorted(unknown)}; use 'masked' and/or 'contrastive'")
+        if masked_loss not in ("log_chi2", "chi2"):
+            raise ValueError(f"masked_loss must be 'log_chi2' or 'chi2', got {masked_loss!r}")
+        if schema_version > SCHEMA_VERSION:
+            raise ValueError(
+                f"this checkpoint has config schema_version {schema_version}, newer than this cosmofm "
+                f"understands ({SCHEMA_VERSION}); upgrade cosmofm (pip install -U cosmofm)"
+            )
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_dropout = attention_dropout
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.spectrum_patch_size = int(spectrum_patch_size)
+        self.image_patch_size = int(image_patch_size)
+        self.cube_patch_size = [int(p) for p in cube_patch_size]
+        self.field_patch_size = [int(p) for p in field_patch_size]
+        self.coord_frequencies = coord_frequencies
+        self.survey_names = list(survey_names or [])
+        self.mask_ratio = mask_ratio
+        self.objectives = list(objectives)
+        self.masked_loss = masked_loss
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature = contrastive_temperature
+        self.projection_dim = projection_dim
+        self.schema_version = schema_version
+        super().__init__(**kwargs)

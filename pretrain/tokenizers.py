@@ -1,0 +1,220 @@
+"""Coordinate-aware tokenizers: one per modality, all producing tokens of one width.
+
+Each tokenizer cuts a sample into patches along its data axes (1D wavelength spans,
+2D sky patches per band, 3D sky x frequency or comoving blocks), embeds each patch's
+normalised values together with its *physical* coordinates (log wavelength, band
+wavelength, sky offset in arcsec, log frequency, comoving position, and the pixel
+step along each axis), so spectra on different grids or resolutions, and images with
+other bands or pixel scales, land in one token space without resampling.
+
+Values are normalised per sample by their ivar-weighted RMS; ivar is scaled to match,
+so a chi-square computed on normalised patches equals the one in physical units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import AXES
+from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
+from cosmofm.pretrain.data import ModalityBatch
+
+
+@dataclass
+class TokenGroup:
+    """Tokens of one ModalityBatch."""
+
+    modality: str
+    rows: torch.Tensor  # (n,) rows in the whole batch
+    content: torch.Tensor  # (n, T, D) embedding of the patch values
+    position: torch.Tensor  # (n, T, D) embedding of the physical coordinates
+    coords: torch.Tensor  # (n, T, C) physical coordinate features (see each tokenizer)
+    patches: torch.Tensor  # (n, T, P) normalised values (reconstruction target)
+    patch_ivar: torch.Tensor  # (n, T, P) normalised inverse variance
+    valid: torch.Tensor  # (n, T) bool: token has at least one unmasked element
+    scale: torch.Tensor  # (n,) normalisation: values / scale were embedded
+
+
+class FourierCoordinateEmbedding(nn.Module):
+    """Embeds C scalar coordinates with sin/cos at log-spaced periods, then a linear map.
+
+    `periods[c] = (shortest, longest)` in the coordinate's own unit: the range of
+    scales at which the model should tell coordinate values apart.
+    """
+
+    def __init__(self, periods: list[tuple[float, float]], n_frequencies: int, hidden_size: int):
+        super().__init__()
+        # Plain attributes, not buffers: they are fixed by the class, and transformers'
+        # from_pretrained leaves non-persistent buffers uninitialised.
+        self.periods, self.n_frequencies = list(periods), n_frequencies
+        self.proj = nn.Linear(2 * n_frequencies * len(periods), hidden_size)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        # coords (n, T, C) float64: phases in float64 so large coordinates keep precision
+        omegas = torch.stack(
+            [2 * math.pi / torch.logspace(math.log10(lo), math.log10(hi), self.n_frequencies, dtype=torch.float64) for lo, hi in self.periods]
+        ).to(coords.device)  # (C, K)
+        phase = coords.unsqueeze(-1) * omegas  # (n, T, C, K)
+        feats = torch.cat([phase.sin(), phase.cos()], dim=-1).flatten(-2)  # (n, T, 2CK)
+        return self.proj(feats.to(self.proj.weight.dtype))
+
+
+class PatchTokenizer(nn.Module):
+    """Shared N-D patching, normalisation and embedding; subclasses define coordinates."""
+
+    modality: str = ""
+    # (shortest, longest) period of each coordinate feature, subclass-defined; the last
+    # feature of every modality is log10(normalisation scale) in the data card's unit.
+    coord_periods: list[tuple[float, float]] = []
+
+    def __init__(self, config: CosmoFMConfig, patch_shape: tuple[int, ...]):
+        super().__init__()
+        self.patch_shape = tuple(patch_shape)
+        self.patch_size = math.prod(self.patch_shape)
+        self.content = nn.Linear(2 * self.patch_size, config.hidden_size)  # [values, mask] per pixel
+        self.position = FourierCoordinateEmbedding(self.coord_periods, config.coord_frequencies, config.hidden_size)
+
+    def axis_features(self, centre: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per-token coordinate features (each (n, T) float64) from axis centres and steps."""
+        raise NotImplementedError
+
+    def forward(self, batch: ModalityBatch) -> TokenGroup:
+        axes = AXES[self.modality]
+        values, ivar = batch.values, batch.ivar  # (n, *S)
+        n, shape = values.shape[0], values.shape[1:]
+        if len(shape) != len(self.patch_shape):
+            raise InputError("values", f"{self.modality} batch has shape {tuple(shape)}; expected {len(self.patch_shape)} axes {axes}", "collate Samples with collate_samples")
+        # Pad every axis to a multiple of the patch size with masked (ivar = 0) elements.
+        pad = [(-s) % p for s, p in zip(shape, self.patch_shape)]
+        if any(pad):
+            flat_pad = [x for p in reversed(pad) for x in (0, p)]
+            values = nn.functional.pad(values, flat_pad)
+            ivar = nn.functional.pad(ivar, flat_pad)
+        mask = (ivar > 0).to(values.dtype)
+        count = mask.flatten(1).sum(1)
+        rms = ((values**2 * mask).flatten(1).sum(1) / count.clamp(min=1)).sqrt()
+        scale = torch.where((count > 0) & (rms > 0), rms, torch.ones_like(rms))  # (n,)
+        bshape = (n,) + (1,) * len(shape)
+        values = values / scale.view(bshape)
+        ivar = ivar * scale.view(bshape) ** 2
+
+        patches = _patchify(values, self.patch_shape)  # (n, T, P)
+        patch_ivar = _patchify(ivar, self.patch_shape)
+        patch_mask = _patchify(mask, self.patch_shape)
+        content = self.content(torch.cat([patches * patch_mask, patch_mask], dim=-1))
+
+        # Coordinates of patch centres and pixel steps per axis, broadcast to tokens.
+        n_per_axis = [(s + p) // q for s, p, q in zip(shape, pad, self.patch_shape)]
+        centre, step = {}, {}
+        for i, axis in enumerate(axes):
+            c = _extend(batch.coords[axis], pad[i])  # (n, L_i)
+            d = (c[:, -1] - c[:, 0]).abs() / max(c.shape[1] - 1, 1)  # (n,) mean pixel step
+            centres = c.view(n, n_per_axis[i], self.patch_shape[i]).mean(-1)  # (n, T_i)
+            view = [n] + [1] * len(axes)
+            view[1 + i] = n_per_axis[i]
+            centre[axis] = centres.view(view).expand(n, *n_per_axis).reshape(n, -1)
+            step[axis] = d.view(n, 1).expand(n, centre[axis].shape[1])
+        feats = self.axis_features(centre, step)
+        log_scale = scale.double().clamp(min=1e-30).log10().view(n, 1).expand_as(feats[0])
+        coords = torch.stack(feats + [log_scale], dim=-1)  # (n, T, C)
+        return TokenGroup(
+            modality=self.modality,
+            rows=batch.rows,
+            content=content,
+            position=self.position(coords),
+            coords=coords,
+            patches=patches,
+            patch_ivar=patch_ivar,
+            valid=patch_mask.sum(-1) > 0,
+            scale=scale,
+        )
+
+
+def _patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
+    """(n, S0, S1, ...) -> (n, T, P) with T = prod(S_i / p_i) in C order of patch index."""
+    n, shape = x.shape[0], x.shape[1:]
+    split = [n]
+    for s, p in zip(shape, patch):
+        split += [s // p, p]
+    x = x.reshape(split)
+    d = len(shape)
+    order = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
+    return x.permute(order).reshape(n, -1, math.prod(patch))
+
+
+def _extend(c: torch.Tensor, k: int) -> torch.Tensor:
+    """Extrapolate coordinates (n, L) linearly by k elements (for padding)."""
+    if k == 0:
+        return c
+    d = c[:, -1:] - c[:, -2:-1] if c.shape[1] > 1 else torch.ones_like(c[:, -1:])
+    return torch.cat([c, c[:, -1:] + d * torch.arange(1, k + 1, dtype=c.dtype, device=c.device)], dim=1)
+
+
+class SpectrumTokenizer(PatchTokenizer):
+    """1D spectra: features [log10 wavelength/A, log10 (pixel step/wavelength), log10 scale]."""
+
+    modality = "spectrum"
+    coord_periods = [(1e-3, 3.0), (0.01, 10.0), (0.1, 30.0)]
+
+    def __init__(self, config: CosmoFMConfig):
+        super().__init__(config, (config.spectrum_patch_size,))
+
+    def axis_features(self, centre, step):
+        lam = centre["wavelength"]
+        return [lam.log10(), (step["wavelength"] / lam).log10()]
+
+
+class ImageTokenizer(PatchTokenizer):
+    """Multi-band images, one band per token: [log10 band wavelength/A, dec, ra (arcsec),
+    log10 pixel scale/arcsec, log10 scale]."""
+
+    modality = "image"
+    coord_periods = [(1e-3, 3.0), (0.05, 500.0), (0.05, 500.0), (0.01, 10.0), (0.1, 30.0)]
+
+    def __init__(self, config: CosmoFMConfig):
+        p = config.image_patch_size
+        super().__init__(config, (1, p, p))
+
+    def axis_features(self, centre, step):
+        return [centre["band_wavelength"].log10(), centre["dec_offset"], centre["ra_offset"], step["ra_offset"].log10()]
+
+
+class CubeTokenizer(PatchTokenizer):
+    """Radio cubes: [log10 frequency/Hz, dec, ra (arcsec), log10 (channel width/frequency),
+    log10 pixel scale/arcsec, log10 scale]."""
+
+    modality = "cube"
+    coord_periods = [(1e-4, 3.0), (0.5, 5000.0), (0.5, 5000.0), (0.01, 10.0), (0.01, 10.0), (0.1, 30.0)]
+
+    def __init__(self, config: CosmoFMConfig):
+        super().__init__(config, tuple(config.cube_patch_size))
+
+    def axis_features(self, centre, step):
+        nu = centre["frequency"]
+        return [nu.log10(), centre["dec_offset"], centre["ra_offset"], (step["frequency"] / nu).log10(), step["ra_offset"].log10()]
+
+
+class FieldTokenizer(PatchTokenizer):
+    """Simulated fields / lightcones: [los distance, y, x (comoving Mpc), log10 cell/Mpc, log10 scale]."""
+
+    modality = "field"
+    coord_periods = [(1.0, 20000.0), (1.0, 5000.0), (1.0, 5000.0), (0.01, 10.0), (0.1, 30.0)]
+
+    def __init__(self, config: CosmoFMConfig):
+        super().__init__(config, tuple(config.field_patch_size))
+
+    def axis_features(self, centre, step):
+        return [centre["los_distance"], centre["y_comoving"], centre["x_comoving"], step["x_comoving"].log10()]
+
+
+TOKENIZERS: dict[str, type[PatchTokenizer]] = {
+    "spectrum": SpectrumTokenizer,
+    "image": ImageTokenizer,
+    "cube": CubeTokenizer,
+    "field": FieldTokenizer,
+}

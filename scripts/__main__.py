@@ -1,0 +1,5 @@
+import sys
+
+from cosmofm.cli import main
+
+sys.exit(main())

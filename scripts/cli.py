@@ -1,0 +1,124 @@
+"""`cosmofm <verb>`: the one command-line entry point.
+
+Verbs stay thin: each parses its arguments and calls one library function. Bad input
+surfaces as a one-line `error: <field>: <problem> -- <fix>` and exit status 2, never a
+traceback (set COSMOFM_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+MOCK_KINDS = {"spectra": "sdss-like", "images": "lsst-like", "cubes": "ska-hi-like", "lightcones": "lightcone-21cm"}
+
+
+def _cmd_demo(args):
+    from cosmofm.demo import run_demo
+
+    run_demo(output=args.output, steps=args.steps)
+
+
+def _cmd_pretrain(args):
+    from cosmofm.pretrain.recipe import PretrainRecipe
+    from cosmofm.pretrain.train import pretrain
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"run.output_dir={args.output}")
+    recipe = PretrainRecipe.load(args.config, overrides)
+    summary = pretrain(recipe, resume=args.resume)
+    print(f"model: {summary['model_dir']}\nmetrics: {summary['metrics']}")
+
+
+def _cmd_mock(args):
+    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.schema import load_card
+
+    card = load_card(args.card or MOCK_KINDS[args.kind])
+    expected = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field"}[args.kind]
+    if card.modality != expected:
+        from cosmofm.data_cards.errors import InputError
+
+        raise InputError("--card", f"{card.name} is a {card.modality} card, not {expected}", f"use a {expected} card, e.g. {MOCK_KINDS[args.kind]}")
+    out = Path(args.out)
+    if args.format == "fits":
+        from cosmofm.data_cards.fits_io import write_fits
+
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{card.name}-{args.n}.fits"
+        write_fits(mock_samples(card, args.n, seed=args.seed), path, card)
+    else:
+        from cosmofm.data_cards.hf_io import write_dataset
+
+        path = out
+        write_dataset((s for i in range(args.n) for s in mock_samples(card, 1, seed=args.seed, start=i)), out, [card])
+    print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
+
+
+def _cmd_inspect(args):
+    from cosmofm.inspect import describe
+
+    print(describe(args.path))
+
+
+def _cmd_bench(args):
+    from cosmofm.bench.pretrain_throughput import main as bench_main
+
+    bench_main(["--out", args.out] + (["--quick"] if args.quick else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cosmofm", description="A foundation model for astronomical spectra, images, cubes and simulations.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    d = sub.add_parser("demo", help="generate mocks, pretrain a small backbone, save and reload it")
+    d.add_argument("--output", default="outputs/demo", help="folder for everything the demo writes")
+    d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("pretrain", help="self-supervised pretraining from a recipe")
+    t.add_argument("--config", default="demo", help="recipe YAML path or shipped name (demo, tiny)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe entry, e.g. optim.lr=3e-4")
+    t.add_argument("--output", help="run folder (overrides run.output_dir)")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    t.set_defaults(func=_cmd_pretrain)
+
+    m = sub.add_parser("mock", help="generate mock observations as a datasets folder or FITS")
+    m.add_argument("kind", choices=sorted(MOCK_KINDS))
+    m.add_argument("--card", help="data card name or YAML path (default per kind)")
+    m.add_argument("--n", type=int, default=100)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+    m.add_argument("--format", choices=["datasets", "fits"], default="datasets")
+    m.set_defaults(func=_cmd_mock)
+
+    i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder")
+    i.add_argument("path")
+    i.set_defaults(func=_cmd_inspect)
+
+    b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
+    b.add_argument("--out", default="bench_results")
+    b.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cosmofm.data_cards.errors import InputError
+
+    try:
+        args.func(args)
+    except InputError as e:
+        if os.environ.get("COSMOFM_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: shipped cards and a few mocks of each modality (offline, generated)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a real hub
+
+from cosmofm.data_cards import load_card  # noqa: E402
+from cosmofm.data_cards.mock import mock_samples  # noqa: E402
+
+CARD_NAMES = ["sdss-like", "lsst-like", "ska-hi-like", "lightcone-21cm"]
+
+
+@pytest.fixture(scope="session")
+def cards():
+    return {name: load_card(name) for name in CARD_NAMES}
+
+
+@pytest.fixture(scope="session")
+def mixed_samples(cards):
+    """4 spectra, 4 images (paired with the spectra), 2 cubes, 2 lightcone chunks."""
+    return (
+        mock_samples(cards["sdss-like"], 4, seed=3)
+        + mock_samples(cards["lsst-like"], 4, seed=3)
+        + mock_samples(cards["ska-hi-like"], 2, seed=3)
+        + mock_samples(cards["lightcone-21cm"], 2, seed=3)
+    )
+
+
+@pytest.fixture
+def tiny_config():
+    from cosmofm.pretrain import CosmoFMConfig
+
+    return CosmoFMConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128,
+        cube_patch_size=[16, 16, 16], field_patch_size=[16, 16, 16], coord_frequencies=6, projection_dim=16,
+        survey_names=CARD_NAMES,
+    )

@@ -1,0 +1,157 @@
+"""The pretraining loop: a tiny run, exact resume after a real kill, 1 vs 2 processes."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cosmofm.pretrain.recipe import PretrainRecipe
+from cosmofm.pretrain.train import pretrain
+
+CLI = [sys.executable, "-m", "cosmofm.cli"]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _env(threads: int = 1) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env.pop("COSMOFM_DEBUG", None)
+    return env
+
+
+def test_tiny_pretraining_run_writes_safetensors_and_learns(tmp_path):
+    recipe = PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path}", "optim.max_steps=30", "run.trackers=[tensorboard]"])
+    summary = pretrain(recipe)
+    losses = summary["losses"]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    ckpt = tmp_path / "checkpoints" / "step_00000030"
+    suffixes = {p.suffix for p in ckpt.iterdir()}
+    assert suffixes == {".safetensors", ".json"}, suffixes
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000030"
+    assert len(list((tmp_path / "checkpoints").glob("step_*"))) == 2  # keep_last
+    assert list(tmp_path.rglob("events.out.tfevents*")), "TensorBoard events were not written"
+    assert (tmp_path / "recipe.yaml").exists()
+
+    from transformers import AutoModel
+
+    import cosmofm
+    from cosmofm.pretrain import CosmoFMModel
+
+    model = AutoModel.from_pretrained(summary["model_dir"])
+    assert isinstance(model, CosmoFMModel)
+    assert isinstance(cosmofm.from_pretrained(summary["model_dir"]), CosmoFMModel)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_config, mixed_samples):
+    from transformers import AutoModel
+
+    from cosmofm.pretrain import CosmoFMModel, collate_samples
+    from cosmofm.pretrain.checkpoint import write_manifest
+
+    torch.manual_seed(1)
+    model = CosmoFMModel(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    write_manifest(tmp_path)
+    again = AutoModel.from_pretrained(tmp_path).eval()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    batch = collate_samples(mixed_samples, tiny_config.survey_names)
+    with torch.no_grad():
+        assert torch.equal(model(batch).last_hidden_state, again(batch).last_hidden_state)
+
+
+def test_release_with_missing_or_altered_file_is_refused(tmp_path, tiny_config):
+    import cosmofm
+    from cosmofm.data_cards import InputError
+    from cosmofm.pretrain import CosmoFMModel
+    from cosmofm.pretrain.checkpoint import write_manifest
+
+    CosmoFMModel(tiny_config).save_pretrained(tmp_path)
+    write_manifest(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="model.safetensors"):
+        cosmofm.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(InputError, match="model.safetensors"):
+        cosmofm.from_pretrained(tmp_path)
+
+
+def _run(args, env, **kw):
+    return subprocess.Popen(CLI + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_exactly(tmp_path):
+    """Kill -9 a run after its step-10 checkpoint; the resumed loss curve equals an uninterrupted one."""
+    common = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=120", "--set", "run.save_every=10", "--set", "run.keep_last=3"]
+    reference, broken = tmp_path / "reference", tmp_path / "broken"
+    ref = _run(common + ["--output", str(reference)], _env())
+    assert ref.wait(timeout=600) == 0, ref.stdout.read()
+
+    proc = _run(common + ["--output", str(broken)], _env())
+    metrics = broken / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 14:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_metrics(broken))
+    assert killed_at < 120 and not (broken / "model").exists(), "the run finished before it was killed"
+
+    resumed = _run(common + ["--output", str(broken), "--resume"], _env())
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    a, b = _metrics(reference), _metrics(broken)
+    assert [r["step"] for r in b] == list(range(1, 121))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # step for step, bit for bit
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo) == one process, same global batch."""
+    args = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=8", "--set", "run.save_every=4"]
+    single = subprocess.run(CLI + args + ["--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "cosmofm.cli",
+    ]
+    double = subprocess.run(launch + args + ["--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
+    assert "world_size" in (tmp_path / "two" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text()
+    state = json.loads((tmp_path / "two" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["metadata"]["world_size"] == 2
+    one = [r["loss"] for r in _metrics(tmp_path / "one")]
+    two = [r["loss"] for r in _metrics(tmp_path / "two")]
+    np.testing.assert_allclose(two, one, rtol=2e-4)
+    # and the parameters agree at the end
+    from safetensors.torch import load_file
+
+    w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
