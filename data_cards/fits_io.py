@@ -28,7 +28,6 @@ from typing import Any, Iterable
 import astropy.units as u
 import numpy as np
 from astropy.io import fits
-from astropy.utils.exceptions import AstropyUserWarning
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
@@ -285,7 +284,7 @@ def _load_table(path: Path) -> tuple[fits.Header, dict]:
                             table[col.name.upper()] = (array, col.unit)
         except (OSError, TypeError, ValueError, KeyError, IndexError, EOFError, fits.VerifyError) as e:
             failure = ("corrupt", f"{type(e).__name__}: {e}")
-    truncated = [str(w.message) for w in caught if False and "Error validating header" in str(w.message)]
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message).lower() or "Error validating header" in str(w.message)]
     if truncated:
         raise InputError(str(path), f"is truncated or corrupt ({truncated[0].splitlines()[0]})", "re-download or re-write the file")
     if failure and failure[0] == "corrupt":

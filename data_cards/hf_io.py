@@ -20,7 +20,6 @@ the Arrow buffers.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

@@ -24,9 +24,7 @@ from cosmofm.data_cards.mock import mock_samples
 CARD_NAMES = ["sdss-like", "lsst-like", "ska-hi-like", "lightcone-21cm"]
 
 
-@pytest.fixture(scope="module")
-def cards():
-    return {name: load_card(name) for name in CARD_NAMES}
+# `cards` (the shipped cards by name) comes from conftest.py.
 
 
 @pytest.fixture(scope="module")
