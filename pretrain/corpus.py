@@ -38,19 +38,47 @@ class ConcatSamples:
         return self.parts[k][i - self.offsets[k]]
 
 
+PAIR_BLOCK = 2  # the mock corpus stores samples in blocks of two (see mock_corpus)
+
+
 def mock_corpus(cards: list[str], counts: list[int], seed: int) -> Iterator[Sample]:
-    """Mocks of each card in turn; spectra and images with the same seed are paired objects."""
-    for name, n in zip(cards, counts):
-        card = load_card(name)
-        for i in range(n):
-            yield from mock_samples(card, 1, seed=seed, start=i)
+    """Mocks of every card, in blocks of PAIR_BLOCK consecutive samples.
+
+    A spectrum card and an image card generated with the same seed describe the same
+    objects, so they are interleaved (spectrum i, image i) to keep each pair in one
+    block; every other card follows in its own blocks.
+    """
+    loaded = [load_card(name) for name in cards]
+    spectra = [i for i, c in enumerate(loaded) if c.modality == "spectrum"]
+    images = [i for i, c in enumerate(loaded) if c.modality == "image"]
+    paired = set()
+    if spectra and images:
+        a, b = spectra[0], images[0]
+        paired = {a, b}
+        for i in range(min(counts[a], counts[b])):
+            yield mock_samples(loaded[a], 1, seed=seed, start=i)[0]
+            yield mock_samples(loaded[b], 1, seed=seed, start=i)[0]
+        m = min(counts[a], counts[b])
+        for k in (a, b):  # the unpaired remainder of the longer one, in whole blocks
+            extra = (counts[k] - m) - (counts[k] - m) % PAIR_BLOCK
+            for i in range(m, m + extra):
+                yield mock_samples(loaded[k], 1, seed=seed, start=i)[0]
+    for k, card in enumerate(loaded):
+        if k not in paired:
+            for i in range(counts[k] - counts[k] % PAIR_BLOCK):
+                yield mock_samples(card, 1, seed=seed, start=i)[0]
 
 
-def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str]]:
-    """Open the recipe's datasets (or make the mock corpus); returns (samples, card names)."""
+def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], int]:
+    """Open the recipe's datasets (or make the mock corpus).
+
+    Returns (samples, card names, pairing block for GlobalBatchSampler).
+    """
     paths = [Path(p) for p in data.datasets]
+    block = data.pair_block
     if not paths:
-        key = hashlib.sha256(json.dumps([data.mock_cards, data.mock_counts, data.mock_seed]).encode()).hexdigest()[:10]
+        block = PAIR_BLOCK
+        key = hashlib.sha256(json.dumps(["blocks-v1", data.mock_cards, data.mock_counts, data.mock_seed]).encode()).hexdigest()[:10]
         path = Path(out_dir) / "data" / f"mock-{key}"
         if not (path / "dataset_info.json").exists():
             cards = [load_card(n) for n in data.mock_cards]
@@ -62,4 +90,4 @@ def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str]]:
             raise InputError("recipe.data.datasets", f"{p} does not exist", "make it with `cosmofm mock` or fix the path")
         parts.append(SampleDataset(p))
     names = sorted({c for part in parts for c in part.cards})
-    return ConcatSamples(parts), names
+    return ConcatSamples(parts), names, block

@@ -101,14 +101,20 @@ class GlobalBatchSampler:
     rank r of w takes the r-th contiguous slice. Resuming at step s is O(1) and exact,
     which is why we shard here rather than through `accelerator.prepare(dataloader)`.
     Items are `(dataset index, sample seed)` pairs.
+
+    `block` > 1 shuffles runs of `block` consecutive samples as units: a corpus that
+    stores each object's views side by side (spectrum i, image i) then keeps them in
+    the same batch and process, which the cross-modal objective needs.
     """
 
-    def __init__(self, n_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0, n_steps: int | None = None):
+    def __init__(self, n_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, start_step: int = 0, n_steps: int | None = None, block: int = 1):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} must be divisible by the number of processes {world_size}")
-        if n_samples <= 0:
+        if (global_batch // world_size) % block:
+            raise ValueError(f"the per-process batch {global_batch // world_size} must be a multiple of the pairing block {block}")
+        if n_samples < block:
             raise ValueError("the dataset is empty")
-        self.n, self.batch, self.rank, self.world = n_samples, global_batch, rank, world_size
+        self.n, self.batch, self.rank, self.world, self.block = n_samples - n_samples % block, global_batch, rank, world_size, block
         self.seed, self.start_step, self.n_steps = seed, start_step, n_steps
         self._perm_epoch, self._perm = -1, None
 
@@ -116,8 +122,9 @@ class GlobalBatchSampler:
         epoch = position // self.n
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        return int(self._perm[position % self.n])
+            self._perm, self._perm_epoch = torch.randperm(self.n // self.block, generator=g), epoch
+        within = position % self.n
+        return int(self._perm[within // self.block]) * self.block + within % self.block
 
     def batch_at(self, step: int) -> list[tuple[int, int]]:
         local = self.batch // self.world

@@ -29,6 +29,9 @@ class DataConfig:
     mock_cards / mock_counts: shipped card names and how many mocks of each. Spectra and
         images generated with the same seed are the same objects (paired).
     num_workers: DataLoader worker processes (0 = load in the training process).
+    pair_block: for `datasets` that store each object's views side by side (e.g. a
+        spectrum then its image), the run length to keep together when shuffling.
+        The mock corpus is always written in blocks of 2.
     """
 
     datasets: list[str] = field(default_factory=list)
@@ -36,6 +39,7 @@ class DataConfig:
     mock_counts: list[int] = field(default_factory=lambda: [512, 512, 256, 256])
     mock_seed: int = 0
     num_workers: int = 0
+    pair_block: int = 1
 
 
 @dataclass

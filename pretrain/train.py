@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -46,6 +47,12 @@ def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
         os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless asked to
         os.environ.setdefault("WANDB_DIR", run.output_dir)
     cuda = torch.cuda.is_available()
+    # Accelerate keeps one global state per process and refuses a second Accelerator
+    # with other settings; a notebook or the demo runs several jobs (pretrain, then
+    # fine-tune) in one process, so start each job from a clean precision/accumulation
+    # state. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     return Accelerator(
         # Without cpu=True, `accelerate launch --multi_gpu` on a CPU-only machine starts
         # unsynchronised copies; with it, Accelerate forms a gloo process group.
@@ -84,7 +91,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
         recipe.save(out_dir / "recipe.yaml")
 
     with accelerator.main_process_first():  # rank 0 generates the mock corpus, others read it
-        dataset, card_names = load_corpus(recipe.data, out_dir)
+        dataset, card_names, pair_block = load_corpus(recipe.data, out_dir)
     config = CosmoFMConfig(**{"survey_names": card_names, **recipe.model})
     model = CosmoFMForPretraining(config)
     optimizer = build_optimizer(model, recipe)
@@ -111,7 +118,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
     o = recipe.optim
     sampler = GlobalBatchSampler(
         len(dataset), o.global_batch, accelerator.process_index, accelerator.num_processes,
-        seed=recipe.run.seed, start_step=start_step * o.grad_accum, n_steps=(o.max_steps - start_step) * o.grad_accum,
+        seed=recipe.run.seed, start_step=start_step * o.grad_accum, n_steps=(o.max_steps - start_step) * o.grad_accum, block=pair_block,
     )
     loader = DataLoader(
         SeededSamples(dataset), batch_sampler=sampler, collate_fn=Collator(config.survey_names),

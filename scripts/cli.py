@@ -67,7 +67,7 @@ def _cmd_inspect(args):
 def _cmd_bench(args):
     from cosmofm.bench.pretrain_throughput import main as bench_main
 
-    bench_main(["--out", args.out] + (["--quick"] if args.quick else []))
+    bench_main(["--out", args.out] + (["--quick"] if args.quick else []) + (["--force-bf16"] if args.force_bf16 else []))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
     b.add_argument("--out", default="bench_results")
     b.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    b.add_argument("--force-bf16", action="store_true", help="time bf16 even without native bf16 matmul")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -169,3 +169,20 @@ def test_contrastive_needs_pairs(tiny_config, cards):
 def test_backbone_rejects_non_batch_input(tiny_config):
     with pytest.raises(TypeError, match="CosmoFMBatch"):
         CosmoFMModel(tiny_config)(torch.zeros(2, 10))
+
+
+def test_global_batch_sampler_is_layout_independent_and_keeps_blocks():
+    from cosmofm.pretrain.data import GlobalBatchSampler
+
+    one = GlobalBatchSampler(40, 8, seed=3, block=2)
+    two = [GlobalBatchSampler(40, 8, rank=r, world_size=2, seed=3, block=2) for r in range(2)]
+    for step in range(12):  # crosses epoch boundaries (5 steps per epoch)
+        assert one.batch_at(step) == two[0].batch_at(step) + two[1].batch_at(step)
+        idx = [i for i, _ in one.batch_at(step)]
+        assert all(idx[k] // 2 == idx[k + 1] // 2 for k in range(0, 8, 2))  # blocks stay together
+    epoch = sorted(i for s in range(5) for i, _ in one.batch_at(s))
+    assert epoch == list(range(40))  # every sample once per epoch
+    resumed = GlobalBatchSampler(40, 8, seed=3, block=2, start_step=7, n_steps=2)
+    assert list(resumed) == [one.batch_at(7), one.batch_at(8)]
+    with pytest.raises(ValueError, match="multiple of the pairing block"):
+        GlobalBatchSampler(40, 6, world_size=2, block=2)

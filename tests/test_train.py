@@ -155,3 +155,25 @@ def test_two_processes_match_one_process(tmp_path):
     w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
+
+
+def _final_weights(tmp_path, name, overrides):
+    from safetensors.torch import load_file
+
+    recipe = PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path / name}", "model.objectives=[masked]"] + overrides)
+    pretrain(recipe)
+    return load_file(tmp_path / name / "model" / "model.safetensors")
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    """2 micro-batches of 4 with accumulation == 1 batch of 8 (masked objective is per-sample)."""
+    full = _final_weights(tmp_path, "full", ["optim.max_steps=3", "optim.global_batch=8", "optim.grad_accum=1"])
+    accum = _final_weights(tmp_path, "accum", ["optim.max_steps=3", "optim.global_batch=4", "optim.grad_accum=2"])
+    for k in full:
+        torch.testing.assert_close(accum[k], full[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_run_on_cpu(tmp_path):
+    recipe = PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.mixed_precision=bf16", "data.mock_counts=[8,8,4,4]"])
+    summary = pretrain(recipe)
+    assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))

@@ -1,0 +1,74 @@
+"""The command line as a user meets it: clear one-line errors, mocks, inspect, demo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cosmofm.cli import main
+
+
+def test_bad_recipe_value_is_a_one_line_error(tmp_path, capsys):
+    code = main(["pretrain", "--config", "tiny", "--output", str(tmp_path), "--set", "optim.lr=-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "recipe.optim.lr" in err and "Traceback" not in err
+
+
+def test_unknown_recipe_key_and_missing_recipe(tmp_path, capsys):
+    assert main(["pretrain", "--config", "tiny", "--set", "optim.learning_rate=1"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "tiny" in capsys.readouterr().err  # lists the shipped recipes
+
+
+def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
+    code = main(["pretrain", "--config", "tiny", "--output", str(tmp_path), "--resume", "--set", "data.mock_counts=[2,2,2,2]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no checkpoint" in err and "without --resume" in err
+
+
+def test_mock_to_fits_then_inspect(tmp_path, capsys):
+    assert main(["mock", "spectra", "--n", "3", "--format", "fits", "--out", str(tmp_path)]) == 0
+    path = tmp_path / "sdss-like-3.fits"
+    assert path.exists()
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "objects: 3" in text and "wavelength: 3600 .. 10400 Angstrom" in text and "1e-17 erg" in text
+
+
+def test_mock_dataset_and_card_and_wrong_card(tmp_path, capsys):
+    assert main(["mock", "lightcones", "--n", "2", "--out", str(tmp_path / "lc")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "lc")]) == 0
+    assert "field" in capsys.readouterr().out
+    assert main(["inspect", "data_cards/cards/ska_hi_like.yaml"]) == 0
+    assert "channel_width" in capsys.readouterr().out
+    assert main(["mock", "cubes", "--card", "sdss-like", "--out", str(tmp_path / "x")]) == 2
+    assert "spectrum card" in capsys.readouterr().err
+
+
+def test_inspect_corrupt_fits_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "broken.fits"
+    bad.write_bytes(b"SIMPLE  =                    T" + b"\x00" * 100)
+    assert main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.fits" in err and "Traceback" not in err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "cosmofm.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_short(tmp_path):
+    from cosmofm.demo import run_demo
+
+    report = run_demo(output=tmp_path, steps=8)
+    assert report["reload_identical"] is True
+    assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
+    assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
+    saved = json.loads((tmp_path / "demo_report.json").read_text())
+    assert saved["held_out"]["n_pairs"] == 64
