@@ -1,7 +1,7 @@
-"""Small built-in mock generators, one per modality, driven by a data card.
+"""Mock generators, one per modality, driven by a data card.
 
-These are the spine's embedded default data: physically motivated but simple
-(the realistic simulators are a separate module). Every generator is deterministic
+Spectra come from the physically parametrised 13-class model in mock_spectra.py; the
+image, cube and field generators are still the spine's simple ones. Every generator is deterministic
 given (seed, index), so any sample can be regenerated alone and generation can run
 in parallel. Spectra and images of the same galaxy share `meta["pair_id"]` and their
 image band fluxes are integrated from the noiseless spectrum, so the cross-modal
@@ -13,17 +13,13 @@ from __future__ import annotations
 import numpy as np
 from astropy import constants as const
 
+from cosmofm.data_cards.mock_spectra import ObjectParams, draw_object, observe, rest_model
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard
 
 C_KMS = const.c.to_value("km/s")
 C_ANGSTROM_S = const.c.to_value("Angstrom/s")
-
-# Rest-frame vacuum wavelengths [Angstrom] (SDSS line list).
-EMISSION_LINES = {"OII": 3728.5, "Hbeta": 4862.7, "OIII_4960": 4960.3, "OIII_5008": 5008.2, "Halpha": 6564.6, "NII": 6585.3, "SII": 6718.3}
-BROAD_LINES = {"Lyalpha": 1215.7, "CIV": 1549.1, "CIII": 1908.7, "MgII": 2799.1, "Hbeta": 4862.7, "Halpha": 6564.6}
-STELLAR_ABSORPTION = {"CaK": 3934.8, "CaH": 3969.6, "Hdelta": 4102.9, "Hgamma": 4341.7, "Hbeta": 4862.7, "Mgb": 5176.7, "NaD": 5895.6, "Halpha": 6564.6}
-SPECTRAL_CLASSES = ("STAR", "GALAXY", "QSO")
+R_BAND = 6231.0  # Angstrom: objects are normalised to an r-band AB magnitude here
 
 
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -38,109 +34,59 @@ def wavelength_grid(card: SpectrumCard) -> np.ndarray:
     return np.linspace(lo, hi, card.n_pixels)
 
 
-def _gauss_lines(wave, centres, sigmas, amps):
-    """Sum of Gaussian lines; (L,) from (K,) centres/sigmas/amps."""
-    x = (wave[:, None] - centres[None, :]) / sigmas[None, :]
-    return (amps[None, :] * np.exp(-0.5 * x**2)).sum(axis=1)
+def mock_object(seed: int, index: int) -> tuple[ObjectParams, float]:
+    """Object (seed, index): its class and physics, and the factor that turns its model
+    spectrum into f_lambda [1e-17 erg/s/cm^2/A] for an r-band AB magnitude of 16.5-20.5.
 
-
-def noiseless_spectrum(kind: str, z: float, wave: np.ndarray, resolving_power: float, rng: np.random.Generator) -> np.ndarray:
-    """Noiseless f_lambda in 1e-17 erg/s/cm^2/A for a STAR, GALAXY or QSO at redshift z."""
-    rest = wave / (1 + z)
-    lsf = wave / resolving_power / 2.3548  # Gaussian sigma of the line-spread function [A]
-    if kind == "STAR":
-        teff = rng.uniform(4000, 10000)
-        # Planck continuum, normalised at 5500 A.
-        bb = lambda lam: 1 / (lam**5 * np.expm1(1.4388e8 / (lam * teff)))  # noqa: E731
-        flux = bb(rest) / bb(5500.0)
-        names = list(STELLAR_ABSORPTION)
-        centres = np.array([STELLAR_ABSORPTION[k] for k in names]) * (1 + z)
-        # Balmer lines peak near A stars, metal lines in cool stars.
-        balmer = np.clip((teff - 4000) / 5000, 0, 1)
-        depth = np.array([0.5 - 0.3 * balmer if k in ("CaK", "CaH", "Mgb", "NaD") else 0.1 + 0.4 * balmer for k in names])
-        sig = np.sqrt(4.0**2 + np.interp(centres, wave, lsf) ** 2)
-        flux = flux * (1 - _gauss_lines(wave, centres, sig, depth).clip(0, 0.95))
-        return flux * rng.uniform(5, 40)
-    if kind == "GALAXY":
-        age = rng.uniform(0, 1)  # 0 = star forming, 1 = passive
-        slope = -1.0 + 2.5 * age  # redder with age
-        cont = (rest / 5000.0) ** slope
-        cont *= np.where(rest < 4000, 1 - 0.5 * age, 1.0)  # 4000 A break
-        names = list(EMISSION_LINES)
-        centres = np.array([EMISSION_LINES[k] for k in names]) * (1 + z)
-        vdisp = rng.uniform(50, 250)
-        sig = np.sqrt((centres * vdisp / C_KMS) ** 2 + np.interp(centres, wave, lsf) ** 2)
-        strength = (1 - age) * rng.uniform(0.5, 3.0)
-        ratios = np.array([1.5, 0.35, 0.3 * rng.uniform(0.3, 3), 0.9 * rng.uniform(0.3, 3), 1.0, 0.3 * rng.uniform(0.5, 2), 0.2])
-        amps = strength * ratios * 40 / (np.sqrt(2 * np.pi) * sig)  # equivalent width ~ 40 A x strength
-        return (cont + _gauss_lines(wave, centres, sig, amps)) * rng.uniform(3, 20)
-    if kind == "QSO":
-        alpha = rng.normal(-1.5, 0.3)  # f_lambda ~ lambda^alpha
-        cont = (rest / 3000.0) ** alpha
-        names = list(BROAD_LINES)
-        centres = np.array([BROAD_LINES[k] for k in names]) * (1 + z)
-        fwhm = rng.uniform(2500, 6000)
-        sig = centres * fwhm / C_KMS / 2.3548
-        amps = np.array([3.0, 1.2, 0.6, 0.8, 0.5, 1.5]) * rng.uniform(0.5, 1.5, len(names)) * np.interp(centres, wave, cont)
-        flux = cont + _gauss_lines(wave, centres, sig, amps)
-        forest = rest < BROAD_LINES["Lyalpha"]
-        tau = 0.0025 * (1 + z) ** 3.7 * rng.exponential(1.0, forest.sum())  # Lyman-alpha forest
-        flux[forest] *= np.exp(-tau)
-        return flux * rng.uniform(3, 20)
-    raise ValueError(f"unknown spectral kind {kind!r}")
-
-
-def _galaxy_kind_and_z(rng: np.random.Generator) -> tuple[str, float]:
-    kind = SPECTRAL_CLASSES[rng.integers(3)]
-    z = {"STAR": rng.normal(0, 1e-4), "GALAXY": rng.uniform(0.02, 0.7), "QSO": rng.uniform(0.5, 3.5)}[kind]
-    return kind, float(z)
+    Spectra and images of the same (seed, index) call this, so they show one object.
+    """
+    rng = _rng(seed, index, 0)
+    obj = draw_object(rng)
+    r_mag = rng.uniform(16.5, 20.5)
+    f_lambda = 3631e-23 * 10 ** (-0.4 * r_mag) * C_ANGSTROM_S / R_BAND**2 * 1e17
+    ref = np.linspace(R_BAND * 0.93, R_BAND * 1.07, 400)
+    return obj, f_lambda / max(float(np.mean(rest_model(obj, ref, 2000.0))), 1e-30)
 
 
 def mock_spectrum(card: SpectrumCard, seed: int, index: int) -> Sample:
-    rng = _rng(seed, index, 0)
-    kind, z = _galaxy_kind_and_z(rng)
+    """A spectrum of object (seed, index) through the card's spectrograph (mock_spectra.observe)."""
+    obj, norm = mock_object(seed, index)
     wave = wavelength_grid(card)
-    flux = noiseless_spectrum(kind, z, wave, card.resolving_power, rng)
-    # Noise: sky-dominated, so sigma is flat apart from sky lines, scaled to the card's S/N.
-    sigma = np.full_like(wave, np.median(flux) / card.typical_snr * rng.uniform(0.5, 2.0))
-    sky_lines = np.array([5578.5, 5894.6, 6301.7, 6865.0, 7247.0, 7821.5, 8344.6, 8827.1, 9376.0])
-    sigma *= 1 + 3 * _gauss_lines(wave, sky_lines, np.full(9, 3.0), np.ones(9))
-    values = flux + rng.normal(0, 1, wave.size) * sigma
-    ivar = 1 / sigma**2
-    bad = rng.random(wave.size) < 0.002  # cosmic rays / bad columns
-    ivar[bad] = 0.0
+    flux, ivar, _, and_mask = observe(obj, wave, card.resolving_power, card.typical_snr, _rng(seed, index, 4))
+    truth = {"params": {k: float(v) for k, v in obj.params.items()}, "line_fluxes": {k: v * norm for k, v in obj.lines.items()}}
     return Sample(
-        "spectrum", values, ivar, {"wavelength": wave},
-        {"card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}", "labels": {"spectral_class": kind, "redshift": z}},
+        "spectrum", flux * norm, ivar / norm**2, {"wavelength": wave},
+        {
+            "card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}",
+            "labels": {"spectral_class": obj.cls, "redshift": obj.z}, "and_mask_bits": int(np.bitwise_or.reduce(and_mask)), "truth": truth,
+        },
     )
 
 
-def band_fluxes_njy(kind: str, z: float, band_wavelengths: np.ndarray, seed: int, index: int) -> np.ndarray:
-    """Band fluxes [nJy] of object (seed, index), integrated from its noiseless spectrum.
+def band_fluxes_njy(obj: ObjectParams, norm: float, band_wavelengths: np.ndarray) -> np.ndarray:
+    """Band fluxes [nJy] of an object from its noiseless spectrum.
 
     Bands are approximated as top hats of +-10 % around the effective wavelength.
     """
-    rng = _rng(seed, index, 0)
-    kind2, z2 = _galaxy_kind_and_z(rng)  # replay the spectrum's draws to get the same object
-    assert (kind2, z2) == (kind, z)
     wave = np.linspace(band_wavelengths.min() * 0.85, band_wavelengths.max() * 1.15, 4000)
-    f_lambda = noiseless_spectrum(kind, z, wave, 2000.0, rng) * 1e-17  # erg/s/cm^2/A
+    f_lambda = rest_model(obj, wave, 2000.0) * norm * 1e-17  # erg/s/cm^2/A
     f_nu_njy = f_lambda * wave**2 / C_ANGSTROM_S * 1e23 * 1e9
     return np.array([f_nu_njy[np.abs(wave / lam - 1) < 0.1].mean() for lam in band_wavelengths])
 
 
 def mock_image(card: ImageCard, seed: int, index: int) -> Sample:
     """A stamp of the same object as `mock_spectrum(seed, index)` (bulge + disk Gaussians)."""
-    rng = _rng(seed, index, 0)
-    kind, z = _galaxy_kind_and_z(rng)
+    obj, norm = mock_object(seed, index)
+    kind, z = obj.cls, obj.z
+    rng = _rng(seed, index, 5)
     bands = np.array([b.wavelength.to_value("Angstrom") for b in card.bands])
-    fluxes = band_fluxes_njy(kind, z, bands, seed, index)
+    fluxes = band_fluxes_njy(obj, norm, bands)
     shape_rng = _rng(seed, index, 1)
     n, scale = card.stamp_size, card.pixel_scale.to_value("arcsec")
     offsets = (np.arange(n) - (n - 1) / 2) * scale
     y, x = np.meshgrid(offsets, offsets, indexing="ij")
     # Point sources for stars and QSOs, extended bulge + disk for galaxies.
-    size = 0.0 if kind != "GALAXY" else shape_rng.lognormal(np.log(0.8 / (1 + 2 * z)), 0.3)  # arcsec
+    size = shape_rng.lognormal(np.log(0.8 / (1 + 2 * z)), 0.3) if kind.startswith("GALAXY") else 0.0  # arcsec
     q, pa = shape_rng.uniform(0.3, 1.0), shape_rng.uniform(0, np.pi)
     bulge_frac = shape_rng.uniform(0, 1)
     xr = x * np.cos(pa) + y * np.sin(pa)
@@ -158,7 +104,7 @@ def mock_image(card: ImageCard, seed: int, index: int) -> Sample:
     ivar = np.broadcast_to((1 / sigma**2)[:, None, None], values.shape).copy()
     return Sample(
         "image", values, ivar, {"band_wavelength": bands, "dec_offset": offsets, "ra_offset": offsets},
-        {"card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}", "labels": {"redshift": z}},
+        {"card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}", "labels": {"redshift": z, "spectral_class": kind}},
     )
 
 

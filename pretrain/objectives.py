@@ -79,13 +79,22 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
-def gather_across_processes(x: torch.Tensor, labels: list[str]) -> tuple[torch.Tensor, list[str], int]:
-    """Global batch of `x` (with gradient) and of `labels`; also this rank's row offset."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, labels, 0
-    all_labels = [None] * dist.get_world_size()
-    dist.all_gather_object(all_labels, labels)
-    return _GatherWithGrad.apply(x), [l for part in all_labels for l in part], dist.get_rank() * x.shape[0]
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The global batch of `x` (rows of rank 0 first), differentiable."""
+    return _GatherWithGrad.apply(x) if _distributed() else x
+
+
+def gather_labels(labels: list) -> list:
+    """The global batch of a list of picklable labels, in the same order."""
+    if not _distributed():
+        return labels
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, labels)
+    return [label for part in parts for label in part]
 
 
 class ContrastiveAlignment(nn.Module):
@@ -101,15 +110,13 @@ class ContrastiveAlignment(nn.Module):
         for g in output.token_groups:
             for r in g.rows.tolist():
                 modality[r] = g.modality
-        keys = [f"{p}\x00{m}" for p, m in zip(pair_ids, modality)]
-        z_all, keys_all, _ = gather_across_processes(z, keys)
-        pid = [k.split("\x00")[0] for k in keys_all]
-        mod = [k.split("\x00")[1] for k in keys_all]
+        z_all = gather_with_grad(z)
+        pid_all, mod_all = zip(*gather_labels(list(zip(pair_ids, modality))))
+        codes = {p: i for i, p in enumerate(dict.fromkeys(pid_all))}
+        pid = torch.tensor([codes[p] if p else -1 for p in pid_all], device=z.device)  # (n,)
+        mod = torch.tensor([MODALITIES.index(m) for m in mod_all], device=z.device)
         n = len(pid)
-        positive = torch.tensor(
-            [[bool(pid[i]) and pid[i] == pid[j] and mod[i] != mod[j] for j in range(n)] for i in range(n)],
-            device=z.device,
-        )
+        positive = (pid[:, None] == pid[None, :]) & (pid[:, None] >= 0) & (mod[:, None] != mod[None, :])  # (n, n)
         anchors = positive.any(1)
         if not bool(anchors.any()):
             return None

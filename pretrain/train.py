@@ -172,6 +172,18 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
     return {"output_dir": str(out_dir), "model_dir": str(model_dir), "steps": step, "losses": history, "metrics": str(metrics_path)}
 
 
+def load_pretraining_model(run_dir: str | Path) -> CosmoFMForPretraining:
+    """Backbone + objective heads from a run's latest checkpoint (the release has only the backbone)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise InputError(str(run_dir), "has no checkpoint", "point to a run folder written by `cosmofm pretrain`")
+    states, _ = load_checkpoint(ckpt)
+    config = CosmoFMConfig.from_pretrained(Path(run_dir) / "model")
+    model = CosmoFMForPretraining(config)
+    model.load_state_dict(states["model"])
+    return model.eval()
+
+
 def _step_metrics(accelerator, out, step: int, lr: float, samples_per_s: float) -> dict:
     """Loss averaged over processes (the global-batch loss) plus its parts."""
     parts = {"loss": out.loss.detach().float()}

@@ -16,9 +16,8 @@ import torch
 from cosmofm.data_cards.mock import mock_samples
 from cosmofm.data_cards.schema import load_card
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
-from cosmofm.pretrain.checkpoint import latest_checkpoint, load_checkpoint
 from cosmofm.pretrain.recipe import PretrainRecipe
-from cosmofm.pretrain.train import pretrain
+from cosmofm.pretrain.train import load_pretraining_model, pretrain
 
 HELD_OUT_SEED = 10_000  # objects the model never saw
 
@@ -45,7 +44,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None) -> d
 
     backbone = AutoModel.from_pretrained(summary["model_dir"])
     verified = cosmofm.from_pretrained(summary["model_dir"])  # checksums verified
-    trained = _pretraining_model(Path(recipe.run.output_dir))
+    trained = load_pretraining_model(recipe.run.output_dir)
     held_out = _held_out_batch(recipe, backbone.config)
     with torch.no_grad():
         same = torch.equal(backbone(held_out).pooled, trained.cosmofm(held_out).pooled)
@@ -90,14 +89,6 @@ def plot_loss_curve(metrics: Path, out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
-
-
-def _pretraining_model(run_dir: Path) -> CosmoFMForPretraining:
-    states, _ = load_checkpoint(latest_checkpoint(run_dir))
-    config = CosmoFMConfig.from_pretrained(run_dir / "model")
-    model = CosmoFMForPretraining(config)
-    model.load_state_dict(states["model"])
-    return model.eval()
 
 
 def _untrained_like(model: CosmoFMForPretraining) -> CosmoFMForPretraining:

@@ -1,0 +1,230 @@
+"""Physically parametrised mock spectra for the 13 classes of Zhong et al. 2023 (GaSNet-II).
+
+The generator has two halves:
+- `draw_object(rng)`: a class, a redshift from that class's distribution and the
+  physical parameters (effective temperature and radial velocity for stars; young-
+  population fraction, velocity dispersion, dust and emission-line strengths with
+  BPT-consistent ratios for galaxies; continuum slope and broad-line widths for QSOs).
+- `rest_model` / `observe`: the noiseless spectrum on any wavelength grid, then the
+  instrument of a data card: Gaussian line-spread function from the resolving power
+  (added in quadrature to every Gaussian feature, which is exact for Gaussians),
+  throughput, sky continuum and OH lines, Poisson + read noise, flux-calibration
+  wiggles, bad pixels; ivar and a mask.
+
+Line-ratio recipes: the star-forming / AGN boundaries are Kauffmann et al. 2003
+(MNRAS 346, 1055) and Kewley et al. 2001 (ApJ 556, 121); Case-B Halpha/Hbeta = 2.86;
+dust attenuation follows Calzetti et al. 2000 (ApJ 533, 682). Wavelengths are vacuum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+C_KMS = 299792.458
+
+CLASSES = (
+    "STAR_A0", "STAR_F5", "STAR_F9", "STAR_G2", "STAR_K1", "STAR_K3", "STAR_K5",
+    "QSO", "QSO_BROADLINE",
+    "GALAXY", "GALAXY_STARFORMING", "GALAXY_STARBURST", "GALAXY_AGN",
+)
+STAR_TEFF = {"STAR_A0": 9600, "STAR_F5": 6500, "STAR_F9": 6100, "STAR_G2": 5800, "STAR_K1": 5200, "STAR_K3": 4800, "STAR_K5": 4400}
+
+# Vacuum rest wavelengths [Angstrom].
+NEBULAR = {
+    "OII_3727": 3727.1, "OII_3730": 3729.9, "Hdelta": 4102.9, "Hgamma": 4341.7, "Hbeta": 4862.7,
+    "OIII_4960": 4960.3, "OIII_5008": 5008.2, "NII_6550": 6549.9, "Halpha": 6564.6, "NII_6585": 6585.3,
+    "SII_6718": 6718.3, "SII_6733": 6732.7,
+}
+BROAD = {"Lyalpha": 1215.7, "NV": 1240.1, "SiIV": 1397.6, "CIV": 1549.1, "CIII": 1908.7, "MgII": 2799.1, "Hgamma": 4341.7, "Hbeta": 4862.7, "Halpha": 6564.6}
+BROAD_EW = {"Lyalpha": 80, "NV": 12, "SiIV": 8, "CIV": 35, "CIII": 20, "MgII": 35, "Hgamma": 10, "Hbeta": 45, "Halpha": 170}  # rest EW [A]
+STELLAR = {  # (centre [A], sigma [A]) of absorption features
+    "H_epsilon": (3971.2, 3.0), "H_delta": (4102.9, 3.0), "H_gamma": (4341.7, 3.0), "H_beta": (4862.7, 3.0), "H_alpha": (6564.6, 3.0),
+    "CaK": (3934.8, 3.0), "CaH": (3969.6, 3.0), "Gband": (4305.0, 8.0), "Mgb": (5176.7, 6.0), "NaD": (5895.6, 4.0),
+    "TiO_6158": (6158.0, 40.0), "TiO_7054": (7054.0, 45.0), "TiO_7589": (7589.0, 50.0),
+}
+
+
+def kauffmann03(log_n2ha):
+    """Upper envelope of star-forming galaxies in the [NII] BPT diagram."""
+    return 0.61 / (log_n2ha - 0.05) + 1.3
+
+
+def kewley01(log_n2ha):
+    """Maximum-starburst line in the [NII] BPT diagram."""
+    return 0.61 / (log_n2ha - 0.47) + 1.19
+
+
+@dataclass
+class ObjectParams:
+    cls: str
+    z: float
+    params: dict = field(default_factory=dict)
+    lines: dict = field(default_factory=dict)  # emission-line fluxes, units of the continuum at 5500 A x A
+
+
+def draw_object(rng: np.random.Generator, cls: str | None = None) -> ObjectParams:
+    cls = cls or CLASSES[rng.integers(len(CLASSES))]
+    if cls.startswith("STAR"):
+        rv = rng.normal(0, 40)
+        return ObjectParams(cls, rv / C_KMS, {"teff": STAR_TEFF[cls] + rng.normal(0, 80), "rv_kms": rv})
+    if cls.startswith("QSO"):
+        broad = cls == "QSO_BROADLINE"
+        return ObjectParams(cls, float(rng.uniform(0.3, 3.5)), {
+            "alpha_lambda": rng.normal(-1.5, 0.3),
+            "fwhm_kms": rng.uniform(3500, 9000) if broad else rng.uniform(1200, 2400),
+            "ew_scale": rng.uniform(0.8, 1.6) if broad else rng.uniform(0.3, 0.7),
+        })
+    # galaxies: (z range, young fraction, velocity dispersion, A_V, Halpha EW)
+    z_lo, z_hi, young, sigma_v, a_v, ew = {
+        "GALAXY": (0.05, 0.8, (0.0, 0.05), (150, 300), (0.0, 0.3), (0.0, 0.5)),
+        "GALAXY_STARFORMING": (0.01, 0.4, (0.15, 0.45), (50, 120), (0.2, 1.0), (8, 45)),
+        "GALAXY_STARBURST": (0.01, 0.3, (0.55, 0.9), (40, 100), (0.4, 1.5), (70, 300)),
+        "GALAXY_AGN": (0.01, 0.4, (0.05, 0.3), (100, 250), (0.2, 1.0), (8, 60)),
+    }[cls]
+    p = {
+        "young_fraction": rng.uniform(*young), "sigma_kms": rng.uniform(*sigma_v), "A_V": rng.uniform(*a_v),
+        "halpha_ew": rng.uniform(*ew), "gas_sigma_kms": rng.uniform(40, 90),
+    }
+    if cls == "GALAXY_AGN":  # Seyfert region, above Kewley et al. 2001
+        x = rng.uniform(-0.25, 0.25)
+        y = rng.uniform(kewley01(x) + 0.15, kewley01(x) + 0.6) if x < 0.3 else rng.uniform(0.5, 1.1)
+    elif cls == "GALAXY":
+        x, y = rng.uniform(-0.6, 0.0), rng.uniform(-0.5, 0.3)
+    else:  # star-forming and starburst: below Kauffmann et al. 2003; starbursts more ionised, lower metallicity
+        x = rng.uniform(-1.2, -0.7) if cls == "GALAXY_STARBURST" else rng.uniform(-0.9, -0.4)
+        y = kauffmann03(x) - rng.uniform(0.1, 0.35) - (0.0 if cls == "GALAXY_STARBURST" else rng.uniform(0.1, 0.35))
+    p["log_n2ha"], p["log_o3hb"] = float(x), float(y)
+    return ObjectParams(cls, float(rng.uniform(z_lo, z_hi)), p)
+
+
+def _gauss(wave, centres, sigmas, amps):
+    """Sum of Gaussians on a sorted grid, each evaluated only within 6 sigma (speed)."""
+    out = np.zeros_like(wave, dtype=float)
+    lo = np.searchsorted(wave, centres - 6 * sigmas)
+    hi = np.searchsorted(wave, centres + 6 * sigmas)
+    for c, s, a, i, j in zip(centres, sigmas, amps, lo, hi):
+        if j > i:
+            x = (wave[i:j] - c) / s
+            out[i:j] += a * np.exp(-0.5 * x * x)
+    return out
+
+
+def _planck(lam, teff):
+    return 1.0 / (lam**5 * np.expm1(1.4388e8 / (lam * teff)))
+
+
+def calzetti(lam_rest):
+    """Calzetti et al. 2000 k(lambda) (R_V = 4.05), lambda in Angstrom."""
+    x = lam_rest / 1e4
+    k = np.where(x < 0.63, 2.659 * (-2.156 + 1.509 / x - 0.198 / x**2 + 0.011 / x**3) + 4.05, 2.659 * (-1.857 + 1.040 / x) + 4.05)
+    return np.clip(k, 0, None)
+
+
+def _absorption(rest, teff, sigma_kms, lsf_rest):
+    """Multiplicative stellar absorption for a population of temperature teff."""
+    balmer = 0.55 * np.exp(-(((teff - 9500) / 2500) ** 2)) + 0.08
+    metal = np.clip((8000 - teff) / 4000, 0, 1)
+    depth = {
+        "H_epsilon": balmer, "H_delta": balmer, "H_gamma": balmer, "H_beta": balmer, "H_alpha": 0.8 * balmer,
+        "CaK": 0.1 + 0.6 * metal, "CaH": 0.1 + 0.5 * metal, "Gband": 0.3 * np.clip((6500 - teff) / 2000, 0, 1),
+        "Mgb": 0.08 + 0.35 * metal, "NaD": 0.05 + 0.4 * np.clip((6500 - teff) / 2500, 0, 1),
+        "TiO_6158": 0.35 * np.clip((4800 - teff) / 600, 0, 1), "TiO_7054": 0.4 * np.clip((4800 - teff) / 600, 0, 1),
+        "TiO_7589": 0.3 * np.clip((4800 - teff) / 600, 0, 1),
+    }
+    names = list(STELLAR)
+    centres = np.array([STELLAR[k][0] for k in names])
+    widths = np.array([STELLAR[k][1] for k in names]) * (1 + 2.5 * (balmer > 0.4) * np.array([k.startswith("H_") for k in names]))
+    sig = np.sqrt(widths**2 + (centres * sigma_kms / C_KMS) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
+    return 1 - np.clip(_gauss(rest, centres, sig, np.array([depth[k] for k in names])), 0, 0.95)
+
+
+def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> np.ndarray:
+    """Noiseless observed-frame f_lambda (arbitrary units, ~1 at 5500 A rest) on `wave`.
+
+    Also fills `obj.lines` with the emission-line fluxes (same units x A) for BPT checks.
+    """
+    z = obj.z
+    rest = wave / (1 + z)
+    lsf_rest = rest / resolving_power / 2.3548  # LSF sigma in the rest frame
+    p = obj.params
+    if obj.cls.startswith("STAR"):
+        flux = _planck(rest, p["teff"]) / _planck(5500.0, p["teff"])
+        return flux * _absorption(rest, p["teff"], 10.0, lsf_rest)
+    if obj.cls.startswith("QSO"):
+        cont = (rest / 3000.0) ** p["alpha_lambda"]
+        names = list(BROAD)
+        centres = np.array([BROAD[k] for k in names])
+        sig = np.sqrt((centres * p["fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
+        ew = np.array([BROAD_EW[k] for k in names]) * p["ew_scale"]
+        cont_at = (centres / 3000.0) ** p["alpha_lambda"]
+        amps = ew * cont_at / (np.sqrt(2 * np.pi) * sig)
+        obj.lines = {k: float(e * c) for k, e, c in zip(names, ew, cont_at)}
+        flux = cont + _gauss(rest, centres, sig, amps)
+        forest = rest < BROAD["Lyalpha"]
+        if forest.any():  # Lyman-alpha forest: mean transmission from Faucher-Giguere et al. 2008
+            tau_eff = 0.0018 * (wave[forest] / BROAD["Lyalpha"]) ** 3.92
+            rng = np.random.default_rng(int(z * 1e6))
+            flux[forest] *= np.exp(-tau_eff * rng.exponential(1.0, forest.sum()))
+        return flux
+    old = _planck(rest, 4600.0) / _planck(5500.0, 4600.0) * _absorption(rest, 4600.0, p["sigma_kms"], lsf_rest)
+    old *= np.where(rest < 4000, 0.55, 1.0)  # the 4000 A break of old populations
+    young = _planck(rest, 15000.0) / _planck(5500.0, 15000.0) * _absorption(rest, 15000.0, p["sigma_kms"], lsf_rest)
+    cont = (1 - p["young_fraction"]) * old + p["young_fraction"] * young
+    dust = 10 ** (-0.4 * p["A_V"] * calzetti(rest) / 4.05)
+    # Line fluxes from the Halpha equivalent width and the BPT ratios (before dust).
+    cont_ha = float(np.interp(NEBULAR["Halpha"], rest, cont)) if rest[0] < NEBULAR["Halpha"] < rest[-1] else 1.0
+    f_ha = p["halpha_ew"] * cont_ha
+    f_hb = f_ha / 2.86
+    f_n2 = f_ha * 10 ** p["log_n2ha"]
+    f_o3 = f_hb * 10 ** p["log_o3hb"]
+    fluxes = {
+        "Halpha": f_ha, "Hbeta": f_hb, "Hgamma": f_hb * 0.47, "Hdelta": f_hb * 0.26, "NII_6585": f_n2, "NII_6550": f_n2 / 3.05,
+        "OIII_5008": f_o3, "OIII_4960": f_o3 / 2.98, "OII_3727": 1.2 * f_hb * 10 ** (0.3 - p["log_n2ha"] * 0.5),
+        "OII_3730": 1.5 * f_hb * 10 ** (0.3 - p["log_n2ha"] * 0.5), "SII_6718": 0.2 * f_ha, "SII_6733": 0.15 * f_ha,
+    }
+    names = list(NEBULAR)
+    centres = np.array([NEBULAR[k] for k in names])
+    sig = np.sqrt((centres * p["gas_sigma_kms"] / C_KMS) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
+    amps = np.array([fluxes[k] for k in names]) / (np.sqrt(2 * np.pi) * sig)
+    obj.lines = {k: float(v) for k, v in fluxes.items()}
+    return (cont + _gauss(rest, centres, sig, amps)) * dust
+
+
+# A fixed list of the strongest night-sky lines [A, vacuum] and relative strengths
+# (OI 5577/6300/6364, NaD, and OH Meinel bands in the red).
+_SKY_LINES = np.array([5578.9, 5891.6, 5897.6, 6302.0, 6365.5] + list(np.arange(6830.0, 10400.0, 27.5)))
+_SKY_AMPS = np.concatenate([[6.0, 1.0, 1.0, 3.0, 1.0], 1.0 + 2.0 * np.abs(np.sin(np.arange(len(_SKY_LINES) - 5) * 1.7))])
+
+
+def observe(obj: ObjectParams, wave: np.ndarray, resolving_power: float, snr: float, rng: np.random.Generator):
+    """Add the instrument to `obj`: returns (flux, ivar, noiseless flux, and_mask)."""
+    model = rest_model(obj, wave, resolving_power)
+    # throughput: smooth, peaking near 6000 A and falling at both ends of an optical spectrograph
+    throughput = np.exp(-0.5 * ((np.log(wave) - np.log(6000.0)) / 0.35) ** 2)
+    lsf = wave / resolving_power / 2.3548
+    sky = 0.3 + _gauss(wave, _SKY_LINES, np.interp(_SKY_LINES, wave, lsf), _SKY_AMPS * 2.0)
+    # scale the object so that the median per-pixel S/N matches the card's typical S/N
+    target = snr * rng.lognormal(0.0, 0.4)
+    read = 1.0
+    obj_counts = np.clip(model, 0, None) * throughput
+    med = np.median(obj_counts)
+    # solve median(counts) / sqrt(median(counts) + sky + read^2) = target for the scale
+    sky_c = np.median(sky * throughput)
+    scale = (target**2 + np.sqrt(target**4 + 4 * target**2 * (sky_c + read**2))) / (2 * med) if med > 0 else 1.0
+    obj_counts *= scale
+    sky_counts = sky * throughput * 1.0
+    var_counts = obj_counts + sky_counts + read**2
+    counts = obj_counts + rng.normal(0.0, 1.0, wave.size) * np.sqrt(var_counts)
+    # flux calibration: divide by throughput, with a few-percent low-order error
+    t = (wave - wave.mean()) / np.ptp(wave)
+    calib = 1 + rng.normal(0, 0.02) * t + rng.normal(0, 0.015) * (3 * t**2 - 0.25)
+    flux = counts / throughput * calib / scale
+    sigma = np.sqrt(var_counts) / throughput * calib / scale
+    ivar = 1.0 / sigma**2
+    and_mask = np.zeros(wave.size, dtype=np.int32)
+    bad = rng.random(wave.size) < 0.002
+    and_mask[bad] |= 1  # cosmic ray / bad column
+    ivar[bad] = 0.0
+    return flux, ivar, model, and_mask
