@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cosmofm.data_cards.mock_common import C_ANGSTROM_S, object_rng
+from cosmofm.data_cards.sample import Sample
+from cosmofm.data_cards.schema import SpectrumCard
+
 C_KMS = 299792.458
+R_BAND = 6231.0  # Angstrom: objects are normalised to an r-band AB magnitude here
 
 CLASSES = (
     "STAR_A0", "STAR_F5", "STAR_F9", "STAR_G2", "STAR_K1", "STAR_K3", "STAR_K5",
@@ -228,3 +233,51 @@ def observe(obj: ObjectParams, wave: np.ndarray, resolving_power: float, snr: fl
     and_mask[bad] |= 1  # cosmic ray / bad column
     ivar[bad] = 0.0
     return flux, ivar, model, and_mask
+
+
+def wavelength_grid(card: SpectrumCard) -> np.ndarray:
+    """The card's pixel centres in Angstrom (vacuum)."""
+    lo, hi = card.wavelength_min.to_value("Angstrom"), card.wavelength_max.to_value("Angstrom")
+    if card.sampling == "log":
+        return np.logspace(np.log10(lo), np.log10(hi), card.n_pixels)
+    return np.linspace(lo, hi, card.n_pixels)
+
+
+def mock_spectrum(card: SpectrumCard, seed: int, index: int) -> Sample:
+    """A spectrum of object (seed, index) through the card's spectrograph (mock_spectra.observe)."""
+    obj, norm = mock_object(seed, index)
+    wave = wavelength_grid(card)
+    flux, ivar, _, and_mask = observe(obj, wave, card.resolving_power, card.typical_snr, object_rng(seed, index, 4))
+    truth = {"params": {k: float(v) for k, v in obj.params.items()}, "line_fluxes": {k: v * norm for k, v in obj.lines.items()}}
+    return Sample(
+        "spectrum", flux * norm, ivar / norm**2, {"wavelength": wave},
+        {
+            "card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}",
+            "labels": {"spectral_class": obj.cls, "redshift": obj.z}, "and_mask_bits": int(np.bitwise_or.reduce(and_mask)), "truth": truth,
+        },
+    )
+
+
+def mock_object(seed: int, index: int) -> tuple[ObjectParams, float]:
+    """Object (seed, index): its class and physics, and the factor that turns its model
+    spectrum into f_lambda [1e-17 erg/s/cm^2/A] for an r-band AB magnitude of 16.5-20.5.
+
+    Spectra and images of the same (seed, index) call this, so they show one object.
+    """
+    rng = object_rng(seed, index, 0)
+    obj = draw_object(rng)
+    r_mag = rng.uniform(16.5, 20.5)
+    f_lambda = 3631e-23 * 10 ** (-0.4 * r_mag) * C_ANGSTROM_S / R_BAND**2 * 1e17
+    ref = np.linspace(R_BAND * 0.93, R_BAND * 1.07, 400)
+    return obj, f_lambda / max(float(np.mean(rest_model(obj, ref, 2000.0))), 1e-30)
+
+
+def band_fluxes_njy(obj: ObjectParams, norm: float, band_wavelengths: np.ndarray) -> np.ndarray:
+    """Band fluxes [nJy] of an object from its noiseless spectrum.
+
+    Bands are approximated as top hats of +-10 % around the effective wavelength.
+    """
+    wave = np.linspace(band_wavelengths.min() * 0.85, band_wavelengths.max() * 1.15, 4000)
+    f_lambda = rest_model(obj, wave, 2000.0) * norm * 1e-17  # erg/s/cm^2/A
+    f_nu_njy = f_lambda * wave**2 / C_ANGSTROM_S * 1e23 * 1e9
+    return np.array([f_nu_njy[np.abs(wave / lam - 1) < 0.1].mean() for lam in band_wavelengths])
