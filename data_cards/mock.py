@@ -9,6 +9,10 @@ object and share `meta["pair_id"]`.
 
 from __future__ import annotations
 
+import multiprocessing
+from functools import partial
+from typing import Iterator
+
 from cosmofm.data_cards.mock_cubes import mock_cube
 from cosmofm.data_cards.mock_fields import mock_field
 from cosmofm.data_cards.mock_images import mock_image
@@ -17,6 +21,35 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard
 
 GENERATORS = {SpectrumCard: mock_spectrum, ImageCard: mock_image, CubeCard: mock_cube, FieldCard: mock_field}
+
+
+def generate(card: DataCard, n: int, seed: int = 0, workers: int = 1, progress: bool = False) -> Iterator[Sample]:
+    """Yield mocks 0..n-1 of `card` in order, made by `workers` processes.
+
+    Each sample depends only on (seed, index), so the output is identical for any
+    number of workers; samples stream out, so n can exceed memory.
+    """
+    from tqdm.auto import tqdm
+
+    make = partial(_one, card, seed)
+    bar = tqdm(total=n, desc=f"mock {card.name}", unit="sample", disable=not progress)
+    if workers <= 1:
+        for i in range(n):
+            yield make(i)
+            bar.update()
+    else:
+        # fork where the OS has it: workers inherit the imported modules instead of
+        # re-importing torch/transformers through the cosmofm package (seconds each)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            for sample in pool.imap(make, range(n), chunksize=max(1, min(64, n // (4 * workers)))):
+                yield sample
+                bar.update()
+    bar.close()
+
+
+def _one(card: DataCard, seed: int, index: int) -> Sample:
+    return GENERATORS[type(card)](card, seed, index)
 
 
 def mock_samples(card: DataCard, n: int, seed: int = 0, start: int = 0) -> list[Sample]:

@@ -236,11 +236,16 @@ def observe(obj: ObjectParams, wave: np.ndarray, resolving_power: float, snr: fl
 
 
 def wavelength_grid(card: SpectrumCard) -> np.ndarray:
-    """The card's pixel centres in Angstrom (vacuum)."""
-    lo, hi = card.wavelength_min.to_value("Angstrom"), card.wavelength_max.to_value("Angstrom")
-    if card.sampling == "log":
-        return np.logspace(np.log10(lo), np.log10(hi), card.n_pixels)
-    return np.linspace(lo, hi, card.n_pixels)
+    """The card's pixel centres in Angstrom (vacuum); multi-window cards get their
+    n_pixels shared between windows in proportion to each window's extent."""
+    windows = card.windows or [(card.wavelength_min, card.wavelength_max)]
+    edges = [(lo.to_value("Angstrom"), hi.to_value("Angstrom")) for lo, hi in windows]
+    log = card.sampling == "log"
+    extent = np.array([np.log(hi / lo) if log else hi - lo for lo, hi in edges])
+    counts = np.floor(card.n_pixels * extent / extent.sum()).astype(int)
+    counts[-1] += card.n_pixels - counts.sum()
+    parts = [np.geomspace(lo, hi, k) if log else np.linspace(lo, hi, k) for (lo, hi), k in zip(edges, counts)]
+    return np.concatenate(parts)
 
 
 def mock_spectrum(card: SpectrumCard, seed: int, index: int) -> Sample:

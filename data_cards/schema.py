@@ -101,12 +101,22 @@ class SpectrumCard(DataCard):
     flux_unit: str = "1e-17 erg / (s cm2 Angstrom)"
     typical_snr: float = _positive(default=10.0)  # median per-pixel S/N
     sky_model: str = ""
+    # Disjoint wavelength windows of a multi-window spectrograph (e.g. 4MOST HRS), as
+    # [[min, max], ...] quantity strings; empty = one window from wavelength_min to _max.
+    windows: list = field(default_factory=list)
     block: ClassVar[str] = "spectrum"
 
     def __post_init__(self):
         super().__post_init__()
+        where = f"{self.name}.spectrum"
         if self.wavelength_max <= self.wavelength_min:
-            raise InputError(f"{self.name}.spectrum.wavelength_max", "must be larger than wavelength_min", "swap or fix the range")
+            raise InputError(f"{where}.wavelength_max", "must be larger than wavelength_min", "swap or fix the range")
+        self.windows = [_window(w, f"{where}.windows[{i}]") for i, w in enumerate(self.windows)]
+        for i, (lo, hi) in enumerate(self.windows):
+            if lo < self.wavelength_min or hi > self.wavelength_max:
+                raise InputError(f"{where}.windows[{i}]", "lies outside wavelength_min..wavelength_max", "widen the range or fix the window")
+            if i and lo <= self.windows[i - 1][1]:
+                raise InputError(f"{where}.windows[{i}]", "overlaps or precedes the previous window", "list disjoint windows in increasing wavelength")
         _check_unit(f"{self.name}.spectrum.flux_unit", self.flux_unit, u.erg / u.s / u.cm**2 / u.AA, u.spectral_density(self.wavelength_min))
 
 
@@ -280,6 +290,19 @@ def _convert(value: Any, f: dataclasses.Field, where: str):
     return value
 
 
+def _window(value, where: str) -> tuple[u.Quantity, u.Quantity]:
+    """[min, max] quantity strings (or already-parsed quantities) -> Angstrom quantities."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise InputError(where, f"{value!r} is not a [min, max] pair", "write e.g. ['3926 Angstrom', '4355 Angstrom']")
+    try:
+        lo, hi = (u.Quantity(v).to(u.AA) for v in value)
+    except (TypeError, ValueError, u.UnitConversionError) as e:
+        raise InputError(where, f"{value!r} is not a pair of wavelengths ({e})", "write e.g. ['3926 Angstrom', '4355 Angstrom']") from None
+    if hi <= lo:
+        raise InputError(where, "max is not above min", "give [min, max]")
+    return lo, hi
+
+
 def _bad(where: str):
     raise InputError(where, "must be a mapping", "write it as 'key: value' pairs")
 
@@ -296,7 +319,7 @@ def _plain(v: Any) -> Any:
         return f"{float(v.value)!r} {v.unit.to_string()}"
     if dataclasses.is_dataclass(v):
         return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, list):
+    if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}

@@ -113,7 +113,8 @@ class PatchTokenizer(nn.Module):
         centre, step = {}, {}
         for i, axis in enumerate(axes):
             c = _extend(batch.coords[axis], pad[i])  # (n, L_i)
-            d = (c[:, -1] - c[:, 0]).abs() / max(c.shape[1] - 1, 1)  # (n,) mean pixel step
+            # (n,) median pixel step: robust to the gaps of multi-window spectrographs
+            d = c.diff(dim=1).abs().median(dim=1).values if c.shape[1] > 1 else torch.ones_like(c[:, 0])
             centres = c.view(n, n_per_axis[i], self.patch_shape[i]).mean(-1)  # (n, T_i)
             view = [n] + [1] * len(axes)
             view[1 + i] = n_per_axis[i]

@@ -148,3 +148,25 @@ def test_mocks_follow_the_cards(cards):
     assert field.shape == (32, 32, 32) and np.diff(field.coords["los_distance"]) == pytest.approx(2.0)
     # same seed and index, same object: generators are deterministic
     np.testing.assert_array_equal(mock_samples(cards["sdss-like"], 1, seed=1)[0].values, spec.values)
+
+
+def test_multi_window_card_builds_a_gapped_grid():
+    from cosmofm.data_cards.mock_spectra import wavelength_grid
+
+    card = load_card("4most-hrs")
+    grid = wavelength_grid(card)
+    assert grid.size == card.n_pixels and np.all(np.diff(grid) > 0)
+    for lo, hi in card.windows:
+        inside = (grid >= lo.value - 1e-6) & (grid <= hi.value + 1e-6)
+        assert inside.sum() > 0.2 * card.n_pixels
+    assert not np.any((grid > 4355.01) & (grid < 5159.99))  # the gap between windows 1 and 2
+    assert np.median(np.diff(grid)) == pytest.approx(0.08, rel=0.01)
+
+
+def test_bad_windows_are_named(tmp_path):
+    raw = load_card("4most-hrs").to_dict()
+    raw["spectrum"]["windows"][1] = ["4000 Angstrom", "5730 Angstrom"]
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(InputError, match=r"windows\[1\]"):
+        load_card(path)

@@ -77,3 +77,15 @@ def test_image_fluxes_match_the_spectrum_colours(cards):
     assert np.all(np.abs(measured - expected) < 0.03 * expected + 4 * noise)
     # colours, not just total flux: g-r and r-i agree to a few percent
     assert measured[1] / measured[2] == pytest.approx(expected[1] / expected[2], rel=0.05)
+
+
+def test_parallel_generation_equals_serial(cards):
+    from cosmofm.data_cards.mock import generate
+
+    card = cards["sdss-like"]
+    serial = list(generate(card, 6, seed=9, workers=1))
+    parallel = list(generate(card, 6, seed=9, workers=2))
+    assert [s.id for s in parallel] == [s.id for s in serial]
+    for a, b in zip(serial, parallel):
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_array_equal(a.ivar, b.ivar)

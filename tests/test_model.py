@@ -186,3 +186,13 @@ def test_global_batch_sampler_is_layout_independent_and_keeps_blocks():
     assert list(resumed) == [one.batch_at(7), one.batch_at(8)]
     with pytest.raises(ValueError, match="multiple of the pairing block"):
         GlobalBatchSampler(40, 6, world_size=2, block=2)
+
+
+def test_gapped_multi_window_grid_keeps_the_true_pixel_step(tiny_config, cards):
+    from cosmofm.data_cards import load_card
+    from cosmofm.data_cards.mock import mock_samples
+
+    spec = mock_samples(load_card("4most-hrs"), 1, seed=0)[0]
+    group = SpectrumTokenizer(tiny_config)(collate_samples([spec]).groups[0])
+    step = 10 ** group.coords[0, :, 1].numpy() * 10 ** group.coords[0, :, 0].numpy()  # (step / lambda) * lambda
+    assert np.allclose(step, 0.08, rtol=0.01)  # not inflated by the 800 A gaps
