@@ -174,7 +174,7 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
             flux[forest] *= np.exp(-tau_eff * rng.exponential(1.0, forest.sum()))
         return flux
     old = _planck(rest, 4600.0) / _planck(5500.0, 4600.0) * _absorption(rest, 4600.0, p["sigma_kms"], lsf_rest)
-    old *= np.where(rest < 4000, 0.55, 1.0)  # the 4000 A break of old populations
+    old *= 0.55 + 0.45 / (1 + np.exp(-(rest - 4000.0) / 25.0))  # the 4000 A break of old populations, ~100 A wide
     young = _planck(rest, 15000.0) / _planck(5500.0, 15000.0) * _absorption(rest, 15000.0, p["sigma_kms"], lsf_rest)
     cont = (1 - p["young_fraction"]) * old + p["young_fraction"] * young
     dust = 10 ** (-0.4 * p["A_V"] * calzetti(rest) / 4.05)
