@@ -1,0 +1,114 @@
+"""Calibrated uncertainty for classifiers: temperature scaling, ECE, conformal sets.
+
+- Temperature scaling (Guo et al. 2017, ICML): one scalar T fitted on a calibration
+  split by minimising the negative log-likelihood of softmax(logits / T).
+- Expected calibration error: top-label ECE with equal-width confidence bins.
+- Split-conformal prediction sets (Vovk et al. 2005; the "LAC" score 1 - p_true of
+  Sadinle, Lei & Wasserman 2019): with the finite-sample quantile, sets contain the
+  true class with probability >= 1 - alpha for exchangeable data.
+Functions take numpy arrays or tensors and check shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _check(probs: np.ndarray, labels: np.ndarray):
+    if probs.ndim != 2:
+        raise ValueError(f"expected (N, C) probabilities or logits, got shape {probs.shape}")
+    if labels.shape != (probs.shape[0],):
+        raise ValueError(f"expected {probs.shape[0]} integer labels, got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise ValueError(f"labels must lie in [0, {probs.shape[1]})")
+
+
+def fit_temperature(logits, labels, max_iter: int = 200) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T)."""
+    logits, labels = torch.as_tensor(_as_numpy(logits), dtype=torch.float64), torch.as_tensor(_as_numpy(labels), dtype=torch.long)
+    _check(logits.numpy(), labels.numpy())
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp())
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    z = _as_numpy(logits) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class ReliabilityCurve:
+    bin_edges: np.ndarray  # (B + 1,)
+    confidence: np.ndarray  # (B,) mean top-label probability per bin (nan if empty)
+    accuracy: np.ndarray  # (B,) fraction correct per bin
+    counts: np.ndarray  # (B,)
+
+
+def reliability_curve(probs, labels, n_bins: int = 15) -> ReliabilityCurve:
+    probs, labels = _as_numpy(probs), _as_numpy(labels)
+    _check(probs, labels)
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1]), 0, n_bins - 1)
+    counts = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore"):
+        mean_conf = np.bincount(idx, conf, n_bins) / counts
+        acc = np.bincount(idx, correct.astype(float), n_bins) / counts
+    return ReliabilityCurve(edges, mean_conf, acc, counts)
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    """Top-label ECE: sum over bins of (bin fraction) x |accuracy - confidence|."""
+    curve = reliability_curve(probs, labels, n_bins)
+    full = curve.counts > 0
+    return float(np.sum(curve.counts[full] / curve.counts.sum() * np.abs(curve.accuracy[full] - curve.confidence[full])))
+
+
+@dataclass
+class ConformalClassifier:
+    """Split-conformal prediction sets with the LAC score s = 1 - p(true class)."""
+
+    alpha: float
+    threshold: float  # a class enters the set when 1 - p <= threshold
+
+    @classmethod
+    def fit(cls, probs, labels, alpha: float = 0.1) -> "ConformalClassifier":
+        probs, labels = _as_numpy(probs), _as_numpy(labels)
+        _check(probs, labels)
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        n = len(labels)
+        scores = 1.0 - probs[np.arange(n), labels]
+        level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)  # finite-sample correction
+        return cls(alpha, float(np.quantile(scores, level, method="higher")))
+
+    def predict_sets(self, probs) -> np.ndarray:
+        """(N, C) boolean membership; never empty (the top class is always kept)."""
+        probs = _as_numpy(probs)
+        sets = (1.0 - probs) <= self.threshold
+        sets[np.arange(len(probs)), probs.argmax(axis=1)] = True
+        return sets
+
+
+def coverage(sets: np.ndarray, labels) -> float:
+    labels = _as_numpy(labels)
+    return float(np.mean(sets[np.arange(len(labels)), labels]))
