@@ -351,25 +351,70 @@ def _strings(table: dict, name: str, nrows: int) -> list[str] | None:
 
 def _unit(table: dict, name: str, where: str, default: u.UnitBase) -> u.UnitBase:
     """The column's TUNIT as an astropy unit; `default` if it has none."""
-    text = table[name][1]
-    if not text or not str(text).strip():
+    return parse_unit(table[name][1], f"{where}.{name}", default)
+
+
+def parse_unit(text, where: str, default: u.UnitBase | None = None, keyword: str = "TUNIT") -> u.UnitBase | None:
+    """A unit string from a FITS header or table as an astropy unit; `default` when blank.
+
+    Knows the spellings other tools write ("Ang", "1E-17 erg/cm^2/s/Ang", "10**-17 ...")
+    and raises `InputError` naming `where` (file[HDU].column or keyword) when astropy
+    cannot parse the string or it is logarithmic. Shared by every reader in data_cards.
+    """
+    if text is None or not str(text).strip():
         return default
+    example = default.to_string() if default is not None else "Angstrom"
     with warnings.catch_warnings(), u.add_enabled_aliases(_UNIT_ALIASES):
         warnings.simplefilter("ignore", u.UnitsWarning)  # e.g. "multiple slashes"; we parse it anyway
         for fmt in ("generic", "fits"):
             try:
-                unit = u.Unit(str(text), format=fmt)
+                unit = u.Unit(str(text).strip(), format=fmt)
                 break
             except ValueError:
                 continue
         else:
-            raise InputError(f"{where}.{name}", f"TUNIT {text!r} is not a unit astropy understands", f"write TUNIT as an astropy/FITS unit string such as {default.to_string()!r}")
+            raise InputError(where, f"{keyword} {text!r} is not a unit astropy understands", f"write {keyword} as an astropy/FITS unit string such as {example!r}")
     if isinstance(unit, u.FunctionUnitBase):
-        raise InputError(f"{where}.{name}", f"TUNIT {text!r} is logarithmic", f"store linear values in {default.to_string()!r}")
+        raise InputError(where, f"{keyword} {text!r} is logarithmic", f"store linear values in {example!r}")
     return unit
 
 
-def _flux_factor(unit: u.UnitBase, card: DataCard, where: str):
+def flux_factor(unit: u.UnitBase, card: DataCard, where: str):
+    """Multiplier from `unit` to the card's data unit: a number, or a function of a Sample's coords.
+
+    Public form of the conversion `read_fits` uses; `where` names the column or HDU.
+    """
+    return _flux_factor(unit, card, where, column=None)
+
+
+def ivar_factor(ivar_unit: u.UnitBase | None, value_unit: u.UnitBase, where: str) -> float:
+    """Multiplier taking an inverse variance in `ivar_unit` to (`value_unit`)^-2 (1 when None)."""
+    if ivar_unit is None:
+        return 1.0
+    try:
+        return _snap(ivar_unit.to(value_unit**-2))
+    except u.UnitsError:
+        raise InputError(where, f"unit {ivar_unit.to_string()!r} is not the flux unit^-2 ({(value_unit**-2).to_string()!r})", "store the inverse variance as 1/sigma^2 in the flux unit") from None
+
+
+def to_card_unit(values, ivar, unit: u.UnitBase, card: DataCard, coords: dict, where: str, ivar_unit: u.UnitBase | None = None):
+    """(values, ivar) converted from `unit` (ivar from `ivar_unit`, default unit^-2) to the card's data unit.
+
+    `coords` are the Sample's coordinates (needed when f_nu <-> f_lambda depends on
+    wavelength). Scaled in float64; returns float64 arrays (the Sample casts them).
+    """
+    factor = flux_factor(unit, card, where)
+    f = factor(coords) if callable(factor) else factor
+    extra = ivar_factor(ivar_unit, unit, where)
+    values = np.asarray(values, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    if np.all(np.asarray(f) == 1.0) and extra == 1.0:
+        return values, ivar
+    f = np.asarray(f, dtype=np.float64)
+    return values * f, ivar * (extra / f**2)
+
+
+def _flux_factor(unit: u.UnitBase, card: DataCard, where: str, column: str | None = "VALUES"):
     """Multiplier from `unit` to the card's data unit: a number, or per-row function of coords.
 
     Flux densities per frequency and per wavelength differ by lambda^2/c, which depends on
@@ -392,7 +437,8 @@ def _flux_factor(unit: u.UnitBase, card: DataCard, where: str):
                 f = unit.to(target, equivalencies=u.spectral_density(wave))
                 return f if card.modality == "spectrum" else f[:, None, None]
             return per_row
-    raise InputError(f"{where}.VALUES", f"unit {unit.to_string()!r} cannot be converted to the card's {target.to_string()!r}", f"store VALUES in {target.to_string()!r} or pass the right card")
+    name = f"{where}.{column}" if column else where
+    raise InputError(name, f"unit {unit.to_string()!r} cannot be converted to the card's {target.to_string()!r}", f"store {column or 'the data'} in {target.to_string()!r} or pass the right card")
 
 
 def _ivar_factor(table: dict, v_unit: u.UnitBase, where: str) -> float:

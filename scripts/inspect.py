@@ -1,8 +1,13 @@
 """`cosmofm inspect PATH`: say what a file or folder is, in physical terms.
 
-Recognises data cards (YAML), cosmofm FITS files, datasets folders / Parquet, model
-release folders and training runs. Survey-native formats (SDSS, DESI, ESO) arrive
-with their readers.
+Recognises data cards (YAML), model release folders and training runs here, and every
+data format through the reader registry (`cosmofm.data_cards.readers`): cosmofm FITS,
+datasets folders / Parquet, SDSS spec / spec-lite and specObj-style tables, DESI coadds,
+ESO Phase 3 spectra (4MOST), plain FITS / Parquet / CSV spectrum tables, FITS images and
+radio cubes. For data it prints the format, modality, the card chosen and why, the
+coordinate ranges with units, the number of objects, the median S/N, the per-object
+flags and the conventions applied; a file it cannot use gets one line naming what is
+missing.
 """
 
 from __future__ import annotations
@@ -16,21 +21,74 @@ from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
 
 
-def describe(path: str | Path) -> str:
+# Objects read for a summary: enough for ranges and S/N, bounded for huge tables / cubes.
+PREVIEW_OBJECTS = 2000
+PREVIEW_CHUNKS = 16
+
+
+def describe(path: str | Path, card=None, **options) -> str:
+    """A human-readable description of `path`; `card` and `options` go to the reader."""
     p = Path(path)
     if not p.exists():
         raise InputError(str(p), "does not exist", "give a FITS file, a datasets folder, a data card or a model folder")
     if p.suffix in (".yaml", ".yml"):
         return _card(p)
-    if p.suffix.lower() in (".fits", ".fit", ".fz") or p.name.endswith(".fits.gz"):
-        return _fits(p)
     if p.is_dir() and (p / "config.json").exists():
         return _model(p)
     if p.is_dir() and (p / "checkpoints").is_dir():
         return _run(p)
-    if p.suffix == ".parquet" or (p.is_dir() and ((p / "dataset_info.json").exists() or list(p.glob("*.parquet")))):
+    return _data(p, card, options)
+
+
+def _data(p: Path, card, options: dict) -> str:
+    from cosmofm.data_cards.readers import detect, read_any
+
+    fmt = detect(p)
+    if fmt is not None and fmt.name == "datasets":
         return _dataset(p)
-    raise InputError(str(p), "is not a format cosmofm recognises", "expected a data card (.yaml), FITS file, datasets folder, Parquet, model or run folder")
+    if fmt is not None and fmt.name == "fits-cube":
+        options = {"chunks": "auto", "limit": PREVIEW_CHUNKS, **options}
+    elif fmt is not None and fmt.name not in ("cosmofm-fits", "fits-image"):
+        options = {"limit": PREVIEW_OBJECTS, **options}
+    result = read_any(p, card=card, format=fmt.name if fmt else None, **options)
+    if result.format == "cosmofm-fits":
+        from cosmofm.data_cards.fits_io import data_unit
+
+        unit = data_unit(result.card) if result.card else "?"
+        return _summary(list(result.samples), f"FITS file {p} (cosmofm layout), values in {unit}") + _extras(result, card_line=True)
+    from cosmofm.data_cards.fits_io import data_unit
+
+    header = (
+        f"{fmt.description if fmt else result.format} {p}\n"
+        f"  format: {result.format}, modality: {result.modality}, values in {data_unit(result.card)}\n"
+        f"  card: {result.card.name} ({result.card_reason})"
+    )
+    return _summary(list(result.samples), header) + _extras(result, card_line=False)
+
+
+def _extras(result, card_line: bool) -> str:
+    """Card and why, object counts, flags, conventions and identifier columns of a ReadResult."""
+    lines = []
+    if card_line and result.card is not None:
+        lines.append(f"  card: {result.card.name} ({result.card_reason})")
+    used = len(result.samples)
+    if result.n_objects and result.n_objects != used:
+        lines.append(f"  objects in file: {result.n_objects}, usable: {used}")
+    counts = result.flag_counts()
+    if counts:
+        lines.append("  flags: " + ", ".join(f"{n} {code}" for code, n in sorted(counts.items())))
+        for f in result.flags[:5]:
+            lines.append(f"    - [{f.action}] {f.detail}")
+        if len(result.flags) > 5:
+            lines.append(f"    ... {len(result.flags) - 5} more")
+    else:
+        lines.append("  flags: none")
+    for note in result.notes:
+        lines.append(f"  note: {note}")
+    ids = [c for c in result.identifiers.colnames if c not in ("id", "used")]
+    if ids:
+        lines.append("  identifiers: " + ", ".join(c.upper() for c in ids))
+    return "\n" + "\n".join(lines)
 
 
 def _card(p: Path) -> str:
@@ -59,15 +117,6 @@ def _summary(samples: list[Sample], header: str) -> str:
         lines.append(f"    median per-element S/N: {np.median(snr):.3g}" if snr else "    no unmasked elements")
         lines.append(f"    masked fraction: {np.mean(masked):.3%}")
     return "\n".join(lines)
-
-
-def _fits(p: Path) -> str:
-    from cosmofm.data_cards.fits_io import data_unit, read_fits
-    from cosmofm.data_cards.schema import load_card
-
-    samples = read_fits(p)
-    unit = data_unit(load_card(samples[0].card)) if samples else "?"
-    return _summary(samples, f"FITS file {p} (cosmofm layout), values in {unit}")
 
 
 def _dataset(p: Path) -> str:
