@@ -18,7 +18,7 @@ MOCK_KINDS = {"spectra": "sdss-like", "images": "lsst-like", "cubes": "ska-hi-li
 def _cmd_demo(args):
     from cosmofm.demo import run_demo
 
-    run_demo(output=args.output, steps=args.steps)
+    run_demo(output=args.output, steps=args.steps, hub_endpoint=args.hub_endpoint, repo_id=args.repo_id)
 
 
 def _cmd_pretrain(args):
@@ -34,27 +34,28 @@ def _cmd_pretrain(args):
 
 
 def _cmd_mock(args):
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.data_cards.mock import generate
     from cosmofm.data_cards.schema import load_card
 
     card = load_card(args.card or MOCK_KINDS[args.kind])
     expected = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field"}[args.kind]
     if card.modality != expected:
-        from cosmofm.data_cards.errors import InputError
-
         raise InputError("--card", f"{card.name} is a {card.modality} card, not {expected}", f"use a {expected} card, e.g. {MOCK_KINDS[args.kind]}")
+    if args.n <= 0:
+        raise InputError("--n", f"must be positive, got {args.n}", "ask for at least one sample")
+    samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)
     out = Path(args.out)
     if args.format == "fits":
         from cosmofm.data_cards.fits_io import write_fits
 
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{card.name}-{args.n}.fits"
-        write_fits(mock_samples(card, args.n, seed=args.seed), path, card)
+        write_fits(list(samples), path, card)
     else:
         from cosmofm.data_cards.hf_io import write_dataset
 
-        path = out
-        write_dataset((s for i in range(args.n) for s in mock_samples(card, 1, seed=args.seed, start=i)), out, [card])
+        path = write_dataset(samples, out, [card])
     print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
 
 
@@ -62,6 +63,22 @@ def _cmd_inspect(args):
     from cosmofm.inspect import describe
 
     print(describe(args.path))
+
+
+def _cmd_push(args):
+    from cosmofm.finetune.hub import push
+
+    result = push(args.path, args.repo_id, hub_endpoint=args.hub_endpoint, revision=args.revision, tag=args.tag,
+                  private=args.private, eval_results=args.eval, max_shard_size=args.max_shard_size,
+                  commit_message=args.message)
+    where = f" --hub-endpoint {args.hub_endpoint}" if args.hub_endpoint else ""
+    print(f"pushed {result}\nload it: cosmofm pull {result.repo_id} --revision {result.commit}{where}")
+
+
+def _cmd_pull(args):
+    from cosmofm.finetune.hub import pull
+
+    print(pull(args.repo_id, revision=args.revision, hub_endpoint=args.hub_endpoint, force_download=args.force_download))
 
 
 def _cmd_bench(args):
@@ -77,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="generate mocks, pretrain a small backbone, save and reload it")
     d.add_argument("--output", default="outputs/demo", help="folder for everything the demo writes")
     d.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo recipe's)")
+    d.add_argument("--hub-endpoint", help="hub to publish to: http(s) URL, file:///dir or folder (default: OUTPUT/hub)")
+    d.add_argument("--repo-id", default="cosmofm/demo", help="repo id to publish the demo model as")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("pretrain", help="self-supervised pretraining from a recipe")
@@ -93,11 +112,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True)
     m.add_argument("--format", choices=["datasets", "fits"], default="datasets")
+    m.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes (output is the same for any number)")
     m.set_defaults(func=_cmd_mock)
 
     i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder")
     i.add_argument("path")
     i.set_defaults(func=_cmd_inspect)
+
+    hub_help = "HTTP(S) hub URL, file:///dir or a folder (local-directory hub); default: HF_ENDPOINT"
+    u = sub.add_parser("push", help="publish a run or release folder to a model hub (safetensors, model card, manifest)")
+    u.add_argument("path", help="training run folder (with model/) or release folder")
+    u.add_argument("--repo-id", required=True, help="ORG/NAME on the hub")
+    u.add_argument("--revision", default="main", help="branch to commit to (created if missing)")
+    u.add_argument("--tag", help="tag the new commit (tags never move)")
+    u.add_argument("--hub-endpoint", help=hub_help)
+    u.add_argument("--private", action="store_true", help="create the repo as private")
+    u.add_argument("--eval", help="evaluation JSON for the model card (default: eval_results.json in PATH)")
+    u.add_argument("--max-shard-size", default="5GB", help="split weights above this size into shards + index")
+    u.add_argument("--message", help="commit message")
+    u.set_defaults(func=_cmd_push)
+
+    g = sub.add_parser("pull", help="download a release from a model hub, verify it, print its local folder")
+    g.add_argument("repo_id", help="ORG/NAME on the hub")
+    g.add_argument("--revision", default="main", help="branch, tag or commit id")
+    g.add_argument("--hub-endpoint", help=hub_help)
+    g.add_argument("--force-download", action="store_true", help="download again instead of using the cache")
+    g.set_defaults(func=_cmd_pull)
 
     b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
     b.add_argument("--out", default="bench_results")

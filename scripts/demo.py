@@ -2,7 +2,10 @@
 
 Generates mocks of all four modalities (spectra, images, HI cubes, 21cm lightcones),
 pretrains a small backbone, shows the loss falling, saves a safetensors release,
-reloads it with `AutoModel.from_pretrained`, and checks it on held-out mocks.
+reloads it with `AutoModel.from_pretrained`, checks it on held-out mocks, and
+publishes the release (weights, generated model card with the held-out metrics, data
+cards, recipe, manifest) to a hub, then loads it back by repo id. The hub is a
+local-directory hub under the output folder unless `hub_endpoint` names another.
 """
 
 from __future__ import annotations
@@ -15,21 +18,25 @@ import torch
 
 from cosmofm.data_cards.mock import mock_samples
 from cosmofm.data_cards.schema import load_card
+from cosmofm.finetune.hub import EVAL_NAME, local_hub_root, pull, push
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
+from cosmofm.pretrain.checkpoint import atomic_write_json
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import load_pretraining_model, pretrain
 
 HELD_OUT_SEED = 10_000  # objects the model never saw
+DEMO_REPO_ID = "cosmofm/demo"
 
 
-def run_demo(output: str | Path = "outputs/demo", steps: int | None = None) -> dict:
+def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_endpoint: str | None = None,
+             repo_id: str = DEMO_REPO_ID) -> dict:
     t0 = time.perf_counter()
     output = Path(output)
     overrides = [f"run.output_dir={output / 'pretrain'}"]
     if steps is not None:
         overrides.append(f"optim.max_steps={steps}")
     recipe = PretrainRecipe.load("demo", overrides)
-    print(f"[1/3] pretraining on mocks of {', '.join(recipe.data.mock_cards)} for {recipe.optim.max_steps} steps")
+    print(f"[1/4] pretraining on mocks of {', '.join(recipe.data.mock_cards)} for {recipe.optim.max_steps} steps")
     summary = pretrain(recipe)
     losses = summary["losses"]
     k = max(1, len(losses) // 10)
@@ -37,7 +44,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None) -> d
     print(f"      loss (mean of first/last {k} steps): {first:.4g} -> {last:.4g}")
     plot = plot_loss_curve(Path(summary["metrics"]), output / "loss_curve.png")
 
-    print("[2/3] reloading the release with transformers.AutoModel.from_pretrained")
+    print("[2/4] reloading the release with transformers.AutoModel.from_pretrained")
     from transformers import AutoModel
 
     import cosmofm
@@ -51,22 +58,63 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None) -> d
         same = same and torch.equal(verified(held_out).pooled, trained.cosmofm(held_out).pooled)
     print(f"      {type(backbone).__name__} reloaded; embeddings identical to the trained model: {same}")
 
-    print("[3/3] held-out mocks (new objects)")
+    print("[3/4] held-out mocks (new objects)")
     report = evaluate_held_out(trained, held_out)
     untrained = evaluate_held_out(_untrained_like(trained), held_out)
     print(f"      masked-token chi2/dof: pretrained {report['masked_chi2']:.3g} vs untrained {untrained['masked_chi2']:.3g}")
     print(f"      spectrum->image retrieval top-1: {report['retrieval_top1']:.2f} (chance {1 / report['n_pairs']:.2f}, untrained {untrained['retrieval_top1']:.2f})")
-    report = {"loss_first": first, "loss_last": last, "held_out": report, "held_out_untrained": untrained, "reload_identical": bool(same), "seconds": time.perf_counter() - t0}
+    write_eval_results(report, untrained, recipe.data.mock_cards, Path(recipe.run.output_dir) / EVAL_NAME)
+
+    hub = hub_endpoint or str(output / "hub")
+    print(f"[4/4] publishing the release to the hub {hub} and loading it back by repo id")
+    published = push(recipe.run.output_dir, repo_id, hub_endpoint=hub, commit_message="cosmofm demo release")
+    print(f"      pushed {published.repo_id} revision {published.revision}, commit {published.commit}")
+    from_hub = cosmofm.from_pretrained(repo_id, revision=published.commit, hub_endpoint=hub)  # downloads + verifies
+    loaded = {"cosmofm.from_pretrained": from_hub}
+    if local_hub_root(hub) is None and _is_default_endpoint(hub):  # transformers reads HF_ENDPOINT only
+        loaded["AutoModel.from_pretrained"] = AutoModel.from_pretrained(repo_id, revision=published.commit)
+    with torch.no_grad():
+        reference = trained.cosmofm(held_out).pooled
+        hub_same = all(torch.equal(m(held_out).pooled, reference) for m in loaded.values())
+    folder = pull(repo_id, revision=published.commit, hub_endpoint=hub)
+    print(f"      loaded by repo id with {' and '.join(loaded)}; embeddings identical: {hub_same}")
+    print(f"      (cosmofm pull {repo_id} --revision {published.commit} --hub-endpoint {hub})")
+    report = {"loss_first": first, "loss_last": last, "held_out": report, "held_out_untrained": untrained, "reload_identical": bool(same),
+              "hub": {"endpoint": hub, "repo_id": repo_id, "revision": published.revision, "commit": published.commit,
+                      "local_folder": str(folder), "reload_identical": bool(hub_same)},
+              "seconds": time.perf_counter() - t0}
     (output / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(
         f"\nWritten under {output}/:\n"
         f"  release (safetensors + config + manifest): {summary['model_dir']}\n"
+        f"  published: {repo_id} (commit {published.commit[:12]}) on {hub}; model card: {folder / 'README.md'}\n"
         f"  training checkpoints: {recipe.run.output_dir}/checkpoints  (resume: cosmofm pretrain --config {recipe.run.output_dir}/recipe.yaml --resume)\n"
         f"  metrics per step: {summary['metrics']}\n  loss curve: {plot}\n"
         f"  TensorBoard / wandb (offline) logs: {recipe.run.output_dir}\n  report: {output / 'demo_report.json'}\n"
         f"done in {report['seconds']:.0f} s"
     )
     return report
+
+
+def _is_default_endpoint(endpoint: str) -> bool:
+    from huggingface_hub import constants
+
+    return endpoint.rstrip("/") == constants.ENDPOINT.rstrip("/")
+
+
+def write_eval_results(report: dict, untrained: dict, cards: list[str], path: Path) -> Path:
+    """The held-out metrics as the evaluation JSON that the model card renders."""
+    dataset = {"type": "+".join(cards), "name": f"cosmofm held-out mocks (seed {HELD_OUT_SEED})", "split": "test"}
+    results = [
+        {"task": {"type": "masked-modelling", "name": "Masked-token reconstruction"}, "dataset": dataset,
+         "metrics": [{"type": "chi2_per_dof", "name": "masked chi2/dof", "value": report["masked_chi2"]},
+                     {"type": "chi2_per_dof", "name": "masked chi2/dof, untrained baseline", "value": untrained["masked_chi2"]}]},
+        {"task": {"type": "cross-modal-retrieval", "name": "Spectrum-to-image retrieval"}, "dataset": dataset,
+         "metrics": [{"type": "accuracy", "name": "top-1 accuracy", "value": report["retrieval_top1"]},
+                     {"type": "accuracy", "name": "top-1 accuracy, chance", "value": 1 / report["n_pairs"]}]},
+    ]
+    atomic_write_json(path, {"results": results})
+    return path
 
 
 def plot_loss_curve(metrics: Path, out: Path) -> Path:

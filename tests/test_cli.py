@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -63,12 +64,22 @@ def test_console_script_runs():
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_short(tmp_path):
+def test_demo_end_to_end_short(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from cosmofm.demo import run_demo
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # the hub download cache, as a user sets it
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
 
     report = run_demo(output=tmp_path, steps=8)
     assert report["reload_identical"] is True
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
+    # published to the local-directory hub under the output folder, loaded back by repo id
+    assert report["hub"]["reload_identical"] is True and report["hub"]["repo_id"] == "cosmofm/demo"
+    assert (tmp_path / "hub" / "models" / "cosmofm" / "demo" / "HEAD").is_file()
+    assert Path(report["hub"]["local_folder"]).is_relative_to(tmp_path / "hf-home")
+    assert "model-index" in (Path(report["hub"]["local_folder"]) / "README.md").read_text()
     saved = json.loads((tmp_path / "demo_report.json").read_text())
     assert saved["held_out"]["n_pairs"] == 64
