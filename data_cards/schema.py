@@ -164,7 +164,7 @@ class FieldCard(DataCard):
     unit: str = "mK"
     lightcone: bool = True  # False: coeval boxes at redshift_min
     simulator: str = ""
-    parameters: dict[str, float] = field(default_factory=dict)  # simulator parameters (21cmFAST names)
+    parameters: dict[str, float | list[float]] = field(default_factory=dict)  # simulator parameters (21cmFAST names); [low, high] = drawn per lightcone
     noise_sigma: float = _positive(default=1.0)  # per-cell noise in `unit` (thermal noise; sets ivar)
     block: ClassVar[str] = "field"
 

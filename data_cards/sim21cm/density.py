@@ -1,0 +1,199 @@
+"""Gaussian and lognormal density fields from a power spectrum, and a P(k) estimator.
+
+A Gaussian field with power spectrum P(k) on a periodic grid of cell size `cell` is
+white noise w (unit variance per cell) filtered in Fourier space by sqrt(P(k) / cell^3),
+so that <|delta_k|^2> cell^6 / V = P(k). The lognormal field (Coles & Jones 1991)
+delta = exp(g - sigma_g^2 / 2) - 1 is positive everywhere and, in `density_field`,
+built so that its own power spectrum is P(k): the Gaussian g gets the spectrum of
+ln(1 + xi(r)), xi being the correlation function of P on the grid (the method of
+the `powerbox` package, which `backend="powerbox"` calls instead when installed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sim21cm.cosmology import L_FACTOR, cosmology, tophat_window
+from cosmofm.data_cards.sim21cm.params import SimParams
+
+KINDS = ("gaussian", "lognormal")
+
+
+def k_grid(shape: tuple[int, ...], cell: float, real: bool = True) -> list[np.ndarray]:
+    """Wavenumbers (1/Mpc) per axis, broadcastable, for rfftn (real=True) or fftn of `shape`."""
+    ks = [2 * np.pi * np.fft.fftfreq(n, d=cell) for n in shape]
+    if real:
+        ks[-1] = 2 * np.pi * np.fft.rfftfreq(shape[-1], d=cell)
+    out = []
+    for axis, k in enumerate(ks):
+        view = [1] * len(shape)
+        view[axis] = k.size
+        out.append(k.reshape(view))
+    return out
+
+
+def k_magnitude(shape: tuple[int, ...], cell: float, real: bool = True) -> np.ndarray:
+    return np.sqrt(sum(k**2 for k in k_grid(shape, cell, real)))
+
+
+def gaussian_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float, power: Callable, cell_average: bool = False) -> np.ndarray:
+    """A periodic Gaussian random field with power spectrum power(k) (Mpc^3, k in 1/Mpc); float64, mean 0.
+
+    cell_average=True smooths with a real-space top-hat of the cell's volume (radius
+    0.62 cell), so each cell holds the mean over its volume rather than a point value --
+    what 21cmFAST's low-resolution grid holds (its high-resolution field filtered so).
+    """
+    white = rng.standard_normal(shape)
+    wk = np.fft.rfftn(white)
+    kmag = k_magnitude(shape, cell)
+    amp = np.sqrt(power(kmag) / cell**3)
+    if cell_average:
+        amp = amp * tophat_window(kmag * L_FACTOR * cell)
+    amp.flat[0] = 0.0  # no k = 0 mode: the box mean is the cosmic mean
+    return np.fft.irfftn(wk * amp, s=shape)
+
+
+def lognormal_gaussian_power(shape: tuple[int, ...], cell: float, power: Callable) -> np.ndarray:
+    """On the rfft grid: the power of g such that exp(g - s^2/2) - 1 has spectrum `power`."""
+    pk = power(k_magnitude(shape, cell)) / cell**3  # per-mode variance / N, in grid units
+    pk.flat[0] = 0.0
+    xi = np.fft.irfftn(pk, s=shape)  # correlation function on the grid
+    xi_g = np.log1p(np.maximum(xi, -0.999999))
+    pg = np.fft.rfftn(xi_g).real
+    pg.flat[0] = 0.0
+    return np.maximum(pg, 0.0)  # rare negative modes from the transform are unphysical
+
+
+def lognormal_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float, power: Callable) -> np.ndarray:
+    """A periodic lognormal overdensity field whose power spectrum is `power`."""
+    white = rng.standard_normal(shape)
+    g = np.fft.irfftn(np.fft.rfftn(white) * np.sqrt(lognormal_gaussian_power(shape, cell, power)), s=shape)
+    return np.exp(g - g.var() / 2) - 1
+
+
+@dataclass
+class DensityField:
+    """A coeval overdensity box; axis 0 is taken as the line of sight.
+
+    Attributes:
+        delta: (D, H, W) overdensity rho / <rho> - 1.
+        cell_size: comoving Mpc per cell.
+        redshift: of the box (the linear field is grown with D(z)).
+        kind: "gaussian" or "lognormal".
+        params: cosmology used for P(k) (None when a custom P(k) was given).
+    """
+
+    delta: np.ndarray
+    cell_size: float
+    redshift: float
+    kind: str
+    params: SimParams | None
+    seed: int
+
+    @property
+    def box_size(self) -> float:
+        return self.cell_size * self.delta.shape[-1]
+
+    @property
+    def coords(self) -> np.ndarray:
+        """Cell centres along each axis (comoving Mpc, centred on 0)."""
+        n = self.delta.shape[-1]
+        return (np.arange(n) - (n - 1) / 2) * self.cell_size
+
+
+def density_field(box_size: float, n_cells: int, z: float = 0.0, seed: int = 0, *, params: SimParams | dict | None = None,
+                  kind: str = "gaussian", power: Callable | None = None, backend: str = "numpy") -> DensityField:
+    """A Gaussian or lognormal overdensity field in a periodic box (for the emulation head).
+
+    Args:
+        box_size: comoving side of the box in Mpc.
+        n_cells: cells per side.
+        z: redshift; the linear P(k) is scaled by D(z)^2 (ignored when `power` is given).
+        seed: random seed (same seed, same field).
+        params: cosmology (SimParams or a 21cmFAST-named dict); default Planck 2018.
+        kind: "gaussian" or "lognormal".
+        power: optional P(k) callable (k in 1/Mpc -> Mpc^3) instead of the EH98 linear spectrum.
+        backend: "numpy" (default, no extra packages) or "powerbox" (the `[sim21cm]` extra).
+    """
+    p = _check_box(params, box_size, n_cells, z, seed)
+    if kind not in KINDS:
+        raise InputError("kind", f"unknown density kind {kind!r}", f"use one of {KINDS}")
+    if power is None:
+        cosmo = cosmology(p)
+        growth2 = float(cosmo.growth(z)) ** 2
+
+        def power(k):
+            return cosmo.power(k) * growth2
+    cell = box_size / n_cells
+    shape = (n_cells,) * 3
+    if backend == "numpy":
+        rng = np.random.default_rng([seed, 7])
+        delta = gaussian_field(rng, shape, cell, power) if kind == "gaussian" else lognormal_field(rng, shape, cell, power)
+    elif backend == "powerbox":
+        try:
+            import powerbox
+        except ImportError:
+            raise InputError("backend", "powerbox is not installed", "pip install 'cosmofm[sim21cm]' or use backend='numpy'") from None
+        cls = powerbox.PowerBox if kind == "gaussian" else powerbox.LogNormalPowerBox
+        pb = cls(N=n_cells, dim=3, pk=lambda k: power(k), boxlength=box_size, seed=seed)
+        delta = np.asarray(pb.delta_x())
+    else:
+        raise InputError("backend", f"unknown backend {backend!r}", "use 'numpy' or 'powerbox'")
+    return DensityField(delta.astype(np.float32), cell, float(z), kind, p, seed)
+
+
+def power_spectrum(field: np.ndarray, cell_size: float, bins: int | np.ndarray = 12, *, dimensionless: bool = False,
+                   subtract_mean: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spherically averaged power spectrum of a 3D periodic field.
+
+    Args:
+        field: (D, H, W) array, any shape (non-cubic lightcone chunks are fine).
+        cell_size: comoving Mpc per cell (the same along every axis).
+        bins: number of log-spaced bins from the smallest non-zero |k| to the largest, or edges (1/Mpc).
+        dimensionless: return Delta^2 = k^3 P / (2 pi^2) (field unit^2) instead of P (unit^2 Mpc^3).
+
+    Returns:
+        (k, P, n_modes): mean |k| per bin (1/Mpc), the binned spectrum, and the number of
+        Fourier modes per bin (counting +k and -k separately; independent modes are half).
+    """
+    f = np.asarray(field, dtype=np.float64)
+    if f.ndim != 3:
+        raise InputError("field", f"needs 3 axes, got shape {f.shape}", "pass a (D, H, W) box")
+    if subtract_mean:
+        f = f - f.mean()
+    volume = f.size * cell_size**3
+    pk = np.abs(np.fft.fftn(f)) ** 2 * cell_size**6 / volume
+    kmag = k_magnitude(f.shape, cell_size, real=False)
+    kmag, pk = kmag.ravel(), pk.ravel()
+    keep = kmag > 0
+    kmag, pk = kmag[keep], pk[keep]
+    edges = np.geomspace(kmag.min(), kmag.max() * 1.0001, int(bins) + 1) if np.ndim(bins) == 0 else np.asarray(bins, dtype=float)
+    which = np.digitize(kmag, edges) - 1
+    ok = (which >= 0) & (which < len(edges) - 1)
+    n = np.bincount(which[ok], minlength=len(edges) - 1).astype(float)
+    ksum = np.bincount(which[ok], weights=kmag[ok], minlength=len(edges) - 1)
+    psum = np.bincount(which[ok], weights=pk[ok], minlength=len(edges) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k_mean, p_mean = ksum / n, psum / n
+    if dimensionless:
+        p_mean = k_mean**3 * p_mean / (2 * np.pi**2)
+    return k_mean, p_mean, n
+
+
+def _check_box(params, box_size, n_cells, z, seed: int = 0) -> SimParams:
+    p = params if isinstance(params, SimParams) else SimParams.from_dict(params or {})
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError("seed", f"must be a non-negative integer, got {seed!r}", "give e.g. seed=0")
+    if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells <= 0:
+        raise InputError("n_cells", f"must be a positive integer, got {n_cells!r}", "give the number of cells per side, e.g. 32")
+    if not np.isfinite(box_size) or box_size <= 0:
+        raise InputError("box_size", f"must be positive (comoving Mpc), got {box_size!r}", "e.g. box_size=64.0")
+    if not np.isfinite(z) or z < 0:
+        raise InputError("z", f"redshift must be >= 0, got {z!r}", "give a physical redshift")
+    if z > 35:
+        raise InputError("z", f"redshift {z} is above the model's range (35)", "use z <= 35")
+    return p

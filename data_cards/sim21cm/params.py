@@ -1,0 +1,104 @@
+"""Simulation parameters of the 21cm model, named as in 21cmFAST (v4 `AstroParams` / `CosmoParams`).
+
+`SimParams` holds every number the model reads. Defaults are 21cmFAST 4.x's (Planck 2018
+cosmology; HII_EFF_FACTOR = 30, ION_Tvir_MIN = 4.69897, R_BUBBLE_MAX = 15 Mpc), so a
+run of our model and a 21cmFAST run with its `const-zeta` template describe the same
+universe. `SimParams.from_dict` also takes the aliases `Omega_m`, `Omega_b`, `sigma_8`,
+`hubble` and `n_s`, and rejects unknown names and unphysical values with `InputError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from astropy.cosmology import Planck18
+
+from cosmofm.data_cards.errors import InputError
+
+# Other names people write for the 21cmFAST cosmology parameters.
+ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "SIGMA_8", "hubble": "hlittle", "h": "hlittle", "n_s": "POWER_INDEX"}
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """Parameters of one simulated universe (21cmFAST names and units).
+
+    Args:
+        HII_EFF_FACTOR: ionising efficiency zeta (ionising photons escaping per baryon in
+            collapsed haloes, times the escape and star-formation fractions); > 0.
+        ION_Tvir_MIN: log10 of the minimum virial temperature (K) of haloes that host
+            ionising sources; sets M_min(z) through Barkana & Loeb (2001).
+        R_BUBBLE_MAX: largest excursion-set smoothing radius in comoving Mpc (the photon
+            mean free path through ionised regions).
+        L_X: log10 X-ray luminosity per SFR (erg/s per Msun/yr) -- accepted for 21cmFAST
+            compatibility; the saturated spin-temperature model ignores it.
+        NU_X_THRESH: X-ray energy threshold for self-absorption (eV) -- accepted,
+            ignored as L_X is.
+        OMm, OMb: matter and baryon density parameters today.
+        SIGMA_8: rms linear density fluctuation in 8 Mpc/h top-hat spheres today.
+        hlittle: H0 / (100 km/s/Mpc).
+        POWER_INDEX: primordial spectral index n_s.
+        HMF: which global collapsed fraction the excursion set is normalised to, 1 =
+            Sheth-Tormen with the Jenkins et al. (2001) fit that 21cmFAST uses (its default
+            `HMF = "ST"`), 0 = Press-Schechter. A number so that cards can set it.
+        LOGNORMAL: 1 = the density field is lognormal (positive everywhere), 0 = Gaussian
+            linear field (1 + delta clipped at 0 in the brightness temperature).
+    """
+
+    HII_EFF_FACTOR: float = 30.0
+    ION_Tvir_MIN: float = 4.69897
+    R_BUBBLE_MAX: float = 15.0  # Mpc, comoving
+    L_X: float = 40.5  # log10 erg/s/(Msun/yr); unused at saturated T_S
+    NU_X_THRESH: float = 500.0  # eV; unused at saturated T_S
+    OMm: float = float(Planck18.Om0)
+    OMb: float = float(Planck18.Ob0)
+    SIGMA_8: float = 0.8102
+    hlittle: float = float(Planck18.h)
+    POWER_INDEX: float = 0.9665
+    HMF: float = 1.0  # 1 = Sheth-Tormen (21cmFAST default), 0 = Press-Schechter
+    LOGNORMAL: float = 0.0
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"parameters.{f.name}", f"{v!r} is not a finite number", "give a plain number")
+        positive = ("HII_EFF_FACTOR", "R_BUBBLE_MAX", "NU_X_THRESH", "OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InputError(f"parameters.{name}", f"must be positive, got {getattr(self, name)!r}", "give a positive value")
+        if not 0 < self.OMb < self.OMm < 1:
+            raise InputError("parameters.OMb", f"need 0 < OMb < OMm < 1, got OMb={self.OMb}, OMm={self.OMm}", "use e.g. OMm = 0.31, OMb = 0.049")
+        if not 2.0 <= self.ION_Tvir_MIN <= 7.0:
+            raise InputError("parameters.ION_Tvir_MIN", f"{self.ION_Tvir_MIN!r} is not a log10 temperature in K", "give log10(T_vir / K), e.g. 4.7 (5e4 K)")
+        for name in ("HMF", "LOGNORMAL"):
+            if getattr(self, name) not in (0, 1):
+                raise InputError(f"parameters.{name}", f"must be 0 or 1, got {getattr(self, name)!r}", "use 1 (on) or 0 (off)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None = None, **overrides) -> "SimParams":
+        """Parameters from a card's `parameters` mapping (21cmFAST names or ALIASES); defaults fill the rest."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        out: dict[str, float] = {}
+        for key, value in {**(values or {}), **overrides}.items():
+            name = ALIASES.get(key, key)
+            if name not in known:
+                raise InputError(f"parameters.{key}", "is not a parameter of the 21cm model", f"use one of {sorted(known)} (or aliases {sorted(ALIASES)})")
+            if name in out and out[name] != value:
+                raise InputError(f"parameters.{key}", f"repeats {name} with a different value", "give each parameter once")
+            out[name] = value
+        return cls(**out)
+
+    def replace(self, **changes) -> "SimParams":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: float(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def cosmo_key(self) -> tuple[float, ...]:
+        """The parameters the cosmology tables depend on (for caching)."""
+        return (self.OMm, self.OMb, self.SIGMA_8, self.hlittle, self.POWER_INDEX)
