@@ -181,6 +181,10 @@ class FieldCard(DataCard):
 CARD_TYPES: dict[str, type[DataCard]] = {"spectrum": SpectrumCard, "image": ImageCard, "cube": CubeCard, "field": FieldCard}
 
 
+# The shipped card used for each modality when nothing else says which.
+DEFAULT_CARDS = {"spectrum": "sdss-like", "image": "lsst-like", "cube": "ska-hi-like", "field": "lightcone-21cm"}
+
+
 def available_cards() -> list[str]:
     """Names of the cards shipped with the package."""
     return sorted(p.stem.replace("_", "-") for p in CARDS_DIR.glob("*.yaml"))

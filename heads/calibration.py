@@ -44,7 +44,7 @@ def fit_temperature(logits, labels, max_iter: int = 200) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp())
+    return float(log_t.detach().exp())
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:

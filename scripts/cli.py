@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-MOCK_KINDS = {"spectra": "sdss-like", "images": "lsst-like", "cubes": "ska-hi-like", "lightcones": "lightcone-21cm"}
+# `cosmofm mock KIND` -> the modality it makes
+MOCK_KINDS = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field"}
 
 
 def _cmd_demo(args):
@@ -36,12 +37,12 @@ def _cmd_pretrain(args):
 def _cmd_mock(args):
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.mock import generate
-    from cosmofm.data_cards.schema import load_card
+    from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
-    card = load_card(args.card or MOCK_KINDS[args.kind])
-    expected = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field"}[args.kind]
+    expected = MOCK_KINDS[args.kind]
+    card = load_card(args.card or DEFAULT_CARDS[expected])
     if card.modality != expected:
-        raise InputError("--card", f"{card.name} is a {card.modality} card, not {expected}", f"use a {expected} card, e.g. {MOCK_KINDS[args.kind]}")
+        raise InputError("--card", f"{card.name} is a {card.modality} card, not {expected}", f"use a {expected} card, e.g. {DEFAULT_CARDS[expected]}")
     if args.n <= 0:
         raise InputError("--n", f"must be positive, got {args.n}", "ask for at least one sample")
     samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)

@@ -30,7 +30,7 @@ from astropy.table import Table
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.fits_io import to_card_unit
 from cosmofm.data_cards.sample import Sample
-from cosmofm.data_cards.schema import DataCard, SpectrumCard, available_cards, load_card
+from cosmofm.data_cards.schema import DEFAULT_CARDS, DataCard, SpectrumCard, available_cards, load_card
 
 C_KMS = const.c.to_value("km/s")
 ANGSTROM = u.Unit("Angstrom")
@@ -329,7 +329,8 @@ def choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, st
 
         best = max(candidates, key=lambda c: (overlap(c), -abs(c.wavelength_max.value - c.wavelength_min.value - (hi - lo))))
         return best, f"no survey markers in the headers; closest wavelength coverage ({lo:.0f}-{hi:.0f} A covered {overlap(best):.0%} by the card); pass --card to choose another"
-    return candidates[0], f"no survey markers in the headers; first shipped {modality} card; pass a card to choose another"
+    default = shipped[DEFAULT_CARDS[modality]]
+    return default, f"no survey markers in the headers; the default {modality} card; pass a card to choose another"
 
 
 # ---------------------------------------------------------------------------- per-object spectra

@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 from cosmofm.data_cards.mock import generate
-from cosmofm.data_cards.schema import load_card
+from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
-DEFAULT_CARDS = {"spectrum": "sdss-like", "image": "lsst-like", "cube": "ska-hi-like", "field": "lightcone-21cm"}
 CORPUS = {"spectrum": 1_000_000, "image": 100_000, "field": 10_000}
 QUICK_N = {"spectrum": 400, "image": 200, "cube": 40, "field": 20}
 
