@@ -5,7 +5,9 @@ The generator has two halves:
   physical parameters (effective temperature and radial velocity for stars; young-
   population fraction, velocity dispersion, dust and emission-line strengths with
   BPT-consistent ratios for galaxies; continuum slope and broad-line widths for QSOs).
-- `rest_model` / `observe`: the noiseless spectrum on any wavelength grid, then the
+- `rest_model` / `observe`: the noiseless spectrum on any wavelength grid (galaxy
+  continua from the empirical CWW E and Im SEDs shipped with GalSim, mixed by the young
+  fraction, with absorption lines, dust and nebular lines on top), then the
   instrument of a data card: Gaussian line-spread function from the resolving power
   (added in quadrature to every Gaussian feature, which is exact for Gaussians),
   throughput, sky continuum and OH lines, Poisson + read noise, flux-calibration
@@ -18,7 +20,9 @@ dust attenuation follows Calzetti et al. 2000 (ApJ 533, 682). Wavelengths are va
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -44,6 +48,8 @@ NEBULAR = {
 }
 BROAD = {"Lyalpha": 1215.7, "NV": 1240.1, "SiIV": 1397.6, "CIV": 1549.1, "CIII": 1908.7, "MgII": 2799.1, "Hgamma": 4341.7, "Hbeta": 4862.7, "Halpha": 6564.6}
 BROAD_EW = {"Lyalpha": 80, "NV": 12, "SiIV": 8, "CIV": 35, "CIII": 20, "MgII": 35, "Hgamma": 10, "Hbeta": 45, "Halpha": 170}  # rest EW [A]
+QSO_NARROW = {"OII": 3728.5, "NeIII": 3870.9, "Hbeta_n": 4862.7, "OIII_4960": 4960.3, "OIII_5008": 5008.2, "Halpha_n": 6564.6, "NII_6585": 6585.3}
+QSO_NARROW_EW = {"OII": 3, "NeIII": 1.5, "Hbeta_n": 2, "OIII_4960": 5, "OIII_5008": 15, "Halpha_n": 6, "NII_6585": 3}  # rest EW [A]
 STELLAR = {  # (centre [A], sigma [A]) of absorption features
     "H_epsilon": (3971.2, 3.0), "H_delta": (4102.9, 3.0), "H_gamma": (4341.7, 3.0), "H_beta": (4862.7, 3.0), "H_alpha": (6564.6, 3.0),
     "CaK": (3934.8, 3.0), "CaH": (3969.6, 3.0), "Gband": (4305.0, 8.0), "Mgb": (5176.7, 6.0), "NaD": (5895.6, 4.0),
@@ -80,6 +86,8 @@ def draw_object(rng: np.random.Generator, cls: str | None = None) -> ObjectParam
             "alpha_lambda": rng.normal(-1.5, 0.3),
             "fwhm_kms": rng.uniform(3500, 9000) if broad else rng.uniform(1200, 2400),
             "ew_scale": rng.uniform(0.8, 1.6) if broad else rng.uniform(0.3, 0.7),
+            "narrow_fwhm_kms": rng.uniform(350, 700),
+            "narrow_scale": rng.uniform(0.3, 1.5),
         })
     # galaxies: (z range, young fraction, velocity dispersion, A_V, Halpha EW)
     z_lo, z_hi, young, sigma_v, a_v, ew = {
@@ -118,6 +126,27 @@ def _gauss(wave, centres, sigmas, amps):
 
 def _planck(lam, teff):
     return 1.0 / (lam**5 * np.expm1(1.4388e8 / (lam * teff)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cww_table(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(wavelength [A], f_lambda normalised at 5500 A) of a CWW SED shipped with GalSim."""
+    import galsim
+
+    path = Path(galsim.meta_data.share_dir) / "SEDs" / f"CWW_{kind}_ext.sed"
+    wave, flux = np.loadtxt(path, unpack=True)
+    # The Im SED carries coarse (~40 A) nebular emission; our lines are added separately
+    # at the right width, so bridge the table across them.
+    near_line = np.zeros(wave.size, dtype=bool)
+    for lam in NEBULAR.values():
+        near_line |= np.abs(wave - lam) < 60
+    flux = np.where(near_line, np.interp(wave, wave[~near_line], flux[~near_line]), flux)
+    return wave, flux / np.interp(5500.0, wave, flux)
+
+
+def _cww(kind: str, rest: np.ndarray) -> np.ndarray:
+    wave, flux = _cww_table(kind)
+    return np.interp(rest, wave, flux)
 
 
 def calzetti(lam_rest):
@@ -167,15 +196,26 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
         amps = ew * cont_at / (np.sqrt(2 * np.pi) * sig)
         obj.lines = {k: float(e * c) for k, e, c in zip(names, ew, cont_at)}
         flux = cont + _gauss(rest, centres, sig, amps)
+        # narrow-line region: [OII], [NeIII], narrow Balmer, [OIII], [NII] at ~500 km/s FWHM
+        n_names = list(QSO_NARROW_EW)
+        n_centres = np.array([QSO_NARROW[k] for k in n_names])
+        n_sig = np.sqrt((n_centres * p["narrow_fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(n_centres, rest, lsf_rest) ** 2)
+        n_ew = np.array([QSO_NARROW_EW[k] for k in n_names]) * p["narrow_scale"]
+        n_cont = (n_centres / 3000.0) ** p["alpha_lambda"]
+        flux = flux + _gauss(rest, n_centres, n_sig, n_ew * n_cont / (np.sqrt(2 * np.pi) * n_sig))
+        obj.lines.update({f"narrow_{k}": float(e * c) for k, e, c in zip(n_names, n_ew, n_cont)})
         forest = rest < BROAD["Lyalpha"]
         if forest.any():  # Lyman-alpha forest: mean transmission from Faucher-Giguere et al. 2008
             tau_eff = 0.0018 * (wave[forest] / BROAD["Lyalpha"]) ** 3.92
             rng = np.random.default_rng(int(z * 1e6))
             flux[forest] *= np.exp(-tau_eff * rng.exponential(1.0, forest.sum()))
         return flux
-    old = _planck(rest, 4600.0) / _planck(5500.0, 4600.0) * _absorption(rest, 4600.0, p["sigma_kms"], lsf_rest)
-    old *= 0.55 + 0.45 / (1 + np.exp(-(rest - 4000.0) / 25.0))  # the 4000 A break of old populations, ~100 A wide
-    young = _planck(rest, 15000.0) / _planck(5500.0, 15000.0) * _absorption(rest, 15000.0, p["sigma_kms"], lsf_rest)
+    # Continua from real empirical SEDs (Coleman, Wu & Weedman 1980, as shipped by GalSim):
+    # E for the old population (its 4000 A break included), Im for the young one; their
+    # ~40 A sampling carries no narrow lines, so the Balmer and metal absorption of each
+    # population is added at the galaxy's velocity dispersion.
+    old = _cww("E", rest) * _absorption(rest, 4600.0, p["sigma_kms"], lsf_rest)
+    young = _cww("Im", rest) * _absorption(rest, 15000.0, p["sigma_kms"], lsf_rest)
     cont = (1 - p["young_fraction"]) * old + p["young_fraction"] * young
     dust = 10 ** (-0.4 * p["A_V"] * calzetti(rest) / 4.05)
     # Line fluxes from the Halpha equivalent width and the BPT ratios (before dust).

@@ -16,7 +16,17 @@ import numpy as np  # noqa: E402
 
 from cosmofm.data_cards.mock import generate  # noqa: E402
 from cosmofm.data_cards.mock_spectra import BROAD, NEBULAR, STELLAR  # noqa: E402
+from cosmofm.data_cards.mock_images import mock_blend  # noqa: E402
 from cosmofm.data_cards.schema import load_card  # noqa: E402
+from cosmofm.data_cards.sim21cm import power_spectrum  # noqa: E402
+
+
+def _save(fig, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
 
 
 def spectra_figure(out: Path, card_name: str = "sdss-like") -> Path:
@@ -52,18 +62,13 @@ def spectra_figure(out: Path, card_name: str = "sdss-like") -> Path:
         ax.set_ylabel("f_lambda\n[1e-17 cgs]", fontsize=7)
         ax.set_title(f"{cls}  z = {z:.4f}", fontsize=8, loc="left")
     axes[-1].set_xlabel("vacuum wavelength [Angstrom]")
-    fig.suptitle(f"mock spectra, {card.name} (R = {card.resolving_power:g}); red: 1-sigma noise", fontsize=9)
-    fig.tight_layout()
-    path = out / f"spectra_{card.name}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, f"mock spectra, {card.name} (R = {card.resolving_power:g}); red: 1-sigma noise", out / f"spectra_{card.name}.png")
 
 
 def images_figure(out: Path, card_name: str = "lsst-like") -> Path:
     card = load_card(card_name)
     samples = list(generate(card, 6, seed=11))
-    fig, axes = plt.subplots(len(samples), len(card.bands), figsize=(1.4 * len(card.bands), 1.4 * len(samples)))
+    fig, axes = plt.subplots(len(samples), len(card.bands), figsize=(1.4 * max(len(card.bands), 2), 1.4 * len(samples)), squeeze=False)
     for row, s in zip(axes, samples):
         for ax, band, img in zip(row, card.bands, s.values):
             ax.imshow(np.arcsinh(img / band.sky_noise), origin="lower", cmap="gray")
@@ -72,12 +77,31 @@ def images_figure(out: Path, card_name: str = "lsst-like") -> Path:
         row[0].set_ylabel(s.meta["labels"].get("spectral_class", ""), fontsize=6)
     for ax, band in zip(axes[0], card.bands):
         ax.set_title(band.name, fontsize=8)
-    fig.suptitle(f"mock stamps, {card.name}, asinh(flux / sky noise)", fontsize=9)
-    fig.tight_layout()
-    path = out / f"images_{card.name}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, f"mock stamps, {card.name}, asinh(flux / sky noise)", out / f"images_{card.name}.png")
+
+
+def blends_figure(out: Path, card_name: str = "lsst-like") -> Path:
+    """Blends of 2-4 objects: the observed stamp, each object's truth image, the segmentation."""
+    card = load_card(card_name)
+    r = [b.name for b in card.bands].index("r") if "r" in [b.name for b in card.bands] else 0
+    rows = [mock_blend(card, 21, i, separation=(0.6, 2.0), delta_mag=(0.0, 2.0)) for i in range(4)]
+    n_cols = 2 + max(len(t.isolated) for _, t in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.5 * n_cols, 1.5 * len(rows)))
+    for ax_row, (sample, truth) in zip(axes, rows):
+        noise = card.bands[r].sky_noise
+        ax_row[0].imshow(np.arcsinh(sample.values[r] / noise), origin="lower", cmap="gray")
+        for k, iso in enumerate(truth.isolated):
+            ax_row[1 + k].imshow(np.arcsinh(iso[r] / noise), origin="lower", cmap="gray")
+            ax_row[1 + k].set_title(f"obj {k}: {truth.flux_njy[k, r] / 1e3:.0f} uJy", fontsize=6)
+        ax_row[-1].imshow(truth.segmentation, origin="lower", cmap="tab10", interpolation="nearest")
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in ax_row[1 + len(truth.isolated) : -1]:
+            ax.axis("off")
+    axes[0][0].set_title("blend (r)", fontsize=7)
+    axes[0][-1].set_title("segmentation", fontsize=7)
+    return _save(fig, f"mock blends, {card.name}: observed, truth per object, segmentation", out / f"blends_{card.name}.png")
 
 
 def cube_figure(out: Path, card_name: str = "ska-hi-like") -> Path:
@@ -92,12 +116,7 @@ def cube_figure(out: Path, card_name: str = "ska-hi-like") -> Path:
     peak = np.unravel_index(np.argmax(mom0), mom0.shape)
     b.step(s.coords["frequency"] / 1e6, cube[:, peak[0], peak[1]] * 1e6, where="mid", lw=0.8)
     b.set(xlabel="frequency [MHz]", ylabel="Jy/beam x 1e-6", title="spectrum at the peak")
-    fig.suptitle(f"mock HI cube chunk, {card.name}", fontsize=9)
-    fig.tight_layout()
-    path = out / f"cube_{card.name}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return _save(fig, f"mock HI cube chunk, {card.name}", out / f"cube_{card.name}.png")
 
 
 def field_figure(out: Path, card_name: str = "lightcone-21cm") -> Path:
@@ -110,32 +129,10 @@ def field_figure(out: Path, card_name: str = "lightcone-21cm") -> Path:
     fig.colorbar(im, ax=a, label="dTb [mK]")
     a.set(xlabel="line-of-sight comoving distance [Mpc]", ylabel="x [Mpc]", title="lightcone slice")
     cell = float(np.diff(s.coords["x_comoving"])[0])
-    k, pk = spherical_power(tb - tb.mean(), cell)
-    b.loglog(k, k**3 * pk / (2 * np.pi**2), marker=".")
+    k, delta2, _ = power_spectrum(tb, cell, dimensionless=True)
+    b.loglog(k, delta2, marker=".")
     b.set(xlabel="k [1/Mpc]", ylabel="Delta^2(k) [mK^2]", title="21cm power spectrum")
-    fig.suptitle(f"mock 21cm lightcone chunk, {card.name}", fontsize=9)
-    fig.tight_layout()
-    path = out / f"field_{card.name}.png"
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
-def spherical_power(field: np.ndarray, cell: float, n_bins: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Spherically averaged power spectrum of a cubic-cell field (units^2 Mpc^3)."""
-    f = np.fft.fftn(field) * cell**3
-    volume = field.size * cell**3
-    power = np.abs(f) ** 2 / volume
-    k = np.sqrt(sum(g**2 for g in np.meshgrid(*[2 * np.pi * np.fft.fftfreq(n, cell) for n in field.shape], indexing="ij")))
-    edges = np.geomspace(k[k > 0].min(), k.max(), n_bins + 1)
-    idx = np.digitize(k.ravel(), edges)
-    centres, values = [], []
-    for i in range(1, n_bins + 1):
-        sel = idx == i
-        if sel.any():
-            centres.append(k.ravel()[sel].mean())
-            values.append(power.ravel()[sel].mean())
-    return np.array(centres), np.array(values)
+    return _save(fig, f"mock 21cm lightcone chunk, {card.name}", out / f"field_{card.name}.png")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
@@ -144,7 +141,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [spectra_figure(out), spectra_figure(out, "4most-hrs"), images_figure(out), cube_figure(out), field_figure(out)]
+    paths = [
+        spectra_figure(out), spectra_figure(out, "4most-hrs"), images_figure(out), images_figure(out, "euclid-like"),
+        blends_figure(out), cube_figure(out), field_figure(out),
+    ]
     for path in paths:
         print(path)
     return paths

@@ -13,8 +13,8 @@ def _line_moments(obj, line, resolving_power):
     centre = NEBULAR[line] * (1 + obj.z)
     wave = np.linspace(centre - 40, centre + 40, 4001)
     flux = rest_model(obj, wave, resolving_power)
-    side = (np.abs(wave - centre) > 25)
-    line_flux = flux - np.median(flux[side])
+    side = np.abs(wave - centre) > 25
+    line_flux = flux - np.polyval(np.polyfit(wave[side], flux[side], 1), wave)  # linear continuum from the sidebands
     core = np.abs(wave - centre) < 15
     w = np.clip(line_flux[core], 0, None)
     mean = np.sum(w * wave[core]) / w.sum()
