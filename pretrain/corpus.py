@@ -17,6 +17,7 @@ from typing import Iterator
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.hf_io import SampleDataset, write_dataset
 from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.readers import read_any
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import load_card
 
@@ -84,10 +85,21 @@ def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], in
             cards = [load_card(n) for n in data.mock_cards]
             write_dataset(mock_corpus(data.mock_cards, data.mock_counts, data.mock_seed), path, cards)
         paths = [path]
-    parts = []
+    parts, names = [], set()
     for p in paths:
         if not p.exists():
             raise InputError("recipe.data.datasets", f"{p} does not exist", "make it with `cosmofm mock` or fix the path")
-        parts.append(SampleDataset(p))
-    names = sorted({c for part in parts for c in part.cards})
-    return ConcatSamples(parts), names, block
+        if _is_dataset(p):
+            part = SampleDataset(p)  # memory-mapped: larger than memory is fine
+            names |= set(part.cards)
+        else:
+            # a survey's own files (SDSS, DESI, ESO/4MOST, FITS images and cubes, tables):
+            # read as they are, objects the reader flags are left out
+            part = list(read_any(p).samples)
+            names |= {s.card for s in part}
+        parts.append(part)
+    return ConcatSamples(parts), sorted(names), block
+
+
+def _is_dataset(p: Path) -> bool:
+    return p.suffix == ".parquet" or (p.is_dir() and ((p / "dataset_info.json").exists() or any(p.glob("*.parquet"))))

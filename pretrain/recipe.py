@@ -24,8 +24,10 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "configs"
 class DataConfig:
     """Where samples come from.
 
-    datasets: paths written by `cosmofm mock` / `write_dataset` (Arrow dirs or Parquet).
-        Empty = generate the embedded mock corpus below into `<output_dir>/data`.
+    datasets: paths written by `cosmofm mock` / `write_dataset` (Arrow dirs or Parquet),
+        or survey files as published (SDSS spec, DESI coadd, ESO/4MOST SDP, FITS images
+        and cubes, tables; see cosmofm.data_cards.readers). Empty = generate the
+        embedded mock corpus below into `<output_dir>/data`.
     mock_cards / mock_counts: shipped card names and how many mocks of each. Spectra and
         images generated with the same seed are the same objects (paired).
     num_workers: DataLoader worker processes (0 = load in the training process).

@@ -187,3 +187,23 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
     recipe = PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path}", "optim.max_steps=2", "run.mixed_precision=bf16", "data.mock_counts=[8,8,4,4]"])
     summary = pretrain(recipe)
     assert len(summary["losses"]) == 2 and all(np.isfinite(summary["losses"]))
+
+
+def test_pretrain_reads_survey_files_directly(tmp_path, cards):
+    """recipe.data.datasets may name survey files as published (issue 7): no conversion step."""
+    from cosmofm.data_cards import load_card
+    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.survey_files import write_desi_coadd, write_eso_sdp
+
+    eso = write_eso_sdp(mock_samples(load_card("4most-lrs"), 6, seed=4), tmp_path / "ADP.4most.fits")
+    desi = write_desi_coadd(mock_samples(load_card("desi-like"), 6, seed=5), tmp_path / "coadd-main-dark-1.fits")
+    recipe = PretrainRecipe.load("tiny", [
+        f"run.output_dir={tmp_path / 'run'}", "optim.max_steps=3", "optim.global_batch=4",
+        f"data.datasets=[{eso}, {desi}]",
+    ])
+    summary = pretrain(recipe)
+    assert len(summary["losses"]) == 3 and all(np.isfinite(summary["losses"]))
+    from cosmofm.pretrain import CosmoFMConfig
+
+    config = CosmoFMConfig.from_pretrained(summary["model_dir"])
+    assert config.survey_names == ["4most-lrs", "desi-like"]
