@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedModel
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.finetune.hub import CONFIG_NAME, DEFAULT_REVISION, is_repo_id, pull, verify_release
+from cosmofm.heads.classification import CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMForPretraining, CosmoFMModel
 from cosmofm.pretrain.configuration_cosmofm import SCHEMA_VERSION
 
@@ -28,6 +29,9 @@ def register_model_class(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
     """Make `cosmofm.from_pretrained` load configs whose architectures name `cls` (usable as a decorator)."""
     MODEL_CLASSES[cls.__name__] = cls
     return cls
+
+
+register_model_class(CosmoFMForSpectralClassification)
 
 
 def resolve_release(name_or_path: str | Path, *, revision: str = DEFAULT_REVISION, hub_endpoint: str | None = None,

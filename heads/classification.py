@@ -1,0 +1,241 @@
+"""Spectral classification head: class logits and a redshift with uncertainty from the pooled embedding.
+
+`CosmoFMForSpectralClassification` = the CosmoFM backbone + a small MLP on the pooled
+embedding (`CosmoFMOutput.pooled`) with two outputs:
+
+- class logits over the data card's `spectral_class` label schema, trained with
+  cross-entropy; calibrated after training by temperature scaling (Guo et al. 2017)
+  and split-conformal sets (`heads/calibration.py`), both stored in the config;
+- the mean and log-variance of log(1 + z), trained with the Gaussian negative
+  log-likelihood (Nix & Weigend 1994; Kendall & Gal 2017, aleatoric term), so every
+  redshift comes with a 1-sigma error.
+
+Everything the head needs (class names, widths, temperature, conformal threshold)
+lives in `config.task` (a plain dict, see `ClassificationHeadConfig`), so
+`save_pretrained` -> `from_pretrained` (transformers' or `cosmofm.from_pretrained`)
+restores the calibrated model exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import ModelOutput
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import Sample
+from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
+from cosmofm.pretrain.data import CosmoFMBatch
+from cosmofm.pretrain.modeling_cosmofm import CosmoFMModel, CosmoFMOutput, CosmoFMPreTrainedModel
+
+TASK_TYPE = "spectral-classification"
+LOGVAR_RANGE = (-14.0, 4.0)  # clamp on log sigma^2 of log(1+z): sigma in ~[1e-3, 7.4]
+
+
+@dataclass
+class ClassificationHeadConfig:
+    """The head's settings; stored as `config.task` (a dict) in config.json.
+
+    Args:
+        class_names: ordered class names; index = class id (the card's label schema).
+        hidden_size (`int`, 128): width of the head's hidden layer.
+        dropout (`float`, 0.1): dropout before each head layer.
+        redshift (`bool`, True): also predict log(1+z) mean and log-variance.
+        class_label (`str`, "spectral_class"): key of the class in `Sample.meta["labels"]`.
+        redshift_label (`str`, "redshift"): key of the redshift in `Sample.meta["labels"]`.
+        redshift_weight (`float`, 0.1): weight of the redshift NLL in the loss (see FinetuneConfig).
+        temperature (`float`, 1.0): softmax temperature fitted on a calibration split.
+        conformal_alpha (`float | None`): miscoverage level of the conformal sets.
+        conformal_threshold (`float | None`): LAC score threshold (class in set when 1 - p <= it).
+        card (`str`): the data card whose label schema gave the classes.
+    """
+
+    class_names: list[str] = field(default_factory=list)
+    hidden_size: int = 128
+    dropout: float = 0.1
+    redshift: bool = True
+    class_label: str = "spectral_class"
+    redshift_label: str = "redshift"
+    redshift_weight: float = 0.1
+    temperature: float = 1.0
+    conformal_alpha: float | None = None
+    conformal_threshold: float | None = None
+    card: str = ""
+    type: str = TASK_TYPE
+
+    def __post_init__(self):
+        self.class_names = [str(c) for c in self.class_names]
+        if len(self.class_names) < 2:
+            raise InputError("task.class_names", f"needs at least 2 classes, got {self.class_names}", "build the head config from a card with a class label schema (ClassificationHeadConfig.from_card)")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise InputError("task.class_names", "has duplicates", "give each class once")
+        if not self.temperature > 0:
+            raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
+        if self.type != TASK_TYPE:
+            raise InputError("task.type", f"is {self.type!r}, not {TASK_TYPE!r}", "load this model with the class for its task")
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_card(cls, card, **kwargs) -> "ClassificationHeadConfig":
+        """Classes from the card's `kind: class` label schema (named `class_label`)."""
+        key = kwargs.get("class_label", "spectral_class")
+        schema = next((s for s in card.labels if s.name == key and s.kind == "class"), None)
+        if schema is None or not schema.classes:
+            raise InputError(f"card {card.name}: labels", f"has no class label schema named {key!r}", "use a spectrum card with a spectral_class label schema (e.g. sdss-like)")
+        return cls(class_names=list(schema.classes), card=card.name, **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ClassificationHeadConfig":
+        if not isinstance(d, dict):
+            raise InputError("config.task", "is missing", "this config is not a classification model; build one with ClassificationHeadConfig.from_card")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SpectralClassificationOutput(ModelOutput):
+    """What the classification model returns.
+
+    loss: cross-entropy (+ redshift_weight x Gaussian NLL of log(1+z)); only with labels.
+    logits: (N, C) raw class logits (divide by `config.task["temperature"]` for calibrated ones).
+    log1pz_mean, log1pz_logvar: (N,) predicted log(1+z) and its log-variance (None without redshift).
+    redshift, redshift_err: (N,) z = exp(mean) - 1 and its 1-sigma error (1+z) * sigma.
+    classification_loss, redshift_loss: the two loss terms.
+    backbone: the backbone's CosmoFMOutput.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    log1pz_mean: torch.Tensor | None = None
+    log1pz_logvar: torch.Tensor | None = None
+    redshift: torch.Tensor | None = None
+    redshift_err: torch.Tensor | None = None
+    classification_loss: torch.Tensor | None = None
+    redshift_loss: torch.Tensor | None = None
+    backbone: CosmoFMOutput | None = None
+
+
+class SpectralClassificationHead(nn.Module):
+    """pooled (N, D) -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
+
+    def __init__(self, in_size: int, head: ClassificationHeadConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_size)
+        self.hidden = nn.Sequential(nn.Dropout(head.dropout), nn.Linear(in_size, head.hidden_size), nn.GELU(), nn.Dropout(head.dropout))
+        self.classifier = nn.Linear(head.hidden_size, head.n_classes)
+        self.redshift = nn.Linear(head.hidden_size, 2) if head.redshift else None
+
+    def forward(self, pooled: torch.Tensor):
+        h = self.hidden(self.norm(pooled))  # (N, H)
+        logits = self.classifier(h)  # (N, C)
+        z = self.redshift(h) if self.redshift is not None else None  # (N, 2)
+        return logits, z
+
+
+class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
+    """Backbone + spectral classification / redshift head; the head's settings are `config.task`."""
+
+    def __init__(self, config: CosmoFMConfig):
+        super().__init__(config)
+        self.head_config = ClassificationHeadConfig.from_dict(getattr(config, "task", None))
+        config.task = self.head_config.to_dict()
+        self.cosmofm = CosmoFMModel(config)
+        self.head = SpectralClassificationHead(config.hidden_size, self.head_config)
+        self.post_init()
+
+    @classmethod
+    def from_backbone_config(cls, backbone: CosmoFMConfig, head: ClassificationHeadConfig) -> "CosmoFMForSpectralClassification":
+        config = CosmoFMConfig.from_dict(backbone.to_dict())
+        config.task = head.to_dict()
+        config.architectures = [cls.__name__]
+        return cls(config)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.head_config.class_names)
+
+    def set_calibration(self, temperature: float, alpha: float | None = None, threshold: float | None = None) -> None:
+        """Store the fitted temperature and conformal threshold (saved with the config)."""
+        self.head_config.temperature = float(temperature)
+        self.head_config.conformal_alpha = None if alpha is None else float(alpha)
+        self.head_config.conformal_threshold = None if threshold is None else float(threshold)
+        self.head_config.__post_init__()
+        self.config.task = self.head_config.to_dict()
+
+    def forward(self, batch: CosmoFMBatch, class_labels: torch.Tensor | None = None, redshift: torch.Tensor | None = None) -> SpectralClassificationOutput:
+        out = self.cosmofm(batch)
+        logits, z = self.head(out.pooled)
+        mean = logvar = z_pred = z_err = None
+        if z is not None:
+            mean = z[:, 0]  # (N,)
+            logvar = z[:, 1].clamp(*LOGVAR_RANGE)  # (N,)
+            z_pred = torch.expm1(mean)
+            z_err = (1 + z_pred) * torch.exp(0.5 * logvar)  # delta method: dz = (1+z) d log(1+z)
+        loss = cls_loss = z_loss = None
+        if class_labels is not None:
+            cls_loss = F.cross_entropy(logits.float(), class_labels.to(logits.device))
+            loss = cls_loss
+        if redshift is not None and mean is not None:
+            target = torch.log1p(redshift.to(mean.device, torch.float32).clamp(min=-0.99))
+            z_loss = 0.5 * (logvar.float() + (target - mean.float()) ** 2 * torch.exp(-logvar.float())).mean()
+            loss = z_loss * self.head_config.redshift_weight if loss is None else loss + self.head_config.redshift_weight * z_loss
+        return SpectralClassificationOutput(
+            loss=loss, logits=logits, log1pz_mean=mean, log1pz_logvar=logvar, redshift=z_pred, redshift_err=z_err,
+            classification_loss=cls_loss, redshift_loss=z_loss, backbone=out,
+        )
+
+    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """Temperature-scaled softmax probabilities, (N, C) numpy."""
+        from cosmofm.heads.calibration import softmax
+
+        return softmax(logits.detach().float().cpu(), self.head_config.temperature)
+
+    def prediction_sets(self, probs: np.ndarray) -> np.ndarray | None:
+        """(N, C) conformal set membership, or None when no conformal threshold was fitted."""
+        from cosmofm.heads.calibration import ConformalClassifier
+
+        if self.head_config.conformal_threshold is None:
+            return None
+        return ConformalClassifier(self.head_config.conformal_alpha or 0.1, self.head_config.conformal_threshold).predict_sets(probs)
+
+
+def labels_from_samples(samples: Sequence[Sample], head: ClassificationHeadConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class ids (N,) long, redshifts (N,) float32 or None) from `Sample.meta["labels"]`."""
+    index = {c: i for i, c in enumerate(head.class_names)}
+    ids, zs = [], []
+    for s in samples:
+        labels = s.meta.get("labels") or {}
+        name = labels.get(head.class_label)
+        if name not in index:
+            raise InputError(f"{s.id}: labels.{head.class_label}", f"is {name!r}, not one of the model's classes", f"label samples with one of {head.class_names}")
+        ids.append(index[name])
+        zs.append(labels.get(head.redshift_label))
+    z = None
+    if head.redshift:
+        if any(v is None for v in zs):
+            raise InputError(f"labels.{head.redshift_label}", "is missing for some samples", "give every training sample a redshift, or set redshift=False")
+        z = torch.tensor(zs, dtype=torch.float32)
+    return torch.tensor(ids, dtype=torch.long), z
+
+
+AutoModelForSequenceClassification.register(CosmoFMConfig, CosmoFMForSpectralClassification, exist_ok=True)
+
+__all__ = [
+    "ClassificationHeadConfig",
+    "CosmoFMForSpectralClassification",
+    "SpectralClassificationHead",
+    "SpectralClassificationOutput",
+    "labels_from_samples",
+]

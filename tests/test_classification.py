@@ -1,0 +1,201 @@
+"""Spectral classification head: config round trip, a short fine-tune, calibration, `cosmofm classify`."""
+
+import json
+
+import astropy.units as u
+import numpy as np
+import pytest
+import torch
+
+import cosmofm
+from cosmofm.cli import main as cli_main
+from cosmofm.data_cards import load_card
+from cosmofm.data_cards.catalogue import read_catalogue
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mock_spectra import CLASSES
+from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, peft_available, predict
+from cosmofm.finetune.model_card import load_eval_results
+from cosmofm.heads.calibration import expected_calibration_error, fit_temperature, softmax
+from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
+from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples
+from cosmofm.pretrain.checkpoint import write_manifest
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6, projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def sdss():
+    return load_card("sdss-like")
+
+
+@pytest.fixture(scope="module")
+def labelled(sdss):
+    return mock_samples(sdss, 400, seed=11)
+
+
+@pytest.fixture(scope="module")
+def finetuned(labelled, sdss, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cls-run")
+    cfg = FinetuneConfig(strategy="full", epochs=25, batch_size=16, lr=3e-3, backbone_lr_scale=1.0, output_dir=str(out))
+    return finetune_classification(labelled, sdss, cfg, backbone_config=TINY)
+
+
+def _missing(v) -> bool:
+    return bool(np.ma.is_masked(v) or v is None or v == "" or (isinstance(v, (float, np.floating)) and np.isnan(v)))
+
+
+def test_config_round_trip_and_loaders(sdss, tmp_path):
+    head = ClassificationHeadConfig.from_card(sdss, hidden_size=16)
+    assert head.class_names == list(CLASSES)
+    model = CosmoFMForSpectralClassification.from_backbone_config(CosmoFMConfig(survey_names=["sdss-like"], **TINY), head).eval()
+    model.set_calibration(1.7, 0.1, 0.83)
+    model.save_pretrained(tmp_path)
+    write_manifest(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["CosmoFMForSpectralClassification"]
+    assert saved["task"]["class_names"] == list(CLASSES) and saved["task"]["temperature"] == 1.7
+
+    samples = mock_samples(sdss, 3, seed=2)
+    batch = collate_samples(samples, ["sdss-like"])
+    ref = model(batch)
+    assert ref.loss is None and ref.logits.shape == (3, len(CLASSES)) and ref.redshift_err.shape == (3,)
+    ids, z = labels_from_samples(samples, model.head_config)
+    assert model(batch, ids, z).loss.ndim == 0
+
+    loaded = cosmofm.from_pretrained(tmp_path).eval()
+    assert type(loaded) is CosmoFMForSpectralClassification
+    assert loaded.head_config == model.head_config
+    out = loaded(batch)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.redshift, ref.redshift)
+
+    from transformers import AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(auto) is CosmoFMForSpectralClassification and torch.equal(auto(batch).logits, ref.logits)
+
+
+def test_finetune_learns_and_writes_release(finetuned, tmp_path):
+    m = finetuned["metrics"]
+    assert m["accuracy"] > 3 / len(CLASSES), m  # > 3x chance
+    assert m["n_train"] == 240 and m["n_calibration"] == 80 and m["n_test"] == 80
+    assert np.isfinite(m["redshift_nmad"]) and 0 <= m["redshift_catastrophic_fraction"] <= 1
+    results = load_eval_results(finetuned["eval_results"])
+    types = {x["type"] for x in results[0]["metrics"]}
+    assert {"accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage", "redshift_nmad"} <= types
+    for fig in finetuned["figures"]:
+        assert fig.endswith(".png")
+    assert {p.split("/")[-1] for p in finetuned["figures"]} == {"confusion_matrix.png", "reliability.png", "redshift.png"}
+    reloaded = cosmofm.from_pretrained(finetuned["model_dir"])
+    assert reloaded.head_config.temperature == pytest.approx(m["temperature"])
+    assert reloaded.head_config.conformal_threshold == pytest.approx(m["conformal_threshold"])
+
+
+def test_temperature_fit_on_calibration_split(finetuned, labelled):
+    """Temperature scaling minimises NLL on the calibration split, so it never raises it there;
+    on overconfident logits it also brings the ECE down."""
+    model = finetuned["model"]
+    cal = [labelled[i] for i in finetuned["splits"]["calibration"]]
+    y = labels_from_samples(cal, model.head_config)[0]
+    logits = torch.as_tensor(predict(model, cal)["logits"])
+    t = finetuned["metrics"]["temperature"]
+    nll = lambda temp: float(torch.nn.functional.cross_entropy(logits / temp, y))  # noqa: E731
+    assert nll(t) <= nll(1.0) + 1e-6
+    overconfident = logits * 5.0
+    t5 = fit_temperature(overconfident, y)
+    assert t5 > 1
+    assert expected_calibration_error(softmax(overconfident, t5), y) <= expected_calibration_error(softmax(overconfident), y)
+
+
+def test_conformal_coverage_near_target(finetuned):
+    m = finetuned["metrics"]
+    assert abs(m["conformal_coverage"] - 0.9) < 0.1, m
+    assert 1 <= m["conformal_mean_set_size"] < len(CLASSES)
+
+
+def test_frozen_keeps_backbone_and_lora_merges(labelled, sdss):
+    backbone = CosmoFMModel(CosmoFMConfig(survey_names=["sdss-like"], **TINY))
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    r = finetune_classification(labelled[:60], sdss, FinetuneConfig(strategy="frozen", epochs=1, batch_size=16), backbone=backbone)
+    after = r["model"].cosmofm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    if not peft_available():
+        pytest.skip("peft not installed")
+    r = finetune_classification(labelled[:60], sdss, FinetuneConfig(strategy="lora", epochs=1, batch_size=16), backbone=backbone)
+    keys = set(r["model"].state_dict())
+    assert not any("lora" in k for k in keys) and "cosmofm.encoder.layers.0.attn.qkv.weight" in keys
+
+
+def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
+    from cosmofm.data_cards.fits_io import write_fits
+    from cosmofm.data_cards.survey_files import write_desi_coadd, write_sdss_spec
+
+    sdss, desi = load_card("sdss-like"), load_card("desi-like")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_sdss_spec(mock_samples(sdss, 1, seed=5)[0], inputs / "spec-4055-55359-0001.fits")
+    write_fits(mock_samples(sdss, 3, seed=6), inputs / "ours.fits", sdss)
+    coadd = mock_samples(desi, 3, seed=7)
+    coadd[1].ivar[:] = 0  # an all-masked spectrum: flagged and skipped by the reader
+    write_desi_coadd(coadd, inputs / "coadd-main-dark-10016.fits")
+
+    names = list(CLASSES)
+    for suffix in ("fits", "parquet"):
+        out = tmp_path / f"pred.{suffix}"
+        assert cli_main(["classify", str(inputs), "--model", finetuned["model_dir"], "--output", str(out)]) == 0
+        t = read_catalogue(out)
+        assert len(t) == 1 + 3 + 3
+        for col in ["ID", "CARD", "FILE", "CLASS", "CONFORMAL_SET", "Z", "Z_ERR", "FLAGS", "PLATE", "MJD", "FIBERID", "TARGETID", "RA", "DEC"]:
+            assert col in t.colnames, col
+        assert all(f"P_{c}" in t.colnames for c in names)
+        assert t["Z"].dtype.kind == "f" and t["P_QSO"].dtype.kind == "f" and t["PLATE"].dtype.kind == "i"
+        # dimensionless: FITS and our Parquet metadata write no unit string for it, so none comes back
+        assert t["Z"].unit in (None, u.dimensionless_unscaled) and t["RA"].unit == u.deg
+        flagged = [i for i in range(len(t)) if "all_masked" in str(t["FLAGS"][i])]
+        assert len(flagged) == 1
+        row = t[flagged[0]]
+        assert _missing(row["Z"]) and _missing(row["Z_ERR"]) and _missing(row["P_QSO"]) and _missing(row["CLASS"])
+        assert str(row["ID"]) and int(row["TARGETID"]) > 0  # identifiers kept for the skipped object
+        good = [i for i in range(len(t)) if i not in flagged]
+        probs = np.array([[t[f"P_{c}"][i] for c in names] for i in good])
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+        for i in good:
+            assert str(t["CLASS"][i]) in names
+            members = str(t["CONFORMAL_SET"][i]).split("|")
+            assert set(members) <= set(names) and str(t["CLASS"][i]) in members
+            assert t["Z_ERR"][i] > 0
+        assert {str(x) for x in t["FILE"]} == {"spec-4055-55359-0001.fits", "ours.fits", "coadd-main-dark-10016.fits"}
+
+
+def test_classify_bad_input(finetuned, tmp_path):
+    backbone_dir = tmp_path / "backbone"
+    CosmoFMModel(CosmoFMConfig(survey_names=["sdss-like"], **TINY)).save_pretrained(backbone_dir)
+    write_manifest(backbone_dir)
+    spec = tmp_path / "spec.fits"
+    from cosmofm.data_cards.survey_files import write_sdss_spec
+
+    write_sdss_spec(mock_samples(load_card("sdss-like"), 1)[0], spec)
+    with pytest.raises(InputError, match="not a spectral classification model"):
+        classify(spec, backbone_dir, tmp_path / "out.fits", progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="holds no files"):
+        classify(empty, finetuned["model_dir"], tmp_path / "out.fits", progress=False)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a spectrum")
+    with pytest.raises(InputError, match="nothing usable"):
+        classify(junk, finetuned["model_dir"], tmp_path / "out.fits", progress=False)
+    assert cli_main(["classify", str(empty), "--model", finetuned["model_dir"], "--output", str(tmp_path / "o.fits")]) == 2
+    assert not (tmp_path / "o.fits").exists()
+
+
+def test_classify_datasets_folder(finetuned, tmp_path):
+    from cosmofm.data_cards.hf_io import write_dataset
+
+    sdss = load_card("sdss-like")
+    folder = write_dataset(mock_samples(sdss, 5, seed=9), tmp_path / "ds", [sdss])
+    summary = classify(folder, finetuned["model_dir"], tmp_path / "pred.parquet", batch_size=2, progress=False)
+    assert summary["n_rows"] == summary["n_classified"] == 5
+    t = read_catalogue(tmp_path / "pred.parquet")
+    assert list(t["ID"]) == [f"sdss-like-9-{i}" for i in range(5)] and set(t["CARD"]) == {"sdss-like"}
