@@ -199,3 +199,25 @@ def test_classify_datasets_folder(finetuned, tmp_path):
     assert summary["n_rows"] == summary["n_classified"] == 5
     t = read_catalogue(tmp_path / "pred.parquet")
     assert list(t["ID"]) == [f"sdss-like-9-{i}" for i in range(5)] and set(t["CARD"]) == {"sdss-like"}
+
+
+def test_classify_eso_sdp_and_plain_table(finetuned, tmp_path):
+    """The other published spectrum formats go through the same reader registry (issue 7)."""
+    import astropy.units as u
+    from astropy.table import Table
+
+    from cosmofm.data_cards.catalogue import read_catalogue
+    from cosmofm.data_cards.survey_files import write_eso_sdp
+
+    spectra = mock_samples(load_card("4most-lrs"), 3, seed=12)
+    eso = write_eso_sdp(spectra, tmp_path / "ADP.2026-01-01T00:00:00.000.fits", objects=["a", "b", "c"])
+    s = spectra[0]
+    table = Table({"wavelength": s.coords["wavelength"] * u.AA, "flux": s.values * 1e-17 * u.erg / u.s / u.cm**2 / u.AA,
+                   "ivar": s.ivar / 1e-34 * (u.erg / u.s / u.cm**2 / u.AA) ** -2})
+    table.write(tmp_path / "one.fits")
+    out = tmp_path / "pred.parquet"
+    assert cli_main(["classify", str(eso), str(tmp_path / "one.fits"), "--model", finetuned["model_dir"], "--output", str(out), "--card", "4most-lrs"]) == 0
+    rows = read_catalogue(out)
+    assert len(rows) == 4 and "OBJECT" in rows.colnames
+    assert sorted(str(o) for o in rows["OBJECT"] if str(o) not in ("", "--")) == ["a", "b", "c"]
+    assert all(str(c) in CLASSES for c in rows["CLASS"])
