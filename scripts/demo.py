@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cosmofm.data_cards.mock import mock_samples
@@ -29,14 +30,14 @@ DEMO_REPO_ID = "cosmofm/demo"
 
 
 def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_endpoint: str | None = None,
-             repo_id: str = DEMO_REPO_ID) -> dict:
+             repo_id: str = DEMO_REPO_ID, n_labelled: int = 1200) -> dict:
     t0 = time.perf_counter()
     output = Path(output)
     overrides = [f"run.output_dir={output / 'pretrain'}"]
     if steps is not None:
         overrides.append(f"optim.max_steps={steps}")
     recipe = PretrainRecipe.load("demo", overrides)
-    print(f"[1/4] pretraining on mocks of {', '.join(recipe.data.mock_cards)} for {recipe.optim.max_steps} steps")
+    print(f"[1/5] pretraining on mocks of {', '.join(recipe.data.mock_cards)} for {recipe.optim.max_steps} steps")
     summary = pretrain(recipe)
     losses = summary["losses"]
     k = max(1, len(losses) // 10)
@@ -44,7 +45,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
     print(f"      loss (mean of first/last {k} steps): {first:.4g} -> {last:.4g}")
     plot = plot_loss_curve(Path(summary["metrics"]), output / "loss_curve.png")
 
-    print("[2/4] reloading the release with transformers.AutoModel.from_pretrained")
+    print("[2/5] reloading the release with transformers.AutoModel.from_pretrained")
     from transformers import AutoModel
 
     import cosmofm
@@ -58,7 +59,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
         same = same and torch.equal(verified(held_out).pooled, trained.cosmofm(held_out).pooled)
     print(f"      {type(backbone).__name__} reloaded; embeddings identical to the trained model: {same}")
 
-    print("[3/4] held-out mocks (new objects)")
+    print("[3/5] held-out mocks (new objects)")
     report = evaluate_held_out(trained, held_out)
     untrained = evaluate_held_out(_untrained_like(trained), held_out)
     print(f"      masked-token chi2/dof: pretrained {report['masked_chi2']:.3g} vs untrained {untrained['masked_chi2']:.3g}")
@@ -66,7 +67,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
     write_eval_results(report, untrained, recipe.data.mock_cards, Path(recipe.run.output_dir) / EVAL_NAME)
 
     hub = hub_endpoint or str(output / "hub")
-    print(f"[4/4] publishing the release to the hub {hub} and loading it back by repo id")
+    print(f"[4/5] publishing the release to the hub {hub} and loading it back by repo id")
     published = push(recipe.run.output_dir, repo_id, hub_endpoint=hub, commit_message="cosmofm demo release")
     print(f"      pushed {published.repo_id} revision {published.revision}, commit {published.commit}")
     from_hub = cosmofm.from_pretrained(repo_id, revision=published.commit, hub_endpoint=hub)  # downloads + verifies
@@ -79,10 +80,11 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
     folder = pull(repo_id, revision=published.commit, hub_endpoint=hub)
     print(f"      loaded by repo id with {' and '.join(loaded)}; embeddings identical: {hub_same}")
     print(f"      (cosmofm pull {repo_id} --revision {published.commit} --hub-endpoint {hub})")
+    classification = finetune_and_classify(output, summary["model_dir"], n_labelled=n_labelled)
     report = {"loss_first": first, "loss_last": last, "held_out": report, "held_out_untrained": untrained, "reload_identical": bool(same),
               "hub": {"endpoint": hub, "repo_id": repo_id, "revision": published.revision, "commit": published.commit,
                       "local_folder": str(folder), "reload_identical": bool(hub_same)},
-              "seconds": time.perf_counter() - t0}
+              "classification": classification, "seconds": time.perf_counter() - t0}
     (output / "demo_report.json").write_text(json.dumps(report, indent=2))
     print(
         f"\nWritten under {output}/:\n"
@@ -90,10 +92,39 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
         f"  published: {repo_id} (commit {published.commit[:12]}) on {hub}; model card: {folder / 'README.md'}\n"
         f"  training checkpoints: {recipe.run.output_dir}/checkpoints  (resume: cosmofm pretrain --config {recipe.run.output_dir}/recipe.yaml --resume)\n"
         f"  metrics per step: {summary['metrics']}\n  loss curve: {plot}\n"
+        f"  classifier (release, eval_results.json, figures): {classification['output_dir']}\n"
+        f"  classified catalogue of a 4MOST-like ESO file: {classification['catalogue']}\n"
         f"  TensorBoard / wandb (offline) logs: {recipe.run.output_dir}\n  report: {output / 'demo_report.json'}\n"
         f"done in {report['seconds']:.0f} s"
     )
     return report
+
+
+def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 1200, n_new: int = 200) -> dict:
+    """Fine-tune the spectral classification head on labelled mocks, then classify a
+    4MOST-like ESO Phase 3 file of new objects, as a user would, and score it."""
+    from cosmofm.data_cards.catalogue import read_catalogue
+    from cosmofm.data_cards.survey_files import write_eso_sdp
+    from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification
+
+    card = load_card("sdss-like")
+    print(f"[5/5] fine-tuning the spectral classifier (13 classes + redshift) on {n_labelled} labelled {card.name} mocks")
+    labelled = mock_samples(card, n_labelled, seed=HELD_OUT_SEED + 1)
+    cfg = FinetuneConfig(strategy="full", epochs=6, batch_size=32, lr=2e-3, backbone_lr_scale=0.3, output_dir=str(output / "classifier"))
+    result = finetune_classification(labelled, card, cfg, backbone=backbone_dir)
+    m = result["metrics"]
+    print(f"      test block: accuracy {m['accuracy']:.3f}, macro recall {m['macro_recall']:.3f}, ECE {m['ece_after']:.3f} "
+          f"(before temperature {m['ece_before']:.3f}), conformal coverage {m['conformal_coverage']:.3f} (nominal {1 - cfg.alpha:.2f})")
+    new = mock_samples(load_card("4most-lrs"), n_new, seed=HELD_OUT_SEED + 2)
+    eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
+    catalogue = output / "classified.fits"
+    classify([str(eso)], result["model_dir"], catalogue, progress=False)
+    rows = read_catalogue(catalogue)
+    truth = {s.id: s.meta["labels"]["spectral_class"] for s in new}
+    accuracy = float(np.mean([str(c) == truth.get(str(o)) for o, c in zip(rows["OBJECT"], rows["CLASS"])]))
+    print(f"      classified {len(rows)} spectra of a 4MOST-like ESO file: accuracy {accuracy:.3f} (chance {1 / 13:.3f})")
+    return {"output_dir": result["output_dir"], "catalogue": str(catalogue), "test_metrics": {k: m[k] for k in ("accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage")},
+            "eso_file_accuracy": accuracy}
 
 
 def _is_default_endpoint(endpoint: str) -> bool:

@@ -72,8 +72,14 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # the hub download cache, as a user sets it
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf-home"))
 
-    report = run_demo(output=tmp_path, steps=8)
+    report = run_demo(output=tmp_path, steps=8, n_labelled=120)
     assert report["reload_identical"] is True
+    # the classifier step: a release, and a catalogue of the 4MOST-like ESO file (200 rows)
+    from cosmofm.data_cards.catalogue import read_catalogue
+
+    assert (Path(report["classification"]["output_dir"]) / "model" / "model.safetensors").exists()
+    assert len(read_catalogue(report["classification"]["catalogue"])) == 200
+    assert 0.0 <= report["classification"]["eso_file_accuracy"] <= 1.0
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
     # published to the local-directory hub under the output folder, loaded back by repo id
