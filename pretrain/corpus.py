@@ -18,6 +18,7 @@ from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.hf_io import SampleDataset, write_dataset
 from cosmofm.data_cards.mock import mock_samples
 from cosmofm.data_cards.readers import read_any
+from cosmofm.data_cards.readers.ours import sniff_dataset
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import load_card
 
@@ -89,7 +90,7 @@ def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], in
     for p in paths:
         if not p.exists():
             raise InputError("recipe.data.datasets", f"{p} does not exist", "make it with `cosmofm mock` or fix the path")
-        if _is_dataset(p):
+        if sniff_dataset(p):
             part = SampleDataset(p)  # memory-mapped: larger than memory is fine
             names |= set(part.cards)
         else:
@@ -100,6 +101,3 @@ def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], in
         parts.append(part)
     return ConcatSamples(parts), sorted(names), block
 
-
-def _is_dataset(p: Path) -> bool:
-    return p.suffix == ".parquet" or (p.is_dir() and ((p / "dataset_info.json").exists() or any(p.glob("*.parquet"))))
