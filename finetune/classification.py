@@ -32,6 +32,8 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.calibration import (
     ConformalClassifier,
     coverage,
+    ensemble_prediction,
+    error_detection_auroc,
     expected_calibration_error,
     fit_temperature,
     reliability_curve,
@@ -61,13 +63,17 @@ class FinetuneConfig:
         strategy (`str`, "frozen"): "frozen" (head only), "full" or "lora".
         epochs (`int`, 5): passes over the training block.
         batch_size (`int`, 32): samples per optimizer step.
-        lr (`float`, 1e-3): AdamW learning rate (head; the backbone uses lr * backbone_lr_scale).
+        lr (`float`, 1e-3): AdamW peak learning rate (head; the backbone uses lr * backbone_lr_scale),
+            reached after `warmup_fraction` of the steps and decayed to 0 on a cosine (as in pretraining).
+        warmup_fraction (`float`, 0.05): fraction of the optimizer steps spent warming up.
         backbone_lr_scale (`float`, 0.3): backbone LR / head LR for "full".
         weight_decay (`float`, 0.01): AdamW weight decay on matrices.
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
         test_fraction (`float`, 0.2): fraction of all samples held out for the test metrics.
         alpha (`float`, 0.1): conformal miscoverage level.
+        mc_samples (`int`, 0): Monte-Carlo-dropout passes of the head scored on the test
+            block next to the default (temperature scaling + conformal sets); 0 = skip.
         head_hidden (`int`, 128), head_dropout (`float`, 0.1), redshift (`bool`, True): head settings.
         redshift_weight (`float`, 0.1): weight of the redshift Gaussian NLL against the
             class cross-entropy (at 1.0 the NLL, which keeps falling as the predicted
@@ -82,12 +88,14 @@ class FinetuneConfig:
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
+    warmup_fraction: float = 0.05
     backbone_lr_scale: float = 0.3
     weight_decay: float = 0.01
     label_fraction: float = 1.0
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
     alpha: float = 0.1
+    mc_samples: int = 0
     head_hidden: int = 128
     head_dropout: float = 0.1
     redshift: bool = True
@@ -107,6 +115,8 @@ class FinetuneConfig:
             raise InputError("label_fraction", f"must be in (0, 1], got {self.label_fraction}", "e.g. 0.1 for 10% of the labels")
         if not (0 < self.calibration_fraction < 1 and 0 < self.test_fraction < 1 and self.calibration_fraction + self.test_fraction < 1):
             raise InputError("calibration_fraction / test_fraction", "must be positive and sum to less than 1", "e.g. 0.2 and 0.2")
+        if not 0 <= self.warmup_fraction < 1:
+            raise InputError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}", "e.g. 0.05")
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("epochs / batch_size", "must be >= 1", "train for at least one epoch")
 
@@ -181,19 +191,25 @@ def _batches(samples: Sequence[Sample], index: np.ndarray, batch_size: int) -> I
 
 
 @torch.no_grad()
-def predict(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], batch_size: int = 64, device=None) -> dict[str, np.ndarray]:
-    """Raw logits (N, C), redshift and its error (N,) for samples, in order."""
+def predict(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], batch_size: int = 64, device=None,
+            mc_samples: int = 0) -> dict[str, np.ndarray]:
+    """Raw logits (N, C), redshift and its error (N,) for samples, in order; with
+    mc_samples > 0 also "mc_logits" (S, N, C) of Monte-Carlo-dropout passes of the head."""
     model.eval()
     device = device or next(model.parameters()).device
     names = model.config.survey_names
-    logits, z, z_err = [], [], []
+    logits, z, z_err, mc = [], [], [], []
     for chunk in _batches(samples, np.arange(len(samples)), batch_size):
-        out = model(collate_samples(chunk, names).to(device))
+        out = model(collate_samples(chunk, names).to(device), mc_samples=mc_samples)
         logits.append(out.logits.float().cpu())
+        if out.mc_logits is not None:
+            mc.append(out.mc_logits.float().cpu())
         if out.redshift is not None:
             z.append(out.redshift.float().cpu())
             z_err.append(out.redshift_err.float().cpu())
     res = {"logits": torch.cat(logits).numpy()}
+    if mc:
+        res["mc_logits"] = torch.cat(mc, dim=1).numpy()
     if z:
         res["redshift"], res["redshift_err"] = torch.cat(z).numpy(), torch.cat(z_err).numpy()
     return res
@@ -250,6 +266,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
 
     cfg = cfg or FinetuneConfig()
     if len(samples) < 10:
@@ -267,13 +284,15 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         groups += [{"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": cfg.weight_decay},
                    {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
-
-    accelerator = _make_accelerator()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    rng = np.random.default_rng(cfg.seed)
-    survey_names = accelerator.unwrap_model(model).config.survey_names
     train = splits["train"]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    n_steps = cfg.epochs * steps_per_epoch
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * n_steps), n_steps)
+
+    accelerator = _make_accelerator()
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand (see pretrain.train)
+    rng = np.random.default_rng(cfg.seed)
+    survey_names = accelerator.unwrap_model(model).config.survey_names
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"finetune ({cfg.strategy})", disable=not cfg.progress)
     history = []
     for _ in range(cfg.epochs):
@@ -288,6 +307,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
             out = model(batch, labels[idx].to(accelerator.device), None if redshifts is None else redshifts[idx].to(accelerator.device))
             accelerator.backward(out.loss)
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             total += float(out.loss.detach()) * len(index)
             bar.update(1)
@@ -296,7 +316,8 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     bar.close()
     model = _merge_lora(accelerator.unwrap_model(model), cfg)
 
-    metrics, arrays = calibrate_and_evaluate(model, samples, splits, labels.numpy(), None if redshifts is None else redshifts.numpy(), cfg.alpha)
+    metrics, arrays = calibrate_and_evaluate(model, samples, splits, labels.numpy(), None if redshifts is None else redshifts.numpy(), cfg.alpha,
+                                              cfg.mc_samples)
     result = {"model": model, "metrics": metrics, "history": history, "splits": {k: v.tolist() for k, v in splits.items()}}
     if cfg.output_dir:
         result.update(save_run(model, metrics, arrays, card, cfg, history))
@@ -305,10 +326,15 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
 
 
 def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], splits: dict, labels: np.ndarray,
-                           redshifts: np.ndarray | None, alpha: float = 0.1) -> tuple[dict, dict]:
-    """Fit temperature and conformal threshold on the calibration block (stored in the model), test on the test block."""
+                           redshifts: np.ndarray | None, alpha: float = 0.1, mc_samples: int = 0) -> tuple[dict, dict]:
+    """Fit temperature and conformal threshold on the calibration block (stored in the model), test on the test block.
+
+    With mc_samples > 0 the test block is also scored by the Monte-Carlo-dropout ensemble
+    of the head (metrics under "mc_dropout": accuracy, ECE of the mean probabilities at
+    the fitted temperature, and how well each uncertainty flags errors, as AUROC).
+    """
     cal = predict(model, [samples[int(i)] for i in splits["calibration"]])
-    test = predict(model, [samples[int(i)] for i in splits["test"]])
+    test = predict(model, [samples[int(i)] for i in splits["test"]], mc_samples=mc_samples)
     y_cal, y_test = labels[splits["calibration"]], labels[splits["test"]]
     temperature = fit_temperature(cal["logits"], y_cal)
     p_cal_raw, p_cal = softmax(cal["logits"]), softmax(cal["logits"], temperature)
@@ -327,6 +353,17 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
         "conformal_coverage": coverage(sets, y_test), "conformal_mean_set_size": float(sets.sum(axis=1).mean()),
         "confusion": cls["confusion"].tolist(),
     }
+    if "mc_logits" in test:
+        ens = ensemble_prediction(test["mc_logits"], temperature)
+        wrong = p_test.argmax(1) != y_test
+        metrics["mc_dropout"] = {
+            "samples": int(mc_samples), "accuracy": float(np.mean(ens.probs.argmax(1) == y_test)),
+            "ece": expected_calibration_error(ens.probs, y_test),
+            "error_auroc_epistemic": error_detection_auroc(ens.epistemic, wrong),
+            "error_auroc_total_entropy": error_detection_auroc(ens.total_entropy, wrong),
+            "error_auroc_softmax": error_detection_auroc(1 - p_test.max(1), wrong),
+            "mean_epistemic_nats": float(ens.epistemic.mean()),
+        }
     arrays = {"probs": p_test, "probs_raw": p_raw, "labels": y_test}
     if redshifts is not None and "redshift" in test:
         z_true = redshifts[splits["test"]]

@@ -3,6 +3,9 @@
 - Temperature scaling (Guo et al. 2017, ICML): one scalar T fitted on a calibration
   split by minimising the negative log-likelihood of softmax(logits / T).
 - Expected calibration error: top-label ECE with equal-width confidence bins.
+- Monte-Carlo (dropout) ensembles: mean probabilities and the split of predictive
+  entropy into expected (aleatoric) entropy and mutual information (epistemic; Houlsby
+  et al. 2011, "BALD"; Gal, Islam & Ghahramani 2017).
 - Split-conformal prediction sets (Vovk et al. 2005; the "LAC" score 1 - p_true of
   Sadinle, Lei & Wasserman 2019): with the finite-sample quantile, sets contain the
   true class with probability >= 1 - alpha for exchangeable data.
@@ -52,6 +55,44 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class EnsemblePrediction:
+    probs: np.ndarray  # (N, C) mean of the members' probabilities
+    total_entropy: np.ndarray  # (N,) entropy of the mean [nats]
+    aleatoric: np.ndarray  # (N,) mean of the members' entropies [nats]
+    epistemic: np.ndarray  # (N,) mutual information = total - aleatoric [nats], >= 0
+
+
+def ensemble_prediction(member_logits, temperature: float = 1.0) -> EnsemblePrediction:
+    """Combine (S, N, C) logits of S ensemble members (or MC-dropout passes)."""
+    logits = _as_numpy(member_logits)
+    if logits.ndim != 3:
+        raise ValueError(f"expected (S, N, C) member logits, got shape {logits.shape}")
+    members = np.stack([softmax(m, temperature) for m in logits])  # (S, N, C)
+    mean = members.mean(axis=0)
+    entropy = lambda p: -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)  # noqa: E731
+    total, aleatoric = entropy(mean), entropy(members).mean(axis=0)
+    return EnsemblePrediction(mean, total, aleatoric, np.clip(total - aleatoric, 0, None))
+
+
+def error_detection_auroc(uncertainty, is_error) -> float:
+    """AUROC of `uncertainty` (N,) as a detector of misclassified samples (`is_error` (N,) bool):
+    the probability that an error has a higher uncertainty than a correct prediction (ties
+    count half; Mann-Whitney U). nan when either group is empty."""
+    u, e = _as_numpy(uncertainty).astype(float), _as_numpy(is_error).astype(bool)
+    n_err, n_ok = int(e.sum()), int((~e).sum())
+    if n_err == 0 or n_ok == 0:
+        return float("nan")
+    order = np.argsort(u, kind="mergesort")
+    ranks = np.empty(len(u))
+    sorted_u = u[order]
+    # average ranks of ties
+    _, first, counts = np.unique(sorted_u, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[e].sum() - n_err * (n_err + 1) / 2) / (n_err * n_ok))
 
 
 @dataclass

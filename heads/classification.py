@@ -47,6 +47,10 @@ class ClassificationHeadConfig:
         hidden_size (`int`, 128): width of the head's hidden layer.
         dropout (`float`, 0.1): dropout before each head layer.
         redshift (`bool`, True): also predict log(1+z) mean and log-variance.
+        pooling (`str`, "attention"): how tokens become one vector: "attention" (learned
+            queries attend over the tokens, next to their mean; a line in one token of 72 is
+            not averaged away) or "mean" (the backbone's mean-pooled embedding).
+        pooling_heads (`int`, 4): attention-pooling queries.
         class_label (`str`, "spectral_class"): key of the class in `Sample.meta["labels"]`.
         redshift_label (`str`, "redshift"): key of the redshift in `Sample.meta["labels"]`.
         redshift_weight (`float`, 0.1): weight of the redshift NLL in the loss (see FinetuneConfig).
@@ -60,6 +64,8 @@ class ClassificationHeadConfig:
     hidden_size: int = 128
     dropout: float = 0.1
     redshift: bool = True
+    pooling: str = "attention"
+    pooling_heads: int = 4
     class_label: str = "spectral_class"
     redshift_label: str = "redshift"
     redshift_weight: float = 0.1
@@ -77,6 +83,8 @@ class ClassificationHeadConfig:
             raise InputError("task.class_names", "has duplicates", "give each class once")
         if not self.temperature > 0:
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
+        if self.pooling not in ("attention", "mean"):
+            raise InputError("task.pooling", f"is {self.pooling!r}", "use 'attention' or 'mean'")
         if self.type != TASK_TYPE:
             raise InputError("task.type", f"is {self.type!r}, not {TASK_TYPE!r}", "load this model with the class for its task")
 
@@ -98,6 +106,7 @@ class ClassificationHeadConfig:
         if not isinstance(d, dict):
             raise InputError("config.task", "is missing", "this config is not a classification model; build one with ClassificationHeadConfig.from_card")
         known = {f.name for f in fields(cls)}
+        d = {"pooling": "mean", **d}  # configs saved before attention pooling existed used the mean
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> dict:
@@ -113,6 +122,7 @@ class SpectralClassificationOutput(ModelOutput):
     log1pz_mean, log1pz_logvar: (N,) predicted log(1+z) and its log-variance (None without redshift).
     redshift, redshift_err: (N,) z = exp(mean) - 1 and its 1-sigma error (1+z) * sigma.
     classification_loss, redshift_loss: the two loss terms.
+    mc_logits: (S, N, C) logits of S Monte-Carlo-dropout passes of the head (only with mc_samples > 0).
     backbone: the backbone's CosmoFMOutput.
     """
 
@@ -124,20 +134,42 @@ class SpectralClassificationOutput(ModelOutput):
     redshift_err: torch.Tensor | None = None
     classification_loss: torch.Tensor | None = None
     redshift_loss: torch.Tensor | None = None
+    mc_logits: torch.Tensor | None = None
     backbone: CosmoFMOutput | None = None
 
 
+class AttentionPooling(nn.Module):
+    """Learned queries attend over the tokens (multi-head attention pooling, as in the
+    "MAP" heads of ViT/SigLIP): (N, T, D) tokens + (N, T) validity -> (N, heads * D)."""
+
+    def __init__(self, size: int, n_queries: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(size)
+        self.key = nn.Linear(size, n_queries)  # one score per query and token
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tokens)
+        scores = self.key(x).float().masked_fill(~valid.unsqueeze(-1), float("-inf"))  # (N, T, Q)
+        weights = scores.softmax(dim=1).to(x.dtype)
+        return torch.einsum("ntq,ntd->nqd", weights, x).flatten(1)  # (N, Q * D)
+
+
 class SpectralClassificationHead(nn.Module):
-    """pooled (N, D) -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
+    """tokens -> pooled -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
 
     def __init__(self, in_size: int, head: ClassificationHeadConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(in_size)
-        self.hidden = nn.Sequential(nn.Dropout(head.dropout), nn.Linear(in_size, head.hidden_size), nn.GELU(), nn.Dropout(head.dropout))
+        self.pool = AttentionPooling(in_size, head.pooling_heads) if head.pooling == "attention" else None
+        pooled_size = in_size * (1 + head.pooling_heads) if self.pool is not None else in_size
+        self.norm = nn.LayerNorm(pooled_size)
+        self.hidden = nn.Sequential(nn.Dropout(head.dropout), nn.Linear(pooled_size, head.hidden_size), nn.GELU(), nn.Dropout(head.dropout))
         self.classifier = nn.Linear(head.hidden_size, head.n_classes)
         self.redshift = nn.Linear(head.hidden_size, 2) if head.redshift else None
 
-    def forward(self, pooled: torch.Tensor):
+    def forward(self, out: CosmoFMOutput):
+        pooled = out.pooled  # (N, D) mean over tokens
+        if self.pool is not None:
+            pooled = torch.cat([pooled, self.pool(out.last_hidden_state, out.attention_mask)], dim=-1)
         h = self.hidden(self.norm(pooled))  # (N, H)
         logits = self.classifier(h)  # (N, C)
         z = self.redshift(h) if self.redshift is not None else None  # (N, 2)
@@ -174,9 +206,20 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
         self.head_config.__post_init__()
         self.config.task = self.head_config.to_dict()
 
-    def forward(self, batch: CosmoFMBatch, class_labels: torch.Tensor | None = None, redshift: torch.Tensor | None = None) -> SpectralClassificationOutput:
+    def forward(self, batch: CosmoFMBatch, class_labels: torch.Tensor | None = None, redshift: torch.Tensor | None = None,
+                mc_samples: int = 0) -> SpectralClassificationOutput:
+        """Class logits and redshift; `mc_samples` > 0 adds that many passes of the head with
+        its dropout on (Monte-Carlo dropout, Gal & Ghahramani 2016, on the head only: the
+        backbone runs once, so S passes cost S small MLPs, not S models)."""
         out = self.cosmofm(batch)
-        logits, z = self.head(out.pooled)
+        logits, z = self.head(out)
+        mc_logits = None
+        if mc_samples > 0:
+            was_training = self.head.training
+            self.head.train()
+            with torch.no_grad():
+                mc_logits = torch.stack([self.head(out)[0] for _ in range(mc_samples)])  # (S, N, C)
+            self.head.train(was_training)
         mean = logvar = z_pred = z_err = None
         if z is not None:
             mean = z[:, 0]  # (N,)
@@ -193,7 +236,7 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
             loss = z_loss * self.head_config.redshift_weight if loss is None else loss + self.head_config.redshift_weight * z_loss
         return SpectralClassificationOutput(
             loss=loss, logits=logits, log1pz_mean=mean, log1pz_logvar=logvar, redshift=z_pred, redshift_err=z_err,
-            classification_loss=cls_loss, redshift_loss=z_loss, backbone=out,
+            classification_loss=cls_loss, redshift_loss=z_loss, mc_logits=mc_logits, backbone=out,
         )
 
     def probabilities(self, logits: torch.Tensor) -> np.ndarray:

@@ -25,6 +25,16 @@ class CosmoFMConfig(PretrainedConfig):
         layer_norm_eps (`float`, 1e-6).
         initializer_range (`float`, 0.02): std of the truncated-normal weight init.
         spectrum_patch_size (`int`, 32): pixels per 1D spectrum token.
+        pixel_weight (`str`, "mask"): second input channel of every pixel next to its value:
+            "mask" (1 = measured, 0 = masked) or "ivar" (1/sigma relative to the sample's
+            median, clipped to [0, 3]; tells noisy pixels such as sky lines from signal).
+        spectrum_stem_channels (`int`, 0): channels of a small convolutional stem over the
+            whole spectrum, pooled into each token (line widths and ratios at any redshift);
+            0 = each token is a linear map of its pixels only.
+        spectrum_stem_stride (`int`, 1): pixels per step of the stem's first convolution
+            (kernel 2 x stride + 1, or spectrum_stem_kernel at stride 1, where the second
+            convolution is dilated by 2); spectrum_patch_size must be a multiple of it.
+        spectrum_stem_kernel (`int`, 9): kernel of the stem's second convolution (odd).
         image_patch_size (`int`, 8): pixels per side of a 2D image token (one band each).
         cube_patch_size (`list[int]`, [8, 8, 8]): (channels, y, x) per radio-cube token.
         field_patch_size (`list[int]`, [8, 8, 8]): (los, y, x) cells per simulated-field token.
@@ -55,6 +65,10 @@ class CosmoFMConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         spectrum_patch_size: int = 32,
+        pixel_weight: str = "mask",
+        spectrum_stem_channels: int = 0,
+        spectrum_stem_stride: int = 1,
+        spectrum_stem_kernel: int = 9,
         image_patch_size: int = 8,
         cube_patch_size: list[int] | tuple[int, ...] = (8, 8, 8),
         field_patch_size: list[int] | tuple[int, ...] = (8, 8, 8),
@@ -78,6 +92,11 @@ class CosmoFMConfig(PretrainedConfig):
             raise ValueError(f"unknown objectives {sorted(unknown)}; use 'masked' and/or 'contrastive'")
         if masked_loss not in ("log_chi2", "chi2"):
             raise ValueError(f"masked_loss must be 'log_chi2' or 'chi2', got {masked_loss!r}")
+        if pixel_weight not in ("mask", "ivar"):
+            raise ValueError(f"pixel_weight must be 'mask' or 'ivar', got {pixel_weight!r}")
+        if spectrum_stem_channels < 0 or spectrum_stem_stride < 1 or spectrum_stem_kernel < 1 or spectrum_stem_kernel % 2 == 0:
+            raise ValueError(f"spectrum_stem_channels must be >= 0, spectrum_stem_stride >= 1 and spectrum_stem_kernel odd; got "
+                             f"{spectrum_stem_channels}, {spectrum_stem_stride}, {spectrum_stem_kernel}")
         if schema_version > SCHEMA_VERSION:
             raise ValueError(
                 f"this checkpoint has config schema_version {schema_version}, newer than this cosmofm "
@@ -92,6 +111,10 @@ class CosmoFMConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.spectrum_patch_size = int(spectrum_patch_size)
+        self.pixel_weight = pixel_weight
+        self.spectrum_stem_channels = int(spectrum_stem_channels)
+        self.spectrum_stem_stride = int(spectrum_stem_stride)
+        self.spectrum_stem_kernel = int(spectrum_stem_kernel)
         self.image_patch_size = int(image_patch_size)
         self.cube_patch_size = [int(p) for p in cube_patch_size]
         self.field_patch_size = [int(p) for p in field_patch_size]

@@ -56,7 +56,7 @@ class CosmoFMEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, batch: CosmoFMBatch, mask_ratio: float = 0.0):
-        groups = [self.tokenizers[g.modality](g) for g in batch.groups]
+        groups = [self.tokenizers[g.modality](g, mask_ratio, batch.sample_seeds[g.rows]) for g in batch.groups]
         n = len(batch)
         t_max = max(g.content.shape[1] for g in groups)
         c_max = max(g.coords.shape[2] for g in groups)
@@ -68,30 +68,15 @@ class CosmoFMEmbeddings(nn.Module):
         for g in groups:
             t = g.content.shape[1]
             content = g.content
-            if mask_ratio > 0:
-                hidden = _token_mask(batch.sample_seeds[g.rows], t, mask_ratio, g.valid)  # (n_g, t)
-                content = torch.where(hidden.unsqueeze(-1), self.mask_token.to(content.dtype), content)
-                token_mask[g.rows, :t] = hidden
+            if g.hidden is not None:  # masked modelling: hidden tokens carry only the mask token
+                content = torch.where(g.hidden.unsqueeze(-1), self.mask_token.to(content.dtype), content)
+                token_mask[g.rows, :t] = g.hidden
             modality = self.modality_embedding.weight[MODALITIES.index(g.modality)]
             tokens[g.rows, :t] = (content + g.position + modality).to(tokens.dtype)
             attention_mask[g.rows, :t] = True
             coords[g.rows, :t, : g.coords.shape[2]] = g.coords
         tokens = tokens + self.survey_embedding(batch.survey_ids).unsqueeze(1)
         return self.dropout(tokens), attention_mask, token_mask, coords, groups
-
-
-def _token_mask(seeds: torch.Tensor, n_tokens: int, ratio: float, valid: torch.Tensor) -> torch.Tensor:
-    """Hide round(ratio * T) tokens per sample, chosen by the sample's own seed.
-
-    Seeding per sample (not from the global RNG) makes the mask independent of how the
-    batch is split over processes and workers, so 1- and 2-process runs agree.
-    """
-    k = max(1, round(ratio * n_tokens))
-    out = torch.zeros(len(seeds), n_tokens, dtype=torch.bool)
-    for i, seed in enumerate(seeds.tolist()):
-        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
-        out[i, order[:k]] = True
-    return out.to(valid.device) & valid
 
 
 class CosmoFMAttention(nn.Module):

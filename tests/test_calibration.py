@@ -55,3 +55,29 @@ def test_shapes_are_checked():
         expected_calibration_error(np.full((3, 2), 0.5), np.array([0, 1]))
     with pytest.raises(ValueError, match="alpha"):
         ConformalClassifier.fit(np.full((3, 2), 0.5), np.array([0, 1, 1]), alpha=1.5)
+
+
+def test_ensemble_splits_entropy_into_aleatoric_and_epistemic():
+    from cosmofm.heads.calibration import ensemble_prediction
+
+    rng = np.random.default_rng(1)
+    agree = np.repeat(rng.normal(0, 1, (1, 50, 5)), 8, axis=0)  # 8 identical members: no epistemic part
+    ens = ensemble_prediction(agree)
+    np.testing.assert_allclose(ens.epistemic, 0, atol=1e-9)
+    np.testing.assert_allclose(ens.total_entropy, ens.aleatoric, atol=1e-9)
+    disagree = np.stack([np.eye(5)[rng.integers(5, size=50)] * 10 for _ in range(8)])  # confident, different classes
+    ens2 = ensemble_prediction(disagree)
+    assert np.all(ens2.aleatoric < 0.01) and ens2.epistemic.mean() > 0.8
+    np.testing.assert_allclose(ens2.probs.sum(1), 1)
+    with pytest.raises(ValueError, match="member logits"):
+        ensemble_prediction(agree[0])
+
+
+def test_error_detection_auroc():
+    from cosmofm.heads.calibration import error_detection_auroc
+
+    errors = np.array([0, 0, 0, 1, 1], bool)
+    assert error_detection_auroc(np.array([0.1, 0.2, 0.3, 0.8, 0.9]), errors) == 1.0
+    assert error_detection_auroc(np.array([0.9, 0.8, 0.7, 0.1, 0.2]), errors) == 0.0
+    assert error_detection_auroc(np.ones(5), errors) == 0.5
+    assert np.isnan(error_detection_auroc(np.ones(3), np.zeros(3, bool)))

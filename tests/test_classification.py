@@ -22,6 +22,8 @@ from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6, projection_dim=16)
+# the shape of the spectral benchmark model (scripts/configs/spectra-small.yaml), tiny
+TINY_STEM = {**TINY, "pixel_weight": "ivar", "spectrum_stem_channels": 4}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,8 @@ def labelled(sdss):
 @pytest.fixture(scope="module")
 def finetuned(labelled, sdss, tmp_path_factory):
     out = tmp_path_factory.mktemp("cls-run")
-    cfg = FinetuneConfig(strategy="full", epochs=25, batch_size=16, lr=3e-3, backbone_lr_scale=1.0, output_dir=str(out))
-    return finetune_classification(labelled, sdss, cfg, backbone_config=TINY)
+    cfg = FinetuneConfig(strategy="full", epochs=25, batch_size=16, lr=3e-3, backbone_lr_scale=1.0, mc_samples=8, output_dir=str(out))
+    return finetune_classification(labelled, sdss, cfg, backbone_config=TINY_STEM)
 
 
 def _missing(v) -> bool:
@@ -105,6 +107,28 @@ def test_temperature_fit_on_calibration_split(finetuned, labelled):
     t5 = fit_temperature(overconfident, y)
     assert t5 > 1
     assert expected_calibration_error(softmax(overconfident, t5), y) <= expected_calibration_error(softmax(overconfident), y)
+
+
+def test_mc_dropout_members_differ_and_are_scored(finetuned, labelled):
+    model = finetuned["model"]
+    out = predict(model, labelled[:16], mc_samples=6)
+    assert out["mc_logits"].shape == (6, 16, len(CLASSES))
+    assert not np.allclose(out["mc_logits"][0], out["mc_logits"][1])  # dropout is on in the passes
+    np.testing.assert_array_equal(predict(model, labelled[:16])["logits"], out["logits"])  # the plain pass is not
+    mc = finetuned["metrics"]["mc_dropout"]
+    assert mc["samples"] == 8 and 0 <= mc["ece"] <= 1 and 0 <= mc["error_auroc_epistemic"] <= 1
+    assert mc["mean_epistemic_nats"] > 0
+
+
+def test_head_configs_saved_before_attention_pooling_still_load(sdss):
+    old = ClassificationHeadConfig.from_card(sdss).to_dict()
+    del old["pooling"], old["pooling_heads"]
+    cfg = CosmoFMConfig(survey_names=["sdss-like"], **TINY)
+    cfg.task = old
+    model = CosmoFMForSpectralClassification(cfg)
+    assert model.head_config.pooling == "mean" and model.head.pool is None
+    with pytest.raises(InputError, match="task.pooling"):
+        ClassificationHeadConfig.from_card(sdss, pooling="max")
 
 
 def test_conformal_coverage_near_target(finetuned):

@@ -196,3 +196,59 @@ def test_gapped_multi_window_grid_keeps_the_true_pixel_step(tiny_config, cards):
     group = SpectrumTokenizer(tiny_config)(collate_samples([spec]).groups[0])
     step = 10 ** group.coords[0, :, 1].numpy() * 10 ** group.coords[0, :, 0].numpy()  # (step / lambda) * lambda
     assert np.allclose(step, 0.08, rtol=0.01)  # not inflated by the 800 A gaps
+
+
+def _stem_config(tiny_config, **kw):
+    return CosmoFMConfig(**{**tiny_config.to_dict(), "spectrum_patch_size": 64, "pixel_weight": "ivar", "spectrum_stem_channels": 4, **kw})
+
+
+def test_stem_tokens_do_not_see_hidden_neighbours(tiny_config, mixed_samples):
+    """With the convolutional stem, what a hidden (masked-modelling) token holds must not
+    reach the visible tokens: changing only hidden pixels leaves the visible content alone."""
+    tok = SpectrumTokenizer(_stem_config(tiny_config)).eval()
+    spec = mixed_samples[0]
+    batch = collate_samples([spec], seeds=[7]).groups[0]
+    with torch.no_grad():
+        a = tok(batch, mask_ratio=0.5, seeds=torch.tensor([7]))
+        hidden_px = a.hidden[0].repeat_interleave(64)[: spec.values.size]
+        assert a.hidden.any() and (~a.hidden).any()
+        # flip the sign of hidden pixels: keeps the sample's rms normalisation, changes their content
+        changed = Sample("spectrum", np.where(hidden_px.numpy(), -spec.values, spec.values), spec.ivar, spec.coords, spec.meta)
+        b = tok(collate_samples([changed], seeds=[7]).groups[0], mask_ratio=0.5, seeds=torch.tensor([7]))
+        visible = ~a.hidden[0]
+        torch.testing.assert_close(a.content[0, visible], b.content[0, visible])
+        # without masking the stem does look across patch edges: the test can fail
+        c, d = tok(batch), tok(collate_samples([changed]).groups[0])
+        assert not torch.allclose(c.content[0, visible], d.content[0, visible])
+
+
+def test_stem_finds_a_line_wherever_it_falls_in_a_patch(tiny_config):
+    """Pooled stem features make a narrow line's signature nearly shift-invariant within a
+    patch (what a linear patch embedding cannot give)."""
+    tok = SpectrumTokenizer(_stem_config(tiny_config, spectrum_stem_stride=1))
+    wave = np.geomspace(4000, 4000 * 10 ** (1e-4 * 1023), 1024)
+    feats = []
+    for centre in (300, 306, 312):
+        values = 1 + 5 * np.exp(-0.5 * ((np.arange(1024) - centre) / 2.0) ** 2)
+        s = Sample("spectrum", values, np.ones_like(wave), {"wavelength": wave}, {"card": "sdss-like", "id": "s"})
+        n = tok.patch_size
+        x = torch.from_numpy(values / np.sqrt(np.mean(values**2))).float().view(1, -1, n)
+        local = tok.stem(torch.stack([x.reshape(1, -1), torch.ones(1, 1024)], dim=1))
+        feats.append(local.view(1, -1, 1024 // n, n).amax(-1)[0, :, 4])  # the patch holding the line
+    torch.testing.assert_close(feats[0], feats[1], rtol=0.05, atol=0.02)
+    torch.testing.assert_close(feats[0], feats[2], rtol=0.05, atol=0.02)
+
+
+def test_ivar_pixel_weights_flag_noisy_pixels(tiny_config):
+    tok = SpectrumTokenizer(_stem_config(tiny_config))
+    ivar = torch.ones(1, 256)
+    ivar[0, 100:110] = 1 / 25.0  # a sky line: 5x the noise
+    ivar[0, 200:210] = 0.0  # masked
+    w = tok.pixel_weight(ivar, (ivar > 0).float())
+    assert torch.allclose(w[0, :100], torch.ones(100))
+    assert torch.allclose(w[0, 100:110], torch.full((10,), 0.2))
+    assert torch.all(w[0, 200:210] == 0)
+    with pytest.raises(ValueError, match="pixel_weight"):
+        CosmoFMConfig(pixel_weight="sigma")
+    with pytest.raises(ValueError, match="multiple of spectrum_stem_stride"):
+        SpectrumTokenizer(_stem_config(tiny_config, spectrum_stem_stride=3))
