@@ -490,12 +490,17 @@ def input_files(inputs) -> list[Path]:
     return out
 
 
-def classify(inputs, model, output, batch_size: int = 64, card=None, progress: bool = True) -> dict:
+def classify(inputs, model, output, batch_size: int = 64, card=None, progress: bool = True, refine_redshift: bool = False,
+             mc_samples: int = 0) -> dict:
     """Classify every spectrum in `inputs`; write one catalogue row per object to `output` (.fits / .parquet).
 
     Each row: ID, CARD, FILE, the file's identifiers (PLATE/MJD/FIBERID, TARGETID, OBJECT,
     RA/DEC), CLASS, P_<class> per class (temperature-scaled), CONFORMAL_SET ('|'-joined
     class names), Z and Z_ERR (dimensionless), FLAGS ('|'-joined reader flag codes).
+    `refine_redshift`: Z and Z_ERR come from the template fitter run for the predicted
+    class within 0.02 dex of the network's redshift (heads.template_fit.refine_redshifts;
+    ~30 spectra/s), and Z_NETWORK keeps the network's. `mc_samples` > 0: EPISTEMIC, the
+    mutual information [nats] of that many Monte-Carlo-dropout passes of the head.
     Objects the reader flagged and skipped, and files it could not use, get a row with
     their flags and null predictions. Samples stream through in batches of `batch_size`;
     only the small per-row results are kept. InputError when nothing usable remains.
@@ -512,7 +517,13 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
     if not output.name.lower().endswith((".fits", ".fit", ".parquet")):
         raise InputError(str(output), f"suffix {output.suffix!r} is not a catalogue format", "use .fits or .parquet")
     names = clf.class_names
+    if mc_samples < 0:
+        raise InputError("mc_samples", f"must be >= 0, got {mc_samples}", "e.g. 20, or 0 for none")
     empty = {"CLASS": None, **{f"P_{c}": None for c in names}, "CONFORMAL_SET": None, "Z": None, "Z_ERR": None}
+    if refine_redshift:
+        empty["Z_NETWORK"] = None
+    if mc_samples:
+        empty["EPISTEMIC"] = None
     rows, n_used, problems = [], 0, []
     bar = tqdm(desc="classify", unit="spectrum", disable=not progress)
     for path in files:
@@ -532,7 +543,7 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
         preds = {}
         for start in range(0, len(result.samples), batch_size):
             chunk = [result.samples[i] for i in range(start, min(start + batch_size, len(result.samples)))]
-            preds.update(_predict_rows(clf, chunk))
+            preds.update(_predict_rows(clf, chunk, refine_redshift, mc_samples))
             bar.update(len(chunk))
         n_used += len(preds)
         card_name = result.card.name if result.card is not None else ""
@@ -555,7 +566,7 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
         raise InputError(", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else ""), "nothing usable to classify" + (f" ({problems[0]})" if problems else ""),
                          "give spectra files readable by `cosmofm inspect`")
     for r in rows:  # dimensionless redshifts (catalogue.write_catalogue keeps Quantity units)
-        for k in ("Z", "Z_ERR"):
+        for k in ("Z", "Z_ERR", "Z_NETWORK"):
             if r.get(k) is not None:
                 r[k] = r[k] * u.dimensionless_unscaled
     path = write_catalogue(rows, output)
@@ -563,17 +574,32 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
 
 
 @torch.no_grad()
-def _predict_rows(clf: CosmoFMForSpectralClassification, samples: list[Sample]) -> dict[str, dict]:
+def _predict_rows(clf: CosmoFMForSpectralClassification, samples: list[Sample], refine_redshift: bool = False,
+                  mc_samples: int = 0) -> dict[str, dict]:
     device = next(clf.parameters()).device
-    out = clf(collate_samples(samples, clf.config.survey_names).to(device))
+    out = clf(collate_samples(samples, clf.config.survey_names).to(device), mc_samples=mc_samples)
     probs = clf.probabilities(out.logits)
     sets = clf.prediction_sets(probs)
     names = clf.class_names
+    z = out.redshift.float().cpu().numpy() if out.redshift is not None else None
+    z_err = out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None
+    refined = None
+    if refine_redshift and z is not None:
+        from cosmofm.heads.template_fit import refine_redshifts
+
+        refined = refine_redshifts(samples, [names[k] for k in probs.argmax(1)], z)
+    epistemic = ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None
     res = {}
     for i, s in enumerate(samples):
         row = {"CLASS": names[int(probs[i].argmax())], **{f"P_{c}": float(probs[i, j]) for j, c in enumerate(names)}}
         row["CONFORMAL_SET"] = "|".join(c for j, c in enumerate(names) if sets[i, j]) if sets is not None else None
-        row["Z"] = float(out.redshift[i]) if out.redshift is not None else None
-        row["Z_ERR"] = float(out.redshift_err[i]) if out.redshift_err is not None else None
+        row["Z"] = float(z[i]) if z is not None else None
+        row["Z_ERR"] = float(z_err[i]) if z_err is not None else None
+        if refine_redshift:
+            row["Z_NETWORK"] = row["Z"]
+            if refined is not None:
+                row["Z"], row["Z_ERR"] = float(refined["z"][i]), float(refined["z_err"][i])
+        if epistemic is not None:
+            row["EPISTEMIC"] = float(epistemic[i])
         res[s.id] = row
     return res

@@ -191,6 +191,26 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
         assert {str(x) for x in t["FILE"]} == {"spec-4055-55359-0001.fits", "ours.fits", "coadd-main-dark-10016.fits"}
 
 
+def test_classify_refines_redshifts_and_reports_epistemic_uncertainty(finetuned, tmp_path):
+    from cosmofm.data_cards.fits_io import write_fits
+
+    sdss = load_card("sdss-like")
+    spectra = [s for s in mock_samples(sdss, 30, seed=8) if s.meta["labels"]["spectral_class"].startswith(("GALAXY", "QSO"))][:6]
+    write_fits(spectra, tmp_path / "in.fits", sdss)
+    out = tmp_path / "pred.fits"
+    assert cli_main(["classify", str(tmp_path / "in.fits"), "--model", finetuned["model_dir"], "--output", str(out),
+                     "--refine-redshift", "--mc-dropout", "5"]) == 0
+    t = read_catalogue(out)
+    assert {"Z_NETWORK", "EPISTEMIC"} <= set(t.colnames)
+    assert np.all(np.asarray(t["EPISTEMIC"]) >= 0)
+    # refined redshifts stay within the 0.02 dex window around the network's
+    assert np.all(np.abs(np.log10((1 + np.asarray(t["Z"])) / (1 + np.asarray(t["Z_NETWORK"])))) <= 0.0201)
+    assert not np.allclose(t["Z"], t["Z_NETWORK"])
+    plain = tmp_path / "plain.fits"
+    classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, progress=False)
+    assert "Z_NETWORK" not in read_catalogue(plain).colnames and "EPISTEMIC" not in read_catalogue(plain).colnames
+
+
 def test_classify_bad_input(finetuned, tmp_path):
     backbone_dir = tmp_path / "backbone"
     CosmoFMModel(CosmoFMConfig(survey_names=["sdss-like"], **TINY)).save_pretrained(backbone_dir)
