@@ -79,6 +79,8 @@ class FinetuneConfig:
             class cross-entropy (at 1.0 the NLL, which keeps falling as the predicted
             variance shrinks, halved the test accuracy of our small runs).
         lora_rank (`int`, 8), lora_alpha (`int`, 16): LoRA adapter rank and scale.
+        distill_weight (`float`, 1.0), distill_temperature (`float`, 2.0): knowledge distillation
+            from a `teacher` (finetune_classification argument), when one is given.
         seed (`int`, 0): shuffling and init seed.
         output_dir (`str | None`): where the model, eval_results.json and figures go.
         progress (`bool`, False): show a progress bar.
@@ -102,6 +104,8 @@ class FinetuneConfig:
     redshift_weight: float = 0.1
     lora_rank: int = 8
     lora_alpha: int = 16
+    distill_weight: float = 1.0
+    distill_temperature: float = 2.0
     seed: int = 0
     output_dir: str | None = None
     progress: bool = False
@@ -252,7 +256,7 @@ def _make_accelerator():
 
 
 def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig | None = None, backbone=None,
-                            backbone_config: dict | None = None) -> dict:
+                            backbone_config: dict | None = None, teacher=None) -> dict:
     """Fine-tune, calibrate on the calibration block, evaluate on the test block, save.
 
     Args:
@@ -261,6 +265,10 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         cfg: the knobs (FinetuneConfig).
         backbone: a pretrained release folder / repo id or a CosmoFMModel; None = fresh backbone.
         backbone_config: CosmoFMConfig arguments of a fresh backbone (only without `backbone`).
+        teacher: a fine-tuned classification model (or its folder) to distil from: the
+            loss gains cfg.distill_weight x T^2 x KL(teacher || student) of the
+            temperature-T (cfg.distill_temperature) class probabilities (Hinton et al.
+            2015). Teacher logits are computed once for the training block.
 
     Returns a dict: model, metrics (test block), history (loss per epoch), splits, paths.
     """
@@ -276,6 +284,14 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     model = _apply_strategy(build_model(card, cfg, backbone, backbone_config), cfg)
     head = model.head_config
     labels, redshifts = labels_from_samples(samples, head)
+    teacher_logits = None
+    if teacher is not None:
+        teacher = load_classifier(teacher)
+        if teacher.class_names != head.class_names:
+            raise InputError("teacher", f"predicts {teacher.class_names}, not this card's classes", "distil from a model fine-tuned on the same label schema")
+        teacher_logits = torch.zeros(len(samples), head.n_classes)
+        train_index = split_indices(len(samples), cfg)["train"]
+        teacher_logits[train_index] = torch.as_tensor(predict(teacher, [samples[int(i)] for i in train_index], batch_size=256)["logits"])
 
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     body_params = [p for p in model.cosmofm.parameters() if p.requires_grad]
@@ -305,11 +321,17 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
             batch = collate_samples([samples[int(i)] for i in index], survey_names).to(accelerator.device)
             idx = torch.as_tensor(index)
             out = model(batch, labels[idx].to(accelerator.device), None if redshifts is None else redshifts[idx].to(accelerator.device))
-            accelerator.backward(out.loss)
+            loss = out.loss
+            if teacher_logits is not None:
+                t = cfg.distill_temperature
+                kd = torch.nn.functional.kl_div(torch.log_softmax(out.logits.float() / t, -1), torch.softmax(teacher_logits[idx].to(accelerator.device) / t, -1),
+                                                reduction="batchmean")
+                loss = loss + cfg.distill_weight * t * t * kd
+            accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            total += float(out.loss.detach()) * len(index)
+            total += float(loss.detach()) * len(index)
             bar.update(1)
         history.append(total / len(train))
         bar.set_postfix(loss=f"{history[-1]:.4g}")

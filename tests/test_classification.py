@@ -131,6 +131,19 @@ def test_head_configs_saved_before_attention_pooling_still_load(sdss):
         ClassificationHeadConfig.from_card(sdss, pooling="max")
 
 
+def test_distillation_from_a_teacher(finetuned, labelled, sdss):
+    cfg = dict(strategy="full", epochs=2, batch_size=16)
+    plain = finetune_classification(labelled[:60], sdss, FinetuneConfig(**cfg), backbone_config=TINY)
+    off = finetune_classification(labelled[:60], sdss, FinetuneConfig(**cfg, distill_weight=0.0), backbone_config=TINY, teacher=finetuned["model"])
+    on = finetune_classification(labelled[:60], sdss, FinetuneConfig(**cfg, distill_weight=1.0), backbone_config=TINY, teacher=finetuned["model_dir"])
+    assert off["history"] == plain["history"]  # weight 0: exactly the plain loss
+    assert on["history"][0] > plain["history"][0]  # the KL term is added (>= 0, here > 0)
+    other = ClassificationHeadConfig(class_names=["A", "B"])
+    wrong = CosmoFMForSpectralClassification.from_backbone_config(CosmoFMConfig(survey_names=["sdss-like"], **TINY), other)
+    with pytest.raises(InputError, match="teacher"):
+        finetune_classification(labelled[:60], sdss, FinetuneConfig(**cfg), backbone_config=TINY, teacher=wrong)
+
+
 def test_conformal_coverage_near_target(finetuned):
     m = finetuned["metrics"]
     assert abs(m["conformal_coverage"] - 0.9) < 0.1, m
