@@ -12,7 +12,10 @@ Stages (cached under --work, default OUT/work, so a rerun reuses data and the pr
    fitter around the network's class and redshift;
 4. the template fitter (heads/template_fit.py) on the first `n_baseline` test spectra,
    with the network's numbers on the same spectra, head to head;
-5. with --label-efficiency: test accuracy and macro recall with 1 / 10 / 100 % of the
+5. with --student KEY=VALUE ...: a faster model (the spectra-small recipe with those
+   model settings, e.g. spectrum_stem_stride=4) distilled from the fine-tuned one, its
+   test metrics next to the teacher's (--student-only adds it to an existing report);
+6. with --label-efficiency: test accuracy and macro recall with 1 / 10 / 100 % of the
    training labels for frozen / LoRA / full fine-tunes of the pretrained backbone and
    the same model trained from scratch.
 
@@ -138,8 +141,19 @@ def label_efficiency(samples, card, backbone: str, fractions, strategies, base_e
     return rows
 
 
+def distil_student(samples, card, teacher_dir: str, overrides: list[str], epochs: int) -> dict:
+    """Distil the fine-tuned model into the spectra-small recipe with `overrides`; test metrics."""
+    student_model = PretrainRecipe.load(RECIPE, [f"model.{o}" for o in overrides]).model
+    cfg = FinetuneConfig(strategy="full", epochs=epochs, batch_size=64, lr=2e-3, calibration_fraction=0.1, test_fraction=0.15, progress=True)
+    t0 = time.perf_counter()
+    r = finetune_classification(samples, card, cfg, backbone_config={**student_model, "survey_names": [card.name]}, teacher=teacher_dir)
+    m = r["metrics"]
+    keys = ("accuracy", "macro_recall", "per_class_recall", "ece_after", "conformal_coverage", "redshift_catastrophic_fraction", "redshift_nmad")
+    return {"overrides": list(overrides), "epochs": epochs, "seconds": time.perf_counter() - t0, **{k: m[k] for k in keys}}
+
+
 def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500, n_baseline: int = 400, mc_samples: int = 20,
-        with_label_efficiency: bool = False, seed: int = 11, min_steps: int = 250, work: Path | None = None) -> dict:
+        with_label_efficiency: bool = False, seed: int = 11, min_steps: int = 250, work: Path | None = None, student: list[str] = ()) -> dict:
     card = load_card(CARD)
     work = Path(work) if work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -163,6 +177,8 @@ def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500,
         main = {"metrics": metrics, "epochs": epochs, "seconds": report["finetune_seconds"]}
         report["label_efficiency"] = label_efficiency(samples, card, backbone, (0.01, 0.1, 1.0), ("frozen", "lora", "full", "scratch"),
                                                       base_epochs=max(3, epochs // 3), min_steps=min_steps, main=main)
+    if student:
+        report["student"] = distil_student(samples, card, str(work / "finetune" / "model"), student, epochs)
     report["targets"] = targets(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / "classify_quality.json").write_text(json.dumps(report, indent=2))
@@ -222,10 +238,20 @@ def main(argv: list[str] | None = None):
     p.add_argument("--n-baseline", type=int, default=400, help="test spectra also template-fitted (~4 per second)")
     p.add_argument("--mc-samples", type=int, default=20)
     p.add_argument("--label-efficiency", action="store_true")
+    p.add_argument("--student", nargs="*", default=[], metavar="KEY=VALUE", help="distil into spectra-small with these model settings")
+    p.add_argument("--student-only", action="store_true", help="only distil the student from the cached fine-tuned model; add it to OUT's report")
     p.add_argument("--min-steps", type=int, default=250, help="optimizer steps at least, in the label-efficiency runs")
     args = p.parse_args(argv)
+    if args.student_only:
+        out, work = Path(args.out), Path(args.work) if args.work else Path(args.out) / "work"
+        report = json.loads((out / "classify_quality.json").read_text())
+        samples = labelled_mocks(work, report["n_samples"], report["seed"])
+        report["student"] = distil_student(samples, load_card(CARD), str(work / "finetune" / "model"), args.student, report["finetune_epochs"])
+        (out / "classify_quality.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report["student"], indent=2))
+        return report
     report = run(Path(args.out), args.n, args.epochs, args.pretrain_steps, args.n_baseline, args.mc_samples, args.label_efficiency,
-                 min_steps=args.min_steps, work=args.work)
+                 min_steps=args.min_steps, work=args.work, student=args.student)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
