@@ -520,8 +520,8 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
     RA/DEC), CLASS, P_<class> per class (temperature-scaled), CONFORMAL_SET ('|'-joined
     class names), Z and Z_ERR (dimensionless), FLAGS ('|'-joined reader flag codes).
     `refine_redshift`: Z and Z_ERR come from the template fitter run for the predicted
-    class within 0.02 dex of the network's redshift (heads.template_fit.refine_redshifts;
-    ~30 spectra/s), and Z_NETWORK keeps the network's. `mc_samples` > 0: EPISTEMIC, the
+    class only, over its redshift range (heads.template_fit.refine_redshifts; ~13x
+    cheaper than a full template fit), and Z_NETWORK keeps the network's. `mc_samples` > 0: EPISTEMIC, the
     mutual information [nats] of that many Monte-Carlo-dropout passes of the head.
     Objects the reader flagged and skipped, and files it could not use, get a row with
     their flags and null predictions. Samples stream through in batches of `batch_size`;
@@ -609,7 +609,7 @@ def _predict_rows(clf: CosmoFMForSpectralClassification, samples: list[Sample], 
     if refine_redshift and z is not None:
         from cosmofm.heads.template_fit import refine_redshifts
 
-        refined = refine_redshifts(samples, [names[k] for k in probs.argmax(1)], z)
+        refined = refine_redshifts(samples, [names[k] for k in probs.argmax(1)])
     epistemic = ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None
     res = {}
     for i, s in enumerate(samples):

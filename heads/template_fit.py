@@ -164,10 +164,12 @@ class TemplateFitter:
         return float(chi2[i] - (0.25 * (chi2[i - 1] - chi2[i + 1]) * frac if 0 < i < chi2.size - 1 else 0.0)), float(z), float(z_err)
 
 
-def refine_redshifts(samples, classes: list[str], z_guess, window_dex: float = 0.02, fitter: TemplateFitter | None = None) -> dict:
+def refine_redshifts(samples, classes: list[str], z_guess=None, window_dex: float | None = None, fitter: TemplateFitter | None = None) -> dict:
     """Redshifts from the template fitter, run only for each spectrum's given class (a
-    classifier's prediction) and within +-window_dex in log10(1 + z) of its guess: the
-    classical chi-square minimum, at ~1/13 of the cost of the full scan over classes.
+    classifier's prediction): the classical chi-square minimum at ~1/13 of the cost of
+    the scan over all classes. With `window_dex`, only within +-window_dex in
+    log10(1 + z) of `z_guess` (a classifier's redshift); by default over the class
+    family's whole range, since a network's galaxy and QSO redshifts can be off by more.
 
     Returns {"z", "z_err" (N,) arrays, "spectra_per_s"}.
     """
@@ -176,8 +178,14 @@ def refine_redshifts(samples, classes: list[str], z_guess, window_dex: float = 0
     fitter = fitter or TemplateFitter()
     z, z_err = np.empty(len(samples)), np.empty(len(samples))
     t0 = time.perf_counter()
-    for i, (s, cls, zg) in enumerate(zip(samples, classes, np.asarray(z_guess, float))):
-        lg = np.log10(1 + max(float(zg), -0.5))
-        fit = fitter.fit(s.coords["wavelength"], s.values, s.ivar, classes=[cls], z_range=(10 ** (lg - window_dex) - 1, 10 ** (lg + window_dex) - 1))
+    guesses = np.zeros(len(samples)) if z_guess is None else np.asarray(z_guess, float)
+    if window_dex is not None and z_guess is None:
+        raise ValueError("a redshift window needs z_guess")
+    for i, (s, cls, zg) in enumerate(zip(samples, classes, guesses)):
+        z_range = None
+        if window_dex is not None:
+            lg = np.log10(1 + max(float(zg), -0.5))
+            z_range = (10 ** (lg - window_dex) - 1, 10 ** (lg + window_dex) - 1)
+        fit = fitter.fit(s.coords["wavelength"], s.values, s.ivar, classes=[cls], z_range=z_range)
         z[i], z_err[i] = fit.z, fit.z_err
     return {"z": z, "z_err": z_err, "spectra_per_s": len(samples) / max(time.perf_counter() - t0, 1e-9)}

@@ -216,9 +216,10 @@ def test_classify_refines_redshifts_and_reports_epistemic_uncertainty(finetuned,
     t = read_catalogue(out)
     assert {"Z_NETWORK", "EPISTEMIC"} <= set(t.colnames)
     assert np.all(np.asarray(t["EPISTEMIC"]) >= 0)
-    # refined redshifts stay within the 0.02 dex window around the network's
-    assert np.all(np.abs(np.log10((1 + np.asarray(t["Z"])) / (1 + np.asarray(t["Z_NETWORK"])))) <= 0.0201)
-    assert not np.allclose(t["Z"], t["Z_NETWORK"])
+    # refined redshifts are the template fit's for the predicted class: mostly right, unlike a tiny network's
+    z_true = np.array([s.meta["labels"]["redshift"] for s in spectra])
+    good = np.abs(np.asarray(t["Z"]) - z_true) / (1 + z_true) < 0.0033
+    assert good.mean() >= 0.5 and not np.allclose(t["Z"], t["Z_NETWORK"])
     plain = tmp_path / "plain.fits"
     classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, progress=False)
     assert "Z_NETWORK" not in read_catalogue(plain).colnames and "EPISTEMIC" not in read_catalogue(plain).colnames
