@@ -111,16 +111,16 @@ def read_spec(path: Path, card=None, mask_bits: int | None = None, limit: int | 
     flux, ivar = convert_flux(flux, ivar, flux_unit, card, wave, where, ivar_unit)
     bad = _bad_pixels(and_mask, mask_bits)
 
-    plate = _int(specobj.get("PLATE", primary.get("PLATEID", primary.get("PLATE"))))
-    mjd = _int(specobj.get("MJD", primary.get("MJD")))
-    fiber = _int(specobj.get("FIBERID", primary.get("FIBERID")))
+    plate = _number(specobj.get("PLATE", primary.get("PLATEID", primary.get("PLATE"))), int)
+    mjd = _number(specobj.get("MJD", primary.get("MJD")), int)
+    fiber = _number(specobj.get("FIBERID", primary.get("FIBERID")), int)
     sid = f"spec-{plate:04d}-{mjd:05d}-{fiber:04d}" if None not in (plate, mjd, fiber) else path.stem
     ids = {
         "plate": plate, "mjd": mjd, "fiberid": fiber,
-        "ra": _float(specobj.get("PLUG_RA", primary.get("PLUG_RA", primary.get("RA")))),
-        "dec": _float(specobj.get("PLUG_DEC", primary.get("PLUG_DEC", primary.get("DEC")))),
+        "ra": _number(specobj.get("PLUG_RA", primary.get("PLUG_RA", primary.get("RA")))),
+        "dec": _number(specobj.get("PLUG_DEC", primary.get("PLUG_DEC", primary.get("DEC")))),
     }
-    meta = {**ids, "format": "sdss-spec", "medium": "vacuum", "frame": "heliocentric", "helio_rv_applied_kms": _float(primary.get("HELIO_RV"))}
+    meta = {**ids, "format": "sdss-spec", "medium": "vacuum", "frame": "heliocentric", "helio_rv_applied_kms": _number(primary.get("HELIO_RV"))}
     if specobj:
         meta["pipeline"] = {k.lower(): json_safe(specobj[k]) for k in _PIPELINE if k in specobj}
         if "SPECOBJID" in specobj:
@@ -174,8 +174,8 @@ def read_table(path: Path, card=None, mask_bits: int | None = None, limit: int |
     flags, samples, id_rows = Flags(), [], []
     for i, (wave, (_, flux, ivar, mask)) in enumerate(zip(waves, arrays)):
         ids = {
-            "plate": _int(table.get("PLATE", [None] * n)[i]), "mjd": _int(table.get("MJD", [None] * n)[i]), "fiberid": _int(table.get("FIBERID", [None] * n)[i]),
-            "ra": _float(table.get("PLUG_RA", table.get("RA", [None] * n))[i]), "dec": _float(table.get("PLUG_DEC", table.get("DEC", [None] * n))[i]),
+            "plate": _number(table.get("PLATE", [None] * n)[i], int), "mjd": _number(table.get("MJD", [None] * n)[i], int), "fiberid": _number(table.get("FIBERID", [None] * n)[i], int),
+            "ra": _number(table.get("PLUG_RA", table.get("RA", [None] * n))[i]), "dec": _number(table.get("PLUG_DEC", table.get("DEC", [None] * n))[i]),
         }
         sid = f"spec-{ids['plate']:04d}-{ids['mjd']:05d}-{ids['fiberid']:04d}" if None not in (ids["plate"], ids["mjd"], ids["fiberid"]) else f"{path.stem}-{i}"
         if not (len(wave) == len(flux) == len(ivar)):
@@ -249,18 +249,11 @@ def _is_air(vacuum) -> bool:
     return str(vacuum).strip().upper() in ("F", "FALSE", "0")
 
 
-def _int(v):
+def _number(v, cast=float):
+    """`cast(v)` of a header / table value, or None when it is missing or not a number."""
     v = json_safe(v)
     try:
-        return None if v is None or v == "" else int(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _float(v):
-    v = json_safe(v)
-    try:
-        return None if v is None or v == "" else float(v)
+        return None if v is None or v == "" else cast(v)
     except (TypeError, ValueError):
         return None
 
