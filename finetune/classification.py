@@ -290,8 +290,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         if teacher.class_names != head.class_names:
             raise InputError("teacher", f"predicts {teacher.class_names}, not this card's classes", "distil from a model fine-tuned on the same label schema")
         teacher_logits = torch.zeros(len(samples), head.n_classes)
-        train_index = split_indices(len(samples), cfg)["train"]
-        teacher_logits[train_index] = torch.as_tensor(predict(teacher, [samples[int(i)] for i in train_index], batch_size=256)["logits"])
+        teacher_logits[splits["train"]] = torch.as_tensor(predict(teacher, [samples[int(i)] for i in splits["train"]], batch_size=256)["logits"])
 
     head_params = [p for p in model.head.parameters() if p.requires_grad]
     body_params = [p for p in model.cosmofm.parameters() if p.requires_grad]

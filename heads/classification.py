@@ -155,7 +155,7 @@ class AttentionPooling(nn.Module):
 
 
 class SpectralClassificationHead(nn.Module):
-    """tokens -> pooled -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
+    """tokens -> pooled (`pool_tokens`) -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
 
     def __init__(self, in_size: int, head: ClassificationHeadConfig):
         super().__init__()
@@ -166,10 +166,13 @@ class SpectralClassificationHead(nn.Module):
         self.classifier = nn.Linear(head.hidden_size, head.n_classes)
         self.redshift = nn.Linear(head.hidden_size, 2) if head.redshift else None
 
-    def forward(self, out: CosmoFMOutput):
-        pooled = out.pooled  # (N, D) mean over tokens
-        if self.pool is not None:
-            pooled = torch.cat([pooled, self.pool(out.last_hidden_state, out.attention_mask)], dim=-1)
+    def pool_tokens(self, out: CosmoFMOutput) -> torch.Tensor:
+        """(N, pooled size): the token mean, next to the attention-pooled tokens."""
+        if self.pool is None:
+            return out.pooled  # (N, D) mean over tokens
+        return torch.cat([out.pooled, self.pool(out.last_hidden_state, out.attention_mask)], dim=-1)
+
+    def forward(self, pooled: torch.Tensor):
         h = self.hidden(self.norm(pooled))  # (N, H)
         logits = self.classifier(h)  # (N, C)
         z = self.redshift(h) if self.redshift is not None else None  # (N, 2)
@@ -212,13 +215,14 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
         its dropout on (Monte-Carlo dropout, Gal & Ghahramani 2016, on the head only: the
         backbone runs once, so S passes cost S small MLPs, not S models)."""
         out = self.cosmofm(batch)
-        logits, z = self.head(out)
+        pooled = self.head.pool_tokens(out)  # no dropout before here: pooled once, also for the MC passes
+        logits, z = self.head(pooled)
         mc_logits = None
         if mc_samples > 0:
             was_training = self.head.training
             self.head.train()
             with torch.no_grad():
-                mc_logits = torch.stack([self.head(out)[0] for _ in range(mc_samples)])  # (S, N, C)
+                mc_logits = torch.stack([self.head(pooled)[0] for _ in range(mc_samples)])  # (S, N, C)
             self.head.train(was_training)
         mean = logvar = z_pred = z_err = None
         if z is not None:

@@ -78,7 +78,7 @@ class PatchTokenizer(nn.Module):
         self.patch_shape = tuple(patch_shape)
         self.patch_size = math.prod(self.patch_shape)
         self.content = nn.Linear(2 * self.patch_size, config.hidden_size)  # [values, weight] per pixel
-        self.weight_kind = getattr(config, "pixel_weight", "mask")
+        self.weight_kind = config.pixel_weight
         self.position = FourierCoordinateEmbedding(self.coord_periods, config.coord_frequencies, config.hidden_size)
 
     def axis_features(self, centre: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -205,7 +205,7 @@ class SpectrumTokenizer(PatchTokenizer):
 
     def __init__(self, config: CosmoFMConfig):
         super().__init__(config, (config.spectrum_patch_size,))
-        channels = getattr(config, "spectrum_stem_channels", 0)
+        channels = config.spectrum_stem_channels
         self.stem = None
         if channels:
             # A linear map of a whole patch cannot tell a line's width, or the ratio of two

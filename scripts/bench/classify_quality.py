@@ -50,12 +50,17 @@ from cosmofm.finetune.classification import (
     split_indices,
 )
 from cosmofm.heads.calibration import softmax
+from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.template_fit import TemplateFitter, refine_redshifts
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import pretrain
 
 CARD = "sdss-like"
 RECIPE = "spectra-small"
+# every run here splits the same way: 75 % train, 10 % calibration, 15 % test (by index)
+SPLIT = {"calibration_fraction": 0.1, "test_fraction": 0.15}
+# the fine-tuning settings every run shares (strategy, epochs and labels vary)
+TRAIN = {"batch_size": 64, "lr": 2e-3, **SPLIT}
 
 
 def labelled_mocks(work: Path, n: int, seed: int) -> list:
@@ -93,7 +98,13 @@ def template_baseline(samples, test_index: np.ndarray, n_baseline: int) -> dict:
     return {"classes": classes, "z": np.array(z), "spectra_per_s": n_baseline / (time.perf_counter() - t0)}
 
 
-def head_to_head(samples, model, metrics: dict, test_index: np.ndarray, labels: np.ndarray, z_true: np.ndarray, n_baseline: int) -> dict:
+def refined_redshift(subset, model, logits: np.ndarray, z_true: np.ndarray) -> dict:
+    """Redshift metrics of the template fit of each spectrum's predicted class, and its speed."""
+    refined = refine_redshifts(subset, [model.class_names[k] for k in logits.argmax(1)])
+    return {"network_refined_redshift": redshift_metrics(z_true, refined["z"]), "refine_spectra_per_s": refined["spectra_per_s"]}
+
+
+def head_to_head(samples, model, test_index: np.ndarray, labels: np.ndarray, z_true: np.ndarray, n_baseline: int) -> dict:
     """Network vs template fitting on the same first n_baseline test spectra."""
     names = model.class_names
     base = template_baseline(samples, test_index, n_baseline)
@@ -103,14 +114,17 @@ def head_to_head(samples, model, metrics: dict, test_index: np.ndarray, labels: 
     y = labels[test_index[:n_baseline]]
     zt = z_true[test_index[:n_baseline]]
     one_hot = np.eye(len(names))[[names.index(c) for c in base["classes"]]]
-    refined = refine_redshifts(subset, [names[k] for k in probs.argmax(1)])
     out = {"n_spectra": int(n_baseline), "template_fit_spectra_per_s": base["spectra_per_s"]}
     for key, p, z in (("network", probs, net["redshift"]), ("template_fit", one_hot, base["z"])):
         m = classification_metrics(p, y, names)
         out[key] = {"accuracy": m["accuracy"], "macro_recall": m["macro_recall"], "per_class_recall": m["per_class_recall"], **redshift_metrics(zt, z)}
-    out["network_refined_redshift"] = redshift_metrics(zt, refined["z"])
-    out["refine_spectra_per_s"] = refined["spectra_per_s"]
-    return out
+    return {**out, **refined_redshift(subset, model, net["logits"], zt)}
+
+
+def truth(samples, model) -> tuple[np.ndarray, np.ndarray]:
+    """(class ids, redshifts) of the samples under the model's label schema."""
+    ids, z = labels_from_samples(samples, model.head_config)
+    return ids.numpy(), z.numpy()
 
 
 def label_efficiency(samples, card, backbone: str, fractions, strategies, base_epochs: int, min_steps: int, main: dict) -> list[dict]:
@@ -118,7 +132,7 @@ def label_efficiency(samples, card, backbone: str, fractions, strategies, base_e
     The full fine-tune with all labels is the main run (`main`: its epochs and metrics)."""
     recipe_model = PretrainRecipe.load(RECIPE).model
     rows = []
-    n_train_all = len(split_indices(len(samples), FinetuneConfig(calibration_fraction=0.1, test_fraction=0.15))["train"])
+    n_train_all = len(split_indices(len(samples), FinetuneConfig(**SPLIT))["train"])
     for fraction in fractions:
         # the same number of optimizer steps is too few for 1 % of the labels: keep >= min_steps
         epochs = min(200, max(base_epochs, math.ceil(min_steps * 64 / max(1, int(fraction * n_train_all)))))
@@ -128,8 +142,7 @@ def label_efficiency(samples, card, backbone: str, fractions, strategies, base_e
                 rows.append({"label_fraction": 1.0, "strategy": "full", "n_labels": m["n_train"], "epochs": main["epochs"],
                              "accuracy": m["accuracy"], "macro_recall": m["macro_recall"], "seconds": main["seconds"]})
                 continue
-            cfg = FinetuneConfig(strategy="full" if strategy == "scratch" else strategy, epochs=epochs, batch_size=64, lr=2e-3,
-                                 label_fraction=fraction, calibration_fraction=0.1, test_fraction=0.15)
+            cfg = FinetuneConfig(strategy="full" if strategy == "scratch" else strategy, epochs=epochs, label_fraction=fraction, **TRAIN)
             t0 = time.perf_counter()
             if strategy == "scratch":
                 r = finetune_classification(samples, card, cfg, backbone_config={**recipe_model, "survey_names": [card.name]})
@@ -166,7 +179,7 @@ def coverage_by_alpha(samples, model, splits: dict, labels: np.ndarray, alphas=(
 def distil_student(samples, card, teacher_dir: str, overrides: list[str], epochs: int) -> dict:
     """Distil the fine-tuned model into the spectra-small recipe with `overrides`; test metrics."""
     student_model = PretrainRecipe.load(RECIPE, [f"model.{o}" for o in overrides]).model
-    cfg = FinetuneConfig(strategy="full", epochs=epochs, batch_size=64, lr=2e-3, calibration_fraction=0.1, test_fraction=0.15, progress=True)
+    cfg = FinetuneConfig(strategy="full", epochs=epochs, progress=True, **TRAIN)
     t0 = time.perf_counter()
     r = finetune_classification(samples, card, cfg, backbone_config={**student_model, "survey_names": [card.name]}, teacher=teacher_dir)
     m = r["metrics"]
@@ -181,7 +194,7 @@ def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500,
     work.mkdir(parents=True, exist_ok=True)
     samples = labelled_mocks(work, n, seed)
     backbone = pretrained_backbone(work, pretrain_steps)
-    cfg = FinetuneConfig(strategy="full", epochs=epochs, batch_size=64, lr=2e-3, calibration_fraction=0.1, test_fraction=0.15,
+    cfg = FinetuneConfig(strategy="full", epochs=epochs, **TRAIN,
                          mc_samples=mc_samples, output_dir=str(work / "finetune"), progress=True)
     t0 = time.perf_counter()
     result = finetune_classification(samples, card, cfg, backbone=backbone)
@@ -191,10 +204,9 @@ def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500,
         "finetune_seconds": time.perf_counter() - t0, "test": {k: v for k, v in metrics.items() if k != "confusion"},
     }
     model = result["model"]
-    labels = np.array([model.class_names.index(s.meta["labels"]["spectral_class"]) for s in samples])
-    z_true = np.array([s.meta["labels"]["redshift"] for s in samples])
+    labels, z_true = truth(samples, model)
     test_index = np.asarray(result["splits"]["test"])
-    report["head_to_head"] = head_to_head(samples, model, metrics, test_index, labels, z_true, n_baseline)
+    report["head_to_head"] = head_to_head(samples, model, test_index, labels, z_true, n_baseline)
     report["conformal_by_alpha"] = coverage_by_alpha(samples, model, result["splits"], labels)
     if with_label_efficiency:
         main = {"metrics": metrics, "epochs": epochs, "seconds": report["finetune_seconds"]}
@@ -275,15 +287,12 @@ def main(argv: list[str] | None = None):
         report = json.loads((out / "classify_quality.json").read_text())
         samples = labelled_mocks(work, report["n_samples"], report["seed"])
         model = load_classifier(str(work / "finetune" / "model"))
-        labels = np.array([model.class_names.index(s.meta["labels"]["spectral_class"]) for s in samples])
-        splits = split_indices(len(samples), FinetuneConfig(calibration_fraction=0.1, test_fraction=0.15))
+        labels, z_true = truth(samples, model)
+        splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
         report["conformal_by_alpha"] = coverage_by_alpha(samples, model, splits, labels)
         h = report["head_to_head"]
         subset = [samples[int(i)] for i in splits["test"][: h["n_spectra"]]]
-        probs = predict(model, subset)["logits"]
-        refined = refine_redshifts(subset, [model.class_names[k] for k in probs.argmax(1)])
-        z_true = np.array([s.meta["labels"]["redshift"] for s in subset])
-        h["network_refined_redshift"], h["refine_spectra_per_s"] = redshift_metrics(z_true, refined["z"]), refined["spectra_per_s"]
+        h.update(refined_redshift(subset, model, predict(model, subset)["logits"], z_true[splits["test"][: h["n_spectra"]]]))
         if args.student:
             report["student"] = distil_student(samples, load_card(CARD), str(work / "finetune" / "model"), args.student, report["finetune_epochs"])
         report["targets"] = targets(report)
