@@ -30,7 +30,7 @@ import numpy as np
 from astropy.io import fits
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
+from cosmofm.data_cards.sample import AXES, COORD_UNITS, RowError, Sample, validate
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard, load_card
 
 FORMAT_VERSION = 1
@@ -190,32 +190,38 @@ def _unit_string(unit: u.UnitBase) -> str:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_fits(path: str | os.PathLike, card: DataCard | None = None) -> list[Sample]:
+def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice | None = None) -> list[Sample]:
     """Read the samples in a FITS file written by `write_fits` (or laid out like one).
 
     Args:
         path: the FITS file.
         card: the data card that interprets the numbers; by default the card named by the
             file's CARD header, loaded with `load_card`.
+        rows: read only these rows of the SAMPLES table (a slice with step 1), so a file
+            of a million spectra can be read in bounded memory (`count_rows` says how many
+            there are). Only the rows asked for are read.
 
     VALUES are converted from their TUNIT to the card's data unit (IVAR by 1/factor^2;
     flux densities per frequency and per wavelength convert into each other using the
     sample's wavelengths), coordinates from their TUNIT to COORD_UNITS (spectral
     equivalencies allowed, e.g. nm -> Angstrom). A column without TUNIT is taken to be in
-    the card's unit already.
+    the card's unit already. The rows are checked as one block (`sample.validate`).
     """
     path = Path(path)
     if not path.exists():
         raise InputError(str(path), "does not exist", "check the path (and that the file was downloaded)")
     if not path.is_file():
         raise InputError(str(path), "is not a file", "give the path of a .fits file")
-    header, table = _load_table(path)
+    if rows is not None and rows.step not in (None, 1):
+        raise InputError("rows", f"step {rows.step} is not supported", "read a contiguous range of rows, e.g. slice(0, 4096)")
+    header, table = _load_table(path, rows)
     card = _card_for(path, header, card)
     modality, axes = card.modality, AXES[card.modality]
     where = f"{path}[{TABLE}]"
     nrows = table["nrows"]
     if nrows == 0:
         return []
+    first = table["first_row"]
 
     values = _column(table, "VALUES", where, card)
     ivar = _column(table, "IVAR", where, card)
@@ -227,35 +233,44 @@ def read_fits(path: str | os.PathLike, card: DataCard | None = None) -> list[Sam
     if ivar.shape != values.shape:
         raise InputError(f"{where}.IVAR", f"has shape {ivar.shape[1:]} per row but VALUES has {values.shape[1:]}", "give IVAR the same shape (and TDIM) as VALUES")
     coords = {axis: _coord_column(table, axis, where, nrows) for axis in axes}
-    ids = _strings(table, "ID", nrows) or [f"{path.stem}-{i}" for i in range(nrows)]
+    ids = _strings(table, "ID", nrows) or [f"{path.stem}-{first + i}" for i in range(nrows)]
     pair_ids = _strings(table, "PAIR_ID", nrows) or [""] * nrows
     metas = _strings(table, "META", nrows) or [""] * nrows
 
     v_unit = _unit(table, "VALUES", where, data_unit(card))
     factor = _flux_factor(v_unit, card, where)
     ivar_factor = _ivar_factor(table, v_unit, where)
+    if callable(factor):  # f_nu <-> f_lambda: a factor per pixel, from each row's wavelengths
+        factor = np.stack([factor({axis: c[min(i, len(c) - 1)] for axis, c in coords.items()}) for i in range(nrows)])
+    if not (np.all(factor == 1.0) and ivar_factor == 1.0):
+        # Scale in float64 so a factor like 1e19 does not lose float32 precision twice.
+        factor = np.asarray(factor, dtype=np.float64)
+        values, ivar = values * factor, ivar * (ivar_factor / factor**2)
+    # Survey files repeat one grid in every row: check it once and share it between the
+    # samples (a tenth of the memory and of the checking time of per-row copies).
+    coords = {axis: c[0] if (c == c[:1]).all() else c for axis, c in coords.items()}
+    try:
+        values, ivar, coords = validate(modality, values, ivar, coords, block=True)
+    except RowError as e:
+        raise InputError(f"{where} row {first + e.row} (ID {ids[e.row]!r}): {e.field}", e.problem, e.fix) from None
 
     samples = []
     for i in range(nrows):
-        row = f"{where} row {i} (ID {ids[i]!r})"
-        row_coords = {axis: c[i] for axis, c in coords.items()}
-        f = factor(row_coords) if callable(factor) else factor
-        v, iv = values[i], ivar[i]
-        if not (np.all(f == 1.0) and ivar_factor == 1.0):
-            # Scale in float64 so a factor like 1e19 does not lose float32 precision twice.
-            f = np.asarray(f, dtype=np.float64)
-            v = values[i] * f
-            iv = ivar[i] * (ivar_factor / f**2)
-        meta = meta_from_columns(card.name, ids[i], pair_ids[i], metas[i], f"{row}.META")
-        try:
-            samples.append(Sample(modality, v, iv, row_coords, meta))
-        except InputError as e:
-            raise InputError(f"{row}: {e.field}", e.problem, e.fix) from None
+        meta = meta_from_columns(card.name, ids[i], pair_ids[i], metas[i], f"{where} row {first + i} (ID {ids[i]!r}).META")
+        samples.append(Sample.validated(modality, values[i], ivar[i], {axis: c[i] if c.ndim == 2 else c for axis, c in coords.items()}, meta))
     return samples
 
 
-def _load_table(path: Path) -> tuple[fits.Header, dict]:
-    """Read the primary header and every column of SAMPLES into memory, errors as InputError.
+def count_rows(path: str | os.PathLike) -> int:
+    """Rows of the SAMPLES table, from its header alone (0 when there is none)."""
+    from cosmofm.data_cards.readers.common import fits_hdus, hdu_named
+
+    hdu = hdu_named(fits_hdus(path) or (), TABLE)
+    return int(hdu.header.get("NAXIS2", 0)) if hdu is not None else 0
+
+
+def _load_table(path: Path, rows: slice | None = None) -> tuple[fits.Header, dict]:
+    """Read the primary header and every column of SAMPLES (`rows` of it) into memory, errors as InputError.
 
     Truncated files only warn in astropy (and may then fail anywhere), so warnings are
     recorded and checked before any exception is interpreted.
@@ -265,7 +280,7 @@ def _load_table(path: Path) -> tuple[fits.Header, dict]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+            with fits.open(path, memmap=True, lazy_load_hdus=False) as hdul:
                 # silentfix: repair what astropy can (e.g. lower-case keywords), raise on the rest
                 hdul.verify("silentfix+exception")
                 header = hdul[0].header.copy()
@@ -277,11 +292,8 @@ def _load_table(path: Path) -> tuple[fits.Header, dict]:
                     if not isinstance(hdu, fits.BinTableHDU):
                         failure = ("not_table", type(hdu).__name__)
                     else:
-                        data = hdu.data
-                        table["nrows"] = 0 if data is None else len(data)
-                        for col in hdu.columns:
-                            array = None if data is None else np.asarray(data[col.name])
-                            table[col.name.upper()] = (array, col.unit)
+                        # coordinate grids usually repeat in every row: keep one copy
+                        table.update(_copy_rows(path, hdu, rows, shared=frozenset(a.upper() for a in COORD_UNITS)))
         except (OSError, TypeError, ValueError, KeyError, IndexError, EOFError, fits.VerifyError) as e:
             failure = ("corrupt", f"{type(e).__name__}: {e}")
     truncated = [str(w.message) for w in caught if "truncated" in str(w.message).lower() or "Error validating header" in str(w.message)]
@@ -294,6 +306,50 @@ def _load_table(path: Path) -> tuple[fits.Header, dict]:
     if failure:
         raise InputError(f"{path}[{TABLE}]", f"is a {failure[1]}, not a binary table", "store samples in a BinTableHDU named SAMPLES")
     return header, table
+
+
+def _copy_rows(path: Path, hdu: fits.BinTableHDU, rows: slice | None, shared: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """nrows, first_row and (array, unit) per column of `rows` of a binary table, as native copies;
+    a column named in `shared` whose rows are all equal comes back as its first row only.
+
+    The rows are read with numpy straight from the file (the record layout from the column
+    definitions, big-endian as FITS stores it), so only those rows are read.
+    astropy's own table data is not used for this: on close it copies every column of the
+    whole table into memory while a view of it is alive. Columns astropy must interpret
+    (scaled, variable-length) fall back to it, for the whole table.
+    """
+    total = int(hdu.header.get("NAXIS2", 0))
+    start, stop, _ = (rows or slice(None)).indices(total)
+    stop = max(start, stop)
+    out: dict[str, Any] = {"nrows": stop - start, "first_row": start}
+    plain = hdu.columns.dtype
+    simple = all(c.bscale in (None, 1) and c.bzero in (None, 0) and not c.format.startswith(("P", "Q")) for c in hdu.columns)
+    if not simple or plain.itemsize != hdu.header.get("NAXIS1"):
+        data = hdu.data
+        for col in hdu.columns:
+            out[col.name.upper()] = (None if data is None else np.array(data[col.name][start:stop]), col.unit)
+        return out
+    disk = np.dtype([(name, plain.fields[name][0].base.newbyteorder(">") if plain.fields[name][0].base.kind in "fiu" else plain.fields[name][0].base,
+                      plain.fields[name][0].shape) for name in plain.names])
+    if total == 0 or stop == start:
+        for col in hdu.columns:
+            out[col.name.upper()] = (np.zeros((0, *plain.fields[col.name][0].shape), plain.fields[col.name][0].base), col.unit)
+        return out
+    with open(path, "rb") as f:  # one read of the rows: steadier than faulting in a memory map
+        f.seek(hdu.fileinfo()["datLoc"] + start * disk.itemsize)
+        block = np.fromfile(f, dtype=disk, count=stop - start)
+    if len(block) != stop - start:
+        raise EOFError(f"{path} ends after {len(block)} of the {stop - start} rows asked for")
+    for col in hdu.columns:
+        field = block[col.name]
+        if col.name.upper() in shared and len(field) > 1 and field.ndim > 1 and (field == field[:1]).all():
+            field = field[:1]  # the same in every row: compared in place, one row copied
+        if field.dtype.kind in "fiu":
+            array = field.astype(field.dtype.newbyteorder("="))
+        else:  # FITS pads strings with spaces or NULs
+            array = np.char.rstrip(np.char.decode(field, "ascii", errors="replace"))
+        out[col.name.upper()] = (array, col.unit)
+    return out
 
 
 def _card_for(path: Path, header: fits.Header, card: DataCard | None) -> DataCard:
@@ -332,7 +388,8 @@ def _coord_column(table: dict, axis: str, where: str, nrows: int) -> np.ndarray:
     array = table[name][0]
     if array is None or array.dtype.kind not in "fiu":
         raise InputError(f"{where}.{name}", f"has dtype {None if array is None else array.dtype}, not numbers", "store coordinates as float64 vector columns")
-    array = np.asarray(array, dtype=np.float64).reshape(nrows, -1)  # a repeat-1 column reads as (nrows,)
+    # a repeat-1 column reads as (nrows,); a grid shared by every row as (1, L)
+    array = np.asarray(array, dtype=np.float64).reshape(len(array) if array.ndim > 1 else nrows, -1)
     unit = _unit(table, name, where, u.Unit(COORD_UNITS[axis]))
     if unit == u.Unit(COORD_UNITS[axis]):
         return array
@@ -345,8 +402,11 @@ def _coord_column(table: dict, axis: str, where: str, nrows: int) -> np.ndarray:
 def _strings(table: dict, name: str, nrows: int) -> list[str] | None:
     if name not in table or table[name][0] is None:
         return None
+    array = table[name][0]
+    if array.dtype.kind == "U":  # decoded and stripped already (_copy_rows)
+        return array.tolist()
     # FITS pads strings with trailing blanks; astropy may hand back bytes for odd TFORMs.
-    return [(s.decode("ascii", "replace") if isinstance(s, bytes) else str(s)).rstrip() for s in table[name][0]]
+    return [(s.decode("ascii", "replace") if isinstance(s, bytes) else str(s)).rstrip() for s in array]
 
 
 def _unit(table: dict, name: str, where: str, default: u.UnitBase) -> u.UnitBase:

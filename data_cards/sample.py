@@ -43,6 +43,13 @@ COORD_UNITS: dict[str, str] = {
 # are a set: any order of distinct wavelengths is fine).
 _MONOTONIC = {"wavelength", "frequency", "dec_offset", "ra_offset", "los_distance", "y_comoving", "x_comoving"}
 
+# Axes whose coordinates must be positive: (problem, fix) when they are not.
+_POSITIVE = {
+    "band_wavelength": ("has non-positive wavelengths", f"give effective wavelengths in {COORD_UNITS['band_wavelength']}"),
+    "wavelength": ("has non-positive wavelengths", "give vacuum wavelengths in Angstrom"),
+    "frequency": ("has non-positive frequencies", "give frequencies in Hz"),
+}
+
 
 @dataclass
 class Sample:
@@ -68,59 +75,16 @@ class Sample:
             raise InputError(
                 "modality", f"unknown modality {self.modality!r}", f"use one of {', '.join(MODALITIES)}"
             )
-        axes = AXES[self.modality]
-        values = np.asarray(self.values, dtype=np.float32)
-        ivar = np.asarray(self.ivar, dtype=np.float32)
-        if values.ndim != len(axes):
-            raise InputError(
-                "values",
-                f"a {self.modality} needs {len(axes)} axes {axes}, got shape {values.shape}",
-                "reshape the array or pick the right modality in the data card",
-            )
-        if ivar.shape != values.shape:
-            raise InputError("ivar", f"shape {ivar.shape} differs from values shape {values.shape}", "give one ivar per value")
-        if not np.all(np.isfinite(ivar)):
-            raise InputError("ivar", "contains NaN or inf", "use ivar = 0 for pixels without a valid error")
-        if np.any(ivar < 0):
-            raise InputError("ivar", "has negative entries", "ivar is 1/sigma^2 >= 0; use 0 to mask a pixel")
-        bad = ~np.isfinite(values)
-        if np.any(bad & (ivar > 0)):
-            raise InputError(
-                "values",
-                f"{int(np.sum(bad & (ivar > 0)))} NaN/inf values have ivar > 0",
-                "set ivar = 0 for those elements to mask them",
-            )
-        # Masked elements carry no information; zero them so no NaN reaches a tensor.
-        values = np.where(bad, np.float32(0.0), values)
-
-        missing = [a for a in axes if a not in self.coords]
-        extra = [k for k in self.coords if k not in axes]
-        if missing or extra:
-            raise InputError(
-                "coords",
-                f"a {self.modality} needs coordinates {axes}; missing {missing}, unexpected {extra}",
-                f"give one 1D array per axis in units {[COORD_UNITS[a] for a in axes]}",
-            )
-        coords = {}
-        for axis, n in zip(axes, values.shape):
-            c = np.asarray(self.coords[axis], dtype=np.float64)
-            if c.shape != (n,):
-                raise InputError(f"coords[{axis!r}]", f"shape {c.shape} does not match axis length {n}", "give one coordinate per element along that axis")
-            if not np.all(np.isfinite(c)):
-                raise InputError(f"coords[{axis!r}]", "contains NaN or inf", "coordinates must be finite")
-            if axis in _MONOTONIC and n > 1:
-                d = np.diff(c)
-                if not (np.all(d > 0) or np.all(d < 0)):
-                    raise InputError(f"coords[{axis!r}]", "is not strictly monotonic", "sort the axis (and the data with it)")
-            coords[axis] = c
-        if self.modality == "image" and np.any(coords["band_wavelength"] <= 0):
-            raise InputError("coords['band_wavelength']", "has non-positive wavelengths", f"give effective wavelengths in {COORD_UNITS['band_wavelength']}")
-        if self.modality == "spectrum" and np.any(coords["wavelength"] <= 0):
-            raise InputError("coords['wavelength']", "has non-positive wavelengths", "give vacuum wavelengths in Angstrom")
-        if self.modality == "cube" and np.any(coords["frequency"] <= 0):
-            raise InputError("coords['frequency']", "has non-positive frequencies", "give frequencies in Hz")
-        self.values, self.ivar, self.coords = values, ivar, coords
+        self.values, self.ivar, self.coords = validate(self.modality, self.values, self.ivar, self.coords)
         self.meta = dict(self.meta)
+
+    @classmethod
+    def validated(cls, modality: str, values: np.ndarray, ivar: np.ndarray, coords: dict[str, np.ndarray], meta: dict[str, Any]) -> "Sample":
+        """A Sample from arrays that already passed `validate` (e.g. as one row of a block),
+        without checking them again: readers validate a whole block at once."""
+        sample = object.__new__(cls)
+        sample.modality, sample.values, sample.ivar, sample.coords, sample.meta = modality, values, ivar, coords, dict(meta)
+        return sample
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -133,3 +97,79 @@ class Sample:
     @property
     def card(self) -> str:
         return str(self.meta.get("card", ""))
+
+
+class RowError(InputError):
+    """An InputError of one row of a block passed to `validate`; `row` is its index."""
+
+    def __init__(self, row: int, field: str, problem: str, fix: str = ""):
+        super().__init__(field, problem, fix)
+        self.row = row
+
+
+def validate(modality: str, values, ivar, coords: dict, block: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The checks every Sample passes, on one sample or on a block of n at once.
+
+    One sample: values and ivar of shape S (per AXES[modality]), coords[axis] of shape
+    (L,). A `block` of n: (n, *S) and (n, L) (or (L,) when all rows share the axis), checked
+    with whole-block numpy operations, so readers need not build and check samples one
+    by one; the first failing row raises RowError. Returns (values float32 with masked
+    non-finite values zeroed, ivar float32, coords float64).
+    """
+    axes = AXES[modality]
+    values = np.asarray(values, dtype=np.float32)
+    ivar = np.asarray(ivar, dtype=np.float32)
+    if values.ndim != len(axes) + block:
+        raise InputError(
+            "values",
+            f"a {modality} needs {len(axes)} axes {axes}{' after the row axis' if block else ''}, got shape {values.shape}",
+            "reshape the array or pick the right modality in the data card",
+        )
+    if ivar.shape != values.shape:
+        raise InputError("ivar", f"shape {ivar.shape} differs from values shape {values.shape}", "give one ivar per value")
+    rows = values.reshape(len(values), -1) if block else values.reshape(1, -1)
+    row_ivar = ivar.reshape(rows.shape)
+
+    def fail(bad_rows: np.ndarray, field: str, problem, fix: str):
+        i = int(np.flatnonzero(bad_rows)[0])
+        message = problem(i) if callable(problem) else problem
+        raise RowError(i, field, message, fix) if block else InputError(field, message, fix)
+
+    finite_ivar = np.isfinite(row_ivar)
+    if not finite_ivar.all():
+        fail(~finite_ivar.all(1), "ivar", "contains NaN or inf", "use ivar = 0 for pixels without a valid error")
+    if (row_ivar < 0).any():
+        fail((row_ivar < 0).any(1), "ivar", "has negative entries", "ivar is 1/sigma^2 >= 0; use 0 to mask a pixel")
+    bad = ~np.isfinite(rows)
+    unmasked = bad & (row_ivar > 0)
+    if unmasked.any():
+        fail(unmasked.any(1), "values", lambda i: f"{int(unmasked[i].sum())} NaN/inf values have ivar > 0", "set ivar = 0 for those elements to mask them")
+    # Masked elements carry no information; zero them so no NaN reaches a tensor. (np.where
+    # also makes values a fresh, writable array, never a view of a caller's memory map.)
+    values = np.where(bad.reshape(values.shape), np.float32(0.0), values)
+
+    missing = [a for a in axes if a not in coords]
+    extra = [k for k in coords if k not in axes]
+    if missing or extra:
+        raise InputError(
+            "coords",
+            f"a {modality} needs coordinates {axes}; missing {missing}, unexpected {extra}",
+            f"give one 1D array per axis in units {[COORD_UNITS[a] for a in axes]}",
+        )
+    checked = {}
+    for axis, n in zip(axes, values.shape[1:] if block else values.shape):
+        c = np.asarray(coords[axis], dtype=np.float64)
+        if c.shape != (n,) and not (block and c.shape == (len(values), n)):
+            raise InputError(f"coords[{axis!r}]", f"shape {c.shape} does not match axis length {n}", "give one coordinate per element along that axis")
+        c2 = c.reshape(-1, n)
+        if not np.isfinite(c2).all():
+            fail(~np.isfinite(c2).all(1), f"coords[{axis!r}]", "contains NaN or inf", "coordinates must be finite")
+        if axis in _MONOTONIC and n > 1:
+            d = np.diff(c2, axis=1)
+            monotonic = (d > 0).all(1) | (d < 0).all(1)
+            if not monotonic.all():
+                fail(~monotonic, f"coords[{axis!r}]", "is not strictly monotonic", "sort the axis (and the data with it)")
+        if axis in _POSITIVE and (c2 <= 0).any():
+            fail((c2 <= 0).any(1), f"coords[{axis!r}]", _POSITIVE[axis][0], _POSITIVE[axis][1])
+        checked[axis] = c
+    return values, ivar, checked

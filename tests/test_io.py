@@ -191,6 +191,54 @@ def test_fits_nan_with_positive_ivar_names_file_and_row(spectrum_file):
     assert "ivar = 0" in str(err.value)  # the fix is passed on
 
 
+def test_fits_row_ranges_read_only_those_rows(spectrum_file):
+    """Streaming reads (issue 5: a million spectra in bounded memory) see the same samples,
+    with file-wide row numbers in errors, and one shared wavelength grid per piece."""
+    from cosmofm.data_cards.fits_io import count_rows
+
+    whole = read_fits(spectrum_file)
+    assert count_rows(spectrum_file) == len(whole) == 4
+    pieces = [read_fits(spectrum_file, rows=slice(a, a + 3)) for a in (0, 3)]
+    assert [len(p) for p in pieces] == [3, 1] and read_fits(spectrum_file, rows=slice(9, 12)) == []
+    for got, want in zip(pieces[0] + pieces[1], whole):
+        assert_same(got, want)
+    assert pieces[0][0].coords["wavelength"] is pieces[0][2].coords["wavelength"]  # one grid, shared
+    values, ivar = fits_column(spectrum_file, "VALUES"), fits_column(spectrum_file, "IVAR")
+    values[2, 7], ivar[2, 7] = np.inf, 2.0
+    rewrite_table(spectrum_file, arrays={"VALUES": values, "IVAR": ivar})
+    assert len(read_fits(spectrum_file, rows=slice(0, 2))) == 2  # the bad row is not in this piece
+    with pytest.raises(InputError, match=r"row 2 \(ID 'sdss-like-7-2'\): values.*1 NaN/inf"):
+        read_fits(spectrum_file, rows=slice(1, 4))
+
+
+def test_block_validation_agrees_with_samples():
+    """`validate` on a block applies the Sample rules row by row and names the first bad row."""
+    from cosmofm.data_cards.sample import RowError, Sample, validate
+
+    rng = np.random.default_rng(0)
+    wave = np.linspace(4000.0, 5000.0, 50)
+    values = rng.normal(size=(4, 50)).astype(np.float32)
+    ivar = np.ones((4, 50), np.float32)
+    values[1, 3], ivar[1, 3] = np.nan, 0.0  # masked NaN: zeroed, as Sample does
+    v, iv, c = validate("spectrum", values, ivar, {"wavelength": wave}, block=True)
+    for i in range(4):
+        one = Sample("spectrum", values[i], ivar[i], {"wavelength": wave}, {"id": str(i)})
+        np.testing.assert_array_equal(v[i], one.values)
+    assert v[1, 3] == 0 and c["wavelength"] is not None
+    bad = ivar.copy()
+    bad[3, 0] = -1.0
+    with pytest.raises(RowError, match="ivar: has negative entries") as err:
+        validate("spectrum", values, bad, {"wavelength": wave}, block=True)
+    assert err.value.row == 3
+    grids = np.tile(wave, (4, 1))
+    grids[2, 10] = grids[2, 9]  # one row's grid is not monotonic
+    with pytest.raises(RowError, match="not strictly monotonic") as err:
+        validate("spectrum", values, ivar, {"wavelength": grids}, block=True)
+    assert err.value.row == 2
+    with pytest.raises(InputError, match="a spectrum needs 1 axes"):  # one sample given as 2-D is not a block
+        Sample("spectrum", values, ivar, {"wavelength": wave})
+
+
 def test_fits_card_modality_mismatch(spectrum_file, cards):
     with pytest.raises(InputError, match=r"spec.fits\[PRIMARY\]\.MODALITY"):
         read_fits(spectrum_file, card=cards["ska-hi-like"])

@@ -163,6 +163,29 @@ def test_desi_coadd_joins_cameras_exactly(tmp_path, mocks):
     assert r.identifiers["targetid"].dtype == np.int64
 
 
+def test_iter_read_streams_big_files_in_pieces(tmp_path, mocks):
+    """Files of many objects come in pieces of `chunk_rows` (bounded memory), with the same
+    samples, flags and identifiers as one read, row numbers file-wide."""
+    from cosmofm.data_cards.readers import iter_read
+
+    desi = list(mocks["desi"]) * 2  # 6 targets
+    desi[4] = mock_samples(load_card("desi-like"), 1, seed=9)[0]
+    desi[4].ivar[:] = 0  # all masked: flagged and skipped
+    path = write_desi_coadd(desi, tmp_path / "coadd-main-dark-1.fits", targetids=[1, 2, 3, 4, 5, 6])
+    whole = read_any(path)
+    pieces = list(iter_read(path, chunk_rows=4))
+    assert [p.identifiers["targetid"].tolist() for p in pieces] == [[1, 2, 3, 4], [5, 6]]
+    assert [s.id for p in pieces for s in p.samples] == [s.id for s in whole.samples] == ["desi-1", "desi-2", "desi-3", "desi-4", "desi-6"]
+    for got, want in zip([s for p in pieces for s in p.samples], whole.samples):
+        np.testing.assert_array_equal(got.values, want.values)
+    assert [(f.index, f.code) for f in pieces[1].flags] == [(f.index, f.code) for f in whole.flags] == [(4, "all_masked")]
+    ours = write_fits(mock_samples(load_card("sdss-like"), 5, seed=2), tmp_path / "ours.fits", load_card("sdss-like"))
+    assert [len(p.samples) for p in iter_read(ours, chunk_rows=2)] == [2, 2, 1]
+    assert len(list(iter_read(tmp_path / "coadd-main-dark-1.fits", chunk_rows=100))) == 1
+    single = write_sdss_spec(mocks["sdss"], tmp_path / "spec-1-2-3.fits")  # one object per file: one piece
+    assert [len(p.samples) for p in iter_read(single, chunk_rows=1)] == [1]
+
+
 def test_desi_overlap_is_inverse_variance_weighted(tmp_path, mocks):
     path = write_desi_coadd(mocks["desi"][:1], tmp_path / "coadd.fits")
 

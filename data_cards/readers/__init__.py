@@ -28,9 +28,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.fits_io import count_rows
 from cosmofm.data_cards.readers import cubes, desi, eso, images, ours, sdss, tables
 from cosmofm.data_cards.readers.common import Flag, ReadResult, air_to_vacuum, fits_hdus, is_fits, vacuum_to_air
 from cosmofm.data_cards.readers.cubes import iter_cube_chunks
@@ -44,13 +45,16 @@ class Format:
     description: str
     sniff: Callable[[Path], bool]
     read: Callable[..., ReadResult]
+    # For files of many objects: their number, from headers alone; `read` then takes
+    # `rows=slice(...)`, and `iter_read` streams the file in bounded memory.
+    count: Callable[[Path], int] | None = None
 
 
 FORMATS: list[Format] = [
-    Format("cosmofm-fits", "", "cosmofm FITS layout (SAMPLES table)", ours.sniff_fits, ours.read_fits),
+    Format("cosmofm-fits", "", "cosmofm FITS layout (SAMPLES table)", ours.sniff_fits, ours.read_fits, count_rows),
     Format("datasets", "", "cosmofm datasets folder / Parquet shards", ours.sniff_dataset, ours.read_dataset),
     Format("sdss-spec", "spectrum", "SDSS/BOSS/eBOSS spec / spec-lite file (COADD + SPECOBJ HDUs)", sdss.sniff_spec, sdss.read_spec),
-    Format("desi-coadd", "spectrum", "DESI coadd file (FIBERMAP + per-camera B/R/Z HDUs)", desi.sniff, desi.read),
+    Format("desi-coadd", "spectrum", "DESI coadd file (FIBERMAP + per-camera B/R/Z HDUs)", desi.sniff, desi.read, desi.count),
     Format("eso-sdp", "spectrum", "ESO Phase 3 1D spectrum (SPECTRUM table: WAVE, FLUX, ERR, QUAL)", eso.sniff, eso.read),
     Format("sdss-table", "spectrum", "SDSS specObj-style table (PLATE, MJD, FIBERID + spectra columns)", sdss.sniff_table, sdss.read_table),
     Format("fits-cube", "cube", "FITS spectral cube (RA, Dec, frequency/velocity)", cubes.sniff, cubes.read),
@@ -113,6 +117,27 @@ def read_any(path: str | os.PathLike, card=None, format: str | None = None, **op
         raise
 
 
+def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chunk_rows: int = 4096, **options) -> Iterator[ReadResult]:
+    """`read_any` in pieces of at most `chunk_rows` objects, for files too big to hold at once.
+
+    Formats that can count their objects from headers (cosmofm FITS, DESI coadds) are read
+    `chunk_rows` rows at a time (only those rows are read), so memory stays bounded whatever the
+    file size (a million spectra); each piece is a ReadResult of its own rows, flags and
+    identifiers, with file-wide row numbers; a piece may hold no usable object (its flags
+    say why). Other formats hold one or a few objects per file and come in one piece, as
+    `read_any` reads them.
+    """
+    if chunk_rows < 1:
+        raise InputError("chunk_rows", f"must be >= 1, got {chunk_rows}", "e.g. 4096")
+    p = Path(path)
+    fmt = get_format(format) if format else (detect(p) if p.exists() else None)
+    if fmt is None or fmt.count is None or "limit" in options:
+        yield read_any(p, card=card, format=format, **options)
+        return
+    for start in range(0, max(fmt.count(p), 1), chunk_rows):
+        yield read_any(p, card=card, format=fmt.name, rows=slice(start, start + chunk_rows), **options)
+
+
 def _what_it_is(p: Path) -> str:
     if p.is_dir():
         return "a folder without state.json, dataset_info.json or sample Parquet shards"
@@ -138,6 +163,7 @@ __all__ = [
     "detect",
     "get_format",
     "iter_cube_chunks",
+    "iter_read",
     "read_any",
     "read_cutouts",
     "register",

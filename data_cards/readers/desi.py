@@ -36,6 +36,7 @@ from cosmofm.data_cards.readers.common import (
     convert_flux,
     fits_hdus,
     get_hdu,
+    hdu_named,
     identifiers_table,
     image_data,
     json_safe,
@@ -55,8 +56,15 @@ def sniff(path: Path) -> bool:
     return "FIBERMAP" in names and any(n.endswith("_WAVELENGTH") or n.endswith("_FLUX") for n in names)
 
 
-def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False) -> ReadResult:
-    """Every target of a coadd file as one joined spectrum Sample."""
+def count(path: Path) -> int:
+    """Targets in a coadd file, from the FIBERMAP header alone."""
+    fibermap = hdu_named(fits_hdus(path) or (), "FIBERMAP")
+    return int(fibermap.header.get("NAXIS2", 0)) if fibermap is not None else 0
+
+
+def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False, rows: slice | None = None) -> ReadResult:
+    """Every target of a coadd file (or the `rows` range of FIBERMAP rows, memory-mapped,
+    for bounded memory) as one joined spectrum Sample."""
     hdus = fits_hdus(path) or ()
     names = [h.name for h in hdus]
     cameras = sorted({n[: -len("_FLUX")] for n in names if n.endswith("_FLUX")} | {n[: -len("_WAVELENGTH")] for n in names if n.endswith("_WAVELENGTH")})
@@ -66,7 +74,9 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
     with open_fits(path) as hdul:
         fibermap = get_hdu(hdul, "FIBERMAP", path, fix).data
         nspec = len(fibermap)
-        n = nspec if limit is None else min(limit, nspec)
+        start, stop, _ = (rows or slice(None)).indices(nspec)
+        stop = max(start, stop if limit is None else min(stop, start + limit))
+        sel, n = slice(start, stop), stop - start
         cams = []
         for cam in cameras:
             w_hdu = get_hdu(hdul, f"{cam}_WAVELENGTH", path, fix)
@@ -82,20 +92,20 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
                 raise InputError(f"{path}[{cam}_IVAR]", f"has shape {i_shape}, {cam}_FLUX has {f_shape}", "IVAR must match FLUX; re-download the file")
             if f_shape[0] != nspec:
                 raise InputError(f"{path}[{cam}_FLUX]", f"has {f_shape[0]} spectra but FIBERMAP has {nspec} rows", "FLUX rows are FIBERMAP rows; re-download the file")
-            flux = np.asarray(image_data(f_hdu, slice(0, n)), dtype=np.float64)
-            ivar = np.asarray(image_data(i_hdu, slice(0, n)), dtype=np.float64)
+            flux = np.asarray(image_data(f_hdu, sel), dtype=np.float64)
+            ivar = np.asarray(image_data(i_hdu, sel), dtype=np.float64)
             flux_unit = parse_unit(f_hdu.header.get("BUNIT"), f"{path}[{cam}_FLUX].BUNIT", FLUX_UNIT, "BUNIT")
             ivar_unit = parse_unit(i_hdu.header.get("BUNIT"), f"{path}[{cam}_IVAR].BUNIT", None, "BUNIT")
             mask = None
             if f"{cam}_MASK" in names:
-                mask = np.asarray(image_data(hdul[f"{cam}_MASK"], slice(0, n)))
+                mask = np.asarray(image_data(hdul[f"{cam}_MASK"], sel))
                 if mask.shape != flux.shape:
                     raise InputError(f"{path}[{cam}_MASK]", f"has shape {mask.shape}, {cam}_FLUX has {flux.shape}", "MASK must match FLUX; re-download the file")
             rpower = None
             if f"{cam}_RESOLUTION" in names:
-                rpower = _resolving_power(np.asarray(image_data(hdul[f"{cam}_RESOLUTION"], slice(0, n)), dtype=np.float64), wave)
+                rpower = _resolving_power(np.asarray(image_data(hdul[f"{cam}_RESOLUTION"], sel), dtype=np.float64), wave)
             cams.append({"name": cam.lower(), "wave": wave, "flux": flux, "ivar": ivar, "mask": mask, "flux_unit": flux_unit, "ivar_unit": ivar_unit, "R": rpower})
-        fm = {c.upper(): np.asarray(fibermap[c][:n]) for c in fibermap.columns.names if c.upper() in ("TARGETID", "TARGET_RA", "TARGET_DEC", "COADD_FIBERSTATUS", "FIBERSTATUS", "OBJTYPE")}
+        fm = {c.upper(): np.asarray(fibermap[c][sel]) for c in fibermap.columns.names if c.upper() in ("TARGETID", "TARGET_RA", "TARGET_DEC", "COADD_FIBERSTATUS", "FIBERSTATUS", "OBJTYPE")}
         primary = hdul[0].header
         survey = {k.lower(): json_safe(primary[k]) for k in ("SURVEY", "PROGRAM", "SPGRP", "SPGRPVAL", "HPXPIXEL", "TILEID", "SPECPROD") if k in primary}
 
@@ -105,42 +115,45 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
     aligned = _on_one_lattice([c["wave"] for c in cams])
     notes = [f"cameras {'+'.join(c['name'] for c in cams)} joined on {'their common lattice' if aligned else 'the bluer camera grid in overlaps (interpolated)'}; overlaps inverse-variance weighted", "wavelengths vacuum, barycentric (DESI convention)"]
     if n < nspec:
-        notes.append(f"read the first {n} of {nspec} targets (limit)")
+        notes.append(f"read targets {start}-{stop - 1} of {nspec}" + (" (limit)" if limit is not None else ""))
 
     flags, samples, id_rows = Flags(), [], []
-    for i in range(n):
-        targetid = int(fm["TARGETID"][i]) if "TARGETID" in fm else None
+    for j in range(n):
+        i = start + j  # the FIBERMAP row, for ids and flags; j indexes the arrays read
+        targetid = int(fm["TARGETID"][j]) if "TARGETID" in fm else None
         sid = f"desi-{targetid}" if targetid is not None else f"{path.stem}-{i}"
-        ids = {"targetid": targetid, "ra": _float(fm.get("TARGET_RA"), i), "dec": _float(fm.get("TARGET_DEC"), i)}
+        ids = {"targetid": targetid, "ra": _float(fm.get("TARGET_RA"), j), "dec": _float(fm.get("TARGET_DEC"), j)}
         status = fm.get("COADD_FIBERSTATUS", fm.get("FIBERSTATUS"))
-        objtype = str(json_safe(fm["OBJTYPE"][i])) if "OBJTYPE" in fm else ""
+        objtype = str(json_safe(fm["OBJTYPE"][j])) if "OBJTYPE" in fm else ""
         if objtype == "SKY" and not keep_sky:
             flags.add(i, sid, "sky_fiber", f"{sid}: OBJTYPE = SKY (a sky fibre, not a target)", SKIPPED)
             id_rows.append({"id": sid, "used": False, **ids})
             continue
         parts = []
         for c in cams:
-            f, iv = convert_flux(c["flux"][i], c["ivar"][i], c["flux_unit"], card, c["wave"], f"{path}[{c['name'].upper()}_FLUX]", c["ivar_unit"])
+            f, iv = convert_flux(c["flux"][j], c["ivar"][j], c["flux_unit"], card, c["wave"], f"{path}[{c['name'].upper()}_FLUX]", c["ivar_unit"])
             iv = np.where(np.isfinite(iv) & (iv > 0), iv, 0.0)
             if c["mask"] is not None:
-                iv = np.where(c["mask"][i] != 0, 0.0, iv)
+                iv = np.where(c["mask"][j] != 0, 0.0, iv)
             parts.append((c["wave"], f, iv))
         wave, flux, ivar = join_cameras(parts) if aligned else _join_interpolated(parts)
         meta = {**ids, "format": "desi-coadd", "medium": "vacuum", "frame": "barycentric", **survey}
         if status is not None:
-            meta["fiberstatus"] = int(status[i])
-            if int(status[i]) != 0:
-                flags.add(i, sid, "fiberstatus", f"{sid}: COADD_FIBERSTATUS = {int(status[i])} (kept; masked pixels already have ivar 0)", KEPT)
+            meta["fiberstatus"] = int(status[j])
+            if int(status[j]) != 0:
+                flags.add(i, sid, "fiberstatus", f"{sid}: COADD_FIBERSTATUS = {int(status[j])} (kept; masked pixels already have ivar 0)", KEPT)
         if objtype:
             meta["objtype"] = objtype
-        rp = {c["name"]: c["R"][i] for c in cams if c["R"] is not None and c["R"][i] is not None}
+        rp = {c["name"]: c["R"][j] for c in cams if c["R"] is not None and c["R"][j] is not None}
         if rp:
             meta["resolving_power"] = rp
         s = spectrum_sample(i, sid, wave, flux, ivar, card, meta, flags)
         id_rows.append({"id": sid, "used": s is not None, **ids})
         if s is not None:
             samples.append(s)
-    return ReadResult("desi-coadd", path, "spectrum", card, reason, samples, flags, identifiers_table(id_rows), notes, n_objects=nspec).require_usable()
+    result = ReadResult("desi-coadd", path, "spectrum", card, reason, samples, flags, identifiers_table(id_rows), notes, n_objects=nspec)
+    # A range of rows may hold only sky fibres; whether the whole file is usable is the caller's call.
+    return result if rows is not None else result.require_usable()
 
 
 # ---------------------------------------------------------------------------- joining cameras
