@@ -76,9 +76,9 @@ def collate_samples(samples: Sequence[Sample], survey_names: Sequence[str] = (),
         out.append(
             ModalityBatch(
                 modality,
-                torch.from_numpy(np.stack([s.values for s in members])),
-                torch.from_numpy(np.stack([s.ivar for s in members])),
-                {a: torch.from_numpy(np.stack([s.coords[a] for s in members])) for a in AXES[modality]},
+                torch.from_numpy(_stack_rows([s.values for s in members])),
+                torch.from_numpy(_stack_rows([s.ivar for s in members])),
+                {a: _stack_axis([s.coords[a] for s in members]) for a in AXES[modality]},
                 torch.tensor(rows, dtype=torch.long),
             )
         )
@@ -91,6 +91,28 @@ def collate_samples(samples: Sequence[Sample], survey_names: Sequence[str] = (),
         ids=[s.id for s in samples],
         labels=[s.meta.get("labels", {}) for s in samples],
     )
+
+
+def _stack_rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.stack(arrays), without the copy when they are consecutive rows of one block (the
+    samples of one piece of a file, as readers hand them out); tokenizers never write into
+    a batch's arrays, so the view is safe."""
+    base = arrays[0].base
+    if base is None or base.ndim != arrays[0].ndim + 1 or not base.flags.c_contiguous or any(a.base is not base for a in arrays):
+        return np.stack(arrays)
+    row = arrays[0].nbytes
+    offset = arrays[0].__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    if offset % row or any(a.__array_interface__["data"][0] != arrays[0].__array_interface__["data"][0] + k * row for k, a in enumerate(arrays)):
+        return np.stack(arrays)
+    return base[offset // row: offset // row + len(arrays)]
+
+
+def _stack_axis(arrays: list[np.ndarray]) -> torch.Tensor:
+    """(n, L) coordinates of one axis; readers share one grid array between the samples of
+    a survey file, and those become a stride-0 view (no copy, and tokenizers see it as shared)."""
+    if all(a is arrays[0] for a in arrays):
+        return torch.from_numpy(arrays[0]).expand(len(arrays), -1)
+    return torch.from_numpy(np.stack(arrays))
 
 
 class GlobalBatchSampler:

@@ -91,10 +91,12 @@ class PatchTokenizer(nn.Module):
         pixel on a bright sky line reads as noisy rather than as an emission line."""
         if self.weight_kind == "mask":
             return mask
+        # 1/sigma is already 0 where the mask is (ivar = 0), so no multiplication by the mask:
+        # every pass over the pixels counts at inference.
         sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)
-        median = torch.where(mask.flatten(1) > 0, sigma_inv, torch.full_like(sigma_inv, float("nan"))).nanmedian(dim=1).values
+        median = sigma_inv.masked_fill(mask.flatten(1) == 0, float("nan")).nanmedian(dim=1).values
         median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)
-        return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask) * mask
+        return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
 
     def embed_content(self, patches: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
         """(n, T, P) masked normalised values and their pixel weights -> (n, T, hidden_size)."""
@@ -127,21 +129,27 @@ class PatchTokenizer(nn.Module):
         patch_ivar = _patchify(ivar, self.patch_shape)
         patch_mask = _patchify(mask, self.patch_shape)
         valid = patch_mask.sum(-1) > 0
-        visible = patch_mask
+        weight = _patchify(self.pixel_weight(ivar, mask), self.patch_shape)  # 0 where masked already
         hidden = None
         if mask_ratio > 0:
             hidden = token_mask(seeds, patches.shape[1], mask_ratio, valid)  # (n, T)
-            visible = patch_mask * (~hidden).unsqueeze(-1).to(patch_mask.dtype)
-        content = self.embed_content(patches * visible, _patchify(self.pixel_weight(ivar, mask), self.patch_shape) * visible)
+            shown = (~hidden).unsqueeze(-1).to(patch_mask.dtype)
+            content = self.embed_content(patches * (patch_mask * shown), weight * shown)
+        else:
+            content = self.embed_content(patches * patch_mask, weight)
 
         # Coordinates of patch centres and pixel steps per axis, broadcast to tokens.
         n_per_axis = [(s + p) // q for s, p, q in zip(shape, pad, self.patch_shape)]
         centre, step = {}, {}
         for i, axis in enumerate(axes):
-            c = _extend(batch.coords[axis], pad[i])  # (n, L_i)
-            # (n,) median pixel step: robust to the gaps of multi-window spectrographs
+            c = batch.coords[axis]  # (n, L_i)
+            # One grid shared by the whole batch (a survey file's): work on one row, broadcast.
+            shared = c.stride(0) == 0 or bool((c == c[:1]).all())
+            c = _extend(c[:1] if shared else c, pad[i])
+            # median pixel step: robust to the gaps of multi-window spectrographs
             d = c.diff(dim=1).abs().median(dim=1).values if c.shape[1] > 1 else torch.ones_like(c[:, 0])
-            centres = c.view(n, n_per_axis[i], self.patch_shape[i]).mean(-1)  # (n, T_i)
+            centres = c.view(len(c), n_per_axis[i], self.patch_shape[i]).mean(-1)  # (n or 1, T_i)
+            d, centres = d.expand(n), centres.expand(n, -1)
             view = [n] + [1] * len(axes)
             view[1 + i] = n_per_axis[i]
             centre[axis] = centres.view(view).expand(n, *n_per_axis).reshape(n, -1)
@@ -228,14 +236,17 @@ class SpectrumTokenizer(PatchTokenizer):
             self.content = nn.Linear(2 * self.patch_size + 2 * channels, config.hidden_size)
 
     def embed_content(self, patches, patch_weight):
-        x = torch.cat([patches, patch_weight], dim=-1)  # (n, T, 2P)
         if self.stem is None:
-            return self.content(x)
+            return super().embed_content(patches, patch_weight)
         n, t, p = patches.shape
         local = self.stem(torch.stack([patches.reshape(n, t * p), patch_weight.reshape(n, t * p)], dim=1))  # (n, C, ~T*P/stride)
         local = local[..., : t * (p // self.stem[0].stride[0])].reshape(n, local.shape[1], t, -1)
         pooled = torch.cat([local.amax(-1), local.mean(-1)], dim=1).transpose(1, 2)  # (n, T, 2C)
-        return self.content(torch.cat([x, pooled], dim=-1))
+        # content(cat([patches, weights, pooled])) as a sum over the blocks of its weight: the
+        # same map without copying every pixel into a concatenation first (~10 % of inference).
+        w = self.content.weight
+        return (nn.functional.linear(patches, w[:, :p], self.content.bias) + nn.functional.linear(patch_weight, w[:, p : 2 * p])
+                + nn.functional.linear(pooled, w[:, 2 * p :]))
 
     def axis_features(self, centre, step):
         lam = centre["wavelength"]

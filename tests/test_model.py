@@ -252,3 +252,29 @@ def test_ivar_pixel_weights_flag_noisy_pixels(tiny_config):
         CosmoFMConfig(pixel_weight="sigma")
     with pytest.raises(ValueError, match="multiple of spectrum_stem_stride"):
         SpectrumTokenizer(_stem_config(tiny_config, spectrum_stem_stride=3))
+
+
+def test_survey_file_batches_share_their_grid_without_changing_tokens(tiny_config):
+    """Readers hand out a piece of a file as row views of one block with one shared grid:
+    collation then copies neither, and the tokens are those of separate per-sample arrays."""
+    from cosmofm.pretrain.data import _stack_rows
+
+    tok = SpectrumTokenizer(_stem_config(tiny_config)).eval()
+    rng = np.random.default_rng(3)
+    wave = np.geomspace(3600, 10000, 1000)
+    block = (rng.normal(size=(5, 1000)) + 3).astype(np.float32)
+    ivar = rng.uniform(0.5, 2, size=(5, 1000)).astype(np.float32)
+    ivar[2, 400:600] = 0  # a masked stretch in one spectrum
+    shared = [Sample.validated("spectrum", block[i], ivar[i], {"wavelength": wave}, {"card": "sdss-like", "id": str(i)}) for i in range(1, 4)]
+    separate = [Sample("spectrum", block[i].copy(), ivar[i].copy(), {"wavelength": wave.copy()}, {"card": "sdss-like", "id": str(i)}) for i in range(1, 4)]
+    a, b = collate_samples(shared).groups[0], collate_samples(separate).groups[0]
+    assert a.coords["wavelength"].stride(0) == 0 and np.shares_memory(a.values.numpy(), block)  # no copies
+    assert b.coords["wavelength"].stride(0) != 0 and not np.shares_memory(b.values.numpy(), block)
+    with torch.no_grad():
+        ta, tb = tok(a), tok(b)
+        torch.testing.assert_close(ta.content, tb.content)
+        torch.testing.assert_close(ta.position, tb.position)
+        torch.testing.assert_close(ta.coords, tb.coords)
+    # rows out of order, or not from one block, are stacked as before
+    np.testing.assert_array_equal(_stack_rows([block[3], block[1]]), block[[3, 1]])
+    assert not np.shares_memory(_stack_rows([block[3], block[1]]), block)
