@@ -511,8 +511,8 @@ def input_files(inputs) -> list[Path]:
     return out
 
 
-def classify(inputs, model, output, batch_size: int = 64, card=None, progress: bool = True, refine_redshift: bool = False,
-             mc_samples: int = 0) -> dict:
+def classify(inputs, model, output, batch_size: int = 256, card=None, progress: bool = True, refine_redshift: bool = False,
+             mc_samples: int = 0, chunk_rows: int = 4096) -> dict:
     """Classify every spectrum in `inputs`; write one catalogue row per object to `output` (.fits / .parquet).
 
     Each row: ID, CARD, FILE, the file's identifiers (PLATE/MJD/FIBERID, TARGETID, OBJECT,
@@ -523,104 +523,190 @@ def classify(inputs, model, output, batch_size: int = 64, card=None, progress: b
     cheaper than a full template fit), and Z_NETWORK keeps the network's. `mc_samples` > 0: EPISTEMIC, the
     mutual information [nats] of that many Monte-Carlo-dropout passes of the head.
     Objects the reader flagged and skipped, and files it could not use, get a row with
-    their flags and null predictions. Samples stream through in batches of `batch_size`;
-    only the small per-row results are kept. InputError when nothing usable remains.
+    their flags and null predictions. InputError when nothing usable remains.
+
+    Streaming: files are read in pieces of at most `chunk_rows` objects (cosmofm FITS and
+    DESI coadds row range by row range, `readers.iter_read`), the next piece in a background
+    thread while the model runs on this one in batches of `batch_size`; only the
+    per-object results are kept, as columns, so memory is bounded by the piece size
+    whatever the number of spectra.
     """
-    import astropy.units as u
+    from astropy.table import Column, vstack
     from tqdm.auto import tqdm
 
     from cosmofm.data_cards.catalogue import ID_COLUMNS, write_catalogue
-    from cosmofm.data_cards.readers import read_any
 
     clf = load_classifier(model).eval()
     files = input_files(inputs)
     output = Path(output)
     if not output.name.lower().endswith((".fits", ".fit", ".parquet")):
         raise InputError(str(output), f"suffix {output.suffix!r} is not a catalogue format", "use .fits or .parquet")
-    names = clf.class_names
     if mc_samples < 0:
         raise InputError("mc_samples", f"must be >= 0, got {mc_samples}", "e.g. 20, or 0 for none")
-    empty = {"CLASS": None, **{f"P_{c}": None for c in names}, "CONFORMAL_SET": None, "Z": None, "Z_ERR": None}
-    if refine_redshift:
-        empty["Z_NETWORK"] = None
-    if mc_samples:
-        empty["EPISTEMIC"] = None
-    rows, n_used, problems = [], 0, []
+    for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows)):
+        if value < 1:
+            raise InputError(name, f"must be >= 1, got {value}", "e.g. 256 spectra per batch, 4096 rows per piece")
+    tables, n_used, problems = [], 0, []
     bar = tqdm(desc="classify", unit="spectrum", disable=not progress)
-    for path in files:
-        try:
-            result = read_any(path, card=card)
-        except InputError as e:
-            problems.append(str(e))
-            rows.append({"ID": path.stem, "FILE": path.name, **empty, "FLAGS": f"unreadable: {e.problem}"})
+    for path, result, error in _prefetched(_pieces(files, card, chunk_rows)):
+        if error is not None or result.modality != "spectrum":
+            problems.append(str(error) if error is not None else f"{path}: is a {result.modality} file")
+            flag = f"unreadable: {error.problem}" if error is not None else f"not_a_spectrum: {result.modality}"
+            tables.append(_row_table([path.stem], path, {"FLAGS": np.array([flag])}))
             continue
-        if result.modality != "spectrum":
-            problems.append(f"{path}: is a {result.modality} file")
-            rows.append({"ID": path.stem, "FILE": path.name, **empty, "FLAGS": f"not_a_spectrum: {result.modality}"})
-            continue
-        flags: dict[str, list[str]] = {}
-        for f in result.flags:
-            flags.setdefault(f.id, []).append(f.code)
-        preds = {}
-        for start in range(0, len(result.samples), batch_size):
-            chunk = [result.samples[i] for i in range(start, min(start + batch_size, len(result.samples)))]
-            preds.update(_predict_rows(clf, chunk, refine_redshift, mc_samples))
-            bar.update(len(chunk))
-        n_used += len(preds)
-        card_name = result.card.name if result.card is not None else ""
-        ident = result.identifiers
-        listed = [dict(zip(ident.colnames, (r[c] for c in ident.colnames))) for r in ident] if len(ident) else []
-        if not listed:  # datasets folders list no identifiers: one row per sample
-            listed = [{"id": sid} for sid in preds]
-        for rec in listed:
-            sid = str(rec["id"])
-            row = {"ID": sid, "CARD": card_name, "FILE": path.name}
-            for key, col in ID_COLUMNS.items():
-                v = rec.get(key)
-                if v is not None and not (isinstance(v, (float, np.floating)) and np.isnan(v)) and v != "":
-                    row[col] = v.item() if isinstance(v, np.generic) else v
-            row.update(preds.get(sid, empty))
-            row["FLAGS"] = "|".join(flags.get(sid, []))
-            rows.append(row)
+        sample_ids, predictions = _predict_columns(clf, result.samples, batch_size, refine_redshift, mc_samples)
+        n_used += len(sample_ids)
+        bar.update(len(sample_ids))
+        tables.append(_piece_table(path, result, sample_ids, predictions))
     bar.close()
     if n_used == 0:
         raise InputError(", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else ""), "nothing usable to classify" + (f" ({problems[0]})" if problems else ""),
                          "give spectra files readable by `cosmofm inspect`")
-    for r in rows:  # dimensionless redshifts (catalogue.write_catalogue keeps Quantity units)
-        for k in ("Z", "Z_ERR", "Z_NETWORK"):
-            if r.get(k) is not None:
-                r[k] = r[k] * u.dimensionless_unscaled
-    path = write_catalogue(rows, output)
-    return {"output": str(path), "n_rows": len(rows), "n_classified": n_used, "n_files": len(files)}
+    table = vstack(tables, join_type="outer", metadata_conflicts="silent")
+    for name in table.colnames:  # floats mark missing values with NaN, as catalogue.write_catalogue does
+        if table[name].dtype.kind == "f" and getattr(table[name], "mask", None) is not None:
+            table[name] = Column(table[name].filled(np.nan), name=name, unit=table[name].unit)
+    order = ["ID", "CARD", "FILE", *ID_COLUMNS.values(), "CLASS", *(f"P_{c}" for c in clf.class_names), "CONFORMAL_SET", "Z", "Z_ERR", "Z_NETWORK", "EPISTEMIC", "FLAGS"]
+    table = table[[c for c in order if c in table.colnames]]
+    path = write_catalogue(table, output)
+    return {"output": str(path), "n_rows": len(table), "n_classified": n_used, "n_files": len(files)}
 
 
-@torch.no_grad()
-def _predict_rows(clf: CosmoFMForSpectralClassification, samples: list[Sample], refine_redshift: bool = False,
-                  mc_samples: int = 0) -> dict[str, dict]:
+def _pieces(files: list[Path], card, chunk_rows: int) -> Iterator[tuple[Path, object, InputError | None]]:
+    """(path, ReadResult piece, None) for every piece of every file; (path, None, error) for a file that cannot be read."""
+    from cosmofm.data_cards.readers import iter_read
+
+    for path in files:
+        try:
+            for piece in iter_read(path, card=card, chunk_rows=chunk_rows):
+                yield path, piece, None
+        except InputError as e:
+            yield path, None, e
+
+
+def _prefetched(items: Iterator):
+    """Yield from `items`, producing the next one in a background thread meanwhile (reading
+    FITS and checking arrays in numpy overlaps with the model, which releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cosmofm-read") as pool:
+        items = iter(items)
+        upcoming = pool.submit(next, items, done)
+        while (item := upcoming.result()) is not done:
+            upcoming = pool.submit(next, items, done)
+            yield item
+
+
+def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sample], batch_size: int, refine_redshift: bool = False,
+                     mc_samples: int = 0) -> tuple[list[str], dict[str, np.ndarray | None]]:
+    """The ids of `samples` and their catalogue columns (one entry each, in order; None for a
+    column the model cannot fill). `samples` may be lazy (a datasets folder): each is read once."""
+    if len(samples) == 0:
+        return [], {}
     device = next(clf.parameters()).device
-    out = clf(collate_samples(samples, clf.config.survey_names).to(device), mc_samples=mc_samples)
-    probs = clf.probabilities(out.logits)
-    sets = clf.prediction_sets(probs)
-    names = clf.class_names
-    z = out.redshift.float().cpu().numpy() if out.redshift is not None else None
-    z_err = out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None
-    refined = None
-    if refine_redshift and z is not None:
-        from cosmofm.heads.template_fit import refine_redshifts
 
-        refined = refine_redshifts(samples, [names[k] for k in probs.argmax(1)])
-    epistemic = ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None
-    res = {}
-    for i, s in enumerate(samples):
-        row = {"CLASS": names[int(probs[i].argmax())], **{f"P_{c}": float(probs[i, j]) for j, c in enumerate(names)}}
-        row["CONFORMAL_SET"] = "|".join(c for j, c in enumerate(names) if sets[i, j]) if sets is not None else None
-        row["Z"] = float(z[i]) if z is not None else None
-        row["Z_ERR"] = float(z_err[i]) if z_err is not None else None
-        if refine_redshift:
-            row["Z_NETWORK"] = row["Z"]
-            if refined is not None:
-                row["Z"], row["Z_ERR"] = float(refined["z"][i]), float(refined["z_err"][i])
-        if epistemic is not None:
-            row["EPISTEMIC"] = float(epistemic[i])
-        res[s.id] = row
-    return res
+    def run(batch: list[Sample]) -> dict:
+        with torch.no_grad():  # grad mode is per thread
+            out = clf(collate_samples(batch, clf.config.survey_names).to(device), mc_samples=mc_samples)
+            return {"ids": [s.id for s in batch], "probs": clf.probabilities(out.logits),
+                    "z": out.redshift.float().cpu().numpy() if out.redshift is not None else None,
+                    "z_err": out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None,
+                    "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
+
+    batches = ([samples[i] for i in range(start, min(start + batch_size, len(samples)))] for start in range(0, len(samples), batch_size))
+    # MC dropout switches the head to training mode for its passes: one batch at a time then.
+    results = list(_parallel_on_cpu(run, batches, device.type == "cpu" and not mc_samples))
+    ids = [i for r in results for i in r["ids"]]
+    parts = {k: [r[k] for r in results if r[k] is not None] for k in ("probs", "z", "z_err", "epistemic")}
+    probs = np.concatenate(parts["probs"])
+    names = np.array(clf.class_names)
+    sets = clf.prediction_sets(probs)
+    columns: dict[str, np.ndarray | None] = {"CLASS": names[probs.argmax(1)], **{f"P_{c}": probs[:, j] for j, c in enumerate(names)}}
+    columns["CONFORMAL_SET"] = np.array(["|".join(names[row]) for row in sets]) if sets is not None else None
+    z = np.concatenate(parts["z"]).astype(np.float64) if parts["z"] else None
+    z_err = np.concatenate(parts["z_err"]).astype(np.float64) if parts["z_err"] else None
+    columns["Z"], columns["Z_ERR"] = z, z_err
+    if refine_redshift:
+        columns["Z_NETWORK"] = z
+        if z is not None:
+            from cosmofm.heads.template_fit import refine_redshifts
+
+            refined = refine_redshifts([samples[i] for i in range(len(samples))], list(columns["CLASS"]))
+            columns["Z"], columns["Z_ERR"] = np.asarray(refined["z"], np.float64), np.asarray(refined["z_err"], np.float64)
+    if mc_samples:
+        columns["EPISTEMIC"] = np.concatenate(parts["epistemic"]).astype(np.float64)
+    return ids, columns
+
+
+def _parallel_on_cpu(fn, items: Iterator, parallel: bool) -> Iterator:
+    """fn(item) for each item, in order. On CPUs (`parallel`), one single-threaded worker per
+    core runs whole batches side by side: small models scale badly over a core's intra-op
+    threads (2 threads ~1.2x one on 2 cores), and torch releases the GIL inside its ops.
+    At most two items per worker are in flight, so a lazy `items` stays lazy."""
+    workers = torch.get_num_threads()
+    if not parallel or workers < 2:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)  # process-wide: restored below
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cosmofm-infer") as pool:
+            pending: deque = deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(workers)
+
+
+def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[str, np.ndarray | None]):
+    """One catalogue row per object the reader listed (used or flagged), predictions where it was classified."""
+    from astropy.table import MaskedColumn
+
+    from cosmofm.data_cards.catalogue import ID_COLUMNS
+
+    ident = result.identifiers
+    ids = [str(x) for x in ident["id"]] if len(ident) else sample_ids  # datasets folders list none
+    position = {sid: k for k, sid in enumerate(sample_ids)}
+    take = np.array([position.get(sid, -1) for sid in ids], dtype=np.int64)
+    used = take >= 0
+    columns: dict[str, object] = {"CARD": np.full(len(ids), result.card.name if result.card is not None else "")}
+    for key, name in ID_COLUMNS.items():
+        if len(ident) and key in ident.colnames:
+            values = np.asarray(ident[key])
+            missing = np.isnan(values) if values.dtype.kind == "f" else (values == "") if values.dtype.kind == "U" else np.zeros(len(values), bool)
+            if not missing.all():
+                columns[name] = MaskedColumn(values, mask=missing, unit=ident[key].unit) if missing.any() else values
+    for name, values in predictions.items():
+        if values is None:
+            columns[name] = MaskedColumn(np.zeros(len(ids)), mask=np.ones(len(ids), bool))
+        elif values.dtype.kind == "f":
+            columns[name] = np.where(used, values[np.where(used, take, 0)], np.nan)
+        else:
+            columns[name] = MaskedColumn(values[np.where(used, take, 0)], mask=~used) if not used.all() else values[take]
+    flags: dict[str, list[str]] = {}
+    for f in result.flags:
+        flags.setdefault(f.id, []).append(f.code)
+    columns["FLAGS"] = np.array(["|".join(flags.get(sid, [])) for sid in ids])
+    return _row_table(ids, path, columns)
+
+
+def _row_table(ids: list[str], path: Path, columns: dict):
+    """A catalogue piece: ID and FILE, then `columns`; Z columns dimensionless."""
+    import astropy.units as u
+    from astropy.table import Table
+
+    t = Table()
+    t["ID"] = np.array(ids)
+    t["FILE"] = np.full(len(ids), path.name)
+    for name, values in columns.items():
+        t[name] = values
+        if name in ("Z", "Z_ERR", "Z_NETWORK"):
+            t[name].unit = u.dimensionless_unscaled
+    return t
