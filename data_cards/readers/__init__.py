@@ -25,6 +25,7 @@ tables last) and `read_any` reads with the first that answers. Formats:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def read_any(path: str | os.PathLike, card=None, format: str | None = None, **op
         raise
 
 
-def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chunk_rows: int = 4096, **options) -> Iterator[ReadResult]:
+def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chunk_rows: int = 1024, **options) -> Iterator[ReadResult]:
     """`read_any` in pieces of at most `chunk_rows` objects, for files too big to hold at once.
 
     Formats that can count their objects from headers (cosmofm FITS, DESI coadds) are read
@@ -125,17 +126,28 @@ def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chu
     file size (a million spectra); each piece is a ReadResult of its own rows, flags and
     identifiers, with file-wide row numbers; a piece may hold no usable object (its flags
     say why). Other formats hold one or a few objects per file and come in one piece, as
-    `read_any` reads them.
+    `read_any` reads them. `piece_readers` gives the same pieces as calls to make later
+    (e.g. in parallel).
     """
+    for read in piece_readers(path, card, format, chunk_rows, **options):
+        yield read()
+
+
+def piece_readers(path: str | os.PathLike, card=None, format: str | None = None, chunk_rows: int = 1024, min_pieces: int = 1,
+                  **options) -> list[Callable[[], ReadResult]]:
+    """The pieces of `iter_read` as zero-argument functions, each reading its own rows;
+    at least `min_pieces` of them where the format can split (so that parallel workers
+    each get one)."""
     if chunk_rows < 1:
-        raise InputError("chunk_rows", f"must be >= 1, got {chunk_rows}", "e.g. 4096")
+        raise InputError("chunk_rows", f"must be >= 1, got {chunk_rows}", "e.g. 1024")
     p = Path(path)
     fmt = get_format(format) if format else (detect(p) if p.exists() else None)
     if fmt is None or fmt.count is None or "limit" in options:
-        yield read_any(p, card=card, format=format, **options)
-        return
-    for start in range(0, max(fmt.count(p), 1), chunk_rows):
-        yield read_any(p, card=card, format=fmt.name, rows=slice(start, start + chunk_rows), **options)
+        return [functools.partial(read_any, p, card=card, format=format, **options)]
+    total = fmt.count(p)
+    chunk = max(1, min(chunk_rows, -(-total // max(1, min_pieces))))
+    return [functools.partial(read_any, p, card=card, format=fmt.name, rows=slice(start, start + chunk), **options)
+            for start in range(0, max(total, 1), chunk)]
 
 
 def _what_it_is(p: Path) -> str:
@@ -164,6 +176,7 @@ __all__ = [
     "get_format",
     "iter_cube_chunks",
     "iter_read",
+    "piece_readers",
     "read_any",
     "read_cutouts",
     "register",
