@@ -96,10 +96,17 @@ def _cmd_finetune(args):
     if args.n_train < 10:
         raise InputError("--n-train", f"must be at least 10, got {args.n_train}", "ask for more labelled mocks")
     backbone = None if args.backbone in (None, "none", "None") else args.backbone
+    backbone_config = None
+    if args.recipe:
+        from cosmofm.pretrain.recipe import PretrainRecipe
+
+        if backbone is not None:
+            raise InputError("--recipe", "shapes a fresh backbone, so it cannot be combined with --backbone", "drop --recipe to fine-tune the given backbone")
+        backbone_config = {**PretrainRecipe.load(args.recipe).model, "survey_names": [card.name]}
     cfg = FinetuneConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          label_fraction=args.label_fraction, seed=args.seed, output_dir=args.output, progress=True)
     samples = list(generate(card, args.n_train, seed=args.seed, workers=args.workers, progress=True))  # mocks as labelled data
-    result = finetune_classification(samples, card, cfg, backbone=backbone)
+    result = finetune_classification(samples, card, cfg, backbone=backbone, backbone_config=backbone_config, teacher=args.teacher)
     m = result["metrics"]
     print(f"accuracy {m['accuracy']:.3f}  macro recall {m['macro_recall']:.3f}  ECE {m['ece_before']:.3f} -> {m['ece_after']:.3f}  "
           f"conformal coverage {m['conformal_coverage']:.3f} (mean set size {m['conformal_mean_set_size']:.2f})")
@@ -175,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="fine-tune a task head (mocks of a card as labelled data), calibrate, evaluate")
     f.add_argument("--task", default="classification", help="task head (classification)")
     f.add_argument("--backbone", help="pretrained backbone release folder or repo id; omit or 'none' for a fresh backbone")
+    f.add_argument("--recipe", help="without --backbone: the model shape of the fresh backbone, from a recipe (e.g. spectra-fast)")
+    f.add_argument("--teacher", help="fine-tuned classification model (folder or repo id) to distil from, e.g. into --recipe spectra-fast")
     f.add_argument("--card", default="sdss-like", help="spectrum card whose mocks and label schema are used")
     f.add_argument("--n-train", type=int, default=1000, help="labelled mocks (split into train / calibration / test)")
     f.add_argument("--strategy", choices=["frozen", "full", "lora"], default="frozen", help="frozen backbone, full fine-tune or LoRA adapters")

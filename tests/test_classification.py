@@ -309,3 +309,15 @@ def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path):
     for j, c in enumerate(model.class_names):
         np.testing.assert_allclose(tables[8][f"P_{c}"], expected[:, j], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(tables[96][f"P_{c}"], expected[:, j], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
+    """`cosmofm finetune --recipe spectra-fast --teacher MODEL`: the fast student of issue 5."""
+    from cosmofm.release import from_pretrained
+
+    out = tmp_path / "student"
+    assert cli_main(["finetune", "--task", "classification", "--recipe", "spectra-fast", "--teacher", finetuned["model_dir"], "--strategy", "full",
+                     "--n-train", "40", "--epochs", "1", "--workers", "1", "--output", str(out)]) == 0
+    student = from_pretrained(str(out / "model"))
+    assert (student.config.hidden_size, student.config.spectrum_stem_stride, student.config.spectrum_patch_size) == (32, 8, 128)
+    assert cli_main(["finetune", "--recipe", "spectra-fast", "--backbone", finetuned["model_dir"], "--output", str(tmp_path / "x")]) == 2
