@@ -48,14 +48,14 @@ def _data(p: Path, card, options: dict) -> str:
         return _dataset(p)
     if fmt is not None and fmt.name == "fits-cube":
         options = {"chunks": "auto", "limit": PREVIEW_CHUNKS, **options}
-    elif fmt is not None and fmt.name not in ("cosmofm-fits", "fits-image"):
+    elif fmt is not None and fmt.name != "fits-image":  # cosmofm FITS and tables read only the rows previewed
         options = {"limit": PREVIEW_OBJECTS, **options}
     result = read_any(p, card=card, format=fmt.name if fmt else None, **options)
     if result.format == "cosmofm-fits":
         from cosmofm.data_cards.fits_io import data_unit
 
         unit = data_unit(result.card) if result.card else "?"
-        return _summary(list(result.samples), f"FITS file {p} (cosmofm layout), values in {unit}") + _extras(result, card_line=True)
+        return _summary(list(result.samples), f"FITS file {p} (cosmofm layout), values in {unit}") + _extras(result, card_line=True, limit=options.get("limit"))
     from cosmofm.data_cards.fits_io import data_unit
 
     header = (
@@ -63,16 +63,19 @@ def _data(p: Path, card, options: dict) -> str:
         f"  format: {result.format}, modality: {result.modality}, values in {data_unit(result.card)}\n"
         f"  card: {result.card.name} ({result.card_reason})"
     )
-    return _summary(list(result.samples), header) + _extras(result, card_line=False)
+    return _summary(list(result.samples), header) + _extras(result, card_line=False, limit=options.get("limit"))
 
 
-def _extras(result, card_line: bool) -> str:
-    """Card and why, object counts, flags, conventions and identifier columns of a ReadResult."""
+def _extras(result, card_line: bool, limit: int | None = None) -> str:
+    """Card and why, object counts, flags, conventions and identifier columns of a ReadResult
+    (read up to `limit` objects)."""
     lines = []
     if card_line and result.card is not None:
         lines.append(f"  card: {result.card.name} ({result.card_reason})")
     used = len(result.samples)
-    if result.n_objects and result.n_objects != used:
+    if limit is not None and result.n_objects > limit:
+        lines.append(f"  objects in file: {result.n_objects}; the first {limit} read for this summary, {used} usable")
+    elif result.n_objects and result.n_objects != used:
         lines.append(f"  objects in file: {result.n_objects}, usable: {used}")
     counts = result.flag_counts()
     if counts:

@@ -29,7 +29,7 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
     assert code == 2 and "no checkpoint" in err and "without --resume" in err
 
 
-def test_mock_to_fits_then_inspect(tmp_path, capsys):
+def test_mock_to_fits_then_inspect(tmp_path, capsys, monkeypatch):
     assert main(["mock", "spectra", "--n", "3", "--format", "fits", "--out", str(tmp_path)]) == 0
     path = tmp_path / "sdss-like-3.fits"
     assert path.exists()
@@ -37,6 +37,13 @@ def test_mock_to_fits_then_inspect(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "objects: 3" in text and "wavelength: 3600 .. 10400 Angstrom" in text and "1e-17 erg" in text
+    # a big file is summarised from its first rows only (read without the rest)
+    import cosmofm.inspect
+
+    monkeypatch.setattr(cosmofm.inspect, "PREVIEW_OBJECTS", 2)
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "objects: 2" in text and "objects in file: 3; the first 2 read for this summary, 2 usable" in text
 
 
 def test_mock_dataset_and_card_and_wrong_card(tmp_path, capsys):
