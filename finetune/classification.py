@@ -10,7 +10,7 @@ calibration / test blocks; the model trains with AdamW in the minimal Accelerate
 (pretrain/train.py), strategies `frozen` (head only: a probe on the frozen backbone),
 `full` (everything) or `lora` (low-rank adapters on the attention qkv / proj layers via
 peft, merged into the weights before saving). Then the temperature (Guo et al. 2017)
-and split-conformal threshold (alpha = 0.1) are fitted on the calibration block and
+and split-conformal threshold (alpha from the calibration error rate unless given) are fitted on the calibration block and
 stored in the config, and the test block gives the metrics written to
 `eval_results.json` (the format `finetune/model_card.load_eval_results` reads) and three
 figures (confusion matrix, reliability diagram, redshift true vs predicted).
@@ -32,6 +32,7 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.calibration import (
     ConformalClassifier,
     coverage,
+    default_alpha,
     ensemble_prediction,
     error_detection_auroc,
     expected_calibration_error,
@@ -71,7 +72,10 @@ class FinetuneConfig:
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
         test_fraction (`float`, 0.2): fraction of all samples held out for the test metrics.
-        alpha (`float`, 0.1): conformal miscoverage level.
+        alpha (`float` or None, None): conformal miscoverage level; None chooses it from
+            the calibration block (`heads.calibration.default_alpha`: 0.1 unless the
+            classifier errs less often than that, then the largest of 0.05 / 0.02 / 0.01 /
+            0.005 below its error rate, so the sets stay informative).
         mc_samples (`int`, 0): Monte-Carlo-dropout passes of the head scored on the test
             block next to the default (temperature scaling + conformal sets); 0 = skip.
         head_hidden (`int`, 128), head_dropout (`float`, 0.1), redshift (`bool`, True): head settings.
@@ -96,7 +100,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
-    alpha: float = 0.1
+    alpha: float | None = None
     mc_samples: int = 0
     head_hidden: int = 128
     head_dropout: float = 0.1
@@ -123,6 +127,8 @@ class FinetuneConfig:
             raise InputError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}", "e.g. 0.05")
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("epochs / batch_size", "must be >= 1", "train for at least one epoch")
+        if self.alpha is not None and not 0 < self.alpha < 1:
+            raise InputError("alpha", f"must be in (0, 1) or None (chosen from the calibration block), got {self.alpha}", "e.g. 0.05 for 95% coverage")
 
 
 def split_indices(n: int, cfg: FinetuneConfig) -> dict[str, np.ndarray]:
@@ -347,8 +353,9 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
 
 
 def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], splits: dict, labels: np.ndarray,
-                           redshifts: np.ndarray | None, alpha: float = 0.1, mc_samples: int = 0) -> tuple[dict, dict]:
+                           redshifts: np.ndarray | None, alpha: float | None = None, mc_samples: int = 0) -> tuple[dict, dict]:
     """Fit temperature and conformal threshold on the calibration block (stored in the model), test on the test block.
+    `alpha` None: chosen from the calibration block (`default_alpha`).
 
     With mc_samples > 0 the test block is also scored by the Monte-Carlo-dropout ensemble
     of the head (metrics under "mc_dropout": accuracy, ECE of the mean probabilities at
@@ -359,6 +366,7 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
     y_cal, y_test = labels[splits["calibration"]], labels[splits["test"]]
     temperature = fit_temperature(cal["logits"], y_cal)
     p_cal_raw, p_cal = softmax(cal["logits"]), softmax(cal["logits"], temperature)
+    alpha = default_alpha(p_cal, y_cal) if alpha is None else alpha
     conformal = ConformalClassifier.fit(p_cal, y_cal, alpha)
     model.set_calibration(temperature, conformal.alpha, conformal.threshold)
 

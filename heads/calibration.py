@@ -150,6 +150,27 @@ class ConformalClassifier:
         return sets
 
 
+# Conformal levels `default_alpha` chooses from, largest first.
+ALPHA_GRID = (0.1, 0.05, 0.02, 0.01, 0.005)
+
+
+def default_alpha(probs, labels, grid: tuple[float, ...] = ALPHA_GRID) -> float:
+    """The conformal level to use when none is asked for, from calibration data.
+
+    The largest alpha of `grid` below the top-1 error rate: sets that never drop the top
+    class cover at least the accuracy, so at alpha >= error rate they are nearly all
+    singletons and say nothing; below it they widen exactly where the classifier is
+    unsure. No smaller than the calibration block resolves (alpha >= 1/(n+1)); the
+    largest alpha of the grid when the error rate exceeds it.
+    """
+    probs, labels = _as_numpy(probs), _as_numpy(labels)
+    _check(probs, labels)
+    error = float(np.mean(probs.argmax(axis=1) != labels))
+    resolved = [a for a in grid if a >= 1.0 / (len(labels) + 1)] or [max(grid)]
+    below = [a for a in resolved if a < error]
+    return max(below) if below else min(resolved)
+
+
 def coverage(sets: np.ndarray, labels) -> float:
     labels = _as_numpy(labels)
     return float(np.mean(sets[np.arange(len(labels)), labels]))

@@ -114,7 +114,7 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     result = finetune_classification(labelled, card, cfg, backbone=backbone_dir)
     m = result["metrics"]
     print(f"      test block: accuracy {m['accuracy']:.3f}, macro recall {m['macro_recall']:.3f}, ECE {m['ece_after']:.3f} "
-          f"(before temperature {m['ece_before']:.3f}), conformal coverage {m['conformal_coverage']:.3f} (nominal {1 - cfg.alpha:.2f})")
+          f"(before temperature {m['ece_before']:.3f}), conformal coverage {m['conformal_coverage']:.3f} (nominal {1 - m['conformal_alpha']:.2f})")
     new = mock_samples(load_card("4most-lrs"), n_new, seed=HELD_OUT_SEED + 2)
     eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
     catalogue = output / "classified.fits"

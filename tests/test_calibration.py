@@ -81,3 +81,24 @@ def test_error_detection_auroc():
     assert error_detection_auroc(np.array([0.9, 0.8, 0.7, 0.1, 0.2]), errors) == 0.0
     assert error_detection_auroc(np.ones(5), errors) == 0.5
     assert np.isnan(error_detection_auroc(np.ones(3), np.zeros(3, bool)))
+
+
+def test_default_alpha_follows_the_calibration_error_rate():
+    """Sets that always keep the top class are informative only at alpha below its error rate."""
+    from cosmofm.heads.calibration import default_alpha
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=2000)
+
+    def probs_with_error(rate):
+        top = labels.copy()
+        wrong = rng.random(len(labels)) < rate
+        top[wrong] = (labels[wrong] + 1) % 5
+        p = np.full((len(labels), 5), 0.05)
+        p[np.arange(len(labels)), top] = 0.8
+        return p
+
+    assert default_alpha(probs_with_error(0.30), labels) == 0.1  # a weak classifier: the usual 90 %
+    assert default_alpha(probs_with_error(0.015), labels) == 0.01  # 98.5 % accurate: 99 % sets
+    assert default_alpha(probs_with_error(0.0), labels) == 0.005
+    assert default_alpha(probs_with_error(0.0)[:50], labels[:50]) == 0.02  # 50 calibration objects resolve alpha >= 1/51
