@@ -546,6 +546,7 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     from tqdm.auto import tqdm
 
     from cosmofm.data_cards.catalogue import ID_COLUMNS, write_catalogue
+    from cosmofm.data_cards.readers import piece_readers
 
     clf = load_classifier(model).eval()
     files = input_files(inputs)
@@ -557,8 +558,6 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows)):
         if value < 1:
             raise InputError(name, f"must be >= 1, got {value}", "e.g. 256 spectra per batch, 1024 rows per piece")
-    from cosmofm.data_cards.readers import piece_readers
-
     # MC dropout switches the head to training mode for its passes: one piece at a time then.
     workers = 1 if mc_samples else _n_workers()
     jobs = ((path, read) for path in files for read in piece_readers(path, card, chunk_rows=chunk_rows, min_pieces=workers))
