@@ -246,9 +246,9 @@ def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice
         # Scale in float64 so a factor like 1e19 does not lose float32 precision twice.
         factor = np.asarray(factor, dtype=np.float64)
         values, ivar = values * factor, ivar * (ivar_factor / factor**2)
-    # Survey files repeat one grid in every row: check it once and share it between the
-    # samples (a tenth of the memory and of the checking time of per-row copies).
-    coords = {axis: c[0] if (c == c[:1]).all() else c for axis, c in coords.items()}
+    # A grid the same in every row was read once (_copy_rows): check it once and share it
+    # between the samples (a tenth of the memory and of the checking time of per-row copies).
+    coords = {axis: c[0] if len(c) == 1 else c for axis, c in coords.items()}
     try:
         values, ivar, coords = validate(modality, values, ivar, coords, block=True)
     except RowError as e:

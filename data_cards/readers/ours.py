@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from astropy.table import Table
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.readers.common import ID_UNITS, ReadResult, fits_hdus, hdu_named, identifiers_table
+from cosmofm.data_cards.readers.common import ReadResult, fits_hdus, hdu_named, identifiers_table
 
 
 def sniff_fits(path: Path) -> bool:
@@ -39,18 +37,8 @@ def read_fits(path: Path, card=None, limit: int | None = None, rows: slice | Non
     else:
         reason = "given explicitly"
     modality = card.modality if card else (samples[0].modality if samples else "")
-    return ReadResult("cosmofm-fits", path, modality, card, reason, samples, [], _identifiers(samples), [], n_objects=count_rows(path))
-
-
-def _identifiers(samples) -> Table:
-    """id, used (all: our files hold only usable samples) and RA/Dec where the metas have them."""
-    t = Table({"id": np.array([s.id for s in samples], dtype=str), "used": np.ones(len(samples), bool)})
-    for key in ("ra", "dec"):
-        values = [s.meta.get(key) for s in samples]
-        if any(v is not None for v in values):
-            t[key] = np.array([np.nan if v is None else float(v) for v in values])
-            t[key].unit = ID_UNITS[key]
-    return t
+    rows = [{"id": s.id, "used": True, **{k: s.meta[k] for k in ("ra", "dec") if k in s.meta}} for s in samples]
+    return ReadResult("cosmofm-fits", path, modality, card, reason, samples, [], identifiers_table(rows), [], n_objects=count_rows(path))
 
 
 def sniff_dataset(path: Path) -> bool:
