@@ -603,36 +603,43 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     if len(samples) == 0:
         return [], {}
     device = next(clf.parameters()).device
+    names = np.array(clf.class_names)
 
     def run(batch: list[Sample]) -> dict:
         with torch.no_grad():  # grad mode is per thread
             out = clf(collate_samples(batch, clf.config.survey_names).to(device), mc_samples=mc_samples)
-            return {"ids": [s.id for s in batch], "probs": clf.probabilities(out.logits),
-                    "z": out.redshift.float().cpu().numpy() if out.redshift is not None else None,
-                    "z_err": out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None,
-                    "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
+        probs = clf.probabilities(out.logits)
+        part = {"ids": [s.id for s in batch], "probs": probs,
+                "z": out.redshift.float().cpu().numpy() if out.redshift is not None else None,
+                "z_err": out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None,
+                "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
+        if refine_redshift and part["z"] is not None:  # while the batch is at hand
+            from cosmofm.heads.template_fit import refine_redshifts
+
+            refined = refine_redshifts(batch, list(names[probs.argmax(1)]))
+            part["z_refined"], part["z_err_refined"] = refined["z"], refined["z_err"]
+        return part
 
     batches = ([samples[i] for i in range(start, min(start + batch_size, len(samples)))] for start in range(0, len(samples), batch_size))
     results = list(map(run, batches))
     ids = [i for r in results for i in r["ids"]]
-    parts = {k: [r[k] for r in results if r[k] is not None] for k in ("probs", "z", "z_err", "epistemic")}
-    probs = np.concatenate(parts["probs"])
-    names = np.array(clf.class_names)
+
+    def joined(key: str) -> np.ndarray | None:
+        parts = [r[key] for r in results if r.get(key) is not None]
+        return np.concatenate(parts) if parts else None
+
+    probs = joined("probs")
     sets = clf.prediction_sets(probs)
     columns: dict[str, np.ndarray | None] = {"CLASS": names[probs.argmax(1)], **{f"P_{c}": probs[:, j] for j, c in enumerate(names)}}
     columns["CONFORMAL_SET"] = np.array(["|".join(names[row]) for row in sets]) if sets is not None else None
-    z = np.concatenate(parts["z"]).astype(np.float64) if parts["z"] else None
-    z_err = np.concatenate(parts["z_err"]).astype(np.float64) if parts["z_err"] else None
-    columns["Z"], columns["Z_ERR"] = z, z_err
+    z, z_err = joined("z"), joined("z_err")
+    columns["Z"], columns["Z_ERR"] = (None if z is None else z.astype(np.float64)), (None if z_err is None else z_err.astype(np.float64))
     if refine_redshift:
-        columns["Z_NETWORK"] = z
+        columns["Z_NETWORK"] = columns["Z"]
         if z is not None:
-            from cosmofm.heads.template_fit import refine_redshifts
-
-            refined = refine_redshifts([samples[i] for i in range(len(samples))], list(columns["CLASS"]))
-            columns["Z"], columns["Z_ERR"] = np.asarray(refined["z"], np.float64), np.asarray(refined["z_err"], np.float64)
+            columns["Z"], columns["Z_ERR"] = joined("z_refined").astype(np.float64), joined("z_err_refined").astype(np.float64)
     if mc_samples:
-        columns["EPISTEMIC"] = np.concatenate(parts["epistemic"]).astype(np.float64)
+        columns["EPISTEMIC"] = joined("epistemic").astype(np.float64)
     return ids, columns
 
 
@@ -690,8 +697,8 @@ def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[st
             if not missing.all():
                 columns[name] = MaskedColumn(values, mask=missing, unit=ident[key].unit) if missing.any() else values
     for name, values in predictions.items():
-        if values is None:
-            columns[name] = MaskedColumn(np.zeros(len(ids)), mask=np.ones(len(ids), bool))
+        if values is None:  # the model cannot fill it: null, of the column's own kind
+            columns[name] = MaskedColumn(np.full(len(ids), ""), mask=np.ones(len(ids), bool)) if name == "CONFORMAL_SET" else np.full(len(ids), np.nan)
         elif values.dtype.kind == "f":
             columns[name] = np.where(used, values[np.where(used, take, 0)], np.nan)
         else:
