@@ -3,10 +3,14 @@
     rows = catalogue_rows(result.samples, [{"CLASS": "QSO", "Z": 2.1 * u.dimensionless_unscaled}, ...])
     write_catalogue(rows, "predictions.fits")      # FITS binary table, TUNIT per column
     write_catalogue(rows, "predictions.parquet")   # Parquet, unit in each field's metadata
+    with CatalogueWriter("big.parquet") as out:    # piece by piece, for any number of rows
+        for piece in pieces:
+            out.add(piece)
 
 Identifier columns use the surveys' own names: ID, PLATE, MJD, FIBERID (SDSS), TARGETID
 (DESI), OBJECT (ESO), RA and DEC in degrees. A value that is an astropy Quantity keeps its
-unit; `units={"Z_ERR": ""}` names the rest. Missing values are masked (FITS TNULL / NaN,
+unit; `units={"Z_ERR": ""}` names the rest ("" is dimensionless: an empty TUNIT in FITS,
+an empty unit in Parquet's field metadata). Missing values are masked (FITS TNULL / NaN,
 Parquet null). `read_catalogue` reads either back with the units.
 """
 
@@ -14,13 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import astropy.units as u
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 from astropy.table import Column, MaskedColumn, Table
 
@@ -49,7 +56,7 @@ def catalogue_rows(samples: Iterable[Sample], extra: Sequence[dict[str, Any]] | 
 def to_table(rows: Table | Sequence[dict[str, Any]], units: dict[str, str] | None = None) -> Table:
     """Rows (dicts, values may be Quantities) as an astropy Table with units and masks."""
     if isinstance(rows, Table):
-        t = rows.copy()
+        t = rows.copy(copy_data=False)  # new columns (units set below stay ours), the caller's data
     else:
         rows = list(rows)
         if not rows:
@@ -63,37 +70,223 @@ def to_table(rows: Table | Sequence[dict[str, Any]], units: dict[str, str] | Non
     for name, unit in {**DEFAULT_UNITS, **(units or {})}.items():
         if name in t.colnames and t[name].unit is None:
             try:
-                t[name].unit = u.Unit(unit) if unit else None
+                t[name].unit = u.Unit(unit)  # "": dimensionless
             except ValueError:
                 raise InputError(f"units[{name!r}]", f"{unit!r} is not an astropy unit", "use e.g. 'deg', 'km/s', ''") from None
     return t
 
 
 def write_catalogue(rows: Table | Sequence[dict[str, Any]], path: str | os.PathLike, units: dict[str, str] | None = None, overwrite: bool = True) -> Path:
-    """Write a catalogue to .fits (FITS binary table with TUNITs) or .parquet; atomically."""
-    path = Path(path)
-    t = to_table(rows, units)
-    name = path.name.lower()
-    if not path.parent.is_dir():
-        raise InputError(str(path), f"folder {path.parent} does not exist", "create the folder first")
-    if path.exists() and not overwrite:
-        raise InputError(str(path), "already exists", "choose another name or pass overwrite=True")
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        if name.endswith((".fits", ".fit", ".fits.gz")):
-            for c in t.colnames:
-                if t[c].dtype.kind == "U" and not all(str(v).isascii() for v in t[c]):
-                    raise InputError(f"{path}: {c}", "has non-ASCII text", "FITS strings are ASCII; write Parquet instead")
-            t.write(tmp, format="fits")
-        elif name.endswith(".parquet"):
-            pq.write_table(_arrow(t), tmp)
+    """Write a catalogue to .fits (FITS binary table with TUNITs) or .parquet; atomically.
+    For one piece at a time (any number of rows), use `CatalogueWriter`."""
+    with CatalogueWriter(path, units=units, overwrite=overwrite) as out:
+        out.add(rows)
+    return out.path
+
+
+def catalogue_format(path: str | os.PathLike) -> str:
+    """"fits" or "parquet", from the file name; InputError for any other suffix."""
+    name = Path(path).name.lower()
+    if name.endswith((".fits", ".fit")):
+        return "fits"
+    if name.endswith(".parquet"):
+        return "parquet"
+    raise InputError(str(path), f"suffix {Path(path).suffix!r} is not a catalogue format", "use .fits or .parquet")
+
+
+class CatalogueWriter:
+    """A catalogue written piece by piece, in memory bounded by one piece, for any number of rows.
+
+        with CatalogueWriter("predictions.fits", order=["ID", "CLASS", "Z"]) as out:
+            for piece in pieces:  # Tables or row dicts; a piece may lack some columns
+                out.add(piece)
+        # the file appears on leaving the block (temp file + rename), never half-written
+
+    Each piece is spooled as an Arrow file in a hidden folder beside the output. On close
+    the columns of all pieces are merged (a column a piece lacks is null there: NaN for
+    floats; an int column that meets floats becomes float), then the pieces are streamed
+    into the output one at a time: Parquet row groups, or the rows of a FITS binary table
+    whose header (string widths, TNULLs, units) is known by then.
+    """
+
+    def __init__(self, path: str | os.PathLike, units: dict[str, str] | None = None, order: Sequence[str] = (), overwrite: bool = True):
+        self.path, self.units, self.order = Path(path), units, list(order)
+        self.fits = catalogue_format(self.path) == "fits"
+        if not self.path.parent.is_dir():
+            raise InputError(str(self.path), f"folder {self.path.parent} does not exist", "create the folder first")
+        if self.path.exists() and not overwrite:
+            raise InputError(str(self.path), "already exists", "choose another name or pass overwrite=True")
+        self.spool = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:12]}.parts"
+        self.spool.mkdir()
+        self.parts: list[Path] = []
+        self.fields: dict[str, pa.Field] = {}  # merged over the pieces, in first-seen order
+        self.nulls: set[str] = set()  # columns with a null somewhere
+        self.pieces_with: dict[str, int] = {}  # column -> pieces that have it (fewer than all: nulls)
+        self.widths: dict[str, int] = {}  # bytes of the longest string per text column (FITS nA)
+        self.n_rows = 0
+
+    def add(self, rows: Table | Sequence[dict[str, Any]]) -> None:
+        """Spool one piece (an astropy Table, or row dicts as `write_catalogue` takes)."""
+        piece = _arrow(to_table(rows, self.units))
+        for fld, col in zip(piece.schema, piece.columns):
+            known = self.fields.get(fld.name)
+            self.fields[fld.name] = fld if known is None else known.with_type(_merged_type(known.type, fld.type, fld.name))
+            self.pieces_with[fld.name] = self.pieces_with.get(fld.name, 0) + 1
+            if col.null_count:
+                self.nulls.add(fld.name)
+            if pa.types.is_string(fld.type) or pa.types.is_binary(fld.type):
+                if self.fits and pa.types.is_string(fld.type) and pc.all(pc.string_is_ascii(col)).as_py() is False:
+                    raise InputError(f"{self.path}: {fld.name}", "has non-ASCII text", "FITS strings are ASCII; write Parquet instead")
+                longest = pc.max(pc.binary_length(col)).as_py() or 0
+                self.widths[fld.name] = max(self.widths.get(fld.name, 1), longest)
+        self.parts.append(self.spool / f"part-{len(self.parts):06d}.arrow")
+        feather.write_feather(piece, self.parts[-1], compression="uncompressed")
+        self.n_rows += piece.num_rows
+
+    def close(self) -> Path:
+        """Merge the pieces into the output file (atomically); remove the spool."""
+        if not self.parts:
+            self.abort()
+            raise InputError("rows", "is empty", "pass at least one row")
+        names = [c for c in self.order if c in self.fields] + [c for c in self.fields if c not in self.order]
+        schema = pa.schema([self.fields[c] for c in names], metadata={b"written_by": b"cosmofm.data_cards.catalogue"})
+        self.nulls |= {c for c in names if self.pieces_with[c] < len(self.parts)}  # null in the pieces that lack it
+        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            pieces = (_conform(feather.read_table(p), schema) for p in self.parts)
+            if self.fits:
+                _write_fits_rows(tmp, schema, pieces, self.n_rows, self.widths, self.nulls)
+            else:
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for group in _row_groups(pieces, ROW_GROUP):
+                        writer.write_table(group)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the spooled pieces (the output file is not touched)."""
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __enter__(self) -> "CatalogueWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
         else:
-            raise InputError(str(path), f"suffix {path.suffix!r} is not a catalogue format", "use .fits or .parquet")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+            self.abort()
+
+
+ROW_GROUP = 65536  # rows per Parquet row group: pieces of ~1,000 rows are gathered up to this
+
+
+def _row_groups(pieces: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Consecutive pieces concatenated into tables of at least `size` rows (the last may be shorter)."""
+    held: list[pa.Table] = []
+    for piece in pieces:
+        held.append(piece)
+        if sum(t.num_rows for t in held) >= size:
+            yield pa.concat_tables(held)
+            held = []
+    if held:
+        yield pa.concat_tables(held)
+
+
+def _merged_type(a: pa.DataType, b: pa.DataType, name: str) -> pa.DataType:
+    """One type for a column seen as `a` in some pieces and `b` in others."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    numeric = (pa.types.is_integer, pa.types.is_floating)
+    if any(f(a) for f in numeric) and any(f(b) for f in numeric):
+        return pa.float64()
+    raise InputError(f"catalogue column {name}", f"is {a} in one piece and {b} in another", "give the column one type in every piece")
+
+
+def _conform(piece: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`piece` with `schema`'s columns: missing ones null (NaN for floats), types cast."""
+    columns = []
+    for fld in schema:
+        if fld.name in piece.column_names:
+            col = piece.column(fld.name)
+            col = col.cast(fld.type) if col.type != fld.type else col
+        else:
+            col = pa.nulls(piece.num_rows, fld.type)
+        if pa.types.is_floating(fld.type) and col.null_count:  # floats mark missing values with NaN
+            col = pc.fill_null(col, float("nan"))
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+INT_NULL = np.iinfo(np.int64).min  # TNULL of integer FITS columns: no survey identifier takes it
+
+
+def _write_fits_rows(path: Path, schema: pa.Schema, pieces: Iterable[pa.Table], n_rows: int, widths: dict[str, int], nulls: set[str]) -> None:
+    """A FITS file (empty primary HDU + one binary table) streamed piece by piece.
+
+    astropy builds the header from column definitions; the rows are packed big-endian
+    records, written as they come, padded to the 2880-byte block at the end."""
+    from astropy.io import fits
+
+    columns, dtypes = [], []
+    for fld in schema:
+        unit = (fld.metadata or {}).get(b"unit")
+        if pa.types.is_string(fld.type) or pa.types.is_binary(fld.type):
+            form, dtype, null = f"{widths[fld.name]}A", f"S{widths[fld.name]}", None
+        elif pa.types.is_boolean(fld.type):
+            form, dtype, null = "L", "S1", None  # T / F / NUL for null
+        elif pa.types.is_floating(fld.type):
+            form, dtype, null = ("E", ">f4", None) if fld.type.bit_width == 32 else ("D", ">f8", None)
+        elif pa.types.is_integer(fld.type):
+            form, dtype, null = "K", ">i8", INT_NULL if fld.name in nulls else None
+        else:
+            raise InputError(f"catalogue column {fld.name}", f"has type {fld.type}", "give numbers, text or booleans")
+        columns.append(fits.Column(name=fld.name, format=form, null=null, unit=_fits_unit(unit.decode()) if unit else None))
+        dtypes.append((fld.name, dtype))
+    header = fits.BinTableHDU.from_columns(columns, nrows=0).header
+    header["NAXIS2"] = n_rows
+    for i, fld in enumerate(schema, start=1):
+        if (fld.metadata or {}).get(b"unit") == b"":  # dimensionless: an empty TUNIT says so (read_catalogue)
+            header[f"TUNIT{i}"] = ""
+    record = np.dtype(dtypes)
+    if record.itemsize != header["NAXIS1"]:
+        raise RuntimeError(f"FITS row of {header['NAXIS1']} bytes, packed {record.itemsize}")  # a bug of ours, not of the input
+    written = 0
+    with open(path, "wb") as f:
+        f.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        f.write(header.tostring().encode("ascii"))
+        for piece in pieces:
+            rows = np.empty(piece.num_rows, record)
+            for fld, col in zip(schema, piece.columns):
+                rows[fld.name] = _fits_values(col, fld.type)
+            f.write(rows.tobytes())
+            written += piece.num_rows
+        f.write(b"\0" * (-(written * record.itemsize) % 2880))
+    if written != n_rows:
+        raise RuntimeError(f"wrote {written} FITS rows of {n_rows}")
+
+
+def _fits_unit(unit: str) -> str:
+    """A unit string in the FITS standard's spelling where it has one (km s-1 for km / s)."""
+    try:
+        return u.Unit(unit).to_string(format="fits")
+    except ValueError:
+        return unit
+
+
+def _fits_values(col: pa.ChunkedArray, kind: pa.DataType) -> np.ndarray:
+    """A column's values as FITS stores them: ASCII bytes, T/F/NUL, NaN or INT_NULL for null."""
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        return pc.fill_null(col, "" if pa.types.is_string(kind) else b"").to_numpy(zero_copy_only=False).astype(bytes)
+    if pa.types.is_boolean(kind):
+        return np.array([b"\0" if v is None else b"T" if v else b"F" for v in col.to_pylist()], dtype="S1")
+    if pa.types.is_integer(kind):
+        return pc.fill_null(col, INT_NULL).to_numpy()
+    return col.to_numpy()
 
 
 def read_catalogue(path: str | os.PathLike) -> Table:
@@ -106,10 +299,17 @@ def read_catalogue(path: str | os.PathLike) -> Table:
             values = col.to_pylist()
             t[fld.name] = _column(values, fld.name)
             unit = (fld.metadata or {}).get(b"unit")
-            if unit:
-                t[fld.name].unit = unit.decode()
+            if unit is not None:  # b"": dimensionless
+                t[fld.name].unit = u.Unit(unit.decode())
         return t
-    return Table.read(path, format="fits")
+    t = Table.read(path, format="fits")
+    from astropy.io import fits
+
+    header = fits.getheader(path, 1)
+    for i, name in enumerate(t.colnames, start=1):  # an empty TUNIT: dimensionless (CatalogueWriter writes it)
+        if header.get(f"TUNIT{i}") == "" and t[name].unit is None:
+            t[name].unit = u.dimensionless_unscaled
+    return t
 
 
 def _column(values: list, name: str):
@@ -134,13 +334,16 @@ def _column(values: list, name: str):
 
 
 def _arrow(t: Table) -> pa.Table:
+    """`t` as an Arrow table: text as strings, masks as nulls, units in each field's metadata."""
     fields, arrays = [], []
     for name in t.colnames:
         col = t[name]
         mask = np.asarray(col.mask) if hasattr(col, "mask") and col.mask is not np.False_ else None
         data = np.asarray(col)
-        if data.dtype.kind == "U":
-            arr = pa.array(data.tolist(), type=pa.string(), mask=mask)
+        if data.dtype.byteorder == ">":  # columns of a table read from FITS
+            data = data.astype(data.dtype.newbyteorder("="))
+        if data.dtype.kind in "US":
+            arr = pa.array(data.astype(str), type=pa.string(), mask=mask)
         else:
             arr = pa.array(data, mask=mask) if mask is not None and mask.any() else pa.array(data)
         meta = {b"unit": col.unit.to_string().encode()} if col.unit is not None else None

@@ -186,8 +186,7 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
             assert col in t.colnames, col
         assert all(f"P_{c}" in t.colnames for c in names)
         assert t["Z"].dtype.kind == "f" and t["P_QSO"].dtype.kind == "f" and t["PLATE"].dtype.kind == "i"
-        # dimensionless: FITS and our Parquet metadata write no unit string for it, so none comes back
-        assert t["Z"].unit in (None, u.dimensionless_unscaled) and t["RA"].unit == u.deg
+        assert t["Z"].unit == u.dimensionless_unscaled and t["RA"].unit == u.deg  # dimensionless survives both formats
         flagged = [i for i in range(len(t)) if "all_masked" in str(t["FLAGS"][i])]
         assert len(flagged) == 1
         row = t[flagged[0]]

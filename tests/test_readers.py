@@ -16,7 +16,7 @@ from astropy.table import Table
 
 from cosmofm.cli import main
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.catalogue import catalogue_rows, read_catalogue, write_catalogue
+from cosmofm.data_cards.catalogue import CatalogueWriter, catalogue_rows, read_catalogue, write_catalogue
 from cosmofm.data_cards.fits_io import write_fits
 from cosmofm.data_cards.mock import mock_samples
 from cosmofm.data_cards.readers import air_to_vacuum, cutouts, detect, iter_cube_chunks, read_any, read_cutouts, vacuum_to_air
@@ -555,3 +555,56 @@ def test_catalogue_carries_identifiers_and_units(tmp_path, one_of_each):
         assert t["PLATE"][0] == 4055 and bool(np.ma.getmaskarray(t["PLATE"])[1]) and t["TARGETID"][1] == 39627000000000000
         assert t["RA"].unit == u.deg and t["VDISP"].unit == u.km / u.s and t["VDISP"][1] == pytest.approx(200.0)
     assert pq.read_schema(tmp_path / "cat.parquet").field("RA").metadata[b"unit"] == b"deg"
+
+
+def test_catalogue_writer_streams_pieces_with_differing_columns(tmp_path):
+    """Pieces are merged column by column (issue 5: catalogues of any size, written as
+    pieces finish): a column a piece lacks is null there, ints that meet floats become
+    floats, FITS and Parquet give the same table, and a failure leaves no file behind."""
+    import astropy.units as u
+
+    rng = np.random.default_rng(3)
+    pieces = []
+    for k in range(7):
+        n = 3 + k
+        t = Table({"ID": [f"obj-{k}-{i}" for i in range(n)], "Z": rng.random(n) * u.dimensionless_unscaled,
+                   "FLAGS": ["" if i % 2 else "low_snr|edge" * k for i in range(n)]})
+        if k % 2:  # SDSS-like pieces carry plates, DESI-like ones do not
+            t["PLATE"] = np.arange(n) + 100 * k
+        t["SCORE"] = np.arange(n) if k < 3 else rng.random(n)  # int in the first pieces, float later
+        pieces.append(t)
+    tables = {}
+    for name in ("cat.fits", "cat.parquet"):
+        with CatalogueWriter(tmp_path / name, order=["ID", "PLATE"]) as out:
+            for t in pieces:
+                out.add(t)
+        tables[name] = read_catalogue(tmp_path / name)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # spool and temp files gone
+    fits_t, pq_t = tables["cat.fits"], tables["cat.parquet"]
+    assert fits_t.colnames[:2] == ["ID", "PLATE"] and set(fits_t.colnames) == set(pq_t.colnames) == {"ID", "PLATE", "Z", "FLAGS", "SCORE"}
+    expected_ids = [i for t in pieces for i in t["ID"]]
+    assert list(fits_t["ID"]) == list(pq_t["ID"]) == expected_ids
+    plate_mask = np.concatenate([np.full(len(t), "PLATE" not in t.colnames) for t in pieces])
+    for t in (fits_t, pq_t):
+        np.testing.assert_array_equal(np.ma.getmaskarray(t["PLATE"]), plate_mask)
+        np.testing.assert_array_equal(np.asarray(t["PLATE"])[~plate_mask], np.concatenate([t_["PLATE"] for t_ in pieces if "PLATE" in t_.colnames]))
+        assert t["SCORE"].dtype.kind == "f" and t["Z"].unit == u.dimensionless_unscaled
+        np.testing.assert_allclose(np.asarray(t["SCORE"]), np.concatenate([np.asarray(t_["SCORE"], float) for t_ in pieces]))
+        assert ["" if f is np.ma.masked else str(f) for f in t["FLAGS"]] == [f for t_ in pieces for f in t_["FLAGS"]]  # astropy masks FITS's empty strings
+    assert fits.getheader(tmp_path / "cat.fits", 1)["TFORM" + str(fits_t.colnames.index("FLAGS") + 1)] == f"{len('low_snr|edge' * 6)}A"
+
+    (tmp_path / "keep.parquet").write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="stopped"):
+        with CatalogueWriter(tmp_path / "keep.parquet") as out:
+            out.add(pieces[0])
+            raise RuntimeError("stopped mid-run")
+    assert (tmp_path / "keep.parquet").read_bytes() == b"old"  # the old file stays until a new one is complete
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with CatalogueWriter(tmp_path / "clash.fits") as out:
+        out.add(Table({"ID": ["a"], "X": [1.0]}))
+        with pytest.raises(InputError, match="X: .*double.*string|X: .*string.*double"):
+            out.add(Table({"ID": ["b"], "X": ["text"]}))
+    with pytest.raises(InputError, match="non-ASCII"):
+        write_catalogue([{"ID": "Ω Cen"}], tmp_path / "greek.fits")
+    with pytest.raises(InputError, match="not a catalogue format"):
+        CatalogueWriter(tmp_path / "cat.csv")
