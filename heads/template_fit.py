@@ -30,7 +30,8 @@ REST_LOG_RANGE = (np.log10(700.0), np.log10(11500.0))
 Z_RANGES = {"STAR": (-0.002, 0.002), "GALAXY": (-0.002, 0.9), "QSO": (0.1, 4.2)}
 
 
-def _family(cls: str) -> str:
+def class_family(cls: str) -> str:
+    """STAR, GALAXY or QSO: the family, whose redshift range a class shares."""
     return cls.split("_")[0]
 
 
@@ -127,7 +128,7 @@ class TemplateFitter:
         return FitResult(best, z, z_err, chi2, dof, {c: r[0] for c, r in results.items()}, min(others) - chi2 if others else float("inf"))
 
     def _scan(self, cls, basis, w, wf, fwf, poly, pp, pf, off, n_fft, z_range=None):
-        lo, hi = Z_RANGES[_family(cls)]
+        lo, hi = Z_RANGES[class_family(cls)]
         if z_range is not None:
             lo, hi = max(lo, z_range[0]), min(hi, z_range[1])
             lo, hi = (lo, hi) if lo < hi else (z_range[0], z_range[1])  # a guess outside the family's range: trust the window

@@ -117,7 +117,7 @@ def _cmd_classify(args):
     from cosmofm.finetune.classification import classify
 
     summary = classify(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card,
-                       refine_redshift=args.refine_redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows)
+                       redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows)
     print(f"classified {summary['n_classified']} spectra ({summary['n_rows']} rows) -> {summary['output']}")
 
 
@@ -203,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--card", help="data card of the input (default: inferred from each file)")
     c.add_argument("--batch-size", type=int, default=256, help="spectra per forward pass")
     c.add_argument("--chunk-rows", type=int, default=1024, help="objects read at a time from one big file (bounds the memory; pieces under ~30 MB per array stay fastest)")
-    c.add_argument("--refine-redshift", action="store_true",
-                   help="refit Z with the template fitter for the predicted class, over its redshift range (~46 spectra/s)")
+    c.add_argument("--redshift", choices=["scan", "template", "network"], default=None,
+                   help="where Z comes from, for the predicted class: scan (default when the templates know the model's classes: "
+                        "eigenspectra scanned over the class's redshift range, thousands of spectra/s), template (the full "
+                        "template fit, ~50 spectra/s) or network (the head's own; poor for galaxies and QSOs)")
     c.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                    help="N Monte-Carlo-dropout passes of the head: adds EPISTEMIC (mutual information, nats)")
     c.set_defaults(func=_cmd_classify)

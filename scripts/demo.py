@@ -105,7 +105,7 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     4MOST-like ESO Phase 3 file of new objects, as a user would, and score it."""
     from cosmofm.data_cards.catalogue import read_catalogue
     from cosmofm.data_cards.survey_files import write_eso_sdp
-    from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification
+    from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, redshift_metrics
 
     card = load_card("sdss-like")
     print(f"[5/5] fine-tuning the spectral classifier (13 classes + redshift) on {n_labelled} labelled {card.name} mocks")
@@ -120,11 +120,14 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     catalogue = output / "classified.fits"
     classify([str(eso)], result["model_dir"], catalogue, progress=False)
     rows = read_catalogue(catalogue)
-    truth = {s.id: s.meta["labels"]["spectral_class"] for s in new}
-    accuracy = float(np.mean([str(c) == truth.get(str(o)) for o, c in zip(rows["OBJECT"], rows["CLASS"])]))
-    print(f"      classified {len(rows)} spectra of a 4MOST-like ESO file: accuracy {accuracy:.3f} (chance {1 / 13:.3f})")
+    truth = {s.id: s.meta["labels"] for s in new}
+    accuracy = float(np.mean([str(c) == truth[str(o)]["spectral_class"] for o, c in zip(rows["OBJECT"], rows["CLASS"])]))
+    z_true = np.array([truth[str(o)]["redshift"] for o in rows["OBJECT"]])
+    z_scores = {key: redshift_metrics(z_true, np.ma.filled(rows[key], np.nan))["redshift_catastrophic_fraction"] for key in ("Z", "Z_NETWORK")}
+    print(f"      classified {len(rows)} spectra of a 4MOST-like ESO file: accuracy {accuracy:.3f} (chance {1 / 13:.3f}); "
+          f"catastrophic redshifts {z_scores['Z']:.3f} (scan of the predicted class; the network's own {z_scores['Z_NETWORK']:.3f})")
     return {"output_dir": result["output_dir"], "catalogue": str(catalogue), "test_metrics": {k: m[k] for k in ("accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage")},
-            "eso_file_accuracy": accuracy}
+            "eso_file_accuracy": accuracy, "eso_file_catastrophic_z": z_scores["Z"], "eso_file_catastrophic_z_network": z_scores["Z_NETWORK"]}
 
 
 def _is_default_endpoint(endpoint: str) -> bool:

@@ -203,25 +203,35 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
         assert {str(x) for x in t["FILE"]} == {"spec-4055-55359-0001.fits", "ours.fits", "coadd-main-dark-10016.fits"}
 
 
-def test_classify_refines_redshifts_and_reports_epistemic_uncertainty(finetuned, tmp_path):
+def test_classify_redshift_methods_and_epistemic_uncertainty(finetuned, tmp_path):
     from cosmofm.data_cards.fits_io import write_fits
 
     sdss = load_card("sdss-like")
     spectra = [s for s in mock_samples(sdss, 30, seed=8) if s.meta["labels"]["spectral_class"].startswith(("GALAXY", "QSO"))][:6]
     write_fits(spectra, tmp_path / "in.fits", sdss)
+    z_true = np.array([s.meta["labels"]["redshift"] for s in spectra])
     out = tmp_path / "pred.fits"
     assert cli_main(["classify", str(tmp_path / "in.fits"), "--model", finetuned["model_dir"], "--output", str(out),
-                     "--refine-redshift", "--mc-dropout", "5"]) == 0
+                     "--redshift", "template", "--mc-dropout", "5"]) == 0
     t = read_catalogue(out)
     assert {"Z_NETWORK", "EPISTEMIC"} <= set(t.colnames)
     assert np.all(np.asarray(t["EPISTEMIC"]) >= 0)
-    # refined redshifts are the template fit's for the predicted class: mostly right, unlike a tiny network's
-    z_true = np.array([s.meta["labels"]["redshift"] for s in spectra])
+    # fitted redshifts are the template fit's for the predicted class: mostly right, unlike a tiny network's
     good = np.abs(np.asarray(t["Z"]) - z_true) / (1 + z_true) < 0.0033
     assert good.mean() >= 0.5 and not np.allclose(t["Z"], t["Z_NETWORK"])
+    # the default, the batched scan, agrees with the full fit of the same class wherever that is right
+    scan = tmp_path / "scan.fits"
+    classify([tmp_path / "in.fits"], finetuned["model_dir"], scan, progress=False)
+    s = read_catalogue(scan)
+    assert list(s["CLASS"]) == list(t["CLASS"]) and "Z_NETWORK" in s.colnames and "EPISTEMIC" not in s.colnames
+    np.testing.assert_allclose(np.asarray(s["Z"])[good], np.asarray(t["Z"])[good], atol=0.0033 * (1 + z_true.max()))
+    assert np.all(np.asarray(s["Z_ERR"])[good] > 0)
     plain = tmp_path / "plain.fits"
-    classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, progress=False)
-    assert "Z_NETWORK" not in read_catalogue(plain).colnames and "EPISTEMIC" not in read_catalogue(plain).colnames
+    classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, redshift="network", progress=False)
+    assert "Z_NETWORK" not in read_catalogue(plain).colnames
+    np.testing.assert_allclose(read_catalogue(plain)["Z"], t["Z_NETWORK"], rtol=1e-6)
+    with pytest.raises(InputError, match="redshift: is 'fast'"):
+        classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, redshift="fast", progress=False)
 
 
 def test_classify_bad_input(finetuned, tmp_path):
