@@ -637,7 +637,7 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
         predicted = names[probs.argmax(1)]
         if redshift == "scan":  # while the batch is at hand, on its collated arrays
             part["z_fit"], part["z_err_fit"] = np.full(len(batch), np.nan), np.full(len(batch), np.nan)
-            candidates = _redshift_candidates(probs, names)
+            candidates = redshift_candidates(probs, names)
             for group in collated.groups:
                 rows = group.rows.numpy()
                 z, z_err, _ = scanner.fit_best(group.coords["wavelength"], group.values, group.ivar, [candidates[r] for r in rows])
@@ -677,7 +677,7 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
 RUNNER_UP_PROBABILITY = 0.05  # a second class of the predicted family this probable is scanned too
 
 
-def _redshift_candidates(probs: np.ndarray, names: np.ndarray) -> list[list[str]]:
+def redshift_candidates(probs: np.ndarray, names: np.ndarray) -> list[list[str]]:
     """Classes whose templates the redshift scan tries per spectrum: the predicted one, and
     the runner-up when it is of the same family (so the same redshift range and template
     count, and their chi-squares compare fairly) and at least RUNNER_UP_PROBABILITY likely.

@@ -1,25 +1,32 @@
-"""Fast redshifts for classified spectra: one template's chi-square scan, batched.
+"""Fast redshifts for classified spectra: a chi-square scan of the class's eigenspectra, batched.
 
 The template fitter (`heads/template_fit.py`) fits 4 eigenspectra and a quadratic at
-every trial redshift of every class: 26 cross-correlations per class and spectrum. Once
-a classifier has named the class, far less does as well on our mocks: the first
-eigenspectrum of that class plus a constant, scanned over the class family's redshift
-range, fails on the same spectra as the full fit (catastrophic fraction 0.027 on 260
-held-out galaxies and QSOs for both, `docs/benchmarks.md`). That is the classical
-cross-correlation redshift (Tonry & Davis 1979, AJ 84, 1511) written as a chi-square.
+every trial redshift of every class, one spectrum at a time: 26 cross-correlations per
+class and spectrum. Once a classifier has named the class, far less does as well: the
+first eigenspectrum of that class plus a constant (all 4 for QSOs), scanned over the
+class family's redshift range. That is the classical cross-correlation redshift (Tonry &
+Davis 1979, AJ 84, 1511) written as a chi-square. On 1,200 held-out benchmark mocks,
+with the network's classes, the catastrophic fraction equals the full fit's over all
+classes (0.0133; docs/benchmarks.md lists the variants tried).
 
 For speed it runs on a coarser grid and on whole batches:
 
-- spectra are resampled onto the fitter's log10-wavelength grid (step DELTA) once per
-  batch when they share a wavelength grid, then binned by `bin_pixels` (inverse-variance
-  weighted means, whose weights add up), so trial redshifts step by bin_pixels x DELTA;
-- all normal-equation sums at all trial shifts are cross-correlations, computed with
-  batched float32 FFTs; the template side of each is transformed once and cached;
+- each native pixel is shared between the two nearest bins of a log10(lambda) lattice
+  of `bin_pixels` x DELTA (cloud-in-cell, weights w = ivar add up; w f sums with them),
+  which the templates are binned onto as well, so a trial redshift is a whole number of
+  bins and spectra on any grid need no interpolation;
+- all normal-equation sums at all trial shifts are cross-correlations: batched float32
+  FFTs whose template side is transformed once and cached (direct sums for the stars'
+  handful of shifts); for QSOs, the 4-eigenspectrum systems are solved only near the 8
+  best minima of the one-template scan;
 - a parabola through the chi-square minimum gives the sub-bin redshift and, from its
-  curvature, the 1-sigma error (delta chi-square = 1 on the binned spectrum).
+  curvature, the 1-sigma error (delta chi-square = 1, widened by sqrt(chi2 / dof) when
+  the template misfits);
+- `fit_best` scans several candidate classes per spectrum and keeps the lowest chi-square.
 
 A redshift "catastrophic" at 1000 km/s is 14 native pixels off, so 4-pixel bins lose
-nothing there; for the last digit of precision, `--redshift template` runs the full fit.
+nothing there (NMAD 8.6e-5 against 5e-5 for the full fit); for the last digit of
+precision, `cosmofm classify --redshift template` runs the full fit.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import torch
 from cosmofm.data_cards.errors import InputError
 from cosmofm.heads.template_fit import DELTA, Z_RANGES, TemplateSet, class_family, build_templates
 
-N_COMPONENTS = {"STAR": 1, "GALAXY": 1, "QSO": 4}  # eigenspectra per class family (or class name); see the module docstring
-RIDGE = 1e-6  # relative ridge on the 2x2 normal matrix: trial shifts with almost no overlap stay finite
+# eigenspectra per class family (or class name): one QSO eigenspectrum missed 5 more of 1,200 (0.0183 vs 0.0133)
+N_COMPONENTS = {"STAR": 1, "GALAXY": 1, "QSO": 4}
+DIRECT_SHIFTS = 32  # up to this many trial shifts (the stars' +-0.002), sums directly rather than by FFT
+RIDGE = 1e-6  # relative ridge on the normal matrices: trial shifts with almost no overlap stay finite
 
 
 @lru_cache(maxsize=4)
@@ -61,57 +70,50 @@ class RedshiftScanner:
         """(z, z_err), each (N,) float64, for spectra `flux`, `ivar` (N, L) on `wave` ((L,) shared,
         or (N, L) per spectrum; Angstrom), numpy or torch, of the given classes (one name per
         spectrum). NaN where a spectrum has no usable pixel."""
-        z, z_err, _ = self._fit(wave, flux, ivar, classes)
+        z, z_err, _ = self.fit_best(wave, flux, ivar, [[c] for c in classes])
         return z, z_err
 
     def fit_best(self, wave, flux, ivar, candidates: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As `fit`, with one or more candidate classes per spectrum: each is scanned and the
         lowest chi-square wins. Returns (z, z_err, index of the winning candidate)."""
-        wave, flux, ivar = (torch.as_tensor(x) for x in (wave, flux, ivar))
-        rows = np.array([i for i, names in enumerate(candidates) for _ in names])
-        if len(rows) == 0:
-            empty = np.zeros(0)
-            return empty, empty, empty.astype(np.int64)
-        take = torch.as_tensor(rows)
-        z, z_err, chi2 = self._fit(wave if wave.ndim == 1 else wave[take], flux[take], ivar[take], [c for names in candidates for c in names])
-        best = np.zeros(len(candidates), np.int64)
-        start = 0
-        for i, names in enumerate(candidates):
-            span = chi2[start:start + len(names)]
-            best[i] = int(np.argmin(np.where(np.isfinite(span), span, np.inf))) if len(names) > 1 else 0
-            start += len(names)
-        first = np.cumsum([0] + [len(names) for names in candidates[:-1]])
-        return z[first + best], z_err[first + best], best
-
-    def _fit(self, wave, flux, ivar, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(z, z_err, chi2 at the best redshift) per spectrum; see `fit`."""
         flux, ivar = torch.as_tensor(flux, dtype=torch.float32), torch.as_tensor(ivar, dtype=torch.float32)
         wave = torch.as_tensor(wave, dtype=torch.float64)
-        if flux.ndim != 2 or ivar.shape != flux.shape or len(classes) != len(flux) or wave.shape[-1] != flux.shape[1]:
-            raise InputError("wave/flux/ivar/classes", f"shapes {tuple(wave.shape)}, {tuple(flux.shape)}, {tuple(ivar.shape)} and {len(classes)} classes",
+        if flux.ndim != 2 or ivar.shape != flux.shape or len(candidates) != len(flux) or wave.shape[-1] != flux.shape[1]:
+            raise InputError("wave/flux/ivar/classes", f"shapes {tuple(wave.shape)}, {tuple(flux.shape)}, {tuple(ivar.shape)} and {len(candidates)} classes",
                              "give (N, L) flux and ivar, an (L,) or (N, L) wavelength grid and one class per row")
-        unknown = sorted(set(classes) - set(self.templates.bases))
+        pair_row = np.array([i for i, names in enumerate(candidates) for _ in names], dtype=np.int64)
+        pair_class = np.array([c for names in candidates for c in names], dtype=object)
+        unknown = sorted(set(pair_class) - set(self.templates.bases))
         if unknown:
             raise InputError("classes", f"{unknown} have no templates", f"use the template set's classes: {sorted(self.templates.bases)}")
-        z, z_err, chi2 = np.full(len(flux), np.nan), np.full(len(flux), np.nan), np.full(len(flux), np.nan)
         if wave.ndim == 1 or wave.stride(0) == 0 or bool((wave == wave[:1]).all()):  # one grid (a survey file's)
-            groups = {b"": (list(range(len(flux))), wave.reshape(-1, wave.shape[-1])[0])}
+            grids = {b"": (list(range(len(flux))), wave.reshape(-1, wave.shape[-1])[0])}
         else:  # rows on the same grid are binned together
-            groups = {}
+            grids = {}
             for i, row in enumerate(wave):
-                groups.setdefault(row.numpy().tobytes(), ([], row))[0].append(i)
+                grids.setdefault(row.numpy().tobytes(), ([], row))[0].append(i)
         # classes of one family share a redshift range and a number of eigenspectra: one scan
         # for all their spectra (each row with its own class's templates) costs the fixed
         # per-call work once per family rather than once per class
-        kind = np.array([f"{class_family(c)}/{self._n_components(c)}" for c in classes])
-        classes = np.asarray(classes)
-        for rows, grid in groups.values():
+        kind = np.array([f"{class_family(c)}/{self._n_components(c)}" for c in pair_class])
+        z, z_err, chi2 = (np.full(len(pair_row), np.nan) for _ in range(3))
+        for rows, grid in grids.values():
             rows = np.array(rows)
-            first, wf, w = self._binned(grid, flux[rows], ivar[rows])
-            for group in np.unique(kind[rows]):
-                pick = np.flatnonzero(kind[rows] == group)
-                z[rows[pick]], z_err[rows[pick]], chi2[rows[pick]] = self._scan(list(classes[rows[pick]]), first, wf[pick], w[pick])
-        return z, z_err, chi2
+            first, wf, w = self._binned(grid, flux[rows], ivar[rows])  # every spectrum binned once
+            where = np.full(len(flux), -1)
+            where[rows] = np.arange(len(rows))
+            on_grid = np.flatnonzero(where[pair_row] >= 0)
+            for group in np.unique(kind[on_grid]):
+                pairs = on_grid[kind[on_grid] == group]
+                take = torch.as_tensor(where[pair_row[pairs]])
+                z[pairs], z_err[pairs], chi2[pairs] = self._scan(list(pair_class[pairs]), first, wf[take], w[take])
+        # the lowest chi-square of each spectrum's candidates
+        starts = np.cumsum([0] + [len(names) for names in candidates[:-1]]).astype(np.int64)
+        best = np.zeros(len(candidates), np.int64)
+        for i in np.flatnonzero(np.diff(np.append(starts, len(pair_row))) > 1):
+            span = chi2[starts[i]:starts[i] + len(candidates[i])]
+            best[i] = int(np.argmin(np.where(np.isfinite(span), span, np.inf)))
+        return z[starts + best], z_err[starts + best], best
 
     def _n_components(self, cls: str) -> int:
         return self.n_components.get(cls, self.n_components.get(class_family(cls), 1))
@@ -120,9 +122,9 @@ class RedshiftScanner:
         """(lattice index of the first bin, sum of w f, sum of w) per bin, (n, n_bins) each.
 
         Bins are bin_pixels x DELTA wide in log10(lambda), on a lattice shared with the
-        templates, so a trial redshift is a whole number of bins. Each native pixel adds to
-        the bin its centre falls in: no interpolation, masked pixels (w = 0) add nothing,
-        and bins in a gap of the grid stay empty."""
+        templates, so a trial redshift is a whole number of bins. Each native pixel is shared
+        between the two bins nearest its centre: no interpolation, masked pixels (w = 0) add
+        nothing, and bins in a gap of the grid stay empty."""
         # bin k is centred on lattice position k + 1/2; a pixel shares itself between the two
         # bins nearest its centre in proportion (cloud-in-cell): less aliasing than all-in-one
         position = torch.log10(wave) / (self.bin * DELTA) - 0.5
@@ -131,13 +133,13 @@ class RedshiftScanner:
         index = (below - first).long()
         upper = (position - below).float()  # share of the pixel in bin index + 1
         n_bins = int(index[-1]) + 2
-        w = ivar.clamp(min=0)
-        wf = torch.where(w > 0, flux, torch.zeros_like(flux)) * w  # NaN flux behind zero weight stays out
-        sums = torch.zeros(len(flux), 2 * n_bins)
-        for share, shift in ((1 - upper, 0), (upper, 1)):
-            sums[:, :n_bins].index_add_(1, index + shift, wf * share)
-            sums[:, n_bins:].index_add_(1, index + shift, w * share)
-        return first, sums[:, :n_bins], sums[:, n_bins:]
+        values = torch.empty(len(flux), 2, flux.shape[1])
+        w = torch.clamp(ivar, min=0, out=values[:, 1])
+        torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0])  # NaN flux behind zero weight stays out
+        sums = torch.zeros(len(flux), 2, n_bins)
+        sums.index_add_(2, index, values * (1 - upper))
+        sums.index_add_(2, index + 1, values.mul_(upper))
+        return first, sums[:, 0], sums[:, 1]
 
     def _scan(self, classes: list[str], first: int, wf: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chi-square scan of binned spectra (n, n_bins), first bin at lattice index `first`, each
@@ -150,10 +152,13 @@ class RedshiftScanner:
         names = sorted(set(classes))
         ffts = [self._template_ffts(c, first, wf.shape[1], m_lo, m_hi) for c in names]
         n_fft, n_shift = ffts[0][2], ffts[0][3]
-        row_class = torch.as_tensor([names.index(c) for c in classes])
-        # each row's template transforms: (n, n_fft // 2 + 1) complex per eigenspectrum and product
-        singles = [torch.stack([f[0][a] for f in ffts])[row_class] for a in range(len(ffts[0][0]))]
-        pairs = {key: torch.stack([f[1][key] for f in ffts])[row_class] for key in ffts[0][1]}
+        # each row's template transforms, (n or 1, n_fft // 2 + 1) complex per eigenspectrum and product
+        if len(names) == 1:
+            singles, pairs = [t[None] for t in ffts[0][0]], {key: t[None] for key, t in ffts[0][1].items()}
+        else:
+            row_class = torch.as_tensor([names.index(c) for c in classes])
+            singles = [torch.stack([f[0][a] for f in ffts])[row_class] for a in range(len(ffts[0][0]))]
+            pairs = {key: torch.stack([f[1][key] for f in ffts])[row_class] for key in ffts[0][1]}
         k = len(singles)
         # The binned spectrum f = wf / w is modelled as sum_a c_a T_a + c. Centring f (weighted
         # mean 0) and each T_a (mean 0) leaves the model unchanged and the normal equations
@@ -161,10 +166,16 @@ class RedshiftScanner:
         s_1 = w.sum(1, keepdim=True)  # the constant's own normal entry
         f = torch.where(w > 0, wf / w.clamp(min=1e-30), torch.zeros_like(wf))
         f = torch.where(w > 0, f - wf.sum(1, keepdim=True) / s_1.clamp(min=1e-30), f)
-        spec_w, spec_wf = torch.fft.rfft(w, n_fft), torch.fft.rfft(w * f, n_fft)
+        if n_fft is None:  # few shifts (stars): the sums directly, against (n_shift, n_bins) shifted templates
+            spec_w, spec_wf = w, w * f
 
-        def xcorr(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
-            return torch.fft.irfft(torch.conj(spec) * tmpl, n_fft)[:, :n_shift].double()
+            def xcorr(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
+                return torch.matmul(spec[:, None, :], tmpl.transpose(-1, -2))[:, 0].double()
+        else:
+            spec_w, spec_wf = torch.fft.rfft(w, n_fft), torch.fft.rfft(w * f, n_fft)
+
+            def xcorr(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
+                return torch.fft.irfft(torch.conj(spec) * tmpl, n_fft)[:, :n_shift].double()
 
         # Normal equations at every shift, unknowns (c_1 .. c_k, c). With sum w f = 0 the constant's
         # right-hand side is 0, so eliminating it leaves the k x k system
@@ -225,7 +236,8 @@ class RedshiftScanner:
     def _template_ffts(self, cls: str, first: int, n_bins: int, m_lo: int, m_hi: int) -> tuple:
         """FFTs of the class's binned eigenspectra T_a (mean 0) and of their products T_a T_c,
         cut to the segment that shifts m_lo .. m_hi - 1 reach from n_bins bins starting at
-        lattice index `first`: ([fft T_a], {(a, c): fft T_a T_c}, n_fft, n_shift); cached."""
+        lattice index `first`: ([fft T_a], {(a, c): fft T_a T_c}, n_fft, n_shift); cached.
+        For at most DIRECT_SHIFTS shifts, the (n_shift, n_bins) shifted segments instead, and n_fft None."""
         key = (cls, first, n_bins, m_lo, m_hi)
         if key not in self._fft_cache:
             lattice_first, binned = self._binned_template(cls)  # (k, bins)
@@ -236,10 +248,13 @@ class RedshiftScanner:
             inside = (idx >= 0) & (idx < binned.shape[1])
             seg = np.where(inside, binned[:, np.clip(idx, 0, binned.shape[1] - 1)], 0.0)
             seg = torch.as_tensor(seg - seg.mean(1, keepdims=True), dtype=torch.float32)
-            n_fft = int(2 ** np.ceil(np.log2(length)))  # no wrap-around: j + d < length for every term
-            singles = [torch.fft.rfft(t, n_fft) for t in seg]
-            pairs = {(a, c): torch.fft.rfft(seg[a] * seg[c], n_fft) for a in range(len(seg)) for c in range(a, len(seg))}
-            self._fft_cache[key] = (singles, pairs, n_fft, n_shift)
+            products = {(a, c): seg[a] * seg[c] for a in range(len(seg)) for c in range(a, len(seg))}
+            if n_shift <= DIRECT_SHIFTS:  # U[d, j] = T[j + d]: a matrix product beats three FFTs
+                shifted = lambda t: t.unfold(0, n_bins, 1)  # noqa: E731  (n_shift, n_bins) view
+                self._fft_cache[key] = ([shifted(t) for t in seg], {ac: shifted(t) for ac, t in products.items()}, None, n_shift)
+            else:
+                n_fft = int(2 ** np.ceil(np.log2(length)))  # no wrap-around: j + d < length for every term
+                self._fft_cache[key] = ([torch.fft.rfft(t, n_fft) for t in seg], {ac: torch.fft.rfft(t, n_fft) for ac, t in products.items()}, n_fft, n_shift)
         return self._fft_cache[key]
 
     @lru_cache(maxsize=None)

@@ -330,3 +330,17 @@ def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
     student = from_pretrained(str(out / "model"))
     assert (student.config.hidden_size, student.config.spectrum_stem_stride, student.config.spectrum_patch_size) == (32, 8, 128)
     assert cli_main(["finetune", "--recipe", "spectra-fast", "--backbone", finetuned["model_dir"], "--output", str(tmp_path / "x")]) == 2
+
+
+def test_redshift_method_follows_the_templates_classes():
+    """The scan needs templates of every class the model predicts: a survey's own label
+    schema falls back to the network's redshift, and asking for a fit then is an error."""
+    from cosmofm.finetune.classification import redshift_method
+
+    backbone = CosmoFMConfig(survey_names=["sdss-like"], **TINY)
+    mock_classes = CosmoFMForSpectralClassification.from_backbone_config(backbone, ClassificationHeadConfig(class_names=list(CLASSES)))
+    own = CosmoFMForSpectralClassification.from_backbone_config(backbone, ClassificationHeadConfig(class_names=["WD", "CV", "QSO"]))
+    assert redshift_method(mock_classes) == "scan" and redshift_method(mock_classes, "template") == "template"
+    assert redshift_method(own) == "network" and redshift_method(own, "network") == "network"
+    with pytest.raises(InputError, match=r"'scan' needs templates for every class; \['CV', 'WD'\]"):
+        redshift_method(own, "scan")

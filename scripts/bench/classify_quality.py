@@ -46,6 +46,7 @@ from cosmofm.finetune.classification import (
     classification_metrics,
     finetune_classification,
     predict,
+    redshift_candidates,
     redshift_metrics,
     split_indices,
 )
@@ -102,17 +103,21 @@ def template_baseline(samples, test_index: np.ndarray, n_baseline: int) -> dict:
 def refined_redshift(subset, model, logits: np.ndarray, z_true: np.ndarray) -> dict:
     """Redshift metrics and speed of the two fits of each spectrum's predicted class: the
     full template fit (`classify --redshift template`) and the batched scan (the default)."""
-    classes = [model.class_names[k] for k in logits.argmax(1)]
-    refined = refine_redshifts(subset, classes)
+    refined = refine_redshifts(subset, [model.class_names[k] for k in logits.argmax(1)])
+    return {"network_refined_redshift": redshift_metrics(z_true, refined["z"]), "refine_spectra_per_s": refined["spectra_per_s"],
+            **scan_redshift(subset, model, logits, z_true)}
+
+
+def scan_redshift(subset, model, logits: np.ndarray, z_true: np.ndarray) -> dict:
+    """Redshift metrics and speed of the scan, with the candidate classes `cosmofm classify` scans."""
+    candidates = redshift_candidates(softmax(logits, model.head_config.temperature), np.array(model.class_names))
     wave = np.stack([s.coords["wavelength"] for s in subset])
     flux, ivar = np.stack([s.values for s in subset]), np.stack([s.ivar for s in subset])
     scanner = RedshiftScanner()
-    scanner.fit(wave[0], flux[:8], ivar[:8], classes[:8])  # builds the templates outside the timing
+    scanner.fit_best(wave[0], flux[:8], ivar[:8], candidates[:8])  # builds the templates outside the timing
     t0 = time.perf_counter()
-    z_scan = np.concatenate([scanner.fit(wave[0], flux[i:i + 256], ivar[i:i + 256], classes[i:i + 256])[0] for i in range(0, len(subset), 256)])
-    scan_per_s = len(subset) / (time.perf_counter() - t0)
-    return {"network_refined_redshift": redshift_metrics(z_true, refined["z"]), "refine_spectra_per_s": refined["spectra_per_s"],
-            "network_scan_redshift": redshift_metrics(z_true, z_scan), "scan_spectra_per_s": scan_per_s}
+    z = np.concatenate([scanner.fit_best(wave[0], flux[i:i + 256], ivar[i:i + 256], candidates[i:i + 256])[0] for i in range(0, len(subset), 256)])
+    return {"network_scan_redshift": redshift_metrics(z_true, z), "scan_spectra_per_s": len(subset) / (time.perf_counter() - t0)}
 
 
 def head_to_head(samples, model, test_index: np.ndarray, labels: np.ndarray, z_true: np.ndarray, n_baseline: int) -> dict:
@@ -198,7 +203,7 @@ def distil_student(samples, card, teacher_dir: str, overrides: list[str], epochs
     m = r["metrics"]
     keys = ("accuracy", "macro_recall", "per_class_recall", "ece_after", "conformal_coverage", "redshift_catastrophic_fraction", "redshift_nmad")
     subset = [samples[int(i)] for i in test_index]
-    scan = refined_redshift(subset, r["model"], predict(r["model"], subset)["logits"], z_true[test_index])
+    scan = scan_redshift(subset, r["model"], predict(r["model"], subset)["logits"], z_true[test_index])
     return {"overrides": list(overrides), "epochs": epochs, "seconds": time.perf_counter() - t0, **{k: m[k] for k in keys},
             "head_to_head_scan_redshift": scan["network_scan_redshift"], "model_dir": str(work / "student" / "model")}
 
@@ -317,6 +322,11 @@ def main(argv: list[str] | None = None):
         if args.student:
             report["student"] = distil_student(samples, load_card(CARD), str(work / "finetune" / "model"), args.student, report["finetune_epochs"],
                                                work, splits["test"][: h["n_spectra"]], z_true)
+        elif "model_dir" in report.get("student", {}):  # the saved student's redshifts, by today's scan
+            student = load_classifier(report["student"]["model_dir"])
+            index = splits["test"][: h["n_spectra"]]
+            subset = [samples[int(i)] for i in index]
+            report["student"]["head_to_head_scan_redshift"] = scan_redshift(subset, student, predict(student, subset)["logits"], z_true[index])["network_scan_redshift"]
         report["targets"] = targets(report)
         (out / "classify_quality.json").write_text(json.dumps(report, indent=2))
         print(json.dumps({k: report[k] for k in ("conformal_by_alpha", "student", "targets") if k in report}, indent=2))
