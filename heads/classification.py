@@ -57,6 +57,8 @@ class ClassificationHeadConfig:
         temperature (`float`, 1.0): softmax temperature fitted on a calibration split.
         conformal_alpha (`float | None`): miscoverage level of the conformal sets.
         conformal_threshold (`float | None`): LAC score threshold (class in set when 1 - p <= it).
+        redshift_error_scale (`float`, 1.0): factor on the redshift scan's errors, fitted on a
+            calibration split (finetune.classification.redshift_error_scale).
         card (`str`): the data card whose label schema gave the classes.
     """
 
@@ -72,6 +74,7 @@ class ClassificationHeadConfig:
     temperature: float = 1.0
     conformal_alpha: float | None = None
     conformal_threshold: float | None = None
+    redshift_error_scale: float = 1.0
     card: str = ""
     type: str = TASK_TYPE
 
@@ -83,6 +86,8 @@ class ClassificationHeadConfig:
             raise InputError("task.class_names", "has duplicates", "give each class once")
         if not self.temperature > 0:
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
+        if not self.redshift_error_scale > 0:
+            raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with finetune.classification.redshift_error_scale")
         if self.pooling not in ("attention", "mean"):
             raise InputError("task.pooling", f"is {self.pooling!r}", "use 'attention' or 'mean'")
         if self.type != TASK_TYPE:
@@ -206,6 +211,12 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
         self.head_config.temperature = float(temperature)
         self.head_config.conformal_alpha = None if alpha is None else float(alpha)
         self.head_config.conformal_threshold = None if threshold is None else float(threshold)
+        self.head_config.__post_init__()
+        self.config.task = self.head_config.to_dict()
+
+    def set_redshift_error_scale(self, scale: float) -> None:
+        """Store the factor on the redshift scan's errors (saved with the config)."""
+        self.head_config.redshift_error_scale = float(scale)
         self.head_config.__post_init__()
         self.config.task = self.head_config.to_dict()
 

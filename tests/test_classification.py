@@ -82,6 +82,9 @@ def test_finetune_learns_and_writes_release(finetuned, tmp_path):
     assert m["accuracy"] > 3 / len(CLASSES), m  # > 3x chance
     assert m["n_train"] == 240 and m["n_calibration"] == 80 and m["n_test"] == 80
     assert np.isfinite(m["redshift_nmad"]) and 0 <= m["redshift_catastrophic_fraction"] <= 1
+    # the scan's redshifts (classify's default Z) are scored too, far better than a tiny network's own
+    assert m["redshift_scan_catastrophic_fraction"] < m["redshift_catastrophic_fraction"], m
+    assert m["redshift_scan_error_scale"] > 0 and 0.5 < m["redshift_scan_pull_width"] < 2, m
     results = load_eval_results(finetuned["eval_results"])
     types = {x["type"] for x in results[0]["metrics"]}
     assert {"accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage", "redshift_nmad"} <= types
@@ -91,6 +94,7 @@ def test_finetune_learns_and_writes_release(finetuned, tmp_path):
     reloaded = cosmofm.from_pretrained(finetuned["model_dir"])
     assert reloaded.head_config.temperature == pytest.approx(m["temperature"])
     assert reloaded.head_config.conformal_threshold == pytest.approx(m["conformal_threshold"])
+    assert reloaded.head_config.redshift_error_scale == pytest.approx(m["redshift_scan_error_scale"])
 
 
 def test_temperature_fit_on_calibration_split(finetuned, labelled):
@@ -344,3 +348,16 @@ def test_redshift_method_follows_the_templates_classes():
     assert redshift_method(own) == "network" and redshift_method(own, "network") == "network"
     with pytest.raises(InputError, match=r"'scan' needs templates for every class; \['CV', 'WD'\]"):
         redshift_method(own, "scan")
+
+
+def test_redshift_error_scale_matches_the_scatter():
+    from cosmofm.finetune.classification import redshift_error_scale
+
+    rng = np.random.default_rng(4)
+    z_true = rng.uniform(0, 2, 400)
+    sigma = 2e-4 * (1 + z_true)
+    z = z_true + rng.normal(0, sigma)
+    z[:10] += 0.5  # catastrophic: left out of the width
+    assert redshift_error_scale(z_true, z, sigma / 2) == pytest.approx(2.0, rel=0.15)
+    assert redshift_error_scale(z_true, z, sigma) == pytest.approx(1.0, rel=0.15)
+    assert redshift_error_scale(z_true[:15], z[:15], sigma[:15]) == 1.0  # too few to tell

@@ -43,11 +43,13 @@ from cosmofm.data_cards.mock import generate
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import (
     FinetuneConfig,
+    calibrate_scan_redshifts,
     classification_metrics,
     finetune_classification,
     predict,
     redshift_candidates,
     redshift_metrics,
+    scan_samples,
     split_indices,
 )
 from cosmofm.heads.calibration import softmax
@@ -111,12 +113,10 @@ def refined_redshift(subset, model, logits: np.ndarray, z_true: np.ndarray) -> d
 def scan_redshift(subset, model, logits: np.ndarray, z_true: np.ndarray) -> dict:
     """Redshift metrics and speed of the scan, with the candidate classes `cosmofm classify` scans."""
     candidates = redshift_candidates(softmax(logits, model.head_config.temperature), np.array(model.class_names))
-    wave = np.stack([s.coords["wavelength"] for s in subset])
-    flux, ivar = np.stack([s.values for s in subset]), np.stack([s.ivar for s in subset])
     scanner = RedshiftScanner()
-    scanner.fit_best(wave[0], flux[:8], ivar[:8], candidates[:8])  # builds the templates outside the timing
+    scan_samples(scanner, subset[:8], candidates[:8])  # builds the templates outside the timing
     t0 = time.perf_counter()
-    z = np.concatenate([scanner.fit_best(wave[0], flux[i:i + 256], ivar[i:i + 256], candidates[i:i + 256])[0] for i in range(0, len(subset), 256)])
+    z, _ = scan_samples(scanner, subset, candidates)
     return {"network_scan_redshift": redshift_metrics(z_true, z), "scan_spectra_per_s": len(subset) / (time.perf_counter() - t0)}
 
 
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None):
         labels, z_true = truth(samples, model)
         splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
         report["conformal_by_alpha"] = coverage_by_alpha(samples, model, splits, labels)
+        t = model.head_config.temperature
+        p_cal, p_test = (softmax(predict(model, [samples[int(i)] for i in splits[k]], batch_size=256)["logits"], t) for k in ("calibration", "test"))
+        report["test"].update(calibrate_scan_redshifts(model, samples, splits, z_true, p_cal, p_test)[0])
         h = report["head_to_head"]
         subset = [samples[int(i)] for i in splits["test"][: h["n_spectra"]]]
         h.update(refined_redshift(subset, model, predict(model, subset)["logits"], z_true[splits["test"][: h["n_spectra"]]]))
