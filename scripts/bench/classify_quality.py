@@ -46,6 +46,7 @@ from cosmofm.finetune.classification import (
     calibrate_scan_redshifts,
     classification_metrics,
     finetune_classification,
+    plot_figures,
     predict,
     redshift_candidates,
     redshift_metrics,
@@ -317,8 +318,16 @@ def main(argv: list[str] | None = None):
         splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
         report["conformal_by_alpha"] = coverage_by_alpha(samples, model, splits, labels)
         t = model.head_config.temperature
-        p_cal, p_test = (softmax(predict(model, [samples[int(i)] for i in splits[k]], batch_size=256)["logits"], t) for k in ("calibration", "test"))
-        report["test"].update(calibrate_scan_redshifts(model, samples, splits, z_true, p_cal, p_test)[0])
+        cal, test = (predict(model, [samples[int(i)] for i in splits[k]], batch_size=256) for k in ("calibration", "test"))
+        p_test = softmax(test["logits"], t)
+        scan_metrics, scan_arrays = calibrate_scan_redshifts(model, samples, splits, z_true, softmax(cal["logits"], t), p_test)
+        report["test"].update(scan_metrics)
+        # the figures again, the redshift one with the scan's redshifts next to the network's
+        y_test = labels[splits["test"]]
+        arrays = {"probs": p_test, "probs_raw": softmax(test["logits"]), "labels": y_test, "z_pred": test["redshift"], "z_err": test["redshift_err"], **scan_arrays}
+        metrics = {**report["test"], "confusion": classification_metrics(p_test, y_test, model.class_names)["confusion"].tolist()}
+        for path in plot_figures(arrays, metrics, model.class_names, work / "post-figures"):
+            shutil.copy(path, out / f"classify_{Path(path).name}")
         h = report["head_to_head"]
         subset = [samples[int(i)] for i in splits["test"][: h["n_spectra"]]]
         h.update(refined_redshift(subset, model, predict(model, subset)["logits"], z_true[splits["test"][: h["n_spectra"]]]))
