@@ -104,10 +104,8 @@ class TemplateFitter:
         self.templates = templates or build_templates()
         self.poly_degree = poly_degree
 
-    def fit(self, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, classes: list[str] | None = None,
-            z_range: tuple[float, float] | None = None) -> FitResult:
-        """Best class and redshift; `classes` limits the templates tried and `z_range`
-        the trial redshifts (within each class family's range)."""
+    def fit(self, wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, classes: list[str] | None = None) -> FitResult:
+        """Best class and redshift; `classes` limits the templates tried."""
         log0, f, w = to_log_grid(np.asarray(wave, float), np.asarray(flux, float), np.asarray(ivar, float))
         n = f.size
         t = self.templates
@@ -121,17 +119,14 @@ class TemplateFitter:
         pf = poly @ wf
         results = {}
         for cls in classes or list(t.bases):
-            results[cls] = self._scan(cls, t.bases[cls], w, wf, fwf, poly, pp, pf, off, n_fft, z_range)
+            results[cls] = self._scan(cls, t.bases[cls], w, wf, fwf, poly, pp, pf, off, n_fft)
         best = min(results, key=lambda c: results[c][0])
         chi2, z, z_err = results[best]
         others = [results[c][0] for c in results if c != best]
         return FitResult(best, z, z_err, chi2, dof, {c: r[0] for c, r in results.items()}, min(others) - chi2 if others else float("inf"))
 
-    def _scan(self, cls, basis, w, wf, fwf, poly, pp, pf, off, n_fft, z_range=None):
+    def _scan(self, cls, basis, w, wf, fwf, poly, pp, pf, off, n_fft):
         lo, hi = Z_RANGES[class_family(cls)]
-        if z_range is not None:
-            lo, hi = max(lo, z_range[0]), min(hi, z_range[1])
-            lo, hi = (lo, hi) if lo < hi else (z_range[0], z_range[1])  # a guess outside the family's range: trust the window
         k_lo, k_hi = (int(np.floor(np.log10(1 + z) / DELTA)) for z in (lo, hi))
         shifts = np.arange(k_lo, k_hi + 1)
         d = (off - shifts) % n_fft  # template index offset j - i for each trial shift
@@ -165,12 +160,13 @@ class TemplateFitter:
         return float(chi2[i] - (0.25 * (chi2[i - 1] - chi2[i + 1]) * frac if 0 < i < chi2.size - 1 else 0.0)), float(z), float(z_err)
 
 
-def refine_redshifts(samples, classes: list[str], z_guess=None, window_dex: float | None = None, fitter: TemplateFitter | None = None) -> dict:
+def refine_redshifts(samples, classes: list[str], fitter: TemplateFitter | None = None) -> dict:
     """Redshifts from the template fitter, run only for each spectrum's given class (a
-    classifier's prediction): the classical chi-square minimum at ~1/13 of the cost of
-    the scan over all classes. With `window_dex`, only within +-window_dex in
-    log10(1 + z) of `z_guess` (a classifier's redshift); by default over the class
-    family's whole range, since a network's galaxy and QSO redshifts can be off by more.
+    classifier's prediction) over the class family's whole range: the classical
+    chi-square minimum at ~1/13 of the cost of the scan over all classes
+    (`cosmofm classify --redshift template`). Fitting only a window around a network's
+    redshift was tried and dropped: its galaxy and QSO redshifts are off by more
+    (docs/benchmarks.md).
 
     Returns {"z", "z_err" (N,) arrays, "spectra_per_s"}.
     """
@@ -179,14 +175,7 @@ def refine_redshifts(samples, classes: list[str], z_guess=None, window_dex: floa
     fitter = fitter or TemplateFitter()
     z, z_err = np.empty(len(samples)), np.empty(len(samples))
     t0 = time.perf_counter()
-    guesses = np.zeros(len(samples)) if z_guess is None else np.asarray(z_guess, float)
-    if window_dex is not None and z_guess is None:
-        raise ValueError("a redshift window needs z_guess")
-    for i, (s, cls, zg) in enumerate(zip(samples, classes, guesses)):
-        z_range = None
-        if window_dex is not None:
-            lg = np.log10(1 + max(float(zg), -0.5))
-            z_range = (10 ** (lg - window_dex) - 1, 10 ** (lg + window_dex) - 1)
-        fit = fitter.fit(s.coords["wavelength"], s.values, s.ivar, classes=[cls], z_range=z_range)
+    for i, (s, cls) in enumerate(zip(samples, classes)):
+        fit = fitter.fit(s.coords["wavelength"], s.values, s.ivar, classes=[cls])
         z[i], z_err[i] = fit.z, fit.z_err
     return {"z": z, "z_err": z_err, "spectra_per_s": len(samples) / max(time.perf_counter() - t0, 1e-9)}
