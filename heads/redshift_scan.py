@@ -65,6 +65,7 @@ class RedshiftScanner:
         self.bin = int(bin_pixels)
         self.n_components = dict(N_COMPONENTS if n_components is None else n_components)
         self._fft_cache: dict[tuple, tuple] = {}
+        self._template_cache: dict[str, tuple[int, np.ndarray]] = {}
 
     def fit(self, wave, flux, ivar, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(z, z_err), each (N,) float64, for spectra `flux`, `ivar` (N, L) on `wave` ((L,) shared,
@@ -131,12 +132,12 @@ class RedshiftScanner:
         below = torch.floor(position)
         first = int(below[0])
         index = (below - first).long()
-        upper = (position - below).float()  # share of the pixel in bin index + 1
+        upper = (position - below).to(flux.dtype)  # share of the pixel in bin index + 1
         n_bins = int(index[-1]) + 2
-        values = torch.empty(len(flux), 2, flux.shape[1])
+        values = torch.empty(len(flux), 2, flux.shape[1], dtype=flux.dtype)
         w = torch.clamp(ivar, min=0, out=values[:, 1])
         torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0])  # NaN flux behind zero weight stays out
-        sums = torch.zeros(len(flux), 2, n_bins)
+        sums = torch.zeros(len(flux), 2, n_bins, dtype=flux.dtype)
         sums.index_add_(2, index, values * (1 - upper))
         sums.index_add_(2, index + 1, values.mul_(upper))
         return first, sums[:, 0], sums[:, 1]
@@ -257,14 +258,12 @@ class RedshiftScanner:
                 self._fft_cache[key] = ([torch.fft.rfft(t, n_fft) for t in seg], {ac: torch.fft.rfft(t, n_fft) for ac, t in products.items()}, n_fft, n_shift)
         return self._fft_cache[key]
 
-    @lru_cache(maxsize=None)
     def _binned_template(self, cls: str) -> tuple[int, np.ndarray]:
-        """(lattice index of the first bin, (k, bins) bin means) of the class's first k eigenspectra."""
-        basis = self.templates.bases[cls][: self._n_components(cls)]
-        position = (np.round(self.templates.log_start / DELTA) + np.arange(basis.shape[1])) / self.bin - 0.5  # as in _binned
-        below = np.floor(position)
-        index, upper = (below - below[0]).astype(np.int64), position - below
-        size = index[-1] + 2
-        counts = np.bincount(index, 1 - upper, size) + np.bincount(index + 1, upper, size)
-        sums = np.stack([np.bincount(index, t * (1 - upper), size) + np.bincount(index + 1, t * upper, size) for t in basis])
-        return int(below[0]), sums / np.maximum(counts, 1e-12)
+        """(lattice index of the first bin, (k, bins) bin means) of the class's first k
+        eigenspectra, binned as the spectra are (`_binned`, unit weights); cached."""
+        if cls not in self._template_cache:
+            basis = torch.as_tensor(self.templates.bases[cls][: self._n_components(cls)], dtype=torch.float64)
+            wave = torch.as_tensor(10 ** ((np.round(self.templates.log_start / DELTA) + np.arange(basis.shape[1])) * DELTA))
+            first, sums, counts = self._binned(wave, basis, torch.ones_like(basis))
+            self._template_cache[cls] = (first, (sums / counts.clamp(min=1e-12)).numpy())
+        return self._template_cache[cls]
