@@ -208,15 +208,17 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
 
     def set_calibration(self, temperature: float, alpha: float | None = None, threshold: float | None = None) -> None:
         """Store the fitted temperature and conformal threshold (saved with the config)."""
-        self.head_config.temperature = float(temperature)
-        self.head_config.conformal_alpha = None if alpha is None else float(alpha)
-        self.head_config.conformal_threshold = None if threshold is None else float(threshold)
-        self.head_config.__post_init__()
-        self.config.task = self.head_config.to_dict()
+        self._set_task(temperature=float(temperature), conformal_alpha=None if alpha is None else float(alpha),
+                       conformal_threshold=None if threshold is None else float(threshold))
 
     def set_redshift_error_scale(self, scale: float) -> None:
         """Store the factor on the redshift scan's errors (saved with the config)."""
-        self.head_config.redshift_error_scale = float(scale)
+        self._set_task(redshift_error_scale=float(scale))
+
+    def _set_task(self, **values) -> None:
+        """Change fields of the head config, check them, and keep config.task in step."""
+        for name, value in values.items():
+            setattr(self.head_config, name, value)
         self.head_config.__post_init__()
         self.config.task = self.head_config.to_dict()
 
