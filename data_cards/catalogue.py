@@ -186,11 +186,13 @@ ROW_GROUP = 65536  # rows per Parquet row group: pieces of ~1,000 rows are gathe
 def _row_groups(pieces: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
     """Consecutive pieces concatenated into tables of at least `size` rows (the last may be shorter)."""
     held: list[pa.Table] = []
+    rows = 0
     for piece in pieces:
         held.append(piece)
-        if sum(t.num_rows for t in held) >= size:
+        rows += piece.num_rows
+        if rows >= size:
             yield pa.concat_tables(held)
-            held = []
+            held, rows = [], 0
     if held:
         yield pa.concat_tables(held)
 

@@ -172,15 +172,19 @@ def label_efficiency(samples, card, backbone: str, fractions, strategies, base_e
     return rows
 
 
-def coverage_by_alpha(samples, model, splits: dict, labels: np.ndarray, alphas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> list[dict]:
+def block_predictions(samples, model, splits: dict) -> dict[str, dict]:
+    """`predict` on the calibration and test blocks, once for every figure that needs them."""
+    return {k: predict(model, [samples[int(i)] for i in splits[k]], batch_size=256) for k in ("calibration", "test")}
+
+
+def coverage_by_alpha(model, predictions: dict[str, dict], splits: dict, labels: np.ndarray, alphas=(0.005, 0.01, 0.02, 0.05, 0.1)) -> list[dict]:
     """Test-block coverage of split-conformal sets fitted on the calibration block, per alpha:
     plain LAC sets (may be empty; the coverage guarantee is for these) and the never-empty
     sets `cosmofm classify` writes (the top class always kept, so coverage >= accuracy)."""
     from cosmofm.heads.calibration import ConformalClassifier, coverage
 
     t = model.head_config.temperature
-    p_cal = softmax(predict(model, [samples[int(i)] for i in splits["calibration"]], batch_size=256)["logits"], t)
-    p_test = softmax(predict(model, [samples[int(i)] for i in splits["test"]], batch_size=256)["logits"], t)
+    p_cal, p_test = (softmax(predictions[k]["logits"], t) for k in ("calibration", "test"))
     y_cal, y_test = labels[np.asarray(splits["calibration"])], labels[np.asarray(splits["test"])]
     rows = []
     for alpha in alphas:
@@ -229,7 +233,7 @@ def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500,
     labels, z_true = truth(samples, model)
     test_index = np.asarray(result["splits"]["test"])
     report["head_to_head"] = head_to_head(samples, model, test_index, labels, z_true, n_baseline)
-    report["conformal_by_alpha"] = coverage_by_alpha(samples, model, result["splits"], labels)
+    report["conformal_by_alpha"] = coverage_by_alpha(model, block_predictions(samples, model, result["splits"]), result["splits"], labels)
     if with_label_efficiency:
         main = {"metrics": metrics, "epochs": epochs, "seconds": report["finetune_seconds"]}
         report["label_efficiency"] = label_efficiency(samples, card, backbone, (0.01, 0.1, 1.0), ("frozen", "lora", "full", "scratch"),
@@ -316,9 +320,10 @@ def main(argv: list[str] | None = None):
         model = load_classifier(str(work / "finetune" / "model"))
         labels, z_true = truth(samples, model)
         splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
-        report["conformal_by_alpha"] = coverage_by_alpha(samples, model, splits, labels)
+        predictions = block_predictions(samples, model, splits)
+        report["conformal_by_alpha"] = coverage_by_alpha(model, predictions, splits, labels)
         t = model.head_config.temperature
-        cal, test = (predict(model, [samples[int(i)] for i in splits[k]], batch_size=256) for k in ("calibration", "test"))
+        cal, test = predictions["calibration"], predictions["test"]
         p_test = softmax(test["logits"], t)
         scan_metrics, scan_arrays = calibrate_scan_redshifts(model, samples, splits, z_true, softmax(cal["logits"], t), p_test)
         report["test"].update(scan_metrics)
@@ -329,8 +334,8 @@ def main(argv: list[str] | None = None):
         for path in plot_figures(arrays, metrics, model.class_names, work / "post-figures"):
             shutil.copy(path, out / f"classify_{Path(path).name}")
         h = report["head_to_head"]
-        subset = [samples[int(i)] for i in splits["test"][: h["n_spectra"]]]
-        h.update(refined_redshift(subset, model, predict(model, subset)["logits"], z_true[splits["test"][: h["n_spectra"]]]))
+        subset = [samples[int(i)] for i in splits["test"][: h["n_spectra"]]]  # the first spectra of the test block
+        h.update(refined_redshift(subset, model, test["logits"][: h["n_spectra"]], z_true[splits["test"][: h["n_spectra"]]]))
         if args.student:
             report["student"] = distil_student(samples, load_card(CARD), str(work / "finetune" / "model"), args.student, report["finetune_epochs"],
                                                work, splits["test"][: h["n_spectra"]], z_true)
