@@ -130,10 +130,10 @@ class RedshiftScanner:
         # bins nearest its centre in proportion (cloud-in-cell): less aliasing than all-in-one
         position = torch.log10(wave) / (self.bin * DELTA) - 0.5
         below = torch.floor(position)
-        first = int(below[0])
+        first = int(below.min())  # min / max: a grid may run either way (Sample allows descending axes)
         index = (below - first).long()
         upper = (position - below).to(flux.dtype)  # share of the pixel in bin index + 1
-        n_bins = int(index[-1]) + 2
+        n_bins = int(index.max()) + 2
         values = torch.empty(len(flux), 2, flux.shape[1], dtype=flux.dtype)
         w = torch.clamp(ivar, min=0, out=values[:, 1])
         torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0])  # NaN flux behind zero weight stays out
