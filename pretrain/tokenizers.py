@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,7 +95,7 @@ class PatchTokenizer(nn.Module):
         # 1/sigma is already 0 where the mask is (ivar = 0), so no multiplication by the mask:
         # every pass over the pixels counts at inference.
         sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)
-        median = sigma_inv.masked_fill(mask.flatten(1) == 0, float("nan")).nanmedian(dim=1).values
+        median = masked_lower_median(sigma_inv, mask.flatten(1) > 0)
         median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)
         return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
 
@@ -171,6 +172,28 @@ class PatchTokenizer(nn.Module):
         )
 
 
+def masked_lower_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row of x (n, L), the lower median of the entries where `valid` (NaN for a row with
+    none): what torch's nanmedian gives with NaN where not valid.
+
+    On CPU numpy's selection (np.partition) is ~2x faster than torch's, all passes counted: the
+    invalid entries become -inf (the first `below` of them in the row) or +inf, balanced so
+    that the row's own lower median, rank (L - 1) // 2, is the valid entries' (rank
+    (count - 1) // 2 among them).
+    """
+    if x.device.type != "cpu" or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
+        return x.masked_fill(~valid, float("nan")).nanmedian(dim=1).values
+    length = x.shape[1]
+    mid = (length - 1) // 2
+    invalid = ~valid.numpy()
+    count = length - invalid.sum(1)
+    below = mid - (count - 1) // 2  # in [floor(m / 2), ceil(m / 2)] for m = length - count invalid entries
+    filled = np.where(invalid, np.inf, x.numpy())
+    filled[invalid & (np.cumsum(invalid, axis=1, dtype=np.int32) <= below[:, None])] = -np.inf
+    median = np.partition(filled, mid, axis=1)[:, mid]
+    return torch.from_numpy(np.where(count > 0, median, np.nan).astype(filled.dtype))
+
+
 def token_mask(seeds: torch.Tensor, n_tokens: int, ratio: float, valid: torch.Tensor) -> torch.Tensor:
     """Hide round(ratio * T) tokens per sample, chosen by the sample's own seed.
 
@@ -239,9 +262,18 @@ class SpectrumTokenizer(PatchTokenizer):
         if self.stem is None:
             return super().embed_content(patches, patch_weight)
         n, t, p = patches.shape
-        local = self.stem(torch.stack([patches.reshape(n, t * p), patch_weight.reshape(n, t * p)], dim=1))  # (n, C, ~T*P/stride)
-        local = local[..., : t * (p // self.stem[0].stride[0])].reshape(n, local.shape[1], t, -1)
-        pooled = torch.cat([local.amax(-1), local.mean(-1)], dim=1).transpose(1, 2)  # (n, T, 2C)
+        # Channels last: the two inputs interleaved pixel by pixel, and each Conv1d run as a
+        # 2-D convolution of height 1, so oneDNN takes its channels-last kernels: ~3x faster
+        # than conv1d's on CPU for these few channels. Same weights, same numbers.
+        x = torch.stack([patches.reshape(n, t * p), patch_weight.reshape(n, t * p)], dim=-1).unsqueeze(1).permute(0, 3, 1, 2)  # (n, 2, 1, T*P)
+        for layer in self.stem:
+            if isinstance(layer, nn.Conv1d):
+                x = nn.functional.conv2d(x, layer.weight.unsqueeze(2), layer.bias, stride=(1, layer.stride[0]),
+                                         padding=(0, layer.padding[0]), dilation=(1, layer.dilation[0]))
+            else:
+                x = layer(x)
+        local = x.permute(0, 2, 3, 1)[:, 0, : t * (p // self.stem[0].stride[0])].reshape(n, t, -1, x.shape[1])  # (n, T, P/stride, C)
+        pooled = torch.cat([local.amax(2), local.mean(2)], dim=-1)  # (n, T, 2C)
         # content(cat([patches, weights, pooled])) as a sum over the blocks of its weight: the
         # same map without copying every pixel into a concatenation first (~10 % of inference).
         w = self.content.weight

@@ -278,3 +278,38 @@ def test_survey_file_batches_share_their_grid_without_changing_tokens(tiny_confi
     # rows out of order, or not from one block, are stacked as before
     np.testing.assert_array_equal(_stack_rows([block[3], block[1]]), block[[3, 1]])
     assert not np.shares_memory(_stack_rows([block[3], block[1]]), block)
+
+
+@pytest.mark.parametrize("length", [257, 256])
+def test_masked_lower_median_is_nanmedian(length):
+    """The numpy selection the ivar pixel weights use gives torch.nanmedian's lower median,
+    rows with one valid entry, none, or all of them included."""
+    from cosmofm.pretrain.tokenizers import masked_lower_median
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, length, generator=g)
+    valid = torch.rand(40, length, generator=g) > torch.rand(40, 1, generator=g)
+    valid[0], valid[1], valid[2] = False, True, False
+    valid[2, 17] = True
+    for dtype in (torch.float32, torch.float64):
+        xd = x.to(dtype)
+        expected = xd.masked_fill(~valid, float("nan")).nanmedian(dim=1).values
+        got = masked_lower_median(xd, valid)
+        assert got.dtype == dtype and torch.isnan(got[0]) and got[2] == xd[2, 17]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("stride", [1, 8])
+def test_channels_last_stem_is_the_conv1d_stem(tiny_config, stride):
+    """embed_content runs the stem's Conv1d weights as channels-last 2-D convolutions (for
+    speed): the pooled features must be those of the Conv1d modules themselves."""
+    tok = SpectrumTokenizer(_stem_config(tiny_config, spectrum_stem_stride=stride)).eval()
+    g = torch.Generator().manual_seed(0)
+    patches, weights = torch.randn(3, 16, 64, generator=g), torch.rand(3, 16, 64, generator=g)
+    with torch.no_grad():
+        local = tok.stem(torch.stack([patches.reshape(3, -1), weights.reshape(3, -1)], dim=1))  # (n, C, L / stride)
+        local = local[..., : 16 * (64 // stride)].reshape(3, local.shape[1], 16, -1)
+        pooled = torch.cat([local.amax(-1), local.mean(-1)], dim=1).transpose(1, 2)
+        w = tok.content.weight
+        expected = patches @ w[:, :64].T + weights @ w[:, 64:128].T + pooled @ w[:, 128:].T + tok.content.bias
+        torch.testing.assert_close(tok.embed_content(patches, weights), expected, rtol=1e-5, atol=1e-5)
