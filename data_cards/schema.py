@@ -9,7 +9,9 @@ naming the field. Every error names the dotted path of the bad field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -199,11 +201,19 @@ def load_card(name_or_path: str | Path) -> DataCard:
             raise InputError("card", f"no shipped card named {name_or_path!r}", f"use one of {available_cards()} or a path to a YAML card")
     if not path.exists():
         raise InputError("card", f"file {path} does not exist", "give the path to a YAML data card")
+    stat = path.stat()
+    raw = _parsed_yaml(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    return card_from_dict(copy.deepcopy(raw), source=str(path))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_yaml(path: str, mtime_ns: int, size: int) -> Any:
+    """A card file's YAML, parsed once per version of the file: readers resolve the card of
+    every piece of a file they stream, and parsing was ~5 % of classifying a piece."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as e:
-        raise InputError(str(path), f"is not valid YAML ({e})", "fix the YAML syntax") from None
-    return card_from_dict(raw, source=str(path))
+        raise InputError(path, f"is not valid YAML ({e})", "fix the YAML syntax") from None
 
 
 def card_from_dict(raw: Any, source: str = "card") -> DataCard:

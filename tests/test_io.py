@@ -355,3 +355,19 @@ def test_write_dataset_checks_cards_and_target(tmp_path, cards, samples):
     write_dataset(samples["sdss-like"], tmp_path / "b", [cards["sdss-like"]], overwrite=True)
     assert len(SampleDataset(tmp_path / "b")) == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "temp folders are cleaned up"
+
+
+def test_card_files_are_parsed_once_per_version(tmp_path):
+    """load_card caches a card file's YAML (readers resolve it per piece) but hands out
+    independent cards, and an edited file is read again."""
+    from cosmofm.data_cards.schema import CARDS_DIR
+
+    path = tmp_path / "my_survey.yaml"
+    raw = yaml.safe_load((CARDS_DIR / "sdss_like.yaml").read_text())
+    path.write_text(yaml.safe_dump({**raw, "name": "my-survey"}))
+    first = load_card(path)
+    first.labels.clear()  # a caller changing its card changes no one else's
+    second = load_card(path)
+    assert second is not first and second.labels and second.name == "my-survey"
+    path.write_text(yaml.safe_dump({**raw, "name": "my-survey-v2"}))
+    assert load_card(path).name == "my-survey-v2"
