@@ -96,11 +96,13 @@ class RedshiftScanner:
         # classes of one family share a redshift range and a number of eigenspectra: one scan
         # for all their spectra (each row with its own class's templates) costs the fixed
         # per-call work once per family rather than once per class
-        kind = np.array([f"{class_family(c)}/{self._n_components(c)}" for c in pair_class])
+        kinds = {c: f"{class_family(c)}/{self._n_components(c)}" for c in set(pair_class)}
+        kind = np.array([kinds[c] for c in pair_class])
         z, z_err, chi2 = (np.full(len(pair_row), np.nan) for _ in range(3))
         for rows, grid in grids.values():
             rows = np.array(rows)
-            first, wf, w = self._binned(grid, flux[rows], ivar[rows])  # every spectrum binned once
+            every = len(rows) == len(flux)  # one grid: no copies of the rows
+            first, wf, w = self._binned(grid, flux if every else flux[rows], ivar if every else ivar[rows])  # every spectrum binned once
             where = np.full(len(flux), -1)
             where[rows] = np.arange(len(rows))
             on_grid = np.flatnonzero(where[pair_row] >= 0)
@@ -153,13 +155,14 @@ class RedshiftScanner:
         names = sorted(set(classes))
         ffts = [self._template_ffts(c, first, wf.shape[1], m_lo, m_hi) for c in names]
         n_fft, n_shift = ffts[0][2], ffts[0][3]
-        # each row's template transforms, (n or 1, n_fft // 2 + 1) complex per eigenspectrum and product
-        if len(names) == 1:
-            singles, pairs = [t[None] for t in ffts[0][0]], {key: t[None] for key, t in ffts[0][1].items()}
-        else:
-            row_class = torch.as_tensor([names.index(c) for c in classes])
-            singles = [torch.stack([f[0][a] for f in ffts])[row_class] for a in range(len(ffts[0][0]))]
-            pairs = {key: torch.stack([f[1][key] for f in ffts])[row_class] for key in ffts[0][1]}
+        # Rows sorted by class, so each class's rows are one slice that meets its own templates:
+        # no per-row copies of the template transforms. `order` undoes it at the end.
+        row_class = np.array([names.index(c) for c in classes])
+        order = np.argsort(row_class, kind="stable")
+        spans = np.searchsorted(row_class[order], np.arange(len(names) + 1))
+        wf, w = wf[order], w[order]
+        singles = [[f[0][a] for f in ffts] for a in range(len(ffts[0][0]))]  # [eigenspectrum][class]
+        pairs = {key: [f[1][key] for f in ffts] for key in ffts[0][1]}
         k = len(singles)
         # The binned spectrum f = wf / w is modelled as sum_a c_a T_a + c. Centring f (weighted
         # mean 0) and each T_a (mean 0) leaves the model unchanged and the normal equations
@@ -170,35 +173,48 @@ class RedshiftScanner:
         if n_fft is None:  # few shifts (stars): the sums directly, against (n_shift, n_bins) shifted templates
             spec_w, spec_wf = w, w * f
 
-            def xcorr(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
-                return torch.matmul(spec[:, None, :], tmpl.transpose(-1, -2))[:, 0].double()
+            def product(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
+                return spec @ tmpl.T
         else:
             spec_w, spec_wf = torch.fft.rfft(w, n_fft), torch.fft.rfft(w * f, n_fft)
 
-            def xcorr(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
-                return torch.fft.irfft(torch.conj(spec) * tmpl, n_fft)[:, :n_shift].double()
+            def product(spec, tmpl):  # r[d] = sum_j a[j] T[j + d], d = 0 .. n_shift - 1
+                return torch.fft.irfft(torch.conj(spec) * tmpl, n_fft)[:, :n_shift]
+
+        def xcorr(spec, per_class):  # float32 (n, n_shift), each class's rows against its own template
+            if len(per_class) == 1:
+                return product(spec, per_class[0])
+            out = torch.empty(len(spec), n_shift, dtype=torch.float32)
+            for c, tmpl in enumerate(per_class):
+                if spans[c + 1] > spans[c]:
+                    out[spans[c] : spans[c + 1]] = product(spec[spans[c] : spans[c + 1]], tmpl)
+            return out
 
         # Normal equations at every shift, unknowns (c_1 .. c_k, c). With sum w f = 0 the constant's
         # right-hand side is 0, so eliminating it leaves the k x k system
         # (A - u u^T / S1) x = r, A_ac = sum w T_a T_c, u_a = sum w T_a, r_a = sum w f T_a.
         s_1 = s_1.double()  # (n, 1)
-        u = [xcorr(spec_w, fft) for fft in singles]
-        r = [xcorr(spec_wf, fft) for fft in singles]
+        u_0, r_0 = xcorr(spec_w, singles[0]).double(), xcorr(spec_wf, singles[0]).double()
         sww = (w * f * f).sum(1, keepdim=True).double()
-        a00 = xcorr(spec_w, pairs[0, 0])
+        a_00 = xcorr(spec_w, pairs[0, 0])
+        a00 = a_00.double()
         a00 = a00 + RIDGE * a00.abs().amax(1, keepdim=True)
-        chi2 = sww - r[0] ** 2 / (a00 - u[0] ** 2 / s_1).clamp(min=1e-30)  # closed form for T_1 + constant
+        chi2 = sww - r_0**2 / (a00 - u_0**2 / s_1).clamp(min=1e-30)  # closed form for T_1 + constant
         if k > 1:
             # All k eigenspectra only near the best minima of the one-template scan: the k x k
-            # solves at every shift would cost ~10x the FFTs.
+            # solves at every shift would cost ~10x the FFTs. Only those columns are kept of
+            # the other cross-correlations.
             columns = self._candidates(chi2)  # (n, C) shifts to solve at
-            pick = lambda x: x.gather(1, columns)  # noqa: E731
+            pick = lambda x: x.gather(1, columns).double()  # noqa: E731
+            u = [pick(u_0)] + [pick(xcorr(spec_w, fft)) for fft in singles[1:]]
+            r = [pick(r_0)] + [pick(xcorr(spec_wf, fft)) for fft in singles[1:]]
             system = torch.empty(len(w), columns.shape[1], k, k, dtype=torch.float64)
             for (a, c), fft in pairs.items():
-                system[..., a, c] = system[..., c, a] = pick(xcorr(spec_w, fft) - u[a] * u[c] / s_1)
+                a_ac = a_00 if (a, c) == (0, 0) else xcorr(spec_w, fft)
+                system[..., a, c] = system[..., c, a] = pick(a_ac) - u[a] * u[c] / s_1
             scale = system.diagonal(dim1=-2, dim2=-1).abs().amax(1, keepdim=True)  # (n, 1, k)
             system = system + torch.diag_embed(RIDGE * scale.expand(-1, columns.shape[1], -1))
-            rhs = torch.stack([pick(x) for x in r], -1)  # (n, C, k)
+            rhs = torch.stack(r, -1)  # (n, C, k)
             full = sww - (rhs * torch.linalg.solve(system, rhs)).sum(-1)
             chi2 = torch.full_like(chi2, float("inf")).scatter_(1, columns, full)  # unsolved shifts never win
         # column d of chi2 is the shift m_hi - 1 - d (the template segment starts at the largest shift)
@@ -221,7 +237,9 @@ class RedshiftScanner:
         empty = (s_1[:, 0] <= 0).numpy()
         best_chi2 = c_0.numpy().copy()
         z[empty], z_err[empty], best_chi2[empty] = np.nan, np.nan, np.nan
-        return z, z_err, best_chi2
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return z[back], z_err[back], best_chi2[back]
 
     @staticmethod
     def _candidates(chi2: torch.Tensor, n_minima: int = 8, half_width: int = 2) -> torch.Tensor:

@@ -233,7 +233,8 @@ def test_classify_redshift_methods_and_epistemic_uncertainty(finetuned, tmp_path
     plain = tmp_path / "plain.fits"
     classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, redshift="network", progress=False)
     assert "Z_NETWORK" not in read_catalogue(plain).colnames
-    np.testing.assert_allclose(read_catalogue(plain)["Z"], t["Z_NETWORK"], rtol=1e-6)
+    # the run with the same workers and threads as the scan run (oneDNN's float32 sums depend on the thread split)
+    np.testing.assert_allclose(read_catalogue(plain)["Z"], s["Z_NETWORK"], rtol=1e-6)
     with pytest.raises(InputError, match="redshift: is 'fast'"):
         classify([tmp_path / "in.fits"], finetuned["model_dir"], plain, redshift="fast", progress=False)
 
