@@ -14,3 +14,8 @@ class InputError(ValueError):
         if fix:
             message += f" -- {fix}"
         super().__init__(message)
+
+    def __reduce__(self):
+        # rebuilt from its three parts (not the formatted message), so that it crosses process
+        # boundaries intact: a worker process's error reaches the parent as the same InputError
+        return type(self), (self.field, self.problem, self.fix)

@@ -297,17 +297,21 @@ def test_classify_eso_sdp_and_plain_table(finetuned, tmp_path):
     assert all(str(c) in CLASSES for c in rows["CLASS"])
 
 
-def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path):
+def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path, monkeypatch):
     """A file read in pieces gives the catalogue of one read (issue 5: a million spectra in
     bounded memory): same rows, same probabilities, and a peak memory that follows the piece
-    size, not the file size. The parallel CPU path agrees with the sequential `predict`."""
+    size, not the file size. The parallel CPU path agrees with the sequential `predict`;
+    worker processes (the default on Linux) write what worker threads write."""
     import tracemalloc
 
+    import cosmofm.finetune.classification as classification
     from cosmofm.data_cards.fits_io import write_fits
 
     sdss = load_card("sdss-like")
     spectra = mock_samples(sdss, 96, seed=21)
     path = write_fits(spectra, tmp_path / "many.fits", sdss)
+    classify([path], finetuned["model_dir"], tmp_path / "processes.parquet", batch_size=8, chunk_rows=8, progress=False)
+    monkeypatch.setattr(classification, "_can_fork", lambda: False)  # threads: tracemalloc sees the workers' memory
     classify([path], finetuned["model_dir"], tmp_path / "warm.parquet", progress=False)  # imports and caches outside the trace
     peaks, tables = {}, {}
     for chunk in (96, 8):
@@ -323,6 +327,34 @@ def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path):
     for j, c in enumerate(model.class_names):
         np.testing.assert_allclose(tables[8][f"P_{c}"], expected[:, j], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(tables[96][f"P_{c}"], expected[:, j], rtol=1e-4, atol=1e-6)
+    in_processes = read_catalogue(tmp_path / "processes.parquet")
+    assert in_processes.colnames == tables[8].colnames
+    for name in in_processes.colnames:
+        assert list(in_processes[name]) == list(tables[8][name]), name
+
+
+def _pid_of(item):
+    import os
+
+    if item == "bad":
+        raise InputError("item", "is bad", "give a good one")
+    return item, os.getpid()
+
+
+def test_parallel_pieces_run_in_worker_processes_in_order():
+    """Where the platform forks, classify's workers are processes: results come back in
+    order, and an InputError raised in a worker reaches the caller whole."""
+    import os
+
+    from cosmofm.finetune.classification import _can_fork, _in_parallel
+
+    out = list(_in_parallel(_pid_of, iter(range(9)), workers=2, processes=True))
+    assert [i for i, _ in out] == list(range(9))
+    assert (os.getpid() not in {pid for _, pid in out}) == _can_fork()  # Linux (CI): processes; elsewhere threads
+    assert {pid for _, pid in list(_in_parallel(_pid_of, iter(range(4)), workers=2))} == {os.getpid()}  # threads
+    with pytest.raises(InputError, match="item: is bad") as caught:
+        list(_in_parallel(_pid_of, iter([1, "bad", 2]), workers=2, processes=True))
+    assert caught.value.fix == "give a good one"
 
 
 def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):

@@ -43,9 +43,9 @@ def spectra_file(work: Path, n: int, seed: int = 3) -> Path:
 
 
 def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    """User + system CPU time of this process, all threads, and of its finished children
+    (`classify`'s worker processes, counted once they are joined at the end of a run)."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
 
 
 def run(n: int, n_baseline: int = 20, batch_size: int = 256, recipe: str = "spectra-small", overrides: list[str] = (),
