@@ -136,12 +136,25 @@ class RedshiftScanner:
         index = (below - first).long()
         upper = (position - below).to(flux.dtype)  # share of the pixel in bin index + 1
         n_bins = int(index.max()) + 2
-        values = torch.empty(len(flux), 2, flux.shape[1], dtype=flux.dtype)
-        w = torch.clamp(ivar, min=0, out=values[:, 1])
-        torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0])  # NaN flux behind zero weight stays out
+        # A grid whose bins (but the first and last) each hold bin_pixels pixels, as a survey's
+        # log-uniform grid does, sums groups of pixels, as a matrix product with ones (~2x faster
+        # than the scatter), once `lead` empty pixels fill up its first bin; others scatter.
+        length = flux.shape[1]
+        lead = self.bin - int((index == 0).sum())
+        grouped = lead >= 0 and torch.equal(index, torch.div(torch.arange(length) + lead, self.bin, rounding_mode="floor"))
+        lead, tail = (lead, -(lead + length) % self.bin) if grouped else (0, 0)
+        values = torch.zeros(len(flux), 2, lead + length + tail, dtype=flux.dtype)
+        w = torch.clamp(ivar, min=0, out=values[:, 1, lead : lead + length])
+        torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0, lead : lead + length])  # NaN flux behind zero weight stays out
         sums = torch.zeros(len(flux), 2, n_bins, dtype=flux.dtype)
-        sums.index_add_(2, index, values * (1 - upper))
-        sums.index_add_(2, index + 1, values.mul_(upper))
+        if grouped:
+            upper = torch.nn.functional.pad(upper, (lead, tail))
+            ones = torch.ones(self.bin, 1, dtype=flux.dtype)
+            sums[..., :-1] += (values * (1 - upper)).view(-1, self.bin).mm(ones).view(len(flux), 2, -1)
+            sums[..., 1:] += values.mul_(upper).view(-1, self.bin).mm(ones).view(len(flux), 2, -1)
+        else:
+            sums.index_add_(2, index, values * (1 - upper))
+            sums.index_add_(2, index + 1, values.mul_(upper))
         return first, sums[:, 0], sums[:, 1]
 
     def _scan(self, classes: list[str], first: int, wf: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
