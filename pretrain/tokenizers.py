@@ -61,9 +61,21 @@ class FourierCoordinateEmbedding(nn.Module):
         omegas = torch.stack(
             [2 * math.pi / torch.logspace(math.log10(lo), math.log10(hi), self.n_frequencies, dtype=torch.float64) for lo, hi in self.periods]
         ).to(coords.device)  # (C, K)
-        phase = coords.unsqueeze(-1) * omegas  # (n, T, C, K)
-        feats = torch.cat([phase.sin(), phase.cos()], dim=-1).flatten(-2)  # (n, T, 2CK)
-        return self.proj(feats.to(self.proj.weight.dtype))
+        # proj(features) as a sum over the coordinates of their blocks of its weight, each
+        # coordinate embedded once where it repeats: a grid shared by every row (a survey
+        # file's wavelengths) or a value shared by every token (the sample's scale).
+        width = 2 * self.n_frequencies
+        out = self.proj.bias
+        for c in range(coords.shape[-1]):
+            x = coords[..., c]
+            if len(x) > 1 and bool((x == x[:1]).all()):
+                x = x[:1]
+            elif x.shape[1] > 1 and bool((x == x[:, :1]).all()):
+                x = x[:, :1]
+            phase = x.unsqueeze(-1) * omegas[c]  # (n or 1, T or 1, K)
+            feats = torch.cat([phase.sin(), phase.cos()], dim=-1).to(self.proj.weight.dtype)
+            out = out + nn.functional.linear(feats, self.proj.weight[:, c * width : (c + 1) * width])
+        return out.expand(*coords.shape[:2], -1)
 
 
 class PatchTokenizer(nn.Module):
@@ -97,11 +109,11 @@ class PatchTokenizer(nn.Module):
         sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)
         median = masked_lower_median(sigma_inv, mask.flatten(1) > 0)
         median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)
-        return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
+        return (sigma_inv / median[:, None]).clamp_(max=3.0).view_as(mask)
 
-    def embed_content(self, patches: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
-        """(n, T, P) masked normalised values and their pixel weights -> (n, T, hidden_size)."""
-        return self.content(torch.cat([patches, patch_weight], dim=-1))
+    def embed_content(self, patches: torch.Tensor, patch_mask: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
+        """(n, T, P) normalised values, the mask to apply to them and their pixel weights -> (n, T, hidden_size)."""
+        return self.content(torch.cat([patches * patch_mask, patch_weight], dim=-1))
 
     def forward(self, batch: ModalityBatch, mask_ratio: float = 0.0, seeds: torch.Tensor | None = None) -> TokenGroup:
         """Tokens of `batch`; with mask_ratio > 0, that fraction of each sample's tokens
@@ -135,9 +147,9 @@ class PatchTokenizer(nn.Module):
         if mask_ratio > 0:
             hidden = token_mask(seeds, patches.shape[1], mask_ratio, valid)  # (n, T)
             shown = (~hidden).unsqueeze(-1).to(patch_mask.dtype)
-            content = self.embed_content(patches * (patch_mask * shown), weight * shown)
+            content = self.embed_content(patches, patch_mask * shown, weight * shown)
         else:
-            content = self.embed_content(patches * patch_mask, weight)
+            content = self.embed_content(patches, patch_mask, weight)
 
         # Coordinates of patch centres and pixel steps per axis, broadcast to tokens.
         n_per_axis = [(s + p) // q for s, p, q in zip(shape, pad, self.patch_shape)]
@@ -258,16 +270,20 @@ class SpectrumTokenizer(PatchTokenizer):
             )
             self.content = nn.Linear(2 * self.patch_size + 2 * channels, config.hidden_size)
 
-    def embed_content(self, patches, patch_weight):
+    def embed_content(self, patches, patch_mask, patch_weight):
         if self.stem is None:
-            return super().embed_content(patches, patch_weight)
+            return super().embed_content(patches, patch_mask, patch_weight)
         n, t, p = patches.shape
         # The two inputs interleaved pixel by pixel, (n, T, P, 2): channels last for the stem,
         # where each Conv1d runs as a 2-D convolution of height 1 so that oneDNN takes its
         # channels-last kernels (~3x faster than conv1d's on CPU for these few channels), and
         # one matrix product for the linear map of each patch's pixels.
         pixels = torch.empty(n, t, p, 2, dtype=patches.dtype, device=patches.device)
-        pixels[..., 0], pixels[..., 1] = patches, patch_weight  # ~3x faster than torch.stack's interleaving copy on CPU
+        if patches.requires_grad:  # out= does not differentiate
+            pixels[..., 0] = patches * patch_mask
+        else:
+            torch.mul(patches, patch_mask, out=pixels[..., 0])  # masked as they are interleaved: one pass
+        pixels[..., 1] = patch_weight
         x = pixels.view(n, 1, t * p, 2).permute(0, 3, 1, 2)  # (n, 2, 1, T*P)
         for layer in self.stem:
             if isinstance(layer, nn.Conv1d):
@@ -275,8 +291,9 @@ class SpectrumTokenizer(PatchTokenizer):
                                          padding=(0, layer.padding[0]), dilation=(1, layer.dilation[0]))
             else:
                 x = layer(x)
-        local = x.permute(0, 2, 3, 1)[:, 0, : t * (p // self.stem[0].stride[0])].reshape(n, t, -1, x.shape[1])  # (n, T, P/stride, C)
-        pooled = torch.cat([local.amax(2), local.mean(2)], dim=-1)  # (n, T, 2C)
+        # max- and mean-pooled over each patch's positions: oneDNN's channels-last pooling
+        x, window = x[..., : t * (p // self.stem[0].stride[0])], (1, p // self.stem[0].stride[0])
+        pooled = torch.cat([nn.functional.max_pool2d(x, window), nn.functional.avg_pool2d(x, window)], dim=1)[:, :, 0].transpose(1, 2)  # (n, T, 2C)
         # content(cat([patches, weights, pooled])) as a sum over the blocks of its weight (its
         # pixel columns put in the interleaved order): the same map without copying every
         # pixel into a concatenation first.

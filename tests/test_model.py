@@ -312,4 +312,21 @@ def test_channels_last_stem_is_the_conv1d_stem(tiny_config, stride):
         pooled = torch.cat([local.amax(-1), local.mean(-1)], dim=1).transpose(1, 2)
         w = tok.content.weight
         expected = patches @ w[:, :64].T + weights @ w[:, 64:128].T + pooled @ w[:, 128:].T + tok.content.bias
-        torch.testing.assert_close(tok.embed_content(patches, weights), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok.embed_content(patches, torch.ones_like(patches), weights), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_coordinate_embedding_of_repeated_coordinates_is_the_full_one():
+    """FourierCoordinateEmbedding embeds a coordinate shared by every row, or by every token,
+    once: the result must be the embedding of every (row, token) value."""
+    from cosmofm.pretrain.tokenizers import FourierCoordinateEmbedding
+
+    emb = FourierCoordinateEmbedding([(1e-3, 3.0), (0.01, 10.0), (0.1, 30.0)], 6, 16)
+    g = torch.Generator().manual_seed(1)
+    shared_grid = torch.rand(1, 7, generator=g, dtype=torch.float64).expand(5, 7) + 3.5
+    per_row = torch.rand(5, 1, generator=g, dtype=torch.float64).expand(5, 7)
+    free = torch.rand(5, 7, generator=g, dtype=torch.float64)
+    coords = torch.stack([shared_grid, free, per_row], dim=-1)
+    omegas = torch.stack([2 * math.pi / torch.logspace(math.log10(lo), math.log10(hi), 6, dtype=torch.float64) for lo, hi in emb.periods])
+    phase = coords.unsqueeze(-1) * omegas
+    expected = emb.proj(torch.cat([phase.sin(), phase.cos()], dim=-1).flatten(-2).float())
+    torch.testing.assert_close(emb(coords), expected, rtol=1e-5, atol=1e-6)
