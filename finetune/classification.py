@@ -748,11 +748,11 @@ def redshift_candidates(probs: np.ndarray, names: np.ndarray) -> list[list[str]]
     from cosmofm.heads.template_fit import class_family
 
     top2 = np.argsort(-probs, axis=1)[:, :2]
-    out = []
-    for (first, second), p in zip(top2, probs):
-        same = class_family(names[second]) == class_family(names[first])
-        out.append([names[first], names[second]] if same and p[second] >= RUNNER_UP_PROBABILITY else [names[first]])
-    return out
+    family = np.array([class_family(c) for c in names])
+    rows = np.arange(len(probs))
+    both = (family[top2[:, 0]] == family[top2[:, 1]]) & (probs[rows, top2[:, 1]] >= RUNNER_UP_PROBABILITY)
+    first, second = names[top2[:, 0]].tolist(), names[top2[:, 1]].tolist()
+    return [[a, b] if two else [a] for a, b, two in zip(first, second, both.tolist())]
 
 
 def _n_workers() -> int:

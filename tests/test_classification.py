@@ -394,3 +394,14 @@ def test_redshift_error_scale_matches_the_scatter():
     assert redshift_error_scale(z_true, z, sigma / 2) == pytest.approx(2.0, rel=0.15)
     assert redshift_error_scale(z_true, z, sigma) == pytest.approx(1.0, rel=0.15)
     assert redshift_error_scale(z_true[:15], z[:15], sigma[:15]) == 1.0  # too few to tell
+
+
+def test_redshift_candidates_add_a_likely_runner_up_of_the_same_family():
+    from cosmofm.finetune.classification import redshift_candidates
+
+    names = np.array(["STAR_A0", "QSO", "QSO_BROADLINE", "GALAXY"])
+    probs = np.array([[0.0, 0.70, 0.30, 0.0],  # runner-up of the same family, likely: scanned too
+                      [0.30, 0.70, 0.0, 0.0],  # runner-up of another family: not
+                      [0.0, 0.97, 0.02, 0.01],  # same family but unlikely: not
+                      [0.0, 0.2, 0.0, 0.8]])
+    assert redshift_candidates(probs, names) == [["QSO", "QSO_BROADLINE"], ["QSO"], ["QSO"], ["GALAXY"]]
