@@ -823,6 +823,24 @@ def _start_worker(fn) -> None:
     global _WORKER_FN
     _WORKER_FN = fn
     torch.set_num_threads(1)  # one core per worker
+    _keep_freed_memory()
+
+
+def _keep_freed_memory() -> None:
+    """glibc: serve the worker's large arrays from its heap and keep what it frees there,
+    rather than mapping fresh pages for each and unmapping them after: a worker allocates
+    the same few tens of MB per batch again and again, and faulting them in anew cost ~2 s
+    of system time per 40,000 spectra (10x fewer page faults with this). The worker exits
+    at the end of the run, which returns the memory. No-op without glibc's mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for option, value in ((m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)):
+        mallopt(option, value)
 
 
 def _run_in_worker(item):
