@@ -250,7 +250,7 @@ def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice
     # between the samples (a tenth of the memory and of the checking time of per-row copies).
     coords = {axis: c[0] if len(c) == 1 else c for axis, c in coords.items()}
     try:
-        values, ivar, coords = validate(modality, values, ivar, coords, block=True)
+        values, ivar, coords = validate(modality, values, ivar, coords, block=True, own=True)  # values: our copy of the rows
     except RowError as e:
         raise InputError(f"{where} row {first + e.row} (ID {ids[e.row]!r}): {e.field}", e.problem, e.fix) from None
 

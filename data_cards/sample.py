@@ -107,14 +107,15 @@ class RowError(InputError):
         self.row = row
 
 
-def validate(modality: str, values, ivar, coords: dict, block: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+def validate(modality: str, values, ivar, coords: dict, block: bool = False, own: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The checks every Sample passes, on one sample or on a block of n at once.
 
     One sample: values and ivar of shape S (per AXES[modality]), coords[axis] of shape
     (L,). A `block` of n: (n, *S) and (n, L) (or (L,) when all rows share the axis), checked
     with whole-block numpy operations, so readers need not build and check samples one
     by one; the first failing row raises RowError. Returns (values float32 with masked
-    non-finite values zeroed, ivar float32, coords float64).
+    non-finite values zeroed, ivar float32, coords float64). `own`: values is the caller's
+    own fresh float32 array (a reader's), zeroed in place where needed rather than copied.
     """
     axes = AXES[modality]
     values = np.asarray(values, dtype=np.float32)
@@ -141,12 +142,17 @@ def validate(modality: str, values, ivar, coords: dict, block: bool = False) -> 
     if (row_ivar < 0).any():
         fail((row_ivar < 0).any(1), "ivar", "has negative entries", "ivar is 1/sigma^2 >= 0; use 0 to mask a pixel")
     bad = ~np.isfinite(rows)
-    unmasked = bad & (row_ivar > 0)
-    if unmasked.any():
-        fail(unmasked.any(1), "values", lambda i: f"{int(unmasked[i].sum())} NaN/inf values have ivar > 0", "set ivar = 0 for those elements to mask them")
-    # Masked elements carry no information; zero them so no NaN reaches a tensor. (np.where
-    # also makes values a fresh, writable array, never a view of a caller's memory map.)
-    values = np.where(bad.reshape(values.shape), np.float32(0.0), values)
+    if bad.any():
+        unmasked = bad & (row_ivar > 0)
+        if unmasked.any():
+            fail(unmasked.any(1), "values", lambda i: f"{int(unmasked[i].sum())} NaN/inf values have ivar > 0", "set ivar = 0 for those elements to mask them")
+    # Masked elements carry no information; zero them so no NaN reaches a tensor. (Unless
+    # the values are the caller's own: a fresh, writable array, never a view of a caller's
+    # memory map.)
+    if own and values.flags.writeable:
+        values[bad.reshape(values.shape)] = 0.0
+    else:
+        values = np.where(bad.reshape(values.shape), np.float32(0.0), values)
 
     missing = [a for a in axes if a not in coords]
     extra = [k for k in coords if k not in axes]

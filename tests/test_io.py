@@ -225,6 +225,10 @@ def test_block_validation_agrees_with_samples():
         one = Sample("spectrum", values[i], ivar[i], {"wavelength": wave}, {"id": str(i)})
         np.testing.assert_array_equal(v[i], one.values)
     assert v[1, 3] == 0 and c["wavelength"] is not None
+    assert np.isnan(values[1, 3])  # the caller's array is left alone ...
+    own = values.copy()
+    v_own, _, _ = validate("spectrum", own, ivar, {"wavelength": wave}, block=True, own=True)
+    assert v_own is own and own[1, 3] == 0 and np.array_equal(own, v)  # ... unless it is handed over (a reader's copy)
     bad = ivar.copy()
     bad[3, 0] = -1.0
     with pytest.raises(RowError, match="ivar: has negative entries") as err:
