@@ -143,7 +143,8 @@ class RedshiftScanner:
         lead = self.bin - int((index == 0).sum())
         grouped = lead >= 0 and torch.equal(index, torch.div(torch.arange(length) + lead, self.bin, rounding_mode="floor"))
         lead, tail = (lead, -(lead + length) % self.bin) if grouped else (0, 0)
-        values = torch.zeros(len(flux), 2, lead + length + tail, dtype=flux.dtype)
+        values = torch.empty(len(flux), 2, lead + length + tail, dtype=flux.dtype)
+        values[..., :lead], values[..., lead + length :] = 0.0, 0.0  # only the padding: the rest is written below
         w = torch.clamp(ivar, min=0, out=values[:, 1, lead : lead + length])
         torch.mul(torch.where(w > 0, flux, torch.zeros_like(flux)), w, out=values[:, 0, lead : lead + length])  # NaN flux behind zero weight stays out
         sums = torch.zeros(len(flux), 2, n_bins, dtype=flux.dtype)
