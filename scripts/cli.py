@@ -128,6 +128,8 @@ def _cmd_bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cosmofm.finetune.classification import REDSHIFT_METHODS
+
     p = argparse.ArgumentParser(prog="cosmofm", description="A foundation model for astronomical spectra, images, cubes and simulations.")
     sub = p.add_subparsers(dest="verb", required=True)
 
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--card", help="data card of the input (default: inferred from each file)")
     c.add_argument("--batch-size", type=int, default=256, help="spectra per forward pass")
     c.add_argument("--chunk-rows", type=int, default=1024, help="objects read at a time from one big file (bounds the memory; pieces under ~30 MB per array stay fastest)")
-    c.add_argument("--redshift", choices=["scan", "template", "network"], default=None,
+    c.add_argument("--redshift", choices=REDSHIFT_METHODS, default=None,
                    help="where Z comes from, for the predicted class: scan (default when the templates know the model's classes: "
                         "eigenspectra scanned over the class's redshift range, thousands of spectra/s), template (the full "
                         "template fit, ~50 spectra/s) or network (the head's own; poor for galaxies and QSOs)")

@@ -26,7 +26,7 @@ import torch
 from cosmofm.data_cards.fits_io import read_fits, write_fits
 from cosmofm.data_cards.mock import generate
 from cosmofm.data_cards.schema import load_card
-from cosmofm.finetune.classification import FinetuneConfig, build_model, classify
+from cosmofm.finetune.classification import REDSHIFT_METHODS, FinetuneConfig, build_model, classify
 from cosmofm.heads.template_fit import TemplateFitter
 from cosmofm.pretrain.checkpoint import write_manifest
 from cosmofm.pretrain.recipe import PretrainRecipe
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--work", default=None, help="folder caching the spectra file between runs (default: a temporary one)")
     p.add_argument("--name", default="classify_throughput", help="JSON file name (without .json)")
     p.add_argument("--model", default=None, help="a trained classification model to time instead of random weights in the recipe's shape")
-    p.add_argument("--redshift", choices=["scan", "template", "network"], default=None, help="as `cosmofm classify --redshift`")
+    p.add_argument("--redshift", choices=REDSHIFT_METHODS, default=None, help="as `cosmofm classify --redshift`")
     args = p.parse_args(argv)
     result = run(args.n, recipe=args.recipe, overrides=args.set, repeats=args.repeats, work=args.work, model=args.model, redshift=args.redshift)
     out = Path(args.out)
