@@ -174,16 +174,30 @@ def test_iter_read_streams_big_files_in_pieces(tmp_path, mocks):
     path = write_desi_coadd(desi, tmp_path / "coadd-main-dark-1.fits", targetids=[1, 2, 3, 4, 5, 6])
     whole = read_any(path)
     pieces = list(iter_read(path, chunk_rows=4))
-    assert [p.identifiers["targetid"].tolist() for p in pieces] == [[1, 2, 3, 4], [5, 6]]
+    assert [p.identifiers["targetid"].tolist() for p in pieces] == [[1, 2, 3], [4, 5, 6]]  # at most 4, near-equal
     assert [s.id for p in pieces for s in p.samples] == [s.id for s in whole.samples] == ["desi-1", "desi-2", "desi-3", "desi-4", "desi-6"]
     for got, want in zip([s for p in pieces for s in p.samples], whole.samples):
         np.testing.assert_array_equal(got.values, want.values)
     assert [(f.index, f.code) for f in pieces[1].flags] == [(f.index, f.code) for f in whole.flags] == [(4, "all_masked")]
     ours = write_fits(mock_samples(load_card("sdss-like"), 5, seed=2), tmp_path / "ours.fits", load_card("sdss-like"))
-    assert [len(p.samples) for p in iter_read(ours, chunk_rows=2)] == [2, 2, 1]
+    assert [len(p.samples) for p in iter_read(ours, chunk_rows=2)] == [1, 2, 2]
     assert len(list(iter_read(tmp_path / "coadd-main-dark-1.fits", chunk_rows=100))) == 1
     single = write_sdss_spec(mocks["sdss"], tmp_path / "spec-1-2-3.fits")  # one object per file: one piece
     assert [len(p.samples) for p in iter_read(single, chunk_rows=1)] == [1]
+
+
+def test_pieces_are_near_equal_and_shared_evenly_by_workers(tmp_path):
+    """piece_readers cuts a file into at most chunk_rows rows per piece, sizes within one row
+    of each other, in a multiple of min_pieces (the parallel workers), covering every row once."""
+    from cosmofm.data_cards.readers import piece_readers
+
+    path = write_fits(mock_samples(load_card("sdss-like"), 7, seed=4), tmp_path / "seven.fits", load_card("sdss-like"))
+    for chunk_rows, workers, sizes in ((2, 2, [1, 2, 2, 2]), (3, 2, [1, 2, 2, 2]), (4, 2, [3, 4]), (7, 2, [3, 4]), (100, 1, [7]), (1, 3, [1] * 7)):
+        pieces = piece_readers(path, chunk_rows=chunk_rows, min_pieces=workers)
+        rows = [p.keywords["rows"] for p in pieces]
+        assert [r.stop - r.start for r in rows] == sizes, (chunk_rows, workers)
+        assert rows[0].start == 0 and rows[-1].stop == 7 and all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+    assert [s.id for p in piece_readers(path, chunk_rows=2, min_pieces=2) for s in p().samples] == [s.id for s in read_any(path).samples]
 
 
 def test_desi_overlap_is_inverse_variance_weighted(tmp_path, mocks):

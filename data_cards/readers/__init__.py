@@ -122,7 +122,7 @@ def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chu
     """`read_any` in pieces of at most `chunk_rows` objects, for files too big to hold at once.
 
     Formats that can count their objects from headers (cosmofm FITS, DESI coadds) are read
-    `chunk_rows` rows at a time (only those rows are read), so memory stays bounded whatever the
+    at most `chunk_rows` rows at a time, in pieces of near-equal size (only those rows are read), so memory stays bounded whatever the
     file size (a million spectra); each piece is a ReadResult of its own rows, flags and
     identifiers, with file-wide row numbers; a piece may hold no usable object (its flags
     say why). Other formats hold one or a few objects per file and come in one piece, as
@@ -135,9 +135,11 @@ def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chu
 
 def piece_readers(path: str | os.PathLike, card=None, format: str | None = None, chunk_rows: int = 1024, min_pieces: int = 1,
                   **options) -> list[Callable[[], ReadResult]]:
-    """The pieces of `iter_read` as zero-argument functions, each reading its own rows;
-    at least `min_pieces` of them where the format can split (so that parallel workers
-    each get one)."""
+    """The pieces of `iter_read` as zero-argument functions, each reading its own rows (at
+    most `chunk_rows`). Where the format can split, the pieces are as near equal in size
+    as rows allow and come in a multiple of `min_pieces`, so that that many parallel
+    workers each get the same share and finish together (40,000 rows in pieces of 1,024
+    would leave one worker a last piece of 64 rows while the other works through a whole one)."""
     if chunk_rows < 1:
         raise InputError("chunk_rows", f"must be >= 1, got {chunk_rows}", "e.g. 1024")
     p = Path(path)
@@ -145,9 +147,11 @@ def piece_readers(path: str | os.PathLike, card=None, format: str | None = None,
     if fmt is None or fmt.count is None or "limit" in options:
         return [functools.partial(read_any, p, card=card, format=format, **options)]
     total = fmt.count(p)
-    chunk = max(1, min(chunk_rows, -(-total // max(1, min_pieces))))
-    return [functools.partial(read_any, p, card=card, format=fmt.name, rows=slice(start, start + chunk), **options)
-            for start in range(0, max(total, 1), chunk)]
+    share = max(1, min_pieces)
+    n_pieces = -(-max(-(-total // chunk_rows), 1) // share) * share
+    bounds = [i * total // n_pieces for i in range(n_pieces + 1)]  # sizes differ by at most one row
+    rows = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [slice(0, 1)]  # an empty file: one (empty) piece
+    return [functools.partial(read_any, p, card=card, format=fmt.name, rows=r, **options) for r in rows]
 
 
 def _what_it_is(p: Path) -> str:
