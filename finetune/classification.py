@@ -436,13 +436,28 @@ def scan_samples(scanner, samples: Sequence[Sample], candidates: list[list[str]]
 
 
 def scan_collated(scanner, collated, candidates: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """(z, z_err) of the spectra of a collated batch (`collate_samples`), NaN for other modalities."""
+    """(z, z_err) of the spectra of a collated batch (`collate_samples`), or of a list of them
+    (rows numbered across the list), NaN for other modalities. Spectra of one length are
+    scanned in one call, whichever batch they came from: the scan's fixed cost per call
+    (template transforms picked, small tensors per class family) is paid once per piece
+    rather than once per batch (~15 % of the scan for 256-spectrum batches)."""
+    batches = collated if isinstance(collated, (list, tuple)) else [collated]
+    by_length: dict[int, list] = {}
+    offset = 0
+    for batch in batches:
+        for group in batch.groups:
+            if group.modality == "spectrum":
+                by_length.setdefault(group.values.shape[1], []).append((group.rows.numpy() + offset, group.coords["wavelength"], group.values, group.ivar))
+        offset += len(batch)
     z, z_err = np.full(len(candidates), np.nan), np.full(len(candidates), np.nan)
-    for group in collated.groups:
-        if group.modality != "spectrum":
-            continue
-        rows = group.rows.numpy()
-        z[rows], z_err[rows], _ = scanner.fit_best(group.coords["wavelength"], group.values, group.ivar, [candidates[r] for r in rows])
+    for parts in by_length.values():
+        rows = np.concatenate([p[0] for p in parts])
+        waves = [p[1] for p in parts]
+        # one grid for every part (a survey file's): passed once; else one row per spectrum
+        shared = all(w.stride(0) == 0 or bool((w == w[:1]).all()) for w in waves) and all(torch.equal(w[0], waves[0][0]) for w in waves)
+        wave = waves[0][0] if shared else torch.cat([w.expand(len(p[2]), -1) for w, p in zip(waves, parts)])
+        cat = (lambda i: parts[0][i]) if len(parts) == 1 else (lambda i: torch.cat([p[i] for p in parts]))
+        z[rows], z_err[rows], _ = scanner.fit_best(wave, cat(2), cat(3), [candidates[r] for r in rows])
     return z, z_err
 
 
@@ -702,9 +717,8 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
                 "z_err": out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None,
                 "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
         predicted = names[probs.argmax(1)]
-        if redshift == "scan":  # while the batch is at hand, on its collated arrays
-            z, z_err = scan_collated(scanner, collated, redshift_candidates(probs, names))
-            part["z_fit"], part["z_err_fit"] = z, z_err * clf.head_config.redshift_error_scale
+        if redshift == "scan":  # on the collated arrays, all batches of the piece at once (below)
+            part["collated"], part["candidates"] = collated, redshift_candidates(probs, names)
         elif redshift == "template":
             from cosmofm.heads.template_fit import refine_redshifts
 
@@ -715,6 +729,10 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     batches = ([samples[i] for i in range(start, min(start + batch_size, len(samples)))] for start in range(0, len(samples), batch_size))
     results = list(map(run, batches))
     ids = [i for r in results for i in r["ids"]]
+    scanned = None
+    if redshift == "scan":
+        z, z_err = scan_collated(scanner, [r.pop("collated") for r in results], [c for r in results for c in r.pop("candidates")])
+        scanned = z, z_err * clf.head_config.redshift_error_scale
 
     def joined(key: str) -> np.ndarray | None:
         parts = [r[key] for r in results if r.get(key) is not None]
@@ -731,7 +749,7 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     columns["Z"], columns["Z_ERR"] = float64("z"), float64("z_err")
     if redshift != "network":
         columns["Z_NETWORK"] = columns["Z"]
-        columns["Z"], columns["Z_ERR"] = float64("z_fit"), float64("z_err_fit")
+        columns["Z"], columns["Z_ERR"] = scanned or (float64("z_fit"), float64("z_err_fit"))
     if mc_samples:
         columns["EPISTEMIC"] = float64("epistemic")
     return ids, columns

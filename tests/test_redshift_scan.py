@@ -123,3 +123,29 @@ def test_binning_shares_each_pixel_between_its_two_bins(templates, gap):
             np.add.at(total, index + 1, values * upper)
     np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(wf.numpy(), expected_wf, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_of_several_collated_batches_is_that_of_each(templates, spectra):
+    """classify scans a whole piece's batches in one call (`scan_collated` with a list): each
+    spectrum must get the redshift the scan of its own batch gives, whether the batches share
+    one grid, sit on different grids of one length, or have other lengths (another card)."""
+    from cosmofm.finetune.classification import scan_collated
+    from cosmofm.heads.template_fit import DELTA
+    from cosmofm.data_cards.sample import Sample
+    from cosmofm.pretrain.data import collate_samples
+
+    shifted = [Sample("spectrum", s.values, s.ivar, {"wavelength": s.coords["wavelength"] * 10 ** DELTA}, s.meta) for s in spectra[20:27]]
+    other_card = mock_samples(load_card("4most-lrs"), 5, seed=42)  # another length
+    batches = [collate_samples(spectra[:13]), collate_samples(spectra[13:20]), collate_samples(shifted), collate_samples(other_card)]
+    candidates = [[s.meta["labels"]["spectral_class"]] for part in (spectra[:20], shifted, other_card) for s in part]
+    galaxy = next(i for i, c in enumerate(candidates) if c[0].startswith("GALAXY"))
+    candidates[galaxy] = ["GALAXY", "GALAXY_AGN"]  # a runner-up too
+    scanner = RedshiftScanner(templates)
+    z, z_err = scan_collated(scanner, batches, candidates)
+    start = 0
+    for batch in batches:
+        zb, errb = scan_collated(scanner, batch, candidates[start : start + len(batch)])
+        np.testing.assert_allclose(z[start : start + len(batch)], zb, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(z_err[start : start + len(batch)], errb, rtol=1e-3)
+        start += len(batch)
+    assert start == len(z) == 32 and np.isfinite(z).all()
