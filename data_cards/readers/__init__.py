@@ -123,9 +123,9 @@ def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chu
 
     Formats that can count their objects from headers (cosmofm FITS, DESI coadds) are read
     in pieces of near-equal size, at most `chunk_rows` rows each (only those rows are read),
-    so memory stays bounded whatever the file size (a million spectra); each piece is a ReadResult of its own rows, flags and
-    identifiers, with file-wide row numbers; a piece may hold no usable object (its flags
-    say why). Other formats hold one or a few objects per file and come in one piece, as
+    so memory stays bounded whatever the file size (a million spectra); each piece is a
+    ReadResult of its own rows, flags and identifiers, with file-wide row numbers; a piece
+    may hold no usable object (its flags say why). Other formats hold one or a few objects per file and come in one piece, as
     `read_any` reads them. `piece_readers` gives the same pieces as calls to make later
     (e.g. in parallel).
     """
