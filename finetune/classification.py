@@ -639,8 +639,8 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     Streaming: files are cut into pieces of at most `chunk_rows` objects (cosmofm FITS and
     DESI coadds row range by row range, `readers.piece_readers`); one worker per CPU core
     (a forked process on Linux, a thread elsewhere: `_in_parallel`) reads a piece and runs
-    the model on it in batches of `batch_size`, single-threaded, while the others do the
-    same. Each piece's catalogue rows go to disk as soon as it is done (`CatalogueWriter`),
+    the model on it in batches of `batch_size` (the redshift scan on the whole piece at
+    once), single-threaded, while the others do the same. Each piece's catalogue rows go to disk as soon as it is done (`CatalogueWriter`),
     so memory is bounded by the pieces in flight whatever the number of spectra. The
     default piece keeps each array of BOSS-like spectra (1024 x 4608 float32, 19 MB) under
     glibc's 32 MB mmap threshold: with worker threads, pieces of 2048 rows classified
