@@ -106,10 +106,11 @@ class PatchTokenizer(nn.Module):
             return mask
         # 1/sigma is already 0 where the mask is (ivar = 0), so no multiplication by the mask:
         # every pass over the pixels counts at inference.
-        sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)
+        # in place on the one fresh tensor: every allocation of a pixel-sized array counts too
+        sigma_inv = ivar.clamp(min=0).sqrt_().flatten(1)
         median = masked_lower_median(sigma_inv, mask.flatten(1) > 0)
         median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)
-        return (sigma_inv / median[:, None]).clamp_(max=3.0).view_as(mask)
+        return sigma_inv.div_(median[:, None]).clamp_(max=3.0).view_as(mask)
 
     def embed_content(self, patches: torch.Tensor, patch_mask: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
         """(n, T, P) normalised values, the mask to apply to them and their pixel weights -> (n, T, hidden_size)."""
