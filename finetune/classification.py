@@ -43,7 +43,7 @@ from cosmofm.heads.calibration import (
 )
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
-from cosmofm.pretrain.data import collate_samples
+from cosmofm.pretrain.data import collate_samples, rows_equal
 
 STRATEGIES = ("frozen", "full", "lora")
 CATASTROPHIC_DZ = 0.0033  # |dz| / (1 + z) above this is a catastrophic redshift (~1000 km/s)
@@ -454,7 +454,7 @@ def scan_collated(scanner, collated, candidates: list[list[str]]) -> tuple[np.nd
         rows = np.concatenate([p[0] for p in parts])
         waves = [p[1] for p in parts]
         # one grid for every part (a survey file's): passed once; else one row per spectrum
-        shared = all(w.stride(0) == 0 or bool((w == w[:1]).all()) for w in waves) and all(torch.equal(w[0], waves[0][0]) for w in waves)
+        shared = all(rows_equal(w) and torch.equal(w[0], waves[0][0]) for w in waves)
         wave = waves[0][0] if shared else torch.cat([w.expand(len(p[2]), -1) for w, p in zip(waves, parts)])
         cat = (lambda i: parts[0][i]) if len(parts) == 1 else (lambda i: torch.cat([p[i] for p in parts]))
         z[rows], z_err[rows], _ = scanner.fit_best(wave, cat(2), cat(3), [candidates[r] for r in rows])
@@ -640,8 +640,9 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     DESI coadds row range by row range, `readers.piece_readers`); one worker per CPU core
     (a forked process on Linux, a thread elsewhere: `_in_parallel`) reads a piece and runs
     the model on it in batches of `batch_size` (the redshift scan on the whole piece at
-    once), single-threaded, while the others do the same. Each piece's catalogue rows go to disk as soon as it is done (`CatalogueWriter`),
-    so memory is bounded by the pieces in flight whatever the number of spectra. The
+    once), single-threaded, while the others do the same. Each piece's catalogue rows go
+    to disk as soon as it is done (`CatalogueWriter`), so memory is bounded by the pieces
+    in flight whatever the number of spectra. The
     default piece keeps each array of BOSS-like spectra (1024 x 4608 float32, 19 MB) under
     glibc's 32 MB mmap threshold: with worker threads, pieces of 2048 rows classified
     40,000 spectra ~30 % slower on 2 cores (worker processes keep freed memory anyway,

@@ -38,6 +38,7 @@ import torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.heads.template_fit import DELTA, Z_RANGES, TemplateSet, class_family, build_templates
+from cosmofm.pretrain.data import rows_equal
 
 # eigenspectra per class family (or class name): one QSO eigenspectrum missed 5 more of 1,200 (0.0183 vs 0.0133)
 N_COMPONENTS = {"STAR": 1, "GALAXY": 1, "QSO": 4}
@@ -87,7 +88,7 @@ class RedshiftScanner:
         unknown = sorted(set(pair_class) - set(self.templates.bases))
         if unknown:
             raise InputError("classes", f"{unknown} have no templates", f"use the template set's classes: {sorted(self.templates.bases)}")
-        if wave.ndim == 1 or wave.stride(0) == 0 or bool((wave == wave[:1]).all()):  # one grid (a survey file's)
+        if wave.ndim == 1 or rows_equal(wave):  # one grid (a survey file's)
             grids = {b"": (list(range(len(flux))), wave.reshape(-1, wave.shape[-1])[0])}
         else:  # rows on the same grid are binned together
             grids = {}

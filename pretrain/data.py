@@ -107,6 +107,13 @@ def _stack_rows(arrays: list[np.ndarray]) -> np.ndarray:
     return base[offset // row: offset // row + len(arrays)]
 
 
+def rows_equal(x: torch.Tensor) -> bool:
+    """Whether every row of x (n, ...) equals the first: one grid shared by a whole batch (a
+    survey file's). The stride-0 views `collate_samples` makes of such grids answer without
+    a pass over the values."""
+    return x.stride(0) == 0 or bool((x == x[:1]).all())
+
+
 def _stack_axis(arrays: list[np.ndarray]) -> torch.Tensor:
     """(n, L) coordinates of one axis; readers share one grid array between the samples of
     a survey file, and those become a stride-0 view (no copy, and tokenizers see it as shared)."""

@@ -23,7 +23,7 @@ from torch import nn
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import AXES
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
-from cosmofm.pretrain.data import ModalityBatch
+from cosmofm.pretrain.data import ModalityBatch, rows_equal
 
 
 @dataclass
@@ -68,7 +68,7 @@ class FourierCoordinateEmbedding(nn.Module):
         out = self.proj.bias
         for c in range(coords.shape[-1]):
             x = coords[..., c]
-            if len(x) > 1 and bool((x == x[:1]).all()):
+            if len(x) > 1 and rows_equal(x):
                 x = x[:1]
             elif x.shape[1] > 1 and bool((x == x[:, :1]).all()):
                 x = x[:, :1]
@@ -158,7 +158,7 @@ class PatchTokenizer(nn.Module):
         for i, axis in enumerate(axes):
             c = batch.coords[axis]  # (n, L_i)
             # One grid shared by the whole batch (a survey file's): work on one row, broadcast.
-            shared = c.stride(0) == 0 or bool((c == c[:1]).all())
+            shared = rows_equal(c)
             c = _extend(c[:1] if shared else c, pad[i])
             # median pixel step: robust to the gaps of multi-window spectrographs
             d = c.diff(dim=1).abs().median(dim=1).values if c.shape[1] > 1 else torch.ones_like(c[:, 0])

@@ -125,9 +125,9 @@ def iter_read(path: str | os.PathLike, card=None, format: str | None = None, chu
     in pieces of near-equal size, at most `chunk_rows` rows each (only those rows are read),
     so memory stays bounded whatever the file size (a million spectra); each piece is a
     ReadResult of its own rows, flags and identifiers, with file-wide row numbers; a piece
-    may hold no usable object (its flags say why). Other formats hold one or a few objects per file and come in one piece, as
-    `read_any` reads them. `piece_readers` gives the same pieces as calls to make later
-    (e.g. in parallel).
+    may hold no usable object (its flags say why). Other formats hold one or a few objects
+    per file and come in one piece, as `read_any` reads them. `piece_readers` gives the
+    same pieces as calls to make later (e.g. in parallel).
     """
     for read in piece_readers(path, card, format, chunk_rows, **options):
         yield read()
@@ -148,7 +148,8 @@ def piece_readers(path: str | os.PathLike, card=None, format: str | None = None,
         return [functools.partial(read_any, p, card=card, format=format, **options)]
     total = fmt.count(p)
     share = max(1, min_pieces)
-    n_pieces = -(-max(-(-total // chunk_rows), 1) // share) * share
+    n_pieces = max(1, -(-total // chunk_rows))  # pieces of at most chunk_rows ...
+    n_pieces = -(-n_pieces // share) * share  # ... rounded up to a multiple of the workers
     bounds = [i * total // n_pieces for i in range(n_pieces + 1)]  # sizes differ by at most one row
     rows = [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] or [slice(0, 1)]  # an empty file: one (empty) piece
     return [functools.partial(read_any, p, card=card, format=fmt.name, rows=r, **options) for r in rows]
