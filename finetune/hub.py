@@ -31,7 +31,9 @@ Hubs. `hub_endpoint` (or, when it is not given, `HF_ENDPOINT`) names one of:
   it is the layout that `olah` (a hub-compatible server) serves from its
   `mirrors-path`, so the same folder can be published over HTTP unchanged. Pulled
   revisions are extracted once to `$HF_HOME/cosmofm/local-hub/<org>--<name>/<commit>`.
-  This needs the `git` program.
+  This needs the `git` program. The folder may be shared, so it is never trusted to
+  run anything: its hooks and config cannot make a push or pull execute a program,
+  and a tree holding links or paths that leave the cache is refused (`LocalHub`).
 
 Versioning: a push adds a commit on a branch (default `main`) and never rewrites
 history, so every earlier commit and tag still resolves; pin one with `revision=`.
@@ -45,11 +47,10 @@ import os
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from urllib.parse import unquote, urlparse
 
 import yaml
@@ -118,6 +119,40 @@ def verify_release(folder: str | os.PathLike) -> dict:
             listed = json.loads(manifest.read_text(encoding="utf-8")).get("files") or {}
     required = (CONFIG_NAME, *release_weight_files(folder, listed if isinstance(listed, dict) else {}))
     return verify_manifest(folder, required=required)
+
+
+def weight_tensors(folder: str | os.PathLike):
+    """Yield (file, tensor name, slice) for every tensor of a verified release's weights.
+
+    Only the headers are read up front: `slice.get_shape()` costs nothing, `slice[:]`
+    loads that one tensor. A file that safetensors cannot parse (truncated, not
+    safetensors at all) is an InputError naming it, not a SafetensorError traceback.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for name in release_weight_files(folder):
+        if name == WEIGHTS_INDEX_NAME:
+            continue
+        path = folder / name
+        try:
+            with safe_open(path, framework="pt", device="cpu") as weights:
+                for key in weights.keys():
+                    yield path, key, weights.get_slice(key)
+        except SafetensorError as exc:
+            raise InputError(str(path), f"is not a readable safetensors file ({exc})",
+                             "the file was written broken (a matching checksum only means it was not changed since): "
+                             "use another revision, or save the model again") from None
+
+
+def check_finite_weights(folder: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or inf: a diverged run must never become a release."""
+    for path, key, tensor in weight_tensors(folder):
+        values = tensor[:]
+        if (values.is_floating_point() or values.is_complex()) and not bool(values.isfinite().all()):
+            raise InputError(f"{path}: {key}", "holds NaN or infinite values: the training run diverged",
+                             "do not publish it; train again (e.g. with a lower optim.lr) or publish the weights "
+                             "of an earlier, finite checkpoint")
 
 
 @dataclass
@@ -205,6 +240,8 @@ def assemble_release(source: str | os.PathLike, dest: str | os.PathLike, *, eval
                      max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, repo_id: str | None = None) -> Path:
     """Build a verified release folder at `dest` (which must not exist) and return it.
 
+    Weights holding NaN or inf (a diverged run) are refused, naming the tensor.
+
     Args:
         source: a training run folder (its `model/`, `recipe.yaml` and the data cards of
             its datasets are used) or a release folder.
@@ -221,6 +258,7 @@ def assemble_release(source: str | os.PathLike, dest: str | os.PathLike, *, eval
     source_path, dest = Path(source), Path(dest)
     src = _locate_source(source_path)
     verify_release(src.model_dir)
+    check_finite_weights(src.model_dir)
     if dest.exists():
         raise InputError(str(dest), "already exists", "choose a new folder for the release")
     config = json.loads((src.model_dir / CONFIG_NAME).read_text(encoding="utf-8"))
@@ -316,14 +354,32 @@ def _http_endpoint(hub_endpoint) -> str:
 # The local-directory hub (git)
 # ---------------------------------------------------------------------------------
 
+# Settings passed with `git -c`, which outranks every config file, including the hub
+# repository's own `config` (GIT_CONFIG_NOSYSTEM / GIT_CONFIG_GLOBAL only drop the
+# system and user files). Each one closes a way for a shared hub folder to make git
+# run a program as whoever pushes or pulls.
+_GIT_SAFE_CONFIG = {
+    "safe.directory": "*",  # the hub may belong to another user; nothing below runs its code
+    "core.hooksPath": os.devnull,  # hooks/reference-transaction runs on every update-ref
+    "core.fsmonitor": "false",  # a program asked about file changes by index commands
+    "commit.gpgSign": "false",  # would run gpg.program from the repo config on commit-tree
+    "gc.auto": "0",  # auto-gc runs the pre-auto-gc hook
+    "maintenance.auto": "false",
+    "core.pager": "cat",
+}
+
 
 class LocalHub:
     """A hub in a folder: `<root>/models/<org>/<name>` is a bare git repository per model.
 
     Every method is a few git plumbing commands run with a fixed identity and no user
-    or system git configuration (hooks, signing and aliases cannot interfere). Branch
-    updates are compare-and-swap (`git update-ref NEW OLD`), so two concurrent pushes
-    cannot silently drop a commit; tags never move once created.
+    or system git configuration. The hub folder may be shared, so nothing in it is
+    trusted to run: the repository's own hooks and `core.hooksPath` are overridden
+    (`_GIT_SAFE_CONFIG`), and revisions are extracted blob by blob with `cat-file`,
+    never through `git archive` (which runs the smudge filters a repository's config
+    and attributes name). Branch updates are compare-and-swap (`git update-ref NEW
+    OLD`), so two concurrent pushes cannot silently drop a commit; tags never move
+    once created.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -343,7 +399,8 @@ class LocalHub:
         env.update(GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull, GIT_TERMINAL_PROMPT="0",
                    GIT_AUTHOR_NAME="cosmofm", GIT_AUTHOR_EMAIL="cosmofm@localhost",
                    GIT_COMMITTER_NAME="cosmofm", GIT_COMMITTER_EMAIL="cosmofm@localhost")
-        return [git, "-c", "safe.directory=*", f"--git-dir={repo}", *args], env
+        safe = [arg for key, value in _GIT_SAFE_CONFIG.items() for arg in ("-c", f"{key}={value}")]
+        return [git, "--no-pager", *safe, f"--git-dir={repo}", *args], env
 
     def _git(self, repo: Path, *args: str, input: bytes | None = None, env: dict | None = None, check: bool = True) -> str:
         cmd, full_env = self._git_command(repo, *args)
@@ -351,7 +408,7 @@ class LocalHub:
         if check and out.returncode != 0:
             raise InputError(str(repo), f"git {args[0]} failed: {out.stderr.decode(errors='replace').strip()}",
                              "check that the hub folder is a cosmofm local hub and writable")
-        return out.stdout.decode().strip()
+        return out.stdout.decode(errors="surrogateescape").strip()
 
     def exists(self, repo_id: str) -> bool:
         return (self.repo_path(repo_id) / "HEAD").is_file()
@@ -368,7 +425,7 @@ class LocalHub:
                 env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
                 self._git(repo, "read-tree", "--empty", env=env)
                 tree = self._git(repo, "write-tree", env=env)
-            commit = self._git(repo, "commit-tree", tree, "-m", "initial commit")
+            commit = self._git(repo, "commit-tree", "--no-gpg-sign", tree, "-m", "initial commit")
             self._git(repo, "update-ref", f"refs/heads/{DEFAULT_REVISION}", commit, "0" * 40)
         return repo
 
@@ -452,7 +509,7 @@ class LocalHub:
             entries = []
             for path, content in sorted((add or {}).items()):
                 if isinstance(content, (bytes, bytearray)):
-                    sha = self._git(repo, "hash-object", "-w", "--stdin", input=bytes(content))
+                    sha = self._git(repo, "hash-object", "-w", "--no-filters", "--stdin", input=bytes(content))
                 else:
                     sha = self._git(repo, "hash-object", "-w", "--no-filters", "--", os.fspath(Path(content).resolve()))
                 entries.append(f"100644 {sha}\t{_repo_path(path)}")
@@ -461,20 +518,70 @@ class LocalHub:
             tree = self._git(repo, "write-tree", env=env)
         if self._git(repo, "rev-parse", f"{parent}^{{tree}}") == tree:
             return parent
-        commit = self._git(repo, "commit-tree", tree, "-p", parent, "-m", message)
+        commit = self._git(repo, "commit-tree", "--no-gpg-sign", tree, "-p", parent, "-m", message)
         self._git(repo, "update-ref", f"refs/heads/{branch}", commit, parent)
         return commit
 
-    def list_files(self, repo_id: str, commit: str) -> list[tuple[str, str, int]]:
-        """(path, git blob id, size) of every file at `commit`."""
-        out = self._git(self._require(repo_id), "ls-tree", "-r", "-l", "-z", commit)
-        files = []
+    def _tree(self, repo: Path, commit: str) -> list[tuple[str, str, str, str, str]]:
+        """(mode, kind, object id, size, path) of every entry below `commit`'s tree."""
+        out = self._git(repo, "ls-tree", "-r", "-l", "-z", commit)
+        entries = []
         for entry in filter(None, out.split("\0")):
             meta, path = entry.split("\t", 1)
-            _mode, kind, blob, size = meta.split()
-            if kind == "blob":
-                files.append((path, blob, int(size)))
+            mode, kind, sha, size = meta.split()
+            entries.append((mode, kind, sha, size, path))
+        return entries
+
+    def list_files(self, repo_id: str, commit: str) -> list[tuple[str, str, int]]:
+        """(path, git blob id, size) of every file at `commit`."""
+        return [(path, sha, int(size)) for _mode, kind, sha, size, path in self._tree(self._require(repo_id), commit)
+                if kind == "blob"]
+
+    def _release_files(self, repo: Path, commit: str, where: str) -> list[tuple[str, str]]:
+        """(path, blob id) of every file at `commit`; a tree that could write outside the
+        extraction folder (symbolic links, '..', absolute or '.git' paths, submodules) is refused."""
+        files = []
+        for mode, kind, sha, _size, path in self._tree(repo, commit):
+            if mode == "120000":
+                problem = f"holds a symbolic link {path!r}"
+            elif kind != "blob":
+                problem = f"holds a {kind} entry {path!r}"
+            elif not _is_safe_repo_path(path):
+                problem = f"holds an unsafe path {path!r}"
+            else:
+                files.append((path, sha))
+                continue
+            raise InputError(where, f"{problem}; a release holds only plain files at relative paths (nothing was extracted)",
+                             "pull another revision, and have the publisher push the release again with `cosmofm push`")
         return files
+
+    def _extract(self, repo: Path, files: list[tuple[str, str]], dest: Path, where: str) -> None:
+        """Write each blob's raw bytes (`git cat-file --batch`: no filters, nothing run) below `dest`."""
+        cmd, env = self._git_command(repo, "cat-file", "--batch")
+        with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as proc:
+            for path, sha in files:
+                proc.stdin.write(f"{sha}\n".encode())
+                proc.stdin.flush()
+                header = proc.stdout.readline().split()
+                if len(header) != 3 or header[1] != b"blob":
+                    raise InputError(where, f"has no readable blob for {path!r}", "check the hub folder (git fsck)")
+                target = dest.joinpath(*path.split("/"))
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    out = open(target, "xb")
+                except (FileExistsError, NotADirectoryError):
+                    raise InputError(where, f"holds {path!r} twice (or as both a file and a folder)",
+                                     "pull another revision") from None
+                with out:
+                    left = int(header[2])
+                    while left:
+                        chunk = proc.stdout.read(min(left, 1 << 20))
+                        if not chunk:
+                            raise InputError(where, f"ended while reading {path!r}", "check the hub folder (git fsck)")
+                        out.write(chunk)
+                        left -= len(chunk)
+                proc.stdout.read(1)  # the newline after each object
+            proc.stdin.close()
 
     def read_file(self, repo_id: str, commit: str, path: str) -> bytes:
         cmd, env = self._git_command(self._require(repo_id), "cat-file", "blob", f"{commit}:{path}")
@@ -496,16 +603,13 @@ class LocalHub:
         dest = Path(cache_dir) / repo_id.replace("/", "--") / commit
         if dest.is_dir():
             return dest
+        repo, where = self.repo_path(repo_id), f"{repo_id}@{commit} in the hub {self.root}"
+        files = self._release_files(repo, commit, where)  # checked before anything is written
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{commit}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         tmp.mkdir()
         try:
-            cmd, env = self._git_command(self.repo_path(repo_id), "archive", "--format=tar", commit)
-            with subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env) as proc:
-                with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                    tar.extractall(tmp, filter="data")
-            if proc.returncode != 0:
-                raise InputError(str(self.repo_path(repo_id)), f"git archive of {commit} failed", "check the hub folder")
+            self._extract(repo, files, tmp, where)
             try:
                 os.replace(tmp, dest)
             except OSError:  # someone else extracted it meanwhile
@@ -516,11 +620,19 @@ class LocalHub:
         return dest
 
 
+def _is_safe_repo_path(path: str) -> bool:
+    """A '/'-separated relative path that stays inside the repo on any OS: no '', '.', '..'
+    or '.git' parts, no '\\', no drive letters (the rules huggingface_hub applies to downloads)."""
+    parts = path.split("/")
+    return bool(path) and "\\" not in path and not path.startswith("/") \
+        and not any(part in ("", ".", "..", ".git") or PureWindowsPath(part).drive for part in parts)
+
+
 def _repo_path(path: str) -> str:
-    parts = str(path).replace("\\", "/").split("/")
-    if not path or str(path).startswith("/") or any(p in ("", ".", "..", ".git") for p in parts):
+    text = str(path).replace("\\", "/")
+    if not _is_safe_repo_path(text):
         raise InputError("path in repo", f"{path!r} is not a safe relative path", "use relative paths without '..'")
-    return "/".join(parts)
+    return text
 
 
 # ---------------------------------------------------------------------------------
@@ -575,6 +687,11 @@ def _hub_errors(repo_id: str, revision: str, endpoint: str, action: str):
         raise InputError(where, f"{action} failed: {str(exc).splitlines()[0]}", "check the hub endpoint and try again") from None
     except (httpx2.ConnectError, httpx2.TimeoutException) as exc:
         raise InputError(endpoint, f"cannot be reached ({exc})", "check --hub-endpoint / HF_ENDPOINT and the network") from None
+    except ValueError as exc:  # huggingface_hub refuses file names that would leave the cache
+        if isinstance(exc, InputError) or not str(exc).startswith("Invalid filename"):
+            raise
+        raise InputError(where, f"lists a file that would be written outside the download folder ({exc})",
+                         "pull another revision, and have the publisher push the release again with `cosmofm push`") from None
 
 
 def push(source: str | os.PathLike, repo_id: str, *, hub_endpoint: str | os.PathLike | None = None,

@@ -5,11 +5,16 @@ pretrained-model base, model, and model-for-pretraining, in reading order. The
 attention/MLP blocks follow nanoGPT (pre-LayerNorm, fused qkv, PyTorch's
 scaled_dot_product_attention). Positions are not learned per index: every token's
 position is the Fourier embedding of its physical coordinates (tokenizers.py).
+
+Loading (`from_pretrained`, also through `AutoModel`) verifies a local folder's
+manifest.json first when it has one, so a flipped byte in a release never loads.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +23,8 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from cosmofm.data_cards.sample import MODALITIES
+from cosmofm.pretrain.checkpoint import MANIFEST_NAME
+from cosmofm.pretrain.checkpoint import verify_manifest as check_manifest
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.tokenizers import TOKENIZERS, TokenGroup
@@ -142,6 +149,23 @@ class CosmoFMPreTrainedModel(PreTrainedModel):
     main_input_name = "batch"
     supports_gradient_checkpointing = False
     _no_split_modules = ["CosmoFMLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, verify_manifest: bool = True, **kwargs):
+        """transformers' loader; a local folder with a manifest.json (every cosmofm release and
+        run `model/` folder has one) is first checked against it: config.json and every
+        weights file must be listed and match their sha256, else an InputError names the file.
+
+        `verify_manifest=False` is for a caller that has just verified the folder itself
+        (`cosmofm.from_pretrained`). Hub repo ids are downloaded by transformers without
+        the manifest; `cosmofm.from_pretrained` is the verified path for those.
+        """
+        if verify_manifest and isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if (folder / MANIFEST_NAME).is_file():
+                weights = sorted(p.name for p in folder.glob("model*.safetensors*"))
+                check_manifest(folder, required=("config.json", *weights))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module):
         std = self.config.initializer_range

@@ -8,10 +8,16 @@ radio cubes. For data it prints the format, modality, the card chosen and why, t
 coordinate ranges with units, the number of objects, the median S/N, the per-object
 flags and the conventions applied; a file it cannot use gets one line naming what is
 missing.
+
+A model folder is described even when it fails its checks (the manifest's sha256
+sums, a config.json that is an object, weights that fit the config): `describe` then
+raises `NotVerified`, which carries the description, so `cosmofm inspect` prints it and
+exits with status 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -19,6 +25,17 @@ import numpy as np
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
+
+
+class NotVerified(InputError):
+    """A path that failed a check; `description` is what could still be read from it."""
+
+    def __init__(self, field: str, problem: str, fix: str = "", description: str = ""):
+        super().__init__(field, problem, fix)
+        self.description = description
+
+    def __reduce__(self):
+        return type(self), (self.field, self.problem, self.fix, self.description)
 
 
 # Objects read for a summary: enough for ranges and S/N, bounded for huge tables / cubes.
@@ -132,16 +149,24 @@ def _dataset(p: Path) -> str:
 
 
 def _model(p: Path) -> str:
-    from cosmofm.pretrain.checkpoint import verify_manifest
+    from cosmofm.finetune.hub import verify_release
+    from cosmofm.release import check_release
 
-    config = json.loads((p / "config.json").read_text())
+    failure = None
     try:
-        files = verify_manifest(p, required=("config.json",))
-        integrity = f"manifest ok ({len(files)} files verified by sha256)"
+        files = verify_release(p)
+        cls, _, n_tensors = check_release(p)
+        integrity = f"manifest ok ({len(files)} files verified by sha256), weights fit config.json ({n_tensors} tensors of a {cls.__name__})"
     except InputError as e:
-        integrity = f"NOT VERIFIED: {e}"
+        integrity, failure = f"NOT VERIFIED: {e}", e
+    config = {}
+    with contextlib.suppress(ValueError, OSError):  # shown as far as it parses, verified or not
+        config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "survey_names", "schema_version")
+    config = config if isinstance(config, dict) else {}
     lines = [f"model folder {p}: {integrity}"] + [f"  {k}: {config.get(k)}" for k in keys if k in config]
+    if failure is not None:
+        raise NotVerified(failure.field, failure.problem, failure.fix, description="\n".join(lines))
     return "\n".join(lines)
 
 

@@ -6,6 +6,11 @@ way every file listed in manifest.json is checked against its sha256 and pickle-
 files are refused before anything is parsed; then the class is looked up in
 `MODEL_CLASSES` by `config.architectures[0]`. Task models (backbone + head) add
 themselves with `register_model_class`, so no loader code changes when heads arrive.
+
+The weights must then be exactly the model's tensors (`check_weights`): transformers
+fills a missing tensor with fresh random values and drops an unexpected one with only a
+log report, so a release without its head, or with renamed tensors, would otherwise
+load and predict noise.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.finetune.hub import CONFIG_NAME, DEFAULT_REVISION, is_repo_id, pull, verify_release
+from cosmofm.finetune.hub import CONFIG_NAME, DEFAULT_REVISION, is_repo_id, pull, verify_release, weight_tensors
 from cosmofm.heads.classification import CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMForPretraining, CosmoFMModel
 from cosmofm.pretrain.configuration_cosmofm import SCHEMA_VERSION
@@ -54,6 +60,9 @@ def check_schema_version(folder: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(str(path), f"is not valid JSON ({exc})", "re-download the release") from exc
+    if not isinstance(config, dict):
+        raise InputError(str(path), f"holds a JSON {type(config).__name__}, not an object of config fields",
+                         "use the config.json written by save_pretrained with the weights")
     version = config.get("schema_version", 1)  # releases from before the field existed are version 1
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise InputError(f"{path}: schema_version", f"is {version!r}, newer than this cosmofm understands ({SCHEMA_VERSION})",
@@ -61,9 +70,72 @@ def check_schema_version(folder: Path) -> dict:
     return config
 
 
+def model_class(folder: Path, config: dict) -> type[PreTrainedModel]:
+    """The class `config.architectures[0]` names, among the ones cosmofm can load."""
+    names = config.get("architectures") or ["CosmoFMModel"]
+    name = names[0] if isinstance(names, list) else names
+    cls = MODEL_CLASSES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise InputError(f"{folder / CONFIG_NAME}: architectures", f"{name!r} is not a cosmofm model",
+                         f"known: {sorted(MODEL_CLASSES)}; upgrade cosmofm if the model is newer")
+    return cls
+
+
+def _few(keys) -> str:
+    keys = sorted(map(str, keys))
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _key_problems(folder: Path, cls: type, missing, unexpected, mismatched) -> None:
+    """Raise when the release's tensors are not exactly the model's (see the module docstring)."""
+    problems = [f"{what} {_few(keys)}" for what, keys in (("missing tensors:", missing), ("unexpected tensors:", unexpected),
+                                                          ("tensors whose shape differs from config.json:", mismatched)) if keys]
+    if problems:
+        raise InputError(str(folder), f"does not hold the weights of a {cls.__name__} as its config.json describes it "
+                         f"({'; '.join(problems)})", "use the release exactly as save_pretrained / cosmofm push wrote it: "
+                         "weights and config.json of the same model, tensor names unchanged")
+
+
+def check_weights(folder: Path, cls: type[PreTrainedModel], config) -> int:
+    """Check the weights' tensor names and shapes against `cls(config)`, reading only headers.
+
+    The model is built on the meta device (no memory, no initialisation); tied weights,
+    which save_pretrained stores once, are not required. Returns the number of tensors.
+    """
+    found = {key: tuple(tensor.get_shape()) for _path, key, tensor in weight_tensors(folder)}
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except InputError as exc:
+        raise InputError(f"{folder / CONFIG_NAME}: {exc.field}", exc.problem, exc.fix) from None
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    _key_problems(folder, cls, missing=set(expected) - set(found) - tied, unexpected=set(found) - set(expected),
+                  mismatched={f"{k} {list(found[k])} vs {list(expected[k])}" for k in set(found) & set(expected)
+                              if found[k] != expected[k]})
+    return len(found)
+
+
+def check_release(folder: Path) -> tuple[type[PreTrainedModel], object, int]:
+    """(class, config, number of tensors) of a verified release folder whose weights fit its config."""
+    cls = model_class(folder, check_schema_version(folder))
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:  # transformers' and the config class's own checks
+        raise InputError(str(folder / CONFIG_NAME), f"is not a usable config ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                         "use the config.json written by save_pretrained with the weights") from None
+    return cls, config, check_weights(folder, cls, config)
+
+
 def from_pretrained(name_or_path: str | Path, *, revision: str = DEFAULT_REVISION, hub_endpoint: str | None = None,
                     token: str | None = None, **kwargs) -> PreTrainedModel:
     """Load a cosmofm release, verified, as the class its config names.
+
+    Every file's sha256 is checked, and the weights must hold exactly the model's
+    tensors with the shapes its config.json gives (`check_weights`); anything else is
+    an InputError naming the tensors, never a model with random weights.
 
     Args:
         name_or_path: a release folder, or a repo id `org/name` on the hub.
@@ -74,11 +146,10 @@ def from_pretrained(name_or_path: str | Path, *, revision: str = DEFAULT_REVISIO
         kwargs: passed to `PreTrainedModel.from_pretrained` (e.g. `dtype`).
     """
     folder = resolve_release(name_or_path, revision=revision, hub_endpoint=hub_endpoint, token=token)
-    raw = check_schema_version(folder)
-    names = raw.get("architectures") or ["CosmoFMModel"]
-    cls = MODEL_CLASSES.get(names[0])
-    if cls is None:
-        raise InputError(f"{folder / CONFIG_NAME}: architectures", f"{names[0]!r} is not a cosmofm model",
-                         f"known: {sorted(MODEL_CLASSES)}; upgrade cosmofm if the model is newer")
-    config = AutoConfig.from_pretrained(folder)
-    return cls.from_pretrained(folder, config=config, use_safetensors=True, **kwargs)
+    cls, config, _ = check_release(folder)
+    # verify_manifest=False: resolve_release has just hashed every file (the model
+    # class's own hook would hash them again).
+    model, info = cls.from_pretrained(folder, config=config, use_safetensors=True, output_loading_info=True,
+                                      verify_manifest=False, **kwargs)
+    _key_problems(folder, cls, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])  # transformers' own view
+    return model
