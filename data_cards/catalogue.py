@@ -16,9 +16,12 @@ Parquet null). `read_catalogue` reads either back with the units.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -33,6 +36,11 @@ from astropy.table import Column, MaskedColumn, Table
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
+
+try:
+    import fcntl
+except ImportError:  # Windows: spools are not locked (see _locked_spool)
+    fcntl = None
 
 ID_COLUMNS = {"plate": "PLATE", "mjd": "MJD", "fiberid": "FIBERID", "targetid": "TARGETID", "object": "OBJECT", "ra": "RA", "dec": "DEC"}
 DEFAULT_UNITS = {"RA": "deg", "DEC": "deg"}
@@ -102,7 +110,9 @@ class CatalogueWriter:
                 out.add(piece)
         # the file appears on leaving the block (temp file + rename), never half-written
 
-    Each piece is spooled as an Arrow file in a hidden folder beside the output. On close
+    Each piece is spooled as an Arrow file in a hidden folder beside the output, locked
+    while the writer lives (a new writer of the same output removes the spools killed
+    runs left, `remove_stale_spools`). On close
     the columns of all pieces are merged (a column a piece lacks is null there: NaN for
     floats; an int column that meets floats becomes float), then the pieces are streamed
     into the output one at a time: Parquet row groups, or the rows of a FITS binary table
@@ -116,8 +126,8 @@ class CatalogueWriter:
             raise InputError(str(self.path), f"folder {self.path.parent} does not exist", "create the folder first")
         if self.path.exists() and not overwrite:
             raise InputError(str(self.path), "already exists", "choose another name or pass overwrite=True")
-        self.spool = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:12]}.parts"
-        self.spool.mkdir()
+        remove_stale_spools(self.path)
+        self.spool, self._lock = _locked_spool(self.path)
         self.parts: list[Path] = []
         self.fields: dict[str, pa.Field] = {}  # merged over the pieces, in first-seen order
         self.nulls: set[str] = set()  # columns with a null somewhere
@@ -151,7 +161,7 @@ class CatalogueWriter:
         names = [c for c in self.order if c in self.fields] + [c for c in self.fields if c not in self.order]
         schema = pa.schema([self.fields[c] for c in names], metadata={b"written_by": b"cosmofm.data_cards.catalogue"})
         self.nulls |= {c for c in names if self.pieces_with[c] < len(self.parts)}  # null in the pieces that lack it
-        tmp = self.path.parent / f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp"
+        tmp = self.spool / f"{self.path.name}.tmp"  # in the spool: a run killed while merging leaves nothing beside it
         try:
             pieces = (_conform(feather.read_table(p), schema) for p in self.parts)
             if self.fits:
@@ -169,6 +179,9 @@ class CatalogueWriter:
     def abort(self) -> None:
         """Drop the spooled pieces (the output file is not touched)."""
         shutil.rmtree(self.spool, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     def __enter__(self) -> "CatalogueWriter":
         return self
@@ -178,6 +191,60 @@ class CatalogueWriter:
             self.close()
         else:
             self.abort()
+
+
+SPOOL_LOCK = "lock"  # the file in a spool its writer holds an exclusive lock on while alive
+
+
+def _spools(path: Path) -> list[Path]:
+    """Spool folders of catalogues written to `path` (live or left by a killed run)."""
+    name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}\.parts")
+    return sorted(p for p in path.parent.glob(f".{glob.escape(path.name)}.*.parts") if name.fullmatch(p.name))
+
+
+def _locked_spool(path: Path):
+    """A new spool folder for `path`, with its lock held: (folder, open lock file or None).
+
+    The folder is made and locked under a name `remove_stale_spools` ignores, then renamed
+    into place, so no spool is ever seen without its lock. Without fcntl (Windows) there
+    is no lock, and spools are never removed by another run."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    lock = None
+    if fcntl is not None:
+        lock = open(staging / SPOOL_LOCK, "w")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: never held
+    spool = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.parts"
+    staging.rename(spool)
+    return spool, lock
+
+
+def remove_stale_spools(path: str | os.PathLike) -> list[Path]:
+    """Remove the spool folders a killed run writing `path` left behind; returns them.
+
+    A spool is stale when no process holds the lock on its lock file (the writer holds it
+    while alive; a killed process's locks go with it) or it has none (a spool of an older
+    cosmofm). Spools of other outputs are never touched."""
+    if fcntl is None:
+        return []
+    removed = []
+    for spool in _spools(Path(path)):
+        try:
+            lock = open(spool / SPOOL_LOCK, "r+")
+        except FileNotFoundError:
+            lock = None
+        except OSError:
+            continue  # not ours to judge (permissions, a vanished folder)
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live writer
+        finally:
+            if lock is not None:
+                lock.close()
+        shutil.rmtree(spool, ignore_errors=True)
+        removed.append(spool)
+    return removed
 
 
 ROW_GROUP = 65536  # rows per Parquet row group: pieces of ~1,000 rows are gathered up to this

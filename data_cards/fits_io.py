@@ -30,7 +30,7 @@ import numpy as np
 from astropy.io import fits
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.sample import AXES, COORD_UNITS, RowError, Sample, validate
+from cosmofm.data_cards.sample import AXES, COORD_UNITS, RowError, Sample, mask_invalid, validate
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard, load_card
 
 FORMAT_VERSION = 1
@@ -190,7 +190,7 @@ def _unit_string(unit: u.UnitBase) -> str:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice | None = None) -> list[Sample]:
+def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice | None = None, masked: list | None = None) -> list[Sample]:
     """Read the samples in a FITS file written by `write_fits` (or laid out like one).
 
     Args:
@@ -200,6 +200,10 @@ def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice
         rows: read only these rows of the SAMPLES table (a slice with step 1), so a file
             of a million spectra can be read in bounded memory (`count_rows` says how many
             there are). Only the rows asked for are read.
+        masked: a list to collect masked elements in, rather than fail on them: with one,
+            elements whose IVAR is NaN, inf or negative, or whose VALUES are NaN/inf with
+            IVAR > 0, get IVAR 0 (`sample.mask_invalid`) and each row with some adds
+            (row, ID, code, count) per problem; without, such a row is an InputError.
 
     VALUES are converted from their TUNIT to the card's data unit (IVAR by 1/factor^2;
     flux densities per frequency and per wavelength convert into each other using the
@@ -249,10 +253,16 @@ def read_fits(path: str | os.PathLike, card: DataCard | None = None, rows: slice
     # A grid the same in every row was read once (_copy_rows): check it once and share it
     # between the samples (a tenth of the memory and of the checking time of per-row copies).
     coords = {axis: c[0] if len(c) == 1 else c for axis, c in coords.items()}
-    try:
-        values, ivar, coords = validate(modality, values, ivar, coords, block=True, own=True)  # values: our copy of the rows
-    except RowError as e:
-        raise InputError(f"{where} row {first + e.row} (ID {ids[e.row]!r}): {e.field}", e.problem, e.fix) from None
+    for attempt in range(2):
+        try:
+            values, ivar, coords = validate(modality, values, ivar, coords, block=True, own=True)  # values: our copy of the rows
+            break
+        except RowError as e:
+            if masked is None or attempt:
+                raise InputError(f"{where} row {first + e.row} (ID {ids[e.row]!r}): {e.field}", e.problem, e.fix) from None
+            # only when some row fails: good pieces pay nothing for the masking
+            ivar, counts = mask_invalid(values, ivar, block=True)
+            masked.extend((first + int(i), ids[i], code, int(n[i])) for code, n in counts.items() for i in np.flatnonzero(n))
 
     samples = []
     for i in range(nrows):

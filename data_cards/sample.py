@@ -107,6 +107,31 @@ class RowError(InputError):
         self.row = row
 
 
+# What a reader masks in an object rather than rejecting the object (or the file): flag
+# code -> the elements it names. A survey scientist expects one bad pixel to cost that
+# pixel, not the spectrum: the rest of the object is still measured.
+MASKED_ELEMENTS = {
+    "bad_ivar": "elements with NaN, inf or negative ivar",
+    "nonfinite_flux": "NaN/inf values with ivar > 0",
+}
+
+
+def mask_invalid(values, ivar, block: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray | int]]:
+    """`ivar` with the elements `validate` would reject set to 0, and how many there were.
+
+    Those are ivar NaN, inf or negative ("bad_ivar") and NaN/inf values whose ivar is > 0
+    ("nonfinite_flux"); everything else is left as it is. Returns (a new ivar array,
+    {code: count}) with one count per row for a `block` (n, ...), else a number; codes
+    and meanings in MASKED_ELEMENTS.
+    """
+    values, ivar = np.asarray(values), np.asarray(ivar)
+    bad_ivar = ~np.isfinite(ivar) | (ivar < 0)
+    bad_values = ~np.isfinite(values) & (ivar > 0) & ~bad_ivar
+    axes = tuple(range(1, ivar.ndim)) if block else None
+    counts = {"bad_ivar": np.count_nonzero(bad_ivar, axis=axes), "nonfinite_flux": np.count_nonzero(bad_values, axis=axes)}
+    return np.where(bad_ivar | bad_values, np.zeros((), ivar.dtype), ivar), counts
+
+
 def validate(modality: str, values, ivar, coords: dict, block: bool = False, own: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """The checks every Sample passes, on one sample or on a block of n at once.
 

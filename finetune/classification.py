@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -494,17 +496,18 @@ def eval_results(metrics: dict, card_name: str) -> dict:
 
 
 def save_run(model: CosmoFMForSpectralClassification, metrics: dict, arrays: dict, card, cfg: FinetuneConfig, history: list[float]) -> dict:
-    from cosmofm.pretrain.checkpoint import write_manifest
+    from cosmofm.pretrain.checkpoint import atomic_write_bytes, save_release
 
     out = Path(cfg.output_dir)
     model_dir = out / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(model_dir)
-    results = eval_results(metrics, card.name)
-    (model_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-    write_manifest(model_dir)
-    (out / "eval_results.json").write_text(json.dumps(results, indent=2))
-    (out / "finetune_config.json").write_text(json.dumps({**asdict(cfg), "history": history}, indent=2))
+    # json.dumps, not the strict atomic_write_json: a metric undefined on a small test
+    # block (a class with no objects) is written as NaN, as before
+    results = json.dumps(eval_results(metrics, card.name), indent=2).encode()
+    atomic_write_bytes(model_dir / "eval_results.json", results)
+    save_release(model, model_dir)
+    atomic_write_bytes(out / "eval_results.json", results)
+    atomic_write_bytes(out / "finetune_config.json", json.dumps({**asdict(cfg), "history": history}, indent=2).encode())
     figures = plot_figures(arrays, metrics, model.class_names, out / "figures")
     return {"output_dir": str(out), "model_dir": str(model_dir), "eval_results": str(out / "eval_results.json"), "figures": figures}
 
@@ -620,7 +623,7 @@ def redshift_method(clf: CosmoFMForSpectralClassification, requested: str | None
 
 
 def classify(inputs, model, output, batch_size: int = 256, card=None, progress: bool = True, redshift: str | None = None,
-             mc_samples: int = 0, chunk_rows: int = 1024) -> dict:
+             mc_samples: int = 0, chunk_rows: int = 1024, overwrite: bool = False) -> dict:
     """Classify every spectrum in `inputs`; write one catalogue row per object to `output` (.fits / .parquet).
 
     Each row: ID, CARD, FILE, the file's identifiers (PLATE/MJD/FIBERID, TARGETID, OBJECT,
@@ -633,8 +636,16 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     "network" (the head's own redshift; poor for galaxies and QSOs). With a fit, Z_NETWORK
     keeps the network's. `mc_samples` > 0: EPISTEMIC, the mutual information [nats] of
     that many Monte-Carlo-dropout passes of the head.
-    Objects the reader flagged and skipped, and files it could not use, get a row with
-    their flags and null predictions. InputError when nothing usable remains.
+    Objects the reader flagged and skipped, objects with fewer unmasked pixels than one
+    token of the model (`min_unmasked_pixels`: all_masked, too_few_pixels), and files it
+    could not use or that hold no objects (empty_file), get a row with their flags and
+    null predictions (no class, NaN probabilities and redshift, no conformal set); one bad
+    object never costs the others of its file. InputError when nothing usable remains.
+
+    The catalogue is written atomically (temporary file + rename) and never over one of
+    the inputs, nor into a folder of inputs that is read; an existing `output` is replaced
+    only with `overwrite`. Returns {"output", "n_rows", "n_classified", "n_files",
+    "flags": {code: rows}}.
 
     Streaming: files are cut into pieces of at most `chunk_rows` objects (cosmofm FITS and
     DESI coadds row range by row range, `readers.piece_readers`); one worker per CPU core
@@ -658,6 +669,7 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     method = redshift_method(clf, redshift)
     files = input_files(inputs)
     catalogue_format(output)  # a bad suffix fails now, not after the run
+    check_output(output, inputs, files, overwrite)
     if mc_samples < 0:
         raise InputError("mc_samples", f"must be >= 0, got {mc_samples}", "e.g. 20, or 0 for none")
     for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows)):
@@ -675,36 +687,64 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
             result = read()
         except InputError as e:
             return _row_table([path.stem], path, {"FLAGS": np.array([f"unreadable: {e.problem}"])}), 0, str(e)
+        if result.n_objects == 0 and len(result.samples) == 0:
+            return _row_table([path.stem], path, {"FLAGS": np.array(["empty_file: the file holds no objects"])}), 0, f"{path}: holds no objects"
         if result.modality != "spectrum":
             return _row_table([path.stem], path, {"FLAGS": np.array([f"not_a_spectrum: {result.modality}"])}), 0, f"{path}: is a {result.modality} file"
-        sample_ids, predictions = _predict_columns(clf, result.samples, batch_size, method, mc_samples, scanner)
-        return _piece_table(path, result, sample_ids, predictions), len(sample_ids), None
+        skipped: list = []
+        sample_ids, predictions = _predict_columns(clf, result.samples, batch_size, method, mc_samples, scanner, skipped)
+        return _piece_table(path, result, sample_ids, predictions, skipped), len(sample_ids), None
 
     order = ["ID", "CARD", "FILE", *ID_COLUMNS.values(), "CLASS", *(f"P_{c}" for c in clf.class_names), "CONFORMAL_SET", "Z", "Z_ERR", "Z_NETWORK", "EPISTEMIC", "FLAGS"]
-    n_rows, n_used, problems = 0, 0, []
+    n_rows, n_used, problems, flagged = 0, 0, [], Counter()
     bar = tqdm(desc="classify", unit="spectrum", disable=not progress)
-    with CatalogueWriter(output, units={"Z": "", "Z_ERR": "", "Z_NETWORK": ""}, order=order) as catalogue:  # pieces go to disk as they finish
+    with CatalogueWriter(output, units={"Z": "", "Z_ERR": "", "Z_NETWORK": ""}, order=order, overwrite=overwrite) as catalogue:  # pieces go to disk as they finish
         for table, n, problem in _in_parallel(classify_piece, jobs, workers, processes=next(clf.parameters()).device.type == "cpu"):
             catalogue.add(table)
             n_rows += len(table)
             n_used += n
+            for row, k in zip(*np.unique(np.asarray(table["FLAGS"]), return_counts=True)):  # one entry per distinct FLAGS, not per row
+                flagged.update({code.split(":")[0]: int(k) for code in str(row).split("|") if code})
             bar.update(n)
             if problem:
                 problems.append(problem)
         bar.close()
         if n_used == 0:
-            raise InputError(", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else ""), "nothing usable to classify" + (f" ({problems[0]})" if problems else ""),
+            why = problems[0] if problems else ", ".join(f"{n} {code}" for code, n in sorted(flagged.items()))
+            raise InputError(", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else ""), "nothing usable to classify" + (f" ({why})" if why else ""),
                              "give spectra files readable by `cosmofm inspect`")
-    return {"output": str(output), "n_rows": n_rows, "n_classified": n_used, "n_files": len(files)}
+    return {"output": str(output), "n_rows": n_rows, "n_classified": n_used, "n_files": len(files), "flags": dict(sorted(flagged.items()))}
+
+
+def check_output(output, inputs, files: list[Path], overwrite: bool = False) -> None:
+    """InputError unless `output` may take a catalogue: not one of the input `files` (nor a
+    link to one), not inside a datasets folder that is read, not in a folder given as
+    input (its files are read: the catalogue would be read next time, or replace one),
+    not a folder, and not an existing file unless `overwrite`."""
+    out = Path(output)
+    target = out.resolve()
+    folders = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs) if Path(p).is_dir() and Path(p) not in files]  # datasets folders are files
+    for f in files:
+        if target == f.resolve() or (out.exists() and f.exists() and os.path.samefile(out, f)):
+            raise InputError(str(out), f"is one of the inputs ({f})", "write the catalogue to a new file")
+        if f.is_dir() and target.is_relative_to(f.resolve()):
+            raise InputError(str(out), f"lies inside the datasets folder {f}, which is read", "write the catalogue outside the inputs")
+    for folder in folders:
+        if target.parent == folder.resolve():
+            raise InputError(str(out), f"lies in the input folder {folder}, whose files classify reads", "write the catalogue outside the input folders")
+    if out.is_dir():
+        raise InputError(str(out), "is a folder", "give a catalogue file name ending in .fits or .parquet")
+    if out.exists() and not overwrite:
+        raise InputError(str(out), "already exists", "choose another name, or pass --overwrite (overwrite=True) to replace it")
 
 
 def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sample], batch_size: int, redshift: str = "network",
-                     mc_samples: int = 0, scanner=None) -> tuple[list[str], dict[str, np.ndarray | None]]:
-    """The ids of `samples` and their catalogue columns (one entry each, in order; None for a
-    column the model cannot fill). `redshift`: see `classify` ("scan" uses `scanner`, a
-    heads.redshift_scan.RedshiftScanner). `samples` may be lazy (a datasets folder): each is read once."""
-    if len(samples) == 0:
-        return [], {}
+                     mc_samples: int = 0, scanner=None, skipped: list | None = None) -> tuple[list[str], dict[str, np.ndarray | None]]:
+    """The ids of the classified `samples` and their catalogue columns (one entry each, in
+    order; None for a column the model cannot fill). `redshift`: see `classify` ("scan" uses
+    `scanner`, a heads.redshift_scan.RedshiftScanner). `samples` may be lazy (a datasets
+    folder): each is read once. Objects not worth classifying (`classifiable`) are left
+    out, with a readers Flag each in `skipped` (None: not kept)."""
     device = next(clf.parameters()).device
     names = np.array(clf.class_names)
 
@@ -727,8 +767,9 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
             part["z_fit"], part["z_err_fit"] = refined["z"], refined["z_err"]
         return part
 
-    batches = ([samples[i] for i in range(start, min(start + batch_size, len(samples)))] for start in range(0, len(samples), batch_size))
-    results = list(map(run, batches))
+    results = list(map(run, classifiable(samples, batch_size, min_unmasked_pixels(clf), [] if skipped is None else skipped)))
+    if not results:
+        return [], {}
     ids = [i for r in results for i in r["ids"]]
     scanned = None
     if redshift == "scan":
@@ -754,6 +795,45 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     if mc_samples:
         columns["EPISTEMIC"] = float64("epistemic")
     return ids, columns
+
+
+def min_unmasked_pixels(clf: CosmoFMForSpectralClassification) -> int:
+    """Unmasked pixels a spectrum needs to be classified: one token's worth (the tokenizer's
+    spectrum_patch_size, 64 pixels for the shipped recipes). With fewer the network still
+    answers (a fully masked spectrum got P = 0.98 for one class and a one-class conformal
+    set), but from no data: an answer a catalogue must not present as a measurement."""
+    return int(clf.config.spectrum_patch_size)
+
+
+def classifiable(samples: Sequence[Sample], batch_size: int, min_pixels: int, skipped: list) -> Iterator[list[Sample]]:
+    """The samples in batches of `batch_size`, in order, less those that cannot be classified,
+    each of which adds a SKIPPED Flag to `skipped` (index = position in
+    `samples`, id None for a row of a lazy sequence that could not be read): a row that
+    raises InputError (unreadable), no unmasked pixel (all_masked), or fewer than
+    `min_pixels` (too_few_pixels). A spectrum's unmasked pixels are counted with numpy over
+    its first 4 x `min_pixels` pixels, and over all of them only when those fall short."""
+    from cosmofm.data_cards.readers.common import SKIPPED, Flag
+
+    batch: list[Sample] = []
+    for i in range(len(samples)):
+        try:
+            sample = samples[i]
+        except InputError as e:
+            skipped.append(Flag(i, None, "unreadable", f"not classified: {e}", SKIPPED))
+            continue
+        n = int(np.count_nonzero(sample.ivar[: 4 * min_pixels] > 0))  # most spectra show enough in their first tokens
+        if n < min_pixels:
+            n = int(np.count_nonzero(sample.ivar > 0))
+        if n < min_pixels:
+            skipped.append(Flag(i, sample.id, "all_masked" if n == 0 else "too_few_pixels",
+                                f"{sample.id}: {n} unmasked pixels, fewer than one token of the model ({min_pixels}): not classified", SKIPPED))
+            continue
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 RUNNER_UP_PROBABILITY = 0.05  # a second class of the predicted family this probable is scanned too
@@ -867,14 +947,15 @@ def _run_in_worker(item):
     return _WORKER_FN(item)
 
 
-def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[str, np.ndarray | None]):
-    """One catalogue row per object the reader listed (used or flagged), predictions where it was classified."""
+def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[str, np.ndarray | None], skipped=()):
+    """One catalogue row per object the reader listed (used or flagged), predictions where it
+    was classified; FLAGS from the reader's flags and the classifier's `skipped` ones."""
     from astropy.table import MaskedColumn
 
     from cosmofm.data_cards.catalogue import ID_COLUMNS
 
     ident = result.identifiers
-    ids = [str(x) for x in ident["id"]] if len(ident) else sample_ids  # datasets folders list none
+    ids = [str(x) for x in ident["id"]] if len(ident) else sample_ids
     position = {sid: k for k, sid in enumerate(sample_ids)}
     take = np.array([position.get(sid, -1) for sid in ids], dtype=np.int64)
     used = take >= 0
@@ -895,7 +976,9 @@ def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[st
     flags: dict[str, list[str]] = {}
     for f in result.flags:
         flags.setdefault(f.id, []).append(f.code)
-    columns["FLAGS"] = np.array(["|".join(flags.get(sid, [])) for sid in ids])
+    for f in skipped:  # a lazy sequence's rows are the identifiers' rows
+        flags.setdefault(f.id if f.id is not None else ids[f.index], []).append(f.code)
+    columns["FLAGS"] = np.array(["|".join(flags.get(sid, [])) for sid in ids], dtype=str)
     return _row_table(ids, path, columns)
 
 

@@ -2,11 +2,13 @@
 card choice, air/vacuum and rest-frame conventions, and the per-object spectrum checks.
 
 A reader turns one file into a `ReadResult`: the Samples it could use, one `Flag` per
-per-object problem (all-masked spectrum, NaNs, negative ivar, grid outside the card),
+per-object problem (all-masked spectrum, NaNs, negative ivar, grid outside the card,
+a flux scale no survey records),
 an identifiers table (one row per object in the file, used or not) and file-level
 notes (conversions applied). Per-object problems never raise; an `InputError` is for a
-file that is unusable as a whole (missing HDU, unknown unit, mismatched lengths) or
-that leaves nothing usable (`ReadResult.require_usable`).
+file that is unusable as a whole (missing HDU, unknown unit, mismatched lengths,
+wavelengths nowhere near the card: `check_coverage`) or that leaves nothing usable
+(`ReadResult.require_usable`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from astropy.table import Table
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.fits_io import to_card_unit
-from cosmofm.data_cards.sample import Sample
+from cosmofm.data_cards.sample import MASKED_ELEMENTS, Sample, mask_invalid
 from cosmofm.data_cards.schema import DEFAULT_CARDS, DataCard, SpectrumCard, available_cards, load_card
 
 C_KMS = const.c.to_value("km/s")
@@ -68,7 +70,7 @@ class ReadResult:
         flags: per-object problems, one Flag each.
         identifiers: astropy Table, one row per object in the file with `id`, `used` and
             whatever the format identifies objects by (PLATE/MJD/FIBERID, TARGETID, OBJECT,
-            RA/DEC in deg).
+            RA/DEC in deg); for a datasets folder, row i is samples[i].
         notes: file-level conventions applied ("air wavelengths converted to vacuum", ...).
         n_objects: objects in the file (may exceed len(samples) when some were skipped or
             `limit` cut the read short).
@@ -299,14 +301,24 @@ def resolve_card(card: DataCard | str | os.PathLike | None) -> DataCard | None:
     return load_card(card)
 
 
-def choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, str]] = (), coverage: tuple[float, float] | None = None) -> tuple[DataCard, str]:
+def choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, str]] = (), coverage: tuple[float, float] | None = None,
+                wavelength_unit: u.UnitBase | None = None) -> tuple[DataCard, str]:
     """The card for a file and why: explicit > header markers > the only / best-covering shipped card.
 
     Args:
         card: explicit DataCard, name or YAML path, or None to infer.
         markers: (card name, reason) pairs the reader found in the headers, best first.
-        coverage: the file's wavelength range [A], to pick among several spectrum cards.
+        coverage: the file's wavelength range [A], to pick among several spectrum cards;
+            InputError when it lies nowhere near the chosen card's range (`check_coverage`).
+        wavelength_unit: the unit the file states for its wavelengths, named in that error.
     """
+    chosen, reason = _choose_card(card, modality, where, markers, coverage)
+    if coverage is not None:
+        check_coverage(chosen, coverage, where, wavelength_unit)
+    return chosen, reason
+
+
+def _choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, str]], coverage: tuple[float, float] | None) -> tuple[DataCard, str]:
     if card is not None:
         card = resolve_card(card)
         if card.modality != modality:
@@ -333,6 +345,70 @@ def choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, st
     return default, f"no survey markers in the headers; the default {modality} card; pass a card to choose another"
 
 
+# ---------------------------------------------------------------------------- plausibility
+
+# Wavelengths farther than this factor from a card's range are not a spectrum the card
+# could describe but a unit error (a TUNIT of 'm' on numbers in Angstrom puts them at
+# 3.6e13 A); nearer, an object that misses the range is flagged on its own.
+NEAR_CARD = 2.0
+WAVELENGTH_UNITS = ("Angstrom", "nm", "um", "mm", "cm", "m")  # the units a file's numbers may really be in
+FLAM = u.Unit("erg / (s cm2 Angstrom)")
+# The flux scale of a spectrum (median over unmasked pixels of |flux| + sigma) in
+# erg/s/cm2/A that a survey spectrograph records: from the noise of the deepest 8-m
+# spectra (~1e-21) to stars of magnitude ~0 (~1e-9, far brighter than fibre surveys
+# observe); the shipped cards' unit, 1e-17, sits in the middle. Outside, the stated flux
+# unit is almost surely wrong: values in Jy under an erg/s/cm2/A unit are ~1e12 too high.
+FLUX_SCALE_RANGE = (1e-21, 1e-9)
+FLUX_SCALE_STRIDE = 8  # every 8th unmasked pixel judges the scale: cheap, and ample at factors of 1e3
+
+
+def check_coverage(card: DataCard, coverage: tuple[float, float], where: str, unit: u.UnitBase | None = None) -> None:
+    """InputError when wavelengths [A] spanning `coverage` lie nowhere near the card's range
+    (beyond a factor NEAR_CARD of it), naming the stated `unit` and, where the numbers would
+    fall in the card's range in another length unit, that one."""
+    lo, hi = (float(x) for x in coverage)
+    if not isinstance(card, SpectrumCard) or not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi):
+        return  # nothing finite to judge: the per-object checks say why
+    c_lo, c_hi = card.wavelength_min.to_value(ANGSTROM), card.wavelength_max.to_value(ANGSTROM)
+    if hi >= c_lo / NEAR_CARD and lo <= c_hi * NEAR_CARD:
+        return
+    fix = "check the wavelength unit (TUNIT / BUNIT, or the wavelength_unit option), or pass the card of this spectrograph"
+    if unit is not None and unit.physical_type == "length":
+        per_angstrom = unit.to(ANGSTROM)
+        fits = [name for name in WAVELENGTH_UNITS if lo / per_angstrom * u.Unit(name).to(ANGSTROM) < c_hi and hi / per_angstrom * u.Unit(name).to(ANGSTROM) > c_lo]
+        if fits:
+            fix = f"the numbers fall in the card's range if they are in {fits[0]}: correct the unit (TUNIT / BUNIT, or the wavelength_unit option)"
+    stated = f" (stated unit {unit.to_string()!r})" if unit is not None else ""
+    raise InputError(where, f"wavelengths {lo:.4g}-{hi:.4g} Angstrom{stated} lie nowhere near card {card.name!r} ({c_lo:.0f}-{c_hi:.0f} Angstrom)", fix)
+
+
+def flux_scale(flux: np.ndarray, ivar: np.ndarray, wave: np.ndarray, card: SpectrumCard) -> float | None:
+    """A spectrum's flux scale in erg/s/cm2/A: the median over (every FLUX_SCALE_STRIDE-th)
+    unmasked pixel of |flux| + sigma, for flux and ivar in the card's unit on vacuum
+    wavelengths `wave` [A]; None when every pixel is masked."""
+    good = np.flatnonzero(ivar > 0)[::FLUX_SCALE_STRIDE]
+    if good.size == 0:
+        return None
+    return float(np.median(np.abs(flux[good]) + 1.0 / np.sqrt(ivar[good]))) * _flam_per_unit(card.flux_unit, float(f"{wave[wave.size // 2]:.2g}"))
+
+
+def flux_scale_problem(scale: float | None) -> str | None:
+    """Why a flux scale (`flux_scale`) is implausible for any survey (FLUX_SCALE_RANGE), or
+    None when it is plausible or unknown."""
+    lo, hi = FLUX_SCALE_RANGE
+    if scale is None or lo <= scale <= hi:
+        return None
+    off = f"{scale / hi:.0e} x brighter than the brightest" if scale > hi else f"{lo / scale:.0e} x fainter than the faintest"
+    return (f"flux scale {scale:.1e} erg/s/cm2/A (median |flux| + sigma) is {off} spectra surveys record ({lo:g}-{hi:g}); the flux unit "
+            "is probably wrong (e.g. values in Jy under an erg/s/cm2/A unit): check TUNIT / BUNIT or pass flux_unit")
+
+
+@functools.lru_cache(maxsize=64)
+def _flam_per_unit(flux_unit: str, wave: float) -> float:
+    """erg/s/cm2/A in one `flux_unit` (at `wave` [A] for a unit per frequency)."""
+    return float(u.Unit(flux_unit).to(FLAM, equivalencies=u.spectral_density(wave * ANGSTROM)))
+
+
 # ---------------------------------------------------------------------------- per-object spectra
 
 
@@ -342,7 +418,8 @@ def spectrum_sample(index: int, sid: str, wave, flux, ivar, card: SpectrumCard, 
     `wave` in vacuum Angstrom, `flux`/`ivar` already in the card's units; `bad` (bool per
     pixel) marks pixels the survey's mask rejects. NaN flux or ivar and negative ivar are
     masked with a flag; all-masked spectra, bad wavelength grids and grids outside the
-    card's range are skipped with a flag.
+    card's range are skipped with a flag; a flux scale no survey records (a wrong flux
+    unit, `flux_scale_problem`) is kept with a flag.
     """
     wave = np.asarray(wave, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
@@ -354,15 +431,10 @@ def spectrum_sample(index: int, sid: str, wave, flux, ivar, card: SpectrumCard, 
     if wave.size > 1 and not (np.all(d > 0) or np.all(d < 0)):
         flags.add(index, sid, "wavelength_not_monotonic", f"{sid}: wavelengths are not strictly monotonic", SKIPPED)
         return None
-    ivar = ivar.copy()
-    bad_ivar = ~np.isfinite(ivar) | (ivar < 0)
-    if bad_ivar.any():
-        flags.add(index, sid, "bad_ivar", f"{sid}: {int(bad_ivar.sum())} pixels with NaN or negative ivar masked", MASKED)
-        ivar[bad_ivar] = 0.0
-    bad_flux = ~np.isfinite(flux) & (ivar > 0)
-    if bad_flux.any():
-        flags.add(index, sid, "nonfinite_flux", f"{sid}: {int(bad_flux.sum())} NaN/inf flux pixels masked", MASKED)
-        ivar[bad_flux] = 0.0
+    ivar, counts = mask_invalid(flux, ivar)
+    for code, n in counts.items():
+        if n:
+            flags.add(index, sid, code, masked_detail(sid, code, n), MASKED)
     if bad is not None:
         ivar[np.asarray(bad, dtype=bool)] = 0.0
     if not np.any(ivar > 0):
@@ -372,8 +444,16 @@ def spectrum_sample(index: int, sid: str, wave, flux, ivar, card: SpectrumCard, 
     if wave.max() < lo or wave.min() > hi:
         flags.add(index, sid, "outside_card_range", f"{sid}: {wave.min():.0f}-{wave.max():.0f} A does not overlap card {card.name!r} ({lo:.0f}-{hi:.0f} A)", SKIPPED)
         return None
+    problem = flux_scale_problem(flux_scale(flux, ivar, wave, card))
+    if problem:
+        flags.add(index, sid, "implausible_flux_scale", f"{sid}: {problem}", KEPT)
     meta = {"card": card.name, "id": sid, **{k: json_safe(v) for k, v in meta.items()}}
     return Sample("spectrum", flux, ivar, {"wavelength": wave}, meta)
+
+
+def masked_detail(sid: str, code: str, n: int) -> str:
+    """The text of a MASKED flag of `sample.mask_invalid`: what was masked, and that the object is kept."""
+    return f"{sid}: {n} {MASKED_ELEMENTS[code]} masked (ivar set to 0; the object's other elements are used)"
 
 
 def convert_flux(flux, ivar, unit: u.UnitBase, card: DataCard, wave: np.ndarray, where: str, ivar_unit: u.UnitBase | None = None):

@@ -104,14 +104,16 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
             rpower = None
             if f"{cam}_RESOLUTION" in names:
                 rpower = _resolving_power(np.asarray(image_data(hdul[f"{cam}_RESOLUTION"], sel), dtype=np.float64), wave)
-            cams.append({"name": cam.lower(), "wave": wave, "flux": flux, "ivar": ivar, "mask": mask, "flux_unit": flux_unit, "ivar_unit": ivar_unit, "R": rpower})
+            cams.append({"name": cam.lower(), "wave": wave, "wave_unit": w_unit, "flux": flux, "ivar": ivar, "mask": mask, "flux_unit": flux_unit, "ivar_unit": ivar_unit, "R": rpower})
         fm = {c.upper(): np.asarray(fibermap[c][sel]) for c in fibermap.columns.names if c.upper() in ("TARGETID", "TARGET_RA", "TARGET_DEC", "COADD_FIBERSTATUS", "FIBERSTATUS", "OBJTYPE")}
         primary = hdul[0].header
         survey = {k.lower(): json_safe(primary[k]) for k in ("SURVEY", "PROGRAM", "SPGRP", "SPGRPVAL", "HPXPIXEL", "TILEID", "SPECPROD") if k in primary}
 
     cams.sort(key=lambda c: c["wave"].min())
     lo, hi = min(c["wave"].min() for c in cams), max(c["wave"].max() for c in cams)
-    card, reason = choose_card(card, "spectrum", str(path), markers=[_MARKER], coverage=(lo, hi))
+    units = {c["wave_unit"] for c in cams}
+    card, reason = choose_card(card, "spectrum", f"{path}[{cams[0]['name'].upper()}_WAVELENGTH]", markers=[_MARKER], coverage=(lo, hi),
+                               wavelength_unit=units.pop() if len(units) == 1 else None)
     aligned = _on_one_lattice([c["wave"] for c in cams])
     notes = [f"cameras {'+'.join(c['name'] for c in cams)} joined on {'their common lattice' if aligned else 'the bluer camera grid in overlaps (interpolated)'}; overlaps inverse-variance weighted", "wavelengths vacuum, barycentric (DESI convention)"]
     if n < nspec:

@@ -118,7 +118,7 @@ def read(path: Path, card=None, flux_column: str | None = None, wavelength_unit:
         # The HRS windows lie inside 3926-6790 A; anything wider is LRS.
         hrs = lo >= 3900 and hi <= 6800
         markers = [("4most-hrs" if hrs else "4most-lrs", f"INSTRUME = {instrume!r}, {lo:.0f}-{hi:.0f} A ({'HRS' if hrs else 'LRS'} range)")]
-    card, reason = choose_card(card, "spectrum", str(path), markers=markers, coverage=(lo, hi))
+    card, reason = choose_card(card, "spectrum", f"{where}.{wave_col}", markers=markers, coverage=(lo, hi), wavelength_unit=w_unit)
     if medium is None:
         medium, how = card.medium, f"no TUCD for WAVE; the card's medium ({card.medium}) assumed"
     notes.append(f"wavelengths in {medium} ({how})" + ("; converted to vacuum (Morton 2000)" if medium == "air" else ""))

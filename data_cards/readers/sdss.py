@@ -170,7 +170,7 @@ def read_table(path: Path, card=None, mask_bits: int | None = None, limit: int |
         waves = [(w * wave_unit).to_value(u.AA, equivalencies=u.spectral()) for w, *_ in arrays]
     lo = min((np.nanmin(w) for w in waves if np.isfinite(w).any()), default=3600.0)
     hi = max((np.nanmax(w) for w in waves if np.isfinite(w).any()), default=10400.0)
-    card, reason = choose_card(card, "spectrum", str(path), markers=[_MARKER], coverage=(lo, hi))
+    card, reason = choose_card(card, "spectrum", f"{where}.{wave_col}", markers=[_MARKER], coverage=(lo, hi), wavelength_unit=wave_unit)
     flags, samples, id_rows = Flags(), [], []
     for i, (wave, (_, flux, ivar, mask)) in enumerate(zip(waves, arrays)):
         ids = {

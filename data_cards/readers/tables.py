@@ -103,7 +103,7 @@ def read(path: Path, card=None, columns: dict[str, str] | None = None, wavelengt
     finite = [c[np.isfinite(c)] for c in coverage]
     lo = min((c.min() for c in finite if c.size), default=0.0)
     hi = max((c.max() for c in finite if c.size), default=1.0)
-    card, reason = choose_card(card, "spectrum", str(path), coverage=(lo, hi))
+    card, reason = choose_card(card, "spectrum", f"{where}.{w_name}", coverage=(lo, hi), wavelength_unit=None if loglam else w_unit)
     medium = medium or card.medium
     notes = [f"wavelength column {w_name!r} ({'log10 Angstrom' if loglam else w_unit.to_string()}), flux {f_name!r} ({f_unit.to_string()}), {'error ' + repr(e_name) if e_name else 'ivar ' + repr(i_name)}",
              f"wavelengths taken as {medium}" + (" and converted to vacuum (Morton 2000)" if medium == "air" else "")]

@@ -31,7 +31,7 @@ from cosmofm.data_cards.mock import generate
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import REDSHIFT_METHODS, FinetuneConfig, build_model, classify
 from cosmofm.heads.template_fit import TemplateFitter
-from cosmofm.pretrain.checkpoint import write_manifest
+from cosmofm.pretrain.checkpoint import save_release
 from cosmofm.pretrain.recipe import PretrainRecipe
 
 
@@ -64,8 +64,7 @@ def run(n: int, n_baseline: int = 20, batch_size: int = 256, recipe: str = "spec
         spectra = spectra_file(Path(work) if work else tmp, n)
         if model is None:
             built = build_model(card, FinetuneConfig(), backbone_config=dict(PretrainRecipe.load(recipe, [f"model.{o}" for o in overrides]).model, survey_names=[card.name]))
-            built.save_pretrained(tmp / "model")
-            write_manifest(tmp / "model")
+            save_release(built, tmp / "model")
             model = str(tmp / "model")
         # cold: `cosmofm classify` as a user runs it, in a fresh process (interpreter, imports,
         # model load, redshift templates); then the first run in this process (model load,
@@ -80,7 +79,7 @@ def run(n: int, n_baseline: int = 20, batch_size: int = 256, recipe: str = "spec
         seconds, cpu_seconds = [], []
         for _ in range(repeats):
             t0, c0 = time.perf_counter(), _cpu_seconds()
-            classify([str(spectra)], model, tmp / "out.fits", batch_size=batch_size, progress=False, redshift=redshift)
+            classify([str(spectra)], model, tmp / "out.fits", batch_size=batch_size, progress=False, redshift=redshift, overwrite=True)
             seconds.append(time.perf_counter() - t0)
             cpu_seconds.append(_cpu_seconds() - c0)
         subset = read_fits(spectra, rows=slice(0, n_baseline))
