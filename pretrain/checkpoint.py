@@ -21,11 +21,13 @@ loadable and ``latest`` pointing at a complete folder.
 `write_manifest` / `verify_manifest` know nothing about training and are meant to be
 reused for model releases and hub downloads.
 
-Only one process should call `save_checkpoint` for a given run (rank 0).
+Only one process should call `save_checkpoint` for a given run (rank 0), and
+`run_lock` keeps a second run (a second `--resume` of the same folder) out of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -34,6 +36,8 @@ import os
 import random
 import re
 import shutil
+import socket
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping
@@ -45,6 +49,11 @@ import torch
 
 from cosmofm.data_cards.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there
+    fcntl = None
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "cosmofm-manifest-1"
 SKELETON_FORMAT = "cosmofm-state-1"
@@ -52,6 +61,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 TRAINER_STATE_FORMAT = "cosmofm-checkpoint-1"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
+RUN_LOCK_NAME = ".cosmofm-run.lock"
 
 # Extensions of formats that torch/pickle read by unpickling (torch.save writes .pt/.bin
 # as a zip of pickles). We refuse them outright rather than sniff their contents.
@@ -118,6 +128,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    # Linux shows the umask without changing it; elsewhere set and restore it at once.
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(*paths: str | os.PathLike) -> None:
+    """Give files that a library wrote 0600 (safetensors does, through a temporary
+    file) the mode the user's umask asks for, as `open` would: 0644 under umask 022."""
+    mode = 0o666 & ~_umask()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -197,6 +225,16 @@ def write_manifest(directory: str | os.PathLike) -> dict:
     manifest = {"format": MANIFEST_FORMAT, "files": files}
     atomic_write_json(directory / MANIFEST_NAME, manifest)
     return manifest
+
+
+def save_release(model, folder: str | os.PathLike) -> Path:
+    """Save a model as a release folder: `save_pretrained` (config.json + safetensors), the
+    files given the umask's mode, then manifest.json. The one way every run writes `model/`."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    honour_umask(*(p for p in folder.iterdir() if p.is_file()))  # safetensors writes 0600
+    write_manifest(folder)
+    return folder
 
 
 def _load_manifest(path: Path) -> dict:
@@ -621,6 +659,7 @@ def _write_state(directory: Path, key: str, obj) -> None:
     path = directory / f"{key}.safetensors"
     # Always write the tensor file, even when empty, so every state has the same two files.
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
+    honour_umask(path)
     _fsync_file(path)
     atomic_write_json(directory / f"{key}.json", skeleton)
 
@@ -698,9 +737,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, states: Mapping[str, 
         # A half-written folder is useless; the previous checkpoint and `latest` are untouched.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_bytes(checkpoints / LATEST_NAME, (name + "\n").encode("utf-8"))
+    _point_latest(checkpoints, name)
     _prune(checkpoints, step, keep_last)
     return final
+
+
+def _point_latest(checkpoints: Path, name: str) -> None:
+    atomic_write_bytes(checkpoints / LATEST_NAME, (name + "\n").encode("utf-8"))
 
 
 def _resolve_step_dir(path: Path) -> Path:
@@ -744,3 +787,79 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, object], dict]:
     metadata = dict(trainer_state["metadata"])
     metadata["step"] = trainer_state["step"]
     return states, metadata
+
+
+def resume_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, object], dict, Path] | None:
+    """Load the checkpoint a run resumes from: (states, metadata, folder), or None if there is none.
+
+    With `step`, that checkpoint (an InputError if it is missing or fails verification).
+    Without, the newest that verifies: `latest`, then older step folders, newest first;
+    each one that fails is named in a warning and left in place (evidence; the run
+    replaces it when it reaches that step again). Folders newer than `latest` hold a
+    timeline that an earlier resume abandoned and are never chosen. `latest` is then
+    pointed at the chosen folder, so a crash before the next save resumes from the
+    same place. Call it from one process (rank 0) holding `run_lock`.
+    """
+    checkpoints = _checkpoints_dir(Path(run_dir))
+    if step is not None:
+        path = checkpoints / _step_name(step)
+        if not path.is_dir():
+            have = [s for s, _ in _step_dirs(checkpoints)]
+            raise InputError("--resume-from", f"{checkpoints} has no checkpoint of step {step}",
+                             f"pick one of the steps {have}" if have else _NO_CHECKPOINT_FIX)
+        candidates = [path]
+    else:
+        newest = latest_checkpoint(run_dir)
+        if newest is None:
+            return None
+        newest_step = int(_STEP_DIR_RE.fullmatch(newest.name).group(1))
+        candidates = [newest] + [p for s, p in reversed(_step_dirs(checkpoints)) if s < newest_step]
+    for i, path in enumerate(candidates):
+        try:
+            states, metadata = load_checkpoint(path)
+        except InputError as exc:
+            if step is not None or i == len(candidates) - 1:
+                raise
+            warnings.warn(f"checkpoint {path} is unusable ({exc}); left in place, trying {candidates[i + 1].name}")
+            continue
+        _point_latest(checkpoints, path.name)
+        return states, metadata, path
+
+
+# ---------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold an exclusive lock on a run folder for the life of the block.
+
+    A second run on the folder (say a second `--resume`) gets an InputError naming the
+    holder (pid, host, start time). The lock is `flock` on `run_dir/.cosmofm-run.lock`,
+    so the kernel drops it when the holder exits however it exits (SIGKILL, OOM): a
+    crashed run never leaves a stale lock. The file itself is never deleted (a run
+    that locked a fresh file while another held the old one would not see it). On NFS
+    Linux turns flock into POSIX locks that the server arbitrates between nodes;
+    Lustre needs its `flock` mount option. Take it in one process per run (rank 0):
+    two processes of one run would lock each other out.
+    """
+    if fcntl is None:
+        yield
+        return
+    path = Path(run_dir) / RUN_LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "a process that has not said who it is yet"
+            raise InputError(str(run_dir), f"is in use by another run ({holder})",
+                             "wait for that run to end or stop it, or give this run another --output") from None
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %z')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode("utf-8"), 0)
+        yield
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock

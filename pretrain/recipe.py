@@ -9,6 +9,8 @@ outputs, so every run records exactly what it did.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import yaml
 from cosmofm.data_cards.errors import InputError
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "configs"
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -97,16 +100,25 @@ class PretrainRecipe:
             if not p.exists():
                 shipped = sorted(q.stem for q in CONFIGS_DIR.glob("*.yaml"))
                 raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {shipped}")
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _yaml(p.read_text(), str(p), "fix the YAML syntax") or {}
+            if not isinstance(raw, dict):
+                raise InputError(str(p), f"must be a mapping of sections, got {type(raw).__name__}", "write model:, data:, optim: and run: sections")
         for item in overrides:
             key, sep, value = item.partition("=")
             if not sep:
                 raise InputError("--set", f"{item!r} is not key=value", "write e.g. --set optim.lr=3e-4")
-            node = raw
             *parents, leaf = key.split(".")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = yaml.safe_load(value)
+            if not all(parents + [leaf]):
+                raise InputError("--set", f"{key!r} is not a dotted key", "write e.g. --set optim.lr=3e-4")
+            node = raw
+            for depth, k in enumerate(parents):
+                if node.get(k) is None:
+                    node[k] = {}
+                node = node[k]
+                if not isinstance(node, dict):
+                    where = ".".join(parents[: depth + 1])
+                    raise InputError("--set", f"{item!r}: {where} is a value ({node!r}), not a section", f"set {where}=VALUE itself")
+            node[leaf] = _yaml(value, f"--set {item}", "quote strings and close brackets, e.g. --set data.mock_counts=[8,8,4,4]")
         return cls.from_dict(raw)
 
     @classmethod
@@ -114,9 +126,14 @@ class PretrainRecipe:
         unknown = set(raw) - {"model", "data", "optim", "run"}
         if unknown:
             raise InputError("recipe", f"unknown sections {sorted(unknown)}", "use model, data, optim and run")
-        kwargs = {"model": dict(raw.get("model") or {})}
-        for name, typ in (("data", DataConfig), ("optim", OptimConfig), ("run", RunConfig)):
+        kwargs = {}
+        for name, typ in (("model", dict), ("data", DataConfig), ("optim", OptimConfig), ("run", RunConfig)):
             section = raw.get(name) or {}
+            if not isinstance(section, dict):
+                raise InputError(f"recipe.{name}", f"is a section of settings, not a value ({section!r})", f"set its keys, e.g. --set {name}.KEY=VALUE")
+            if typ is dict:
+                kwargs[name] = dict(section)
+                continue
             names = {f.name for f in dataclasses.fields(typ)}
             bad = set(section) - names
             if bad:
@@ -127,10 +144,17 @@ class PretrainRecipe:
         return recipe
 
     def validate(self):
+        """Check every setting's type and range (and read YAML 1.1's `3e-4`, a string, as the number)."""
+        for name in ("data", "optim", "run"):
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                setattr(section, f.name, _checked(f"{name}.{f.name}", getattr(section, f.name), f.type))
+        _check_model(self.model)
         o, r, d = self.optim, self.run, self.data
-        for name, value in (("optim.lr", o.lr), ("optim.max_steps", o.max_steps), ("optim.global_batch", o.global_batch), ("optim.grad_accum", o.grad_accum), ("run.save_every", r.save_every), ("run.log_every", r.log_every)):
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise InputError(f"recipe.{name}", f"must be a positive number, got {value!r}", "fix the recipe or the --set override")
+        if len(o.betas) != 2 or not all(b < 1 for b in o.betas):
+            raise InputError("recipe.optim.betas", f"must be two numbers in [0, 1), got {o.betas}", "e.g. [0.9, 0.95]")
+        if o.lr / (1 - o.betas[0]) >= FLOAT32_MAX:  # AdamW's first step, which torch takes in float32
+            raise InputError("recipe.optim.lr", f"{o.lr} makes AdamW's first step overflow float32", "use a learning rate below 1")
         if r.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError("recipe.run.mixed_precision", f"{r.mixed_precision!r} is not supported", "use no, bf16 or fp16")
         if set(r.trackers) - {"tensorboard", "wandb"}:
@@ -145,3 +169,68 @@ class PretrainRecipe:
         from cosmofm.pretrain.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+# Numeric settings that must be > 0; every other one must be >= 0. All must be finite.
+_POSITIVE = {
+    "data.mock_counts", "data.pair_block", "optim.lr", "optim.max_steps", "optim.grad_accum", "optim.global_batch",
+    "run.save_every", "run.keep_last", "run.log_every", "model.hidden_size", "model.num_hidden_layers",
+    "model.num_attention_heads", "model.spectrum_patch_size", "model.image_patch_size", "model.projection_dim",
+    "model.layer_norm_eps",
+}
+
+
+def _checked(name: str, value, kind: str):
+    """`value` as a setting of type `kind` (a dataclass annotation such as "int" or "list[float]")."""
+    def bad(problem: str) -> InputError:
+        return InputError(f"recipe.{name}", f"{problem}, got {value!r}", "fix the recipe or the --set override")
+
+    if kind.startswith("list["):
+        if not isinstance(value, list):
+            raise bad("must be a list")
+        return [_checked(name, v, kind[5:-1]) for v in value]
+    if kind in ("str", "bool"):
+        if not isinstance(value, str if kind == "str" else bool):
+            raise bad(f"must be a {'string' if kind == 'str' else 'boolean (true or false)'}")
+        return value
+    if isinstance(value, str) and kind == "float":
+        try:  # YAML 1.1 reads a number without a dot, like 3e-4, as a string
+            value = float(value)
+        except ValueError:
+            raise bad("must be a number") from None
+    # bool is an int to Python, but `lr: true` is a typo, not 1.0
+    if isinstance(value, bool) or not isinstance(value, int if kind == "int" else (int, float)):
+        raise bad("must be a whole number" if kind == "int" else "must be a number")
+    if kind == "float":
+        value = float(value)
+    if not math.isfinite(value):
+        raise bad("must be finite")
+    positive = name in _POSITIVE
+    if value < 0 or (positive and value == 0):
+        raise bad("must be positive" if positive else "must not be negative")
+    return value
+
+
+def _check_model(model: dict):
+    """The `model` section: CosmoFMConfig's own arguments, with its numbers' types checked."""
+    from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
+
+    params = {k: p for k, p in inspect.signature(CosmoFMConfig.__init__).parameters.items() if k not in ("self", "kwargs")}
+    unknown = set(model) - set(params)
+    if unknown:
+        raise InputError("recipe.model", f"unknown keys {sorted(unknown)}", f"known keys: {sorted(params)}")
+    for key, value in model.items():
+        if params[key].annotation in ("int", "float"):
+            model[key] = _checked(f"model.{key}", value, params[key].annotation)
+    try:
+        CosmoFMConfig(**model)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise InputError("recipe.model", str(exc), "fix the recipe or the --set override") from None
+
+
+def _yaml(text: str, where: str, fix: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise InputError(where, f"is not valid YAML ({problem})", fix) from None

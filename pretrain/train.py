@@ -6,39 +6,59 @@ purpose: the data are sharded by `GlobalBatchSampler` (so a resume restarts at t
 exact sample, and 1 or N processes see the same global batches), and training state
 is saved by `checkpoint.py` as safetensors + JSON (Accelerate's `save_state` pickles
 optimizer and RNG states).
+
+A run owns its folder: it holds `run_lock` on it throughout, a new run refuses a
+folder with an earlier run's outputs unless told to resume or to overwrite them, and
+a run whose loss or gradients stop being finite stops before it saves anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.checkpoint import (
+    CHECKPOINTS_DIR,
     atomic_write_bytes,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
+    resume_checkpoint,
+    run_lock,
     save_checkpoint,
-    write_manifest,
+    save_release,
 )
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.corpus import load_corpus
 from cosmofm.pretrain.data import Collator, GlobalBatchSampler, SeededSamples
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMForPretraining
 from cosmofm.pretrain.recipe import PretrainRecipe
+
+TRACKER_PROJECT = "cosmofm-pretrain"  # TensorBoard writes to <run>/<project>
+# What a run writes into its folder (eval_results.json: evaluations such as the demo's,
+# which `cosmofm push` publishes with the model). A new run refuses a folder holding any
+# of them; --overwrite removes exactly these. data/, the mock corpus cached under a hash
+# of its recipe, is not one run's output and is kept.
+RUN_OUTPUTS = ("model", CHECKPOINTS_DIR, "metrics.jsonl", "recipe.yaml", TRACKER_PROJECT, "wandb", "eval_results.json")
+
+
+class TrainingDiverged(InputError):
+    """The loss, gradient norm or weights stopped being finite; nothing of that state was saved."""
 
 
 def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
@@ -80,16 +100,30 @@ def build_optimizer(model: torch.nn.Module, recipe: PretrainRecipe) -> torch.opt
     )
 
 
-def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
-    """Run (or resume) pretraining; returns a summary with paths and final loss."""
+def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = False, resume_from: int | None = None) -> dict:
+    """Run (or resume) pretraining; returns a summary with paths and final loss.
+
+    A new run needs an empty or new `run.output_dir`; `overwrite` first removes an
+    earlier run's outputs there (RUN_OUTPUTS), so two runs' checkpoints never mix.
+    `resume` continues from the newest checkpoint that verifies, `resume_from` (which
+    implies it) from that step's. The run holds `run_lock` on its folder throughout.
+    Raises TrainingDiverged at the first non-finite loss or gradient norm.
+    """
+    resume = resume or resume_from is not None
+    if overwrite and resume:
+        raise InputError("--overwrite", "cannot be combined with --resume or --resume-from",
+                         "continue the run with --resume, or start it again with --overwrite")
     out_dir = Path(recipe.run.output_dir)
     accelerator = make_accelerator(recipe)
     set_seed(recipe.run.seed)
-    main = accelerator.is_main_process
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        recipe.save(out_dir / "recipe.yaml")
+    loaded = {}  # the main process's checkpoint, loaded (and verified) while claiming the folder
+    with contextlib.ExitStack() as held:
+        claim = _on_main(accelerator, lambda: _claim_run_folder(out_dir, recipe, resume, resume_from, overwrite, held, loaded))
+        return _train(accelerator, recipe, out_dir, claim["checkpoint"], loaded)
 
+
+def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, checkpoint: str | None, loaded: dict) -> dict:
+    main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 generates the mock corpus, others read it
         dataset, card_names, pair_block = load_corpus(recipe.data, out_dir)
     config = CosmoFMConfig(**{"survey_names": card_names, **recipe.model})
@@ -100,16 +134,12 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.optim.warmup_steps, recipe.optim.max_steps)
 
     start_step = 0
-    if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
-        states, meta = load_checkpoint(ckpt)
+    if checkpoint is not None:
+        states, meta = (loaded["states"], loaded["meta"]) if main else load_checkpoint(checkpoint)
         model.load_state_dict(states["model"])
         optimizer.load_state_dict(states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
         start_step = int(meta["step"])
-        _check_resume_layout(meta, recipe, accelerator)
         rng = states["rng"].get(f"rank{accelerator.process_index}")
         if rng is not None:
             restore_rng_state(rng)
@@ -125,15 +155,14 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
         num_workers=recipe.data.num_workers, persistent_workers=False,
     )
     metrics_path = out_dir / "metrics.jsonl"
-    if main:
-        _truncate_metrics(metrics_path, start_step)
     if recipe.run.trackers:
-        accelerator.init_trackers("cosmofm-pretrain", config={k: v for k, v in _flat(recipe.to_dict()).items()})
+        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in _flat(recipe.to_dict()).items()})
 
-    step = start_step
+    step, last_saved = start_step, start_step if checkpoint is not None else None
     bar = tqdm(total=o.max_steps, initial=start_step, desc="pretrain", disable=not (main and recipe.run.progress), dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     history = []
+    grad_norm = None
     for batch in loader:
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model):
@@ -141,7 +170,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
                 out = model(batch)
             accelerator.backward(out.loss)
             if accelerator.sync_gradients and o.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         seen += len(batch) * accelerator.num_processes
@@ -149,7 +178,9 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
             continue
         scheduler.step()
         step += 1
-        row = _step_metrics(accelerator, out, step, scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0))
+        row = _step_metrics(accelerator, out, grad_norm, step, scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0))
+        # fp16's loss scaler makes overflowing gradients on purpose and skips their steps
+        _stop_if_diverged(row, out_dir, last_saved, check_grad=accelerator.scaler is None)
         history.append(row["loss"])
         if main:
             with metrics_path.open("a") as f:
@@ -159,17 +190,84 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False) -> dict:
         if step % recipe.run.log_every == 0 or step == o.max_steps:
             accelerator.log({k: v for k, v in _flat(row).items() if k != "step"}, step=step)
         if step % recipe.run.save_every == 0 or step == o.max_steps:
-            _save(accelerator, model, optimizer, scheduler, recipe, step)
+            _save(accelerator, model, optimizer, scheduler, recipe, step, last_saved)
+            last_saved = step
     bar.close()
 
     model_dir = out_dir / "model"
+    _check_finite_weights(accelerator, model, step, out_dir, last_saved)
     if main:
-        release = accelerator.unwrap_model(model).cosmofm
-        release.save_pretrained(model_dir)
-        write_manifest(model_dir)
+        save_release(accelerator.unwrap_model(model).cosmofm, model_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"output_dir": str(out_dir), "model_dir": str(model_dir), "steps": step, "losses": history, "metrics": str(metrics_path)}
+
+
+def _on_main(accelerator: Accelerator, fn) -> dict:
+    """Run `fn` on the main process only and hand its JSON-able result, or its error,
+    to every process, so that all ranks go on or all stop with the same message.
+
+    Sent as UTF-8 JSON in a byte tensor (torch's broadcast_object_list would pickle).
+    """
+    if accelerator.num_processes == 1:
+        return fn()
+    payload, error = b"", None
+    if accelerator.is_main_process:
+        try:
+            payload = json.dumps({"result": fn()}).encode()
+        except Exception as exc:  # every rank must hear of it, or the others wait forever
+            error = exc
+            parts = [exc.field, exc.problem, exc.fix] if isinstance(exc, InputError) else ["main process", f"{type(exc).__name__}: {exc}", ""]
+            payload = json.dumps({"error": parts}).encode()
+    size = broadcast(torch.tensor([len(payload)], device=accelerator.device))
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=accelerator.device)
+    if accelerator.is_main_process:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(accelerator.device)
+    message = json.loads(bytes(broadcast(data).cpu().tolist()))
+    if error is not None:
+        raise error
+    if "error" in message:
+        raise InputError(*message["error"])
+    return message["result"]
+
+
+def _claim_run_folder(out_dir: Path, recipe: PretrainRecipe, resume: bool, resume_from: int | None, overwrite: bool,
+                      held: contextlib.ExitStack, loaded: dict) -> dict:
+    """On the main process: lock the run folder, then make sure it holds what this run expects."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(run_lock(out_dir))
+    except OSError as exc:
+        raise InputError(str(out_dir), f"cannot be used as a run folder ({exc.strerror or exc})", "give --output a folder you can write to") from None
+    checkpoint = None
+    if resume:
+        found = resume_checkpoint(out_dir, resume_from)
+        if found is None:
+            raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
+        loaded["states"], loaded["meta"], checkpoint = found
+        _check_resume_layout(loaded["meta"], recipe)
+        _truncate_metrics(out_dir / "metrics.jsonl", int(loaded["meta"]["step"]))
+    else:
+        previous = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+        if previous and not overwrite:
+            raise InputError(str(out_dir), f"holds an earlier run ({', '.join(previous)})",
+                             "continue it with --resume, replace it with --overwrite, or choose another --output")
+        if previous:
+            _remove_outputs(out_dir, previous)
+            print(f"{out_dir}: removed the earlier run's {', '.join(previous)} (--overwrite)")
+    recipe.save(out_dir / "recipe.yaml")
+    return {"checkpoint": None if checkpoint is None else str(checkpoint)}
+
+
+def _remove_outputs(out_dir: Path, names: list[str]):
+    """Move them into one hidden folder, then delete that: a crash part-way leaves no
+    half-deleted checkpoint or model where a run would look for one."""
+    trash = out_dir / ".overwritten"
+    shutil.rmtree(trash, ignore_errors=True)  # an earlier --overwrite killed while deleting
+    trash.mkdir()
+    for name in names:
+        os.replace(out_dir / name, trash / name)
+    shutil.rmtree(trash)
 
 
 def load_pretraining_model(run_dir: str | Path) -> CosmoFMForPretraining:
@@ -184,14 +282,16 @@ def load_pretraining_model(run_dir: str | Path) -> CosmoFMForPretraining:
     return model.eval()
 
 
-def _step_metrics(accelerator, out, step: int, lr: float, samples_per_s: float) -> dict:
-    """Loss averaged over processes (the global-batch loss) plus its parts."""
+def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per_s: float) -> dict:
+    """Loss averaged over processes (the global-batch loss) plus its parts and the gradient norm."""
     parts = {"loss": out.loss.detach().float()}
     if out.masked_loss is not None:
         parts["masked"] = out.masked_loss.detach().float()
         parts["masked_chi2"] = out.per_sample_chi2.float().mean()
     if out.contrastive_loss is not None:
         parts["contrastive"] = out.contrastive_loss.detach().float()
+    if grad_norm is not None:
+        parts["grad_norm"] = torch.as_tensor(grad_norm, device=parts["loss"].device).detach().float()
     names = sorted(parts)
     reduced = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
     row = {"step": step, **{k: float(v) for k, v in zip(names, reduced)}, "lr": lr, "samples_per_s": samples_per_s}
@@ -199,7 +299,40 @@ def _step_metrics(accelerator, out, step: int, lr: float, samples_per_s: float) 
     return row
 
 
-def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step: int):
+def _stop_if_diverged(row: dict, out_dir: Path, last_saved: int | None, check_grad: bool):
+    """Stop at the first non-finite loss or gradient norm.
+
+    Checked on the numbers `_step_metrics` has already brought to the host for the log,
+    so it adds no device sync; they are all-reduced, so every rank stops together. The
+    optimizer has already stepped on this step's gradients, so the weights may be bad,
+    but nothing was saved from them: this runs before any save, and every save and the
+    release check the weights themselves (`_check_finite_weights`).
+    """
+    keys = ("loss", "grad_norm") if check_grad else ("loss",)
+    bad = {k: row[k] for k in keys if k in row and not math.isfinite(row[k])}
+    if bad:
+        what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items())
+        raise TrainingDiverged(f"step {row['step']}", f"{what}; training stopped and saved nothing of this state", _diverged_fix(out_dir, last_saved))
+
+
+def _check_finite_weights(accelerator, model, step: int, out_dir: Path, last_saved: int | None):
+    """Never save non-finite weights: one device sync per save (which syncs anyway)."""
+    tensors = {k: t for k, t in accelerator.unwrap_model(model).state_dict().items() if t.is_floating_point()}
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()
+    # a collective, so that all ranks agree even if their replicas differed
+    if accelerator.reduce((~finite).float().reshape(1), reduction="sum").item() > 0:
+        names = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+        raise TrainingDiverged(f"step {step}", f"the weights are not finite ({', '.join(names[:3])}, ...); training stopped and saved nothing of this state",
+                               _diverged_fix(out_dir, last_saved))
+
+
+def _diverged_fix(out_dir: Path, last_saved: int | None) -> str:
+    kept = f"the last good checkpoint, step {last_saved}, is kept in {out_dir / CHECKPOINTS_DIR}" if last_saved is not None else "no checkpoint was saved"
+    return f"{kept}; lower optim.lr or optim.grad_clip, or check the data, then start again with --overwrite"
+
+
+def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step: int, last_saved: int | None):
+    _check_finite_weights(accelerator, model, step, Path(recipe.run.output_dir), last_saved)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
     if accelerator.is_main_process:
@@ -221,7 +354,7 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step
     accelerator.wait_for_everyone()
 
 
-def _check_resume_layout(meta: dict, recipe: PretrainRecipe, accelerator):
+def _check_resume_layout(meta: dict, recipe: PretrainRecipe):
     for key, now in (("global_batch", recipe.optim.global_batch), ("grad_accum", recipe.optim.grad_accum), ("seed", recipe.run.seed)):
         if meta.get(key) != now:
             raise InputError(

@@ -26,11 +26,10 @@ def _cmd_pretrain(args):
     from cosmofm.pretrain.recipe import PretrainRecipe
     from cosmofm.pretrain.train import pretrain
 
-    overrides = list(args.set or [])
+    recipe = PretrainRecipe.load(args.config, args.set or [])
     if args.output:
-        overrides.append(f"run.output_dir={args.output}")
-    recipe = PretrainRecipe.load(args.config, overrides)
-    summary = pretrain(recipe, resume=args.resume)
+        recipe.run.output_dir = args.output  # as given: read as YAML, `yes` or `[a]` would not be a path
+    summary = pretrain(recipe, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from)
     print(f"model: {summary['model_dir']}\nmetrics: {summary['metrics']}")
 
 
@@ -45,25 +44,36 @@ def _cmd_mock(args):
         raise InputError("--card", f"{card.name} is a {card.modality} card, not {expected}", f"use a {expected} card, e.g. {DEFAULT_CARDS[expected]}")
     if args.n <= 0:
         raise InputError("--n", f"must be positive, got {args.n}", "ask for at least one sample")
-    samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)
+    if args.seed < 0:
+        raise InputError("--seed", f"must not be negative, got {args.seed}", "give a seed of 0 or more")
     out = Path(args.out)
     if args.format == "fits":
         from cosmofm.data_cards.fits_io import write_fits
 
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise InputError("--out", f"{out} is a file, not a folder", "with --format fits, --out names the folder to write the FITS file into")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
         path = out / f"{card.name}-{args.n}.fits"
+        samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)
         write_fits(list(samples), path, card)
     else:
         from cosmofm.data_cards.hf_io import write_dataset
 
-        path = write_dataset(samples, out, [card])
+        path = write_dataset(generate(card, args.n, seed=args.seed, workers=args.workers, progress=True), out, [card])
     print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
 
 
 def _cmd_inspect(args):
-    from cosmofm.inspect import describe
+    from cosmofm.inspect import NotVerified, describe
 
-    print(describe(args.path))
+    try:
+        print(describe(args.path))
+    except NotVerified as e:
+        print(e.description)  # what could be read; main prints the error line and exits 2
+        raise
 
 
 def _cmd_push(args):
@@ -117,8 +127,10 @@ def _cmd_classify(args):
     from cosmofm.finetune.classification import classify
 
     summary = classify(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card,
-                       redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows)
+                       redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows, overwrite=args.overwrite)
     print(f"classified {summary['n_classified']} spectra ({summary['n_rows']} rows) -> {summary['output']}")
+    if summary["flags"]:
+        print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
 
 
 def _cmd_bench(args):
@@ -144,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="demo", help="recipe YAML path or shipped name (demo, tiny)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe entry, e.g. optim.lr=3e-4")
     t.add_argument("--output", help="run folder (overrides run.output_dir)")
-    t.add_argument("--resume", action="store_true", help="continue exactly from the run's latest checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the run's newest checkpoint that verifies")
+    t.add_argument("--resume-from", type=int, metavar="STEP", help="continue exactly from the checkpoint of this step")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the folder (its model, checkpoints, metrics, logs)")
     t.set_defaults(func=_cmd_pretrain)
 
     m = sub.add_parser("mock", help="generate mock observations as a datasets folder or FITS")
@@ -157,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes (output is the same for any number)")
     m.set_defaults(func=_cmd_mock)
 
-    i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder")
+    i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder",
+                       description="Describe PATH. Exit status 2 when it cannot be used: unreadable data, or a model "
+                                   "folder that fails verification (printed as NOT VERIFIED, then the error line).")
     i.add_argument("path")
     i.set_defaults(func=_cmd_inspect)
 
@@ -201,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify spectra in survey files with a fine-tuned model; write a catalogue")
     c.add_argument("input", nargs="+", help="survey file(s), folder(s) of them, or a datasets folder")
     c.add_argument("--model", required=True, help="classification model folder or repo id")
-    c.add_argument("--output", required=True, help="catalogue path (.fits or .parquet)")
+    c.add_argument("--output", required=True, help="catalogue path (.fits or .parquet); never one of the inputs, nor in an input folder")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     c.add_argument("--card", help="data card of the input (default: inferred from each file)")
     c.add_argument("--batch-size", type=int, default=256, help="spectra per forward pass")
     c.add_argument("--chunk-rows", type=int, default=1024, help="objects read at a time from one big file (bounds the memory; pieces under ~30 MB per array stay fastest)")

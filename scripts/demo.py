@@ -38,7 +38,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
         overrides.append(f"optim.max_steps={steps}")
     recipe = PretrainRecipe.load("demo", overrides)
     print(f"[1/5] pretraining on mocks of {', '.join(recipe.data.mock_cards)} for {recipe.optim.max_steps} steps")
-    summary = pretrain(recipe)
+    summary = pretrain(recipe, overwrite=True)  # the demo's own folder: a second demo replaces the first one's run
     losses = summary["losses"]
     k = max(1, len(losses) // 10)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
@@ -118,7 +118,7 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     new = mock_samples(load_card("4most-lrs"), n_new, seed=HELD_OUT_SEED + 2)
     eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
     catalogue = output / "classified.fits"
-    classify([str(eso)], result["model_dir"], catalogue, progress=False)
+    classify([str(eso)], result["model_dir"], catalogue, progress=False, overwrite=True)  # the demo's own file
     rows = read_catalogue(catalogue)
     truth = {s.id: s.meta["labels"] for s in new}
     accuracy = float(np.mean([str(c) == truth[str(o)]["spectral_class"] for o, c in zip(rows["OBJECT"], rows["CLASS"])]))

@@ -57,6 +57,7 @@ from cosmofm.heads.calibration import softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.redshift_scan import RedshiftScanner
 from cosmofm.heads.template_fit import TemplateFitter, refine_redshifts
+from cosmofm.pretrain.checkpoint import latest_checkpoint
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import pretrain
 
@@ -84,7 +85,9 @@ def pretrained_backbone(work: Path, max_steps: int) -> str:
     if not (out / "model" / "config.json").exists():
         recipe = PretrainRecipe.load(RECIPE, [f"run.output_dir={out}", f"optim.max_steps={max_steps}", f"run.save_every={max_steps}", "run.progress=true"])
         t0 = time.perf_counter()
-        summary = pretrain(recipe)
+        # an interrupted earlier bench run: continue from its checkpoint, or start it again
+        resume = latest_checkpoint(out) is not None
+        summary = pretrain(recipe, resume=resume, overwrite=not resume)
         (out / "bench_pretrain.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "steps": summary["steps"],
                                                             "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1]}))
     return str(out / "model")
