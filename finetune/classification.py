@@ -661,7 +661,7 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     """
     from tqdm.auto import tqdm
 
-    from cosmofm.data_cards.catalogue import ID_COLUMNS, CatalogueWriter, catalogue_format
+    from cosmofm.data_cards.io.catalogue import ID_COLUMNS, CatalogueWriter, catalogue_format
     from cosmofm.data_cards.readers import piece_readers
     from cosmofm.heads.redshift_scan import RedshiftScanner
 
@@ -952,7 +952,7 @@ def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[st
     was classified; FLAGS from the reader's flags and the classifier's `skipped` ones."""
     from astropy.table import MaskedColumn
 
-    from cosmofm.data_cards.catalogue import ID_COLUMNS
+    from cosmofm.data_cards.io.catalogue import ID_COLUMNS
 
     ident = result.identifiers
     ids = [str(x) for x in ident["id"]] if len(ident) else sample_ids

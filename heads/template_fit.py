@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmofm.data_cards.mock_spectra import CLASSES, draw_object, rest_model
+from cosmofm.data_cards.mocks.spectra import CLASSES, draw_object, rest_model
 
 DELTA = 1e-4  # dex per pixel of the log-wavelength grid (SDSS's loglam step)
 REST_LOG_RANGE = (np.log10(700.0), np.log10(11500.0))

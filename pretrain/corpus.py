@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.hf_io import SampleDataset, write_dataset
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.readers import read_any
 from cosmofm.data_cards.readers.ours import sniff_dataset
 from cosmofm.data_cards.sample import Sample

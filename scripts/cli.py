@@ -35,7 +35,7 @@ def _cmd_pretrain(args):
 
 def _cmd_mock(args):
     from cosmofm.data_cards.errors import InputError
-    from cosmofm.data_cards.mock import generate
+    from cosmofm.data_cards.mocks.generators import generate
     from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
     expected = MOCK_KINDS[args.kind]
@@ -48,7 +48,7 @@ def _cmd_mock(args):
         raise InputError("--seed", f"must not be negative, got {args.seed}", "give a seed of 0 or more")
     out = Path(args.out)
     if args.format == "fits":
-        from cosmofm.data_cards.fits_io import write_fits
+        from cosmofm.data_cards.io.fits_io import write_fits
 
         if out.exists() and not out.is_dir():
             raise InputError("--out", f"{out} is a file, not a folder", "with --format fits, --out names the folder to write the FITS file into")
@@ -60,7 +60,7 @@ def _cmd_mock(args):
         samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)
         write_fits(list(samples), path, card)
     else:
-        from cosmofm.data_cards.hf_io import write_dataset
+        from cosmofm.data_cards.io.hf_io import write_dataset
 
         path = write_dataset(generate(card, args.n, seed=args.seed, workers=args.workers, progress=True), out, [card])
     print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
@@ -94,7 +94,7 @@ def _cmd_pull(args):
 
 def _cmd_finetune(args):
     from cosmofm.data_cards.errors import InputError
-    from cosmofm.data_cards.mock import generate
+    from cosmofm.data_cards.mocks.generators import generate
     from cosmofm.data_cards.schema import load_card
     from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.hub import EVAL_NAME, local_hub_root, pull, push
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
@@ -103,8 +103,8 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
 def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 1200, n_new: int = 200) -> dict:
     """Fine-tune the spectral classification head on labelled mocks, then classify a
     4MOST-like ESO Phase 3 file of new objects, as a user would, and score it."""
-    from cosmofm.data_cards.catalogue import read_catalogue
-    from cosmofm.data_cards.survey_files import write_eso_sdp
+    from cosmofm.data_cards.io.catalogue import read_catalogue
+    from cosmofm.data_cards.io.survey_files import write_eso_sdp
     from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, redshift_metrics
 
     card = load_card("sdss-like")

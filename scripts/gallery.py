@@ -14,11 +14,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cosmofm.data_cards.mock import generate  # noqa: E402
-from cosmofm.data_cards.mock_spectra import BROAD, NEBULAR, STELLAR  # noqa: E402
-from cosmofm.data_cards.mock_images import mock_blend  # noqa: E402
+from cosmofm.data_cards.mocks.generators import generate  # noqa: E402
+from cosmofm.data_cards.mocks.spectra import BROAD, NEBULAR, STELLAR  # noqa: E402
+from cosmofm.data_cards.mocks.images import mock_blend  # noqa: E402
 from cosmofm.data_cards.schema import load_card  # noqa: E402
-from cosmofm.data_cards.sim21cm import power_spectrum  # noqa: E402
+from cosmofm.data_cards.mocks.sim21cm import power_spectrum  # noqa: E402
 
 
 def _save(fig, title: str, path: Path) -> Path:

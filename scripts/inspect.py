@@ -69,11 +69,11 @@ def _data(p: Path, card, options: dict) -> str:
         options = {"limit": PREVIEW_OBJECTS, **options}
     result = read_any(p, card=card, format=fmt.name if fmt else None, **options)
     if result.format == "cosmofm-fits":
-        from cosmofm.data_cards.fits_io import data_unit
+        from cosmofm.data_cards.io.fits_io import data_unit
 
         unit = data_unit(result.card) if result.card else "?"
         return _summary(list(result.samples), f"FITS file {p} (cosmofm layout), values in {unit}") + _extras(result, card_line=True, limit=options.get("limit"))
-    from cosmofm.data_cards.fits_io import data_unit
+    from cosmofm.data_cards.io.fits_io import data_unit
 
     header = (
         f"{fmt.description if fmt else result.format} {p}\n"
@@ -140,7 +140,7 @@ def _summary(samples: list[Sample], header: str) -> str:
 
 
 def _dataset(p: Path) -> str:
-    from cosmofm.data_cards.hf_io import SampleDataset
+    from cosmofm.data_cards.io.hf_io import SampleDataset
 
     ds = SampleDataset(p)
     n = len(ds)

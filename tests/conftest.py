@@ -8,7 +8,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a real hub
 
 from cosmofm.data_cards import load_card  # noqa: E402
-from cosmofm.data_cards.mock import mock_samples  # noqa: E402
+from cosmofm.data_cards.mocks.generators import mock_samples  # noqa: E402
 
 CARD_NAMES = ["sdss-like", "lsst-like", "ska-hi-like", "lightcone-21cm"]
 

@@ -10,10 +10,10 @@ import torch
 import cosmofm
 from cosmofm.cli import main as cli_main
 from cosmofm.data_cards import load_card
-from cosmofm.data_cards.catalogue import read_catalogue
+from cosmofm.data_cards.io.catalogue import read_catalogue
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock import mock_samples
-from cosmofm.data_cards.mock_spectra import CLASSES
+from cosmofm.data_cards.mocks.generators import mock_samples
+from cosmofm.data_cards.mocks.spectra import CLASSES
 from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, peft_available, predict
 from cosmofm.finetune.model_card import load_eval_results
 from cosmofm.heads.calibration import expected_calibration_error, fit_temperature, softmax
@@ -168,8 +168,8 @@ def test_frozen_keeps_backbone_and_lora_merges(labelled, sdss):
 
 
 def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
-    from cosmofm.data_cards.fits_io import write_fits
-    from cosmofm.data_cards.survey_files import write_desi_coadd, write_sdss_spec
+    from cosmofm.data_cards.io.fits_io import write_fits
+    from cosmofm.data_cards.io.survey_files import write_desi_coadd, write_sdss_spec
 
     sdss, desi = load_card("sdss-like"), load_card("desi-like")
     inputs = tmp_path / "in"
@@ -208,7 +208,7 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
 
 
 def test_classify_redshift_methods_and_epistemic_uncertainty(finetuned, tmp_path):
-    from cosmofm.data_cards.fits_io import write_fits
+    from cosmofm.data_cards.io.fits_io import write_fits
 
     sdss = load_card("sdss-like")
     spectra = [s for s in mock_samples(sdss, 30, seed=8) if s.meta["labels"]["spectral_class"].startswith(("GALAXY", "QSO"))][:6]
@@ -244,7 +244,7 @@ def test_classify_bad_input(finetuned, tmp_path):
     CosmoFMModel(CosmoFMConfig(survey_names=["sdss-like"], **TINY)).save_pretrained(backbone_dir)
     write_manifest(backbone_dir)
     spec = tmp_path / "spec.fits"
-    from cosmofm.data_cards.survey_files import write_sdss_spec
+    from cosmofm.data_cards.io.survey_files import write_sdss_spec
 
     write_sdss_spec(mock_samples(load_card("sdss-like"), 1)[0], spec)
     with pytest.raises(InputError, match="not a spectral classification model"):
@@ -265,7 +265,7 @@ def test_classify_bad_input(finetuned, tmp_path):
 
 
 def test_classify_datasets_folder(finetuned, tmp_path):
-    from cosmofm.data_cards.hf_io import write_dataset
+    from cosmofm.data_cards.io.hf_io import write_dataset
 
     sdss = load_card("sdss-like")
     folder = write_dataset(mock_samples(sdss, 5, seed=9), tmp_path / "ds", [sdss])
@@ -280,8 +280,8 @@ def test_classify_eso_sdp_and_plain_table(finetuned, tmp_path):
     import astropy.units as u
     from astropy.table import Table
 
-    from cosmofm.data_cards.catalogue import read_catalogue
-    from cosmofm.data_cards.survey_files import write_eso_sdp
+    from cosmofm.data_cards.io.catalogue import read_catalogue
+    from cosmofm.data_cards.io.survey_files import write_eso_sdp
 
     spectra = mock_samples(load_card("4most-lrs"), 3, seed=12)
     eso = write_eso_sdp(spectra, tmp_path / "ADP.2026-01-01T00:00:00.000.fits", objects=["a", "b", "c"])
@@ -305,7 +305,7 @@ def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path, monkeypa
     import tracemalloc
 
     import cosmofm.finetune.classification as classification
-    from cosmofm.data_cards.fits_io import write_fits
+    from cosmofm.data_cards.io.fits_io import write_fits
 
     sdss = load_card("sdss-like")
     spectra = mock_samples(sdss, 96, seed=21)

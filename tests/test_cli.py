@@ -82,7 +82,7 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
     report = run_demo(output=tmp_path, steps=8, n_labelled=120)
     assert report["reload_identical"] is True
     # the classifier step: a release, and a catalogue of the 4MOST-like ESO file (200 rows)
-    from cosmofm.data_cards.catalogue import read_catalogue
+    from cosmofm.data_cards.io.catalogue import read_catalogue
 
     assert (Path(report["classification"]["output_dir"]) / "model" / "model.safetensors").exists()
     assert len(read_catalogue(report["classification"]["catalogue"])) == 200

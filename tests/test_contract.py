@@ -133,7 +133,7 @@ def test_sample_rejects_unknown_modality_and_missing_coords():
 
 
 def test_mocks_follow_the_cards(cards):
-    from cosmofm.data_cards.mock import mock_samples, wavelength_grid
+    from cosmofm.data_cards.mocks.generators import mock_samples, wavelength_grid
 
     spec = mock_samples(cards["sdss-like"], 2, seed=1)[0]
     assert spec.shape == (cards["sdss-like"].n_pixels,)
@@ -151,7 +151,7 @@ def test_mocks_follow_the_cards(cards):
 
 
 def test_multi_window_card_builds_a_gapped_grid():
-    from cosmofm.data_cards.mock_spectra import wavelength_grid
+    from cosmofm.data_cards.mocks.spectra import wavelength_grid
 
     card = load_card("4most-hrs")
     grid = wavelength_grid(card)

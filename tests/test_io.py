@@ -1,4 +1,4 @@
-"""Tests of the FITS and Hugging Face `datasets` readers/writers (data_cards/fits_io.py, hf_io.py).
+"""Tests of the FITS and Hugging Face `datasets` readers/writers (data_cards/io/fits_io.py, hf_io.py).
 
 Round trips must be exact for every modality, units must be converted on read, and every
 bad input must surface as an InputError naming the file and the HDU/column.
@@ -16,9 +16,9 @@ from astropy.io import fits
 from huggingface_hub import DatasetCard
 
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.fits_io import data_unit, read_fits, write_fits
-from cosmofm.data_cards.hf_io import FEATURES, SampleDataset, row_to_sample, sample_to_row, write_dataset
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.io.fits_io import data_unit, read_fits, write_fits
+from cosmofm.data_cards.io.hf_io import FEATURES, SampleDataset, row_to_sample, sample_to_row, write_dataset
+from cosmofm.data_cards.mocks.generators import mock_samples
 
 CARD_NAMES = ["sdss-like", "lsst-like", "ska-hi-like", "lightcone-21cm"]
 
@@ -194,7 +194,7 @@ def test_fits_nan_with_positive_ivar_names_file_and_row(spectrum_file):
 def test_fits_row_ranges_read_only_those_rows(spectrum_file):
     """Streaming reads (issue 5: a million spectra in bounded memory) see the same samples,
     with file-wide row numbers in errors, and one shared wavelength grid per piece."""
-    from cosmofm.data_cards.fits_io import count_rows
+    from cosmofm.data_cards.io.fits_io import count_rows
 
     whole = read_fits(spectrum_file)
     assert count_rows(spectrum_file) == len(whole) == 4

@@ -12,8 +12,8 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock import mock_samples
-from cosmofm.data_cards.mock_cubes import (
+from cosmofm.data_cards.mocks.generators import mock_samples
+from cosmofm.data_cards.mocks.cubes import (
     HIMF_ALPHA,
     HIMF_LOG_MSTAR,
     SDC2_COLUMNS,

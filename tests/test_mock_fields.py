@@ -1,4 +1,4 @@
-"""Realism checks of the 21cm model (cosmofm.data_cards.sim21cm) and the field mocks.
+"""Realism checks of the 21cm model (cosmofm.data_cards.mocks.sim21cm) and the field mocks.
 
 Reference numbers from 21cmFAST 4.1.1 were measured on this project's CPU machine with
 `python -m cosmofm.bench.validate_21cm` (128 Mpc box, 64^3 cells, random_seed 12345,
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.schema import card_from_dict
-from cosmofm.data_cards.sim21cm import (
+from cosmofm.data_cards.mocks.sim21cm import (
     NU21_HZ, SimParams, brightness_prefactor, coeval_box, cosmology, crossing_redshift, density_field, lightcone,
     power_spectrum, remove_wedge, thermal_noise, thermal_noise_sigma, wedge_slope,
 )
-from cosmofm.data_cards.sim21cm.cosmology import L_FACTOR, tophat_window
-from cosmofm.data_cards.sim21cm.density import k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.cosmology import L_FACTOR, tophat_window
+from cosmofm.data_cards.mocks.sim21cm.density import k_magnitude
 
 # z(x_HI = 0.5) from 21cmFAST 4.1.1 (see the module docstring), 128 Mpc / 64^3 boxes.
 REFERENCE_21CMFAST = {
@@ -106,7 +106,7 @@ def test_generation_is_deterministic():
     np.testing.assert_array_equal(a.brightness_temp, b.brightness_temp)
     assert not np.array_equal(a.brightness_temp, c.brightness_temp)
     # a mock chunk is the same whether generated alone or after its neighbours (the cache is transparent)
-    from cosmofm.data_cards import mock_fields
+    from cosmofm.data_cards.mocks import fields as mock_fields
 
     card = load_card("lightcone-21cm")
     seq = mock_samples(card, 3, seed=9)

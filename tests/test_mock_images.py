@@ -1,4 +1,4 @@
-"""Realism checks of the image and blend generator (data_cards/mock_images.py).
+"""Realism checks of the image and blend generator (data_cards/mocks/images.py).
 
 Survey numbers against surveycodex, colours against speclite and the paired spectrum,
 pixels against GalSim's own drawImage, sizes / fluxes / shapes / PSF / noise against
@@ -15,8 +15,8 @@ import speclite.filters
 import surveycodex
 
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.mock_common import C_ANGSTROM_S
-from cosmofm.data_cards.mock_images import (
+from cosmofm.data_cards.mocks.common import C_ANGSTROM_S
+from cosmofm.data_cards.mocks.images import (
     MAX_HLR,
     MIN_HLR,
     NJY_AB_ZP,
@@ -34,7 +34,7 @@ from cosmofm.data_cards.mock_images import (
     sky_noise_njy,
     write_blend_fits,
 )
-from cosmofm.data_cards.mock_spectra import mock_object, mock_spectrum, rest_model
+from cosmofm.data_cards.mocks.spectra import mock_object, mock_spectrum, rest_model
 from cosmofm.data_cards.schema import card_from_dict
 
 IMAGE_CARDS = ["lsst-like", "hsc-like", "euclid-like"]

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from cosmofm.data_cards.mock import mock_object, mock_samples
-from cosmofm.data_cards.mock_images import band_fluxes
-from cosmofm.data_cards.mock_spectra import CLASSES, NEBULAR, draw_object, kauffmann03, kewley01, rest_model
+from cosmofm.data_cards.mocks.generators import mock_object, mock_samples
+from cosmofm.data_cards.mocks.images import band_fluxes
+from cosmofm.data_cards.mocks.spectra import CLASSES, NEBULAR, draw_object, kauffmann03, kewley01, rest_model
 
 
 def _line_moments(obj, line, resolving_power):
@@ -80,7 +80,7 @@ def test_image_fluxes_match_the_spectrum_colours(cards):
 
 
 def test_parallel_generation_equals_serial(cards):
-    from cosmofm.data_cards.mock import generate
+    from cosmofm.data_cards.mocks.generators import generate
 
     card = cards["sdss-like"]
     serial = list(generate(card, 6, seed=9, workers=1))

@@ -71,7 +71,7 @@ def test_normalisation_makes_tokens_unit_free(tiny_config):
 
 
 def test_image_tokens_know_their_band_and_sky_position(tiny_config, cards):
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.mocks.generators import mock_samples
 
     img = mock_samples(cards["lsst-like"], 1, seed=0)[0]
     model = CosmoFMModel(tiny_config)
@@ -158,7 +158,7 @@ def test_pretraining_loss_decreases_on_a_small_batch(tiny_config, mixed_samples)
 
 
 def test_contrastive_needs_pairs(tiny_config, cards):
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.mocks.generators import mock_samples
 
     model = CosmoFMForPretraining(tiny_config)
     cubes_only = collate_samples(mock_samples(cards["ska-hi-like"], 2, seed=0))
@@ -190,7 +190,7 @@ def test_global_batch_sampler_is_layout_independent_and_keeps_blocks():
 
 def test_gapped_multi_window_grid_keeps_the_true_pixel_step(tiny_config, cards):
     from cosmofm.data_cards import load_card
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.mocks.generators import mock_samples
 
     spec = mock_samples(load_card("4most-hrs"), 1, seed=0)[0]
     group = SpectrumTokenizer(tiny_config)(collate_samples([spec]).groups[0])

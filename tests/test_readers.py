@@ -16,12 +16,12 @@ from astropy.table import Table
 
 from cosmofm.cli import main
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.catalogue import CatalogueWriter, catalogue_rows, read_catalogue, write_catalogue
-from cosmofm.data_cards.fits_io import write_fits
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.io.catalogue import CatalogueWriter, catalogue_rows, read_catalogue, write_catalogue
+from cosmofm.data_cards.io.fits_io import write_fits
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.readers import air_to_vacuum, cutouts, detect, iter_cube_chunks, read_any, read_cutouts, vacuum_to_air
 from cosmofm.data_cards.readers.desi import _join_interpolated, join_cameras
-from cosmofm.data_cards.survey_files import write_desi_coadd, write_eso_sdp, write_fits_cube, write_fits_image, write_sdss_spec
+from cosmofm.data_cards.io.survey_files import write_desi_coadd, write_eso_sdp, write_fits_cube, write_fits_image, write_sdss_spec
 
 C_KMS = const.c.to_value("km/s")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cosmofm.data_cards import InputError, load_card
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.heads.redshift_scan import RedshiftScanner
 from cosmofm.heads.template_fit import TemplateFitter, build_templates
 

@@ -18,10 +18,10 @@ from astropy.table import Table
 
 from cosmofm.cli import main as cli_main
 from cosmofm.data_cards import load_card
-from cosmofm.data_cards.catalogue import read_catalogue
+from cosmofm.data_cards.io.catalogue import read_catalogue
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import write_fits
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.io.fits_io import write_fits
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.finetune.classification import classify
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMConfig
@@ -97,7 +97,7 @@ def _null(row) -> bool:
 def test_bad_pixels_are_masked_in_their_object_and_the_others_classified(fmt, sdss, spectra, model_dir, tmp_path):
     """A NaN pixel with ivar > 0 and a negative ivar each cost that pixel (masked, flagged on
     their object), not the piece: every other object gets what it gets without them."""
-    from cosmofm.data_cards.hf_io import write_dataset
+    from cosmofm.data_cards.io.hf_io import write_dataset
 
     bad = [s.__class__(s.modality, s.values.copy(), s.ivar.copy(), s.coords, s.meta) for s in spectra]
     bad[2].values[100], bad[2].ivar[100] = np.nan, 1.0
@@ -183,7 +183,7 @@ def test_flux_in_jy_under_an_erg_unit_is_flagged(sdss, spectra, model_dir, tmp_p
     """Fluxes in Jy under an erg/s/cm2/A unit (~1e12 too bright) are flagged on every object
     they reach, in inspect and in the catalogue; survey files in their own units are not."""
     from cosmofm.data_cards.readers import read_any
-    from cosmofm.data_cards.survey_files import write_desi_coadd, write_eso_sdp, write_sdss_spec
+    from cosmofm.data_cards.io.survey_files import write_desi_coadd, write_eso_sdp, write_sdss_spec
 
     s = spectra[0]
     wave = s.coords["wavelength"] * u.AA
@@ -250,10 +250,10 @@ def test_existing_output_needs_overwrite_and_a_failed_run_keeps_it(sdss, spectra
 def test_spools_of_killed_runs_are_removed_and_live_ones_kept(sdss, spectra, model_dir, tmp_path):
     """A run killed mid-way leaves its hidden spool of pieces; the next run writing the same
     catalogue removes it, but not the spool of a run still writing, nor another catalogue's."""
-    from cosmofm.data_cards.catalogue import CatalogueWriter
+    from cosmofm.data_cards.io.catalogue import CatalogueWriter
 
     out = tmp_path / "cat.parquet"
-    killed = ("import os, signal, sys\nfrom cosmofm.data_cards.catalogue import CatalogueWriter\n"
+    killed = ("import os, signal, sys\nfrom cosmofm.data_cards.io.catalogue import CatalogueWriter\n"
               "w = CatalogueWriter(sys.argv[1])\nw.add([{'ID': 'a', 'CLASS': 'QSO'}])\nos.kill(os.getpid(), signal.SIGKILL)\n")
     for target in (out, tmp_path / "other.parquet"):
         assert subprocess.run([sys.executable, "-c", killed, str(target)]).returncode == -9

@@ -25,7 +25,7 @@ import cosmofm
 from cosmofm.cli import main
 from cosmofm.data_cards import load_card
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.finetune.hub import LocalHub, assemble_release, pull, push
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel
@@ -62,7 +62,7 @@ def classifier(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def spectrum(tmp_path_factory):
-    from cosmofm.data_cards.survey_files import write_sdss_spec
+    from cosmofm.data_cards.io.survey_files import write_sdss_spec
 
     path = tmp_path_factory.mktemp("spectra") / "spec-4055-55359-0001.fits"
     write_sdss_spec(mock_samples(load_card("sdss-like"), 1, seed=1)[0], path)

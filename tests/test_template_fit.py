@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cosmofm.data_cards.mock import mock_samples
+from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.heads.template_fit import DELTA, TemplateFitter, build_templates, to_log_grid
 
 

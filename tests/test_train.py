@@ -193,8 +193,8 @@ def test_bf16_autocast_run_on_cpu(tmp_path):
 def test_pretrain_reads_survey_files_directly(tmp_path, cards):
     """recipe.data.datasets may name survey files as published (issue 7): no conversion step."""
     from cosmofm.data_cards import load_card
-    from cosmofm.data_cards.mock import mock_samples
-    from cosmofm.data_cards.survey_files import write_desi_coadd, write_eso_sdp
+    from cosmofm.data_cards.mocks.generators import mock_samples
+    from cosmofm.data_cards.io.survey_files import write_desi_coadd, write_eso_sdp
 
     eso = write_eso_sdp(mock_samples(load_card("4most-lrs"), 6, seed=4), tmp_path / "ADP.4most.fits")
     desi = write_desi_coadd(mock_samples(load_card("desi-like"), 6, seed=5), tmp_path / "coadd-main-dark-1.fits")

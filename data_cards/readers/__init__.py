@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import count_rows
+from cosmofm.data_cards.io.fits_io import count_rows
 from cosmofm.data_cards.readers import cubes, desi, eso, images, ours, sdss, tables
 from cosmofm.data_cards.readers.common import Flag, ReadResult, air_to_vacuum, fits_hdus, is_fits, vacuum_to_air
 from cosmofm.data_cards.readers.cubes import iter_cube_chunks

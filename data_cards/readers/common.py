@@ -30,7 +30,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import to_card_unit
+from cosmofm.data_cards.io.fits_io import to_card_unit
 from cosmofm.data_cards.sample import MASKED_ELEMENTS, Sample, mask_invalid
 from cosmofm.data_cards.schema import DEFAULT_CARDS, DataCard, SpectrumCard, available_cards, load_card
 

@@ -25,7 +25,7 @@ import astropy.units as u
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import parse_unit
+from cosmofm.data_cards.io.fits_io import parse_unit
 from cosmofm.data_cards.readers.common import (
     KEPT,
     SKIPPED,

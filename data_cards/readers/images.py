@@ -43,7 +43,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import data_unit, parse_unit
+from cosmofm.data_cards.io.fits_io import data_unit, parse_unit
 from cosmofm.data_cards.readers.common import (
     MASKED,
     SKIPPED,

@@ -43,7 +43,7 @@ def read_fits(path: Path, card=None, limit: int | None = None, rows: slice | Non
     with a flag on their object alone; for spectra, wavelengths nowhere near the card are
     an InputError naming the WAVELENGTH unit, and an implausible flux scale flags every
     object (`_check_spectra`)."""
-    from cosmofm.data_cards.fits_io import count_rows, read_fits as _read
+    from cosmofm.data_cards.io.fits_io import count_rows, read_fits as _read
     from cosmofm.data_cards.readers.common import resolve_card
 
     card = resolve_card(card)
@@ -96,7 +96,7 @@ def _check_spectra(path: Path, samples: list[Sample], card: SpectrumCard, flags:
 
 def _tunit(path: Path, name: str) -> u.UnitBase:
     """The TUNIT of column `name` of the SAMPLES table, from the cached headers (Angstrom when blank)."""
-    from cosmofm.data_cards.fits_io import parse_unit
+    from cosmofm.data_cards.io.fits_io import parse_unit
 
     header = hdu_named(fits_hdus(path) or (), "SAMPLES").header
     index = next((i for i in range(1, header.get("TFIELDS", 0) + 1) if str(header.get(f"TTYPE{i}", "")).strip().upper() == name), None)
@@ -110,7 +110,7 @@ def sniff_dataset(path: Path) -> bool:
 
 
 def _our_parquet(path: Path) -> bool:
-    from cosmofm.data_cards.hf_io import COLUMNS
+    from cosmofm.data_cards.io.hf_io import COLUMNS
 
     try:
         names = set(pq.read_schema(path).names)
@@ -122,7 +122,7 @@ def _our_parquet(path: Path) -> bool:
 def read_dataset(path: Path, card=None, limit: int | None = None) -> ReadResult:
     """A datasets folder / Parquet shards, read lazily (`MaskingDataset`): identifiers list
     every row's id, in the order of the samples."""
-    from cosmofm.data_cards.hf_io import SampleDataset
+    from cosmofm.data_cards.io.hf_io import SampleDataset
 
     ds = SampleDataset(path)
     cards = ds.load_cards()
@@ -153,7 +153,7 @@ class MaskingDataset(Sequence):
         try:
             return self.ds[index]
         except InputError:
-            from cosmofm.data_cards.hf_io import row_to_sample
+            from cosmofm.data_cards.io.hf_io import row_to_sample
 
             i = int(index) % len(self.ds)
             row = self.ds.hf.data.table.slice(i, 1).to_pylist()[0]  # the slow path: one bad row

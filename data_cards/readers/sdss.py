@@ -30,7 +30,7 @@ import numpy as np
 from cosmofm.data_cards.errors import InputError
 from astropy.io import fits
 
-from cosmofm.data_cards.fits_io import parse_unit
+from cosmofm.data_cards.io.fits_io import parse_unit
 from cosmofm.data_cards.readers.common import (
     SKIPPED,
     Flags,

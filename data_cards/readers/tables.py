@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from astropy.table import Table
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import parse_unit
+from cosmofm.data_cards.io.fits_io import parse_unit
 from cosmofm.data_cards.readers.common import (
     SKIPPED,
     Flags,

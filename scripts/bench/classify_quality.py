@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from cosmofm.data_cards.hf_io import SampleDataset, write_dataset
-from cosmofm.data_cards.mock import generate
+from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
+from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import (
     FinetuneConfig,

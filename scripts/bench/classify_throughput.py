@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from cosmofm.data_cards.fits_io import read_fits, write_fits
-from cosmofm.data_cards.mock import generate
+from cosmofm.data_cards.io.fits_io import read_fits, write_fits
+from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import REDSHIFT_METHODS, FinetuneConfig, build_model, classify
 from cosmofm.heads.template_fit import TemplateFitter

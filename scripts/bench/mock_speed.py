@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from cosmofm.data_cards.mock import generate
+from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
 CORPUS = {"spectrum": 1_000_000, "image": 100_000, "field": 10_000}

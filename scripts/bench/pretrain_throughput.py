@@ -78,7 +78,7 @@ def plain_encoder_flops(dtype: torch.dtype, repeats: int) -> float:
 
 
 def _bench_model_and_batch():
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.mocks.generators import mock_samples
     from cosmofm.data_cards.schema import load_card
     from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
 
@@ -106,8 +106,8 @@ def loader_samples_per_s(num_workers: int, n: int = 1024, batches: int = 48) -> 
     """Samples/s through the training input path: Arrow on disk -> Sample -> CosmoFMBatch."""
     from torch.utils.data import DataLoader
 
-    from cosmofm.data_cards.hf_io import SampleDataset, write_dataset
-    from cosmofm.data_cards.mock import mock_samples
+    from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
+    from cosmofm.data_cards.mocks.generators import mock_samples
     from cosmofm.data_cards.schema import load_card
     from cosmofm.pretrain.data import Collator, GlobalBatchSampler, SeededSamples
 

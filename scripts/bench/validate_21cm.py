@@ -1,4 +1,4 @@
-"""Validate cosmofm's 21cm model (`cosmofm.data_cards.sim21cm`) against 21cmFAST.
+"""Validate cosmofm's 21cm model (`cosmofm.data_cards.mocks.sim21cm`) against 21cmFAST.
 
 Runs both simulators on the same parameters and box (default 128 Mpc, 64^3 cells) and
 compares, per parameter set:
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmofm.data_cards.sim21cm import SimParams, coeval_box, cosmology, crossing_redshift, power_spectrum
+from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, crossing_redshift, power_spectrum
 
 PARAM_SETS = {
     "fiducial": {"HII_EFF_FACTOR": 30.0, "ION_Tvir_MIN": 4.69897},
@@ -122,7 +122,7 @@ def compare(ours: dict, ref: dict, box: float, n: int) -> dict:
 
 def _linear_theory_in_bins(box: float, n: int, z: float) -> np.ndarray:
     """EH98 linear P(k, z) averaged over the grid modes of each K_EDGES bin."""
-    from cosmofm.data_cards.sim21cm.density import k_magnitude
+    from cosmofm.data_cards.mocks.sim21cm.density import k_magnitude
 
     k = k_magnitude((n, n, n), box / n, real=False).ravel()
     which = np.digitize(k, K_EDGES) - 1
@@ -172,8 +172,8 @@ def plot(results: dict, path: Path):
 def measure_speed(n_lightcones: int = 3) -> dict:
     """Mock chunks of the shipped lightcone-21cm card per minute, one process (as the corpus makes them)."""
     from cosmofm.data_cards import load_card
-    from cosmofm.data_cards.mock import mock_samples
-    from cosmofm.data_cards.mock_fields import _layout
+    from cosmofm.data_cards.mocks.generators import mock_samples
+    from cosmofm.data_cards.mocks.fields import _layout
 
     card = load_card("lightcone-21cm")
     n_los, per = _layout(card)

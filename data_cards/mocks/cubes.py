@@ -65,7 +65,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock_common import C_KMS, object_rng
+from cosmofm.data_cards.mocks.common import C_KMS, object_rng
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard
 

@@ -159,7 +159,7 @@ class CatalogueWriter:
             self.abort()
             raise InputError("rows", "is empty", "pass at least one row")
         names = [c for c in self.order if c in self.fields] + [c for c in self.fields if c not in self.order]
-        schema = pa.schema([self.fields[c] for c in names], metadata={b"written_by": b"cosmofm.data_cards.catalogue"})
+        schema = pa.schema([self.fields[c] for c in names], metadata={b"written_by": b"cosmofm.data_cards.io.catalogue"})
         self.nulls |= {c for c in names if self.pieces_with[c] < len(self.parts)}  # null in the pieces that lack it
         tmp = self.spool / f"{self.path.name}.tmp"  # in the spool: a run killed while merging leaves nothing beside it
         try:
@@ -418,4 +418,4 @@ def _arrow(t: Table) -> pa.Table:
         meta = {b"unit": col.unit.to_string().encode()} if col.unit is not None else None
         fields.append(pa.field(name, arr.type, metadata=meta))
         arrays.append(arr)
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={b"written_by": b"cosmofm.data_cards.catalogue"}))
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata={b"written_by": b"cosmofm.data_cards.io.catalogue"}))

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.sim21cm.cosmology import NU21_HZ, cosmology
-from cosmofm.data_cards.sim21cm.density import k_grid
-from cosmofm.data_cards.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.cosmology import NU21_HZ, cosmology
+from cosmofm.data_cards.mocks.sim21cm.density import k_grid
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
 C_M_S = 299792458.0
 

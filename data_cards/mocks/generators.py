@@ -1,9 +1,9 @@
 """Mock observations of every modality, driven by a data card: the registry.
 
 One generator per modality, each in its own module and deterministic given
-(seed, index): spectra (mock_spectra.py, 13 classes with an instrument model),
-image stamps (mock_images.py), HI cube chunks (mock_cubes.py) and 21cm lightcone
-chunks (mock_fields.py). Spectra and images of the same (seed, index) show the same
+(seed, index): spectra (mocks/spectra.py, 13 classes with an instrument model),
+image stamps (mocks/images.py), HI cube chunks (mocks/cubes.py) and 21cm lightcone
+chunks (mocks/fields.py). Spectra and images of the same (seed, index) show the same
 object and share `meta["pair_id"]`.
 """
 
@@ -13,10 +13,10 @@ import multiprocessing
 from functools import partial
 from typing import Iterator
 
-from cosmofm.data_cards.mock_cubes import mock_cube
-from cosmofm.data_cards.mock_fields import mock_field
-from cosmofm.data_cards.mock_images import mock_blend, mock_image  # noqa: F401 (re-exported)
-from cosmofm.data_cards.mock_spectra import band_fluxes_njy, mock_object, mock_spectrum, wavelength_grid  # noqa: F401 (re-exported)
+from cosmofm.data_cards.mocks.cubes import mock_cube
+from cosmofm.data_cards.mocks.fields import mock_field
+from cosmofm.data_cards.mocks.images import mock_blend, mock_image  # noqa: F401 (re-exported)
+from cosmofm.data_cards.mocks.spectra import band_fluxes_njy, mock_object, mock_spectrum, wavelength_grid  # noqa: F401 (re-exported)
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard
 

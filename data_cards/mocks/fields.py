@@ -1,6 +1,6 @@
 """Mock simulated fields for a `FieldCard`: 21cm lightcone chunks, coeval boxes, density fields.
 
-The physics lives in `cosmofm.data_cards.sim21cm` (a 21cmFAST-like excursion-set model,
+The physics lives in `cosmofm.data_cards.mocks.sim21cm` (a 21cmFAST-like excursion-set model,
 numpy only); this module maps a card and (seed, index) to a `Sample`:
 
 - `quantity: brightness_temperature`, `lightcone: true`: lightcone *realisation*
@@ -30,12 +30,12 @@ from collections import OrderedDict
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock_common import object_rng
+from cosmofm.data_cards.mocks.common import object_rng
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import FieldCard
-from cosmofm.data_cards.sim21cm import SimParams, coeval_box, cosmology
-from cosmofm.data_cards.sim21cm.density import gaussian_field, lognormal_field
-from cosmofm.data_cards.sim21cm.reionization import lightcone_slices
+from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology
+from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, lognormal_field
+from cosmofm.data_cards.mocks.sim21cm.reionization import lightcone_slices
 
 QUANTITIES = ("brightness_temperature", "overdensity")
 SWITCHES = ("HMF", "LOGNORMAL")  # model switches: parameters, but not labels
@@ -114,7 +114,7 @@ def mock_field(card: FieldCard, seed: int, index: int) -> Sample:
     n, nlos = card.n_cells, card.los_cells
     box = card.box_size.to_value("Mpc")
     cell = box / n
-    meta = {"card": card.name, "id": f"{card.name}-{seed}-{index}", "simulator": "cosmofm.data_cards.sim21cm"}
+    meta = {"card": card.name, "id": f"{card.name}-{seed}-{index}", "simulator": "cosmofm.data_cards.mocks.sim21cm"}
     if card.lightcone:
         n_los, per = _layout(card)
         r, j = divmod(index, per)

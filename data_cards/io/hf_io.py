@@ -34,7 +34,7 @@ import yaml
 from datasets import Features, List, Value
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.fits_io import data_unit, meta_from_columns, meta_to_json, pair_id_of
+from cosmofm.data_cards.io.fits_io import data_unit, meta_from_columns, meta_to_json, pair_id_of
 from cosmofm.data_cards.sample import AXES, COORD_UNITS, Sample
 from cosmofm.data_cards.schema import DataCard, load_card
 
@@ -295,7 +295,7 @@ def dataset_card_text(cards: list[DataCard], counts: dict[str, int], pretty_name
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {pretty_name}", ""]
     lines += [
-        f"{total} samples from {len(cards)} data card(s), written by `cosmofm.data_cards.hf_io.write_dataset`.",
+        f"{total} samples from {len(cards)} data card(s), written by `cosmofm.data_cards.io.hf_io.write_dataset`.",
         "Every number is physical: units are fixed by the data cards below and by the coordinate units in the schema.",
         "",
         "| card | modality | survey | samples | license |",
@@ -336,7 +336,7 @@ def _schema_section(modalities: list[str]) -> list[str]:
         "Load as Samples (memory-mapped):",
         "",
         "```python",
-        "from cosmofm.data_cards.hf_io import SampleDataset",
+        "from cosmofm.data_cards.io.hf_io import SampleDataset",
         'samples = SampleDataset("path/to/this/folder")',
         "```",
     ]
@@ -547,7 +547,7 @@ def _load(path: Path, cache_dir) -> datasets.Dataset:
         shards = sorted(path.glob("*.parquet"))
         if shards:
             return _load_parquet(shards, cache_dir)
-    raise InputError(str(path), "is not a dataset saved by write_dataset, a .parquet file, or a folder of .parquet shards", "write the samples with cosmofm.data_cards.hf_io.write_dataset")
+    raise InputError(str(path), "is not a dataset saved by write_dataset, a .parquet file, or a folder of .parquet shards", "write the samples with cosmofm.data_cards.io.hf_io.write_dataset")
 
 
 def _load_parquet(files: list[Path], cache_dir) -> datasets.Dataset:
@@ -567,7 +567,7 @@ def _load_parquet(files: list[Path], cache_dir) -> datasets.Dataset:
 def _check_columns(schema: pa.Schema, where: str, exact_types: bool) -> None:
     missing = [c for c in COLUMNS if c not in schema.names]
     if missing:
-        raise InputError(where, f"is not a dataset saved by write_dataset: missing column(s) {missing} (has {schema.names})", "write it with cosmofm.data_cards.hf_io.write_dataset (columns: " + ", ".join(COLUMNS) + ")")
+        raise InputError(where, f"is not a dataset saved by write_dataset: missing column(s) {missing} (has {schema.names})", "write it with cosmofm.data_cards.io.hf_io.write_dataset (columns: " + ", ".join(COLUMNS) + ")")
     if exact_types:
         for name in COLUMNS:
             have, want = schema.field(name).type, ARROW_SCHEMA.field(name).type

@@ -69,8 +69,8 @@ from typing import Any
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mock_common import C_ANGSTROM_S, object_rng
-from cosmofm.data_cards.mock_spectra import R_BAND, ObjectParams, mock_object, rest_model
+from cosmofm.data_cards.mocks.common import C_ANGSTROM_S, object_rng
+from cosmofm.data_cards.mocks.spectra import R_BAND, ObjectParams, mock_object, rest_model
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import ImageCard
 

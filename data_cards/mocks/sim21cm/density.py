@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.sim21cm.cosmology import L_FACTOR, cosmology, tophat_window
-from cosmofm.data_cards.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.cosmology import L_FACTOR, cosmology, tophat_window
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
 KINDS = ("gaussian", "lognormal")
 

@@ -1,6 +1,6 @@
 """A fast 21cmFAST-like semi-numerical model of reionisation (numpy only), and its observation.
 
-    from cosmofm.data_cards.sim21cm import SimParams, lightcone, coeval_box, density_field
+    from cosmofm.data_cards.mocks.sim21cm import SimParams, lightcone, coeval_box, density_field
     lc = lightcone({"HII_EFF_FACTOR": 30, "ION_Tvir_MIN": 4.7}, box_size=64.0, n_cells=32, z_min=7, z_max=12, seed=0)
     lc.brightness_temp  # (D, 32, 32) mK; lc.redshifts, lc.frequencies, lc.los_distances, lc.global_xHI
 
@@ -11,11 +11,11 @@ noise, foreground wedge). The reference simulator is 21cmFAST (Mesinger, Furlane
 Cen 2011; Murray et al. 2020); `scripts/bench/validate_21cm.py` compares the two.
 """
 
-from cosmofm.data_cards.sim21cm.cosmology import NU21_HZ, Cosmology, cosmology, frequency_hz
-from cosmofm.data_cards.sim21cm.density import DensityField, density_field, power_spectrum
-from cosmofm.data_cards.sim21cm.observe import SKA_LOW, Telescope, remove_wedge, thermal_noise, thermal_noise_sigma, wedge_slope
-from cosmofm.data_cards.sim21cm.params import SimParams
-from cosmofm.data_cards.sim21cm.reionization import CoevalBox, Lightcone, brightness_prefactor, coeval_box, crossing_redshift, lightcone, lightcone_slices
+from cosmofm.data_cards.mocks.sim21cm.cosmology import NU21_HZ, Cosmology, cosmology, frequency_hz
+from cosmofm.data_cards.mocks.sim21cm.density import DensityField, density_field, power_spectrum
+from cosmofm.data_cards.mocks.sim21cm.observe import SKA_LOW, Telescope, remove_wedge, thermal_noise, thermal_noise_sigma, wedge_slope
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.reionization import CoevalBox, Lightcone, brightness_prefactor, coeval_box, crossing_redshift, lightcone, lightcone_slices
 
 __all__ = [
     "NU21_HZ", "SKA_LOW", "CoevalBox", "Cosmology", "DensityField", "Lightcone", "SimParams", "Telescope",

@@ -46,9 +46,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, cosmology, erfc, erfcinv, frequency_hz, tophat_window
-from cosmofm.data_cards.sim21cm.density import _check_box, gaussian_field, k_magnitude
-from cosmofm.data_cards.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, cosmology, erfc, erfcinv, frequency_hz, tophat_window
+from cosmofm.data_cards.mocks.sim21cm.density import _check_box, gaussian_field, k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
 DELTA_R_HII_FACTOR = 1.1  # ratio of successive smoothing radii (21cmFAST default)
 R_BUBBLE_MIN = L_FACTOR  # Mpc, 21cmFAST's default floor on the smallest radius
@@ -201,7 +201,7 @@ class Lightcone:
         then the foreground wedge is removed from signal and noise together
         (`observe.remove_wedge`, chunks of `wedge_chunk` slices, default H).
         """
-        from cosmofm.data_cards.sim21cm.observe import SKA_LOW, remove_wedge, thermal_noise
+        from cosmofm.data_cards.mocks.sim21cm.observe import SKA_LOW, remove_wedge, thermal_noise
 
         out = self.brightness_temp.astype(np.float64)
         if noise is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmofm.data_cards.mock_common import C_ANGSTROM_S, object_rng
+from cosmofm.data_cards.mocks.common import C_ANGSTROM_S, object_rng
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import SpectrumCard
 

@@ -312,7 +312,7 @@ def _load_table(path: Path, rows: slice | None = None) -> tuple[fits.Header, dic
     if failure and failure[0] == "corrupt":
         raise InputError(str(path), f"is not a readable FITS file ({failure[1][:200]})", "check that it is a complete FITS file (re-download or re-write it)")
     if failure and failure[0] == "missing":
-        raise InputError(f"{path}[{TABLE}]", f"no HDU named {TABLE} (HDUs: {failure[1]})", "write the file with cosmofm.data_cards.fits_io.write_fits, or name the sample table SAMPLES")
+        raise InputError(f"{path}[{TABLE}]", f"no HDU named {TABLE} (HDUs: {failure[1]})", "write the file with cosmofm.data_cards.io.fits_io.write_fits, or name the sample table SAMPLES")
     if failure:
         raise InputError(f"{path}[{TABLE}]", f"is a {failure[1]}, not a binary table", "store samples in a BinTableHDU named SAMPLES")
     return header, table

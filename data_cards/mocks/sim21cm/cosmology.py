@@ -27,7 +27,7 @@ import math
 import numpy as np
 from astropy.cosmology import Planck18
 
-from cosmofm.data_cards.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
 DELTA_C = 1.686  # spherical-collapse threshold (21cmFAST's delta_c_sph)
 RHO_CRIT_H2 = 2.775e11  # critical density today / h^2 in Msun / Mpc^3
