@@ -215,12 +215,26 @@ def test_galaxy_sizes_follow_the_size_luminosity_relation(image_cards):
     hlr = np.array([s.disk_hlr for s in disks])  # arcsec
     z = np.array([s.redshift for s in disks])
     assert len(disks) > 20
-    assert all(MIN_HLR <= s.disk_hlr < MAX_HLR and 0.05 < s.disk_q <= 1.0 for s in disks)
+    assert all(MIN_HLR <= s.disk_hlr <= MAX_HLR and 0.05 < s.disk_q <= 1.0 for s in disks)
     # at fixed redshift, size grows with luminosity: partial correlation of log size with M, given z
     x = np.column_stack([np.ones_like(z), np.log(z), m])
     coef = np.linalg.lstsq(x, np.log(hlr), rcond=None)[0]
     assert coef[2] < 0  # more negative M (brighter) -> larger
     assert 0.05 < np.mean([s.disk_q < 0.4 for s in disks]) < 0.5  # edge-on disks exist, not most
+
+
+def test_sources_carry_their_objects_luminosity(image_cards):
+    """Sizes use the object's own absolute magnitude (mock_object, exact K-correction);
+    a blend neighbour rescaled in flux is that much more or less luminous."""
+    card = image_cards["lsst-like"]
+    galaxies = _first(card, 4, lambda s: s.kind == "galaxy", limit=30)[:3]
+    assert galaxies
+    for index in galaxies:
+        obj, _ = mock_object(4, index)
+        assert draw_source(card, 4, index).abs_mag_r == pytest.approx(obj.mags["M_r"], abs=1e-9)
+        brighter = draw_source(card, 4, index, ref=(2, obj.mags["r"] - 1.0))
+        assert brighter.abs_mag_r == pytest.approx(obj.mags["M_r"] - 2.5 * np.log10(brighter.flux_scale), abs=1e-9)
+        assert brighter.abs_mag_r < obj.mags["M_r"]
 
 
 def test_blend_truth(image_cards, tmp_path):

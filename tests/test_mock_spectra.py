@@ -1,11 +1,19 @@
-"""Realism checks of the 13-class spectrum generator (lines, resolution, BPT, colours, S/N)."""
+"""Realism checks of the 13-class spectrum generator (lines, resolution, BPT, colours, S/N,
+and the magnitude-limited population: luminosity functions, magnitudes, redshifts)."""
 
+import astropy.units as u
 import numpy as np
 import pytest
+import speclite.filters
+from astropy.cosmology import Planck18
 
+from cosmofm.data_cards.mocks.common import C_ANGSTROM_S
 from cosmofm.data_cards.mocks.generators import mock_object, mock_samples
 from cosmofm.data_cards.mocks.images import band_fluxes
-from cosmofm.data_cards.mocks.spectra import CLASSES, NEBULAR, draw_object, kauffmann03, kewley01, rest_model
+from cosmofm.data_cards.mocks.luminosity import BLUE, RED, SURVEY_WINDOW, redshift_density
+from cosmofm.data_cards.mocks.spectra import (
+    CLASSES, NEBULAR, R_BAND, R_TOP_HAT, draw_object, kauffmann03, kewley01, magnitude_model, rest_model,
+)
 
 
 def _line_moments(obj, line, resolving_power):
@@ -89,3 +97,90 @@ def test_parallel_generation_equals_serial(cards):
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a.values, b.values)
         np.testing.assert_array_equal(a.ivar, b.ivar)
+
+
+def _rank_correlation(a, b):
+    """Spearman's rho (no ties in continuous draws)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def population():
+    """(class, z, r) of objects (31, 0..1299), as `mock_object` draws them."""
+    objs = [mock_object(31, i)[0] for i in range(1300)]
+    return np.array([o.cls for o in objs]), np.array([o.z for o in objs]), np.array([o.mags["r"] for o in objs])
+
+
+def test_objects_are_deterministic_and_inside_the_survey_window(population):
+    cls, z, r = population
+    assert np.all((r >= SURVEY_WINDOW[0]) & (r <= SURVEY_WINDOW[1]))
+    for index in (0, 7, 8, 9, 500):
+        (a, na), (b, nb) = mock_object(31, index), mock_object(31, index)
+        assert (a.cls, a.z, a.params, a.mags, na) == (b.cls, b.z, b.params, b.mags, nb)
+        assert (a.cls, a.z, a.mags["r"]) == (cls[index], z[index], r[index])
+    # every class's redshift range holds, and galaxies and QSOs fill more than a corner of it
+    for name in ("GALAXY", "GALAXY_STARFORMING", "GALAXY_STARBURST", "QSO_BROADLINE"):
+        zc = z[cls == name]
+        assert len(zc) > 60 and np.ptp(zc) > 0.2, name
+
+
+def test_galaxy_redshift_rises_with_apparent_magnitude(population):
+    """As in a magnitude-limited survey: faint galaxies are farther, and more numerous.
+    With r drawn uniformly and independently of z (the generator before the luminosity
+    functions) both halves of the window have the same median z and rho ~ 0."""
+    cls, z, r = population
+    gal = np.char.startswith(cls.astype(str), "GALAXY")
+    zg, rg = z[gal], r[gal]
+    assert gal.sum() > 300
+    bright = rg < np.mean(SURVEY_WINDOW)
+    assert bright.sum() > 30
+    assert np.median(zg[~bright]) - np.median(zg[bright]) > 0.05  # 0.10 here
+    assert _rank_correlation(rg, zg) > 0.2  # 0.33 here
+    assert np.sum(rg > 19.5) > 3 * np.sum(rg < 18.5)  # counts rise steeply with magnitude
+
+
+def test_luminosity_functions_give_the_observed_median_redshifts():
+    """Red + blue galaxies in the sky's proportions (the LFs' phi*), with the K-corrections
+    of mock SEDs: median z 0.10 at r < 17.77 as SDSS's main sample (Strauss et al. 2002),
+    0.2 at r < 19.8 as GAMA (Baldry et al. 2010)."""
+    rng = np.random.default_rng(3)
+    z = np.linspace(0.005, 0.4, 300)  # blue galaxies stop at their classes' z = 0.4
+    medians = []
+    for window in ((10.0, 17.77), (10.0, 19.8)):
+        total = np.zeros_like(z)
+        for cls, lf in (("GALAXY", RED), ("GALAXY_STARFORMING", BLUE)):
+            for _ in range(12):
+                _, k = magnitude_model(draw_object(rng, cls))
+                total += redshift_density(lf, z, lambda zz: k(zz, lf.key), window)
+        cdf = np.cumsum(total)
+        medians.append(float(np.interp(0.5 * cdf[-1], cdf, z)))
+    assert 0.085 < medians[0] < 0.12, medians
+    assert 0.17 < medians[1] < 0.23, medians
+
+
+def _ab_mag(f_lambda, wave, band):
+    return float(speclite.filters.load_filter(band).get_ab_magnitude(f_lambda * u.erg / u.s / u.cm**2 / u.AA, wave * u.AA))
+
+
+def test_magnitudes_are_those_of_the_spectrum():
+    """`obj.mags` against the noiseless spectrum: r in the R_TOP_HAT, and every absolute
+    magnitude through speclite from the rest-frame spectrum (exact K-correction, Planck18)."""
+    wave = np.arange(900.0, 12000.0, 0.25)
+    checked = set()
+    for index in range(100):
+        obj, norm = mock_object(12, index)
+        if obj.cls.startswith("STAR") or obj.cls in checked:
+            continue
+        checked.add(obj.cls)
+        f_obs = rest_model(obj, wave, 2000.0) * norm * 1e-17  # erg/s/cm^2/A
+        top_hat = (wave >= R_TOP_HAT[0]) & (wave <= R_TOP_HAT[1])
+        r = -2.5 * np.log10(f_obs[top_hat].mean() * R_BAND**2 / C_ANGSTROM_S / 3631e-23)
+        assert r == pytest.approx(obj.mags["r"], abs=0.01), obj.cls
+        # the spectrum the object would show at z_Q and 10 pc luminosity distance: M = its m
+        f_10pc = lambda rest: np.interp(rest * (1 + obj.z), wave, f_obs) * (1 + obj.z) * (Planck18.luminosity_distance(obj.z).to_value("pc") / 10) ** 2  # noqa: E731
+        for name, band, band_z in (("M_B", "bessell-B", 0.0), ("M_r", "sdss2010-r", 0.0), ("M_g(z=2)", "sdss2010-g", 2.0)):
+            if name in obj.mags:
+                lam = np.arange(3000.0, 8000.0, 0.25)
+                assert _ab_mag(f_10pc(lam / (1 + band_z)) / (1 + band_z), lam, band) == pytest.approx(obj.mags[name], abs=0.01), (obj.cls, name)
+    assert checked == {c for c in CLASSES if not c.startswith("STAR")}

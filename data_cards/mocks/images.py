@@ -14,14 +14,18 @@ An image of object (seed, index) shows the same object as `mock_spectrum(seed, i
   classes (`MORPHOLOGY`).
   - sizes: Shen et al. 2003 (MNRAS 343, 978, eqs. 14-16, r band) size-luminosity
     relations with their log-normal scatter, early-type for bulge-dominated galaxies and
-    late-type otherwise; the rest-frame absolute r magnitude comes from the SED itself
-    (exact K-correction) and Planck18 distances; sizes evolve as (1+z)^-0.75 (late) and
-    (1+z)^-1.48 (early) from Shen's z ~ 0.1 (van der Wel et al. 2014, ApJ 788, 28).
-    Half-light radii are circularised (GalSim's convention). `mock_object` draws r
-    magnitude and redshift independently, which puts many bright galaxies at low
-    redshift, where the relation gives radii larger than a ~6" stamp; radii are
-    therefore compressed smoothly, r -> r / sqrt(1 + (r / MAX_HLR)^2) (-7 % at 1",
-    -22 % at 2", never above MAX_HLR), and kept above MIN_HLR.
+    late-type otherwise, applied as published; the rest-frame absolute r magnitude is
+    `mock_object`'s (exact K-correction from the SED, Planck18 distances); sizes evolve
+    as (1+z)^-0.75 (late) and (1+z)^-1.48 (early) from Shen's z ~ 0.1 (van der Wel et
+    al. 2014, ApJ 788, 28). Half-light radii are circularised (GalSim's convention).
+    Galaxies are placed by their luminosity function (mocks/luminosity.py), so an
+    apparently bright galaxy is mostly a luminous one at moderate redshift and sizes
+    shrink with magnitude as on the sky (lsst-like mocks: median 1.7" at r < 18, 0.9"
+    at r > 19; 3 % above 2.5"). Each component's radius is kept within [MIN_HLR,
+    MAX_HLR]: the floor keeps profiles drawable, the ceiling keeps a disk's 99 % radius
+    inside the largest FFT box (8 stamps); it clips <1 % of galaxies, mostly the outer
+    disks of bright early types (bulge radius / BULGE_TO_DISK_SIZE). Radii are not
+    compressed otherwise.
   - axis ratios: oblate spheroids at random inclination, q^2 = cos^2 i + C^2 sin^2 i;
     disks have intrinsic thickness C/A ~ N(0.22, 0.06) (Ryden 2004, ApJ 601, 214),
     bulges and ellipticals C/A ~ N(0.6, 0.1) (apparent q of SDSS ellipticals peaking near
@@ -69,7 +73,7 @@ from typing import Any
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mocks.common import C_ANGSTROM_S, object_rng
+from cosmofm.data_cards.mocks.common import ARCSEC_PER_RAD, C_ANGSTROM_S, NJY_AB_ZP, distance_tables, filter_weights, object_rng
 from cosmofm.data_cards.mocks.spectra import R_BAND, ObjectParams, mock_object, rest_model
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import ImageCard
@@ -93,9 +97,7 @@ __all__ = [
     "write_blend_fits",
 ]
 
-NJY_AB_ZP = 2.5 * math.log10(3631e9)  # 31.4: AB magnitude of 1 nJy
-ARCSEC_PER_RAD = 180 / math.pi * 3600
-MIN_HLR, MAX_HLR = 0.03, 2.5  # arcsec: floor and soft ceiling of galaxy half-light radii (module docstring)
+MIN_HLR, MAX_HLR = 0.03, 8.0  # arcsec: floor and ceiling of each galaxy component's half-light radius (module docstring)
 NEIGHBOUR_INDEX0 = 1 << 40  # blend neighbours of (seed, index) are objects (seed, NEIGHBOUR_INDEX0 + 16 index + k)
 
 # Shen et al. 2003, r band (Table 1): log10(R50/kpc) vs absolute magnitude M, with the
@@ -272,41 +274,12 @@ def _model(card: ImageCard) -> _CardModel:
 
 # ---------------------------------------------------------------------------- band fluxes
 
-_SED_DLOGLAM = 5e-4  # grid step in ln(lambda): 3 per line sigma at R = 500
-_SED_R = 500.0  # resolving power of the SED used for band integrals (lines resolved by the grid)
-
-
-@functools.lru_cache(maxsize=64)
-def _filter_weights(filters: tuple[str | None, ...], wavelengths: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(wave [A], W (B, L)) so that band f_nu = W @ f_nu(wave): photon-counting AB
-    average, <f_nu> = int f_nu R dlambda/lambda / int R dlambda/lambda."""
-    import speclite.filters
-
-    curves = []
-    for name, lam in zip(filters, wavelengths):
-        if name is None:  # top hat, plain mean of f_nu over lambda as in band_fluxes_njy
-            curves.append((np.array([0.9 * lam, 1.1 * lam]), None))
-        else:
-            f = speclite.filters.load_filter(name)
-            keep = f.response > 1e-3 * f.response.max()
-            curves.append((np.asarray(f.wavelength[keep], float), (np.asarray(f.wavelength, float), np.asarray(f.response, float))))
-    lo = min(c[0].min() for c in curves)
-    hi = max(c[0].max() for c in curves)
-    wave = np.exp(np.arange(np.log(lo), np.log(hi) + _SED_DLOGLAM, _SED_DLOGLAM))
-    dlam = np.gradient(wave)
-    weights = np.zeros((len(curves), wave.size))
-    for b, (span, curve) in enumerate(curves):
-        if curve is None:
-            weights[b] = ((wave >= span[0]) & (wave <= span[1])) * dlam
-        else:
-            weights[b] = np.interp(wave, *curve, left=0.0, right=0.0) / wave * dlam
-        weights[b] /= weights[b].sum()
-    return wave, weights
+_SED_R = 500.0  # resolving power of the SED used for band integrals (lines resolved by common.SED_DLOGLAM)
 
 
 def _sed_fluxes(obj: ObjectParams, norm: float, filters: tuple[str | None, ...], wavelengths: tuple[float, ...]) -> np.ndarray:
     """Fluxes [nJy] in each band, then (last) in the +-10 % top hat around R_BAND."""
-    wave, weights = _filter_weights(filters + (None,), wavelengths + (R_BAND,))
+    wave, weights = filter_weights(filters + (None,), wavelengths + (R_BAND,))
     f_lambda = rest_model(obj, wave, _SED_R) * norm * 1e-17  # erg/s/cm^2/A
     return np.sum(weights * (f_lambda * wave**2 / C_ANGSTROM_S * 1e32), axis=1)  # nJy (no BLAS: see _components_k)
 
@@ -321,28 +294,6 @@ def band_fluxes(card: ImageCard, obj: ObjectParams, norm: float) -> np.ndarray:
 def _old_population(obj: ObjectParams) -> ObjectParams:
     """The galaxy's bulge: its old stars only (no young population, no lines), same dust."""
     return ObjectParams(obj.cls, obj.z, {**obj.params, "young_fraction": 0.0, "halpha_ew": 0.0})
-
-
-@functools.lru_cache(maxsize=1)
-def _distance_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z, distance modulus, kpc per arcsec) on a grid, Planck18."""
-    from astropy.cosmology import Planck18
-
-    z = np.concatenate([np.geomspace(1e-4, 0.01, 50, endpoint=False), np.linspace(0.01, 6.0, 1200)])
-    dm = Planck18.distmod(z).value
-    kpc_per_arcsec = Planck18.angular_diameter_distance(z).to_value("kpc") / ARCSEC_PER_RAD
-    return z, dm, kpc_per_arcsec
-
-
-def _abs_mag_r(obj: ObjectParams, norm: float) -> float:
-    """Rest-frame absolute AB magnitude in SDSS r (speclite sdss2010-r), K-corrected exactly:
-    M = -2.5 log10(<f_nu,obs(lambda (1+z))>_r / 3631 Jy) - DM(z) + 2.5 log10(1+z)."""
-    wave, weights = _filter_weights(("sdss2010-r",), (6166.0,))
-    observed = wave * (1 + obj.z)
-    f_lambda = rest_model(obj, observed, _SED_R) * norm * 1e-17
-    f_nu = float(np.sum(weights[0] * f_lambda * observed**2 / C_ANGSTROM_S * 1e32))
-    z, dm, _ = _distance_tables()
-    return NJY_AB_ZP - 2.5 * np.log10(max(f_nu, 1e-30)) - float(np.interp(obj.z, z, dm)) + 2.5 * np.log10(1 + obj.z)
 
 
 def _shen03_r50_kpc(abs_mag: float, early: bool, rng: np.random.Generator) -> float:
@@ -413,8 +364,8 @@ class Source:
         return (galsim.Shear(q=self.disk_q, beta=self.beta_deg * galsim.degrees).getMatrix() @ xy).T
 
 
-def _soft_cap(hlr: float) -> float:
-    return float(max(hlr / np.sqrt(1 + (hlr / MAX_HLR) ** 2), MIN_HLR))
+def _clip_hlr(hlr: float) -> float:
+    return float(np.clip(hlr, MIN_HLR, MAX_HLR))
 
 
 def _truncnorm(rng: np.random.Generator, mean: float, sigma: float, lo: float, hi: float) -> float:
@@ -446,14 +397,14 @@ def draw_source(card: ImageCard, seed: int, index: int, ref: tuple[int, float] |
     early = bt >= 0.5
     src.kind = "galaxy"
     src.bulge_n = float(rng.choice(prior.bulge_n, p=prior.bulge_n_p))
-    src.abs_mag_r = float(_abs_mag_r(obj, norm * scale))
+    src.abs_mag_r = float(obj.mags["M_r"] - 2.5 * np.log10(scale))  # rest-frame SDSS r, exact K-correction (mock_object)
     r50 = _shen03_r50_kpc(src.abs_mag_r, early, rng)
     r50 *= ((1 + obj.z) / (1 + SHEN03_Z)) ** SIZE_EVOLUTION["early" if early else "late"]
-    z_tab, _, kpc_per_arcsec = _distance_tables()
-    hlr = r50 / float(np.interp(obj.z, z_tab, kpc_per_arcsec))  # arcsec
+    t = distance_tables()
+    hlr = r50 / float(np.interp(obj.z, t.z, t.kpc_per_arcsec))  # arcsec
     ratio = float(np.clip(rng.lognormal(np.log(BULGE_TO_DISK_SIZE[0]), BULGE_TO_DISK_SIZE[1]), *BULGE_TO_DISK_SIZE[2:]))
     bulge_hlr, disk_hlr = (hlr, hlr / ratio) if early else (hlr * ratio, hlr)
-    src.bulge_hlr, src.disk_hlr = _soft_cap(bulge_hlr), _soft_cap(disk_hlr)
+    src.bulge_hlr, src.disk_hlr = _clip_hlr(bulge_hlr), _clip_hlr(disk_hlr)
     src.size_relation = "shen03-early" if early else "shen03-late"
     cos_i = rng.uniform(0, 1)
     src.disk_q = float(np.sqrt(cos_i**2 + _truncnorm(rng, *DISK_THICKNESS) ** 2 * (1 - cos_i**2)))
