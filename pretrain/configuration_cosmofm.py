@@ -49,6 +49,12 @@ class CosmoFMConfig(PretrainedConfig):
         contrastive_weight (`float`, 0.1): weight of the cross-modal alignment loss.
         contrastive_temperature (`float`, 0.1): InfoNCE temperature.
         projection_dim (`int`, 128): width of the contrastive projection.
+        cpu_kernels (`bool`, True): on CPU tensors, let the tokenizers take their CPU fast
+            paths (`cpu_kernels.py`: numpy selection for the pixel-weight median, the stem's
+            convolutions channels last for oneDNN, a grid shared by the batch processed once),
+            which give the reference path's tokens to float32 rounding. Other devices, and
+            torch.compile, always run the reference path; False runs it on CPU too (to check
+            or profile it). A choice of kernels, not of model: weights load either way.
         schema_version (`int`): version of this config's layout; see `SCHEMA_VERSION`.
     """
 
@@ -80,6 +86,7 @@ class CosmoFMConfig(PretrainedConfig):
         contrastive_weight: float = 0.1,
         contrastive_temperature: float = 0.1,
         projection_dim: int = 128,
+        cpu_kernels: bool = True,
         schema_version: int = SCHEMA_VERSION,
         **kwargs,
     ):
@@ -97,6 +104,8 @@ class CosmoFMConfig(PretrainedConfig):
         if spectrum_stem_channels < 0 or spectrum_stem_stride < 1 or spectrum_stem_kernel < 1 or spectrum_stem_kernel % 2 == 0:
             raise ValueError(f"spectrum_stem_channels must be >= 0, spectrum_stem_stride >= 1 and spectrum_stem_kernel odd; got "
                              f"{spectrum_stem_channels}, {spectrum_stem_stride}, {spectrum_stem_kernel}")
+        if not isinstance(cpu_kernels, bool):
+            raise ValueError(f"cpu_kernels must be true or false, got {cpu_kernels!r}")
         if schema_version > SCHEMA_VERSION:
             raise ValueError(
                 f"this checkpoint has config schema_version {schema_version}, newer than this cosmofm "
@@ -126,5 +135,6 @@ class CosmoFMConfig(PretrainedConfig):
         self.contrastive_weight = contrastive_weight
         self.contrastive_temperature = contrastive_temperature
         self.projection_dim = projection_dim
+        self.cpu_kernels = cpu_kernels
         self.schema_version = schema_version
         super().__init__(**kwargs)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,7 +38,8 @@ class MaskedReconstruction(nn.Module):
         )
 
     def forward(self, output: "CosmoFMOutput") -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns (loss, per-sample reduced chi-square (N,), per-modality mean reduced chi-square)."""
+        """Returns (loss, per-sample reduced chi-square (N,), per-modality mean reduced chi-square
+        over the samples with hidden measured pixels; NaN for a modality with none)."""
         hidden_states = output.last_hidden_state
         n = hidden_states.shape[0]
         per_sample = hidden_states.new_zeros(n, dtype=torch.float32)
@@ -53,8 +55,8 @@ class MaskedReconstruction(nn.Module):
             reduced = chi2 / dof.clamp(min=1)
             per_sample = per_sample.index_put((g.rows,), reduced)
             has_dof = has_dof.index_put((g.rows,), dof > 0)
-            if bool((dof > 0).any()):
-                per_modality[g.modality] = reduced[dof > 0].detach().mean()
+            counted = (dof > 0).to(reduced.dtype)
+            per_modality[g.modality] = ((reduced * counted).sum() / counted.sum()).detach()  # 0 / 0 = NaN: none counted
         per_sample_loss = per_sample.clamp(min=1e-6).log() if self.log_loss else per_sample
         # Mean over the local batch: with equal local batches, DDP's gradient average
         # then equals the gradient of the mean over the global batch.
@@ -104,26 +106,27 @@ class ContrastiveAlignment(nn.Module):
         self.temperature = config.contrastive_temperature
 
     def forward(self, output: "CosmoFMOutput", pair_ids: list[str]) -> torch.Tensor | None:
-        """Mean InfoNCE over samples that have a partner in another modality; None if none."""
+        """Mean InfoNCE over samples that have a partner in another modality; None when no
+        pair id occurs twice (known on the host), 0 when pairs share their modality."""
         z = F.normalize(self.proj(output.pooled).float(), dim=-1)  # (n, P)
-        modality = [""] * z.shape[0]
-        for g in output.token_groups:
-            for r in g.rows.tolist():
-                modality[r] = g.modality
-        z_all = gather_with_grad(z)
-        pid_all, mod_all = zip(*gather_labels(list(zip(pair_ids, modality))))
+        # pair ids are host-side labels: gathered and coded on the host
+        pid_all = gather_labels(list(pair_ids))
+        if not any(count > 1 for p, count in Counter(pid_all).items() if p):
+            return None
         codes = {p: i for i, p in enumerate(dict.fromkeys(pid_all))}
         pid = torch.tensor([codes[p] if p else -1 for p in pid_all], device=z.device)  # (n,)
-        mod = torch.tensor([MODALITIES.index(m) for m in mod_all], device=z.device)
+        modality = torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)  # rows' modalities, on the device
+        for g in output.token_groups:
+            modality[g.rows] = MODALITIES.index(g.modality)
+        z_all, mod = gather_with_grad(z), gather_with_grad(modality)  # (n, P), (n,)
         n = len(pid)
         positive = (pid[:, None] == pid[None, :]) & (pid[:, None] >= 0) & (mod[:, None] != mod[None, :])  # (n, n)
         anchors = positive.any(1)
-        if not bool(anchors.any()):
-            return None
         logits = z_all @ z_all.T / self.temperature  # (n, n)
         logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
         log_prob = logits.log_softmax(dim=1)
-        pos_log_prob = torch.logsumexp(log_prob.masked_fill(~positive, float("-inf")), dim=1)
+        partners = positive | ~anchors[:, None]  # a row without one takes every row instead: finite, then left out
+        pos_log_prob = torch.logsumexp(log_prob.masked_fill(~partners, float("-inf")), dim=1)
         # Every rank computes the same global loss; _GatherWithGrad sums its gradients
         # over ranks and DDP averages them, which gives the single-process gradient.
-        return -pos_log_prob[anchors].mean()
+        return -(pos_log_prob * anchors).sum() / anchors.sum().clamp(min=1)

@@ -9,6 +9,10 @@ other bands or pixel scales, land in one token space without resampling.
 
 Values are normalised per sample by their ivar-weighted RMS; ivar is scaled to match,
 so a chi-square computed on normalised patches equals the one in physical units.
+
+What is written here is the reference path: plain torch with no host round trips, the
+same on CPU, CUDA or the `meta` device. On CPU tensors, `config.cpu_kernels` swaps a few
+steps for faster equivalents kept in `cpu_kernels.py` (tested equal to these).
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import AXES
+from cosmofm.pretrain import cpu_kernels
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
-from cosmofm.pretrain.data import ModalityBatch, rows_equal
+from cosmofm.pretrain.data import ModalityBatch
 
 
 @dataclass
@@ -46,36 +50,31 @@ class FourierCoordinateEmbedding(nn.Module):
     """Embeds C scalar coordinates with sin/cos at log-spaced periods, then a linear map.
 
     `periods[c] = (shortest, longest)` in the coordinate's own unit: the range of
-    scales at which the model should tell coordinate values apart.
+    scales at which the model should tell coordinate values apart. `cpu_kernels`: on CPU,
+    embed a coordinate that repeats (over rows or tokens) once (`cpu_kernels.coordinate_embedding`).
     """
 
-    def __init__(self, periods: list[tuple[float, float]], n_frequencies: int, hidden_size: int):
+    def __init__(self, periods: list[tuple[float, float]], n_frequencies: int, hidden_size: int, cpu_kernels: bool = True):
         super().__init__()
         # Plain attributes, not buffers: they are fixed by the class, and transformers'
         # from_pretrained leaves non-persistent buffers uninitialised.
-        self.periods, self.n_frequencies = list(periods), n_frequencies
+        self.periods, self.n_frequencies, self.cpu_kernels = list(periods), n_frequencies, cpu_kernels
         self.proj = nn.Linear(2 * n_frequencies * len(periods), hidden_size)
+
+    def omegas(self, device: torch.device) -> torch.Tensor:
+        """(C, K) float64 angular frequencies, made on `device`."""
+        return torch.stack(
+            [2 * math.pi / torch.logspace(math.log10(lo), math.log10(hi), self.n_frequencies, dtype=torch.float64, device=device) for lo, hi in self.periods]
+        )
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         # coords (n, T, C) float64: phases in float64 so large coordinates keep precision
-        omegas = torch.stack(
-            [2 * math.pi / torch.logspace(math.log10(lo), math.log10(hi), self.n_frequencies, dtype=torch.float64) for lo, hi in self.periods]
-        ).to(coords.device)  # (C, K)
-        # proj(features) as a sum over the coordinates of their blocks of its weight, each
-        # coordinate embedded once where it repeats: a grid shared by every row (a survey
-        # file's wavelengths) or a value shared by every token (the sample's scale).
-        width = 2 * self.n_frequencies
-        out = self.proj.bias
-        for c in range(coords.shape[-1]):
-            x = coords[..., c]
-            if len(x) > 1 and rows_equal(x):
-                x = x[:1]
-            elif x.shape[1] > 1 and bool((x == x[:, :1]).all()):
-                x = x[:, :1]
-            phase = x.unsqueeze(-1) * omegas[c]  # (n or 1, T or 1, K)
-            feats = torch.cat([phase.sin(), phase.cos()], dim=-1).to(self.proj.weight.dtype)
-            out = out + nn.functional.linear(feats, self.proj.weight[:, c * width : (c + 1) * width])
-        return out.expand(*coords.shape[:2], -1)
+        omegas = self.omegas(coords.device)  # (C, K)
+        if cpu_kernels.applies(self.cpu_kernels, coords):
+            return cpu_kernels.coordinate_embedding(self.proj, coords, omegas)
+        phase = coords.unsqueeze(-1) * omegas  # (n, T, C, K)
+        feats = torch.cat([phase.sin(), phase.cos()], dim=-1).flatten(2)  # (n, T, C * 2K): per coordinate, its sines then cosines
+        return self.proj(feats.to(self.proj.weight.dtype))  # (n, T, D)
 
 
 class PatchTokenizer(nn.Module):
@@ -92,7 +91,8 @@ class PatchTokenizer(nn.Module):
         self.patch_size = math.prod(self.patch_shape)
         self.content = nn.Linear(2 * self.patch_size, config.hidden_size)  # [values, weight] per pixel
         self.weight_kind = config.pixel_weight
-        self.position = FourierCoordinateEmbedding(self.coord_periods, config.coord_frequencies, config.hidden_size)
+        self.cpu_kernels = config.cpu_kernels
+        self.position = FourierCoordinateEmbedding(self.coord_periods, config.coord_frequencies, config.hidden_size, config.cpu_kernels)
 
     def axis_features(self, centre: dict[str, torch.Tensor], step: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per-token coordinate features (each (n, T) float64) from axis centres and steps."""
@@ -104,13 +104,10 @@ class PatchTokenizer(nn.Module):
         pixel on a bright sky line reads as noisy rather than as an emission line."""
         if self.weight_kind == "mask":
             return mask
-        # 1/sigma is already 0 where the mask is (ivar = 0), so no multiplication by the mask:
-        # every pass over the pixels counts at inference.
-        # in place on the one fresh tensor: every allocation of a pixel-sized array counts too
-        sigma_inv = ivar.clamp(min=0).sqrt_().flatten(1)
-        median = masked_lower_median(sigma_inv, mask.flatten(1) > 0)
-        median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)
-        return sigma_inv.div_(median[:, None]).clamp_(max=3.0).view_as(mask)
+        sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)  # (n, L): 0 where masked (ivar = 0) already
+        median = sigma_inv.masked_fill(mask.flatten(1) == 0, float("nan")).nanmedian(dim=1).values  # (n,) lower median of the measured pixels
+        median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)  # nothing measured: any scale will do
+        return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
 
     def embed_content(self, patches: torch.Tensor, patch_mask: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
         """(n, T, P) normalised values, the mask to apply to them and their pixel weights -> (n, T, hidden_size)."""
@@ -156,14 +153,11 @@ class PatchTokenizer(nn.Module):
         n_per_axis = [(s + p) // q for s, p, q in zip(shape, pad, self.patch_shape)]
         centre, step = {}, {}
         for i, axis in enumerate(axes):
-            c = batch.coords[axis]  # (n, L_i)
-            # One grid shared by the whole batch (a survey file's): work on one row, broadcast.
-            shared = rows_equal(c)
-            c = _extend(c[:1] if shared else c, pad[i])
-            # median pixel step: robust to the gaps of multi-window spectrographs
-            d = c.diff(dim=1).abs().median(dim=1).values if c.shape[1] > 1 else torch.ones_like(c[:, 0])
-            centres = c.view(len(c), n_per_axis[i], self.patch_shape[i]).mean(-1)  # (n or 1, T_i)
-            d, centres = d.expand(n), centres.expand(n, -1)
+            args = (batch.coords[axis], pad[i], n_per_axis[i], self.patch_shape[i])  # coordinates (n, L_i)
+            if cpu_kernels.applies(self.cpu_kernels, args[0]):  # a grid shared by the batch: one row, broadcast
+                centres, d = cpu_kernels.once_per_batch(_axis_centres_and_step, *args)
+            else:
+                centres, d = _axis_centres_and_step(*args)  # (n, T_i), (n,)
             view = [n] + [1] * len(axes)
             view[1 + i] = n_per_axis[i]
             centre[axis] = centres.view(view).expand(n, *n_per_axis).reshape(n, -1)
@@ -185,40 +179,38 @@ class PatchTokenizer(nn.Module):
         )
 
 
-def masked_lower_median(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per row of x (n, L), the lower median of the entries where `valid` (NaN for a row with
-    none): what torch's nanmedian gives with NaN where not valid.
-
-    On CPU numpy's selection (np.partition) is ~2x faster than torch's, all passes counted: the
-    invalid entries become -inf (the first `below` of them in the row) or +inf, balanced so
-    that the row's own lower median, rank (L - 1) // 2, is the valid entries' (rank
-    (count - 1) // 2 among them).
-    """
-    if x.device.type != "cpu" or x.requires_grad or x.dtype not in (torch.float32, torch.float64):
-        return x.masked_fill(~valid, float("nan")).nanmedian(dim=1).values
-    length = x.shape[1]
-    mid = (length - 1) // 2
-    invalid = ~valid.numpy()
-    count = length - invalid.sum(1)
-    below = mid - (count - 1) // 2  # in [floor(m / 2), ceil(m / 2)] for m = length - count invalid entries
-    filled = np.where(invalid, np.inf, x.numpy())
-    filled[invalid & (np.cumsum(invalid, axis=1, dtype=np.int32) <= below[:, None])] = -np.inf
-    median = np.partition(filled, mid, axis=1)[:, mid]
-    return torch.from_numpy(np.where(count > 0, median, np.nan).astype(filled.dtype))
-
-
 def token_mask(seeds: torch.Tensor, n_tokens: int, ratio: float, valid: torch.Tensor) -> torch.Tensor:
     """Hide round(ratio * T) tokens per sample, chosen by the sample's own seed.
 
     Seeding per sample (not from the global RNG) makes the mask independent of how the
-    batch is split over processes and workers, so 1- and 2-process runs agree.
+    batch is split over processes and workers, so 1- and 2-process runs agree. The hidden
+    tokens are those with the k smallest keys hash(seed, token index): integer arithmetic
+    on the batch's device, the same on every device (no generator on the host).
     """
     k = max(1, round(ratio * n_tokens))
-    out = torch.zeros(len(seeds), n_tokens, dtype=torch.bool)
-    for i, seed in enumerate(seeds.tolist()):
-        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
-        out[i, order[:k]] = True
-    return out.to(valid.device) & valid
+    seeds = seeds.long()
+    state = _hash32(_hash32(seeds & _LOW32) ^ ((seeds >> 32) & _LOW32))  # (n,) the seed's 64 bits mixed into 32
+    keys = _hash32(state[:, None] ^ torch.arange(n_tokens, device=seeds.device))  # (n, T)
+    chosen = keys.argsort(dim=1, stable=True)[:, :k]
+    hidden = torch.zeros(len(seeds), n_tokens, dtype=torch.bool, device=seeds.device).scatter_(1, chosen, True)
+    return hidden & valid
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64 (Wellons' "lowbias32"), exact in int64."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for x in [0, 2**32), in halves so that no int64 product overflows."""
+    return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _LOW32
 
 
 def _patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
@@ -231,6 +223,15 @@ def _patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:
     d = len(shape)
     order = [0] + [1 + 2 * i for i in range(d)] + [2 + 2 * i for i in range(d)]
     return x.permute(order).reshape(n, -1, math.prod(patch))
+
+
+def _axis_centres_and_step(c: torch.Tensor, pad: int, n_tokens: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates c (n, L) of one axis, extended by `pad` elements -> the centres of its
+    n_tokens patches (n, n_tokens) and its median pixel step (n,): robust to the gaps of
+    multi-window spectrographs."""
+    c = _extend(c, pad)
+    step = c.diff(dim=1).abs().median(dim=1).values if c.shape[1] > 1 else torch.ones_like(c[:, 0])
+    return c.reshape(len(c), n_tokens, patch).mean(-1), step
 
 
 def _extend(c: torch.Tensor, k: int) -> torch.Tensor:
@@ -274,34 +275,14 @@ class SpectrumTokenizer(PatchTokenizer):
     def embed_content(self, patches, patch_mask, patch_weight):
         if self.stem is None:
             return super().embed_content(patches, patch_mask, patch_weight)
+        if cpu_kernels.applies(self.cpu_kernels, patches):
+            return cpu_kernels.spectrum_stem_content(self.stem, self.content, patches, patch_mask, patch_weight)
         n, t, p = patches.shape
-        # The two inputs interleaved pixel by pixel, (n, T, P, 2): channels last for the stem,
-        # where each Conv1d runs as a 2-D convolution of height 1 so that oneDNN takes its
-        # channels-last kernels (~3x faster than conv1d's on CPU for these few channels), and
-        # one matrix product for the linear map of each patch's pixels.
-        pixels = torch.empty(n, t, p, 2, dtype=patches.dtype, device=patches.device)
-        if patches.requires_grad:  # out= does not differentiate
-            pixels[..., 0] = patches * patch_mask
-        else:
-            torch.mul(patches, patch_mask, out=pixels[..., 0])  # masked as they are interleaved: one pass
-        pixels[..., 1] = patch_weight
-        x = pixels.view(n, 1, t * p, 2).permute(0, 3, 1, 2)  # (n, 2, 1, T*P)
-        for layer in self.stem:
-            if isinstance(layer, nn.Conv1d):
-                x = nn.functional.conv2d(x, layer.weight.unsqueeze(2), layer.bias, stride=(1, layer.stride[0]),
-                                         padding=(0, layer.padding[0]), dilation=(1, layer.dilation[0]))
-            else:  # elementwise: applied to the (n, 1, T*P, C) view, which is contiguous. On the
-                # channels-last (n, C, 1, T*P) tensor itself, torch's GELU takes a ~2x slower path.
-                x = layer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        # max- and mean-pooled over each patch's positions: oneDNN's channels-last pooling
-        x, window = x[..., : t * (p // self.stem[0].stride[0])], (1, p // self.stem[0].stride[0])
-        pooled = torch.cat([nn.functional.max_pool2d(x, window), nn.functional.avg_pool2d(x, window)], dim=1)[:, :, 0].transpose(1, 2)  # (n, T, 2C)
-        # content(cat([patches, weights, pooled])) as a sum over the blocks of its weight (its
-        # pixel columns put in the interleaved order): the same map without copying every
-        # pixel into a concatenation first.
-        w = self.content.weight
-        w_pixels = w[:, : 2 * p].view(-1, 2, p).transpose(1, 2).reshape(-1, 2 * p)
-        return nn.functional.linear(pixels.view(n, t, 2 * p), w_pixels, self.content.bias) + nn.functional.linear(pooled, w[:, 2 * p :])
+        values = patches * patch_mask
+        x = torch.stack([values, patch_weight], dim=1).view(n, 2, t * p)  # (n, 2, L): the stem runs over the whole spectrum
+        local = self.stem(x).view(n, -1, t, p // self.stem[0].stride[0])  # (n, C, T, P / stride)
+        pooled = torch.cat([local.amax(-1), local.mean(-1)], dim=1).transpose(1, 2)  # (n, T, 2C): max and mean over each patch
+        return self.content(torch.cat([values, patch_weight, pooled], dim=-1))  # (n, T, D)
 
     def axis_features(self, centre, step):
         lam = centre["wavelength"]
