@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +23,9 @@ import yaml
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import MODALITIES
 
-CARDS_DIR = Path(__file__).parent / "cards"
+# The shipped cards: package data, read through importlib.resources so that any install
+# (editable, wheel, zip) finds them. A Traversable: `/`, `iterdir`, `is_file`, `read_text`.
+CARDS_DIR = resources.files(__package__) / "cards"
 
 
 def _quantity(unit: str, positive: bool = True, default=dataclasses.MISSING):
@@ -189,18 +192,24 @@ DEFAULT_CARDS = {"spectrum": "sdss-like", "image": "lsst-like", "cube": "ska-hi-
 
 def available_cards() -> list[str]:
     """Names of the cards shipped with the package."""
-    return sorted(p.stem.replace("_", "-") for p in CARDS_DIR.glob("*.yaml"))
+    return sorted(p.name.removesuffix(".yaml").replace("_", "-") for p in CARDS_DIR.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_card(name_or_path: str | Path) -> DataCard:
     """Load a shipped card by name (`"sdss-like"`) or any card from a YAML path."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = CARDS_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
-        if not path.exists():
+        shipped = CARDS_DIR / f"{str(name_or_path).replace('-', '_')}.yaml"
+        if not shipped.is_file():
             raise InputError("card", f"no shipped card named {name_or_path!r}", f"use one of {available_cards()} or a path to a YAML card")
+        with resources.as_file(shipped) as real:  # the file itself, unless the package is zipped
+            return _card_file(real)
     if not path.exists():
         raise InputError("card", f"file {path} does not exist", "give the path to a YAML data card")
+    return _card_file(path)
+
+
+def _card_file(path: Path) -> DataCard:
     stat = path.stat()
     raw = _parsed_yaml(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     return card_from_dict(copy.deepcopy(raw), source=str(path))

@@ -7,9 +7,8 @@
 Fine-tuning (zoobot's `finetune.py` in spirit: one class per task, few knobs, one way
 to name the starting weights): the labelled samples are split by index into train /
 calibration / test blocks; the model trains with AdamW in the minimal Accelerate loop
-(pretrain/train.py), strategies `frozen` (head only: a probe on the frozen backbone),
-`full` (everything) or `lora` (low-rank adapters on the attention qkv / proj layers via
-peft, merged into the weights before saving). Then the temperature (Guo et al. 2017)
+(pretrain/train.py), with one of the strategies of `finetune/strategies.py` (frozen
+probe, last-n blocks, LoRA, full; layer-wise LR decay). Then the temperature (Guo et al. 2017)
 and split-conformal threshold (alpha from the calibration error rate unless given) are fitted on the calibration block and
 stored in the config, and the test block gives the metrics written to
 `eval_results.json` (the format `finetune/model_card.load_eval_results` reads) and three
@@ -32,6 +31,8 @@ import torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
+from cosmofm.finetune.metrics import classification_metrics, pull_width, redshift_error_scale, redshift_metrics
+from cosmofm.finetune.strategies import Strategy, apply_strategy, eval_frozen_layers, finish_strategy
 from cosmofm.heads.calibration import (
     ConformalClassifier,
     coverage,
@@ -47,30 +48,22 @@ from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpe
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.data import collate_samples, rows_equal
 
-STRATEGIES = ("frozen", "full", "lora")
-CATASTROPHIC_DZ = 0.0033  # |dz| / (1 + z) above this is a catastrophic redshift (~1000 km/s)
-
-
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 @dataclass
 class FinetuneConfig:
     """Fine-tuning knobs.
 
     Args:
-        strategy (`str`, "frozen"): "frozen" (head only), "full" or "lora".
+        strategy (`str`, "frozen"): "frozen" (head only), "last-n" (the last n_blocks
+            blocks and the head), "lora" or "full" (`finetune.strategies`).
+        n_blocks (`int`, 0): blocks trained by "last-n".
+        layer_decay (`float`, 1.0): layer-wise LR decay, the factor per block below the last.
         epochs (`int`, 5): passes over the training block.
         batch_size (`int`, 32): samples per optimizer step.
         lr (`float`, 1e-3): AdamW peak learning rate (head; the backbone uses lr * backbone_lr_scale),
             reached after `warmup_fraction` of the steps and decayed to 0 on a cosine (as in pretraining).
         warmup_fraction (`float`, 0.05): fraction of the optimizer steps spent warming up.
-        backbone_lr_scale (`float`, 0.3): backbone LR / head LR for "full".
+        backbone_lr_scale (`float`, 0.3): backbone LR / head LR for "full" and "last-n".
         weight_decay (`float`, 0.01): AdamW weight decay on matrices.
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
@@ -94,6 +87,8 @@ class FinetuneConfig:
     """
 
     strategy: str = "frozen"
+    n_blocks: int = 0
+    layer_decay: float = 1.0
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-3
@@ -118,10 +113,7 @@ class FinetuneConfig:
     progress: bool = False
 
     def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise InputError("strategy", f"is {self.strategy!r}", f"use one of {list(STRATEGIES)}")
-        if self.strategy == "lora" and not peft_available():
-            raise InputError("strategy", "lora needs peft, which is not installed", "pip install -c constraints.txt peft, or use frozen / full")
+        self.tuning  # building the Strategy checks its knobs
         if not 0 < self.label_fraction <= 1:
             raise InputError("label_fraction", f"must be in (0, 1], got {self.label_fraction}", "e.g. 0.1 for 10% of the labels")
         if not (0 < self.calibration_fraction < 1 and 0 < self.test_fraction < 1 and self.calibration_fraction + self.test_fraction < 1):
@@ -132,6 +124,11 @@ class FinetuneConfig:
             raise InputError("epochs / batch_size", "must be >= 1", "train for at least one epoch")
         if self.alpha is not None and not 0 < self.alpha < 1:
             raise InputError("alpha", f"must be in (0, 1) or None (chosen from the calibration block), got {self.alpha}", "e.g. 0.05 for 95% coverage")
+
+    @property
+    def tuning(self) -> Strategy:
+        """The fine-tuning strategy these knobs name."""
+        return Strategy(self.strategy, self.n_blocks, self.layer_decay, self.backbone_lr_scale, self.lora_rank, self.lora_alpha)
 
 
 def split_indices(n: int, cfg: FinetuneConfig) -> dict[str, np.ndarray]:
@@ -166,7 +163,7 @@ def build_model(card, cfg: FinetuneConfig, backbone=None, backbone_config: dict 
         torch.manual_seed(cfg.seed)
         return CosmoFMForSpectralClassification.from_backbone_config(config, head)
     if not isinstance(backbone, CosmoFMModel):
-        from cosmofm.release import from_pretrained
+        from cosmofm.finetune.release import from_pretrained
 
         loaded = from_pretrained(backbone)
         if isinstance(loaded, CosmoFMForSpectralClassification) or not isinstance(loaded, CosmoFMModel):
@@ -177,24 +174,6 @@ def build_model(card, cfg: FinetuneConfig, backbone=None, backbone_config: dict 
     torch.manual_seed(cfg.seed)
     model = CosmoFMForSpectralClassification.from_backbone_config(backbone.config, head)
     model.cosmofm.load_state_dict(backbone.state_dict())
-    return model
-
-
-def _apply_strategy(model: CosmoFMForSpectralClassification, cfg: FinetuneConfig):
-    if cfg.strategy == "frozen":
-        model.cosmofm.requires_grad_(False)
-    elif cfg.strategy == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=r".*attn\.(qkv|proj)")
-        model.cosmofm = get_peft_model(model.cosmofm, lora)  # freezes all but the adapters
-    return model
-
-
-def _merge_lora(model: CosmoFMForSpectralClassification, cfg: FinetuneConfig):
-    if cfg.strategy == "lora":
-        model.cosmofm = model.cosmofm.merge_and_unload()
-    model.cosmofm.requires_grad_(True)
     return model
 
 
@@ -226,34 +205,6 @@ def predict(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], 
     if z:
         res["redshift"], res["redshift_err"] = torch.cat(z).numpy(), torch.cat(z_err).numpy()
     return res
-
-
-def redshift_metrics(z_true: np.ndarray, z_pred: np.ndarray) -> dict[str, float]:
-    """Catastrophic fraction (|dz|/(1+z) > 0.0033, or no redshift at all) and NMAD =
-    1.4826 median|dz/(1+z) - median| over the redshifts given."""
-    dz = (np.asarray(z_pred) - np.asarray(z_true)) / (1 + np.asarray(z_true))
-    given = dz[np.isfinite(dz)]
-    return {
-        "redshift_catastrophic_fraction": float(np.mean(~(np.abs(dz) <= CATASTROPHIC_DZ))),  # NaN counts as a failure
-        "redshift_nmad": float(1.4826 * np.median(np.abs(given - np.median(given)))) if given.size else float("nan"),
-        "redshift_bias": float(np.median(given)) if given.size else float("nan"),
-    }
-
-
-def classification_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Accuracy, per-class and macro recall (classes present in `labels` only), confusion matrix."""
-    pred = probs.argmax(axis=1)
-    c = len(class_names)
-    confusion = np.zeros((c, c), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    support = confusion.sum(axis=1)
-    recall = {name: float(confusion[i, i] / support[i]) for i, name in enumerate(class_names) if support[i] > 0}
-    return {
-        "accuracy": float(np.mean(pred == labels)),
-        "macro_recall": float(np.mean(list(recall.values()))),
-        "per_class_recall": recall,
-        "confusion": confusion,
-    }
 
 
 def _make_accelerator():
@@ -292,7 +243,9 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         raise InputError("samples", f"only {len(samples)} labelled samples", "give at least 10 (train, calibration and test blocks)")
     splits = split_indices(len(samples), cfg)
     set_seed(cfg.seed)
-    model = _apply_strategy(build_model(card, cfg, backbone, backbone_config), cfg)
+    strategy = cfg.tuning
+    model = build_model(card, cfg, backbone, backbone_config)
+    param_groups = apply_strategy(model, strategy, cfg.lr, cfg.weight_decay)
     head = model.head_config
     labels, redshifts = labels_from_samples(samples, head)
     teacher_logits = None
@@ -303,13 +256,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         teacher_logits = torch.zeros(len(samples), head.n_classes)
         teacher_logits[splits["train"]] = torch.as_tensor(predict(teacher, [samples[int(i)] for i in splits["train"]], batch_size=256)["logits"])
 
-    head_params = [p for p in model.head.parameters() if p.requires_grad]
-    body_params = [p for p in model.cosmofm.parameters() if p.requires_grad]
-    groups = []
-    for params, lr in ((head_params, cfg.lr), (body_params, cfg.lr * (cfg.backbone_lr_scale if cfg.strategy == "full" else 1.0))):
-        groups += [{"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]])
+    optimizer = torch.optim.AdamW(param_groups)
     train = splits["train"]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     n_steps = cfg.epochs * steps_per_epoch
@@ -323,8 +270,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     history = []
     for _ in range(cfg.epochs):
         model.train()
-        if cfg.strategy == "frozen":  # a frozen backbone is also kept out of dropout
-            accelerator.unwrap_model(model).cosmofm.eval()
+        eval_frozen_layers(accelerator.unwrap_model(model), strategy)
         order = rng.permutation(train)
         total = 0.0
         for index in np.array_split(order, steps_per_epoch):
@@ -346,7 +292,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         history.append(total / len(train))
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     bar.close()
-    model = _merge_lora(accelerator.unwrap_model(model), cfg)
+    model = finish_strategy(accelerator.unwrap_model(model), strategy)
 
     metrics, arrays = calibrate_and_evaluate(model, samples, splits, labels.numpy(), None if redshifts is None else redshifts.numpy(), cfg.alpha,
                                               cfg.mc_samples)
@@ -424,7 +370,7 @@ def calibrate_scan_redshifts(model: CosmoFMForSpectralClassification, samples: S
     z_scan, err_scan = scan_samples(scanner, [samples[int(i)] for i in splits["test"]], redshift_candidates(p_test, names))
     z_true = redshifts[splits["test"]]
     metrics = {f"redshift_scan_{k[len('redshift_'):]}": v for k, v in redshift_metrics(z_true, z_scan).items()}
-    metrics.update(redshift_scan_error_scale=scale, redshift_scan_pull_width=_pull_width(z_true, z_scan, err_scan * scale))
+    metrics.update(redshift_scan_error_scale=scale, redshift_scan_pull_width=pull_width(z_true, z_scan, err_scan * scale))
     return metrics, {"z_true": z_true, "z_scan": z_scan, "z_scan_err": err_scan * scale}
 
 
@@ -461,22 +407,6 @@ def scan_collated(scanner, collated, candidates: list[list[str]]) -> tuple[np.nd
         cat = (lambda i: parts[0][i]) if len(parts) == 1 else (lambda i: torch.cat([p[i] for p in parts]))
         z[rows], z_err[rows], _ = scanner.fit_best(wave, cat(2), cat(3), [candidates[r] for r in rows])
     return z, z_err
-
-
-def redshift_error_scale(z_true: np.ndarray, z: np.ndarray, z_err: np.ndarray) -> float:
-    """The factor that makes redshift errors match the scatter on held-out objects: the
-    robust width of (z - z_true) / z_err over those that are not catastrophic (1 when
-    there are fewer than 20). Like the temperature of the class probabilities, fitted on
-    the calibration block; the chi-square curvature alone underestimates the errors of
-    the binned scan ~1.3x on our mocks (binning and template mismatch)."""
-    width = _pull_width(z_true, z, z_err)
-    return float(width) if np.isfinite(width) and width > 0 else 1.0
-
-
-def _pull_width(z_true: np.ndarray, z: np.ndarray, z_err: np.ndarray) -> float:
-    """1.4826 x median |pull| over objects whose redshift is not catastrophic (NaN below 20)."""
-    ok = np.isfinite(z) & np.isfinite(z_err) & (z_err > 0) & (np.abs(z - z_true) / (1 + z_true) <= CATASTROPHIC_DZ)
-    return float(1.4826 * np.median(np.abs((z - z_true)[ok] / z_err[ok]))) if ok.sum() >= 20 else float("nan")
 
 
 def eval_results(metrics: dict, card_name: str) -> dict:
@@ -575,13 +505,10 @@ def load_classifier(model) -> CosmoFMForSpectralClassification:
     """A classification model from a release folder / repo id (verified) or as given."""
     if isinstance(model, CosmoFMForSpectralClassification):
         return model
-    from cosmofm.release import from_pretrained
+    from cosmofm.finetune.release import from_pretrained
+    from cosmofm.heads.classification import TASK_TYPE
 
-    loaded = from_pretrained(model)
-    if not isinstance(loaded, CosmoFMForSpectralClassification):
-        raise InputError(str(model), f"is a {type(loaded).__name__}, not a spectral classification model",
-                         "give the model folder written by `cosmofm finetune --task classification`")
-    return loaded
+    return from_pretrained(model, expect_task=TASK_TYPE)  # a backbone or another task's model: refused before loading
 
 
 def input_files(inputs) -> list[Path]:

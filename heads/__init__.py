@@ -1,5 +1,8 @@
 """Task heads on the CosmoFM backbone, one module per task, and their classical baselines.
 
+`base`: the task seam: head configs (`TaskHeadConfig`, saved as `config.task`), the
+backbone + head base (`CosmoFMForTask`), `@register_task` and the `Task` protocol; the
+loader finds every task registered in this package's modules by `task.type`.
 `classification`: spectral class + redshift head (`CosmoFMForSpectralClassification`),
 with `calibration` (temperature scaling, conformal sets) and the classical redshift
 methods it is compared with and falls back on (`redshift_scan`, `template_fit`).

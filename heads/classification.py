@@ -18,29 +18,28 @@ restores the calibrated model exactly.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
-from transformers.utils import ModelOutput
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
-from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
+from cosmofm.heads.base import CosmoFMForTask, TaskHeadConfig, TaskOutput, register_task
 from cosmofm.pretrain.data import CosmoFMBatch
-from cosmofm.pretrain.modeling_cosmofm import CosmoFMModel, CosmoFMOutput, CosmoFMPreTrainedModel
+from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
 
 TASK_TYPE = "spectral-classification"
 LOGVAR_RANGE = (-14.0, 4.0)  # clamp on log sigma^2 of log(1+z): sigma in ~[1e-3, 7.4]
 
 
 @dataclass
-class ClassificationHeadConfig:
-    """The head's settings; stored as `config.task` (a dict) in config.json.
+class ClassificationHeadConfig(TaskHeadConfig):
+    """The head's settings; stored as `config.task` (a dict, with `type` and `schema_version`) in config.json.
 
     Args:
         class_names: ordered class names; index = class id (the card's label schema).
@@ -58,7 +57,7 @@ class ClassificationHeadConfig:
         conformal_alpha (`float | None`): miscoverage level of the conformal sets.
         conformal_threshold (`float | None`): LAC score threshold (class in set when 1 - p <= it).
         redshift_error_scale (`float`, 1.0): factor on the redshift scan's errors, fitted on a
-            calibration split (finetune.classification.redshift_error_scale).
+            calibration split (finetune.metrics.redshift_error_scale).
         card (`str`): the data card whose label schema gave the classes.
     """
 
@@ -76,9 +75,11 @@ class ClassificationHeadConfig:
     conformal_threshold: float | None = None
     redshift_error_scale: float = 1.0
     card: str = ""
-    type: str = TASK_TYPE
+
+    TYPE: ClassVar[str] = TASK_TYPE
 
     def __post_init__(self):
+        super().__post_init__()
         self.class_names = [str(c) for c in self.class_names]
         if len(self.class_names) < 2:
             raise InputError("task.class_names", f"needs at least 2 classes, got {self.class_names}", "build the head config from a card with a class label schema (ClassificationHeadConfig.from_card)")
@@ -87,11 +88,9 @@ class ClassificationHeadConfig:
         if not self.temperature > 0:
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
         if not self.redshift_error_scale > 0:
-            raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with finetune.classification.redshift_error_scale")
+            raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with finetune.metrics.redshift_error_scale")
         if self.pooling not in ("attention", "mean"):
             raise InputError("task.pooling", f"is {self.pooling!r}", "use 'attention' or 'mean'")
-        if self.type != TASK_TYPE:
-            raise InputError("task.type", f"is {self.type!r}, not {TASK_TYPE!r}", "load this model with the class for its task")
 
     @property
     def n_classes(self) -> int:
@@ -108,18 +107,13 @@ class ClassificationHeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "ClassificationHeadConfig":
-        if not isinstance(d, dict):
-            raise InputError("config.task", "is missing", "this config is not a classification model; build one with ClassificationHeadConfig.from_card")
-        known = {f.name for f in fields(cls)}
-        d = {"pooling": "mean", **d}  # configs saved before attention pooling existed used the mean
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        if isinstance(d, dict):
+            d = {"pooling": "mean", **d}  # configs saved before attention pooling existed used the mean
+        return super().from_dict(d)
 
 
 @dataclass
-class SpectralClassificationOutput(ModelOutput):
+class SpectralClassificationOutput(TaskOutput):
     """What the classification model returns.
 
     loss: cross-entropy (+ redshift_weight x Gaussian NLL of log(1+z)); only with labels.
@@ -184,23 +178,16 @@ class SpectralClassificationHead(nn.Module):
         return logits, z
 
 
-class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
+@register_task(TASK_TYPE, auto_class=AutoModelForSequenceClassification)
+class CosmoFMForSpectralClassification(CosmoFMForTask):
     """Backbone + spectral classification / redshift head; the head's settings are `config.task`."""
 
-    def __init__(self, config: CosmoFMConfig):
-        super().__init__(config)
-        self.head_config = ClassificationHeadConfig.from_dict(getattr(config, "task", None))
-        config.task = self.head_config.to_dict()
-        self.cosmofm = CosmoFMModel(config)
+    head_config_class = ClassificationHeadConfig
+
+    def __init__(self, config):
+        super().__init__(config)  # self.head_config, self.cosmofm
         self.head = SpectralClassificationHead(config.hidden_size, self.head_config)
         self.post_init()
-
-    @classmethod
-    def from_backbone_config(cls, backbone: CosmoFMConfig, head: ClassificationHeadConfig) -> "CosmoFMForSpectralClassification":
-        config = CosmoFMConfig.from_dict(backbone.to_dict())
-        config.task = head.to_dict()
-        config.architectures = [cls.__name__]
-        return cls(config)
 
     @property
     def class_names(self) -> list[str]:
@@ -214,13 +201,6 @@ class CosmoFMForSpectralClassification(CosmoFMPreTrainedModel):
     def set_redshift_error_scale(self, scale: float) -> None:
         """Store the factor on the redshift scan's errors (saved with the config)."""
         self._set_task(redshift_error_scale=float(scale))
-
-    def _set_task(self, **values) -> None:
-        """Change fields of the head config, check them, and keep config.task in step."""
-        for name, value in values.items():
-            setattr(self.head_config, name, value)
-        self.head_config.__post_init__()
-        self.config.task = self.head_config.to_dict()
 
     def forward(self, batch: CosmoFMBatch, class_labels: torch.Tensor | None = None, redshift: torch.Tensor | None = None,
                 mc_samples: int = 0) -> SpectralClassificationOutput:
@@ -289,8 +269,6 @@ def labels_from_samples(samples: Sequence[Sample], head: ClassificationHeadConfi
         z = torch.tensor(zs, dtype=torch.float32)
     return torch.tensor(ids, dtype=torch.long), z
 
-
-AutoModelForSequenceClassification.register(CosmoFMConfig, CosmoFMForSpectralClassification, exist_ok=True)
 
 __all__ = [
     "ClassificationHeadConfig",

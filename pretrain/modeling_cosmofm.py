@@ -135,9 +135,10 @@ class CosmoFMEncoder(nn.Module):
         self.layers = nn.ModuleList([CosmoFMLayer(config) for _ in range(config.num_hidden_layers)])
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Only pass a mask when a batch has padding: SDPA's fast kernels need none.
-        attn_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :]
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (N, T, D) tokens; attention_mask (N, T) bool, True for real tokens, or None when
+        no sample is padded (SDPA's fast kernels take no mask)."""
+        attn_mask = None if attention_mask is None else attention_mask[:, None, None, :]
         for layer in self.layers:
             x = layer(x, attn_mask)
         return self.ln_f(x)
@@ -179,6 +180,35 @@ class CosmoFMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CosmoFMEmbeddings):
             nn.init.trunc_normal_(module.mask_token, std=std, a=-2 * std, b=2 * std)
 
+    def parameter_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0, head_lr: float | None = None) -> list[dict]:
+        """AdamW parameter groups of the trainable (`requires_grad`) parameters, each in one group.
+
+        Weight decay on matrices only: none on biases, norms or other 1-D parameters.
+        Layer-wise LR decay (ELECTRA, Clark et al. 2020; BEiT) over the backbone's
+        `layer_groups()`: the last block and the final norm get `lr`, the block k below
+        the last `lr * layer_decay**k`, the embeddings `lr * layer_decay**num_blocks`
+        (the smallest). Parameters outside the backbone (a task head, the pretraining
+        objectives) get `head_lr`, default `lr`. Groups of one LR and kind (decayed or
+        not) are merged, in the model's parameter order: at layer_decay 1 without
+        head_lr that is [matrices, the rest], as the pretraining optimizer state has it.
+        """
+        backbone = self.base_model  # the CosmoFMModel itself, or a head model's `cosmofm` (peft-wrapped under LoRA)
+        layers = backbone.layer_groups()
+        n_blocks = len(layers) - 2  # embeddings, blocks, final norm
+        tiers = [(layer.parameters(), lr * layer_decay ** max(n_blocks - i, 0)) for i, layer in enumerate(layers)]
+        in_backbone = {id(p) for p in backbone.parameters()}
+        in_layers = {id(p) for layer in layers for p in layer.parameters()}
+        assert in_layers == in_backbone, "layer_groups() must cover every backbone parameter"
+        tiers.append(((p for p in self.parameters() if id(p) not in in_backbone), lr if head_lr is None else head_lr))
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        for params, tier_lr in tiers:
+            trainable = [p for p in params if p.requires_grad]
+            for decayed in (True, False):
+                chosen = [p for p in trainable if (p.dim() >= 2) == decayed]
+                if chosen:
+                    groups.setdefault((tier_lr, decayed), []).extend(chosen)
+        return [{"params": params, "lr": tier_lr, "weight_decay": weight_decay if decayed else 0.0} for (tier_lr, decayed), params in groups.items()]
+
 
 class CosmoFMModel(CosmoFMPreTrainedModel):
     """The backbone: a mixed-modality `CosmoFMBatch` in, `CosmoFMOutput` out."""
@@ -197,7 +227,9 @@ class CosmoFMModel(CosmoFMPreTrainedModel):
         if not isinstance(batch, CosmoFMBatch):
             raise TypeError(f"CosmoFMModel takes a CosmoFMBatch (see cosmofm.pretrain.collate_samples), got {type(batch).__name__}")
         tokens, attention_mask, token_mask, coords, groups = self.embeddings(batch, mask_ratio)
-        hidden = self.encoder(tokens, attention_mask)  # (N, T, D)
+        # Padding is known from the groups' shapes, without reading the mask back from the device.
+        padded = sum(len(g.rows) for g in groups) < len(batch) or any(g.content.shape[1] < tokens.shape[1] for g in groups)
+        hidden = self.encoder(tokens, attention_mask if padded else None)  # (N, T, D)
         keep = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
         return CosmoFMOutput(

@@ -1,6 +1,7 @@
 """Pretraining recipes: typed, file-based configuration of a whole run.
 
-A recipe is a YAML file (see scripts/configs/) with four sections, `model` (the
+A recipe is a YAML file (shipped ones in pretrain/recipes/, package data read through
+importlib.resources, so any install finds them) with four sections, `model` (the
 CosmoFMConfig arguments), `data`, `optim` and `run`. Command-line overrides use dotted
 keys (`--set optim.lr=3e-4`). The resolved recipe is written next to the run's
 outputs, so every run records exactly what it did.
@@ -12,6 +13,7 @@ import dataclasses
 import inspect
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,6 @@ import yaml
 
 from cosmofm.data_cards.errors import InputError
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "scripts" / "configs"
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -96,10 +97,9 @@ class PretrainRecipe:
         if path is not None:
             p = Path(path)
             if not p.suffix:
-                p = CONFIGS_DIR / f"{path}.yaml"
-            if not p.exists():
-                shipped = sorted(q.stem for q in CONFIGS_DIR.glob("*.yaml"))
-                raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {shipped}")
+                p = _recipes() / f"{path}.yaml"
+            if not p.is_file():
+                raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {shipped_recipes()}")
             raw = _yaml(p.read_text(), str(p), "fix the YAML syntax") or {}
             if not isinstance(raw, dict):
                 raise InputError(str(p), f"must be a mapping of sections, got {type(raw).__name__}", "write model:, data:, optim: and run: sections")
@@ -169,6 +169,16 @@ class PretrainRecipe:
         from cosmofm.pretrain.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+def _recipes():
+    """The folder of shipped recipes (a Traversable: a directory, or a zip member)."""
+    return resources.files(__package__) / "recipes"
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with the package (`PretrainRecipe.load(name)`)."""
+    return sorted(q.name.removesuffix(".yaml") for q in _recipes().iterdir() if q.name.endswith(".yaml"))
 
 
 # Numeric settings that must be > 0; every other one must be >= 0. All must be finite.

@@ -88,16 +88,10 @@ def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
     )
 
 
-def build_optimizer(model: torch.nn.Module, recipe: PretrainRecipe) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' 1D parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def build_optimizer(model: CosmoFMForPretraining, recipe: PretrainRecipe) -> torch.optim.Optimizer:
+    """AdamW over the model's `parameter_groups` (no weight decay on biases, norms, 1-D parameters)."""
     o = recipe.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=tuple(o.betas),
-    )
+    return torch.optim.AdamW(model.parameter_groups(o.lr, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
 
 
 def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = False, resume_from: int | None = None) -> dict:
@@ -295,7 +289,8 @@ def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per
     names = sorted(parts)
     reduced = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
     row = {"step": step, **{k: float(v) for k, v in zip(names, reduced)}, "lr": lr, "samples_per_s": samples_per_s}
-    row["per_modality_chi2"] = {k: float(v) for k, v in (out.per_modality or {}).items()}
+    chi2 = {k: float(v) for k, v in (out.per_modality or {}).items()}
+    row["per_modality_chi2"] = {k: v for k, v in chi2.items() if not math.isnan(v)}  # NaN: no hidden pixel was measured
     return row
 
 

@@ -113,8 +113,9 @@ def _cmd_finetune(args):
         if backbone is not None:
             raise InputError("--recipe", "shapes a fresh backbone, so it cannot be combined with --backbone", "drop --recipe to fine-tune the given backbone")
         backbone_config = {**PretrainRecipe.load(args.recipe).model, "survey_names": [card.name]}
-    cfg = FinetuneConfig(strategy=args.strategy, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         label_fraction=args.label_fraction, seed=args.seed, output_dir=args.output, progress=True)
+    cfg = FinetuneConfig(strategy=args.strategy, n_blocks=args.n_blocks, layer_decay=args.layer_decay, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, label_fraction=args.label_fraction, seed=args.seed, output_dir=args.output,
+                         progress=True)
     samples = list(generate(card, args.n_train, seed=args.seed, workers=args.workers, progress=True))  # mocks as labelled data
     result = finetune_classification(samples, card, cfg, backbone=backbone, backbone_config=backbone_config, teacher=args.teacher)
     m = result["metrics"]
@@ -141,6 +142,7 @@ def _cmd_bench(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from cosmofm.finetune.classification import REDSHIFT_METHODS
+    from cosmofm.finetune.strategies import STRATEGIES
 
     p = argparse.ArgumentParser(prog="cosmofm", description="A foundation model for astronomical spectra, images, cubes and simulations.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -204,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--teacher", help="fine-tuned classification model (folder or repo id) to distil from, e.g. into --recipe spectra-fast")
     f.add_argument("--card", default="sdss-like", help="spectrum card whose mocks and label schema are used")
     f.add_argument("--n-train", type=int, default=1000, help="labelled mocks (split into train / calibration / test)")
-    f.add_argument("--strategy", choices=["frozen", "full", "lora"], default="frozen", help="frozen backbone, full fine-tune or LoRA adapters")
+    f.add_argument("--strategy", choices=STRATEGIES, default="frozen",
+                   help="frozen backbone (a probe), the last --n-blocks blocks, LoRA adapters, or full fine-tune")
+    f.add_argument("--n-blocks", type=int, default=0, help="with --strategy last-n: trailing transformer blocks that train")
+    f.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay: LR factor per block below the last (1 = none)")
     f.add_argument("--epochs", type=int, default=5)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--lr", type=float, default=1e-3)

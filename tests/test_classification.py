@@ -14,7 +14,8 @@ from cosmofm.data_cards.io.catalogue import read_catalogue
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.mocks.spectra import CLASSES
-from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, peft_available, predict
+from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, predict
+from cosmofm.finetune.strategies import peft_available
 from cosmofm.finetune.model_card import load_eval_results
 from cosmofm.heads.calibration import expected_calibration_error, fit_temperature, softmax
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
@@ -22,7 +23,7 @@ from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6, projection_dim=16)
-# the shape of the spectral benchmark model (scripts/configs/spectra-small.yaml), tiny
+# the shape of the spectral benchmark model (pretrain/recipes/spectra-small.yaml), tiny
 TINY_STEM = {**TINY, "pixel_weight": "ivar", "spectrum_stem_channels": 4}
 
 
@@ -359,7 +360,7 @@ def test_parallel_pieces_run_in_worker_processes_in_order():
 
 def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
     """`cosmofm finetune --recipe spectra-fast --teacher MODEL`: the fast student of issue 5."""
-    from cosmofm.release import from_pretrained
+    from cosmofm.finetune.release import from_pretrained
 
     out = tmp_path / "student"
     assert cli_main(["finetune", "--task", "classification", "--recipe", "spectra-fast", "--teacher", finetuned["model_dir"], "--strategy", "full",
@@ -384,7 +385,7 @@ def test_redshift_method_follows_the_templates_classes():
 
 
 def test_redshift_error_scale_matches_the_scatter():
-    from cosmofm.finetune.classification import redshift_error_scale
+    from cosmofm.finetune.metrics import redshift_error_scale
 
     rng = np.random.default_rng(4)
     z_true = rng.uniform(0, 2, 400)

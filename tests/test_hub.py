@@ -366,7 +366,7 @@ def test_cli_and_auto_model_honour_the_hf_environment(run_dir, upload_server, ol
         "from cosmofm.cli import main\n"
         f"assert main(['push', {str(run_dir)!r}, '--repo-id', 'lab/env', '--tag', 'v1', '--hub-endpoint', {upload_server.url!r}]) == 0\n"
         "assert main(['pull', 'lab/env', '--revision', 'v1']) == 0\n"
-        "import cosmofm\n"
+        "import cosmofm, cosmofm.pretrain  # cosmofm.pretrain registers the Auto classes\n"
         "from transformers import AutoModel\n"
         "a = AutoModel.from_pretrained('lab/env', revision='v1')\n"
         "b = cosmofm.from_pretrained('lab/env', revision='v1')\n"

@@ -44,15 +44,14 @@ from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import (
     FinetuneConfig,
     calibrate_scan_redshifts,
-    classification_metrics,
     finetune_classification,
     plot_figures,
     predict,
     redshift_candidates,
-    redshift_metrics,
     scan_samples,
     split_indices,
 )
+from cosmofm.finetune.metrics import classification_metrics, redshift_metrics
 from cosmofm.heads.calibration import softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.redshift_scan import RedshiftScanner

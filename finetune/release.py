@@ -1,11 +1,14 @@
-"""Loading released models: checksums first, then the class named in config.json.
+"""Loading released models: checksums first, then the class config.json names.
 
 `from_pretrained` takes a local release folder or a hub repo id (`org/name`, fetched
 by `cosmofm.finetune.hub.pull` from an HTTP hub or a local-directory hub). Either
 way every file listed in manifest.json is checked against its sha256 and pickle-format
-files are refused before anything is parsed; then the class is looked up in
-`MODEL_CLASSES` by `config.architectures[0]`. Task models (backbone + head) add
-themselves with `register_model_class`, so no loader code changes when heads arrive.
+files are refused before anything is parsed. Then the class: a backbone
+(`CosmoFMModel`, `CosmoFMForPretraining`) by `config.architectures[0]`, a task model
+(backbone + head) by `config.task["type"]` from the heads registry
+(`cosmofm.heads.base.task_model_class`), so no loader code changes when a head arrives.
+An unregistered task, a task config from a newer schema, or (with `expect_task`) a
+model of another task is an error before any weights are read.
 
 The weights must then be exactly the model's tensors (`check_weights`): transformers
 fills a missing tensor with fresh random values and drops an unexpected one with only a
@@ -23,21 +26,13 @@ from transformers import AutoConfig, PreTrainedModel
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.finetune.hub import CONFIG_NAME, DEFAULT_REVISION, is_repo_id, pull, verify_release, weight_tensors
-from cosmofm.heads.classification import CosmoFMForSpectralClassification
+from cosmofm.heads.base import task_model_class
 from cosmofm.pretrain import CosmoFMForPretraining, CosmoFMModel
 from cosmofm.pretrain.configuration_cosmofm import SCHEMA_VERSION
 
-# Architectures cosmofm can load, by the name transformers writes into config.json.
-MODEL_CLASSES: dict[str, type[PreTrainedModel]] = {cls.__name__: cls for cls in (CosmoFMModel, CosmoFMForPretraining)}
-
-
-def register_model_class(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """Make `cosmofm.from_pretrained` load configs whose architectures name `cls` (usable as a decorator)."""
-    MODEL_CLASSES[cls.__name__] = cls
-    return cls
-
-
-register_model_class(CosmoFMForSpectralClassification)
+# Backbones, by the name transformers writes into config.json's architectures; task
+# models come from the heads registry by config.task["type"].
+BACKBONE_CLASSES: dict[str, type[PreTrainedModel]] = {cls.__name__: cls for cls in (CosmoFMModel, CosmoFMForPretraining)}
 
 
 def resolve_release(name_or_path: str | Path, *, revision: str = DEFAULT_REVISION, hub_endpoint: str | None = None,
@@ -71,14 +66,36 @@ def check_schema_version(folder: Path) -> dict:
 
 
 def model_class(folder: Path, config: dict) -> type[PreTrainedModel]:
-    """The class `config.architectures[0]` names, among the ones cosmofm can load."""
+    """The backbone class `config.architectures[0]` names, or the task model registered for
+    `config.task["type"]` with its head config checked (type, schema_version, fields)."""
+    where = folder / CONFIG_NAME
     names = config.get("architectures") or ["CosmoFMModel"]
     name = names[0] if isinstance(names, list) else names
-    cls = MODEL_CLASSES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise InputError(f"{folder / CONFIG_NAME}: architectures", f"{name!r} is not a cosmofm model",
-                         f"known: {sorted(MODEL_CLASSES)}; upgrade cosmofm if the model is newer")
+    if isinstance(name, str) and name in BACKBONE_CLASSES:
+        return BACKBONE_CLASSES[name]
+    task = config.get("task")
+    if not isinstance(task, dict):
+        raise InputError(f"{where}: architectures", f"{name!r} is not a cosmofm backbone, and config.json names no task",
+                         f"backbones: {sorted(BACKBONE_CLASSES)}; a task model's config.json holds its head as `task`; "
+                         "upgrade cosmofm if the model is newer")
+    try:
+        cls = task_model_class(task.get("type"))
+        cls.head_config_class.from_dict(task)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc.field}", exc.problem, exc.fix) from None
+    if name != cls.__name__:
+        raise InputError(f"{where}: architectures", f"names {name!r}, but task {task['type']!r} is loaded by {cls.__name__}",
+                         "use the config.json written by save_pretrained with the weights")
     return cls
+
+
+def check_task(folder: Path, cls: type, expect_task: str | None) -> None:
+    """Refuse a model of another task than `expect_task` (None: any model)."""
+    loaded = getattr(cls, "task_type", None)
+    if expect_task is not None and loaded != expect_task:
+        what = f"a {loaded!r} model" if loaded else "a backbone without a task head"
+        raise InputError(str(folder), f"is a {cls.__name__} ({what}), not a {expect_task.replace('-', ' ')} model",
+                         f"give a model fine-tuned for {expect_task!r} (its config.json's task.type)")
 
 
 def _few(keys) -> str:
@@ -116,9 +133,10 @@ def check_weights(folder: Path, cls: type[PreTrainedModel], config) -> int:
     return len(found)
 
 
-def check_release(folder: Path) -> tuple[type[PreTrainedModel], object, int]:
+def check_release(folder: Path, expect_task: str | None = None) -> tuple[type[PreTrainedModel], object, int]:
     """(class, config, number of tensors) of a verified release folder whose weights fit its config."""
     cls = model_class(folder, check_schema_version(folder))
+    check_task(folder, cls, expect_task)
     try:
         config = AutoConfig.from_pretrained(folder)
     except InputError:
@@ -129,8 +147,8 @@ def check_release(folder: Path) -> tuple[type[PreTrainedModel], object, int]:
     return cls, config, check_weights(folder, cls, config)
 
 
-def from_pretrained(name_or_path: str | Path, *, revision: str = DEFAULT_REVISION, hub_endpoint: str | None = None,
-                    token: str | None = None, **kwargs) -> PreTrainedModel:
+def from_pretrained(name_or_path: str | Path, *, expect_task: str | None = None, revision: str = DEFAULT_REVISION,
+                    hub_endpoint: str | None = None, token: str | None = None, **kwargs) -> PreTrainedModel:
     """Load a cosmofm release, verified, as the class its config names.
 
     Every file's sha256 is checked, and the weights must hold exactly the model's
@@ -139,6 +157,10 @@ def from_pretrained(name_or_path: str | Path, *, revision: str = DEFAULT_REVISIO
 
     Args:
         name_or_path: a release folder, or a repo id `org/name` on the hub.
+        expect_task: the task type the caller needs (e.g. "spectral-classification");
+            a backbone or another task's model is then an InputError before any weights
+            are read. This is where "a recipe for task A with a model of task B" is
+            refused: the fine-tune CLI passes its recipe's task.
         revision: branch, tag or commit id (repo ids only).
         hub_endpoint: HTTP(S) hub URL, `file:///dir` or a folder (a local-directory
             hub); default `HF_ENDPOINT`.
@@ -146,7 +168,7 @@ def from_pretrained(name_or_path: str | Path, *, revision: str = DEFAULT_REVISIO
         kwargs: passed to `PreTrainedModel.from_pretrained` (e.g. `dtype`).
     """
     folder = resolve_release(name_or_path, revision=revision, hub_endpoint=hub_endpoint, token=token)
-    cls, config, _ = check_release(folder)
+    cls, config, _ = check_release(folder, expect_task)
     # verify_manifest=False: resolve_release has just hashed every file (the model
     # class's own hook would hash them again).
     model, info = cls.from_pretrained(folder, config=config, use_safetensors=True, output_loading_info=True,
