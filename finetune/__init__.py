@@ -1,7 +1,9 @@
 """Fine-tuning task heads and publishing models.
 
 `classification`: the spectral-classification fine-tune, calibration, evaluation and
-`classify` (survey files in, catalogue out); `strategies`: what trains and at which
+`classify` (its predictor on the predict path); `predict`: the one predict path, survey
+files in -> catalogue out for any task (streaming pieces, worker processes, rows
+written as pieces finish), to which a task gives a small `Predictor`; `strategies`: what trains and at which
 learning rates (frozen probe, last-n blocks, LoRA, full, layer-wise LR decay); `metrics`:
 classification and redshift metrics shared by fine-tunes, tests and benchmarks;
 `release`: the verified loader behind `cosmofm.from_pretrained` (checksums, then the

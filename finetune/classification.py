@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,7 +29,8 @@ import torch
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.finetune.metrics import classification_metrics, pull_width, redshift_error_scale, redshift_metrics
-from cosmofm.finetune.strategies import Strategy, apply_strategy, eval_frozen_layers, finish_strategy
+from cosmofm.finetune.loop import LoopConfig, finetune_loop
+from cosmofm.finetune.strategies import Strategy
 from cosmofm.heads.calibration import (
     ConformalClassifier,
     coverage,
@@ -44,27 +42,25 @@ from cosmofm.heads.calibration import (
     reliability_curve,
     softmax,
 )
-from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
+from cosmofm.heads.classification import ClassificationHeadConfig, ClassificationTask, CosmoFMForSpectralClassification, labels_from_samples
+from cosmofm.heads.template_fit import REDSHIFT_METHODS
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.data import collate_samples, rows_equal
 
 
 @dataclass
-class FinetuneConfig:
-    """Fine-tuning knobs.
+class FinetuneConfig(LoopConfig):
+    """Fine-tuning knobs: the loop's (`finetune.loop.LoopConfig`: epochs (5), batch_size (32),
+    lr (1e-3, the head's; cosine after warmup_fraction 0.05 of the steps), weight_decay
+    (0.01), grad_accum, mixed_precision, seed (0; shuffling and init), output_dir (the model,
+    eval_results.json and figures), checkpoint_every, resume, trackers, progress) and these.
 
     Args:
         strategy (`str`, "frozen"): "frozen" (head only), "last-n" (the last n_blocks
             blocks and the head), "lora" or "full" (`finetune.strategies`).
         n_blocks (`int`, 0): blocks trained by "last-n".
         layer_decay (`float`, 1.0): layer-wise LR decay, the factor per block below the last.
-        epochs (`int`, 5): passes over the training block.
-        batch_size (`int`, 32): samples per optimizer step.
-        lr (`float`, 1e-3): AdamW peak learning rate (head; the backbone uses lr * backbone_lr_scale),
-            reached after `warmup_fraction` of the steps and decayed to 0 on a cosine (as in pretraining).
-        warmup_fraction (`float`, 0.05): fraction of the optimizer steps spent warming up.
         backbone_lr_scale (`float`, 0.3): backbone LR / head LR for "full" and "last-n".
-        weight_decay (`float`, 0.01): AdamW weight decay on matrices.
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
         test_fraction (`float`, 0.2): fraction of all samples held out for the test metrics.
@@ -81,20 +77,12 @@ class FinetuneConfig:
         lora_rank (`int`, 8), lora_alpha (`int`, 16): LoRA adapter rank and scale.
         distill_weight (`float`, 1.0), distill_temperature (`float`, 2.0): knowledge distillation
             from a `teacher` (finetune_classification argument), when one is given.
-        seed (`int`, 0): shuffling and init seed.
-        output_dir (`str | None`): where the model, eval_results.json and figures go.
-        progress (`bool`, False): show a progress bar.
     """
 
     strategy: str = "frozen"
     n_blocks: int = 0
     layer_decay: float = 1.0
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_fraction: float = 0.05
     backbone_lr_scale: float = 0.3
-    weight_decay: float = 0.01
     label_fraction: float = 1.0
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -108,20 +96,14 @@ class FinetuneConfig:
     lora_alpha: int = 16
     distill_weight: float = 1.0
     distill_temperature: float = 2.0
-    seed: int = 0
-    output_dir: str | None = None
-    progress: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         self.tuning  # building the Strategy checks its knobs
         if not 0 < self.label_fraction <= 1:
             raise InputError("label_fraction", f"must be in (0, 1], got {self.label_fraction}", "e.g. 0.1 for 10% of the labels")
         if not (0 < self.calibration_fraction < 1 and 0 < self.test_fraction < 1 and self.calibration_fraction + self.test_fraction < 1):
             raise InputError("calibration_fraction / test_fraction", "must be positive and sum to less than 1", "e.g. 0.2 and 0.2")
-        if not 0 <= self.warmup_fraction < 1:
-            raise InputError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}", "e.g. 0.05")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError("epochs / batch_size", "must be >= 1", "train for at least one epoch")
         if self.alpha is not None and not 0 < self.alpha < 1:
             raise InputError("alpha", f"must be in (0, 1) or None (chosen from the calibration block), got {self.alpha}", "e.g. 0.05 for 95% coverage")
 
@@ -207,16 +189,6 @@ def predict(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], 
     return res
 
 
-def _make_accelerator():
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    # as pretrain.train.make_accelerator: a process may run several jobs one after another
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
 def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig | None = None, backbone=None,
                             backbone_config: dict | None = None, teacher=None) -> dict:
     """Fine-tune, calibrate on the calibration block, evaluate on the test block, save.
@@ -235,72 +207,48 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     Returns a dict: model, metrics (test block), history (loss per epoch), splits, paths.
     """
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     cfg = cfg or FinetuneConfig()
     if len(samples) < 10:
         raise InputError("samples", f"only {len(samples)} labelled samples", "give at least 10 (train, calibration and test blocks)")
     splits = split_indices(len(samples), cfg)
     set_seed(cfg.seed)
-    strategy = cfg.tuning
     model = build_model(card, cfg, backbone, backbone_config)
-    param_groups = apply_strategy(model, strategy, cfg.lr, cfg.weight_decay)
     head = model.head_config
     labels, redshifts = labels_from_samples(samples, head)
-    teacher_logits = None
+    train = [samples[int(i)] for i in splits["train"]]  # the first n_train samples: loop index i is samples[i]
+    loss = None
     if teacher is not None:
-        teacher = load_classifier(teacher)
+        with torch.random.fork_rng():  # loading the teacher draws no random numbers of the student's
+            teacher = load_classifier(teacher)
         if teacher.class_names != head.class_names:
             raise InputError("teacher", f"predicts {teacher.class_names}, not this card's classes", "distil from a model fine-tuned on the same label schema")
-        teacher_logits = torch.zeros(len(samples), head.n_classes)
-        teacher_logits[splits["train"]] = torch.as_tensor(predict(teacher, [samples[int(i)] for i in splits["train"]], batch_size=256)["logits"])
+        teacher_logits = torch.as_tensor(predict(teacher, train, batch_size=256)["logits"])
+        loss = _distillation_loss(teacher_logits, cfg.distill_weight, cfg.distill_temperature)
 
-    optimizer = torch.optim.AdamW(param_groups)
-    train = splits["train"]
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    n_steps = cfg.epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_fraction * n_steps), n_steps)
-
-    accelerator = _make_accelerator()
-    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand (see pretrain.train)
-    rng = np.random.default_rng(cfg.seed)
-    survey_names = accelerator.unwrap_model(model).config.survey_names
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"finetune ({cfg.strategy})", disable=not cfg.progress)
-    history = []
-    for _ in range(cfg.epochs):
-        model.train()
-        eval_frozen_layers(accelerator.unwrap_model(model), strategy)
-        order = rng.permutation(train)
-        total = 0.0
-        for index in np.array_split(order, steps_per_epoch):
-            batch = collate_samples([samples[int(i)] for i in index], survey_names).to(accelerator.device)
-            idx = torch.as_tensor(index)
-            out = model(batch, labels[idx].to(accelerator.device), None if redshifts is None else redshifts[idx].to(accelerator.device))
-            loss = out.loss
-            if teacher_logits is not None:
-                t = cfg.distill_temperature
-                kd = torch.nn.functional.kl_div(torch.log_softmax(out.logits.float() / t, -1), torch.softmax(teacher_logits[idx].to(accelerator.device) / t, -1),
-                                                reduction="batchmean")
-                loss = loss + cfg.distill_weight * t * t * kd
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach()) * len(index)
-            bar.update(1)
-        history.append(total / len(train))
-        bar.set_postfix(loss=f"{history[-1]:.4g}")
-    bar.close()
-    model = finish_strategy(accelerator.unwrap_model(model), strategy)
+    run = finetune_loop(model, train, ClassificationTask(head).targets, cfg.tuning, replace(cfg, desc=f"finetune ({cfg.strategy})"), loss)
+    model, history = run.model, run.epoch_losses
 
     metrics, arrays = calibrate_and_evaluate(model, samples, splits, labels.numpy(), None if redshifts is None else redshifts.numpy(), cfg.alpha,
                                               cfg.mc_samples)
     result = {"model": model, "metrics": metrics, "history": history, "splits": {k: v.tolist() for k, v in splits.items()}}
     if cfg.output_dir:
         result.update(save_run(model, metrics, arrays, card, cfg, history))
-    accelerator.end_training()
     return result
+
+
+def _distillation_loss(teacher_logits: torch.Tensor, weight: float, temperature: float):
+    """The loop's loss with knowledge distillation (Hinton et al. 2015): the head's loss plus
+    weight x T^2 x KL(teacher || student) of the temperature-T class probabilities;
+    `teacher_logits` (N, C) of the training samples, indexed by the loop's sample index."""
+
+    def loss(out, index: torch.Tensor) -> torch.Tensor:
+        t = temperature
+        teacher = torch.softmax(teacher_logits[index].to(out.logits.device) / t, -1)
+        kd = torch.nn.functional.kl_div(torch.log_softmax(out.logits.float() / t, -1), teacher, reduction="batchmean")
+        return out.loss + weight * t * t * kd
+
+    return loss
 
 
 def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], splits: dict, labels: np.ndarray,
@@ -511,29 +459,6 @@ def load_classifier(model) -> CosmoFMForSpectralClassification:
     return from_pretrained(model, expect_task=TASK_TYPE)  # a backbone or another task's model: refused before loading
 
 
-def input_files(inputs) -> list[Path]:
-    """Files (and datasets folders) named by `inputs`: paths, or folders of them (not recursive)."""
-    from cosmofm.data_cards.readers import detect
-
-    paths = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
-    out = []
-    for p in paths:
-        if not p.exists():
-            raise InputError(str(p), "does not exist", "check the path")
-        if p.is_dir() and (fmt := detect(p)) is not None and fmt.name == "datasets":
-            out.append(p)
-        elif p.is_dir():
-            out += sorted(q for q in p.iterdir() if not q.name.startswith(".") and (q.is_file() or detect(q) is not None))
-        else:
-            out.append(p)
-    if not out:
-        raise InputError(", ".join(map(str, paths)), "holds no files", "give survey files, a folder of them or a datasets folder")
-    return out
-
-
-REDSHIFT_METHODS = ("scan", "template", "network")
-
-
 def redshift_method(clf: CosmoFMForSpectralClassification, requested: str | None = None) -> str:
     """Where a catalogue's Z comes from: `requested`, or by default "scan" when the template
     set knows every class of the model (heads.redshift_scan), else "network"."""
@@ -574,95 +499,55 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     only with `overwrite`. Returns {"output", "n_rows", "n_classified", "n_files",
     "flags": {code: rows}}.
 
-    Streaming: files are cut into pieces of at most `chunk_rows` objects (cosmofm FITS and
-    DESI coadds row range by row range, `readers.piece_readers`); one worker per CPU core
-    (a forked process on Linux, a thread elsewhere: `_in_parallel`) reads a piece and runs
-    the model on it in batches of `batch_size` (the redshift scan on the whole piece at
-    once), single-threaded, while the others do the same. Each piece's catalogue rows go
-    to disk as soon as it is done (`CatalogueWriter`), so memory is bounded by the pieces
-    in flight whatever the number of spectra. The
-    default piece keeps each array of BOSS-like spectra (1024 x 4608 float32, 19 MB) under
-    glibc's 32 MB mmap threshold: with worker threads, pieces of 2048 rows classified
-    40,000 spectra ~30 % slower on 2 cores (worker processes keep freed memory anyway,
-    `_keep_freed_memory`).
+    Streaming (the shared predict path, `finetune.predict.predict_files`): files are cut
+    into pieces of at most `chunk_rows` objects; one worker per CPU core (a forked process
+    on Linux, a thread elsewhere) reads a piece and runs `ClassificationPredictor` on it
+    in batches of `batch_size` (the redshift scan on the whole piece at once), and each
+    piece's rows go to disk as soon as it is done. The default piece keeps each array of
+    BOSS-like spectra (1024 x 4608 float32, 19 MB) under glibc's 32 MB mmap threshold:
+    with worker threads, pieces of 2048 rows classified 40,000 spectra ~30 % slower on 2
+    cores (worker processes keep freed memory anyway).
     """
-    from tqdm.auto import tqdm
-
-    from cosmofm.data_cards.io.catalogue import ID_COLUMNS, CatalogueWriter, catalogue_format
-    from cosmofm.data_cards.readers import piece_readers
-    from cosmofm.heads.redshift_scan import RedshiftScanner
+    from cosmofm.finetune.predict import predict_files
 
     clf = load_classifier(model).eval()
     method = redshift_method(clf, redshift)
-    files = input_files(inputs)
-    catalogue_format(output)  # a bad suffix fails now, not after the run
-    check_output(output, inputs, files, overwrite)
     if mc_samples < 0:
         raise InputError("mc_samples", f"must be >= 0, got {mc_samples}", "e.g. 20, or 0 for none")
-    for name, value in (("batch_size", batch_size), ("chunk_rows", chunk_rows)):
-        if value < 1:
-            raise InputError(name, f"must be >= 1, got {value}", "e.g. 256 spectra per batch, 1024 rows per piece")
-    # MC dropout switches the head to training mode for its passes: one piece at a time then.
-    workers = 1 if mc_samples else _n_workers()
-    scanner = RedshiftScanner() if method == "scan" else None  # shared: its template FFTs are cached
-    jobs = ((path, read) for path in files for read in piece_readers(path, card, chunk_rows=chunk_rows, min_pieces=workers))
+    if batch_size < 1:
+        raise InputError("batch_size", f"must be >= 1, got {batch_size}", "e.g. 256 spectra per batch")
+    predictor = ClassificationPredictor(clf, batch_size, method, mc_samples)
+    summary = predict_files(inputs, predictor, output, card=card, progress=progress, chunk_rows=chunk_rows, overwrite=overwrite)
+    return {"output": summary["output"], "n_rows": summary["n_rows"], "n_classified": summary["n_predicted"],
+            "n_files": summary["n_files"], "flags": summary["flags"]}
 
-    def classify_piece(job) -> tuple:
-        """(catalogue rows of one piece, spectra classified, problem or None); reads the piece itself."""
-        path, read = job
-        try:
-            result = read()
-        except InputError as e:
-            return _row_table([path.stem], path, {"FLAGS": np.array([f"unreadable: {e.problem}"])}), 0, str(e)
-        if result.n_objects == 0 and len(result.samples) == 0:
-            return _row_table([path.stem], path, {"FLAGS": np.array(["empty_file: the file holds no objects"])}), 0, f"{path}: holds no objects"
-        if result.modality != "spectrum":
-            return _row_table([path.stem], path, {"FLAGS": np.array([f"not_a_spectrum: {result.modality}"])}), 0, f"{path}: is a {result.modality} file"
+
+class ClassificationPredictor:
+    """Classification's part of the predict path (`finetune.predict.Predictor`): class
+    probabilities, conformal sets and a redshift per spectrum of a piece, spectra with too
+    few unmasked pixels skipped (`classifiable`). `redshift`: see `classify` (already
+    checked by `redshift_method`); `mc_samples` > 0 runs one piece at a time (Monte-Carlo
+    dropout switches the head to training mode for its passes)."""
+
+    verb, modality = "classify", "spectrum"
+
+    def __init__(self, clf: CosmoFMForSpectralClassification, batch_size: int = 256, redshift: str = "network", mc_samples: int = 0):
+        from cosmofm.heads.classification import ClassificationTask
+        from cosmofm.heads.redshift_scan import RedshiftScanner
+
+        self.clf, self.batch_size, self.redshift, self.mc_samples = clf, batch_size, redshift, mc_samples
+        self.device = next(clf.parameters()).device
+        self.workers = 1 if mc_samples else None
+        self.scanner = RedshiftScanner() if redshift == "scan" else None  # shared: its template FFTs are cached
+        optional = {"Z_NETWORK": redshift != "network", "EPISTEMIC": mc_samples > 0}
+        self.columns = [c for c in ClassificationTask(clf.head_config).catalogue_columns if optional.get(c.name, True)]
+
+    def predict(self, samples: Sequence[Sample]):
+        from cosmofm.finetune.predict import PiecePrediction
+
         skipped: list = []
-        sample_ids, predictions = _predict_columns(clf, result.samples, batch_size, method, mc_samples, scanner, skipped)
-        return _piece_table(path, result, sample_ids, predictions, skipped), len(sample_ids), None
-
-    order = ["ID", "CARD", "FILE", *ID_COLUMNS.values(), "CLASS", *(f"P_{c}" for c in clf.class_names), "CONFORMAL_SET", "Z", "Z_ERR", "Z_NETWORK", "EPISTEMIC", "FLAGS"]
-    n_rows, n_used, problems, flagged = 0, 0, [], Counter()
-    bar = tqdm(desc="classify", unit="spectrum", disable=not progress)
-    with CatalogueWriter(output, units={"Z": "", "Z_ERR": "", "Z_NETWORK": ""}, order=order, overwrite=overwrite) as catalogue:  # pieces go to disk as they finish
-        for table, n, problem in _in_parallel(classify_piece, jobs, workers, processes=next(clf.parameters()).device.type == "cpu"):
-            catalogue.add(table)
-            n_rows += len(table)
-            n_used += n
-            for row, k in zip(*np.unique(np.asarray(table["FLAGS"]), return_counts=True)):  # one entry per distinct FLAGS, not per row
-                flagged.update({code.split(":")[0]: int(k) for code in str(row).split("|") if code})
-            bar.update(n)
-            if problem:
-                problems.append(problem)
-        bar.close()
-        if n_used == 0:
-            why = problems[0] if problems else ", ".join(f"{n} {code}" for code, n in sorted(flagged.items()))
-            raise InputError(", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else ""), "nothing usable to classify" + (f" ({why})" if why else ""),
-                             "give spectra files readable by `cosmofm inspect`")
-    return {"output": str(output), "n_rows": n_rows, "n_classified": n_used, "n_files": len(files), "flags": dict(sorted(flagged.items()))}
-
-
-def check_output(output, inputs, files: list[Path], overwrite: bool = False) -> None:
-    """InputError unless `output` may take a catalogue: not one of the input `files` (nor a
-    link to one), not inside a datasets folder that is read, not in a folder given as
-    input (its files are read: the catalogue would be read next time, or replace one),
-    not a folder, and not an existing file unless `overwrite`."""
-    out = Path(output)
-    target = out.resolve()
-    folders = [Path(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs) if Path(p).is_dir() and Path(p) not in files]  # datasets folders are files
-    for f in files:
-        if target == f.resolve() or (out.exists() and f.exists() and os.path.samefile(out, f)):
-            raise InputError(str(out), f"is one of the inputs ({f})", "write the catalogue to a new file")
-        if f.is_dir() and target.is_relative_to(f.resolve()):
-            raise InputError(str(out), f"lies inside the datasets folder {f}, which is read", "write the catalogue outside the inputs")
-    for folder in folders:
-        if target.parent == folder.resolve():
-            raise InputError(str(out), f"lies in the input folder {folder}, whose files classify reads", "write the catalogue outside the input folders")
-    if out.is_dir():
-        raise InputError(str(out), "is a folder", "give a catalogue file name ending in .fits or .parquet")
-    if out.exists() and not overwrite:
-        raise InputError(str(out), "already exists", "choose another name, or pass --overwrite (overwrite=True) to replace it")
+        ids, columns = _predict_columns(self.clf, samples, self.batch_size, self.redshift, self.mc_samples, self.scanner, skipped)
+        return PiecePrediction(ids, columns, skipped)
 
 
 def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sample], batch_size: int, redshift: str = "network",
@@ -781,141 +666,3 @@ def redshift_candidates(probs: np.ndarray, names: np.ndarray) -> list[list[str]]
     first, second = names[top2[:, 0]].tolist(), names[top2[:, 1]].tolist()
     return [[a, b] if two else [a] for a, b, two in zip(first, second, both.tolist())]
 
-
-def _n_workers() -> int:
-    """Parallel classification workers: one per intra-op thread torch would use (the cores),
-    at most 8 (each holds a piece in memory)."""
-    return max(1, min(8, torch.get_num_threads()))
-
-
-def _in_parallel(fn, items: Iterator, workers: int, processes: bool = False) -> Iterator:
-    """fn(item) for each item, in order, `workers` at a time, each single-threaded.
-
-    Whole pieces side by side beat one piece over all cores: small models scale badly over
-    intra-op threads (2 threads ~1.2x one on 2 cores), and a worker reading its next piece
-    overlaps the others' inference. `processes` (where the platform forks, `_can_fork`):
-    forked worker processes rather than threads. Threads share the GIL, which the Python
-    parts of reading and of building a piece's rows hold, and one address space, whose
-    page faults and unmaps they serialise: 2 threads classified 40,000 spectra ~1.3x
-    slower than 2 processes on 2 cores. At most two items per worker are submitted at
-    once, so a lazy `items` stays lazy.
-    """
-    if workers < 2:
-        yield from map(fn, items)
-        return
-    if processes and _can_fork():
-        import multiprocessing
-
-        # fork: the children inherit fn (a closure over the loaded model) instead of unpickling it
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(fn,)) as pool:
-            submit, result = lambda item: pool.apply_async(_run_in_worker, (item,)), lambda job: job.get()
-            yield from _bounded(items, submit, result, 2 * workers)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide: restored below
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cosmofm-classify") as pool:
-            yield from _bounded(items, lambda item: pool.submit(fn, item), lambda job: job.result(), 2 * workers)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bounded(items: Iterator, submit, result, limit: int) -> Iterator:
-    """result(submit(item)) for each item, in order, with at most `limit` submitted and not yet yielded."""
-    from collections import deque
-
-    pending: deque = deque()
-    for item in items:
-        pending.append(submit(item))
-        if len(pending) >= limit:
-            yield result(pending.popleft())
-    while pending:
-        yield result(pending.popleft())
-
-
-def _can_fork() -> bool:
-    """Whether worker processes can be forked safely: Linux (macOS forks, but its system
-    frameworks are not fork-safe; Windows cannot)."""
-    import multiprocessing
-
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-
-
-_WORKER_FN = None  # in a forked worker process: the function it runs (`_in_parallel`)
-
-
-def _start_worker(fn) -> None:
-    global _WORKER_FN
-    _WORKER_FN = fn
-    torch.set_num_threads(1)  # one core per worker
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """glibc: serve the worker's large arrays from its heap and keep what it frees there,
-    rather than mapping fresh pages for each and unmapping them after: a worker allocates
-    the same few tens of MB per batch again and again, and faulting them in anew cost ~2 s
-    of system time per 40,000 spectra (10x fewer page faults with this). The worker exits
-    at the end of the run, which returns the memory. No-op without glibc's mallopt."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    for option, value in ((m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)):
-        mallopt(option, value)
-
-
-def _run_in_worker(item):
-    return _WORKER_FN(item)
-
-
-def _piece_table(path: Path, result, sample_ids: list[str], predictions: dict[str, np.ndarray | None], skipped=()):
-    """One catalogue row per object the reader listed (used or flagged), predictions where it
-    was classified; FLAGS from the reader's flags and the classifier's `skipped` ones."""
-    from astropy.table import MaskedColumn
-
-    from cosmofm.data_cards.io.catalogue import ID_COLUMNS
-
-    ident = result.identifiers
-    ids = [str(x) for x in ident["id"]] if len(ident) else sample_ids
-    position = {sid: k for k, sid in enumerate(sample_ids)}
-    take = np.array([position.get(sid, -1) for sid in ids], dtype=np.int64)
-    used = take >= 0
-    columns: dict[str, object] = {"CARD": np.full(len(ids), result.card.name if result.card is not None else "")}
-    for key, name in ID_COLUMNS.items():
-        if len(ident) and key in ident.colnames:
-            values = np.asarray(ident[key])
-            missing = np.isnan(values) if values.dtype.kind == "f" else (values == "") if values.dtype.kind == "U" else np.zeros(len(values), bool)
-            if not missing.all():
-                columns[name] = MaskedColumn(values, mask=missing, unit=ident[key].unit) if missing.any() else values
-    for name, values in predictions.items():
-        if values is None:  # the model cannot fill it: null, of the column's own kind
-            columns[name] = MaskedColumn(np.full(len(ids), ""), mask=np.ones(len(ids), bool)) if name == "CONFORMAL_SET" else np.full(len(ids), np.nan)
-        elif values.dtype.kind == "f":
-            columns[name] = np.where(used, values[np.where(used, take, 0)], np.nan)
-        else:
-            columns[name] = MaskedColumn(values[np.where(used, take, 0)], mask=~used) if not used.all() else values[take]
-    flags: dict[str, list[str]] = {}
-    for f in result.flags:
-        flags.setdefault(f.id, []).append(f.code)
-    for f in skipped:  # a lazy sequence's rows are the identifiers' rows
-        flags.setdefault(f.id if f.id is not None else ids[f.index], []).append(f.code)
-    columns["FLAGS"] = np.array(["|".join(flags.get(sid, [])) for sid in ids], dtype=str)
-    return _row_table(ids, path, columns)
-
-
-def _row_table(ids: list[str], path: Path, columns: dict):
-    """A catalogue piece: ID and FILE, then `columns` (units are the writer's, in `classify`)."""
-    from astropy.table import Table
-
-    t = Table()
-    t["ID"] = np.array(ids)
-    t["FILE"] = np.full(len(ids), path.name)
-    for name, values in columns.items():
-        t[name] = values
-    return t

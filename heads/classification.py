@@ -29,7 +29,8 @@ from transformers import AutoModelForSequenceClassification
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
-from cosmofm.heads.base import CosmoFMForTask, TaskHeadConfig, TaskOutput, register_task
+from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
+from cosmofm.heads.pooling import POOLINGS, PooledHead
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
 
@@ -89,8 +90,8 @@ class ClassificationHeadConfig(TaskHeadConfig):
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
         if not self.redshift_error_scale > 0:
             raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with finetune.metrics.redshift_error_scale")
-        if self.pooling not in ("attention", "mean"):
-            raise InputError("task.pooling", f"is {self.pooling!r}", "use 'attention' or 'mean'")
+        if self.pooling not in POOLINGS:
+            raise InputError("task.pooling", f"is {self.pooling!r}", f"use one of {POOLINGS}")
 
     @property
     def n_classes(self) -> int:
@@ -137,42 +138,16 @@ class SpectralClassificationOutput(TaskOutput):
     backbone: CosmoFMOutput | None = None
 
 
-class AttentionPooling(nn.Module):
-    """Learned queries attend over the tokens (multi-head attention pooling, as in the
-    "MAP" heads of ViT/SigLIP): (N, T, D) tokens + (N, T) validity -> (N, heads * D)."""
-
-    def __init__(self, size: int, n_queries: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(size)
-        self.key = nn.Linear(size, n_queries)  # one score per query and token
-
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        x = self.norm(tokens)
-        scores = self.key(x).float().masked_fill(~valid.unsqueeze(-1), float("-inf"))  # (N, T, Q)
-        weights = scores.softmax(dim=1).to(x.dtype)
-        return torch.einsum("ntq,ntd->nqd", weights, x).flatten(1)  # (N, Q * D)
-
-
-class SpectralClassificationHead(nn.Module):
+class SpectralClassificationHead(PooledHead):
     """tokens -> pooled (`pool_tokens`) -> hidden -> (class logits (N, C), log(1+z) mean and log-variance (N, 2))."""
 
     def __init__(self, in_size: int, head: ClassificationHeadConfig):
-        super().__init__()
-        self.pool = AttentionPooling(in_size, head.pooling_heads) if head.pooling == "attention" else None
-        pooled_size = in_size * (1 + head.pooling_heads) if self.pool is not None else in_size
-        self.norm = nn.LayerNorm(pooled_size)
-        self.hidden = nn.Sequential(nn.Dropout(head.dropout), nn.Linear(pooled_size, head.hidden_size), nn.GELU(), nn.Dropout(head.dropout))
+        super().__init__(in_size, head.hidden_size, head.dropout, head.pooling, head.pooling_heads)
         self.classifier = nn.Linear(head.hidden_size, head.n_classes)
         self.redshift = nn.Linear(head.hidden_size, 2) if head.redshift else None
 
-    def pool_tokens(self, out: CosmoFMOutput) -> torch.Tensor:
-        """(N, pooled size): the token mean, next to the attention-pooled tokens."""
-        if self.pool is None:
-            return out.pooled  # (N, D) mean over tokens
-        return torch.cat([out.pooled, self.pool(out.last_hidden_state, out.attention_mask)], dim=-1)
-
     def forward(self, pooled: torch.Tensor):
-        h = self.hidden(self.norm(pooled))  # (N, H)
+        h = self.features(pooled)  # (N, H)
         logits = self.classifier(h)  # (N, C)
         z = self.redshift(h) if self.redshift is not None else None  # (N, 2)
         return logits, z
@@ -270,8 +245,46 @@ def labels_from_samples(samples: Sequence[Sample], head: ClassificationHeadConfi
     return torch.tensor(ids, dtype=torch.long), z
 
 
+@register_task(TASK_TYPE)
+class ClassificationTask(Task):
+    """The task seam's view of classification (heads.base.Task): targets from the samples'
+    labels, and the catalogue columns `cosmofm classify` writes (finetune.classification's
+    predictor picks those of its run: Z_NETWORK with a fitted redshift, EPISTEMIC with
+    Monte-Carlo dropout)."""
+
+    def __init__(self, head: ClassificationHeadConfig):
+        self.head = head
+        self.catalogue_columns = [
+            CatalogueColumn("CLASS", None, "predicted class (the most probable)"),
+            *(CatalogueColumn(f"P_{c}", "", f"temperature-scaled probability of {c}") for c in head.class_names),
+            CatalogueColumn("CONFORMAL_SET", None, "'|'-joined classes of the split-conformal prediction set"),
+            CatalogueColumn("Z", "", "redshift (scan, template fit or network)"),
+            CatalogueColumn("Z_ERR", "", "1-sigma error of Z"),
+            CatalogueColumn("Z_NETWORK", "", "the network's own redshift, when Z is fitted"),
+            CatalogueColumn("EPISTEMIC", "", "mutual information of Monte-Carlo-dropout passes [nats]"),
+        ]
+
+    def targets(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        labels, z = labels_from_samples(samples, self.head)
+        return {"class_labels": labels} if z is None else {"class_labels": labels, "redshift": z}
+
+    def metrics(self, outputs, targets) -> dict:
+        """Accuracy, macro and per-class recall, confusion matrix (heads.metrics) of the
+        temperature-scaled `outputs["logits"]` against `targets["class_labels"]`; redshift
+        figures when both sides have one."""
+        from cosmofm.heads.calibration import softmax
+        from cosmofm.heads.metrics import classification_metrics, redshift_metrics
+
+        probs = softmax(torch.as_tensor(outputs["logits"]).float(), self.head.temperature)
+        result = classification_metrics(probs, np.asarray(targets["class_labels"]), self.head.class_names)
+        if outputs.get("redshift") is not None and targets.get("redshift") is not None:
+            result.update(redshift_metrics(np.asarray(targets["redshift"]), np.asarray(outputs["redshift"])))
+        return result
+
+
 __all__ = [
     "ClassificationHeadConfig",
+    "ClassificationTask",
     "CosmoFMForSpectralClassification",
     "SpectralClassificationHead",
     "SpectralClassificationOutput",

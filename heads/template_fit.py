@@ -28,6 +28,10 @@ DELTA = 1e-4  # dex per pixel of the log-wavelength grid (SDSS's loglam step)
 REST_LOG_RANGE = (np.log10(700.0), np.log10(11500.0))
 # trial redshift ranges per class family: (z_min, z_max)
 Z_RANGES = {"STAR": (-0.002, 0.002), "GALAXY": (-0.002, 0.9), "QSO": (0.1, 4.2)}
+# where a catalogue's Z comes from (`cosmofm classify --redshift`): the eigenspectrum scan
+# (heads.redshift_scan), the full template fit (refine_redshifts below) or the network's
+# own; here, with no torch, so the CLI parser can offer them without loading torch
+REDSHIFT_METHODS = ("scan", "template", "network")
 
 
 def class_family(cls: str) -> str:

@@ -63,9 +63,23 @@ class TrainingDiverged(InputError):
 
 def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
     run = recipe.run
-    if "wandb" in run.trackers:
+    return new_accelerator(run.mixed_precision, recipe.optim.grad_accum, run.trackers, run.output_dir)
+
+
+def start_trackers(accelerator: Accelerator, project: str, config: dict, output_dir: str | os.PathLike | None) -> None:
+    """Start the Accelerator's trackers; wandb writes into the run's folder (or WANDB_DIR).
+
+    Passed per run, not through os.environ: a notebook or the demo runs several jobs in one
+    process, and each must log into its own folder."""
+    wandb_dir = os.environ.get("WANDB_DIR") or os.fspath(output_dir or ".")
+    accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {"dir": wandb_dir}})
+
+
+def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(), output_dir: str | None = None) -> Accelerator:
+    """The Accelerator of one training job (pretraining or a fine-tune): precision,
+    accumulation and trackers (TensorBoard, wandb offline unless WANDB_MODE says otherwise)."""
+    if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless asked to
-        os.environ.setdefault("WANDB_DIR", run.output_dir)
     cuda = torch.cuda.is_available()
     # Accelerate keeps one global state per process and refuses a second Accelerator
     # with other settings; a notebook or the demo runs several jobs (pretrain, then
@@ -77,10 +91,10 @@ def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
         # Without cpu=True, `accelerate launch --multi_gpu` on a CPU-only machine starts
         # unsynchronised copies; with it, Accelerate forms a gloo process group.
         cpu=not cuda,
-        mixed_precision=run.mixed_precision,
-        gradient_accumulation_steps=recipe.optim.grad_accum,
-        log_with=list(run.trackers) or None,
-        project_dir=run.output_dir,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum,
+        log_with=list(trackers) or None,
+        project_dir=output_dir,
         kwargs_handlers=[
             # a batch without, say, cubes leaves the cube tokenizer unused
             DistributedDataParallelKwargs(find_unused_parameters=True),
@@ -112,7 +126,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = 
     set_seed(recipe.run.seed)
     loaded = {}  # the main process's checkpoint, loaded (and verified) while claiming the folder
     with contextlib.ExitStack() as held:
-        claim = _on_main(accelerator, lambda: _claim_run_folder(out_dir, recipe, resume, resume_from, overwrite, held, loaded))
+        claim = on_main(accelerator, lambda: _claim_run_folder(out_dir, recipe, resume, resume_from, overwrite, held, loaded))
         return _train(accelerator, recipe, out_dir, claim["checkpoint"], loaded)
 
 
@@ -150,7 +164,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
     )
     metrics_path = out_dir / "metrics.jsonl"
     if recipe.run.trackers:
-        accelerator.init_trackers(TRACKER_PROJECT, config={k: v for k, v in _flat(recipe.to_dict()).items()})
+        start_trackers(accelerator, TRACKER_PROJECT, flat_dict(recipe.to_dict()), out_dir)
 
     step, last_saved = start_step, start_step if checkpoint is not None else None
     bar = tqdm(total=o.max_steps, initial=start_step, desc="pretrain", disable=not (main and recipe.run.progress), dynamic_ncols=True)
@@ -174,7 +188,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
         step += 1
         row = _step_metrics(accelerator, out, grad_norm, step, scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0))
         # fp16's loss scaler makes overflowing gradients on purpose and skips their steps
-        _stop_if_diverged(row, out_dir, last_saved, check_grad=accelerator.scaler is None)
+        stop_if_diverged(row, _diverged_fix(out_dir, last_saved), check_grad=accelerator.scaler is None)
         history.append(row["loss"])
         if main:
             with metrics_path.open("a") as f:
@@ -182,14 +196,14 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if step % recipe.run.log_every == 0 or step == o.max_steps:
-            accelerator.log({k: v for k, v in _flat(row).items() if k != "step"}, step=step)
+            accelerator.log({k: v for k, v in flat_dict(row).items() if k != "step"}, step=step)
         if step % recipe.run.save_every == 0 or step == o.max_steps:
             _save(accelerator, model, optimizer, scheduler, recipe, step, last_saved)
             last_saved = step
     bar.close()
 
     model_dir = out_dir / "model"
-    _check_finite_weights(accelerator, model, step, out_dir, last_saved)
+    check_finite_weights(accelerator, model, step, _diverged_fix(out_dir, last_saved))
     if main:
         save_release(accelerator.unwrap_model(model).cosmofm, model_dir)
     accelerator.wait_for_everyone()
@@ -197,7 +211,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
     return {"output_dir": str(out_dir), "model_dir": str(model_dir), "steps": step, "losses": history, "metrics": str(metrics_path)}
 
 
-def _on_main(accelerator: Accelerator, fn) -> dict:
+def on_main(accelerator: Accelerator, fn) -> dict:
     """Run `fn` on the main process only and hand its JSON-able result, or its error,
     to every process, so that all ranks go on or all stop with the same message.
 
@@ -294,23 +308,23 @@ def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per
     return row
 
 
-def _stop_if_diverged(row: dict, out_dir: Path, last_saved: int | None, check_grad: bool):
+def stop_if_diverged(row: dict, fix: str, check_grad: bool):
     """Stop at the first non-finite loss or gradient norm.
 
     Checked on the numbers `_step_metrics` has already brought to the host for the log,
     so it adds no device sync; they are all-reduced, so every rank stops together. The
     optimizer has already stepped on this step's gradients, so the weights may be bad,
     but nothing was saved from them: this runs before any save, and every save and the
-    release check the weights themselves (`_check_finite_weights`).
+    release check the weights themselves (`check_finite_weights`).
     """
     keys = ("loss", "grad_norm") if check_grad else ("loss",)
     bad = {k: row[k] for k in keys if k in row and not math.isfinite(row[k])}
     if bad:
         what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items())
-        raise TrainingDiverged(f"step {row['step']}", f"{what}; training stopped and saved nothing of this state", _diverged_fix(out_dir, last_saved))
+        raise TrainingDiverged(f"step {row['step']}", f"{what}; training stopped and saved nothing of this state", fix)
 
 
-def _check_finite_weights(accelerator, model, step: int, out_dir: Path, last_saved: int | None):
+def check_finite_weights(accelerator, model, step: int, fix: str):
     """Never save non-finite weights: one device sync per save (which syncs anyway)."""
     tensors = {k: t for k, t in accelerator.unwrap_model(model).state_dict().items() if t.is_floating_point()}
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()
@@ -318,7 +332,7 @@ def _check_finite_weights(accelerator, model, step: int, out_dir: Path, last_sav
     if accelerator.reduce((~finite).float().reshape(1), reduction="sum").item() > 0:
         names = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
         raise TrainingDiverged(f"step {step}", f"the weights are not finite ({', '.join(names[:3])}, ...); training stopped and saved nothing of this state",
-                               _diverged_fix(out_dir, last_saved))
+                               fix)
 
 
 def _diverged_fix(out_dir: Path, last_saved: int | None) -> str:
@@ -327,7 +341,22 @@ def _diverged_fix(out_dir: Path, last_saved: int | None) -> str:
 
 
 def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step: int, last_saved: int | None):
-    _check_finite_weights(accelerator, model, step, Path(recipe.run.output_dir), last_saved)
+    meta = {
+        "step": step,
+        "world_size": accelerator.num_processes,
+        "global_batch": recipe.optim.global_batch,
+        "grad_accum": recipe.optim.grad_accum,
+        "seed": recipe.run.seed,
+        "samples_seen": step * recipe.optim.global_batch * recipe.optim.grad_accum,
+    }
+    save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
+                        _diverged_fix(Path(recipe.run.output_dir), last_saved))
+
+
+def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, fix: str):
+    """A checkpoint of a training job (`checkpoint.save_checkpoint`): model, optimizer,
+    scheduler and every rank's RNG state, after checking that the weights are finite."""
+    check_finite_weights(accelerator, model, step, fix)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
     if accelerator.is_main_process:
@@ -337,15 +366,7 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step
             "scheduler": scheduler.state_dict(),
             "rng": {f"rank{i}": r for i, r in enumerate(rng)},
         }
-        meta = {
-            "step": step,
-            "world_size": accelerator.num_processes,
-            "global_batch": recipe.optim.global_batch,
-            "grad_accum": recipe.optim.grad_accum,
-            "seed": recipe.run.seed,
-            "samples_seen": step * recipe.optim.global_batch * recipe.optim.grad_accum,
-        }
-        save_checkpoint(recipe.run.output_dir, step, states, meta, keep_last=recipe.run.keep_last)
+        save_checkpoint(run_dir, step, states, meta, keep_last=keep_last)
     accelerator.wait_for_everyone()
 
 
@@ -367,12 +388,12 @@ def _truncate_metrics(path: Path, step: int):
     atomic_write_bytes(path, ("\n".join(rows) + "\n" if rows else "").encode())
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_dict(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
+            out.update(flat_dict(v, key + "/"))
         elif isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and math.isnan(v)):
             out[key] = v
         else:

@@ -141,8 +141,8 @@ def _cmd_bench(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cosmofm.finetune.classification import REDSHIFT_METHODS
     from cosmofm.finetune.strategies import STRATEGIES
+    from cosmofm.heads.template_fit import REDSHIFT_METHODS
 
     p = argparse.ArgumentParser(prog="cosmofm", description="A foundation model for astronomical spectra, images, cubes and simulations.")
     sub = p.add_subparsers(dest="verb", required=True)

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from launch import accelerate_launch  # tests/launch.py
 
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import pretrain
@@ -134,23 +135,13 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo) == one process, same global batch."""
     args = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=8", "--set", "run.save_every=4"]
     single = subprocess.run(CLI + args + ["--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "cosmofm.cli",
-    ]
+    launch = accelerate_launch(2) + ["-m", "cosmofm.cli"]
     double = subprocess.run(launch + args + ["--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
     assert "world_size" in (tmp_path / "two" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text()
