@@ -248,7 +248,7 @@ def labels_from_samples(samples: Sequence[Sample], head: ClassificationHeadConfi
 @register_task(TASK_TYPE)
 class ClassificationTask(Task):
     """The task seam's view of classification (heads.base.Task): targets from the samples'
-    labels, and the catalogue columns `cosmofm classify` writes (finetune.classification's
+    labels, and the catalogue columns `cosmofm classify` writes (finetune.classify's
     predictor picks those of its run: Z_NETWORK with a fitted redshift, EPISTEMIC with
     Monte-Carlo dropout)."""
 

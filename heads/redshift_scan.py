@@ -27,18 +27,24 @@ For speed it runs on a coarser grid and on whole batches:
 A redshift "catastrophic" at 1000 km/s is 14 native pixels off, so 4-pixel bins lose
 nothing there (NMAD 8.6e-5 against 5e-5 for the full fit); for the last digit of
 precision, `cosmofm classify --redshift template` runs the full fit.
+
+Below the scanner, the helpers classification's calibration and `classify` share:
+`redshift_candidates` (which classes to scan per spectrum, from the class probabilities),
+`scan_samples` and `scan_collated` (a scanner over samples or collated batches).
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.template_fit import DELTA, Z_RANGES, TemplateSet, class_family, build_templates
-from cosmofm.pretrain.data import rows_equal
+from cosmofm.pretrain.data import collate_samples, rows_equal
 
 # eigenspectra per class family (or class name): one QSO eigenspectrum missed 5 more of 1,200 (0.0183 vs 0.0133)
 N_COMPONENTS = {"STAR": 1, "GALAXY": 1, "QSO": 4}
@@ -305,3 +311,55 @@ class RedshiftScanner:
             first, sums, counts = self._binned(wave, basis, torch.ones_like(basis))
             self._template_cache[cls] = (first, (sums / counts.clamp(min=1e-12)).numpy())
         return self._template_cache[cls]
+
+
+def scan_samples(scanner, samples: Sequence[Sample], candidates: list[list[str]], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(z, z_err) of `samples` by the redshift scan (`RedshiftScanner.fit_best`), batch by batch."""
+    z, z_err = np.full(len(samples), np.nan), np.full(len(samples), np.nan)
+    for start in range(0, len(samples), batch_size):
+        batch = collate_samples(samples[start:start + batch_size])
+        z[start:start + batch_size], z_err[start:start + batch_size] = scan_collated(scanner, batch, candidates[start:start + batch_size])
+    return z, z_err
+
+
+def scan_collated(scanner, collated, candidates: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(z, z_err) of the spectra of a collated batch (`collate_samples`), or of a list of them
+    (rows numbered across the list), NaN for other modalities. Spectra of one length are
+    scanned in one call, whichever batch they came from: the scan's fixed cost per call
+    (template transforms picked, small tensors per class family) is paid once per piece
+    rather than once per batch (~15 % of the scan for 256-spectrum batches)."""
+    batches = collated if isinstance(collated, (list, tuple)) else [collated]
+    by_length: dict[int, list] = {}
+    offset = 0
+    for batch in batches:
+        for group in batch.groups:
+            if group.modality == "spectrum":
+                by_length.setdefault(group.values.shape[1], []).append((group.rows.numpy() + offset, group.coords["wavelength"], group.values, group.ivar))
+        offset += len(batch)
+    z, z_err = np.full(len(candidates), np.nan), np.full(len(candidates), np.nan)
+    for parts in by_length.values():
+        rows = np.concatenate([p[0] for p in parts])
+        waves = [p[1] for p in parts]
+        # one grid for every part (a survey file's): passed once; else one row per spectrum
+        shared = all(rows_equal(w) and torch.equal(w[0], waves[0][0]) for w in waves)
+        wave = waves[0][0] if shared else torch.cat([w.expand(len(p[2]), -1) for w, p in zip(waves, parts)])
+        cat = (lambda i: parts[0][i]) if len(parts) == 1 else (lambda i: torch.cat([p[i] for p in parts]))
+        z[rows], z_err[rows], _ = scanner.fit_best(wave, cat(2), cat(3), [candidates[r] for r in rows])
+    return z, z_err
+
+
+RUNNER_UP_PROBABILITY = 0.05  # a second class of the predicted family this probable is scanned too
+
+
+def redshift_candidates(probs: np.ndarray, names: np.ndarray) -> list[list[str]]:
+    """Classes whose templates the redshift scan tries per spectrum: the predicted one, and
+    the runner-up when it is of the same family (so the same redshift range and template
+    count, and their chi-squares compare fairly) and at least RUNNER_UP_PROBABILITY likely.
+    On the benchmark's held-out mocks this rescues QSOs the network calls broad-line (or
+    the reverse) at ~7 % more scans; CLASS stays the network's."""
+    top2 = np.argsort(-probs, axis=1)[:, :2]
+    family = np.array([class_family(c) for c in names])
+    rows = np.arange(len(probs))
+    both = (family[top2[:, 0]] == family[top2[:, 1]]) & (probs[rows, top2[:, 1]] >= RUNNER_UP_PROBABILITY)
+    first, second = names[top2[:, 0]].tolist(), names[top2[:, 1]].tolist()
+    return [[a, b] if two else [a] for a, b, two in zip(first, second, both.tolist())]

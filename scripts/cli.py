@@ -125,7 +125,7 @@ def _cmd_finetune(args):
 
 
 def _cmd_classify(args):
-    from cosmofm.finetune.classification import classify
+    from cosmofm.finetune.classify import classify
 
     summary = classify(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card,
                        redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows, overwrite=args.overwrite)

@@ -105,7 +105,8 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     4MOST-like ESO Phase 3 file of new objects, as a user would, and score it."""
     from cosmofm.data_cards.io.catalogue import read_catalogue
     from cosmofm.data_cards.io.survey_files import write_eso_sdp
-    from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification
+    from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
+    from cosmofm.finetune.classify import classify
     from cosmofm.finetune.metrics import redshift_metrics
 
     card = load_card("sdss-like")

@@ -14,7 +14,8 @@ from cosmofm.data_cards.io.catalogue import read_catalogue
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.mocks.spectra import CLASSES
-from cosmofm.finetune.classification import FinetuneConfig, classify, finetune_classification, predict
+from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
+from cosmofm.finetune.classify import classify, predict
 from cosmofm.finetune.strategies import peft_available
 from cosmofm.finetune.model_card import load_eval_results
 from cosmofm.heads.calibration import expected_calibration_error, fit_temperature, softmax
@@ -373,7 +374,7 @@ def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
 def test_redshift_method_follows_the_templates_classes():
     """The scan needs templates of every class the model predicts: a survey's own label
     schema falls back to the network's redshift, and asking for a fit then is an error."""
-    from cosmofm.finetune.classification import redshift_method
+    from cosmofm.finetune.classify import redshift_method
 
     backbone = CosmoFMConfig(survey_names=["sdss-like"], **TINY)
     mock_classes = CosmoFMForSpectralClassification.from_backbone_config(backbone, ClassificationHeadConfig(class_names=list(CLASSES)))
@@ -398,7 +399,7 @@ def test_redshift_error_scale_matches_the_scatter():
 
 
 def test_redshift_candidates_add_a_likely_runner_up_of_the_same_family():
-    from cosmofm.finetune.classification import redshift_candidates
+    from cosmofm.heads.redshift_scan import redshift_candidates
 
     names = np.array(["STAR_A0", "QSO", "QSO_BROADLINE", "GALAXY"])
     probs = np.array([[0.0, 0.70, 0.30, 0.0],  # runner-up of the same family, likely: scanned too

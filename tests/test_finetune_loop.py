@@ -5,61 +5,31 @@ stops it, bf16 runs, and two processes equal one (slow)."""
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from accelerate.utils import set_seed
-from torch import nn
-from torch.nn import functional as F
 
 from cosmofm.data_cards import InputError, load_card
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.finetune.loop import EpochBatchSampler, LoopConfig, finetune_loop
 from cosmofm.finetune.strategies import Strategy
-from cosmofm.heads.base import CosmoFMForTask, TaskHeadConfig, TaskOutput
 from cosmofm.pretrain import CosmoFMConfig
 from cosmofm.pretrain.train import TrainingDiverged
 from launch import accelerate_launch  # tests/launch.py
+from toy_task import CosmoFMForToyRegression, ToyHeadConfig, ToyTask  # tests/toy_task.py
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6,
             projection_dim=16, survey_names=["sdss-like"])
 
 
-@dataclass
-class ToyHeadConfig(TaskHeadConfig):
-    TYPE: ClassVar[str] = "loop-toy"
+redshift_targets = ToyTask(ToyHeadConfig(target_label="redshift")).targets  # {"target": redshift (N,)}
 
 
-@dataclass
-class ToyOutput(TaskOutput):
-    prediction: torch.Tensor | None = None
-
-
-class CosmoFMForToyRedshift(CosmoFMForTask):
-    """Redshift from the pooled token, mean squared error (not registered: the loop needs no registry)."""
-
-    head_config_class = ToyHeadConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.head = nn.Sequential(nn.Dropout(config.hidden_dropout_prob), nn.Linear(config.hidden_size, 1))
-        self.post_init()
-
-    def forward(self, batch, redshift: torch.Tensor | None = None) -> ToyOutput:
-        prediction = self.head(self.cosmofm(batch).pooled)[:, 0]  # (N,)
-        return ToyOutput(loss=None if redshift is None else F.mse_loss(prediction, redshift), prediction=prediction)
-
-
-def redshift_targets(samples):
-    return {"redshift": torch.tensor([s.meta["labels"]["redshift"] for s in samples], dtype=torch.float32)}
-
-
-def toy_model(seed: int = 0, dropout: float = 0.0) -> CosmoFMForToyRedshift:
+def toy_model(seed: int = 0, dropout: float = 0.0) -> CosmoFMForToyRegression:
     set_seed(seed)
-    return CosmoFMForToyRedshift.from_backbone_config(CosmoFMConfig(**TINY, hidden_dropout_prob=dropout), ToyHeadConfig())
+    return CosmoFMForToyRegression.from_backbone_config(CosmoFMConfig(**TINY, hidden_dropout_prob=dropout), ToyHeadConfig())
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +120,9 @@ def test_resume_needs_a_checkpoint_and_the_same_data(spectra, tmp_path):
 
 def test_a_non_finite_loss_stops_the_run(spectra, tmp_path):
     def bad_targets(samples):
-        z = redshift_targets(samples)["redshift"]
+        z = redshift_targets(samples)["target"]
         z[3] = float("nan")
-        return {"redshift": z}
+        return {"target": z}
 
     with pytest.raises(TrainingDiverged, match="loss nan") as stopped:
         run(spectra, targets=bad_targets, output_dir=str(tmp_path), checkpoint_every=1)
@@ -163,7 +133,7 @@ def test_a_non_finite_loss_stops_the_run(spectra, tmp_path):
 
 def test_targets_are_checked_before_any_compute(spectra):
     with pytest.raises(InputError, match="rows"):
-        run(spectra, targets=lambda s: {"redshift": torch.zeros(len(s) - 1)})
+        run(spectra, targets=lambda s: {"target": torch.zeros(len(s) - 1)})
     with pytest.raises(InputError, match="no loss"):
         run(spectra, targets=lambda s: {})
 

@@ -4,14 +4,11 @@ worker processes write what one process writes; and classification's own Task.""
 
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import ClassVar
 
 import astropy.units as u
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from cosmofm.data_cards import load_card
 from cosmofm.data_cards.io.catalogue import read_catalogue
@@ -20,49 +17,13 @@ from cosmofm.data_cards.io.hf_io import write_dataset
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.readers.common import SKIPPED, Flag
 from cosmofm.finetune.predict import PiecePrediction, predict_files
-from cosmofm.heads.base import TASK_MODELS, TASKS, CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task, task_class
+from cosmofm.heads.base import Task, task_class
 from cosmofm.heads.classification import TASK_TYPE, ClassificationHeadConfig, ClassificationTask
 from cosmofm.pretrain import CosmoFMConfig, collate_samples
+from toy_task import ToyHeadConfig, ToyTask, registered_toy_task  # tests/toy_task.py
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6,
             projection_dim=16, survey_names=["sdss-like"])
-TOY = "toy-score"
-
-
-@dataclass
-class ToyHeadConfig(TaskHeadConfig):
-    TYPE: ClassVar[str] = TOY
-
-
-@dataclass
-class ToyOutput(TaskOutput):
-    score: torch.Tensor | None = None
-
-
-class CosmoFMForToyScore(CosmoFMForTask):
-    head_config_class = ToyHeadConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.head = nn.Linear(config.hidden_size, 1)
-        self.post_init()
-
-    def forward(self, batch) -> ToyOutput:
-        return ToyOutput(score=self.head(self.cosmofm(batch).pooled)[:, 0])  # (N,)
-
-
-class ToyTask(Task):
-    catalogue_columns = [CatalogueColumn("SCORE", "mag", "a score"), CatalogueColumn("SIGN", None, "its sign"),
-                         CatalogueColumn("SPREAD", "", "a column this model cannot fill")]
-
-    def __init__(self, head):
-        self.head = head
-
-    def targets(self, samples):
-        return {}
-
-    def metrics(self, outputs, targets):
-        return {}
 
 
 class ToyPredictor:
@@ -85,18 +46,16 @@ class ToyPredictor:
         if not kept:
             return PiecePrediction([], {}, skipped)
         with torch.no_grad():
-            score = self.model(collate_samples(kept, ["sdss-like"])).score.double().numpy()
+            score = self.model(collate_samples(kept, ["sdss-like"])).prediction[:, 0].double().numpy()
         return PiecePrediction([s.id for s in kept], {"SCORE": score, "SIGN": np.where(score > 0, "+", "-"), "SPREAD": None}, skipped)
 
 
 @pytest.fixture(scope="module")
 def toy_model():
     """Registered for this module only, so the registry is as shipped for every other test."""
-    model_cls, _ = register_task(TOY)(CosmoFMForToyScore), register_task(TOY)(ToyTask)
-    torch.manual_seed(0)
-    yield model_cls.from_backbone_config(CosmoFMConfig(**TINY), ToyHeadConfig()).eval()
-    TASK_MODELS.pop(TOY)
-    TASKS.pop(TOY)
+    for model_cls, _ in registered_toy_task():
+        torch.manual_seed(0)
+        yield model_cls.from_backbone_config(CosmoFMConfig(**TINY), ToyHeadConfig()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +85,7 @@ def test_predict_path_writes_the_tasks_columns_in_input_order_with_flags(toy_mod
     assert np.isnan(score[4]) and np.ma.is_masked(t["SIGN"][4]) and np.isnan(np.asarray(t["SPREAD"])).all()
     kept = [s for i, s in enumerate(spectra) if i != 4]
     with torch.no_grad():
-        expected = toy_model(collate_samples(kept, ["sdss-like"])).score.double().numpy()
+        expected = toy_model(collate_samples(kept, ["sdss-like"])).prediction[:, 0].double().numpy()
     np.testing.assert_allclose(score[:12][~flagged[:12]], expected, rtol=1e-5, atol=1e-6)
     assert [str(x) for x in t["SIGN"][:4]] == ["+" if v > 0 else "-" for v in expected[:4]]
 

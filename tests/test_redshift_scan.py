@@ -129,7 +129,7 @@ def test_scan_of_several_collated_batches_is_that_of_each(templates, spectra):
     """classify scans a whole piece's batches in one call (`scan_collated` with a list): each
     spectrum must get the redshift the scan of its own batch gives, whether the batches share
     one grid, sit on different grids of one length, or have other lengths (another card)."""
-    from cosmofm.finetune.classification import scan_collated
+    from cosmofm.heads.redshift_scan import scan_collated
     from cosmofm.heads.template_fit import DELTA
     from cosmofm.data_cards.sample import Sample
     from cosmofm.pretrain.data import collate_samples

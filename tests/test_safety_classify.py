@@ -22,7 +22,7 @@ from cosmofm.data_cards.io.catalogue import read_catalogue
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.io.fits_io import write_fits
 from cosmofm.data_cards.mocks.generators import mock_samples
-from cosmofm.finetune.classification import classify
+from cosmofm.finetune.classify import classify
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMConfig
 from cosmofm.pretrain.checkpoint import write_manifest

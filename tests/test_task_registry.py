@@ -4,31 +4,24 @@ the bad-input errors before any weights are read."""
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
 import cosmofm
 from cosmofm.cli import main
 from cosmofm.data_cards import InputError, load_card
 from cosmofm.data_cards.mocks.generators import mock_samples
-from cosmofm.finetune.classification import load_classifier
+from cosmofm.finetune.classify import load_classifier
 from cosmofm.finetune.release import from_pretrained
 from cosmofm.heads.base import (
-    TASK_MODELS,
-    TASKS,
     CatalogueColumn,
     CosmoFMForTask,
     Task,
     TaskHeadConfig,
-    TaskOutput,
     register_task,
     task_class,
     task_model_class,
@@ -36,62 +29,21 @@ from cosmofm.heads.base import (
 from cosmofm.heads.classification import TASK_TYPE, ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
+from toy_task import TOY, CosmoFMForToyRegression, ToyHeadConfig, registered_toy_task  # tests/toy_task.py
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=6,
             projection_dim=16, survey_names=["sdss-like"])
-TOY = "toy-regression"
 
 
 # ---------------------------------------------------------------------------------
-# A whole new task, as a head module would write it (README: "Adding a task")
+# A whole new task, as a head module would write it (tests/toy_task.py; README: "Adding a task")
 # ---------------------------------------------------------------------------------
-
-
-@dataclass
-class ToyHeadConfig(TaskHeadConfig):
-    TYPE: ClassVar[str] = TOY
-    n_outputs: int = 2
-    target_label: str = "redshift"
-
-
-@dataclass
-class ToyOutput(TaskOutput):
-    prediction: torch.Tensor | None = None
-
-
-class CosmoFMForToyRegression(CosmoFMForTask):
-    head_config_class = ToyHeadConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.head = nn.Linear(config.hidden_size, self.head_config.n_outputs)
-        self.post_init()
-
-    def forward(self, batch, target: torch.Tensor | None = None) -> ToyOutput:
-        prediction = self.head(self.cosmofm(batch).pooled)  # (N, n_outputs)
-        loss = None if target is None else F.mse_loss(prediction[:, 0], target)
-        return ToyOutput(loss=loss, prediction=prediction)
-
-
-class ToyTask(Task):
-    def __init__(self, head: ToyHeadConfig):
-        self.head = head
-        self.catalogue_columns = [CatalogueColumn("Z", "", "predicted redshift")]
-
-    def targets(self, samples):
-        return {"target": torch.tensor([s.meta["labels"][self.head.target_label] for s in samples], dtype=torch.float32)}
-
-    def metrics(self, outputs, targets):
-        return {"mse": float(F.mse_loss(outputs["prediction"][:, 0].detach(), targets["target"]))}
 
 
 @pytest.fixture
 def toy_task():
     """Registered for one test only, so the registry is as shipped for every other test."""
-    model_cls, task_cls = register_task(TOY)(CosmoFMForToyRegression), register_task(TOY)(ToyTask)
-    yield model_cls, task_cls
-    TASK_MODELS.pop(TOY)
-    TASKS.pop(TOY)
+    yield from registered_toy_task()
 
 
 def _save(model, folder: Path) -> Path:

@@ -41,20 +41,14 @@ from tqdm.auto import tqdm
 from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
-from cosmofm.finetune.classification import (
-    FinetuneConfig,
-    calibrate_scan_redshifts,
-    finetune_classification,
-    plot_figures,
-    predict,
-    redshift_candidates,
-    scan_samples,
-    split_indices,
-)
+from cosmofm.finetune.classification import FinetuneConfig, finetune_classification, split_indices
+from cosmofm.finetune.classification_eval import calibrate_scan_redshifts
+from cosmofm.finetune.classify import predict
+from cosmofm.finetune.figures import plot_figures
 from cosmofm.finetune.metrics import classification_metrics, redshift_metrics
 from cosmofm.heads.calibration import softmax
 from cosmofm.heads.classification import labels_from_samples
-from cosmofm.heads.redshift_scan import RedshiftScanner
+from cosmofm.heads.redshift_scan import RedshiftScanner, redshift_candidates, scan_samples
 from cosmofm.heads.template_fit import TemplateFitter, refine_redshifts
 from cosmofm.pretrain.checkpoint import latest_checkpoint
 from cosmofm.pretrain.recipe import PretrainRecipe
@@ -314,7 +308,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--min-steps", type=int, default=250, help="optimizer steps at least, in the label-efficiency runs")
     args = p.parse_args(argv)
     if args.post_only:
-        from cosmofm.finetune.classification import load_classifier
+        from cosmofm.finetune.classify import load_classifier
 
         out, work = Path(args.out), Path(args.work) if args.work else Path(args.out) / "work"
         report = json.loads((out / "classify_quality.json").read_text())

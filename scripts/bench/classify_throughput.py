@@ -29,7 +29,9 @@ import torch
 from cosmofm.data_cards.io.fits_io import read_fits, write_fits
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
-from cosmofm.finetune.classification import REDSHIFT_METHODS, FinetuneConfig, build_model, classify
+from cosmofm.finetune.classification import FinetuneConfig, build_model
+from cosmofm.finetune.classify import classify
+from cosmofm.heads.template_fit import REDSHIFT_METHODS
 from cosmofm.heads.template_fit import TemplateFitter
 from cosmofm.pretrain.checkpoint import save_release
 from cosmofm.pretrain.recipe import PretrainRecipe
