@@ -18,7 +18,7 @@ import numpy as np
 
 from cosmofm.data_cards.sample import Sample
 from cosmofm.finetune.classify import predict, redshift_method
-from cosmofm.finetune.metrics import classification_metrics, pull_width, redshift_error_scale, redshift_metrics
+from cosmofm.heads.metrics import classification_metrics, pull_width, redshift_error_scale, redshift_metrics
 from cosmofm.heads.calibration import (
     ConformalClassifier,
     coverage,

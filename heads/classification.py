@@ -58,7 +58,7 @@ class ClassificationHeadConfig(TaskHeadConfig):
         conformal_alpha (`float | None`): miscoverage level of the conformal sets.
         conformal_threshold (`float | None`): LAC score threshold (class in set when 1 - p <= it).
         redshift_error_scale (`float`, 1.0): factor on the redshift scan's errors, fitted on a
-            calibration split (finetune.metrics.redshift_error_scale).
+            calibration split (heads.metrics.redshift_error_scale).
         card (`str`): the data card whose label schema gave the classes.
     """
 
@@ -89,7 +89,7 @@ class ClassificationHeadConfig(TaskHeadConfig):
         if not self.temperature > 0:
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with heads.calibration.fit_temperature")
         if not self.redshift_error_scale > 0:
-            raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with finetune.metrics.redshift_error_scale")
+            raise InputError("task.redshift_error_scale", f"must be > 0, got {self.redshift_error_scale}", "refit it with heads.metrics.redshift_error_scale")
         if self.pooling not in POOLINGS:
             raise InputError("task.pooling", f"is {self.pooling!r}", f"use one of {POOLINGS}")
 

@@ -107,7 +107,7 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     from cosmofm.data_cards.io.survey_files import write_eso_sdp
     from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
     from cosmofm.finetune.classify import classify
-    from cosmofm.finetune.metrics import redshift_metrics
+    from cosmofm.heads.metrics import redshift_metrics
 
     card = load_card("sdss-like")
     print(f"[5/5] fine-tuning the spectral classifier (13 classes + redshift) on {n_labelled} labelled {card.name} mocks")

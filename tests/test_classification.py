@@ -386,7 +386,7 @@ def test_redshift_method_follows_the_templates_classes():
 
 
 def test_redshift_error_scale_matches_the_scatter():
-    from cosmofm.finetune.metrics import redshift_error_scale
+    from cosmofm.heads.metrics import redshift_error_scale
 
     rng = np.random.default_rng(4)
     z_true = rng.uniform(0, 2, 400)

@@ -8,7 +8,7 @@ from cosmofm.cli import main as cli_main
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
-from cosmofm.finetune.metrics import CATASTROPHIC_DZ, classification_metrics, pull_width, redshift_error_scale, redshift_metrics
+from cosmofm.heads.metrics import CATASTROPHIC_DZ, classification_metrics, pull_width, redshift_error_scale, redshift_metrics
 from cosmofm.finetune.strategies import Strategy, apply_strategy, eval_frozen_layers, finish_strategy, peft_available
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples

@@ -45,7 +45,7 @@ from cosmofm.finetune.classification import FinetuneConfig, finetune_classificat
 from cosmofm.finetune.classification_eval import calibrate_scan_redshifts
 from cosmofm.finetune.classify import predict
 from cosmofm.finetune.figures import plot_figures
-from cosmofm.finetune.metrics import classification_metrics, redshift_metrics
+from cosmofm.heads.metrics import classification_metrics, redshift_metrics
 from cosmofm.heads.calibration import softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.redshift_scan import RedshiftScanner, redshift_candidates, scan_samples
