@@ -101,12 +101,14 @@ class LoopConfig:
 @dataclass
 class LoopResult:
     """The fine-tuned model (strategy finished: LoRA merged), the mean training loss of
-    each whole epoch, the loss of each optimizer step, and the steps taken in all."""
+    each whole epoch, the loss of each optimizer step, the steps taken in all, and whether
+    this is the main process (the one that saves what follows from the run)."""
 
     model: torch.nn.Module
     epoch_losses: list[float]
     step_losses: list[float]
     steps: int
+    main_process: bool = True
 
 
 class EpochBatchSampler:
@@ -244,7 +246,8 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
                 save_training_state(accelerator, model, optimizer, scheduler, cfg.output_dir, step, state, cfg.keep_last, fix)
         bar.close()
         accelerator.end_training()
-    return LoopResult(finish_strategy(accelerator.unwrap_model(model), strategy), epoch_losses, step_losses, step)
+    return LoopResult(finish_strategy(accelerator.unwrap_model(model), strategy), epoch_losses, step_losses, step,
+                      accelerator.is_main_process)
 
 
 def _claim(cfg: LoopConfig, held: contextlib.ExitStack, loaded: dict) -> str | None:

@@ -82,6 +82,19 @@ class TaskHeadConfig:
         known = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def from_card(cls, card, **kwargs) -> "TaskHeadConfig":
+        """The head config for fine-tuning on `card`'s data: `kwargs` (a recipe's `head`
+        section) plus `card=card.name` when the config records its card. Heads whose
+        settings come from the card (classification's class names) override this."""
+        unknown = set(kwargs) - {f.name for f in fields(cls) if f.init}
+        if unknown:
+            raise InputError("head", f"unknown settings {sorted(unknown)} for task {cls.TYPE!r}",
+                             f"use fields of {cls.__name__}: {sorted(f.name for f in fields(cls) if f.init and f.name != 'type')}")
+        if "card" in {f.name for f in fields(cls)}:
+            kwargs = {"card": card.name, **kwargs}
+        return cls(**kwargs)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -150,9 +163,16 @@ class Task(Protocol):
     threshold (`heads.calibration`), stored with `model.set_calibration`;
     `catalogue_columns` = CLASS, P_<class> per class, CONFORMAL_SET, Z and Z_ERR ("").
     Subclass `Task` explicitly to inherit the no-op `calibrate`.
+
+    `modality` is the kind of Sample the task reads ("spectrum", "image", "cube",
+    "field"); `catalogue_rows` turns one batch's outputs into its catalogue columns, which
+    is all the shared predictor (`cosmofm predict`) needs from a task. Optional:
+    `finetune_module`, the module that registers a fine-tune runner of the task's own
+    (`cosmofm.finetune.run.register_runner`) where the shared `finetune_task` is not enough.
     """
 
     type: ClassVar[str]
+    modality: ClassVar[str]
     catalogue_columns: Sequence[CatalogueColumn]
 
     def targets(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
@@ -168,6 +188,11 @@ class Task(Protocol):
         """Fit calibration on a held-out split and store it in `model`'s head config; returns
         what was fitted. Optional: tasks without calibration keep this no-op."""
         return {}
+
+    def catalogue_rows(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
+        """{column name: (N,) numpy values} of one batch's outputs, for the columns in
+        `catalogue_columns` it can fill."""
+        ...
 
 
 TASK_MODELS: dict[str, type[CosmoFMForTask]] = {}  # task type -> backbone + head model class

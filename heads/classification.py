@@ -252,6 +252,9 @@ class ClassificationTask(Task):
     predictor picks those of its run: Z_NETWORK with a fitted redshift, EPISTEMIC with
     Monte-Carlo dropout)."""
 
+    modality = "spectrum"
+    finetune_module = "cosmofm.finetune.classification"  # its runner: distillation, conformal sets, scan redshifts, figures
+
     def __init__(self, head: ClassificationHeadConfig):
         self.head = head
         self.catalogue_columns = [

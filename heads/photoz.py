@@ -213,6 +213,8 @@ def redshifts_from_samples(samples: Sequence[Sample], label: str = "redshift") -
 class PhotozTask(Task):
     """Targets, metrics, calibration and catalogue columns of photo-z; built per model: `PhotozTask(model.head_config)`."""
 
+    modality = "image"
+
     catalogue_columns = (
         CatalogueColumn("Z_PHOT", "", "median of p(z)"),
         CatalogueColumn("Z_PHOT_ERR", "", "half the central 68% interval of p(z)"),

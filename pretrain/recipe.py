@@ -93,33 +93,8 @@ class PretrainRecipe:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "PretrainRecipe":
         """Read a recipe by path or by shipped name (`demo`), then apply `key=value` overrides."""
-        raw: dict = {}
-        if path is not None:
-            p = Path(path)
-            if not p.suffix:
-                p = _recipes() / f"{path}.yaml"
-            if not p.is_file():
-                raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {shipped_recipes()}")
-            raw = _yaml(p.read_text(), str(p), "fix the YAML syntax") or {}
-            if not isinstance(raw, dict):
-                raise InputError(str(p), f"must be a mapping of sections, got {type(raw).__name__}", "write model:, data:, optim: and run: sections")
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise InputError("--set", f"{item!r} is not key=value", "write e.g. --set optim.lr=3e-4")
-            *parents, leaf = key.split(".")
-            if not all(parents + [leaf]):
-                raise InputError("--set", f"{key!r} is not a dotted key", "write e.g. --set optim.lr=3e-4")
-            node = raw
-            for depth, k in enumerate(parents):
-                if node.get(k) is None:
-                    node[k] = {}
-                node = node[k]
-                if not isinstance(node, dict):
-                    where = ".".join(parents[: depth + 1])
-                    raise InputError("--set", f"{item!r}: {where} is a value ({node!r}), not a section", f"set {where}=VALUE itself")
-            node[leaf] = _yaml(value, f"--set {item}", "quote strings and close brackets, e.g. --set data.mock_counts=[8,8,4,4]")
-        return cls.from_dict(raw)
+        raw = {} if path is None else read_recipe(path, _recipes(), shipped_recipes(), "write model:, data:, optim: and run: sections")
+        return cls.from_dict(apply_overrides(raw, overrides))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "PretrainRecipe":
@@ -169,6 +144,49 @@ class PretrainRecipe:
         from cosmofm.pretrain.checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+
+
+def read_recipe(path: str | Path, shipped, names: list[str], sections: str) -> dict:
+    """The mapping in a recipe YAML: `path`, or a name without suffix from the folder of
+    shipped recipes `shipped` (a Traversable; `names` lists them for the error)."""
+    p = Path(path)
+    if not p.suffix:
+        p = shipped / f"{path}.yaml"
+    if not p.is_file():
+        raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {names}")
+    raw = _yaml(p.read_text(), str(p), "fix the YAML syntax") or {}
+    if not isinstance(raw, dict):
+        raise InputError(str(p), f"must be a mapping of sections, got {type(raw).__name__}", sections)
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`raw` with each `dotted.key=value` override (the value read as YAML) set in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError("--set", f"{item!r} is not key=value", "write e.g. --set optim.lr=3e-4")
+        set_entry(raw, key, _yaml(value, f"--set {item}", "quote strings and close brackets, e.g. --set data.mock_counts=[8,8,4,4]"), item)
+    return raw
+
+
+def set_entry(raw: dict, key: str, value, item: str | None = None) -> dict:
+    """`raw` with the entry at the dotted `key` set to `value` as it is (sections made as
+    needed); `item` names the override in errors."""
+    item = item or f"{key}={value}"
+    *parents, leaf = key.split(".")
+    if not all(parents + [leaf]):
+        raise InputError("--set", f"{key!r} is not a dotted key", "write e.g. --set optim.lr=3e-4")
+    node = raw
+    for depth, k in enumerate(parents):
+        if node.get(k) is None:
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise InputError("--set", f"{item!r}: {where} is a value ({node!r}), not a section", f"set {where}=VALUE itself")
+    node[leaf] = value
+    return raw
 
 
 def _recipes():

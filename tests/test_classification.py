@@ -20,6 +20,7 @@ from cosmofm.finetune.strategies import peft_available
 from cosmofm.finetune.model_card import load_eval_results
 from cosmofm.heads.calibration import expected_calibration_error, fit_temperature, softmax
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification, labels_from_samples
+from cosmofm.heads.metrics import redshift_metrics
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 
@@ -79,11 +80,16 @@ def test_config_round_trip_and_loaders(sdss, tmp_path):
     assert type(auto) is CosmoFMForSpectralClassification and torch.equal(auto(batch).logits, ref.logits)
 
 
-def test_finetune_learns_and_writes_release(finetuned, tmp_path):
+def test_finetune_learns_and_writes_release(finetuned, labelled, tmp_path):
     m = finetuned["metrics"]
     assert m["accuracy"] > 3 / len(CLASSES), m  # > 3x chance
     assert m["n_train"] == 240 and m["n_calibration"] == 80 and m["n_test"] == 80
-    assert np.isfinite(m["redshift_nmad"]) and 0 <= m["redshift_catastrophic_fraction"] <= 1
+    # the network's redshift figures are those of its own predictions on the test block
+    test = [labelled[i] for i in finetuned["splits"]["test"]]
+    z_true = np.array([s.meta["labels"]["redshift"] for s in test])
+    again = redshift_metrics(z_true, predict(finetuned["model"], test)["redshift"])
+    assert (m["redshift_nmad"], m["redshift_catastrophic_fraction"]) == pytest.approx(
+        (again["redshift_nmad"], again["redshift_catastrophic_fraction"]), rel=1e-5)
     # the scan's redshifts (classify's default Z) are scored too, far better than a tiny network's own
     assert m["redshift_scan_catastrophic_fraction"] < m["redshift_catastrophic_fraction"], m
     assert m["redshift_scan_error_scale"] > 0 and 0.5 < m["redshift_scan_pull_width"] < 2, m
@@ -122,7 +128,9 @@ def test_mc_dropout_members_differ_and_are_scored(finetuned, labelled):
     assert not np.allclose(out["mc_logits"][0], out["mc_logits"][1])  # dropout is on in the passes
     np.testing.assert_array_equal(predict(model, labelled[:16])["logits"], out["logits"])  # the plain pass is not
     mc = finetuned["metrics"]["mc_dropout"]
-    assert mc["samples"] == 8 and 0 <= mc["ece"] <= 1 and 0 <= mc["error_auroc_epistemic"] <= 1
+    # the ensemble classifies about as well as the plain pass, and its uncertainty flags errors better than chance
+    assert mc["samples"] == 8 and abs(mc["accuracy"] - finetuned["metrics"]["accuracy"]) < 0.1, mc
+    assert mc["error_auroc_total_entropy"] > 0.5 and mc["error_auroc_softmax"] > 0.5, mc
     assert mc["mean_epistemic_nats"] > 0
 
 
@@ -364,7 +372,7 @@ def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
     from cosmofm.finetune.release import from_pretrained
 
     out = tmp_path / "student"
-    assert cli_main(["finetune", "--task", "classification", "--recipe", "spectra-fast", "--teacher", finetuned["model_dir"], "--strategy", "full",
+    assert cli_main(["finetune", "--task", "spectral-classification", "--recipe", "spectra-fast", "--teacher", finetuned["model_dir"], "--strategy", "full",
                      "--n-train", "40", "--epochs", "1", "--workers", "1", "--output", str(out)]) == 0
     student = from_pretrained(str(out / "model"))
     assert (student.config.hidden_size, student.config.spectrum_stem_stride, student.config.spectrum_patch_size) == (32, 8, 128)
