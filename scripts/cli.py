@@ -94,34 +94,46 @@ def _cmd_pull(args):
 
 def _cmd_finetune(args):
     from cosmofm.data_cards.errors import InputError
-    from cosmofm.data_cards.mocks.generators import generate
-    from cosmofm.data_cards.schema import load_card
-    from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
+    from cosmofm.finetune.recipe import FinetuneRecipe, run_recipe
+    from cosmofm.heads.base import task_model_class
 
-    if args.task != "classification":
-        raise InputError("--task", f"{args.task!r} is not available yet", "use --task classification")
-    card = load_card(args.card)
-    if card.modality != "spectrum":
-        raise InputError("--card", f"{card.name} is a {card.modality} card", "use a spectrum card, e.g. sdss-like")
-    if args.n_train < 10:
-        raise InputError("--n-train", f"must be at least 10, got {args.n_train}", "ask for more labelled mocks")
-    backbone = None if args.backbone in (None, "none", "None") else args.backbone
-    backbone_config = None
-    if args.recipe:
-        from cosmofm.pretrain.recipe import PretrainRecipe
-
-        if backbone is not None:
-            raise InputError("--recipe", "shapes a fresh backbone, so it cannot be combined with --backbone", "drop --recipe to fine-tune the given backbone")
-        backbone_config = {**PretrainRecipe.load(args.recipe).model, "survey_names": [card.name]}
-    cfg = FinetuneConfig(strategy=args.strategy, n_blocks=args.n_blocks, layer_decay=args.layer_decay, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, label_fraction=args.label_fraction, seed=args.seed, output_dir=args.output,
-                         progress=True)
-    samples = list(generate(card, args.n_train, seed=args.seed, workers=args.workers, progress=True))  # mocks as labelled data
-    result = finetune_classification(samples, card, cfg, backbone=backbone, backbone_config=backbone_config, teacher=args.teacher)
-    m = result["metrics"]
-    print(f"accuracy {m['accuracy']:.3f}  macro recall {m['macro_recall']:.3f}  ECE {m['ece_before']:.3f} -> {m['ece_after']:.3f}  "
-          f"conformal coverage {m['conformal_coverage']:.3f} (mean set size {m['conformal_mean_set_size']:.2f})")
+    if args.task:
+        task_model_class(args.task)  # an unregistered task: named, with the known ones
+    recipe = FinetuneRecipe.load(args.config or args.task or "spectral-classification", _finetune_overrides(args), _finetune_entries(args))
+    if args.task and recipe.task != args.task:
+        raise InputError("--task", f"is {args.task!r} but the recipe {args.config} is for {recipe.task!r}",
+                         f"drop --task, or give a recipe for {args.task!r} (shipped: --config {args.task})")
+    result = run_recipe(recipe, workers=args.workers, progress=True)
+    if "model_dir" not in result:  # another process of a multi-process run: the main one saves and reports
+        return
+    print("  ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float)))
     print(f"model: {result['model_dir']}\neval: {result['eval_results']}")
+
+
+def _finetune_entries(args) -> dict:
+    """The recipe entries the `finetune` flags for names and paths set, as given (through
+    --set, YAML would read `yes` or `2024` as no string)."""
+    entries = {"finetune.output_dir": args.output, "card": args.card}
+    if args.teacher is not None:
+        entries["finetune.teacher"] = args.teacher
+    if args.backbone is not None:  # a given backbone replaces the recipe's starting point
+        entries.update(backbone=None if args.backbone.lower() == "none" else args.backbone, backbone_recipe=None)
+    if args.recipe is not None:
+        entries["backbone_recipe"] = args.recipe
+        if args.backbone is None:
+            entries["backbone"] = None
+    return {k: v for k, v in entries.items() if v is not None or k.startswith("backbone")}
+
+
+def _finetune_overrides(args) -> list[str]:
+    """The numeric recipe entries the `finetune` flags set (each flag only when given), then --set's."""
+    flags = {"n_labelled": args.n_train, "mock_seed": args.seed, "finetune.seed": args.seed,
+             "finetune.strategy": args.strategy, "finetune.n_blocks": args.n_blocks, "finetune.layer_decay": args.layer_decay,
+             "finetune.epochs": args.epochs, "finetune.batch_size": args.batch_size, "finetune.lr": args.lr,
+             "finetune.label_fraction": args.label_fraction, "finetune.grad_accum": args.grad_accum,
+             "finetune.checkpoint_every": args.checkpoint_every, "finetune.mixed_precision": "bf16" if args.bf16 else None,
+             "finetune.resume": True if args.resume else None}
+    return [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set or [])
 
 
 def _cmd_classify(args):
@@ -134,10 +146,32 @@ def _cmd_classify(args):
         print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
 
 
+def _cmd_predict(args):
+    from cosmofm.finetune.task_predict import predict_task
+
+    summary = predict_task(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card, chunk_rows=args.chunk_rows,
+                           overwrite=args.overwrite, expect_task=args.task)
+    print(f"predicted {summary['n_predicted']} objects ({summary['n_rows']} rows) -> {summary['output']}")
+    if summary["flags"]:
+        print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
+
+
 def _cmd_bench(args):
     from cosmofm.bench.pretrain_throughput import main as bench_main
 
     bench_main(["--out", args.out] + (["--quick"] if args.quick else []) + (["--force-bf16"] if args.force_bf16 else []))
+
+
+def _predict_path_arguments(p: argparse.ArgumentParser, model: str) -> None:
+    """The arguments of every verb on the predict path (`finetune/predict.py`): files in, catalogue out."""
+    p.add_argument("input", nargs="+", help="survey file(s), folder(s) of them, or a datasets folder")
+    p.add_argument("--model", required=True, help=f"{model} folder or repo id")
+    p.add_argument("--output", required=True, help="catalogue path (.fits or .parquet); never one of the inputs, nor in an input folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
+    p.add_argument("--card", help="data card of the input (default: inferred from each file)")
+    p.add_argument("--batch-size", type=int, default=256, help="objects per forward pass")
+    p.add_argument("--chunk-rows", type=int, default=1024,
+                   help="objects read at a time from one big file (bounds the memory; pieces under ~30 MB per array stay fastest)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,34 +233,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force-download", action="store_true", help="download again instead of using the cache")
     g.set_defaults(func=_cmd_pull)
 
-    f = sub.add_parser("finetune", help="fine-tune a task head (mocks of a card as labelled data), calibrate, evaluate")
-    f.add_argument("--task", default="classification", help="task head (classification)")
-    f.add_argument("--backbone", help="pretrained backbone release folder or repo id; omit or 'none' for a fresh backbone")
-    f.add_argument("--recipe", help="without --backbone: the model shape of the fresh backbone, from a recipe (e.g. spectra-fast)")
-    f.add_argument("--teacher", help="fine-tuned classification model (folder or repo id) to distil from, e.g. into --recipe spectra-fast")
-    f.add_argument("--card", default="sdss-like", help="spectrum card whose mocks and label schema are used")
-    f.add_argument("--n-train", type=int, default=1000, help="labelled mocks (split into train / calibration / test)")
-    f.add_argument("--strategy", choices=STRATEGIES, default="frozen",
-                   help="frozen backbone (a probe), the last --n-blocks blocks, LoRA adapters, or full fine-tune")
-    f.add_argument("--n-blocks", type=int, default=0, help="with --strategy last-n: trailing transformer blocks that train")
-    f.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise LR decay: LR factor per block below the last (1 = none)")
-    f.add_argument("--epochs", type=int, default=5)
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--label-fraction", type=float, default=1.0, help="fraction of the training block's labels to use")
-    f.add_argument("--seed", type=int, default=0)
+    f = sub.add_parser("finetune", help="fine-tune a task head from a recipe (mocks of a card as labelled data), calibrate, evaluate",
+                       description="Fine-tune a registered task (photoz, spectral-classification, ...) from a fine-tune recipe; "
+                                   "the flags below override the recipe's entries, --set any other.")
+    f.add_argument("--task", help="registered task; without --config its shipped recipe (default spectral-classification)")
+    f.add_argument("--config", help="fine-tune recipe: YAML path or shipped name (photoz, spectral-classification)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe entry, e.g. finetune.lr=3e-4 or n_labelled=500")
+    f.add_argument("--output", required=True, help="run folder: model/, eval_results.json, finetune_recipe.yaml, checkpoints/")
+    f.add_argument("--backbone", help="pretrained backbone release folder or repo id; 'none' for a fresh backbone")
+    f.add_argument("--recipe", help="a fresh backbone's shape, from a pretraining recipe (e.g. spectra-fast); not with --backbone")
+    f.add_argument("--teacher", help="spectral-classification: a fine-tuned model (folder or repo id) to distil from")
+    f.add_argument("--card", help="data card whose mocks (and label schema) are the labelled data")
+    f.add_argument("--n-train", type=int, help="labelled mocks (split into train / calibration / test)")
+    f.add_argument("--strategy", choices=STRATEGIES, help="frozen backbone (a probe), the last --n-blocks blocks, LoRA adapters, or full fine-tune")
+    f.add_argument("--n-blocks", type=int, help="with --strategy last-n: trailing transformer blocks that train")
+    f.add_argument("--layer-decay", type=float, help="layer-wise LR decay: LR factor per block below the last (1 = none)")
+    f.add_argument("--epochs", type=int)
+    f.add_argument("--batch-size", type=int, help="samples per optimizer step, over all processes")
+    f.add_argument("--lr", type=float)
+    f.add_argument("--label-fraction", type=float, help="fraction of the training block's labels to use")
+    f.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (memory, not maths)")
+    f.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA, or CPUs with native bf16)")
+    f.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="checkpoint every STEPS optimizer steps into OUTPUT/checkpoints")
+    f.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --output")
+    f.add_argument("--seed", type=int, help="mock universe and training seed")
     f.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="mock generator processes")
-    f.add_argument("--output", required=True, help="run folder: model/, eval_results.json, figures/")
     f.set_defaults(func=_cmd_finetune)
 
     c = sub.add_parser("classify", help="classify spectra in survey files with a fine-tuned model; write a catalogue")
-    c.add_argument("input", nargs="+", help="survey file(s), folder(s) of them, or a datasets folder")
-    c.add_argument("--model", required=True, help="classification model folder or repo id")
-    c.add_argument("--output", required=True, help="catalogue path (.fits or .parquet); never one of the inputs, nor in an input folder")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
-    c.add_argument("--card", help="data card of the input (default: inferred from each file)")
-    c.add_argument("--batch-size", type=int, default=256, help="spectra per forward pass")
-    c.add_argument("--chunk-rows", type=int, default=1024, help="objects read at a time from one big file (bounds the memory; pieces under ~30 MB per array stay fastest)")
+    _predict_path_arguments(c, "classification model")
     c.add_argument("--redshift", choices=REDSHIFT_METHODS, default=None,
                    help="where Z comes from, for the predicted class: scan (default when the templates know the model's classes: "
                         "eigenspectra scanned over the class's redshift range, thousands of spectra/s), template (the full "
@@ -234,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                    help="N Monte-Carlo-dropout passes of the head: adds EPISTEMIC (mutual information, nats)")
     c.set_defaults(func=_cmd_classify)
+
+    r = sub.add_parser("predict", help="run any fine-tuned task (photoz, ...) on survey files; write a catalogue")
+    _predict_path_arguments(r, "fine-tuned task model")
+    r.add_argument("--task", help="refuse a model of another task (e.g. photoz, spectral-classification)")
+    r.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
     b.add_argument("--out", default="bench_results")

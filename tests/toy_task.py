@@ -10,6 +10,7 @@ Not registered here: a test that needs the registry registers it in a fixture an
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,8 +50,10 @@ class CosmoFMForToyRegression(CosmoFMForTask):
 
 class ToyTask(Task):
     """Targets from the samples' `target_label`; the catalogue has a column with a unit
-    (SCORE, the first output), one without (SIGN) and one the model cannot fill (SPREAD)."""
+    (SCORE, the first output), one without (SIGN) and one the model cannot fill (SPREAD).
+    It reads image stamps (any modality would do: the pooled token is all it uses)."""
 
+    modality = "image"
     catalogue_columns = [CatalogueColumn("SCORE", "mag", "the first output"), CatalogueColumn("SIGN", None, "its sign"),
                          CatalogueColumn("SPREAD", "", "a column this model cannot fill")]
 
@@ -62,6 +65,10 @@ class ToyTask(Task):
 
     def metrics(self, outputs, targets) -> dict[str, float]:
         return {"mse": float(F.mse_loss(outputs["prediction"][:, 0].detach(), targets["target"]))}
+
+    def catalogue_rows(self, outputs) -> dict:
+        score = outputs["prediction"][:, 0].double().numpy()
+        return {"SCORE": score, "SIGN": np.where(score > 0, "+", "-")}
 
 
 def registered_toy_task():
