@@ -7,7 +7,7 @@ path, survey files in -> catalogue out for any task that gives it a `Predictor`;
 `figures`, plotting. Spectral classification on them: `classification` (the fine-tune),
 `classification_eval` (calibration and evaluation), `classify` (its predictor). Metrics
 live in `cosmofm.heads.metrics`, beside the tasks that use them. Publishing: `release`,
-the verified loader behind `cosmofm.from_pretrained`; `hub`, release folders, push and
-pull; `local_hub`, the local-directory hub; `model_card`, model cards from the config,
-data cards and measured metrics.
+the verified loader behind `cosmofm.from_pretrained`; `release_folder`, release folders
+(assemble, verify); `hub`, push and pull; `local_hub`, the local-directory hub;
+`model_card`, model cards from the config, data cards and measured metrics.
 """

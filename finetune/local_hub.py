@@ -4,8 +4,8 @@ A local-directory hub (`file:///path` or a plain path) is one bare git repositor
 model at `<dir>/models/<org>/<name>`, a revision being a git commit, branches and tags
 git refs: immutable, content-addressed revisions for free, in the layout that `olah`
 serves from its `mirrors-path`. `LocalHub` drives it with git plumbing that can run
-nothing from the hub folder (docs/safety.md). `cosmofm.finetune.hub` (push, pull,
-release folders) uses it for such endpoints and `huggingface_hub` for HTTP ones.
+nothing from the hub folder (docs/safety.md). `cosmofm.finetune.hub` (push, pull)
+uses it for such endpoints and `huggingface_hub` for HTTP ones.
 """
 
 from __future__ import annotations

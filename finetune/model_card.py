@@ -114,7 +114,7 @@ def count_parameters(folder: str | os.PathLike) -> int:
     """Number of stored weights, read from the safetensors headers (no tensor is loaded)."""
     from safetensors import safe_open
 
-    from cosmofm.finetune.hub import WEIGHTS_INDEX_NAME, release_weight_files
+    from cosmofm.finetune.release_folder import WEIGHTS_INDEX_NAME, release_weight_files
 
     total = 0
     for name in release_weight_files(folder):

@@ -25,7 +25,9 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.finetune.hub import CONFIG_NAME, DEFAULT_REVISION, is_repo_id, pull, verify_release, weight_tensors
+from cosmofm.finetune.hub import pull
+from cosmofm.finetune.local_hub import DEFAULT_REVISION, is_repo_id
+from cosmofm.finetune.release_folder import CONFIG_NAME, verify_release, weight_tensors
 from cosmofm.heads.base import task_model_class
 from cosmofm.pretrain import CosmoFMForPretraining, CosmoFMModel
 from cosmofm.pretrain.configuration_cosmofm import SCHEMA_VERSION

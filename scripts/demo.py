@@ -19,7 +19,9 @@ import torch
 
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.data_cards.schema import load_card
-from cosmofm.finetune.hub import EVAL_NAME, local_hub_root, pull, push
+from cosmofm.finetune.hub import pull, push
+from cosmofm.finetune.local_hub import local_hub_root
+from cosmofm.finetune.release_folder import EVAL_NAME
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
 from cosmofm.pretrain.checkpoint import atomic_write_json
 from cosmofm.pretrain.recipe import PretrainRecipe

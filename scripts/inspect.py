@@ -149,7 +149,7 @@ def _dataset(p: Path) -> str:
 
 
 def _model(p: Path) -> str:
-    from cosmofm.finetune.hub import verify_release
+    from cosmofm.finetune.release_folder import verify_release
     from cosmofm.finetune.release import check_release
 
     failure = None

@@ -8,7 +8,7 @@ It speaks just enough of the Hugging Face Hub HTTP API for the real client:
 * downloads: `snapshot_download`, `hf_hub_download` and so `from_pretrained`
   (revision info, tree listing, HEAD/GET of `/{repo}/resolve/{revision}/{path}`).
 
-Repositories are stored by `cosmofm.finetune.hub.LocalHub`: bare git repositories at
+Repositories are stored by `cosmofm.finetune.local_hub.LocalHub`: bare git repositories at
 `<root>/models/<org>/<name>`, one commit per upload. That is the layout olah serves
 from its `mirrors-path`, so tests upload here and download through olah, a real
 hub-compatible server, from the same folder.
@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.finetune.hub import LocalHub
+from cosmofm.finetune.local_hub import LocalHub
 
 MAX_BODY = 1 << 30
 _OID_RE = re.compile(r"[0-9a-f]{64}")

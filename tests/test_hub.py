@@ -26,8 +26,10 @@ import yaml
 
 import cosmofm
 from cosmofm.data_cards.errors import InputError
-from cosmofm.finetune.hub import LocalHub, assemble_release, pull, push, verify_release
+from cosmofm.finetune.hub import pull, push
+from cosmofm.finetune.local_hub import LocalHub
 from cosmofm.finetune.model_card import load_eval_results
+from cosmofm.finetune.release_folder import assemble_release, verify_release
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel
 from cosmofm.pretrain.checkpoint import sha256_file, write_manifest
 

@@ -26,7 +26,9 @@ from cosmofm.cli import main
 from cosmofm.data_cards import load_card
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.generators import mock_samples
-from cosmofm.finetune.hub import LocalHub, assemble_release, pull, push
+from cosmofm.finetune.hub import pull, push
+from cosmofm.finetune.local_hub import LocalHub
+from cosmofm.finetune.release_folder import assemble_release
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification
 from cosmofm.pretrain import CosmoFMConfig, CosmoFMModel
 from cosmofm.pretrain.checkpoint import write_manifest
