@@ -249,3 +249,42 @@ def test_against_21cmfast_when_installed():
     theirs = float(np.mean(coeval.neutral_fraction))
     ours = np.mean([coeval_box({}, 7.5, 64.0, 32, seed).global_xHI for seed in range(3)])
     assert abs(ours - theirs) < 0.1, (ours, theirs)  # 64 Mpc boxes: the box-to-box scatter is ~0.04
+
+
+def test_coordinates_carry_no_cosmology():
+    """Issue 18: a varied Omega_m changes the signal, never the coordinates handed to the tokenizer."""
+    from cosmofm.data_cards.mocks import fields as mock_fields
+    from cosmofm.data_cards.mocks.sim21cm.reionization import lightcone_at_redshifts, lightcone_slices
+
+    raw = load_card("lightcone-21cm").to_dict()
+    raw["field"].update(box_size="32 Mpc", n_cells=16, los_cells=16, redshift_max=9.0)
+    raw["field"]["parameters"].update(HII_EFF_FACTOR=30.0, ION_Tvir_MIN=4.7)  # mid-reionisation at z = 7-9
+    chunks = {}
+    for om in (0.26, 0.36):
+        raw["field"]["parameters"]["OMm"] = om
+        chunks[om] = mock_samples(card_from_dict(raw), 2, seed=5)
+    for a, b in zip(chunks[0.26], chunks[0.36]):
+        assert a.coords.keys() == b.coords.keys()
+        for key in a.coords:
+            np.testing.assert_array_equal(a.coords[key], b.coords[key])
+        assert a.meta["labels"]["redshift"] == b.meta["labels"]["redshift"]
+        assert a.meta["labels"]["OMm"] != b.meta["labels"]["OMm"]
+        # same seed and index: same density phases and noise, so the difference is the cosmology's
+        assert np.abs(a.values - b.values).mean() > 1.0 and a.meta["labels"]["xHI_mean"] != b.meta["labels"]["xHI_mean"]
+    # a drawn OMm: every chunk of every realisation lies on the card's one fiducial grid
+    raw["field"]["parameters"]["OMm"] = [0.25, 0.40]
+    card = card_from_dict(raw)
+    z, d = mock_fields.lightcone_grid(card)
+    _, per = mock_fields._layout(card)
+    drawn = mock_samples(card, 2 * per, seed=1)
+    assert drawn[0].meta["labels"]["OMm"] != drawn[per].meta["labels"]["OMm"]
+    for s in drawn:
+        assert np.all(np.isin(s.coords["los_distance"], d))
+    # on its own cosmology's grid the regridding changes nothing; at fixed redshifts a higher
+    # Omega_m (sigma_8 fixed today) has grown more structure, so reionisation is further along
+    fid = mock_fields.FIDUCIAL
+    on_grid = lightcone_at_redshifts(fid, 32.0, 16, z, seed=3)
+    np.testing.assert_array_equal(on_grid.brightness_temp, lightcone_slices(fid, 32.0, 16, float(z[0]), len(z), seed=3).brightness_temp)
+    low, high = (lightcone_at_redshifts(fid.replace(OMm=om), 32.0, 16, z, seed=3) for om in (0.25, 0.40))
+    np.testing.assert_array_equal(low.redshifts, high.redshifts)
+    assert high.global_xHI.mean() < low.global_xHI.mean() - 0.02, (low.global_xHI.mean(), high.global_xHI.mean())

@@ -7,7 +7,10 @@ numpy only); this module maps a card and (seed, index) to a `Sample`:
   r = index // chunks_per_lightcone is one long lightcone from redshift_min to
   redshift_max (n_cells^2 cross-section); index picks its chunk of `los_cells` slices.
   Each realisation draws its own parameters and density seed; a random (per
-  realisation) offset shifts where the chunks start, so chunk redshifts vary. The last
+  realisation) offset shifts where the chunks start, so chunk redshifts vary. Every
+  realisation's slices sit on one fixed grid (`lightcone_grid`: comoving distances in
+  the FIDUCIAL Planck 2018 cosmology, so fixed redshifts / frequencies), while its signal
+  is simulated in its own cosmology: a drawn OMm changes the values, never `los_distance`. The last
   few realisations are cached, so consecutive indices cost one lightcone per
   chunks_per_lightcone chunks: for the shipped card (z = 7-12, 604 slices of 2 Mpc,
   18 chunks of 32^3) about 1,100 chunks a minute on one core, 10k chunks in ~9 min
@@ -17,8 +20,12 @@ numpy only); this module maps a card and (seed, index) to a `Sample`:
   redshift_min per index, or density lightcone chunks grown with D(z) when lightcone: true.
 
 Card `parameters` use 21cmFAST names (see `SimParams`); a number fixes a parameter, a
-two-element list [low, high] draws it uniformly per realisation. Labels in meta: every
-named parameter (but the HMF / LOGNORMAL switches), the chunk's mean neutral fraction `xHI_mean` (21cm) and its central
+two-element list [low, high] draws it uniformly per realisation; only a parameter the
+model reads (`sim21cm.params.MODEL_READS`) may be drawn -- drawing L_X, say, which the
+saturated-spin-temperature model ignores, is an `InputError` before any compute
+(`sim21cm.sensitivity.check_sensitivity` measures that each drawn one acts). Labels in
+meta: every named parameter the model reads (not the HMF / LOGNORMAL switches, not fixed
+inert ones), the chunk's mean neutral fraction `xHI_mean` (21cm) and its central
 `redshift`. White noise of `noise_sigma` (the card's unit) is added and sets ivar.
 """
 
@@ -35,12 +42,17 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import FieldCard
 from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology
 from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, lognormal_field
-from cosmofm.data_cards.mocks.sim21cm.reionization import lightcone_slices
+from cosmofm.data_cards.mocks.sim21cm.params import canonical_name, inert_reason
+from cosmofm.data_cards.mocks.sim21cm.reionization import lightcone_at_redshifts
 
 QUANTITIES = ("brightness_temperature", "overdensity")
 SWITCHES = ("HMF", "LOGNORMAL")  # model switches: parameters, but not labels
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 4  # lightcones kept (a 32^2 x 480 lightcone is ~6 MB)
+# The one cosmology (Planck 2018, SimParams' defaults) that maps the slices' observed
+# redshifts (frequencies) to the `los_distance` coordinate, whatever cosmology a card fixes
+# or a realisation draws: coordinates must carry no parameter (issue 18).
+FIDUCIAL = SimParams()
 
 
 def card_priors(card: FieldCard) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
@@ -51,6 +63,9 @@ def card_priors(card: FieldCard) -> tuple[dict[str, float], dict[str, tuple[floa
         if isinstance(value, (list, tuple)):
             if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or value[0] > value[1]:
                 raise InputError(where, f"{value!r} is not a range [low, high]", "give a number or a two-element list [low, high]")
+            reason = inert_reason(name, card.quantity)
+            if reason is not None:  # a drawn parameter becomes a label; one the model ignores would be a label of nothing
+                raise InputError(where, reason, "fix it to a number or drop it")
             priors[name] = (float(value[0]), float(value[1]))
         else:
             fixed[name] = value
@@ -60,26 +75,38 @@ def card_priors(card: FieldCard) -> tuple[dict[str, float], dict[str, tuple[floa
 
 
 def draw_params(card: FieldCard, seed: int, realisation: int) -> tuple[SimParams, dict[str, float]]:
-    """The parameters of one realisation and the labels (every parameter the card names)."""
+    """The parameters of one realisation and the labels (every parameter the card names that the model reads)."""
     fixed, priors = card_priors(card)
     rng = object_rng(seed, realisation, 3)
     drawn = {name: float(rng.uniform(lo, hi)) for name, (lo, hi) in sorted(priors.items())}
     values = {**fixed, **drawn}
-    labels = {k: float(v) for k, v in values.items() if k not in SWITCHES}
+    labels = {k: float(v) for k, v in values.items() if canonical_name(k) not in SWITCHES and inert_reason(k, card.quantity) is None}
     return SimParams.from_dict(values), labels
 
 
-def _layout(card: FieldCard) -> tuple[int, int]:
-    """(slices per lightcone, chunks per lightcone) at the card's fiducial cosmology.
+def lightcone_grid(card: FieldCard) -> tuple[np.ndarray, np.ndarray]:
+    """(redshifts, los_distances) of every realisation's slices: one fixed grid per card.
 
-    Every realisation gets this many slices, so when a card varies OMm or hlittle the
-    last slice's redshift moves a little around redshift_max.
+    Slice i sits at FIDUCIAL comoving distance d(redshift_min) + i x cell, up to
+    redshift_max; its redshift (so its observed frequency) is the same for every
+    realisation, and each realisation's signal is simulated in its own cosmology at that
+    redshift (`lightcone_at_redshifts`).
     """
-    fixed, priors = card_priors(card)
-    p = SimParams.from_dict({**fixed, **{k: 0.5 * (lo + hi) for k, (lo, hi) in priors.items()}})
-    cosmo = cosmology(p)
+    fid = cosmology(FIDUCIAL)
     cell = card.box_size.to_value("Mpc") / card.n_cells
-    n_los = int(math.floor((float(cosmo.comoving_distance(card.redshift_max)) - float(cosmo.comoving_distance(card.redshift_min))) / cell + 1e-9)) + 1
+    d0 = float(fid.comoving_distance(card.redshift_min))
+    n_los = int(math.floor((float(fid.comoving_distance(card.redshift_max)) - d0) / cell + 1e-9)) + 1
+    d = d0 + np.arange(n_los) * cell
+    z = fid.redshift_at_distance(d)
+    z[0] = card.redshift_min
+    return z, d
+
+
+def _layout(card: FieldCard) -> tuple[int, int]:
+    """(slices per lightcone, chunks per lightcone) on the card's fixed grid (`lightcone_grid`)."""
+    card_priors(card)  # refuses bad parameters before any compute
+    n_los = len(lightcone_grid(card)[0])
+    cell = card.box_size.to_value("Mpc") / card.n_cells
     if n_los < card.los_cells:
         raise InputError(f"{card.name}.field.redshift_max", f"the lightcone from z={card.redshift_min} to {card.redshift_max} holds {n_los} slices of {cell} Mpc, fewer than los_cells={card.los_cells}",
                          "widen the redshift range or lower los_cells")
@@ -95,12 +122,13 @@ def _realisation(card: FieldCard, seed: int, r: int, n_los: int):
     params, labels = draw_params(card, seed, r)
     sim_seed = int(object_rng(seed, r, 5).integers(2**31))
     box = card.box_size.to_value("Mpc")
+    z, d = lightcone_grid(card)
     if card.quantity == "brightness_temperature":
-        lc = lightcone_slices(params, box, card.n_cells, card.redshift_min, n_los, sim_seed)
-        out = (lc.brightness_temp, lc.x_HI, lc.redshifts, lc.los_distances, params, labels)
+        lc = lightcone_at_redshifts(params, box, card.n_cells, z, sim_seed)
+        out = (lc.brightness_temp, lc.x_HI, z, d, params, labels)
     else:
-        lc = lightcone_slices(params, box, card.n_cells, card.redshift_min, n_los, sim_seed, ionize=False)
-        out = (lc.density, None, lc.redshifts, lc.los_distances, params, labels)
+        lc = lightcone_at_redshifts(params, box, card.n_cells, z, sim_seed, ionize=False)
+        out = (lc.density, None, z, d, params, labels)
     _CACHE[key] = out
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
@@ -128,7 +156,7 @@ def mock_field(card: FieldCard, seed: int, index: int) -> Sample:
         params, labels = draw_params(card, seed, index)
         sim_seed = int(object_rng(seed, index, 5).integers(2**31))
         z = np.full(nlos, float(card.redshift_min))
-        d0 = float(cosmology(params).comoving_distance(card.redshift_min))
+        d0 = float(cosmology(FIDUCIAL).comoving_distance(card.redshift_min))  # the coordinate carries no parameter
         los = d0 + (np.arange(nlos) - (nlos - 1) / 2) * cell
         if card.quantity == "brightness_temperature":
             cb = coeval_box(params, card.redshift_min, box, n, sim_seed, los_cells=nlos)

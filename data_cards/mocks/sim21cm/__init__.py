@@ -6,7 +6,8 @@
 
 Modules: `params` (SimParams, 21cmFAST names), `cosmology` (EH98 P(k), sigma(R), D(z),
 distances, M_min, f_coll), `density` (Gaussian / lognormal fields, P(k) estimator),
-`reionization` (excursion set, coeval boxes, lightcones), `observe` (SKA-Low thermal
+`reionization` (excursion set, coeval boxes, lightcones), `sensitivity` (does each drawn
+parameter act?), `observe` (SKA-Low thermal
 noise, foreground wedge). The reference simulator is 21cmFAST (Mesinger, Furlanetto &
 Cen 2011; Murray et al. 2020); `scripts/bench/validate_21cm.py` compares the two.
 """
@@ -15,10 +16,10 @@ from cosmofm.data_cards.mocks.sim21cm.cosmology import NU21_HZ, Cosmology, cosmo
 from cosmofm.data_cards.mocks.sim21cm.density import DensityField, density_field, power_spectrum
 from cosmofm.data_cards.mocks.sim21cm.observe import SKA_LOW, Telescope, remove_wedge, thermal_noise, thermal_noise_sigma, wedge_slope
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
-from cosmofm.data_cards.mocks.sim21cm.reionization import CoevalBox, Lightcone, brightness_prefactor, coeval_box, crossing_redshift, lightcone, lightcone_slices
+from cosmofm.data_cards.mocks.sim21cm.reionization import CoevalBox, Lightcone, brightness_prefactor, coeval_box, crossing_redshift, lightcone, lightcone_at_redshifts, lightcone_slices
 
 __all__ = [
     "NU21_HZ", "SKA_LOW", "CoevalBox", "Cosmology", "DensityField", "Lightcone", "SimParams", "Telescope",
     "brightness_prefactor", "coeval_box", "cosmology", "crossing_redshift", "density_field", "frequency_hz",
-    "lightcone", "lightcone_slices", "power_spectrum", "remove_wedge", "thermal_noise", "thermal_noise_sigma", "wedge_slope",
+    "lightcone", "lightcone_at_redshifts", "lightcone_slices", "power_spectrum", "remove_wedge", "thermal_noise", "thermal_noise_sigma", "wedge_slope",
 ]

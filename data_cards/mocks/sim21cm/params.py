@@ -21,6 +21,35 @@ from cosmofm.data_cards.errors import InputError
 # Other names people write for the 21cmFAST cosmology parameters.
 ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "SIGMA_8", "hubble": "hlittle", "h": "hlittle", "n_s": "POWER_INDEX"}
 
+# Which parameters the embedded model reads, per simulated quantity: the single source of
+# truth for what a card may draw ([low, high]) and what is written as a label. A parameter
+# that changes nothing must not become a label (an inference head trained on it would return
+# its prior and look calibrated), so `inert_reason` refuses drawing it and the mocks drop it
+# from the labels. L_X and NU_X_THRESH are missing on purpose: the spin temperature is
+# saturated (T_S >> T_CMB), so there is no X-ray heating for them to act on yet. The
+# session that adds spin temperature (issue 18) moves them into BRIGHTNESS_READS.
+COSMOLOGY_READS = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX", "LOGNORMAL")  # growth, P(k), distances
+BRIGHTNESS_READS = ("HII_EFF_FACTOR", "ION_Tvir_MIN", "R_BUBBLE_MAX", "HMF") + COSMOLOGY_READS  # + the excursion set
+MODEL_READS = {"brightness_temperature": BRIGHTNESS_READS, "overdensity": COSMOLOGY_READS}
+
+
+def canonical_name(name: str) -> str:
+    """The 21cmFAST name of a parameter or alias (unknown names come back unchanged)."""
+    return ALIASES.get(name, name)
+
+
+def inert_reason(name: str, quantity: str = "brightness_temperature") -> str | None:
+    """Why the embedded model ignores parameter `name` when simulating `quantity`, or None if it reads it.
+
+    Unknown names also give None: `SimParams.from_dict` refuses them with its own error.
+    """
+    name = canonical_name(name)
+    if name in MODEL_READS.get(quantity, BRIGHTNESS_READS) or name not in {f.name for f in dataclasses.fields(SimParams)}:
+        return None
+    if name in ("L_X", "NU_X_THRESH"):
+        return "changes nothing in the embedded model (saturated spin temperature: no X-ray heating yet)"
+    return f"changes nothing in the embedded model's {quantity} (it is a reionisation parameter; the {quantity} field is not ionised)"
+
 
 @dataclass(frozen=True)
 class SimParams:
@@ -34,7 +63,8 @@ class SimParams:
         R_BUBBLE_MAX: largest excursion-set smoothing radius in comoving Mpc (the photon
             mean free path through ionised regions).
         L_X: log10 X-ray luminosity per SFR (erg/s per Msun/yr) -- accepted for 21cmFAST
-            compatibility; the saturated spin-temperature model ignores it.
+            compatibility; the saturated spin-temperature model ignores it, so cards may
+            fix it but not draw it, and it is never a label (see MODEL_READS).
         NU_X_THRESH: X-ray energy threshold for self-absorption (eV) -- accepted,
             ignored as L_X is.
         OMm, OMb: matter and baryon density parameters today.

@@ -33,7 +33,9 @@ Mesinger, Furlanetto & Cen 2011) with a linear density field:
    comoving distance, and density, M_min, f_coll normalisation and the barrier are all
    evaluated at that slice's redshift, so the lightcone evolves continuously (21cmFAST
    instead interpolates between coeval boxes). The box is padded along the line of sight
-   by R_max on each side so no bubble wraps around.
+   by R_max on each side so no bubble wraps around. `lightcone_at_redshifts` puts such a
+   lightcone on given redshifts (a fixed observed-frequency grid), so that a varied
+   cosmology changes the signal, not the grid.
 
 Arrays are (D, H, W) = (line of sight, y, x), the `Sample` "field" axis order.
 """
@@ -329,3 +331,43 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
     transverse = (np.arange(n_cells) - (n_cells - 1) / 2) * cell
     return Lightcone(tb.astype(np.float32), delta.astype(np.float32), x_hi.astype(np.float32), z, frequency_hz(z), dist[keep],
                      transverse, x_hi.mean(axis=(1, 2)), cell, p, seed)
+
+
+def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_cells: int, redshifts, seed: int = 0,
+                           ionize: bool = True) -> Lightcone:
+    """A lightcone whose slices sit at the given increasing `redshifts` (an observed frequency grid).
+
+    The signal is the model's, in params' own cosmology: `lightcone_slices` from redshifts[0]
+    with cells of box_size / n_cells Mpc of that cosmology's comoving distance, interpolated
+    linearly along the line of sight to each redshift's own comoving distance (a slice
+    within 1e-3 cell of a simulated one is taken as it is, so on params' own grid this is
+    `lightcone_slices` exactly). Varying the cosmology then moves the signal, not the grid:
+    the same redshifts give the same frequencies for every realisation (Alcock-Paczynski:
+    the line-of-sight spacing in own Mpc differs from box_size / n_cells). `los_distances`
+    are params' own comoving distances of the redshifts.
+    """
+    p = _params(params)
+    z = np.asarray(redshifts, dtype=float)
+    if z.ndim != 1 or len(z) == 0 or not np.all(np.isfinite(z)) or np.any(np.diff(z) <= 0):
+        raise InputError("redshifts", "must be a non-empty, strictly increasing 1D array", "give the slices' redshifts from low to high")
+    _check_box(p, box_size, n_cells, float(z[0]), seed)
+    _check_box(p, box_size, n_cells, float(z[-1]))
+    cosmo = cosmology(p)
+    cell = box_size / n_cells
+    d = cosmo.comoving_distance(z)
+    t = (d - d[0]) / cell  # fractional index of each redshift on the simulated grid
+    nearest = np.round(t)
+    on_grid = np.abs(t - nearest) < 1e-3
+    j0 = np.where(on_grid, nearest, np.floor(t)).astype(int)
+    w = np.where(on_grid, 0.0, t - j0)
+    n_sim = int(j0[-1]) + (2 if w[-1] > 0 else 1)
+    lc = lightcone_slices(p, box_size, n_cells, float(z[0]), n_sim, seed, ionize)
+    j1 = np.minimum(j0 + 1, n_sim - 1)
+    ww = w[:, None, None]
+
+    def interp(a):
+        return ((1 - ww) * a[j0] + ww * a[j1]).astype(np.float32)
+
+    x_hi = interp(lc.x_HI)
+    return Lightcone(interp(lc.brightness_temp), interp(lc.density), x_hi, z, frequency_hz(z), d, lc.transverse,
+                     x_hi.mean(axis=(1, 2)), cell, p, seed)
