@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
+from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.finetune.classification import FinetuneConfig, finetune_classification, split_indices
 from cosmofm.finetune.classification_eval import calibrate_scan_redshifts
 from cosmofm.finetune.classify import predict
@@ -222,7 +223,7 @@ def run(out: Path, n: int = 24000, epochs: int = 10, pretrain_steps: int = 1500,
     result = finetune_classification(samples, card, cfg, backbone=backbone)
     metrics = result["metrics"]
     report = {
-        "card": CARD, "n_samples": n, "seed": seed, "recipe": RECIPE, "pretrain_steps": pretrain_steps, "finetune_epochs": epochs,
+        "machine": machine_info(), "card": CARD, "n_samples": n, "seed": seed, "recipe": RECIPE, "pretrain_steps": pretrain_steps, "finetune_epochs": epochs,
         "finetune_seconds": time.perf_counter() - t0, "test": {k: v for k, v in metrics.items() if k != "confusion"},
     }
     model = result["model"]

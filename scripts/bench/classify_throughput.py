@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.io.fits_io import read_fits, write_fits
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import load_card
@@ -93,7 +94,7 @@ def run(n: int, n_baseline: int = 20, batch_size: int = 256, recipe: str = "spec
     median = statistics.median(seconds)
     per_s = n / median
     return {
-        "n_spectra": n, "seconds_end_to_end": median, "seconds_cold_cli": cold_cli, "seconds_first_in_process": first_in_process, "seconds_all_repeats": seconds, "cpu_seconds_all_repeats": cpu_seconds, "spectra_per_s": per_s,
+        "machine": machine_info(), "n_spectra": n, "seconds_end_to_end": median, "seconds_cold_cli": cold_cli, "seconds_first_in_process": first_in_process, "seconds_all_repeats": seconds, "cpu_seconds_all_repeats": cpu_seconds, "spectra_per_s": per_s,
         "seconds_for_40000": 40000 / per_s, "template_fit_spectra_per_s": baseline_per_s,
         "ratio_vs_template_fit": per_s / baseline_per_s, "torch_threads": torch.get_num_threads(),
         "recipe": recipe, "model_overrides": list(overrides), "model": trained,

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
@@ -35,7 +36,7 @@ def rate(card_name: str, n: int, workers: int = 1) -> tuple[float, int]:
 
 def run(scale: float = 1.0) -> dict:
     workers = os.cpu_count() or 1
-    result = {"cpu_count": workers, "per_modality": {}}
+    result = {"machine": machine_info(), "cpu_count": workers, "per_modality": {}}
     for modality, card in DEFAULT_CARDS.items():
         n = max(4, int(QUICK_N[modality] * scale))
         per_s, size = rate(card, n)

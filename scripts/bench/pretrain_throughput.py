@@ -124,8 +124,22 @@ def loader_samples_per_s(num_workers: int, n: int = 1024, batches: int = 48) -> 
         return count / (time.perf_counter() - t0)
 
 
+def cpu_model() -> dict:
+    """The CPU's model name and the vector extensions that decide our speed (these VMs move
+    between AVX2-only and AVX512 / native-bf16 machines), from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or platform.machine(), "cpu_flags": []}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    wanted = sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+    return {"cpu_model": name, "cpu_flags": wanted}
+
+
 def machine_info() -> dict:
     return {
+        **cpu_model(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
