@@ -98,7 +98,9 @@ def _stack_rows(arrays: list[np.ndarray]) -> np.ndarray:
     samples of one piece of a file, as readers hand them out); tokenizers never write into
     a batch's arrays, so the view is safe."""
     base = arrays[0].base
-    if base is None or base.ndim != arrays[0].ndim + 1 or not base.flags.c_contiguous or any(a.base is not base for a in arrays):
+    # base may be no array at all: arrays unpickled from a worker process (mock generator
+    # pools) are views of the bytes they came in
+    if not isinstance(base, np.ndarray) or base.ndim != arrays[0].ndim + 1 or not base.flags.c_contiguous or any(a.base is not base for a in arrays):
         return np.stack(arrays)
     row = arrays[0].nbytes
     offset = arrays[0].__array_interface__["data"][0] - base.__array_interface__["data"][0]
