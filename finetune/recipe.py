@@ -25,10 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.pretrain.recipe import apply_overrides, read_recipe, set_entry
+from cosmofm.pretrain.recipe import apply_overrides, read_recipe, recipe_names, set_entry, write_recipe
 
 
 def _recipes():
@@ -38,7 +37,7 @@ def _recipes():
 
 def shipped_recipes() -> list[str]:
     """Names of the fine-tune recipes shipped with the package."""
-    return sorted(q.name.removesuffix(".yaml") for q in _recipes().iterdir() if q.name.endswith(".yaml"))
+    return recipe_names(_recipes())
 
 
 @dataclass
@@ -56,7 +55,7 @@ class FinetuneRecipe:
     def load(cls, path: str | Path, overrides: list[str] = (), entries: dict[str, Any] | None = None) -> "FinetuneRecipe":
         """Read a recipe by path or shipped name (`photoz`), apply `key=value` overrides (values
         read as YAML), then set `entries` ({dotted key: value}, as given: paths and names)."""
-        raw = apply_overrides(read_recipe(path, _recipes(), shipped_recipes(), "write task:, card: and finetune: entries"), list(overrides))
+        raw = apply_overrides(read_recipe(path, _recipes(), "write task:, card: and finetune: entries"), list(overrides))
         for key, value in (entries or {}).items():
             set_entry(raw, key, value)
         return cls.from_dict(raw)
@@ -104,9 +103,7 @@ class FinetuneRecipe:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path):
-        from cosmofm.pretrain.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+        write_recipe(self.to_dict(), path)
 
 
 def check_backbone_task(recipe: FinetuneRecipe) -> None:
@@ -114,14 +111,12 @@ def check_backbone_task(recipe: FinetuneRecipe) -> None:
     if recipe.backbone in (None, "", "none", "None"):
         return
     from cosmofm.finetune.release import check_schema_version, model_class, resolve_release
+    from cosmofm.finetune.run import refuse_other_task
 
     folder = resolve_release(recipe.backbone)
     config = check_schema_version(folder)
-    other = (config.get("task") or {}).get("type") if isinstance(config.get("task"), dict) else None
-    if other and other != recipe.task:
-        raise InputError("backbone", f"{recipe.backbone} is a fine-tuned {other!r} model, and the recipe is for {recipe.task!r}",
-                         f"fine-tune {recipe.task!r} from a pretrained backbone (cosmofm pretrain / the demo's pretrain/model), "
-                         f"or use a {other!r} recipe with this model")
+    other = config["task"].get("type") if isinstance(config.get("task"), dict) else None
+    refuse_other_task(f"backbone {recipe.backbone}", other, recipe.task)
     model_class(folder, config)  # its class and head config (task.schema_version newer than this cosmofm: upgrade)
 
 

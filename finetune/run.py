@@ -122,11 +122,7 @@ def build_task_model(task: str, head: TaskHeadConfig, seed: int, backbone=None, 
         from cosmofm.finetune.release import from_pretrained
 
         loaded = from_pretrained(backbone)
-        other = getattr(loaded, "task_type", "")
-        if other and other != task:
-            raise InputError(str(backbone), f"is a fine-tuned {other!r} model, and this is a {task!r} fine-tune",
-                             f"fine-tune {task!r} from a pretrained backbone (cosmofm pretrain / the demo's pretrain/model), "
-                             f"or use the {other!r} recipe with this model")
+        refuse_other_task(str(backbone), getattr(loaded, "task_type", ""), task)
         loaded = getattr(loaded, "cosmofm", loaded)
         if not isinstance(loaded, CosmoFMModel):
             raise InputError(str(backbone), "holds no CosmoFM backbone", "give a release folder written by `cosmofm pretrain`")
@@ -135,6 +131,15 @@ def build_task_model(task: str, head: TaskHeadConfig, seed: int, backbone=None, 
     model = model_class.from_backbone_config(backbone.config, head)
     model.cosmofm.load_state_dict(backbone.state_dict())
     return model
+
+
+def refuse_other_task(where: str, other: str | None, task: str) -> None:
+    """An InputError at `where` when a release fine-tuned for task `other` would start a
+    `task` fine-tune: its backbone was tuned for that task."""
+    if other and other != task:
+        raise InputError(where, f"is a fine-tuned {other!r} model, and this is a {task!r} fine-tune",
+                         f"fine-tune {task!r} from a pretrained backbone (cosmofm pretrain / the demo's pretrain/model), "
+                         f"or use the {other!r} recipe with this model")
 
 
 @torch.no_grad()
@@ -177,7 +182,6 @@ def finetune_task(task: str, samples: Sequence[Sample], card, cfg: TaskFinetuneC
     model = build_task_model(task, head, cfg.seed, backbone, backbone_config)
     run = finetune_loop(model, block["train"], job.targets, cfg.tuning, replace(cfg, desc=f"finetune {task} ({cfg.strategy})"), loss)
     model = run.model
-    job = task_class(task)(model.head_config)
     fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size), targets["calibration"])
     job = task_class(task)(model.head_config)  # the calibrated head
     metrics = {"n_train": len(block["train"]), "n_calibration": len(block["calibration"]), "n_test": len(block["test"]),
@@ -257,6 +261,7 @@ __all__ = [
     "collect_outputs",
     "config_fields",
     "finetune_task",
+    "refuse_other_task",
     "register_runner",
     "runner_for",
     "save_task_run",

@@ -93,7 +93,7 @@ class PretrainRecipe:
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] = ()) -> "PretrainRecipe":
         """Read a recipe by path or by shipped name (`demo`), then apply `key=value` overrides."""
-        raw = {} if path is None else read_recipe(path, _recipes(), shipped_recipes(), "write model:, data:, optim: and run: sections")
+        raw = {} if path is None else read_recipe(path, _recipes(), "write model:, data:, optim: and run: sections")
         return cls.from_dict(apply_overrides(raw, overrides))
 
     @classmethod
@@ -141,19 +141,29 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path):
-        from cosmofm.pretrain.checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False).encode())
+        write_recipe(self.to_dict(), path)
 
 
-def read_recipe(path: str | Path, shipped, names: list[str], sections: str) -> dict:
+def write_recipe(raw: dict, path: str | Path) -> None:
+    """A recipe's resolved entries as YAML, written atomically (beside a run's outputs)."""
+    from cosmofm.pretrain.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(raw, sort_keys=False).encode())
+
+
+def recipe_names(shipped) -> list[str]:
+    """Names of the recipes in a folder of shipped recipes (a Traversable)."""
+    return sorted(q.name.removesuffix(".yaml") for q in shipped.iterdir() if q.name.endswith(".yaml"))
+
+
+def read_recipe(path: str | Path, shipped, sections: str) -> dict:
     """The mapping in a recipe YAML: `path`, or a name without suffix from the folder of
-    shipped recipes `shipped` (a Traversable; `names` lists them for the error)."""
+    shipped recipes `shipped` (a Traversable)."""
     p = Path(path)
     if not p.suffix:
         p = shipped / f"{path}.yaml"
     if not p.is_file():
-        raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {names}")
+        raise InputError("--config", f"no recipe at {p}", f"give a YAML path or one of {recipe_names(shipped)}")
     raw = _yaml(p.read_text(), str(p), "fix the YAML syntax") or {}
     if not isinstance(raw, dict):
         raise InputError(str(p), f"must be a mapping of sections, got {type(raw).__name__}", sections)
@@ -196,7 +206,7 @@ def _recipes():
 
 def shipped_recipes() -> list[str]:
     """Names of the recipes shipped with the package (`PretrainRecipe.load(name)`)."""
-    return sorted(q.name.removesuffix(".yaml") for q in _recipes().iterdir() if q.name.endswith(".yaml"))
+    return recipe_names(_recipes())
 
 
 # Numeric settings that must be > 0; every other one must be >= 0. All must be finite.

@@ -113,16 +113,12 @@ def _cmd_finetune(args):
 def _finetune_entries(args) -> dict:
     """The recipe entries the `finetune` flags for names and paths set, as given (through
     --set, YAML would read `yes` or `2024` as no string)."""
-    entries = {"finetune.output_dir": args.output, "card": args.card}
-    if args.teacher is not None:
-        entries["finetune.teacher"] = args.teacher
-    if args.backbone is not None:  # a given backbone replaces the recipe's starting point
+    entries = {k: v for k, v in (("finetune.output_dir", args.output), ("card", args.card), ("finetune.teacher", args.teacher)) if v is not None}
+    if args.backbone is not None:  # a given backbone, or a fresh one's shape, replaces the recipe's starting point
         entries.update(backbone=None if args.backbone.lower() == "none" else args.backbone, backbone_recipe=None)
     if args.recipe is not None:
-        entries["backbone_recipe"] = args.recipe
-        if args.backbone is None:
-            entries["backbone"] = None
-    return {k: v for k, v in entries.items() if v is not None or k.startswith("backbone")}
+        entries.update(backbone_recipe=args.recipe, backbone=entries.get("backbone"))
+    return entries
 
 
 def _finetune_overrides(args) -> list[str]:
