@@ -8,8 +8,8 @@ Every task goes through here by its registry name (`heads.base.task_model_class`
 `task_class`), so a new task needs no code in this package: the labelled samples are
 split by index into train / calibration / test blocks (`split_indices`), the task's
 model is built on a pretrained backbone or a fresh one (`build_task_model`), trained by
-the shared loop (`finetune/loop.py`) with a `Strategy`, calibrated on the calibration
-block (`Task.calibrate`), scored on the test block (`Task.metrics`) and saved as a
+the shared loop (`finetune/loop.py`) with a `Strategy` (after `Task.prepare` on the
+training block), calibrated on the calibration block (`Task.calibrate`), scored on the test block (`Task.metrics`) and saved as a
 release with `eval_results.json` (`save_task_run`).
 
 A task whose fine-tune does more (classification: distillation, conformal sets, scan
@@ -180,6 +180,7 @@ def finetune_task(task: str, samples: Sequence[Sample], card, cfg: TaskFinetuneC
     targets = {name: job.targets(part) for name, part in block.items()}  # every label checked before any compute
     set_seed(cfg.seed)
     model = build_task_model(task, head, cfg.seed, backbone, backbone_config)
+    job.prepare(model, block["train"])
     run = finetune_loop(model, block["train"], job.targets, cfg.tuning, replace(cfg, desc=f"finetune {task} ({cfg.strategy})"), loss)
     model = run.model
     fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size), targets["calibration"])

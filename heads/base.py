@@ -162,7 +162,7 @@ class Task(Protocol):
     temperature-scaled probabilities; `calibrate` = temperature scaling + conformal
     threshold (`heads.calibration`), stored with `model.set_calibration`;
     `catalogue_columns` = CLASS, P_<class> per class, CONFORMAL_SET, Z and Z_ERR ("").
-    Subclass `Task` explicitly to inherit the no-op `calibrate`.
+    Subclass `Task` explicitly to inherit the no-op `prepare` and `calibrate`.
 
     `modality` is the kind of Sample the task reads ("spectrum", "image", "cube",
     "field"); `catalogue_rows` turns one batch's outputs into its catalogue columns, which
@@ -183,6 +183,11 @@ class Task(Protocol):
     def metrics(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Figures of merit (floats; per-class tables may nest) of predictions against targets."""
         ...
+
+    def prepare(self, model: CosmoFMForTask, samples: Sequence[Sample]) -> None:
+        """Set up `model`'s head from the training samples before the first step (e.g. the
+        photo-z photometry branch's input standardisation). Optional: a no-op by default."""
+        return None
 
     def calibrate(self, model: CosmoFMForTask, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Fit calibration on a held-out split and store it in `model`'s head config; returns

@@ -21,6 +21,13 @@ IEEE TIP 26, 2825). Loss: cross-entropy against those soft targets. Calibration:
 temperature on the logits fitted on a held-out split (`PhotozTask.calibrate`, Guo et
 al. 2017, with the true bin as the class), applied to `probs`.
 
+Inputs: the pooled image tokens and, unless `photometry_bands` is 0, a photometry branch
+on aperture colours measured from the same stamps in the forward pass (`heads/photometry.py`:
+networks reading images and magnitudes together beat either alone, Henghes et al. 2022,
+MNRAS 512, 1696; why the tokens alone do not reach the colours' precision is said there).
+`from_card` turns it on with the card's band count; configs saved before it existed have
+no such field and load as image-only heads.
+
 Point estimate: the median of p(z); error: half the central 68 % interval. The metric
 functions (NMAD, outlier fraction, bias, PIT, coverage) live in `heads/photoz_metrics.py`.
 """
@@ -39,6 +46,7 @@ from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads import photoz_metrics
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
+from cosmofm.heads.photometry import PhotometryBranch, photometry_features, reference_band_index
 from cosmofm.heads.pooling import POOLINGS, PooledHead
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
@@ -62,6 +70,14 @@ class PhotozHeadConfig(TaskHeadConfig):
         pooling (`str`, "attention"): "attention" (learned queries over the tokens, next to
             their mean) or "mean" (the backbone's mean-pooled embedding).
         pooling_heads (`int`, 4): attention-pooling queries.
+        photometry_bands (`int`, 0): bands of the stamps read by the photometry branch
+            (aperture colours beside the tokens); 0 = no branch (image tokens only).
+            `from_card` sets it to the card's band count unless given.
+        reference_band (`int`, 0): index of the band whose magnitude and concentration the
+            photometry branch reads (`from_card`: the r band, else the middle one).
+        photometry_warm_start_steps (`int`, 6000): most steps of training the photometry
+            branch alone before fine-tuning (`PhotozTask.prepare`; the best on a held-out
+            fifth is kept); 0: only standardise its inputs.
         redshift_label (`str`, "redshift"): key of the redshift in `Sample.meta["labels"]`.
         temperature (`float`, 1.0): logit temperature fitted on a calibration split.
         card (`str`, ""): the data card the head was trained on (provenance only).
@@ -74,6 +90,9 @@ class PhotozHeadConfig(TaskHeadConfig):
     dropout: float = 0.1
     pooling: str = "attention"
     pooling_heads: int = 4
+    photometry_bands: int = 0
+    reference_band: int = 0
+    photometry_warm_start_steps: int = 6000
     redshift_label: str = "redshift"
     temperature: float = 1.0
     card: str = ""
@@ -92,6 +111,21 @@ class PhotozHeadConfig(TaskHeadConfig):
             raise InputError("task.temperature", f"must be > 0, got {self.temperature}", "refit it with PhotozTask.calibrate")
         if self.pooling not in POOLINGS:
             raise InputError("task.pooling", f"is {self.pooling!r}", f"use one of {POOLINGS}")
+        if self.photometry_bands == 1 or not (isinstance(self.photometry_bands, int) and self.photometry_bands >= 0):
+            raise InputError("task.photometry_bands", f"is {self.photometry_bands!r}", "colours need >= 2 bands; 0 turns the photometry branch off")
+        if self.photometry_bands and not 0 <= self.reference_band < self.photometry_bands:
+            raise InputError("task.reference_band", f"is {self.reference_band!r}", f"use a band index in [0, {self.photometry_bands})")
+        if not (isinstance(self.photometry_warm_start_steps, int) and self.photometry_warm_start_steps >= 0):
+            raise InputError("task.photometry_warm_start_steps", f"is {self.photometry_warm_start_steps!r}", "a whole number >= 0 (0 = no warm start)")
+
+    @classmethod
+    def from_card(cls, card, **kwargs) -> "PhotozHeadConfig":
+        """As `TaskHeadConfig.from_card`, with the photometry branch reading the card's bands
+        (its r band as the reference) unless `photometry_bands` is given."""
+        bands = [b.name for b in getattr(card, "bands", [])]
+        if "photometry_bands" not in kwargs and len(bands) >= 2:
+            kwargs = {"photometry_bands": len(bands), "reference_band": reference_band_index(bands), **kwargs}
+        return super().from_card(card, **kwargs)
 
     def bin_edges(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """(n_bins + 1,) redshift edges, uniform in ln(1 + z) from 0 to z_max."""
@@ -159,14 +193,39 @@ def smoothed_targets(redshift: torch.Tensor, edges: torch.Tensor, width: float) 
 
 
 class PhotozHead(PooledHead):
-    """tokens -> pooled (`pool_tokens`) -> hidden -> logits over the p(z) bins (N, n_bins)."""
+    """tokens -> pooled (`pool_tokens`) -> hidden, next to the photometry branch's hidden
+    features when it has one -> logits over the p(z) bins (N, n_bins)."""
 
     def __init__(self, in_size: int, head: PhotozHeadConfig):
         super().__init__(in_size, head.hidden_size, head.dropout, head.pooling, head.pooling_heads)
-        self.bins = nn.Linear(head.hidden_size, head.n_bins)
+        self.photometry = PhotometryBranch(head.photometry_bands + 1, head.hidden_size, head.dropout) if head.photometry_bands else None
+        self.bins = nn.Linear(head.hidden_size * (2 if self.photometry is not None else 1), head.n_bins)
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.bins(self.features(pooled))  # (N, n_bins)
+    def forward(self, pooled: torch.Tensor, photometry: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.features(pooled)  # (N, hidden_size)
+        if self.photometry is not None:
+            hidden = torch.cat([hidden, self.photometry(photometry).to(hidden.dtype)], dim=-1)
+        return self.bins(hidden)  # (N, n_bins)
+
+
+def batch_photometry(batch: CosmoFMBatch, head: PhotozHeadConfig) -> torch.Tensor:
+    """(N, photometry_bands + 1) photometry features of every object's image stamp; an
+    InputError naming the objects without an image of `photometry_bands` bands."""
+    rows, feats = [], []
+    for group in batch.groups:
+        if group.modality == "image" and group.values.shape[1] == head.photometry_bands:
+            c = group.coords
+            feats.append(photometry_features(group.values, group.ivar, c["dec_offset"], c["ra_offset"], head.reference_band))
+            rows.append(group.rows)
+    covered = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
+    if covered.numel() != len(batch):
+        missing = sorted(set(range(len(batch))) - set(covered.tolist()))
+        ids = [batch.ids[i] if i < len(batch.ids) else str(i) for i in missing[:3]]
+        raise InputError(f"objects {ids}", f"have no image stamp of {head.photometry_bands} bands",
+                         "photo-z with a photometry branch reads image stamps of the card it was trained on")
+    out = torch.empty(len(batch), head.photometry_bands + 1, device=feats[0].device, dtype=feats[0].dtype)
+    out[covered.to(out.device)] = torch.cat(feats)
+    return out
 
 
 @register_task(TASK_TYPE)
@@ -186,7 +245,8 @@ class CosmoFMForPhotoz(CosmoFMForTask):
 
     def forward(self, batch: CosmoFMBatch, redshift: torch.Tensor | None = None) -> PhotozOutput:
         out = self.cosmofm(batch)
-        logits = self.head(self.head.pool_tokens(out))  # (N, B)
+        photometry = batch_photometry(batch, self.head_config) if self.head_config.photometry_bands else None
+        logits = self.head(self.head.pool_tokens(out), photometry)  # (N, B)
         edges = self.head_config.bin_edges(logits.device, torch.float32)  # (B + 1,): from the config, not a saved tensor
         probs = (logits.float() / self.head_config.temperature).softmax(-1)  # (N, B)
         loss = None
@@ -237,6 +297,40 @@ class PhotozTask(Task):
         return photoz_metrics.photoz_metrics(z, _numpy(outputs["redshift"]), pit, {
             "68": (_numpy(outputs["z_lo68"]), _numpy(outputs["z_hi68"])), "95": (_numpy(outputs["z_lo95"]), _numpy(outputs["z_hi95"]))})
 
+    def prepare(self, model: CosmoFMForPhotoz, samples: Sequence[Sample], batch_size: int = 256) -> None:
+        """Warm-start the photometry branch on the training stamps (no-op without a branch).
+
+        With `photometry_warm_start_steps`, the branch and its share of the output layer are
+        trained first on the photometry alone (`MLPPhotoz`, steps chosen on a held-out
+        fifth of these samples; seconds, no backbone pass) and the image features' share
+        of the output layer starts at zero, so fine-tuning starts from the photometry
+        network's p(z) and learns what the image tokens add: the head-first recipe of
+        LP-FT (Kumar et al. 2022, ICLR, "Fine-tuning can distort pretrained features"),
+        which also keeps a random head's gradients out of the backbone. Otherwise only the
+        branch's input standardisation is set."""
+        branch = model.head.photometry
+        if branch is None:
+            return
+        from cosmofm.pretrain.data import collate_samples
+
+        features = torch.cat([batch_photometry(collate_samples(list(samples[i:i + batch_size])), self.head)
+                              for i in range(0, len(samples), batch_size)]).cpu()
+        if not self.head.photometry_warm_start_steps:
+            branch.set_standardisation(features)
+            return
+        from cosmofm.heads.photoz_baseline import MLPPhotoz
+
+        fitted = MLPPhotoz(self.head, widths=(self.head.hidden_size,), max_steps=self.head.photometry_warm_start_steps, dropout=self.head.dropout,
+                            seed=torch.initial_seed() % 2**31).fit(
+            features.numpy(), self.targets(samples)["redshift"].numpy())
+        trained_branch, trained_bins = fitted.net[0], fitted.net[1]
+        hidden = self.head.hidden_size
+        with torch.no_grad():
+            branch.load_state_dict(trained_branch.state_dict())
+            model.head.bins.weight[:, :hidden].zero_()  # the image features' share: learned by fine-tuning
+            model.head.bins.weight[:, hidden:].copy_(trained_bins.weight)
+            model.head.bins.bias.copy_(trained_bins.bias)
+
     def calibrate(self, model: CosmoFMForPhotoz, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Fit the logit temperature on a held-out split (NLL of the true bin) and store it in `model`."""
         from cosmofm.heads.calibration import fit_temperature
@@ -264,6 +358,7 @@ __all__ = [
     "PhotozHeadConfig",
     "PhotozOutput",
     "PhotozTask",
+    "batch_photometry",
     "pdf_quantiles",
     "pdf_summary",
     "redshifts_from_samples",

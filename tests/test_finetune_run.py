@@ -18,13 +18,14 @@ from cosmofm.finetune.release import from_pretrained
 from cosmofm.finetune.run import RUNNERS, TaskFinetuneConfig, collect_outputs, finetune_task, runner_for, split_indices
 from cosmofm.heads.classification import ClassificationHeadConfig, CosmoFMForSpectralClassification
 from cosmofm.heads.photoz import CosmoFMForPhotoz, PhotozHeadConfig, PhotozTask
+from cosmofm.heads.photoz_baseline import photometry_features
 from cosmofm.pretrain import CosmoFMConfig
 from cosmofm.pretrain.checkpoint import save_release, write_manifest
 from toy_task import TOY, CosmoFMForToyRegression, registered_toy_task  # tests/toy_task.py
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum_patch_size=128, image_patch_size=8,
             coord_frequencies=6, projection_dim=16)
-PHOTOZ = ["finetune", "--task", "photoz", "--set", "backbone_recipe=tiny", "--n-train", "40", "--batch-size", "8", "--workers", "1"]
+PHOTOZ = ["finetune", "--task", "photoz", "--set", "backbone_recipe=tiny", "--set", "finetune.head.photometry_warm_start_steps=0", "--n-train", "40", "--batch-size", "8", "--workers", "1"]
 
 
 def _photoz(out: Path, *extra: str) -> int:
@@ -60,6 +61,10 @@ def test_photoz_from_the_shipped_recipe(photoz_run):
     assert all(s.meta["labels"]["spectral_class"].startswith("GALAXY") for s in samples)
     test = samples[32:]
     task = PhotozTask(model.head_config)
+    # the photometry branch reads the card's 6 bands, standardised on the 24 training stamps (Task.prepare, no warm start)
+    assert (model.head_config.photometry_bands, model.head_config.reference_band) == (6, 2)
+    train_features = photometry_features(samples[:24])
+    assert torch.allclose(model.head.photometry.feature_mean.double(), torch.from_numpy(train_features.mean(0)), atol=1e-4)
     again = task.metrics(collect_outputs(model, test), task.targets(test))
     for name in ("nmad", "outlier_fraction", "bias", "pit_ks", "coverage_68", "coverage_95"):
         assert metrics[name] == pytest.approx(again[name], rel=1e-5, abs=1e-7), name
@@ -76,6 +81,7 @@ def test_photoz_from_the_shipped_recipe(photoz_run):
     assert (recipe.task, recipe.card, recipe.n_labelled, recipe.backbone_recipe) == ("photoz", "lsst-like", 40, "tiny")
     assert recipe.select == {"spectral_class": "GALAXY*"} and recipe.finetune["output_dir"] == str(photoz_run)
     assert recipe.config().epochs == 1 and recipe == FinetuneRecipe.load("photoz", ["backbone_recipe=tiny", "n_labelled=40",
+                                                                                    "finetune.head.photometry_warm_start_steps=0",
                                                                                     "finetune.epochs=1", "finetune.batch_size=8",
                                                                                     f"finetune.output_dir={photoz_run}"])
 

@@ -22,7 +22,8 @@ from cosmofm.heads.photoz import (
     redshifts_from_samples,
     smoothed_targets,
 )
-from cosmofm.heads.photoz_baseline import KNNPhotoz, aperture_photometry, constant_prediction, galaxy_mocks, photometry_features
+from cosmofm.heads.photometry import aperture_photometry
+from cosmofm.heads.photoz_baseline import KNNPhotoz, MLPPhotoz, constant_prediction, galaxy_mocks, photometry_features
 from cosmofm.heads.photoz_metrics import binned_cdf, interval_coverage, nmad, photoz_metrics, pit_histogram, pit_ks, point_metrics
 from cosmofm.pretrain import CosmoFMConfig, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
@@ -31,6 +32,7 @@ SURVEYS = ["lsst-like"]
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, coord_frequencies=6, projection_dim=16, survey_names=SURVEYS)
 HEAD = dict(n_bins=40, hidden_size=32, pooling_heads=2)
 META = torch.device("meta")
+PHOTOMETRY = dict(photometry_bands=6, reference_band=2)  # lsst-like: u g r i z y
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +117,9 @@ def test_outputs_targets_metrics_and_catalogue_columns(images):
         task.targets([*images, unlabelled])
 
 
-def test_loss_decreases_on_a_small_batch_of_image_mocks(images):
-    model = _model(dropout=0.0).train()
+@pytest.mark.parametrize("photometry", [{}, PHOTOMETRY], ids=["tokens", "tokens+photometry"])
+def test_loss_decreases_on_a_small_batch_of_image_mocks(images, photometry):
+    model = _model(dropout=0.0, **photometry).train()
     batch = collate_samples(images, SURVEYS)
     redshift = redshifts_from_samples(images)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
@@ -130,17 +133,50 @@ def test_loss_decreases_on_a_small_batch_of_image_mocks(images):
     assert losses[-1] < 0.6 * losses[0], losses  # ln(40) = 3.7 at the start
 
 
-def test_photoz_head_runs_on_the_meta_device(images):
-    """No host round trips in the forward, the loss, the quantiles or the backward."""
+@pytest.mark.parametrize("photometry", [{}, PHOTOMETRY], ids=["tokens", "tokens+photometry"])
+def test_photoz_head_runs_on_the_meta_device(images, photometry):
+    """No host round trips in the forward (photometry branch included), the loss, the quantiles or the backward."""
     batch = collate_samples(images, SURVEYS)
     with META:
-        model = CosmoFMForPhotoz.from_backbone_config(CosmoFMConfig(**TINY), PhotozHeadConfig(**HEAD))
+        model = CosmoFMForPhotoz.from_backbone_config(CosmoFMConfig(**TINY), PhotozHeadConfig(**HEAD, **photometry))
     out = model(batch.to(META), redshift=torch.full((len(images),), 0.2, device=META))
     assert out.probs.device == META and out.probs.shape == (len(images), 40)
     assert out.redshift.shape == out.redshift_err.shape == out.z_hi95.shape == (len(images),)
     assert out.loss.shape == ()
     out.loss.backward()
     assert model.head.bins.weight.grad.device == META
+
+
+# --------------------------------------------------------------------------- the photometry branch
+
+
+def test_from_card_turns_the_photometry_branch_on_and_old_configs_load_without_it():
+    card = load_card("lsst-like")
+    head = PhotozHeadConfig.from_card(card)
+    assert (head.photometry_bands, head.reference_band, head.card) == (6, 2, "lsst-like")  # u g r i z y: r is band 2
+    assert PhotozHeadConfig.from_card(card, photometry_bands=0).photometry_bands == 0
+    old = {k: v for k, v in PhotozHeadConfig(**HEAD).to_dict().items() if k not in ("photometry_bands", "reference_band")}
+    assert TaskHeadConfig.from_dict(old).photometry_bands == 0  # saved before the branch existed: tokens only
+    assert _model(**PHOTOMETRY).head.photometry is not None and _model().head.photometry is None
+    for bad, match in [(dict(photometry_bands=1), "task.photometry_bands: is 1"), (dict(photometry_bands=-2), "task.photometry_bands"),
+                       (dict(photometry_bands=6, reference_band=6), r"task.reference_band: is 6.*\[0, 6\)"),
+                       (dict(photometry_warm_start_steps=-1), "task.photometry_warm_start_steps")]:
+        with pytest.raises(InputError, match=match):
+            PhotozHeadConfig(**bad)
+
+
+def test_the_branch_reads_the_baselines_photometry_and_refuses_objects_without_a_stamp(images):
+    """One implementation: the forward pass's features are the classical baselines' features."""
+    from cosmofm.data_cards.mocks.spectra import mock_spectrum
+    from cosmofm.heads.photoz import batch_photometry
+
+    head = PhotozHeadConfig(**HEAD, **PHOTOMETRY)
+    ours = batch_photometry(collate_samples(images, SURVEYS), head).double().numpy()
+    assert ours.shape == (8, 7) and np.allclose(ours, photometry_features(images), atol=1e-4)
+    assert np.all(np.abs(ours[:, :5]) < 5) and np.all((ours[:, 5] > 18) & (ours[:, 5] < 32))  # colours, r magnitude
+    spectrum = mock_spectrum(load_card("sdss-like"), 0, 0)
+    with pytest.raises(InputError, match=r"\['sdss-like-0-0'\]: have no image stamp of 6 bands"):
+        batch_photometry(collate_samples([*images, spectrum], SURVEYS), head)
 
 
 # --------------------------------------------------------------------------- p(z) helpers and metrics
@@ -201,7 +237,9 @@ def test_pit_of_a_perfect_gaussian_predictor_is_uniform_and_an_overconfident_one
 
 def test_aperture_photometry_measures_the_pixels_not_the_truth():
     sample = mock_image(load_card("lsst-like"), 1, 3, noise=False)
-    flux, error = aperture_photometry(sample, (1.0, 100.0))
+    c = {k: torch.from_numpy(v)[None] for k, v in sample.coords.items()}
+    flux, error = aperture_photometry(torch.from_numpy(sample.values)[None], torch.from_numpy(sample.ivar)[None], c["dec_offset"], c["ra_offset"], (1.0, 100.0))
+    flux, error = flux[0].double().numpy(), error[0].numpy()
     assert flux.shape == error.shape == (6, 2)
     assert np.allclose(flux[:, 1], sample.values.sum(axis=(1, 2)))  # the whole stamp
     assert np.all(flux[:, 0] < flux[:, 1]) and np.all(error > 0)
@@ -220,3 +258,44 @@ def test_knn_baseline_beats_a_constant_predictor():
     assert knn.k in (5, 10, 20, 40, 80) and knn.width > 0
     assert ours["nmad"] < 0.7 * constant["nmad"], (ours, constant)
     assert 0.4 < ours["coverage_68"] <= 1 and abs(ours["bias"]) < 0.05
+
+
+def test_mlp_baseline_is_the_stronger_baseline():
+    """300 lsst-like galaxies (225 train, 75 test): the ANNz-style network on the same
+    photometry beats kNN (a colour-redshift relation is smooth; kNN averages over a
+    neighbourhood as wide as its k)."""
+    samples = galaxy_mocks(load_card("lsst-like"), 300, seed=0)
+    z = redshifts_from_samples(samples).numpy().astype(np.float64)
+    x = photometry_features(samples)
+    head = PhotozHeadConfig()
+    task, target = PhotozTask(head), {"redshift": torch.from_numpy(z[225:])}
+    knn = task.metrics(KNNPhotoz(head).fit(x[:225], z[:225]).predict(x[225:]), target)
+    mlp = MLPPhotoz(head, max_steps=2000).fit(x[:225], z[:225])
+    ours = task.metrics(mlp.predict(x[225:]), target)
+    assert mlp.width in (64, 128) and 0 < mlp.steps <= 2000 and mlp.temperature > 0
+    assert ours["nmad"] < 0.8 * knn["nmad"], (ours["nmad"], knn["nmad"])
+    assert ours["outlier_fraction"] <= knn["outlier_fraction"] + 1 / 75 and 0.4 < ours["coverage_68"]
+
+
+def test_prepare_warm_starts_the_head_from_the_photometry_network_without_moving_the_random_stream():
+    """After `PhotozTask.prepare` the model's p(z) is the photometry network's (the image
+    features' share of the output layer is zero), and the caller's random stream is where it was."""
+    samples = galaxy_mocks(load_card("lsst-like"), 120, seed=2)
+    torch.manual_seed(0)
+    head = PhotozHeadConfig.from_card(load_card("lsst-like"), **HEAD, photometry_warm_start_steps=1500)
+    model = CosmoFMForPhotoz.from_backbone_config(CosmoFMConfig(**TINY), head).eval()
+    task = PhotozTask(model.head_config)
+    state = torch.get_rng_state()
+    task.prepare(model, samples)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.count_nonzero(model.head.bins.weight[:, :32]) == 0 and torch.count_nonzero(model.head.bins.weight[:, 32:]) > 0
+    x = torch.from_numpy(photometry_features(samples)).float()
+    assert torch.allclose(model.head.photometry.feature_mean, x[torch.from_numpy(np.random.default_rng(torch.initial_seed()).permutation(120) >= 24)].mean(0), atol=1e-4)
+    with torch.no_grad():
+        ours = model(collate_samples(samples, SURVEYS)).logits
+        alone = model.head.bins.weight[:, 32:] @ model.head.photometry(x).T + model.head.bins.bias[:, None]
+    assert torch.allclose(ours, alone.T, atol=1e-4)
+    z = redshifts_from_samples(samples).numpy()
+    probs = ours.softmax(-1)
+    warm = task.metrics({"probs": probs, **pdf_summary(probs, model.head_config.bin_edges(dtype=torch.float32))}, {"redshift": torch.from_numpy(z)})
+    assert warm["nmad"] < 0.04, warm["nmad"]  # in-sample; a random head is at ~0.3

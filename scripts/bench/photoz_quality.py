@@ -1,4 +1,4 @@
-"""Photo-z quality benchmark (issue 16): the image photo-z head against kNN on aperture photometry.
+"""Photo-z quality benchmark (issue 16): the image photo-z head against classical photometry baselines.
 
     python -m cosmofm.bench.photoz_quality --out docs/bench --work /tmp/photoz_bench
 
@@ -11,10 +11,13 @@ never seen in training, comes from another mock universe (2) observed with 1.4x 
 FWHM and 2x the sky noise per band (worse seeing, a shallower survey).
 
 Arms, at 10 % and 100 % of the training labels, each with 3 training seeds:
-- `knn`: the classical baseline beside the head (`heads/photoz_baseline.py`: colours,
-  magnitude and concentration from aperture photometry of the same stamps; k and the
-  kernel width chosen by cross-validation on the training labels only);
-- `scratch`: the head on a fresh backbone of the demo's shape, everything trained;
+- `knn` and `mlp`: the classical baselines beside the head (`heads/photoz_baseline.py`:
+  colours, magnitude and concentration from aperture photometry of the same stamps
+  (`heads/photometry.py`); kNN with k and the kernel width chosen by cross-validation on
+  the training labels only; an ANNz-style network, the head's photometry branch alone,
+  with width and steps chosen on a held-out fifth of the training labels);
+- `scratch`: the head (image tokens + the photometry branch, `PhotozHeadConfig.from_card`)
+  on a fresh backbone of the demo's shape, everything trained;
 - `frozen`, `lora`, `full`: the head on the demo's multi-modal backbone (pretrained on
   spectra, images, cubes and lightcones of mock universe 0: no labelled or test object).
 The network arms of one label fraction train for the same number of optimizer steps.
@@ -42,13 +45,14 @@ from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.recipe import labelled_mocks
 from cosmofm.finetune.run import TaskFinetuneConfig, collect_outputs, finetune_task, split_indices
 from cosmofm.heads.photoz import PhotozHeadConfig, PhotozTask
-from cosmofm.heads.photoz_baseline import KNNPhotoz, photometry_features
+from cosmofm.heads.photoz_baseline import KNNPhotoz, MLPPhotoz, photometry_features
 from cosmofm.pretrain.recipe import PretrainRecipe
 
 GALAXIES = {"spectral_class": "GALAXY*"}
 LABELLED_SEED, SHIFTED_SEED = 1, 2  # mock universes; the demo backbone is pretrained on universe 0
 SHIFT = {"psf_fwhm": 1.4, "sky_noise": 2.0}  # factors applied to every band of the shifted test set
 ARMS = ("scratch", "frozen", "lora", "full")
+BASELINES = {"knn": KNNPhotoz, "mlp": MLPPhotoz}
 HEADLINE = ("nmad", "outlier_fraction", "bias", "pit_ks", "coverage_68", "coverage_95")
 
 
@@ -70,11 +74,14 @@ def demo_backbone(work: Path) -> Path:
     return model
 
 
-def knn_metrics(x: np.ndarray, z: np.ndarray, n_train: int, test: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
+def baseline_metrics(name: str, x: np.ndarray, z: np.ndarray, n_train: int, test: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
+    """Fit baseline `name` on the first n_train objects; its metrics on each test set and its tuned settings."""
     task = PhotozTask(PhotozHeadConfig())
-    knn = KNNPhotoz(task.head, seed=seed).fit(x[:n_train], z[:n_train])
-    out = {name: task.metrics(knn.predict(xt), {"redshift": torch.from_numpy(zt)}) for name, (xt, zt) in test.items()}
-    return {**out, "k": knn.k, "kernel_width": knn.width}
+    t0 = time.perf_counter()
+    fitted = BASELINES[name](task.head, seed=seed).fit(x[:n_train], z[:n_train])
+    out = {split: task.metrics(fitted.predict(xt), {"redshift": torch.from_numpy(zt)}) for split, (xt, zt) in test.items()}
+    tuned = {"k": fitted.k, "kernel_width": fitted.width} if name == "knn" else {"width": fitted.width, "steps": fitted.steps}
+    return {**out, **tuned, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run(work: Path, out: Path, n: int, n_shift: int, seeds: list[int], fractions: list[float], steps: int, arms: list[str],
@@ -105,10 +112,12 @@ def run(work: Path, out: Path, n: int, n_shift: int, seeds: list[int], fractions
     for fraction in fractions:
         n_train = int(fraction * n_train_all)
         for seed in seeds:
-            key = f"knn/{fraction}/{seed}"
-            if key not in runs:
-                runs[key] = knn_metrics(x, z, n_train, {"test": (x[test_index], z[test_index]), "shifted": (x_shift, z_shift)}, seed)
-                save()
+            for name in BASELINES:
+                key = f"{name}/{fraction}/{seed}"
+                if key not in runs:
+                    runs[key] = baseline_metrics(name, x, z, n_train, {"test": (x[test_index], z[test_index]), "shifted": (x_shift, z_shift)}, seed)
+                    print(key, {k: round(runs[key]["test"][k], 4) for k in HEADLINE}, flush=True)
+                    save()
 
     backbone_path = backbone or str(demo_backbone(work))
     shape = {**PretrainRecipe.load("demo").model, "survey_names": ["lsst-like"]}
@@ -134,7 +143,7 @@ def run(work: Path, out: Path, n: int, n_shift: int, seeds: list[int], fractions
                              "seconds": round(time.perf_counter() - t0, 1), "final_loss": r["history"][-1]}
                 print(key, {k: round(r["metrics"][k], 4) for k in HEADLINE}, flush=True)
                 save()
-    report["summary"] = summarise(runs, ["knn", *arms], fractions)
+    report["summary"] = summarise(runs, [*BASELINES, *arms], fractions)
     save()
     plot(report, out / "photoz_quality.png")
     print(markdown_table(report))
@@ -181,7 +190,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("nmad", "outlier_fraction")):
         for split, marker in (("test", "o"), ("shifted", "s")):
-            for i, arm in enumerate(["knn", *ARMS]):
+            for i, arm in enumerate([*BASELINES, *ARMS]):
                 pts = [(f, summary[f"{arm}/{f}"][f"{split}_{metric}"]) for f in report["label_fractions"] if f"{arm}/{f}" in summary]
                 if pts:
                     ax.errorbar([p[0] * (1 + 0.04 * i) for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], marker=marker,
