@@ -109,11 +109,18 @@ class SpectrumCard(DataCard):
     # Disjoint wavelength windows of a multi-window spectrograph (e.g. 4MOST HRS), as
     # [[min, max], ...] quantity strings; empty = one window from wavelength_min to _max.
     windows: list = field(default_factory=list)
+    # What the mock generator draws for this card (mocks/spectra.py): "basic" = the 13-class
+    # generator (stars by Teff alone, CWW galaxy continua), "survey" = mocks/survey.py (stars
+    # with log g, [Fe/H] and Galactic dust, stellar-population galaxies, sky residuals,
+    # flux-calibration errors, bad columns, S/N 2-100). Reading real files ignores it.
+    mock_realism: str = _choice("basic", "survey", default="basic")
     block: ClassVar[str] = "spectrum"
 
     def __post_init__(self):
         super().__post_init__()
         where = f"{self.name}.spectrum"
+        if self.mock_realism not in ("basic", "survey"):  # cards built in Python skip _convert's check
+            raise InputError(f"{where}.mock_realism", f"{self.mock_realism!r} is not allowed", "use one of ['basic', 'survey']")
         if self.wavelength_max <= self.wavelength_min:
             raise InputError(f"{where}.wavelength_max", "must be larger than wavelength_min", "swap or fix the range")
         self.windows = [_window(w, f"{where}.windows[{i}]") for i, w in enumerate(self.windows)]

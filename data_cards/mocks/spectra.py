@@ -243,7 +243,13 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
     young = _cww("Im", rest) * _absorption(rest, 15000.0, p["sigma_kms"], lsf_rest)
     cont = (1 - p["young_fraction"]) * old + p["young_fraction"] * young
     dust = 10 ** (-0.4 * p["A_V"] * calzetti(rest) / 4.05)
-    # Line fluxes from the Halpha equivalent width and the BPT ratios (before dust).
+    emission, obj.lines = nebular_emission(p, rest, cont, lsf_rest)
+    return (cont + emission) * dust
+
+
+def nebular_emission(p: dict, rest: np.ndarray, cont: np.ndarray, lsf_rest: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(emission f_lambda on `rest`, line fluxes) of a galaxy's nebular lines, before dust:
+    fluxes from the Halpha equivalent width over `cont` and the BPT ratios of `p`."""
     cont_ha = float(np.interp(NEBULAR["Halpha"], rest, cont)) if rest[0] < NEBULAR["Halpha"] < rest[-1] else 1.0
     f_ha = p["halpha_ew"] * cont_ha
     f_hb = f_ha / 2.86
@@ -258,8 +264,7 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
     centres = np.array([NEBULAR[k] for k in names])
     sig = np.sqrt((centres * p["gas_sigma_kms"] / C_KMS) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
     amps = np.array([fluxes[k] for k in names]) / (np.sqrt(2 * np.pi) * sig)
-    obj.lines = {k: float(v) for k, v in fluxes.items()}
-    return (cont + _gauss(rest, centres, sig, amps)) * dust
+    return _gauss(rest, centres, sig, amps), {k: float(v) for k, v in fluxes.items()}
 
 
 # A fixed list of the strongest night-sky lines [A, vacuum] and relative strengths
@@ -314,7 +319,12 @@ def wavelength_grid(card: SpectrumCard) -> np.ndarray:
 
 
 def mock_spectrum(card: SpectrumCard, seed: int, index: int) -> Sample:
-    """A spectrum of object (seed, index) through the card's spectrograph (mock_spectra.observe)."""
+    """A spectrum of object (seed, index) through the card's spectrograph (mock_spectra.observe);
+    cards with `mock_realism: survey` get mocks/survey.py's stars, galaxies and instrument."""
+    if card.mock_realism != "basic":
+        from cosmofm.data_cards.mocks.survey import mock_spectrum_survey
+
+        return mock_spectrum_survey(card, seed, index)
     obj, norm = mock_object(seed, index)
     wave = wavelength_grid(card)
     flux, ivar, _, and_mask = observe(obj, wave, card.resolving_power, card.typical_snr, object_rng(seed, index, 4))

@@ -328,7 +328,9 @@ def _choose_card(card, modality: str, where: str, markers: Sequence[tuple[str, s
     for name, reason in markers:
         if name in shipped and shipped[name].modality == modality:
             return shipped[name], reason
-    candidates = [c for c in shipped.values() if c.modality == modality]
+    # cards of a mock variant (e.g. sdss-like-survey: another generator on sdss-like's grid)
+    # describe a simulator, not a survey's files: a reader never picks one unasked
+    candidates = [c for c in shipped.values() if c.modality == modality and getattr(c, "mock_realism", "basic") == "basic"]
     if not candidates:
         raise InputError(where, f"no shipped {modality} card", "pass card=... (a YAML data card)")
     if len(candidates) == 1:
