@@ -71,6 +71,8 @@ class RunConfig:
     """output_dir: run folder (checkpoints/, model/, metrics.jsonl, logs).
     mixed_precision: "no" (fp32), "bf16" or "fp16" (CUDA only), via Accelerate autocast.
     trackers: any of "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise).
+    backend: how processes share the model: a shipped backend (ddp, fsdp2, zero1, zero2,
+        zero3; pretrain/backends/) or a backend YAML path (cosmofm.pretrain.backend).
     """
 
     output_dir: str = "runs/pretrain"
@@ -81,6 +83,7 @@ class RunConfig:
     mixed_precision: str = "no"
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
     progress: bool = True
+    backend: str = "ddp"
 
 
 @dataclass
@@ -134,6 +137,9 @@ class PretrainRecipe:
             raise InputError("recipe.run.mixed_precision", f"{r.mixed_precision!r} is not supported", "use no, bf16 or fp16")
         if set(r.trackers) - {"tensorboard", "wandb"}:
             raise InputError("recipe.run.trackers", f"unknown trackers {r.trackers}", "use tensorboard and/or wandb")
+        from cosmofm.pretrain.backend import load_backend
+
+        load_backend(r.backend)  # an unknown name or a bad file: named now, before any compute
         if not d.datasets and len(d.mock_cards) != len(d.mock_counts):
             raise InputError("recipe.data.mock_counts", "must have one count per mock card", "list as many counts as cards")
 

@@ -7,9 +7,9 @@ exact sample, and 1 or N processes see the same global batches), and training st
 is saved by `checkpoint.py` as safetensors + JSON (Accelerate's `save_state` pickles
 optimizer and RNG states).
 
-A run owns its folder: it holds `run_lock` on it throughout, a new run refuses a
-folder with an earlier run's outputs unless told to resume or to overwrite them, and
-a run whose loss or gradients stop being finite stops before it saves anything.
+A run owns its folder (run_folder.py), and a run whose loss or gradients stop being
+finite stops before it saves anything. The parallel backend (DDP, FSDP2, DeepSpeed
+ZeRO; backend.py) is applied to the model from outside, chosen by `run.backend`.
 """
 
 from __future__ import annotations
@@ -18,28 +18,45 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from cosmofm.data_cards import load_card
 from cosmofm.data_cards.errors import InputError
+from cosmofm.pretrain.backend import (
+    BackendConfig,
+    apply,
+    autocast,
+    check_launch,
+    check_modalities,
+    check_world_size,
+    deepspeed_plugin,
+    drop_unused_gradients,
+    full_model_state,
+    full_optimizer_state,
+    load_backend,
+    load_optimizer_state,
+    local_tensors,
+    mixed_precision,
+    pairing_block,
+    prepare,
+    release_model,
+    resolve,
+)
 from cosmofm.pretrain.checkpoint import (
     CHECKPOINTS_DIR,
-    atomic_write_bytes,
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
-    resume_checkpoint,
-    run_lock,
     save_checkpoint,
     save_release,
 )
@@ -48,22 +65,16 @@ from cosmofm.pretrain.corpus import load_corpus
 from cosmofm.pretrain.data import Collator, GlobalBatchSampler, SeededSamples
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMForPretraining
 from cosmofm.pretrain.recipe import PretrainRecipe
-
-TRACKER_PROJECT = "cosmofm-pretrain"  # TensorBoard writes to <run>/<project>
-# What a run writes into its folder (eval_results.json: evaluations such as the demo's,
-# which `cosmofm push` publishes with the model). A new run refuses a folder holding any
-# of them; --overwrite removes exactly these. data/, the mock corpus cached under a hash
-# of its recipe, is not one run's output and is kept.
-RUN_OUTPUTS = ("model", CHECKPOINTS_DIR, "metrics.jsonl", "recipe.yaml", TRACKER_PROJECT, "wandb", "eval_results.json")
+from cosmofm.pretrain.run_folder import TRACKER_PROJECT, claim_run_folder
 
 
 class TrainingDiverged(InputError):
     """The loss, gradient norm or weights stopped being finite; nothing of that state was saved."""
 
 
-def make_accelerator(recipe: PretrainRecipe) -> Accelerator:
-    run = recipe.run
-    return new_accelerator(run.mixed_precision, recipe.optim.grad_accum, run.trackers, run.output_dir)
+def make_accelerator(recipe: PretrainRecipe, backend: BackendConfig | None = None) -> Accelerator:
+    run, backend = recipe.run, backend or BackendConfig()
+    return new_accelerator(mixed_precision(backend, recipe), recipe.optim.grad_accum, run.trackers, run.output_dir, deepspeed_plugin(backend))
 
 
 def start_trackers(accelerator: Accelerator, project: str, config: dict, output_dir: str | os.PathLike | None) -> None:
@@ -75,9 +86,11 @@ def start_trackers(accelerator: Accelerator, project: str, config: dict, output_
     accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {"dir": wandb_dir}})
 
 
-def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(), output_dir: str | None = None) -> Accelerator:
+def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(), output_dir: str | None = None,
+                    deepspeed_plugin=None) -> Accelerator:
     """The Accelerator of one training job (pretraining or a fine-tune): precision,
-    accumulation and trackers (TensorBoard, wandb offline unless WANDB_MODE says otherwise)."""
+    accumulation and trackers (TensorBoard, wandb offline unless WANDB_MODE says otherwise),
+    and DeepSpeed when given its plugin (cosmofm.pretrain.backend)."""
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless asked to
     cuda = torch.cuda.is_available()
@@ -87,18 +100,22 @@ def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(
     # state. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    # a batch without, say, cubes leaves the cube tokenizer unused
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
+    if deepspeed_plugin is not None and not cuda:
+        # DeepSpeed on CPU: Accelerate drops the plugin under cpu=True, and without a named
+        # backend each process would train alone; DeepSpeed's CPU accelerator runs over gloo.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         # Without cpu=True, `accelerate launch --multi_gpu` on a CPU-only machine starts
         # unsynchronised copies; with it, Accelerate forms a gloo process group.
-        cpu=not cuda,
+        cpu=not cuda and deepspeed_plugin is None,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=grad_accum,
         log_with=list(trackers) or None,
         project_dir=output_dir,
-        kwargs_handlers=[
-            # a batch without, say, cubes leaves the cube tokenizer unused
-            DistributedDataParallelKwargs(find_unused_parameters=True),
-        ],
+        deepspeed_plugin=deepspeed_plugin,
+        kwargs_handlers=handlers,
     )
 
 
@@ -122,36 +139,50 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = 
         raise InputError("--overwrite", "cannot be combined with --resume or --resume-from",
                          "continue the run with --resume, or start it again with --overwrite")
     out_dir = Path(recipe.run.output_dir)
-    accelerator = make_accelerator(recipe)
+    # Settings that do not fit the launch are refused before the process group forms.
+    block = pairing_block(recipe)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_world_size(recipe, world, block)
+    backend = resolve(load_backend(recipe.run.backend), recipe, world)
+    check_launch(backend)
+    if not recipe.data.datasets:
+        check_modalities(backend, {load_card(name).modality for name in recipe.data.mock_cards}, world)
+    accelerator = make_accelerator(recipe, backend)
+    check_world_size(recipe, accelerator.num_processes, block)
     set_seed(recipe.run.seed)
     loaded = {}  # the main process's checkpoint, loaded (and verified) while claiming the folder
     with contextlib.ExitStack() as held:
-        claim = on_main(accelerator, lambda: _claim_run_folder(out_dir, recipe, resume, resume_from, overwrite, held, loaded))
-        return _train(accelerator, recipe, out_dir, claim["checkpoint"], loaded)
+        claim = on_main(accelerator, lambda: claim_run_folder(out_dir, recipe, backend, resume, resume_from, overwrite, held, loaded))
+        return _train(accelerator, recipe, backend, out_dir, claim["checkpoint"], loaded)
 
 
-def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, checkpoint: str | None, loaded: dict) -> dict:
+def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendConfig, out_dir: Path, checkpoint: str | None, loaded: dict) -> dict:
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 generates the mock corpus, others read it
         dataset, card_names, pair_block = load_corpus(recipe.data, out_dir)
+    modalities = {m for part in dataset.parts for m in (part.modalities if hasattr(part, "modalities") else (x.modality for x in part))}
+    check_modalities(backend, modalities, accelerator.num_processes)
     config = CosmoFMConfig(**{"survey_names": card_names, **recipe.model})
     model = CosmoFMForPretraining(config)
-    optimizer = build_optimizer(model, recipe)
-    # The scheduler is stepped by hand, once per optimizer step: a prepared scheduler
-    # would step once per process and make the LR schedule depend on the process count.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.optim.warmup_steps, recipe.optim.max_steps)
-
     start_step = 0
     if checkpoint is not None:
         states, meta = (loaded["states"], loaded["meta"]) if main else load_checkpoint(checkpoint)
         model.load_state_dict(states["model"])
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
         start_step = int(meta["step"])
         rng = states["rng"].get(f"rank{accelerator.process_index}")
         if rng is not None:
             restore_rng_state(rng)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # the backend from outside (activation checkpointing, FSDP2 sharding), then the optimizer
+    # over the parameters as sharded
+    model = apply(model, backend)
+    optimizer = build_optimizer(model, recipe)
+    # The scheduler is stepped by hand, once per optimizer step: a prepared scheduler
+    # would step once per process and make the LR schedule depend on the process count.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.optim.warmup_steps, recipe.optim.max_steps)
+    if checkpoint is not None:
+        load_optimizer_state(backend, model, optimizer, states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+    model, optimizer = prepare(accelerator, backend, model, optimizer)
 
     o = recipe.optim
     sampler = GlobalBatchSampler(
@@ -174,9 +205,11 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
     for batch in loader:
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model):
-            with accelerator.autocast():
+            with autocast(accelerator, backend):
                 out = model(batch)
             accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                drop_unused_gradients(backend, model)  # FSDP2: as DDP leaves them
             if accelerator.sync_gradients and o.grad_clip > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
@@ -198,14 +231,15 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, out_dir: Path, chec
         if step % recipe.run.log_every == 0 or step == o.max_steps:
             accelerator.log({k: v for k, v in flat_dict(row).items() if k != "step"}, step=step)
         if step % recipe.run.save_every == 0 or step == o.max_steps:
-            _save(accelerator, model, optimizer, scheduler, recipe, step, last_saved)
+            _save(accelerator, model, optimizer, scheduler, recipe, backend, step, last_saved)
             last_saved = step
     bar.close()
 
     model_dir = out_dir / "model"
     check_finite_weights(accelerator, model, step, _diverged_fix(out_dir, last_saved))
+    release = release_model(accelerator, backend, model, CosmoFMForPretraining, config)  # gathered under FSDP2 / ZeRO-3
     if main:
-        save_release(accelerator.unwrap_model(model).cosmofm, model_dir)
+        save_release(release.cosmofm, model_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"output_dir": str(out_dir), "model_dir": str(model_dir), "steps": step, "losses": history, "metrics": str(metrics_path)}
@@ -239,45 +273,6 @@ def on_main(accelerator: Accelerator, fn) -> dict:
     return message["result"]
 
 
-def _claim_run_folder(out_dir: Path, recipe: PretrainRecipe, resume: bool, resume_from: int | None, overwrite: bool,
-                      held: contextlib.ExitStack, loaded: dict) -> dict:
-    """On the main process: lock the run folder, then make sure it holds what this run expects."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(run_lock(out_dir))
-    except OSError as exc:
-        raise InputError(str(out_dir), f"cannot be used as a run folder ({exc.strerror or exc})", "give --output a folder you can write to") from None
-    checkpoint = None
-    if resume:
-        found = resume_checkpoint(out_dir, resume_from)
-        if found is None:
-            raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
-        loaded["states"], loaded["meta"], checkpoint = found
-        _check_resume_layout(loaded["meta"], recipe)
-        _truncate_metrics(out_dir / "metrics.jsonl", int(loaded["meta"]["step"]))
-    else:
-        previous = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
-        if previous and not overwrite:
-            raise InputError(str(out_dir), f"holds an earlier run ({', '.join(previous)})",
-                             "continue it with --resume, replace it with --overwrite, or choose another --output")
-        if previous:
-            _remove_outputs(out_dir, previous)
-            print(f"{out_dir}: removed the earlier run's {', '.join(previous)} (--overwrite)")
-    recipe.save(out_dir / "recipe.yaml")
-    return {"checkpoint": None if checkpoint is None else str(checkpoint)}
-
-
-def _remove_outputs(out_dir: Path, names: list[str]):
-    """Move them into one hidden folder, then delete that: a crash part-way leaves no
-    half-deleted checkpoint or model where a run would look for one."""
-    trash = out_dir / ".overwritten"
-    shutil.rmtree(trash, ignore_errors=True)  # an earlier --overwrite killed while deleting
-    trash.mkdir()
-    for name in names:
-        os.replace(out_dir / name, trash / name)
-    shutil.rmtree(trash)
-
-
 def load_pretraining_model(run_dir: str | Path) -> CosmoFMForPretraining:
     """Backbone + objective heads from a run's latest checkpoint (the release has only the backbone)."""
     ckpt = latest_checkpoint(run_dir)
@@ -298,6 +293,8 @@ def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per
         parts["masked_chi2"] = out.per_sample_chi2.float().mean()
     if out.contrastive_loss is not None:
         parts["contrastive"] = out.contrastive_loss.detach().float()
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     if grad_norm is not None:
         parts["grad_norm"] = torch.as_tensor(grad_norm, device=parts["loss"].device).detach().float()
     names = sorted(parts)
@@ -326,7 +323,8 @@ def stop_if_diverged(row: dict, fix: str, check_grad: bool):
 
 def check_finite_weights(accelerator, model, step: int, fix: str):
     """Never save non-finite weights: one device sync per save (which syncs anyway)."""
-    tensors = {k: t for k, t in accelerator.unwrap_model(model).state_dict().items() if t.is_floating_point()}
+    # each process checks its own shard (FSDP2); the reduction below combines them
+    tensors = {k: t for k, t in local_tensors(accelerator.unwrap_model(model).state_dict()).items() if t.is_floating_point()}
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()
     # a collective, so that all ranks agree even if their replicas differed
     if accelerator.reduce((~finite).float().reshape(1), reduction="sum").item() > 0:
@@ -340,9 +338,11 @@ def _diverged_fix(out_dir: Path, last_saved: int | None) -> str:
     return f"{kept}; lower optim.lr or optim.grad_clip, or check the data, then start again with --overwrite"
 
 
-def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step: int, last_saved: int | None):
+def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, backend: BackendConfig, step: int, last_saved: int | None):
     meta = {
         "step": step,
+        "backend": backend.name,
+        "optimizer_saved": backend.kind != "deepspeed",
         "world_size": accelerator.num_processes,
         "global_batch": recipe.optim.global_batch,
         "grad_accum": recipe.optim.grad_accum,
@@ -350,42 +350,25 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, step
         "samples_seen": step * recipe.optim.global_batch * recipe.optim.grad_accum,
     }
     save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
-                        _diverged_fix(Path(recipe.run.output_dir), last_saved))
+                        _diverged_fix(Path(recipe.run.output_dir), last_saved), backend)
 
 
-def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, fix: str):
+def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, fix: str,
+                        backend: BackendConfig | None = None):
     """A checkpoint of a training job (`checkpoint.save_checkpoint`): model, optimizer,
-    scheduler and every rank's RNG state, after checking that the weights are finite."""
+    scheduler and every rank's RNG state, after checking that the weights are finite.
+    Under FSDP2 / ZeRO-3 the full state is gathered onto the main process first; under
+    DeepSpeed the optimizer state (partitioned in DeepSpeed's layout) is not saved."""
     check_finite_weights(accelerator, model, step, fix)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
+    model_state = full_model_state(accelerator, backend, model)  # collectives: every rank takes part
+    optim_state = full_optimizer_state(accelerator, backend, model, optimizer)
     if accelerator.is_main_process:
-        states = {
-            "model": accelerator.unwrap_model(model).state_dict(),
-            "optimizer": optimizer.optimizer.state_dict() if hasattr(optimizer, "optimizer") else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {f"rank{i}": r for i, r in enumerate(rng)},
-        }
+        states = {"model": model_state, **({"optimizer": optim_state} if optim_state is not None else {}),
+                  "scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}}
         save_checkpoint(run_dir, step, states, meta, keep_last=keep_last)
     accelerator.wait_for_everyone()
-
-
-def _check_resume_layout(meta: dict, recipe: PretrainRecipe):
-    for key, now in (("global_batch", recipe.optim.global_batch), ("grad_accum", recipe.optim.grad_accum), ("seed", recipe.run.seed)):
-        if meta.get(key) != now:
-            raise InputError(
-                f"recipe.{'run' if key == 'seed' else 'optim'}.{key}",
-                f"is {now} but the checkpoint was trained with {meta.get(key)}",
-                "resume with the recipe the run started with (recipe.yaml in the run folder)",
-            )
-
-
-def _truncate_metrics(path: Path, step: int):
-    """Drop metric rows logged after the checkpoint we resume from (a killed run's tail)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_bytes(path, ("\n".join(rows) + "\n" if rows else "").encode())
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:

@@ -23,12 +23,24 @@ def _cmd_demo(args):
 
 
 def _cmd_pretrain(args):
+    from cosmofm.pretrain.backend import load_backend, resolved_config
     from cosmofm.pretrain.recipe import PretrainRecipe
     from cosmofm.pretrain.train import pretrain
 
     recipe = PretrainRecipe.load(args.config, args.set or [])
     if args.output:
         recipe.run.output_dir = args.output  # as given: read as YAML, `yes` or `[a]` would not be a path
+    if args.backend:
+        load_backend(args.backend, "--backend")
+        recipe.run.backend = args.backend
+    if args.print_config:
+        import yaml
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        resolved = resolved_config(recipe, world)
+        print(f"# cosmofm pretrain --config {args.config}: the resolved recipe and backend for {world} process(es)")
+        print(yaml.safe_dump(resolved, sort_keys=False).rstrip("\n"))
+        return
     summary = pretrain(recipe, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from)
     print(f"model: {summary['model_dir']}\nmetrics: {summary['metrics']}")
 
@@ -191,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue exactly from the run's newest checkpoint that verifies")
     t.add_argument("--resume-from", type=int, metavar="STEP", help="continue exactly from the checkpoint of this step")
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the folder (its model, checkpoints, metrics, logs)")
+    t.add_argument("--backend", help="how processes share the model: ddp, fsdp2, zero1, zero2, zero3 or a backend YAML (overrides run.backend)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved recipe and backend (YAML) and exit without training")
     t.set_defaults(func=_cmd_pretrain)
 
     m = sub.add_parser("mock", help="generate mock observations as a datasets folder or FITS")
