@@ -87,7 +87,7 @@ def test_neutral_fraction_history_is_monotonic_and_moves_with_the_sources():
 
 def test_brightness_temperature_follows_the_saturated_formula():
     for z in (9.0, 10.0, 12.0):
-        box = coeval_box({}, z, 64.0, 32, seed=5)
+        box = coeval_box({}, z, 64.0, 32, seed=5, spin=False, rsd=False)  # the saturated limit, explicitly
         neutral = box.x_HI == 1
         # fully neutral cells: dT_b / (1 + delta) is the cosmological prefactor, ~27 sqrt((1+z)/10) mK
         ratio = box.brightness_temp[neutral] / np.clip(1 + box.density[neutral], 1e-6, None)
@@ -170,14 +170,15 @@ def test_mock_chunks_follow_the_card(cards):
         assert s.shape == (card.los_cells, card.n_cells, card.n_cells)
         labels = s.meta["labels"]
         assert 10 <= labels["HII_EFF_FACTOR"] <= 100 and 4.0 <= labels["ION_Tvir_MIN"] <= 5.3
+        assert 38 <= labels["L_X"] <= 42 and 200 <= labels["NU_X_THRESH"] <= 1500
         assert card.redshift_min <= labels["redshift"] <= card.redshift_max
         np.testing.assert_allclose(np.diff(s.coords["los_distance"]), 2.0)
         assert np.all(s.ivar == pytest.approx(1 / card.noise_sigma**2))
     # chunks of one lightcone share its parameters and follow each other along the line of sight
     assert chunks[0].meta["labels"]["HII_EFF_FACTOR"] == chunks[1].meta["labels"]["HII_EFF_FACTOR"]
     assert chunks[1].coords["los_distance"][0] == pytest.approx(chunks[0].coords["los_distance"][-1] + 2.0)
-    # along one lightcone reionisation runs backwards with distance: its far end (z ~ 12) is far more
-    # neutral than its near end (z ~ 7); single chunks scatter by ~0.1 (bubbles of 10-20 Mpc in 64 Mpc)
+    # along one lightcone reionisation runs backwards with distance: its far end (z ~ 30) is far more
+    # neutral than its near end (z ~ 5); single chunks scatter by ~0.1 (bubbles of 10-20 Mpc in 64 Mpc)
     from cosmofm.data_cards.mocks import fields as mock_fields
 
     whole = mock_samples(card, mock_fields._layout(card)[1], seed=1)
@@ -264,7 +265,7 @@ def test_coordinates_carry_no_cosmology():
     from cosmofm.data_cards.mocks.sim21cm.reionization import lightcone_at_redshifts, lightcone_slices
 
     raw = load_card("lightcone-21cm").to_dict()
-    raw["field"].update(box_size="32 Mpc", n_cells=16, los_cells=16, redshift_max=9.0)
+    raw["field"].update(box_size="32 Mpc", n_cells=16, los_cells=16, redshift_min=7.0, redshift_max=9.0)  # the reionisation era
     raw["field"]["parameters"].update(HII_EFF_FACTOR=30.0, ION_Tvir_MIN=4.7)  # mid-reionisation at z = 7-9
     chunks = {}
     for om in (0.26, 0.36):
@@ -295,3 +296,19 @@ def test_coordinates_carry_no_cosmology():
     low, high = (lightcone_at_redshifts(fid.replace(OMm=om), 32.0, 16, z, seed=3) for om in (0.25, 0.40))
     np.testing.assert_array_equal(low.redshifts, high.redshifts)
     assert high.global_xHI.mean() < low.global_xHI.mean() - 0.02, (low.global_xHI.mean(), high.global_xHI.mean())
+
+
+def test_coeval_brightness_boxes_have_the_spin_temperature():
+    """lightcone: false makes coeval boxes with the lightcones' physics, so a drawable L_X acts there too."""
+    raw = load_card("lightcone-21cm").to_dict()
+    raw["field"].update(box_size="32 Mpc", n_cells=16, los_cells=16, redshift_min=15.0, redshift_max=15.0, lightcone=False)
+    boxes = {}
+    for lx in (38.0, 42.0):
+        raw["field"]["parameters"].update(HII_EFF_FACTOR=30.0, ION_Tvir_MIN=4.7, L_X=lx, NU_X_THRESH=500.0)
+        [boxes[lx]] = mock_samples(card_from_dict(raw), 1, seed=2)
+        assert boxes[lx].meta["labels"]["L_X"] == lx and boxes[lx].meta["labels"]["redshift"] == 15.0
+    # z = 15: faint X-rays leave cold gas in deep absorption (~ -190 mK), bright ones have heated it into emission (~ +25 mK)
+    faint, bright = boxes[38.0].values.mean(), boxes[42.0].values.mean()
+    assert faint < -100.0 and bright > 0.0, (faint, bright)
+    saturated = coeval_box({"HII_EFF_FACTOR": 30.0, "ION_Tvir_MIN": 4.7}, 15.0, 32.0, 16, seed=0, spin=False, rsd=False)
+    assert saturated.brightness_temp.min() > 0  # the saturated limit is in emission everywhere: not what the mocks make

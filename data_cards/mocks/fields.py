@@ -12,17 +12,20 @@ numpy only); this module maps a card and (seed, index) to a `Sample`:
   the FIDUCIAL Planck 2018 cosmology, so fixed redshifts / frequencies), while its signal
   is simulated in its own cosmology: a drawn OMm changes the values, never `los_distance`. The last
   few realisations are cached, so consecutive indices cost one lightcone per
-  chunks_per_lightcone chunks: for the shipped card (z = 7-12, 604 slices of 2 Mpc,
-  18 chunks of 32^3) about 1,100 chunks a minute on one core, 10k chunks in ~9 min
-  (`python -m cosmofm.bench.validate_21cm --speed-only`).
-- `lightcone: false`: one coeval box (los_cells x n_cells^2) at redshift_min per index.
+  chunks_per_lightcone chunks: for the shipped card (z = 5-30, 1811 slices of 2 Mpc,
+  56 chunks of 32^3, spin temperature and RSD on) about 1,100 chunks a minute on one
+  core (3.1 s a lightcone; the saturated-T_S model made ~1,900 a minute of the old z = 7-12
+  card), 10k chunks in ~9 min (`python -m cosmofm.bench.validate_21cm --speed-only`).
+- `lightcone: false`: one coeval box (los_cells x n_cells^2) at redshift_min per index;
+  brightness boxes have the lightcones' physics (spin temperature and RSD), so a parameter
+  the card may draw acts in either mode.
 - `quantity: overdensity`: Gaussian (or lognormal, LOGNORMAL: 1) linear density boxes at
   redshift_min per index, or density lightcone chunks grown with D(z) when lightcone: true.
 
 Card `parameters` use 21cmFAST names (see `SimParams`); a number fixes a parameter, a
 two-element list [low, high] draws it uniformly per realisation; only a parameter the
-model reads (`sim21cm.params.MODEL_READS`) may be drawn -- drawing L_X, say, which the
-saturated-spin-temperature model ignores, is an `InputError` before any compute
+model reads (`sim21cm.params.MODEL_READS`) may be drawn -- drawing L_X for an overdensity
+card, say, which is neither ionised nor heated, is an `InputError` before any compute
 (`sim21cm.sensitivity.check_sensitivity` measures that each drawn one acts). Labels in
 meta: every named parameter the model reads (not the HMF / LOGNORMAL switches, not fixed
 inert ones), the chunk's mean neutral fraction `xHI_mean` (21cm) and its central
@@ -159,7 +162,8 @@ def mock_field(card: FieldCard, seed: int, index: int) -> Sample:
         d0 = float(cosmology(FIDUCIAL).comoving_distance(card.redshift_min))  # the coordinate carries no parameter
         los = d0 + (np.arange(nlos) - (nlos - 1) / 2) * cell
         if card.quantity == "brightness_temperature":
-            cb = coeval_box(params, card.redshift_min, box, n, sim_seed, los_cells=nlos)
+            # the model the lightcones use (spin temperature and RSD): every parameter the card may draw acts here too
+            cb = coeval_box(params, card.redshift_min, box, n, sim_seed, los_cells=nlos, spin=True, rsd=True)
             values, x_hi = cb.brightness_temp, cb.x_HI
         else:
             rng = np.random.default_rng([sim_seed, 21])

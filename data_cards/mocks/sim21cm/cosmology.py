@@ -130,6 +130,13 @@ class Cosmology:
         a = 1 / (1 + np.asarray(z, dtype=float))
         return np.interp(a, self._a, self._growth)
 
+    def growth_rate(self, z) -> np.ndarray:
+        """Linear growth rate f = dln D / dln a (the Kaiser factor of redshift-space distortions)."""
+        if not hasattr(self, "_f"):
+            self._f = np.gradient(np.log(self._growth), np.log(self._a))
+        a = 1 / (1 + np.asarray(z, dtype=float))
+        return np.interp(a, self._a, self._f)
+
     def comoving_distance(self, z) -> np.ndarray:
         """Line-of-sight comoving distance in Mpc."""
         z = np.asarray(z, dtype=float)

@@ -25,11 +25,11 @@ ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "
 # truth for what a card may draw ([low, high]) and what is written as a label. A parameter
 # that changes nothing must not become a label (an inference head trained on it would return
 # its prior and look calibrated), so `inert_reason` refuses drawing it and the mocks drop it
-# from the labels. L_X and NU_X_THRESH are missing on purpose: the spin temperature is
-# saturated (T_S >> T_CMB), so there is no X-ray heating for them to act on yet. The
-# session that adds spin temperature (issue 18) moves them into BRIGHTNESS_READS.
+# from the labels. The X-ray parameters act through the spin temperature (`spin`, `heating`):
+# heating and Lyman-alpha coupling of cosmic dawn; the density field reads only the cosmology.
 COSMOLOGY_READS = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX", "LOGNORMAL")  # growth, P(k), distances
-BRIGHTNESS_READS = ("HII_EFF_FACTOR", "ION_Tvir_MIN", "R_BUBBLE_MAX", "HMF") + COSMOLOGY_READS  # + the excursion set
+XRAY_READS = ("L_X", "NU_X_THRESH", "X_RAY_SPEC_INDEX")  # X-ray heating (spin temperature)
+BRIGHTNESS_READS = ("HII_EFF_FACTOR", "ION_Tvir_MIN", "R_BUBBLE_MAX", "HMF") + XRAY_READS + COSMOLOGY_READS
 MODEL_READS = {"brightness_temperature": BRIGHTNESS_READS, "overdensity": COSMOLOGY_READS}
 
 
@@ -46,9 +46,8 @@ def inert_reason(name: str, quantity: str = "brightness_temperature") -> str | N
     name = canonical_name(name)
     if name in MODEL_READS.get(quantity, BRIGHTNESS_READS) or name not in {f.name for f in dataclasses.fields(SimParams)}:
         return None
-    if name in ("L_X", "NU_X_THRESH"):
-        return "changes nothing in the embedded model (saturated spin temperature: no X-ray heating yet)"
-    return f"changes nothing in the embedded model's {quantity} (it is a reionisation parameter; the {quantity} field is not ionised)"
+    return (f"changes nothing in the embedded model's {quantity} (it is a reionisation / X-ray heating parameter; "
+            f"the {quantity} field is neither ionised nor heated)")
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,12 @@ class SimParams:
             ionising sources; sets M_min(z) through Barkana & Loeb (2001).
         R_BUBBLE_MAX: largest excursion-set smoothing radius in comoving Mpc (the photon
             mean free path through ionised regions).
-        L_X: log10 X-ray luminosity per SFR (erg/s per Msun/yr) -- accepted for 21cmFAST
-            compatibility; the saturated spin-temperature model ignores it, so cards may
-            fix it but not draw it, and it is never a label (see MODEL_READS).
-        NU_X_THRESH: X-ray energy threshold for self-absorption (eV) -- accepted,
-            ignored as L_X is.
+        L_X: log10 of the soft-band (NU_X_THRESH to 2 keV) X-ray luminosity per star-formation
+            rate, erg/s per Msun/yr (21cmFAST v3+); in [30, 50] (a linear value is refused).
+        NU_X_THRESH: X-ray energy threshold for self-absorption by the host galaxies (E_0),
+            eV; photons below it do not escape. 0 < NU_X_THRESH < 2000 (the top of the L_X band).
+        X_RAY_SPEC_INDEX: energy index alpha_X of the X-ray spectrum, L(E) ~ E^-alpha_X
+            (21cmFAST default 1.0); in [-1, 3].
         OMm, OMb: matter and baryon density parameters today.
         SIGMA_8: rms linear density fluctuation in 8 Mpc/h top-hat spheres today.
         hlittle: H0 / (100 km/s/Mpc).
@@ -81,8 +81,9 @@ class SimParams:
     HII_EFF_FACTOR: float = 30.0
     ION_Tvir_MIN: float = 4.69897
     R_BUBBLE_MAX: float = 15.0  # Mpc, comoving
-    L_X: float = 40.5  # log10 erg/s/(Msun/yr); unused at saturated T_S
-    NU_X_THRESH: float = 500.0  # eV; unused at saturated T_S
+    L_X: float = 40.5  # log10 erg/s/(Msun/yr), integrated from NU_X_THRESH to 2 keV
+    NU_X_THRESH: float = 500.0  # eV
+    X_RAY_SPEC_INDEX: float = 1.0  # L(E) ~ E^-alpha_X
     OMm: float = float(Planck18.Om0)
     OMb: float = float(Planck18.Ob0)
     SIGMA_8: float = 0.8102
@@ -104,6 +105,14 @@ class SimParams:
             raise InputError("parameters.OMb", f"need 0 < OMb < OMm < 1, got OMb={self.OMb}, OMm={self.OMm}", "use e.g. OMm = 0.31, OMb = 0.049")
         if not 2.0 <= self.ION_Tvir_MIN <= 7.0:
             raise InputError("parameters.ION_Tvir_MIN", f"{self.ION_Tvir_MIN!r} is not a log10 temperature in K", "give log10(T_vir / K), e.g. 4.7 (5e4 K)")
+        if not 30.0 <= self.L_X <= 50.0:
+            raise InputError("parameters.L_X", f"{self.L_X!r} is not a log10 luminosity in erg/s per Msun/yr",
+                             "give log10(L_X), e.g. 40.5 (a linear or negative value is not accepted)")
+        if not self.NU_X_THRESH < 2000.0:
+            raise InputError("parameters.NU_X_THRESH", f"must be below the 2 keV top of the L_X band, got {self.NU_X_THRESH!r} eV",
+                             "give E_0 in eV, e.g. 500")
+        if not -1.0 <= self.X_RAY_SPEC_INDEX <= 3.0:
+            raise InputError("parameters.X_RAY_SPEC_INDEX", f"{self.X_RAY_SPEC_INDEX!r} is outside [-1, 3]", "use e.g. 1.0 (21cmFAST's default)")
         for name in ("HMF", "LOGNORMAL"):
             if getattr(self, name) not in (0, 1):
                 raise InputError(f"parameters.{name}", f"must be 0 or 1, got {getattr(self, name)!r}", "use 1 (on) or 0 (off)")

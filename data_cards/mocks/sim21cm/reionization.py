@@ -24,10 +24,15 @@ Mesinger, Furlanetto & Cen 2011) with a linear density field:
    noisy box mean. The criterion is a per-(R, z) barrier on delta_R,0, so no erfc is
    evaluated per cell except at the last, cell-size step, where cells that are not fully
    ionised get the partial ionisation x_HII = zeta f_coll (as 21cmFAST).
-3. Saturated spin temperature (T_S >> T_CMB), no redshift-space distortions:
-   dT_b = 27 x_HI (1 + delta) sqrt((1 + z)/10 * 0.15 / (OMm h^2)) (OMb h^2 / 0.023) mK
-   (Furlanetto, Oh & Briggs 2006, Phys. Rep. 433, 181, in the T_S >> T_CMB limit;
-   the prefactor 21cmFAST uses). L_X and NU_X_THRESH are therefore accepted and unused.
+3. The brightness temperature (Furlanetto, Oh & Briggs 2006, Phys. Rep. 433, 181,
+   with the prefactor 21cmFAST uses):
+   dT_b = 27 x_HI (1 - x_e) (1 + delta) (1 - T_CMB / T_S) sqrt((1 + z)/10 * 0.15 / (OMm h^2)) (OMb h^2 / 0.023)
+          / (1 + dv_r/dr / H)  mK,
+   T_S from X-ray heating, Lyman-alpha and collisional coupling (`spin`, `heating`: cosmic
+   dawn, driven by L_X, NU_X_THRESH and X_RAY_SPEC_INDEX), the last factor the linear
+   redshift-space distortion (`spin.velocity_gradient`). Lightcones have both by default
+   (spin=True, rsd=True); coeval boxes default to the saturated limit T_S >> T_CMB without
+   RSD (spin=False, rsd=False), where x_e = 0 and the bracket is 1.
 4. A lightcone is one elongated periodic box along the line of sight: slice i sits at
    comoving distance d(z_min) + i x cell, its redshift is the inverse of astropy's
    comoving distance, and density, M_min, f_coll normalisation and the barrier are all
@@ -35,7 +40,14 @@ Mesinger, Furlanetto & Cen 2011) with a linear density field:
    instead interpolates between coeval boxes). The box is padded along the line of sight
    by R_max on each side so no bubble wraps around. `lightcone_at_redshifts` puts such a
    lightcone on given redshifts (a fixed observed-frequency grid), so that a varied
-   cosmology changes the signal, not the grid.
+   cosmology changes the signal, not the grid. With the spin temperature on, the padding is
+   the largest fluctuating heating shell (0.62 L_box) when that exceeds R_BUBBLE_MAX.
+   LIGHTCONE_Z = (5, 30) is the range that holds the whole signal: below z = 5 the default
+   and prior models are fully ionised (the Ly-alpha forest ends at z ~ 5.3, Bosman et al.
+   2022); at z = 30 no atomic-cooling source has switched on yet (x_alpha < 1e-3 for
+   default parameters) and the gas, coupled to T_S by collisions only, sits in the
+   dark-ages tail a few mK below zero, while 21cmFAST's Z_HEAT_MAX = 35 (our Z_MAX) still
+   leaves the X-ray and Lyman-alpha histories 5 in z to build up before the lightcone starts.
 
 Arrays are (D, H, W) = (line of sight, y, x), the `Sample` "field" axis order.
 """
@@ -50,11 +62,13 @@ import numpy as np
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, cosmology, erfc, erfcinv, frequency_hz, tophat_window
 from cosmofm.data_cards.mocks.sim21cm.density import _check_box, gaussian_field, k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX  # the model's redshift range (21cmFAST's Z_HEAT_MAX)
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.spin import brightness_temperature, shells
 
 DELTA_R_HII_FACTOR = 1.1  # ratio of successive smoothing radii (21cmFAST default)
 R_BUBBLE_MIN = L_FACTOR  # Mpc, 21cmFAST's default floor on the smallest radius
-Z_MAX = 35.0  # the model's redshift range (21cmFAST's Z_HEAT_MAX)
+LIGHTCONE_Z = (5.0, 30.0)  # the redshifts a full lightcone spans (module docstring, point 4)
 
 
 def smoothing_radii(params: SimParams, cell: float, box_len: float) -> np.ndarray:
@@ -72,12 +86,6 @@ def smoothing_radii(params: SimParams, cell: float, box_len: float) -> np.ndarra
             break
         radii.append(r)
     return np.array(radii[::-1])
-
-
-def brightness_prefactor(z, params: SimParams) -> np.ndarray:
-    """dT_b of fully neutral gas at mean density, mK (saturated spin temperature)."""
-    h2 = params.hlittle**2
-    return 27.0 * (params.OMb * h2 / 0.023) * np.sqrt(0.15 / (params.OMm * h2) * (1 + np.asarray(z, dtype=float)) / 10)
 
 
 def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, params: SimParams, cosmo: Cosmology | None = None,
@@ -163,7 +171,8 @@ class Lightcone:
         frequencies: (D,) observed 21cm frequency of each slice, Hz (decreasing).
         los_distances: (D,) comoving distance of each slice, Mpc.
         transverse: (H,) cell-centre positions across the line of sight, Mpc (centred on 0).
-        global_xHI: (D,) mean neutral fraction of each slice.
+        global_xHI: (D,) mean neutral fraction of each slice (excursion set; X-ray pre-ionisation not included).
+        spin_temp: (D, H, W) spin temperature T_S in K, None when saturated (spin=False).
     """
 
     brightness_temp: np.ndarray
@@ -177,6 +186,7 @@ class Lightcone:
     cell_size: float
     params: SimParams
     seed: int
+    spin_temp: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -218,7 +228,8 @@ class Lightcone:
             raise InputError("chunk", f"slices {start}..{start + length - 1} are outside 0..{self.shape[0] - 1}", "pick a range inside the lightcone")
         s = slice(start, start + length)
         return Lightcone(self.brightness_temp[s], self.density[s], self.x_HI[s], self.redshifts[s], self.frequencies[s],
-                         self.los_distances[s], self.transverse, self.global_xHI[s], self.cell_size, self.params, self.seed)
+                         self.los_distances[s], self.transverse, self.global_xHI[s], self.cell_size, self.params, self.seed,
+                         None if self.spin_temp is None else self.spin_temp[s])
 
 
 def crossing_redshift(z: np.ndarray, x_hi: np.ndarray, level: float = 0.5) -> float:
@@ -265,8 +276,11 @@ def _next_fast_len(n: int) -> int:
 
 
 def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0, n_cells: int = 32, seed: int = 0,
-               los_cells: int | None = None) -> CoevalBox:
-    """A periodic coeval box at redshift z: (los_cells or n_cells) x n_cells^2 cells of box_size / n_cells Mpc."""
+               los_cells: int | None = None, spin: bool = False, rsd: bool = False) -> CoevalBox:
+    """A periodic coeval box at redshift z: (los_cells or n_cells) x n_cells^2 cells of box_size / n_cells Mpc.
+
+    spin=False is the saturated limit T_S >> T_CMB; spin=True adds the spin temperature, rsd=True the velocity gradient.
+    """
     p = _params(params)
     _check_box(p, box_size, n_cells, z, seed)
     los_cells = n_cells if los_cells is None else los_cells
@@ -278,15 +292,17 @@ def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0
     zs = np.full(los_cells, float(z))
     x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size)
     delta = _grown(delta0, cosmo.growth(zs), p.LOGNORMAL == 1)
-    tb = brightness_prefactor(z, p) * x_hi * np.clip(1 + delta, 0, None)
+    tb, _ = brightness_temperature(delta0, delta, x_hi, zs, p, cosmo, cell, box_size, spin, rsd)
     return CoevalBox(tb.astype(np.float32), delta.astype(np.float32), x_hi.astype(np.float32), float(z), cell, p, seed)
 
 
-def lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, z_min: float, z_max: float, seed: int = 0) -> Lightcone:
+def lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, z_min: float = LIGHTCONE_Z[0], z_max: float = LIGHTCONE_Z[1],
+              seed: int = 0, spin: bool = True, rsd: bool = True) -> Lightcone:
     """A 21cm lightcone from z_min to z_max with a box_size x box_size (comoving Mpc) cross-section.
 
     Cells are cubes of box_size / n_cells Mpc; slice i is at comoving distance
     d(z_min) + i x cell, for every slice up to d(z_max). Deterministic in `seed`.
+    spin: spin temperature (cosmic dawn) on, else saturated T_S; rsd: redshift-space distortions.
     """
     p = _params(params)
     _check_box(p, box_size, n_cells, z_min, seed)
@@ -296,14 +312,14 @@ def lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, z_
     cosmo = cosmology(p)
     cell = box_size / n_cells
     n_los = int(math.floor((float(cosmo.comoving_distance(z_max)) - float(cosmo.comoving_distance(z_min))) / cell + 1e-9)) + 1
-    return lightcone_slices(p, box_size, n_cells, z_min, n_los, seed)
+    return lightcone_slices(p, box_size, n_cells, z_min, n_los, seed, spin=spin, rsd=rsd)
 
 
 def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: int, z_min: float, n_los: int, seed: int = 0,
-                     ionize: bool = True) -> Lightcone:
+                     ionize: bool = True, spin: bool = True, rsd: bool = True) -> Lightcone:
     """A lightcone of exactly `n_los` slices starting at z_min (see `lightcone`).
 
-    ionize=False skips the excursion set (x_HI = 1 everywhere): a density lightcone.
+    ionize=False skips the excursion set, the spin temperature and RSD (x_HI = 1): a density lightcone.
     """
     p = _params(params)
     _check_box(p, box_size, n_cells, z_min, seed)
@@ -314,7 +330,9 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
     d_min = float(cosmo.comoving_distance(z_min))
     if float(cosmo.redshift_at_distance(d_min + (n_los - 1) * cell)) > Z_MAX:
         raise InputError("z_max", f"the lightcone reaches beyond z = {Z_MAX}", "shorten the lightcone")
-    pad = int(math.ceil(smoothing_radii(p, cell, box_size)[0] / cell)) + 2 if ionize else 0
+    spin, rsd = spin and ionize, rsd and ionize
+    reach = max(smoothing_radii(p, cell, box_size)[0], shells(cell, box_size)[1][-1] if spin else 0.0)
+    pad = int(math.ceil(reach / cell)) + 2 if ionize else 0
     n_box = _next_fast_len(n_los + 2 * pad)
     pad_lo = (n_box - n_los) // 2
     dist = d_min + (np.arange(n_box) - pad_lo) * cell
@@ -325,16 +343,23 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
         x_hi = 1 - ionized_fraction(delta0, cell, z_box, p, cosmo, box_size)[keep]
     else:
         x_hi = np.ones((n_los, n_cells, n_cells))
-    z, delta0 = z_box[keep], delta0[keep]
-    delta = _grown(delta0, cosmo.growth(z), p.LOGNORMAL == 1)
-    tb = brightness_prefactor(z, p)[:, None, None] * x_hi * np.clip(1 + delta, 0, None)
+    if spin or rsd:  # on the padded box: shells and velocities see across the ends
+        delta_box = _grown(delta0, cosmo.growth(z_box), p.LOGNORMAL == 1)
+        x_hi_box = np.ones(delta0.shape)
+        x_hi_box[keep] = x_hi
+        tb, t_s = brightness_temperature(delta0, delta_box, x_hi_box, z_box, p, cosmo, cell, box_size, spin, rsd)
+        z, delta, tb, t_s = z_box[keep], delta_box[keep], tb[keep], None if t_s is None else t_s[keep].astype(np.float32)
+    else:
+        z, delta0 = z_box[keep], delta0[keep]
+        delta = _grown(delta0, cosmo.growth(z), p.LOGNORMAL == 1)
+        tb, t_s = brightness_temperature(delta0, delta, x_hi, z, p, cosmo, cell, box_size, False, False)
     transverse = (np.arange(n_cells) - (n_cells - 1) / 2) * cell
     return Lightcone(tb.astype(np.float32), delta.astype(np.float32), x_hi.astype(np.float32), z, frequency_hz(z), dist[keep],
-                     transverse, x_hi.mean(axis=(1, 2)), cell, p, seed)
+                     transverse, x_hi.mean(axis=(1, 2)), cell, p, seed, t_s)
 
 
 def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_cells: int, redshifts, seed: int = 0,
-                           ionize: bool = True) -> Lightcone:
+                           ionize: bool = True, spin: bool = True, rsd: bool = True) -> Lightcone:
     """A lightcone whose slices sit at the given increasing `redshifts` (an observed frequency grid).
 
     The signal is the model's, in params' own cosmology: `lightcone_slices` from redshifts[0]
@@ -361,7 +386,7 @@ def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_c
     j0 = np.where(on_grid, nearest, np.floor(t)).astype(int)
     w = np.where(on_grid, 0.0, t - j0)
     n_sim = int(j0[-1]) + (2 if w[-1] > 0 else 1)
-    lc = lightcone_slices(p, box_size, n_cells, float(z[0]), n_sim, seed, ionize)
+    lc = lightcone_slices(p, box_size, n_cells, float(z[0]), n_sim, seed, ionize, spin, rsd)
     j1 = np.minimum(j0 + 1, n_sim - 1)
     ww = w[:, None, None]
 
@@ -370,4 +395,4 @@ def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_c
 
     x_hi = interp(lc.x_HI)
     return Lightcone(interp(lc.brightness_temp), interp(lc.density), x_hi, z, frequency_hz(z), d, lc.transverse,
-                     x_hi.mean(axis=(1, 2)), cell, p, seed)
+                     x_hi.mean(axis=(1, 2)), cell, p, seed, None if lc.spin_temp is None else interp(lc.spin_temp))

@@ -2,7 +2,7 @@
 
     from cosmofm.data_cards import load_card
     from cosmofm.data_cards.mocks.sim21cm.sensitivity import check_sensitivity
-    check_sensitivity(load_card("lightcone-21cm"))  # {"HII_EFF_FACTOR": 35.2, "ION_Tvir_MIN": 41.0}
+    check_sensitivity(load_card("lightcone-21cm"))  # {"HII_EFF_FACTOR": 1.5, "ION_Tvir_MIN": 16.0, "L_X": 13.3, "NU_X_THRESH": 2.6}
     python -m cosmofm.data_cards.mocks.sim21cm.sensitivity lightcone-21cm
 
 For each parameter the card draws ([low, high] in `field.parameters`), noise-free lightcones
@@ -10,7 +10,9 @@ of the card's size on its fixed slice grid (`fields.lightcone_grid`) are simulat
 range, every other parameter at its fixed value or the middle of its range, with the same
 density seeds at both ends (2 by default). Two summaries are compared:
 
-- the global signal, the mean dT_b of each slice (mK), and
+- the global signal, the mean dT_b of each slice (mK): reionisation's emission and, where
+  the card's redshifts reach cosmic dawn (z > ~11), the absorption trough, whose depth and
+  redshift L_X, NU_X_THRESH and X_RAY_SPEC_INDEX move through the spin temperature, and
 - the spherically averaged power spectrum Delta^2(k) (mK^2, `density.power_spectrum`, 6
   log bins) of each consecutive `los_cells`-long chunk, all chunks concatenated.
 
@@ -23,6 +25,10 @@ the typical change across the whole prior against the typical realisation-to-rea
 scatter (root-mean-squares pool the slices and bins, so two seeds suffice for a stable
 scatter). A parameter's ratio is the larger of the two summaries' (it acts if it moves
 either). Because both ends share their seeds, a parameter the model ignores gives exactly 0.
+The lightcones are simulated as the mocks make them: spin temperature and redshift-space
+distortions on (`reionization.lightcone_at_redshifts` defaults), so the X-ray parameters act
+on any card whose redshifts are not yet fully heated; on a card that sits entirely in the
+heated era (T_S >> T_CMB) they are measured, and refused, as the inert parameters they are there.
 
 THRESHOLD = 1.0 is issue 18's criterion: moving the parameter across its prior must change
 the power spectrum or the global signal by more than the seed scatter. Below it, one

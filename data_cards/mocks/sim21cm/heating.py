@@ -1,0 +1,261 @@
+"""Cosmic dawn's global history: X-ray heating and ionisation, Lyman-alpha background, and their shell kernels.
+
+The mean IGM history from Z_MAX = 35 (21cmFAST's Z_HEAT_MAX) down to the lightcone's lowest
+redshift, on a grid uniform in u = ln(1 + z), and the per-shell kernels from which `spin`
+builds the fluctuating fields. It follows 21cmFAST's `spin_temperature` (Mesinger,
+Furlanetto & Cen 2011, MNRAS 411, 955, sec. 2) in a simplified form:
+
+- Sources: stars form at the rate rho_b f_* f_coll |dln f_PS/dt| (comoving), f_coll the global
+  Sheth-Tormen (HMF = 1) or Press-Schechter fraction above M_min(ION_Tvir_MIN), with
+  f_* = F_STAR = 0.05 (21cmFAST's F_STAR10 = -1.3, which its constant-efficiency model uses
+  for X-ray and Lyman-alpha emission). The logarithmic slope is Press-Schechter's whatever
+  HMF is, as in 21cmFAST 4.1.1's SpinTemperatureBox.c, which applies the extended-PS
+  dfcoll/dz of each cell rescaled by (global ST f_coll) / (box-mean EPS f_coll); at the rare
+  peaks of cosmic dawn this is ~1.4x the Sheth-Tormen slope.
+- X-rays: L(E) = A E^-X_RAY_SPEC_INDEX per unit SFR for NU_X_THRESH <= E <= 10 keV
+  (21cmFAST's NU_X_MAX), normalised so that its integral from NU_X_THRESH to 2 keV is
+  10^L_X erg/s per Msun/yr (21cmFAST v3+ convention). A photon emitted in a spherical shell
+  at comoving distance R (retarded redshift z'' with d(z'') = d(z) + R) reaches the centre
+  redshifted by (1+z)/(1+z'') and attenuated, tau integrated through the
+  mean neutral IGM in between (HI and HeI photo-ionisation cross-sections of Verner et al.
+  1996, ApJ 465, 487; He singly ionised with H). Absorbed energy per neutral atom
+  heats the gas with fraction f_heat(x_e) and ionises with f_ion(x_e), the fits to Shull &
+  van Steenberg (1985) in Furlanetto, Oh & Briggs (2006, Phys. Rep. 433, 181; FOB06).
+- Thermal history: dT/dt = -2HT + Compton (T_CMB - T) + 2 eps_X / (3 k_B n (1 + f_He + x_e)),
+  written in u as dT/du = (2 + c) T - c T_CMB - q, solved as T = Phi (T_0/Phi_0 + int (c T_CMB + q)/Phi du)
+  (Phi = exp int (2 + c) du), which is also the propagator of the heating fluctuations.
+  Starting point at Z_MAX: residual x_e = 2e-4 and T = T_CMB0 (1+z)^2 / (1 + Z_DEC) with
+  Z_DEC = 135, the adiabatic-after-decoupling form (FOB06 sec. 2) with the decoupling
+  redshift chosen so that the source-free T_K(17) is ~7 K, as RECFAST gives (the value
+  quoted with EDGES, Bowman et al. 2018). Recombinations use case-B alpha(T).
+- Lyman alpha: Lyman-series photons (flat spectrum between Ly-alpha and the Lyman limit,
+  N_ALPHA = 9690 per stellar baryon, Pop II, Barkana & Loeb 2005) emitted at z'' reach the
+  Ly-n resonance at z if (1+z'')/(1+z) < (1 - (n+1)^-2)/(1 - n^-2), and cascade to
+  Ly-alpha with probability f_rec(n) (Pritchard & Furlanetto 2006, n <= 23); J_alpha sums
+  the shells (Pritchard & Furlanetto 2007, MNRAS 376, 1680; Mesinger et al. 2011).
+
+Simplifications against 21cmFAST: the opacity uses the mean neutral fraction (1 - Q) with
+Q = min(1, zeta f_coll) the analytic global ionised volume (X-ray pre-ionisation left out
+of tau); HeII, Lyman-alpha and CMB heating are left out; x_e, f_heat and f_ion are global,
+not per cell; the Lyman-series spectrum is flat; only H-H and e-H collisions couple.
+The attenuation is 21cmFAST's: photons arrive only where tau < 1 (MFC11), here the smooth
+step 1 / (1 + tau^8) instead of exp(-tau), which would heat ~1.2x less.
+Check against 21cmFAST 4.1.1 coeval boxes (const-zeta, USE_TS_FLUCT, linear density,
+64 Mpc / 32^3, one seed; ours 3 seeds), mean dT_b at z = 7/8-22: L_X = 40.5 trough -110 vs
+-103 mK at z = 16 (max difference 13 mK at z = 15), L_X = 39.5 -175 vs -171 mK (z 14 vs
+15; max 25 mK at z = 12), L_X = 41.5 -45 vs -42 mK at z = 18 (max 6.5 mK); our mean T_K
+is 10-25 % below theirs once heating starts (f_heat fits vs their Furlanetto & Stoever
+2010 tables; no Lyman-alpha / CMB heating, which they include).
+Units are cgs inside (cm, s, erg, K) and comoving Mpc for radii.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosmofm.data_cards.mocks.sim21cm.cosmology import Cosmology, cosmology
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
+
+Z_MAX = 35.0  # highest redshift of the model: sources and heating start here (21cmFAST's Z_HEAT_MAX)
+K_B = 1.380649e-16  # erg / K
+EV_ERG = 1.602176634e-12  # erg / eV
+M_P = 1.67262192e-24  # g
+M_E = 9.1093837e-28  # g
+C_CM = 2.99792458e10  # cm / s
+MPC_CM = 3.0856775814913673e24
+MSUN_G = 1.98847e33
+YR_S = 3.15576e7
+SIGMA_T = 6.6524587e-25  # Thomson cross-section, cm^2
+A_RAD = 7.5657e-15  # radiation constant, erg / cm^3 / K^4
+T_CMB0 = 2.7255  # K
+RHO_CRIT_CGS = 1.87834e-29  # critical density / h^2, g / cm^3
+Y_HE = 0.245  # helium mass fraction (21cmFAST)
+F_HE = Y_HE / (4 * (1 - Y_HE))  # n_He / n_H
+F_STAR = 0.05  # star-formation efficiency, 10**F_STAR10 with 21cmFAST's default -1.3
+N_ALPHA = 9690.0  # Lyman-series photons per stellar baryon, Pop II (Barkana & Loeb 2005)
+NU_ALPHA, NU_LL = 2.4661e15, 3.2898e15  # Ly-alpha and Lyman-limit frequencies, Hz
+E_BAND_MAX, E_X_MAX = 2000.0, 10000.0  # eV: top of the L_X band and of the emitted spectrum (21cmFAST)
+X_E_INIT, Z_DEC = 2e-4, 135.0  # residual ionisation and decoupling redshift at Z_MAX (module docstring)
+# Ly-n -> Ly-alpha recycling fractions, n = 2 .. 23 (Pritchard & Furlanetto 2006, table 1)
+F_REC = (1.0, 0.0, 0.2609, 0.3078, 0.3259, 0.3353, 0.3410, 0.3448, 0.3476, 0.3496, 0.3512, 0.3524, 0.3535, 0.3543,
+         0.3550, 0.3556, 0.3561, 0.3565, 0.3569, 0.3572, 0.3575, 0.3578)
+N_U, N_R, N_E = 121, 120, 100  # grid sizes: ln(1+z) steps, radial shells, photon energies
+
+
+def verner_sigma(energy_ev, species: str) -> np.ndarray:
+    """Photo-ionisation cross-section in cm^2 of HI or HeI (Verner et al. 1996 analytic fits); 0 below threshold."""
+    e_th, e0, s0, ya, p, yw, y0, y1 = {
+        "HI": (13.6, 0.4298, 5.475e4, 32.88, 2.963, 0.0, 0.0, 0.0),
+        "HeI": (24.59, 13.61, 949.2, 1.469, 3.188, 2.039, 0.4434, 2.136),
+    }[species]
+    e = np.asarray(energy_ev, dtype=float)
+    x = e / e0 - y0
+    y = np.sqrt(x**2 + y1**2)
+    f = ((x - 1) ** 2 + yw**2) * y ** (0.5 * p - 5.5) * (1 + np.sqrt(y / ya)) ** (-p)
+    return np.where(e >= e_th, s0 * 1e-18 * f, 0.0)
+
+
+def f_heat(x_e) -> np.ndarray:
+    """Fraction of a fast electron's energy that heats the gas (Shull & van Steenberg 1985 fit, FOB06)."""
+    return 0.9971 * (1 - (1 - np.asarray(x_e) ** 0.2663) ** 1.3163)
+
+
+def f_ion(x_e) -> np.ndarray:
+    """Fraction of a fast electron's energy that ionises hydrogen (Shull & van Steenberg 1985 fit, FOB06)."""
+    return 0.3908 * (1 - np.asarray(x_e) ** 0.4092) ** 1.7592
+
+
+def alpha_b(t_k) -> np.ndarray:
+    """Case-B recombination coefficient of hydrogen, cm^3/s (power-law fit, T clipped to >= 10 K)."""
+    return 2.6e-13 * (np.maximum(t_k, 10.0) / 1e4) ** -0.7
+
+
+@dataclass
+class History:
+    """The mean IGM and the per-shell kernels on a grid z[0] = Z_MAX > ... > z[-1] (uniform in ln(1+z)).
+
+    Attributes:
+        z, u: (G,) redshift and ln(1 + z).
+        t_k: (G,) mean kinetic temperature of the neutral IGM, K.
+        x_e: (G,) its ionised fraction (X-rays + residual).
+        j_alpha: (G,) mean Ly-alpha intensity, photons / cm^2 / s / Hz / sr.
+        q_hii: (G,) analytic UV-ionised volume fraction min(1, zeta f_coll).
+        phi: (G,) propagator exp(int (2 + c) du) of the temperature equation.
+        heat_coef: (G,) K per unit u per (erg/s absorbed per neutral H atom).
+        shell_radii: (S,) radius (Mpc) of each fluctuating shell's top-hat filter.
+        heat_shell, alpha_shell: (G, S) absorbed X-ray power per neutral H (erg/s) and J_alpha
+            contributed by each fluctuating shell at the mean emissivity; shells beyond the
+            last act on every cell alike and are only in the means.
+        z_source: (G, S) retarded redshift of each shell.
+    """
+
+    z: np.ndarray
+    u: np.ndarray
+    t_k: np.ndarray
+    x_e: np.ndarray
+    j_alpha: np.ndarray
+    q_hii: np.ndarray
+    phi: np.ndarray
+    heat_coef: np.ndarray
+    shell_radii: np.ndarray
+    heat_shell: np.ndarray
+    alpha_shell: np.ndarray
+    z_source: np.ndarray
+
+    def at(self, name: str, z) -> np.ndarray:
+        """A (G,) attribute interpolated linearly in ln(1+z) to redshifts z."""
+        return np.interp(np.log1p(np.asarray(z, dtype=float)), self.u[::-1], getattr(self, name)[::-1])
+
+
+def hubble_rate_s(cosmo: Cosmology, z) -> np.ndarray:
+    """H(z) in 1/s."""
+    return cosmo.hubble_parameter(z) * 1e5 / MPC_CM  # 1/s
+
+
+def x_ray_norm(params: SimParams) -> float:
+    """A in L(E) = A E^-alpha (erg/s/eV per Msun/yr) so that int_{E_0}^{2 keV} L dE = 10^L_X."""
+    a, e0 = params.X_RAY_SPEC_INDEX, params.NU_X_THRESH
+    band = math.log(E_BAND_MAX / e0) if abs(a - 1) < 1e-6 else (E_BAND_MAX ** (1 - a) - e0 ** (1 - a)) / (1 - a)
+    return 10.0**params.L_X / band
+
+
+def history(params: SimParams, z_low: float, shell_edges=(0.0,), shell_radii=()) -> History:
+    """The (cached) history down to z_low; fluctuating shell s spans shell_edges[s:s+2] (Mpc, from 0), filter radius shell_radii[s]."""
+    if len(shell_edges) != len(shell_radii) + 1 or shell_edges[0] != 0:
+        raise ValueError("need shell_edges = (0, e_1, ..., e_S) and S shell_radii")
+    key = tuple(round(float(e), 9) for e in shell_edges), tuple(round(float(r), 9) for r in shell_radii)
+    return _history(params, round(float(z_low), 6), *key)
+
+
+@functools.lru_cache(maxsize=8)
+def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_radii: tuple[float, ...]) -> History:
+    cosmo = cosmology(p)
+    h2 = p.hlittle**2
+    n_h0 = (1 - Y_HE) * p.OMb * RHO_CRIT_CGS * h2 / M_P  # hydrogen atoms per comoving cm^3
+    u = np.linspace(math.log1p(Z_MAX), math.log1p(z_low), N_U)
+    z = np.expm1(u)
+    du = u[0] - u[1]
+    # star formation (comoving): |df_coll/dz| on a fine table
+    zt = np.linspace(max(0.0, z_low - 0.5), Z_MAX + 0.5, 600)
+    fcoll = cosmo.fcoll_global(zt, p.ION_Tvir_MIN, "ST" if p.HMF == 1 else "PS")
+    f_ps = np.maximum(cosmo.fcoll_global(zt, p.ION_Tvir_MIN, "PS"), 1e-300)
+    dlnf_dz = np.clip(-np.gradient(np.log(f_ps), zt), 0.0, None)  # the (E)PS slope, as 21cmFAST normalises it
+    rate = fcoll * dlnf_dz * (1 + zt) * hubble_rate_s(cosmo, zt)  # "df_coll/dt", 1/s
+    rho_b = p.OMb * RHO_CRIT_CGS * h2  # g / comoving cm^3
+    sfrd_msun = F_STAR * rho_b / MSUN_G * YR_S * rate  # Msun / yr / cm^3
+    sfrd_baryon = F_STAR * rho_b / M_P * rate  # stellar baryons / s / cm^3
+    q_tab = np.clip(p.HII_EFF_FACTOR * fcoll, 0.0, 1.0)
+    # radial shells (comoving Mpc) and their retarded redshifts
+    d = cosmo.comoving_distance(z)
+    r_far = float(cosmo.comoving_distance(Z_MAX) - d[-1]) + 1.0
+    r_edge = np.concatenate([[0.0], np.geomspace(0.05, r_far, N_R)])
+    r_mid, dr = 0.5 * (r_edge[1:] + r_edge[:-1]), np.diff(r_edge)
+    zs = cosmo.redshift_at_distance(d[:, None] + r_mid[None, :])  # (G, R)
+    live = zs <= Z_MAX
+    sfr = np.where(live, np.interp(zs, zt, sfrd_msun), 0.0)
+    sfr_b = np.where(live, np.interp(zs, zt, sfrd_baryon), 0.0)
+    neutral = 1 - np.interp(zs, zt, q_tab)
+    # X-rays: observed energies E at the centre, emitted at E (1+z'')/(1+z)
+    energy = np.geomspace(10.0, E_X_MAX, N_E)
+    dln_e = math.log(energy[1] / energy[0])
+    stretch = (1 + zs) / (1 + z[:, None])  # (G, R)
+    e_src = energy[None, None, :] * stretch[:, :, None]  # (G, R, E)
+    lne_tab = np.linspace(math.log(5.0), math.log(1e6), 2000)
+    e_tab = np.exp(lne_tab)
+    sig_tab = np.log(verner_sigma(e_tab, "HI") + F_HE * verner_sigma(e_tab, "HeI") + 1e-60)
+    sigma_src = np.exp(np.interp(np.log(e_src), lne_tab, sig_tab))
+    dtau = (n_h0 * (1 + zs) ** 2 * neutral * dr * MPC_CM)[:, :, None] * sigma_src
+    tau = np.cumsum(dtau, axis=1) - 0.5 * dtau
+    window = np.clip(np.log(e_src / p.NU_X_THRESH) / dln_e + 0.5, 0.0, 1.0) * (e_src <= E_X_MAX)  # soft E_0 edge
+    photons = x_ray_norm(p) * e_src ** (-p.X_RAY_SPEC_INDEX - 1) / EV_ERG * window  # photons/s/eV per Msun/yr
+    # flux per observed eV: dR (1+z)^3/(1+z'') n(E'') dE''/dE = dR (1+z)^2 n(E'')
+    reach = 1 / (1 + tau**8)  # 21cmFAST's cut at tau = 1 (MFC11), softened so heating is smooth in the parameters
+    flux = ((1 + z[:, None]) ** 2 * dr * MPC_CM * sfr)[:, :, None] * photons * reach
+    s_hi, s_he = verner_sigma(energy, "HI"), F_HE * verner_sigma(energy, "HeI")
+    e_abs = (s_hi * np.clip(energy - 13.6, 0, None) + s_he * np.clip(energy - 24.59, 0, None)) * EV_ERG  # erg cm^2
+    heat = np.sum(flux * (e_abs * energy * dln_e), axis=2)  # (G, R) erg/s per neutral H
+    ionise = np.sum(flux * ((s_hi + s_he) * energy * dln_e), axis=2)  # primary ionisations / s per neutral H
+    # Lyman series: shell contributions to J_alpha at the mean emissivity
+    horizon = np.array([(1 - (n + 1) ** -2.0) / (1 - n**-2.0) for n in range(2, 2 + len(F_REC))])
+    recycled = (np.asarray(F_REC)[None, None, :] * (stretch[:, :, None] <= horizon)).sum(axis=2)
+    alpha = (1 + z[:, None]) ** 2 / (4 * np.pi) * dr * MPC_CM * N_ALPHA / (NU_LL - NU_ALPHA) * sfr_b * recycled
+    # the mean IGM, stepping down in u
+    hub = hubble_rate_s(cosmo, z)
+    t_cmb = T_CMB0 * (1 + z)
+    q_hii = np.clip(p.HII_EFF_FACTOR * np.interp(z, zt, fcoll), 0.0, 1.0)
+    heat_tot, ion_tot = heat.sum(axis=1), ionise.sum(axis=1)
+    x_e, t_k = np.empty(N_U), np.empty(N_U)
+    x_e[0], t_k[0] = X_E_INIT, T_CMB0 * (1 + Z_MAX) ** 2 / (1 + Z_DEC)
+    compton = 8 * SIGMA_T * A_RAD * t_cmb**4 / (3 * M_E * C_CM) / hub  # per unit u, times x_e / (1 + f_He + x_e)
+    for g in range(N_U - 1):
+        xe, tk = x_e[g], t_k[g]
+        n_h = n_h0 * (1 + z[g]) ** 3
+        ion = (1 - xe) * (ion_tot[g] + f_ion(xe) * heat_tot[g] / (13.6 * EV_ERG)) - alpha_b(tk) * xe**2 * n_h
+        x_e[g + 1] = min(max(xe + du * ion / hub[g], 0.0), 1.0)
+        c = compton[g] * xe / (1 + F_HE + xe)
+        q = 2 * (1 - xe) * f_heat(xe) * heat_tot[g] / (3 * K_B * (1 + F_HE + xe) * hub[g])
+        t_k[g + 1] = tk - du * ((2 + c) * tk - c * t_cmb[g] - q)
+    c = compton * x_e / (1 + F_HE + x_e)
+    ln_phi = -np.concatenate([[0.0], np.cumsum(0.5 * du * ((2 + c[1:]) + (2 + c[:-1])))])
+    phi = np.exp(ln_phi)
+    heat_coef = 2 * (1 - x_e) * f_heat(x_e) / (3 * K_B * (1 + F_HE + x_e) * hub)
+    t_k = phi * (t_k[0] + cumulative(((c * t_cmb + heat_coef * heat_tot) / phi)[:, None], du)[:, 0])
+    # fluctuating shells: fine shells grouped between the filter edges
+    edges = np.asarray(shell_edges)
+    which = np.searchsorted(edges, r_mid, side="right") - 1  # -1 never (edges[0] = 0); >= S: beyond
+    n_s = len(edges) - 1
+    heat_s = np.stack([heat[:, which == s].sum(axis=1) for s in range(n_s)], axis=1) if n_s else np.zeros((N_U, 0))
+    alpha_s = np.stack([alpha[:, which == s].sum(axis=1) for s in range(n_s)], axis=1) if n_s else np.zeros((N_U, 0))
+    radii = np.asarray(shell_radii, dtype=float)
+    z_src = cosmo.redshift_at_distance(d[:, None] + radii[None, :])
+    return History(z, u, t_k, x_e, alpha.sum(axis=1), q_hii, phi, heat_coef, radii, heat_s, alpha_s, z_src)
+
+
+def cumulative(rate: np.ndarray, du: float) -> np.ndarray:
+    """Trapezoid integral along axis 0 (from the first row), rows du apart: (G, ...) -> (G, ...)."""
+    steps = 0.5 * du * (rate[1:] + rate[:-1])
+    return np.concatenate([np.zeros_like(rate[:1]), np.cumsum(steps, axis=0)])

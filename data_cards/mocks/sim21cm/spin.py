@@ -1,0 +1,219 @@
+"""Spin temperature of the 21cm line per cell, and the line-of-sight velocity gradient of redshift-space distortions.
+
+T_S follows from the three couplings of the hyperfine levels (Field 1958; Furlanetto, Oh &
+Briggs 2006, Phys. Rep. 433, 181, FOB06, sec. 2), with the colour temperature set to T_K:
+
+    1 / T_S = (1/T_CMB + x_c / T_K + x_alpha / T_K) / (1 + x_c + x_alpha)
+
+- x_c, collisional coupling: (T_* / (A_10 T_CMB)) n_H (1 + delta) [(1 - x_e) k_HH(T_K) + x_e k_eH(T_K)],
+  the rate coefficients from the Zygelman (2005) H-H and Furlanetto & Furlanetto (2007) e-H
+  tables as FOB06 lists them, interpolated in log-log (clamped at the tables' ends).
+- x_alpha, Wouthuysen-Field coupling: x_alpha = 16 pi^2 T_* e^2 f_alpha / (27 A_10 T_CMB m_e c)
+  S_alpha J_alpha (FOB06 sec. 4, = 1.81e11 S_alpha J_alpha / (1 + z)), S_alpha =
+  exp(-0.803 T_K^-2/3 (1e-6 tau_GP)^1/3) the approximation 21cmFAST uses (Chuzhoy & Shapiro 2006).
+- T_K and J_alpha: the means of `heating.history` plus fluctuations from shell-filtered
+  emissivity, as 21cmFAST's `spin_temperature` builds them (Mesinger, Furlanetto & Cen 2011,
+  sec. 2.3; Pritchard & Furlanetto 2007): the linear density delta_0 is smoothed with
+  real-space top-hats of radii R_s = 0.62 cell x 1.5^s up to 0.62 L_box; in a cell whose
+  smoothed density is delta_R, shell s emits at the mean rate times
+  F_s = (1 + delta_R) |df_coll/dz|(delta_R, z'') / <...>_box, f_coll the extended
+  Press-Schechter conditional fraction at the shell's retarded redshift z'' (as 21cmFAST
+  4.1.1's `calculate_sfrd_from_grid` for its constant-efficiency sources), normalised over
+  the box, so the box mean is the global history exactly. The heating of shell s at every
+  earlier step is propagated to the slice's redshift with the temperature equation's
+  propagator Phi, and its Lyman-alpha flux is taken at the slice's own redshift. Shells beyond
+  0.62 L_box (X-rays out to ~Gpc, the Lyman-beta horizon) act on every cell alike.
+
+Simplifications against 21cmFAST, beyond those of `heating`: F_s is tabulated on N_DELTA
+values of delta_R and interpolated; the per-cell history is that of the comoving position of
+the cell (linear density, no displacement); adiabatic compression enters as
+T_K (1 + delta)^(2/3) on the whole temperature; x_e (X-ray pre-ionisation) is the global
+one; T_colour = T_K (no spin-exchange correction).
+
+Redshift-space distortions: in linear theory the line-of-sight gradient of the peculiar
+velocity is dv_r/dr / H = -f(z) D(z) F^-1[k_par^2 / k^2 delta_0(k)] (Kaiser 1987), and the
+optically thin brightness temperature is divided by 1 + dv_r/dr / H clipped to +-MAX_DVDR =
+0.2, as 21cmFAST does (Mao et al. 2012's "sub-cell" scheme is not used).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc, tophat_window
+from cosmofm.data_cards.mocks.sim21cm.density import k_grid, k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.heating import (
+    C_CM, M_E, M_P, RHO_CRIT_CGS, T_CMB0, Y_HE, History, cumulative, history, hubble_rate_s,
+)
+from cosmofm.data_cards.mocks.sim21cm.params import SimParams
+
+T_STAR, A_10 = 0.0681683, 2.85e-15  # hyperfine energy / k_B (K) and Einstein coefficient (1/s)
+E_CHARGE, F_ALPHA = 4.80320e-10, 0.4162  # esu; Ly-alpha oscillator strength
+XA_COEF = 16 * math.pi**2 * T_STAR * E_CHARGE**2 * F_ALPHA / (27 * A_10 * T_CMB0 * M_E * C_CM)  # x_alpha (1+z) / (S_alpha J_alpha)
+TAU_GP_COEF = 1.342881e-7  # tau_GP = TAU_GP_COEF n_HI / H, n in cm^-3, H in 1/s
+MAX_DVDR = 0.2  # largest |dv_r/dr| / H (21cmFAST)
+SHELL_RATIO = 1.5  # ratio of successive filter radii of the fluctuating shells
+N_DELTA = 96  # tabulated smoothed densities per shell
+DZ_SOURCE = 0.05  # half-step of the finite difference d f_coll / dz
+Z_LOW = 5.0  # the history is computed down to min(Z_LOW, lowest slice)
+# Spin de-excitation rate coefficients (cm^3/s) against T_K (K) as FOB06 tabulates them:
+# H-H (Zygelman 2005) and e-H (Furlanetto & Furlanetto 2007)
+T_HH = (1, 2, 4, 6, 8, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300, 500, 700, 1000, 2000, 3000, 5000, 7000, 10000)
+K_HH = (1.38e-13, 1.43e-13, 2.71e-13, 6.60e-13, 1.47e-12, 2.88e-12, 9.10e-12, 1.78e-11, 2.73e-11, 3.67e-11, 5.38e-11,
+        6.86e-11, 8.14e-11, 9.25e-11, 1.02e-10, 1.11e-10, 1.19e-10, 1.75e-10, 2.09e-10, 2.56e-10, 2.91e-10, 3.31e-10,
+        4.27e-10, 4.97e-10, 6.03e-10, 6.87e-10, 7.87e-10)
+T_EH = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 3000, 5000, 7000, 10000, 15000, 20000)
+K_EH = (2.39e-10, 3.37e-10, 5.30e-10, 7.46e-10, 1.05e-9, 1.63e-9, 2.26e-9, 3.11e-9, 4.59e-9, 5.92e-9, 7.15e-9, 7.71e-9,
+        8.17e-9, 8.32e-9, 8.37e-9, 8.29e-9, 8.11e-9)
+
+
+def _loglog(t, table_t, table_k) -> np.ndarray:
+    lt = np.log(np.clip(np.asarray(t, dtype=float), table_t[0], table_t[-1]))
+    return np.exp(np.interp(lt, np.log(table_t), np.log(table_k)))
+
+
+def spin_temperature(t_k, t_cmb, x_c, x_alpha) -> np.ndarray:
+    """T_S (K) from the gas and CMB temperatures and the collisional and Wouthuysen-Field couplings (T_colour = T_K)."""
+    x = np.asarray(x_c) + np.asarray(x_alpha)
+    return (1 + x) / (1 / np.asarray(t_cmb) + x / np.asarray(t_k))
+
+
+def collisional_coupling(t_k, n_h, x_e, t_cmb) -> np.ndarray:
+    """x_c for hydrogen density n_h (proper cm^-3), ionised fraction x_e, temperatures in K."""
+    return T_STAR / (A_10 * np.asarray(t_cmb)) * n_h * ((1 - x_e) * _loglog(t_k, T_HH, K_HH) + x_e * _loglog(t_k, T_EH, K_EH))
+
+
+def wouthuysen_field_coupling(j_alpha, z, t_k, tau_gp) -> np.ndarray:
+    """x_alpha for Ly-alpha intensity j_alpha (photons / cm^2 / s / Hz / sr) at redshift z."""
+    s_alpha = np.exp(-0.803 * np.asarray(t_k) ** (-2 / 3) * (1e-6 * np.asarray(tau_gp)) ** (1 / 3))
+    return XA_COEF / (1 + np.asarray(z)) * s_alpha * j_alpha
+
+
+def shells(cell: float, box_len: float) -> tuple[np.ndarray, np.ndarray]:
+    """(edges, radii) of the fluctuating shells in Mpc: radii 0.62 cell x 1.5^s up to 0.62 L_box, edges from 0."""
+    r0, r_max = L_FACTOR * cell, L_FACTOR * box_len
+    n = max(1, int(math.floor(math.log(max(r_max / r0, 1.0)) / math.log(SHELL_RATIO) + 1e-9)) + 1)
+    radii = r0 * SHELL_RATIO ** np.arange(n)
+    edges = np.concatenate([[0.0], radii * math.sqrt(SHELL_RATIO)])
+    return edges, radii
+
+
+@dataclass
+class SpinFields:
+    """Per-cell (D, H, W) spin temperature and what sets it, at each slice's redshift; x_e (D,) is the mean."""
+
+    t_s: np.ndarray
+    t_k: np.ndarray
+    x_alpha: np.ndarray
+    x_c: np.ndarray
+    x_e: np.ndarray
+    history: History
+
+
+def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, cosmo: Cosmology, density: np.ndarray,
+                box_len: float | None = None) -> SpinFields:
+    """T_S of a (D, H, W) box whose slice i is at redshifts[i].
+
+    Args:
+        delta0: linear overdensity at z = 0 (periodic box; axis 0 the line of sight).
+        cell: comoving cell size, Mpc.
+        redshifts: (D,) slice redshifts, <= Z_MAX.
+        density: (D, H, W) overdensity at each slice's redshift (linear or lognormal).
+        box_len: transverse box size that limits the fluctuating shells (default W x cell).
+    """
+    z = np.asarray(redshifts, dtype=float)
+    shape = delta0.shape
+    edges, radii = shells(cell, box_len or shape[-1] * cell)
+    hist = history(params, min(Z_LOW, math.floor(float(z.min()))), tuple(edges), tuple(radii))
+    du = hist.u[0] - hist.u[1]
+    gpos = np.clip((hist.u[0] - np.log1p(z)) / du, 0.0, len(hist.u) - 1.000001)
+    g0 = gpos.astype(int)
+    gw = (gpos - g0)[:, None]
+
+    def at_slices(table):  # (G, N) -> (D, N), linear in ln(1+z)
+        return (1 - gw) * table[g0] + gw * table[g0 + 1]
+
+    d_tk, d_ja = np.zeros(shape), np.zeros(shape)
+    z_pm = np.stack([hist.z_source - DZ_SOURCE, hist.z_source + DZ_SOURCE])  # (2, G, S): d f_coll / dz by differences
+    sigma2_min = cosmo.sigma2_mass(cosmo.virial_mass(z_pm, params.ION_Tvir_MIN))  # (2, G, S)
+    barrier = DELTA_C / cosmo.growth(z_pm)  # (2, G, S)
+    growth_src = cosmo.growth(hist.z_source)  # (G, S)
+    dk, kmag = np.fft.rfftn(delta0), k_magnitude(shape, cell)
+    slice_base = (np.arange(shape[0]) * N_DELTA)[:, None, None]
+    for s, radius in enumerate(radii):
+        field = delta0 if s == 0 else np.fft.irfftn(dk * tophat_window(kmag * radius), s=shape)
+        lo, hi = float(field.min()), float(field.max())
+        step = max(hi - lo, 1e-12) / (N_DELTA - 1)
+        pos = (field - lo) / step
+        j0 = np.clip(pos.astype(int), 0, N_DELTA - 2)
+        w = pos - j0
+        counts = np.bincount(j0.ravel(), 1 - w.ravel(), N_DELTA) + np.bincount(j0.ravel() + 1, w.ravel(), N_DELTA)
+        grid = lo + step * np.arange(N_DELTA)
+        s2 = sigma2_min[:, :, s] - cosmo.sigma2_radius(radius)  # (2, G)
+        ok = np.all(s2 > 0, axis=0)
+        f_pm = erfc((barrier[:, :, s, None] - grid) / np.sqrt(2 * np.where(s2 > 0, s2, 1.0))[:, :, None])  # (2, G, N_DELTA)
+        fc = np.clip(f_pm[0] - f_pm[1], 0.0, None) * np.clip(1 + growth_src[:, s, None] * grid, 0.0, None)  # (1 + delta) df/dz
+        mean = fc @ counts / counts.sum()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            excess = np.where((ok & (mean > 0))[:, None], fc / mean[:, None], 1.0) - 1  # F_s - 1
+        rate = hist.heat_coef[:, None] * hist.heat_shell[:, s, None] * excess  # K per unit u
+        d_heat = hist.phi[:, None] * cumulative(rate / hist.phi[:, None], du)
+        d_alpha = hist.alpha_shell[:, s, None] * excess
+        flat = slice_base + j0
+        for table, out in ((d_heat, d_tk), (d_alpha, d_ja)):
+            rows = at_slices(table).ravel()
+            out += (1 - w) * rows[flat] + w * rows[flat + 1]
+    one_plus = np.clip(1 + np.asarray(density, dtype=float), 0.05, None)
+    t_k = np.clip(hist.at("t_k", z)[:, None, None] + d_tk, 1.0, None) * one_plus ** (2 / 3)
+    j_alpha = np.clip(hist.at("j_alpha", z)[:, None, None] + d_ja, 0.0, None)
+    x_e = hist.at("x_e", z)
+    n_h = ((1 - Y_HE) * params.OMb * RHO_CRIT_CGS * params.hlittle**2 / M_P * (1 + z) ** 3)[:, None, None] * one_plus
+    t_cmb = (T_CMB0 * (1 + z))[:, None, None]
+    tau_gp = TAU_GP_COEF * n_h * (1 - x_e)[:, None, None] / hubble_rate_s(cosmo, z)[:, None, None]
+    x_alpha = wouthuysen_field_coupling(j_alpha, z[:, None, None], t_k, tau_gp)
+    x_c = collisional_coupling(t_k, n_h, x_e[:, None, None], t_cmb)
+    return SpinFields(spin_temperature(t_k, t_cmb, x_c, x_alpha), t_k, x_alpha, x_c, x_e, hist)
+
+
+def velocity_gradient(delta0: np.ndarray, cell: float, redshifts, cosmo: Cosmology) -> np.ndarray:
+    """(D, H, W) line-of-sight velocity gradient dv_r/dr / H in linear theory (axis 0 the line of sight), unclipped."""
+    z = np.asarray(redshifts, dtype=float)
+    kz, ky, kx = k_grid(delta0.shape, cell)
+    k2 = kz**2 + ky**2 + kx**2
+    k2.flat[0] = 1.0
+    mu2_delta = np.fft.irfftn(np.fft.rfftn(delta0) * (kz**2 / k2), s=delta0.shape)
+    return -(cosmo.growth_rate(z) * cosmo.growth(z))[:, None, None] * mu2_delta
+
+
+def rsd_factor(dvdr: np.ndarray) -> np.ndarray:
+    """1 / (1 + dv_r/dr / H), the gradient clipped to +-MAX_DVDR as in 21cmFAST."""
+    return 1 / (1 + np.clip(dvdr, -MAX_DVDR, MAX_DVDR))
+
+
+def brightness_prefactor(z, params: SimParams) -> np.ndarray:
+    """dT_b of fully neutral gas at mean density, mK (saturated spin temperature)."""
+    h2 = params.hlittle**2
+    return 27.0 * (params.OMb * h2 / 0.023) * np.sqrt(0.15 / (params.OMm * h2) * (1 + np.asarray(z, dtype=float)) / 10)
+
+
+def brightness_temperature(delta0: np.ndarray, delta: np.ndarray, x_hi: np.ndarray, z: np.ndarray, params: SimParams, cosmo: Cosmology,
+                           cell: float, box_len: float, spin: bool, rsd: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(dT_b in mK, T_S in K or None when saturated) of a box with slice redshifts z (`reionization` docstring, point 3)."""
+    tb = brightness_prefactor(z, params)[:, None, None] * x_hi * np.clip(1 + delta, 0, None)
+    t_s = None
+    if spin:
+        sf = spin_fields(delta0, cell, z, params, cosmo, delta, box_len)
+        t_s = sf.t_s
+        tb = tb * (1 - sf.x_e)[:, None, None] * (1 - (T_CMB0 * (1 + z))[:, None, None] / t_s)
+    if rsd:
+        tb = tb * rsd_factor(velocity_gradient(delta0, cell, z, cosmo))
+    return tb, t_s
+
+
+__all__ = [
+    "MAX_DVDR", "SpinFields", "brightness_prefactor", "brightness_temperature", "collisional_coupling", "rsd_factor", "shells",
+    "spin_fields", "spin_temperature", "velocity_gradient", "wouthuysen_field_coupling",
+]

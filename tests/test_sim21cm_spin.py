@@ -1,0 +1,128 @@
+"""Spin temperature, cosmic dawn and redshift-space distortions of the embedded 21cm model (issue 18).
+
+Lightcones here are 64 Mpc wide in 4 Mpc cells (16^2 x ~900 slices for z = 5-30): the global
+signal is a mean over 256 sightlines, binned in dz = 0.5, so seed scatter is a few mK.
+"""
+
+import numpy as np
+import pytest
+
+from cosmofm.data_cards import InputError
+from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, lightcone, power_spectrum
+from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, k_grid
+from cosmofm.data_cards.mocks.sim21cm.heating import T_CMB0, history
+from cosmofm.data_cards.mocks.sim21cm.reionization import LIGHTCONE_Z
+from cosmofm.data_cards.mocks.sim21cm.spin import spin_fields, spin_temperature
+
+
+def _global_signal(params, seed=0, z_min=LIGHTCONE_Z[0], z_max=LIGHTCONE_Z[1]):
+    """(bin centres, mean dT_b in mK) of a 64 Mpc / 16^2 lightcone, binned in dz = 0.5."""
+    lc = lightcone(params, 64.0, 16, z_min, z_max, seed=seed)
+    centres = np.arange(z_min + 0.25, z_max, 0.5)
+    tb = lc.mean_brightness
+    return centres, np.array([tb[np.abs(lc.redshifts - c) <= 0.25].mean() for c in centres])
+
+
+def _trough(params, seed=0):
+    z, tb = _global_signal(params, seed)
+    i = int(np.argmin(tb))
+    return float(z[i]), float(tb[i]), z, tb
+
+
+def test_spin_temperature_limits():
+    t_k, t_cmb = np.array([5.0, 50.0, 500.0]), 40.0
+    np.testing.assert_allclose(spin_temperature(t_k, t_cmb, 0.0, 0.0), t_cmb)  # no coupling: the CMB
+    np.testing.assert_allclose(spin_temperature(t_k, t_cmb, 1e7, 0.0), t_k, rtol=1e-5)  # collisions: the gas
+    np.testing.assert_allclose(spin_temperature(t_k, t_cmb, 0.0, 1e7), t_k, rtol=1e-5)  # Ly-alpha: the gas
+    # in a box at z = 12 with default sources the Ly-alpha coupling is strong and T_S follows T_K
+    cosmo, p = cosmology(SimParams()), SimParams()
+    delta0 = gaussian_field(np.random.default_rng(0), (16, 16, 16), 4.0, cosmo.power, cell_average=True)
+    z = np.full(16, 12.0)
+    sf = spin_fields(delta0, 4.0, z, p, cosmo, cosmo.growth(12.0) * delta0)
+    x = sf.x_alpha + sf.x_c
+    assert x.min() > 10, x.min()
+    t_cmb = T_CMB0 * 13
+    assert np.all((sf.t_s - sf.t_k) * (sf.t_s - t_cmb) <= 1e-9)  # T_S lies between T_K and T_CMB
+    assert np.median(np.abs(sf.t_s / sf.t_k - 1)) < 0.05 and np.median(np.abs(sf.t_s / t_cmb - 1)) > 0.3
+    assert sf.t_k.std() > 0.05 * sf.t_k.mean()  # heating fluctuates with the sources around each cell
+
+
+def test_spin_temperature_tends_to_the_cmb_without_sources():
+    """No source (T_vir = 1e7 K): only collisions couple, and they fade as the gas thins."""
+    lc = lightcone({"ION_Tvir_MIN": 7.0}, 64.0, 16, 10.0, 30.0, seed=1)
+    ratio = [float(lc.spin_temp[np.argmin(np.abs(lc.redshifts - z))].mean() / (T_CMB0 * (1 + z))) for z in (29.0, 25.0, 20.0, 15.0, 11.0)]
+    assert np.all(np.diff(ratio) > 0) and 0.85 < ratio[0] < 0.99 and ratio[-1] > 0.995, ratio
+    assert np.abs(lc.mean_brightness[lc.redshifts < 15]).max() < 0.5  # mK: no signal without coupling
+    # the gas itself cools adiabatically (with a little Compton heating): ~7 K at z = 17, as RECFAST gives
+    hist = history(SimParams(ION_Tvir_MIN=7.0), 5.0)
+    assert 6.0 < float(hist.at("t_k", 17.0)) < 8.0
+
+
+def test_global_signal_has_an_absorption_trough_then_emission():
+    z_trough, depth, z, tb = _trough({})
+    assert 13.0 < z_trough < 20.0 and -250.0 < depth < -50.0, (z_trough, depth)
+    assert tb[z < z_trough - 2].max() > 5.0  # heated gas: emission before reionisation ends
+    assert abs(tb[0]) < 3.0  # z = 5.25: ionised
+    assert abs(tb[-1]) < 10.0 and tb[-1] < 0  # z = 29.75: weak collisional absorption, no sources yet
+
+
+def test_more_x_rays_make_the_trough_shallower_and_earlier():
+    faint, bright = _trough({"L_X": 39.5}), _trough({"L_X": 41.5})
+    fid = _trough({})
+    assert faint[1] < fid[1] - 20 < bright[1] - 40, (faint[:2], fid[:2], bright[:2])  # depth, mK
+    assert faint[0] < fid[0] <= bright[0] and bright[0] > faint[0] + 1.0, (faint[:2], fid[:2], bright[:2])  # redshift
+
+
+def test_x_ray_threshold_changes_the_heating_fluctuations():
+    """Soft X-rays (low E_0) are absorbed near their sources: patchier heating, more 21cm power at cosmic dawn."""
+    lcs = {e0: lightcone({"NU_X_THRESH": e0}, 64.0, 16, 13.0, 16.0, seed=3) for e0 in (200.0, 1500.0)}
+    p = {}
+    for e0, lc in lcs.items():
+        chunk = lc.brightness_temp[np.abs(lc.redshifts - 14.0) < 0.4][:16]
+        p[e0] = power_spectrum(chunk, 4.0, 5, dimensionless=True)[1]
+        ts = lc.spin_temp[np.abs(lc.redshifts - 14.0) < 0.4]
+        p[e0, "ts"] = ts.std() / ts.mean()
+    assert np.all(p[200.0] > 2 * p[1500.0]), (p[200.0], p[1500.0])
+    assert p[200.0, "ts"] > 2 * p[1500.0, "ts"]
+    # at fixed soft-band luminosity a harder threshold heats less: the gas at z = 14 is colder
+    hist = {e0: history(SimParams(NU_X_THRESH=e0), 5.0) for e0 in (200.0, 1500.0)}
+    assert float(hist[1500.0].at("t_k", 14.0)) < float(hist[200.0].at("t_k", 14.0))
+
+
+def _los_and_perp_power(field, cell):
+    kz, ky, kx = k_grid(field.shape, cell, real=False)
+    k = np.sqrt(kz**2 + ky**2 + kx**2)
+    mu = np.abs(kz) / np.where(k > 0, k, 1.0)
+    power = np.abs(np.fft.fftn(field - field.mean())) ** 2
+    large = (k > 0) & (k < 0.3)
+    return power[large & (mu > 0.8)].sum(), power[large & (mu < 0.2)].sum()
+
+
+def test_redshift_space_distortions_boost_the_line_of_sight_power():
+    """Kaiser (1987): where dT_b traces 1 + delta, modes along the line of sight grow by ~(1 + f mu^2)^2.
+
+    Saturated T_S: exactly that. With the spin temperature at z = 18 (Ly-alpha coupling, little heating) dense regions
+    absorb more and the boost is ~2; at z = 14-16 heating makes them absorb less (a negative 21cm bias) and RSD
+    lowers the line-of-sight power instead, as in 21cmFAST -- not tested here.
+    """
+    for spin, lo, hi in ((False, 2.8, 4.2), (True, 1.5, 4.0)):
+        real = coeval_box({}, 18.0, 128.0, 32, seed=2, spin=spin, rsd=False).brightness_temp.astype(np.float64)
+        red = coeval_box({}, 18.0, 128.0, 32, seed=2, spin=spin, rsd=True).brightness_temp.astype(np.float64)
+        (los_r, perp_r), (los_s, perp_s) = _los_and_perp_power(real, 4.0), _los_and_perp_power(red, 4.0)
+        assert lo < los_s / los_r < hi, (spin, los_s / los_r)
+        assert abs(perp_s / perp_r - 1) < 0.1, (spin, perp_s / perp_r)  # transverse modes: no velocity along them
+    # lightcones have RSD by default, and the flag turns it off (each slice's mean removed: the evolving
+    # global signal would dominate the line-of-sight modes)
+    on, off = (lightcone({}, 64.0, 16, 18.0, 21.0, seed=4, rsd=rsd).brightness_temp.astype(np.float64) for rsd in (True, False))
+    on, off = (f - f.mean(axis=(1, 2), keepdims=True) for f in (on, off))
+    assert _los_and_perp_power(on, 4.0)[0] > 1.5 * _los_and_perp_power(off, 4.0)[0]
+
+
+def test_bad_x_ray_parameters_are_input_errors():
+    for bad, field in (({"L_X": -1.0}, "L_X"), ({"L_X": 3e40}, "L_X"), ({"NU_X_THRESH": 0.0}, "NU_X_THRESH"),
+                       ({"NU_X_THRESH": -200.0}, "NU_X_THRESH"), ({"NU_X_THRESH": 2500.0}, "NU_X_THRESH"),
+                       ({"X_RAY_SPEC_INDEX": 7.0}, "X_RAY_SPEC_INDEX"), ({"X_RAY_SPEC_INDEX": float("nan")}, "X_RAY_SPEC_INDEX")):
+        with pytest.raises(InputError, match=rf"parameters\.{field}"):
+            lightcone(bad, 64.0, 16, 10.0, 12.0)
+    with pytest.raises(InputError, match=r"^z: redshift 36.0 is above the model's range \(35\)"):
+        lightcone({}, 64.0, 16, 20.0, 36.0)  # beyond Z_MAX = 35, where the heating history starts
