@@ -114,17 +114,40 @@ class KNNPhotoz:
 class MLPPhotoz:
     """ANNz-style baseline: `PhotometryBranch` + a linear layer over the head's p(z) bins,
     trained with the head's loss (cross-entropy on smoothed targets); width and steps
-    chosen on a held-out fifth of the training set (by NMAD), temperature fitted there."""
+    chosen on a held-out fifth of the training set (by NMAD), temperature fitted there.
+    With `refit`, a fresh network of the chosen width is then trained on the whole
+    training set for the chosen number of steps (what a user does once the settings are
+    chosen; the temperature stays the held-out one)."""
 
     def __init__(self, head: PhotozHeadConfig | None = None, widths: Sequence[int] = (64, 128), max_steps: int = 6000,
-                 eval_every: int = 250, batch_size: int = 32, lr: float = 1e-3, dropout: float = 0.0, seed: int = 0):
+                 eval_every: int = 250, batch_size: int = 32, lr: float = 1e-3, dropout: float = 0.0, seed: int = 0,
+                 refit: bool = False):
         self.head = head or PhotozHeadConfig()
-        self.dropout = dropout
+        self.dropout, self.refit = dropout, refit
         self.widths, self.max_steps, self.eval_every = tuple(widths), max_steps, eval_every
         self.batch_size, self.lr, self.seed = batch_size, lr, seed
 
     def _network(self, n_features: int, width: int) -> nn.Module:
         return nn.Sequential(PhotometryBranch(n_features, width, self.dropout), nn.Linear(width, self.head.n_bins))
+
+    def _train(self, x: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, width: int, steps: int, evaluate=None) -> nn.Module:
+        """A network of `width` trained for `steps` on x[rows]; `evaluate(step, net)` every `eval_every` steps and at the end."""
+        torch.manual_seed(self.seed)
+        net = self._network(x.shape[1], width)
+        net[0].set_standardisation(x[rows])
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=1e-2)
+        rng = torch.Generator().manual_seed(self.seed)
+        for step in range(1, steps + 1):
+            idx = rows[torch.randint(len(rows), (self.batch_size,), generator=rng)]
+            loss = F.cross_entropy(net(x[idx]), target[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if evaluate is not None and (step % self.eval_every == 0 or step == steps):
+                net.eval()
+                evaluate(step, net)
+                net.train()
+        return net.eval()
 
     def fit(self, features: np.ndarray, z: np.ndarray) -> "MLPPhotoz":
         from cosmofm.heads.calibration import fit_temperature
@@ -134,38 +157,28 @@ class MLPPhotoz:
         held = torch.from_numpy(np.random.default_rng(self.seed).permutation(len(z)) < len(z) // 5)
         edges = self.head.bin_edges(dtype=torch.float32)
         target = smoothed_targets(z, edges, self.head.target_width)
-        train = torch.nonzero(~held).squeeze(1)
-        best = (float("inf"), None, None, None)  # (held-out NMAD, width, steps, network state)
+        best = {"nmad": float("inf")}
         self.curves = {}
+
+        def evaluate(step, net):
+            with torch.no_grad():
+                probs = net(x[held]).softmax(-1)
+            nmad = point_metrics(z[held].numpy(), pdf_summary(probs, edges)["redshift"].numpy())["nmad"]
+            self.curves[width][step] = nmad
+            if nmad < best["nmad"]:
+                best.update(nmad=nmad, width=width, steps=step, state={k: v.clone() for k, v in net.state_dict().items()})
+
         with torch.random.fork_rng(devices=[]):  # seeded here without moving the caller's random stream
             for width in self.widths:
-                torch.manual_seed(self.seed)
-                net = self._network(x.shape[1], width)
-                net[0].set_standardisation(x[train])
-                opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=1e-2)
-                rng = torch.Generator().manual_seed(self.seed)
-                curve = {}
-                for step in range(1, self.max_steps + 1):
-                    idx = train[torch.randint(len(train), (self.batch_size,), generator=rng)]
-                    loss = F.cross_entropy(net(x[idx]), target[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    if step % self.eval_every == 0 or step == self.max_steps:
-                        net.eval()
-                        with torch.no_grad():
-                            probs = net(x[held]).softmax(-1)
-                        net.train()
-                        curve[step] = point_metrics(z[held].numpy(), pdf_summary(probs, edges)["redshift"].numpy())["nmad"]
-                        if curve[step] < best[0]:
-                            best = (curve[step], width, step, {k: v.clone() for k, v in net.state_dict().items()})
-                self.curves[width] = curve
-            self.val_nmad, self.width, self.steps = best[:3]
-            self.net = self._network(x.shape[1], self.width)
-            self.net.load_state_dict(best[3])  # the standardisation included
-        self.net.eval()
-        with torch.no_grad():
-            logits = self.net(x[held])
+                self.curves[width] = {}
+                self._train(x, target, torch.nonzero(~held).squeeze(1), width, self.max_steps, evaluate)
+            self.val_nmad, self.width, self.steps = best["nmad"], best["width"], best["steps"]
+            self.net = self._network(x.shape[1], self.width).eval()
+            self.net.load_state_dict(best["state"])  # the standardisation included
+            with torch.no_grad():
+                logits = self.net(x[held])
+            if self.refit:
+                self.net = self._train(x, target, torch.arange(len(z)), self.width, self.steps)
         true_bin = (torch.bucketize(z[held].double(), self.head.bin_edges(), right=True) - 1).clamp(0, self.head.n_bins - 1)
         self.temperature = fit_temperature(logits, true_bin)
         return self

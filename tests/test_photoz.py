@@ -275,6 +275,9 @@ def test_mlp_baseline_is_the_stronger_baseline():
     assert mlp.width in (64, 128) and 0 < mlp.steps <= 2000 and mlp.temperature > 0
     assert ours["nmad"] < 0.8 * knn["nmad"], (ours["nmad"], knn["nmad"])
     assert ours["outlier_fraction"] <= knn["outlier_fraction"] + 1 / 75 and 0.4 < ours["coverage_68"]
+    refit = MLPPhotoz(head, max_steps=2000, refit=True).fit(x[:225], z[:225])  # the same settings, retrained on all 225
+    assert (refit.width, refit.steps, refit.temperature) == (mlp.width, mlp.steps, mlp.temperature)
+    assert task.metrics(refit.predict(x[225:]), target)["nmad"] < 0.8 * knn["nmad"]
 
 
 def test_prepare_warm_starts_the_head_from_the_photometry_network_without_moving_the_random_stream():
