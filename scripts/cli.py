@@ -164,6 +164,19 @@ def _cmd_predict(args):
         print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
 
 
+def _cmd_score(args):
+    import json
+
+    from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
+    from cosmofm.pretrain.checkpoint import atomic_write_bytes
+
+    result = score_catalogue(read_catalogue(args.catalogue, "catalogue"), read_catalogue(args.truth, "truth"), beam_arcsec=args.beam_arcsec)
+    summary = result.as_dict()
+    print(json.dumps(summary, indent=1))
+    if args.output:
+        atomic_write_bytes(args.output, json.dumps(summary, indent=1).encode())
+
+
 def _cmd_bench(args):
     from cosmofm.bench.pretrain_throughput import main as bench_main
 
@@ -284,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_path_arguments(r, "fine-tuned task model")
     r.add_argument("--task", help="refuse a model of another task (e.g. photoz, spectral-classification)")
     r.set_defaults(func=_cmd_predict)
+
+    sc = sub.add_parser("score", help="score a source catalogue against a truth catalogue by SKA SDC2's rules (heads/sdc2_score.py)")
+    sc.add_argument("catalogue", help="the finder's catalogue (FITS, ECSV, CSV, Parquet; SDC2 columns: ra dec central_freq "
+                    "line_flux_integral hi_size w20 pa i, in the SDC2 units unless the columns carry units)")
+    sc.add_argument("truth", help="the truth catalogue, same columns")
+    sc.add_argument("--beam-arcsec", type=float, default=7.0, help="beam FWHM in arcsec (SDC2: 7)")
+    sc.add_argument("--output", help="also write the score summary as JSON here")
+    sc.set_defaults(func=_cmd_score)
 
     b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
     b.add_argument("--out", default="bench_results")
