@@ -34,24 +34,21 @@ import torch
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.finetune.loop import LoopConfig, finetune_loop
-from cosmofm.finetune.strategies import Strategy
+from cosmofm.finetune.strategies import Strategy, StrategyKnobs
 from cosmofm.heads.base import CosmoFMForTask, TaskHeadConfig, task_class, task_model_class
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 
 
 @dataclass
-class TaskFinetuneConfig(LoopConfig):
+class TaskFinetuneConfig(LoopConfig, StrategyKnobs):
     """Fine-tuning knobs of any task: the loop's (`finetune.loop.LoopConfig`: epochs,
     batch_size, lr, warmup_fraction, weight_decay, grad_accum, mixed_precision, seed,
     output_dir, checkpoint_every, keep_last, resume, max_steps, trackers, progress) and these.
 
     Args:
         strategy (`str`, "frozen"): "frozen" (head only), "last-n" (the last n_blocks
-            blocks and the head), "lora" or "full" (`finetune.strategies`).
-        n_blocks (`int`, 0): blocks trained by "last-n".
-        layer_decay (`float`, 1.0): layer-wise LR decay, the factor per block below the last.
-        backbone_lr_scale (`float`, 0.3): backbone LR / head LR for "full" and "last-n".
-        lora_rank (`int`, 8), lora_alpha (`int`, 16): LoRA adapter rank and scale.
+            blocks and the head), "lora" or "full" (`finetune.strategies`), with the
+            `StrategyKnobs` (n_blocks, layer_decay, backbone_lr_scale, lora_rank, lora_alpha).
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
         test_fraction (`float`, 0.2): fraction of all samples held out for the test metrics.
@@ -60,11 +57,6 @@ class TaskFinetuneConfig(LoopConfig):
     """
 
     strategy: str = "frozen"
-    n_blocks: int = 0
-    layer_decay: float = 1.0
-    backbone_lr_scale: float = 0.3
-    lora_rank: int = 8
-    lora_alpha: int = 16
     label_fraction: float = 1.0
     calibration_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -86,7 +78,7 @@ class TaskFinetuneConfig(LoopConfig):
     @property
     def tuning(self) -> Strategy:
         """The fine-tuning strategy these knobs name."""
-        return Strategy(self.strategy, self.n_blocks, self.layer_decay, self.backbone_lr_scale, self.lora_rank, self.lora_alpha)
+        return Strategy(self.strategy, **self.knobs())
 
 
 def split_indices(n: int, cfg: TaskFinetuneConfig) -> dict[str, np.ndarray]:

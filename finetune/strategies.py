@@ -25,7 +25,7 @@ block below gets a further factor `layer_decay`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from cosmofm.data_cards.errors import InputError
 
@@ -41,12 +41,12 @@ def peft_available() -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Strategy:
-    """How a backbone + head model is fine-tuned.
+@dataclass(kw_only=True)
+class StrategyKnobs:
+    """The settings of a fine-tuning strategy beside its name, flat as a recipe's
+    `finetune:` section writes them (fine-tune configs inherit them; `Strategy` checks them).
 
     Args:
-        name (`str`, "frozen"): one of STRATEGIES.
         n_blocks (`int`, 0): "last-n": trailing transformer blocks that train (>= 1).
         layer_decay (`float`, 1.0): LR factor per block below the last, in (0, 1]; 1 = none.
         backbone_lr_scale (`float`, 0.3): backbone LR / head LR where backbone weights
@@ -54,12 +54,23 @@ class Strategy:
         lora_rank (`int`, 8), lora_alpha (`int`, 16): LoRA adapter rank and scale.
     """
 
-    name: str = "frozen"
     n_blocks: int = 0
     layer_decay: float = 1.0
     backbone_lr_scale: float = 0.3
     lora_rank: int = 8
     lora_alpha: int = 16
+
+    def knobs(self) -> dict:
+        """These settings as keyword arguments of `Strategy`."""
+        return {f.name: getattr(self, f.name) for f in fields(StrategyKnobs)}
+
+
+@dataclass
+class Strategy(StrategyKnobs):
+    """How a backbone + head model is fine-tuned: `Strategy(name, **knobs)`, with `name`
+    one of STRATEGIES ("frozen" by default) and the `StrategyKnobs` as keywords."""
+
+    name: str = "frozen"
 
     def __post_init__(self):
         if self.name not in STRATEGIES:

@@ -181,7 +181,7 @@ def test_strategy_knobs_are_checked():
         Strategy("frozen", layer_decay=0.5)
     with pytest.raises(InputError, match="strategy"):
         FinetuneConfig(strategy="partial")
-    assert FinetuneConfig(strategy="last-n", n_blocks=2, layer_decay=0.7).tuning == Strategy("last-n", 2, 0.7)
+    assert FinetuneConfig(strategy="last-n", n_blocks=2, layer_decay=0.7).tuning == Strategy("last-n", n_blocks=2, layer_decay=0.7)
 
 
 def test_last_n_cannot_exceed_the_blocks(sdss):
