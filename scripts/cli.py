@@ -325,7 +325,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down the torch.distributed process group a launched command formed (accelerate
+    launch, torchrun) before the interpreter exits: left to interpreter shutdown, the comm
+    threads of gloo and DeepSpeed can be destroyed while running ("terminate called without
+    an active exception", SIGABRT after a complete run, ~1 in 8 ZeRO-3 runs on 2 CPU processes)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
