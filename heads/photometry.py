@@ -20,7 +20,7 @@ network does not get there (NMAD 0.05 against 0.016 for a small network on these
 features, docs/benchmarks.md). Networks that take images and magnitudes together
 ("mixed-input", Henghes et al. 2022, MNRAS 512, 1696) beat either input alone; the
 value of the backbone is then what the images add beyond the photometry, which the
-photo-z benchmark measures against this branch alone (`PhotometryMLP`).
+photo-z benchmark measures against this branch alone (`photoz_baseline.MLPPhotoz`).
 """
 
 from __future__ import annotations

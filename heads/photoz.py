@@ -131,6 +131,11 @@ class PhotozHeadConfig(TaskHeadConfig):
         """(n_bins + 1,) redshift edges, uniform in ln(1 + z) from 0 to z_max."""
         return torch.expm1(torch.linspace(0.0, math.log1p(self.z_max), self.n_bins + 1, dtype=dtype, device=device))
 
+    def bin_index(self, redshift) -> torch.Tensor:
+        """(N,) long: the p(z) bin holding each redshift (those beyond the grid in the end bins)."""
+        z = torch.as_tensor(redshift).double().cpu()
+        return (torch.bucketize(z, self.bin_edges(), right=True) - 1).clamp(0, self.n_bins - 1)
+
 
 @dataclass
 class PhotozOutput(TaskOutput):
@@ -335,9 +340,7 @@ class PhotozTask(Task):
         """Fit the logit temperature on a held-out split (NLL of the true bin) and store it in `model`."""
         from cosmofm.heads.calibration import fit_temperature
 
-        edges = self.head.bin_edges()
-        true_bin = (torch.bucketize(targets["redshift"].double().cpu(), edges, right=True) - 1).clamp(0, self.head.n_bins - 1)
-        temperature = fit_temperature(outputs["logits"], true_bin)
+        temperature = fit_temperature(outputs["logits"], self.head.bin_index(targets["redshift"]))
         model.set_temperature(temperature)
         self.head = model.head_config
         return {"temperature": temperature}

@@ -86,8 +86,7 @@ class KNNPhotoz:
         # kernel width on a held-out fifth of the training set, then refit on all of it
         held = np.random.default_rng(self.seed).permutation(len(z)) < len(z) // 5
         self._fit_neighbours(features[~held], z[~held])
-        edges = self.head.bin_edges().numpy()
-        true_bin = np.clip(np.searchsorted(edges, z[held], side="right") - 1, 0, self.head.n_bins - 1)
+        true_bin = self.head.bin_index(z[held]).numpy()
         score = {w: float(np.mean(np.log(self._pdf(features[held], w)[np.arange(held.sum()), true_bin] + 1e-12))) for w in self.width_grid}
         self.width = max(score, key=score.get)
         self._fit_neighbours(features, z)
@@ -179,8 +178,7 @@ class MLPPhotoz:
                 logits = self.net(x[held])
             if self.refit:
                 self.net = self._train(x, target, torch.arange(len(z)), self.width, self.steps)
-        true_bin = (torch.bucketize(z[held].double(), self.head.bin_edges(), right=True) - 1).clamp(0, self.head.n_bins - 1)
-        self.temperature = fit_temperature(logits, true_bin)
+        self.temperature = fit_temperature(logits, self.head.bin_index(z[held]))
         return self
 
     def predict(self, features: np.ndarray) -> dict[str, torch.Tensor]:
