@@ -114,6 +114,11 @@ class SpectrumCard(DataCard):
     # with log g, [Fe/H] and Galactic dust, stellar-population galaxies, sky residuals,
     # flux-calibration errors, bad columns, S/N 2-100). Reading real files ignores it.
     mock_realism: str = _choice("basic", "survey", default="basic")
+    # Observing conditions of survey mocks moved away from the training settings, for
+    # shift tests (mocks/survey.py): factors on the drawn E(B-V), flux-calibration error,
+    # sky-subtraction residuals and S/N, and redshift ranges the drawn redshifts are mapped
+    # onto. The same (seed, index) draws the same object under any shift. Empty = none.
+    mock_shift: dict = field(default_factory=dict)
     block: ClassVar[str] = "spectrum"
 
     def __post_init__(self):
@@ -124,6 +129,7 @@ class SpectrumCard(DataCard):
         if self.wavelength_max <= self.wavelength_min:
             raise InputError(f"{where}.wavelength_max", "must be larger than wavelength_min", "swap or fix the range")
         self.windows = [_window(w, f"{where}.windows[{i}]") for i, w in enumerate(self.windows)]
+        self.mock_shift = _mock_shift(self.mock_shift, self.mock_realism, f"{where}.mock_shift")
         for i, (lo, hi) in enumerate(self.windows):
             if lo < self.wavelength_min or hi > self.wavelength_max:
                 raise InputError(f"{where}.windows[{i}]", "lies outside wavelength_min..wavelength_max", "widen the range or fix the window")
@@ -331,6 +337,32 @@ def _window(value, where: str) -> tuple[u.Quantity, u.Quantity]:
     if hi <= lo:
         raise InputError(where, "max is not above min", "give [min, max]")
     return lo, hi
+
+
+MOCK_SHIFT_FACTORS = ("ebv_scale", "calibration_scale", "sky_residual_scale", "snr_scale")
+MOCK_SHIFT_RANGES = ("galaxy_z_range", "qso_z_range")
+
+
+def _mock_shift(shift, realism: str, where: str) -> dict:
+    """A validated `mock_shift` mapping: positive factors and increasing [lo, hi] redshift ranges."""
+    if not isinstance(shift, dict):
+        raise InputError(where, f"must be a mapping, got {type(shift).__name__}", f"write e.g. {{ebv_scale: 3}} with keys {list(MOCK_SHIFT_FACTORS + MOCK_SHIFT_RANGES)}")
+    if shift and realism != "survey":
+        raise InputError(where, "only survey mocks can be shifted", "set mock_realism: survey or drop mock_shift")
+    out = {}
+    for key, value in shift.items():
+        if key in MOCK_SHIFT_FACTORS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InputError(f"{where}.{key}", f"{value!r} is not a positive number", "give a factor > 0 (1 = the training setting)")
+            out[key] = float(value)
+        elif key in MOCK_SHIFT_RANGES:
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+            if not ok or not 0 <= value[0] < value[1]:
+                raise InputError(f"{where}.{key}", f"{value!r} is not an increasing [lo, hi] redshift range", "write [lo, hi] with 0 <= lo < hi")
+            out[key] = [float(v) for v in value]
+        else:
+            raise InputError(f"{where}.{key}", "is not a known shift", f"use some of {list(MOCK_SHIFT_FACTORS + MOCK_SHIFT_RANGES)}")
+    return out
 
 
 def _bad(where: str):

@@ -75,10 +75,13 @@ def calibration_error(wave: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def observe_survey(model: np.ndarray, wave: np.ndarray, resolving_power: float, rng: np.random.Generator,
-                   r_mag: float | None = None):
+                   r_mag: float | None = None, shift: dict | None = None):
     """The instrument applied to a noiseless observed-frame model: (flux, ivar, and_mask, info),
     flux and ivar in the model's units. With the object's r magnitude the sky is as bright
-    relative to it as a dark sky in a fibre (SKY_R_MAG): faint targets are sky-dominated."""
+    relative to it as a dark sky in a fibre (SKY_R_MAG): faint targets are sky-dominated.
+    `shift` (a card's `mock_shift`) scales the S/N, the sky-subtraction residuals and the
+    flux-calibration error after the same random draws as without it."""
+    shift = shift or {}
     throughput = np.exp(-0.5 * ((np.log(wave) - np.log(6000.0)) / 0.35) ** 2)
     sky_cont, sky_lines = sky_spectrum(wave, resolving_power)
     if r_mag is not None:
@@ -92,6 +95,7 @@ def observe_survey(model: np.ndarray, wave: np.ndarray, resolving_power: float, 
     else:  # sky-limited: S/N falls ~ x 50 over the 16.5-20.5 window, with exposure-to-exposure scatter
         log_snr = np.log10(SNR_RANGE[1]) - (r_mag - 16.5) / 4.0 * np.log10(SNR_RANGE[1] / SNR_RANGE[0])
         snr = float(np.clip(10 ** (log_snr + rng.normal(0, 0.15)), *SNR_RANGE))
+    snr *= shift.get("snr_scale", 1.0)
     read = 1.0
     obj_counts = np.clip(model * telluric(wave, rng.uniform(0.0, 0.05)), 0, None) * throughput
     # object and sky in the same (model) units, both scaled to counts by `scale`, chosen so that
@@ -103,12 +107,14 @@ def observe_survey(model: np.ndarray, wave: np.ndarray, resolving_power: float, 
     var = obj_counts + scale * sky * throughput + read**2
     counts = obj_counts + rng.normal(0.0, 1.0, wave.size) * np.sqrt(var)
     # sky-subtraction residual: scale error (5577 on its own) and a wavelength-solution shift
-    shift = rng.normal(0, 0.08) * float(np.median(np.diff(wave)))  # A
+    shift_a = rng.normal(0, 0.08) * float(np.median(np.diff(wave)))  # wavelength-solution error [A]
     is_5577 = np.abs(wave - 5578.9) < 10
     eps = np.where(is_5577, rng.normal(0, 0.06), rng.normal(0, 0.05))
-    residual = eps * sky_lines + shift * np.gradient(sky_lines, wave)
+    residual = (eps * sky_lines + shift_a * np.gradient(sky_lines, wave)) * shift.get("sky_residual_scale", 1.0)
     counts += scale * residual * throughput
     calib = calibration_error(wave, rng)
+    if "calibration_scale" in shift:  # (calib - 1) * 1 + 1 would not round-trip bit for bit
+        calib = 1 + (calib - 1) * shift["calibration_scale"]
     flux = counts / throughput * calib / scale
     sigma = np.sqrt(var) / throughput * calib / scale
     ivar = 1.0 / sigma**2
@@ -118,4 +124,4 @@ def observe_survey(model: np.ndarray, wave: np.ndarray, resolving_power: float, 
         and_mask[start:start + length] |= BAD_COLUMN
     and_mask[rng.random(wave.size) < 0.002] |= COSMIC
     ivar[and_mask > 0] = 0.0
-    return flux, ivar, and_mask, {"snr_target": snr, "calib_rms": float(np.std(calib)), "sky_shift_A": float(shift)}
+    return flux, ivar, and_mask, {"snr_target": snr, "calib_rms": float(np.std(calib)), "sky_shift_A": float(shift_a)}

@@ -13,7 +13,8 @@ one object -- with more physics drawn on a separate random stream (5):
   flux-calibration error, bad columns, S/N 2-100) on noise stream 4.
 The spectrum is renormalised to the object's r magnitude through its own observed model
 (for galaxies the magnitude-redshift draw itself used the basic SED's K-correction).
-Objects outside the 13 classes are drawn only by mocks/out_of_set.py.
+Objects outside the 13 classes are drawn only by mocks/out_of_set.py. A card's `mock_shift`
+(schema.py) observes the same objects under other conditions, for shift tests.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from cosmofm.data_cards.mocks import galaxy_sps, instrument, stellar
 from cosmofm.data_cards.mocks.common import object_rng
 from cosmofm.data_cards.mocks.spectra import (
-    R_TOP_HAT, ObjectParams, _f_lambda_r, calzetti, mock_object, nebular_emission, rest_model, wavelength_grid,
+    R_TOP_HAT, Z_RANGE, ObjectParams, _f_lambda_r, calzetti, mock_object, nebular_emission, rest_model, wavelength_grid,
 )
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import SpectrumCard
@@ -62,11 +63,19 @@ def survey_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) ->
     return model * stellar.galactic_extinction(wave, p["ebv_mw"])
 
 
-def survey_object(seed: int, index: int) -> tuple[ObjectParams, float]:
+def survey_object(seed: int, index: int, shift: dict | None = None) -> tuple[ObjectParams, float]:
     """Object (seed, index) of a survey card and the factor to f_lambda [1e-17 erg/s/cm^2/A]
-    that gives its observed model the r magnitude mock_object drew."""
+    that gives its observed model the r magnitude mock_object drew. `shift` (a card's
+    validated `mock_shift`) maps the redshift onto another range and scales E(B-V) after
+    the draws, so a shifted card shows the same objects under other conditions."""
+    shift = shift or {}
     obj, _ = mock_object(seed, index)
+    family = "galaxy" if obj.cls.startswith("GALAXY") else "qso" if obj.cls.startswith("QSO") else None
+    if family and f"{family}_z_range" in shift:  # before the extras: QSO absorbers depend on z
+        (a, b), (lo, hi) = Z_RANGE[obj.cls], shift[f"{family}_z_range"]
+        obj.z = float(lo + (obj.z - a) / (b - a) * (hi - lo))
     draw_survey_extras(obj, object_rng(seed, index, SURVEY_STREAM))
+    obj.params["ebv_mw"] *= shift.get("ebv_scale", 1.0)
     return obj, normalisation(obj)
 
 
@@ -84,7 +93,8 @@ def make_sample(card: SpectrumCard, seed: int, index: int, obj: ObjectParams, no
     instrument of `card` and wrap it as a Sample."""
     wave = wavelength_grid(card)
     model = (model_fn or survey_model)(obj, wave, card.resolving_power)
-    flux, ivar, and_mask, info = instrument.observe_survey(model, wave, card.resolving_power, object_rng(seed, index, 4), obj.mags.get("r"))
+    flux, ivar, and_mask, info = instrument.observe_survey(model, wave, card.resolving_power, object_rng(seed, index, 4), obj.mags.get("r"),
+                                                           shift=card.mock_shift)
     truth = {"params": _plain(obj.params), "line_fluxes": {k: v * norm for k, v in obj.lines.items()},
              "mags": {k: float(v) for k, v in obj.mags.items()}, "instrument": info}
     meta = {
@@ -97,7 +107,7 @@ def make_sample(card: SpectrumCard, seed: int, index: int, obj: ObjectParams, no
 
 def mock_spectrum_survey(card: SpectrumCard, seed: int, index: int) -> Sample:
     """A spectrum of object (seed, index) as a real survey records it (module docstring)."""
-    obj, norm = survey_object(seed, index)
+    obj, norm = survey_object(seed, index, card.mock_shift)
     return make_sample(card, seed, index, obj, norm)
 
 
