@@ -7,7 +7,7 @@ one object -- with more physics drawn on a separate random stream (5):
 - galaxies (mocks/galaxy_sps.py): continua from stellar populations of several ages and
   metallicities at their velocity dispersion, stellar dust 0.44 of the gas's, LINER-like
   lines in half the quiescent ones; nebular lines as the basic generator draws them;
-- QSOs: the basic model;
+- QSOs (mocks/qso.py): the basic model plus Fe II, Balmer continuum, BALs and intergalactic H I;
 - every object: Milky-Way dust and interstellar Na D (E(B-V) drawn per sight line), then
   the survey instrument of mocks/instrument.py (sky residuals, telluric residuals,
   flux-calibration error, bad columns, S/N 2-100) on noise stream 4.
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from cosmofm.data_cards.mocks import galaxy_sps, instrument, stellar
+from cosmofm.data_cards.mocks import galaxy_sps, instrument, qso, stellar
 from cosmofm.data_cards.mocks.common import object_rng
 from cosmofm.data_cards.mocks.spectra import (
-    R_TOP_HAT, Z_RANGE, ObjectParams, _f_lambda_r, calzetti, mock_object, nebular_emission, rest_model, wavelength_grid,
+    R_TOP_HAT, Z_RANGE, ObjectParams, _f_lambda_r, calzetti, mock_object, nebular_emission, wavelength_grid,
 )
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import SpectrumCard
@@ -41,6 +41,8 @@ def draw_survey_extras(obj: ObjectParams, rng: np.random.Generator) -> None:
         p.update(logg=star.logg, feh=star.feh, alpha_fe=star.alpha_fe, vsini_kms=star.vsini_kms)
     elif obj.cls.startswith("GALAXY"):
         p.update(galaxy_sps.draw_population(rng, obj.cls, p))
+    elif obj.cls.startswith("QSO"):
+        p.update(qso.draw_qso_extras(rng, p, obj.z))
     p["ebv_mw"] = stellar.draw_ebv(rng)
 
 
@@ -59,7 +61,7 @@ def survey_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) ->
         k = calzetti(rest) / 4.05
         model = cont * 10 ** (-0.4 * 0.44 * p["A_V"] * k) + emission * 10 ** (-0.4 * p["A_V"] * k)
     else:
-        model = rest_model(obj, wave, resolving_power)
+        model = qso.qso_model(obj, wave, resolving_power)
     return model * stellar.galactic_extinction(wave, p["ebv_mw"])
 
 
