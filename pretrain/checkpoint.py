@@ -18,8 +18,9 @@ check-summed, fsynced and only then renamed into place, and ``latest`` is replac
 atomically afterwards, so a crash at any point leaves the previous checkpoint
 loadable and ``latest`` pointing at a complete folder.
 
-`write_manifest` / `verify_manifest` know nothing about training and are meant to be
-reused for model releases and hub downloads.
+Atomic writes and manifests (`write_manifest` / `verify_manifest`) live in
+pretrain/manifest.py, the nested-state encoding in pretrain/state_tree.py; both are
+re-exported here, and neither knows about training.
 
 Only one process should call `save_checkpoint` for a given run (rank 0), and
 `run_lock` keeps a second run (a second `--resume` of the same folder) out of it.
@@ -28,19 +29,15 @@ Only one process should call `save_checkpoint` for a given run (rank 0), and
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
-import math
 import os
 import random
 import re
 import shutil
 import socket
 import time
-import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,488 +45,32 @@ import safetensors.torch
 import torch
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.pretrain.manifest import (  # noqa: F401 (re-exported: the checkpoint API)
+    CORRUPT_FIX as _CORRUPT_FIX, MANIFEST_NAME, PICKLE_SUFFIXES, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file,
+    honour_umask, read_json, save_release, sha256_file, verify_manifest, write_manifest,
+)
+from cosmofm.pretrain.state_tree import flatten_state, unflatten_state  # noqa: F401 (re-exported)
 
 try:
     import fcntl
 except ImportError:  # Windows: runs are not locked there
     fcntl = None
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "cosmofm-manifest-1"
-SKELETON_FORMAT = "cosmofm-state-1"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINER_STATE_FORMAT = "cosmofm-checkpoint-1"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
 RUN_LOCK_NAME = ".cosmofm-run.lock"
 
-# Extensions of formats that torch/pickle read by unpickling (torch.save writes .pt/.bin
-# as a zip of pickles). We refuse them outright rather than sniff their contents.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 _STEP_DIR_RE = re.compile(r"step_(\d{8,})")
 _STATE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RESERVED_STATE_NAMES = {"trainer_state", "manifest"}
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
-_CORRUPT_FIX = "re-download it, or use an earlier checkpoint"
 _NO_CHECKPOINT_FIX = (
     "start without --resume, or point to a run directory, its checkpoints/ folder "
     "or one checkpoints/step_XXXXXXXX folder"
 )
-
-
-# ---------------------------------------------------------------------------------
-# Atomic writes and hashing
-# ---------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename/creation inside `directory` durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and Windows) cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file written by someone else's code (e.g. safetensors) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the new one.
-
-    The temporary file lives in the same directory (a rename is only atomic within
-    one filesystem), is fsynced before `os.replace`, and the directory is fsynced
-    after it so the rename itself survives a power loss.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with 0o666 (not mkstemp's 0o600) so the final file honours the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _umask() -> int:
-    # Linux shows the umask without changing it; elsewhere set and restore it at once.
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(*paths: str | os.PathLike) -> None:
-    """Give files that a library wrote 0600 (safetensors does, through a temporary
-    file) the mode the user's umask asks for, as `open` would: 0644 under umask 022."""
-    mode = 0o666 & ~_umask()
-    for path in paths:
-        os.chmod(path, mode)
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as strict JSON (no NaN/Infinity, which other parsers reject)."""
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(path), f"cannot be written as JSON: {exc}",
-                         "pass only dicts, lists, strings, finite numbers, booleans and None") from exc
-    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
-
-
-def _hash_and_size(path: Path) -> tuple[str, int]:
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")  # streamed in chunks
-        size = os.fstat(f.fileno()).st_size
-    return digest.hexdigest(), size
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be many GB)."""
-    return _hash_and_size(Path(path))[0]
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(str(path), f"{what} is missing", _CORRUPT_FIX) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(str(path), f"{what} is not valid JSON ({exc})", _CORRUPT_FIX) from exc
-
-
-# ---------------------------------------------------------------------------------
-# Manifests (general: also used for model releases and hub downloads)
-# ---------------------------------------------------------------------------------
-
-
-def _files_under(directory: Path) -> list[Path]:
-    """Every regular file below `directory`, sorted, without following directory links."""
-    found = []
-    for root, _dirs, names in os.walk(directory):
-        for name in names:
-            path = Path(root, name)
-            if path.is_file():
-                found.append(path)
-    return sorted(found)
-
-
-def _refuse_pickles(directory: Path) -> None:
-    for path in _files_under(directory):
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise InputError(
-                str(path),
-                f"is a pickle-format file ({path.suffix}); cosmofm loads only safetensors "
-                "(unpickling can run arbitrary code)",
-                "convert the weights to .safetensors (safetensors.torch.save_file) in a "
-                "trusted environment, or remove the file",
-            )
-
-
-def write_manifest(directory: str | os.PathLike) -> dict:
-    """Write `directory/manifest.json` listing sha256 and size of every file below it.
-
-    Paths are relative, with '/' separators, so a manifest stays valid when the
-    folder is moved or uploaded. Returns the manifest that was written.
-    """
-    directory = Path(directory)
-    _refuse_pickles(directory)  # never vouch for a file that verify_manifest would refuse
-    files = {}
-    for path in _files_under(directory):
-        rel = path.relative_to(directory).as_posix()
-        if rel == MANIFEST_NAME:
-            continue
-        digest, size = _hash_and_size(path)
-        files[rel] = {"sha256": digest, "bytes": size}
-    manifest = {"format": MANIFEST_FORMAT, "files": files}
-    atomic_write_json(directory / MANIFEST_NAME, manifest)
-    return manifest
-
-
-def save_release(model, folder: str | os.PathLike) -> Path:
-    """Save a model as a release folder: `save_pretrained` (config.json + safetensors), the
-    files given the umask's mode, then manifest.json. The one way every run writes `model/`."""
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    honour_umask(*(p for p in folder.iterdir() if p.is_file()))  # safetensors writes 0600
-    write_manifest(folder)
-    return folder
-
-
-def _load_manifest(path: Path) -> dict:
-    manifest = _read_json(path, "manifest")
-    bad = InputError(str(path), f"is not a {MANIFEST_FORMAT} manifest", _CORRUPT_FIX)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise bad
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise bad
-    for entry in files.values():
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and _SHA256_RE.fullmatch(entry["sha256"])
-                and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
-            raise bad
-    return files
-
-
-def _member_path(directory: Path, rel: str, manifest_path: Path) -> Path:
-    """`directory/rel`, refusing names that would escape the folder (hostile manifests)."""
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-        raise InputError(str(manifest_path), f"lists an unsafe path {rel!r}", _CORRUPT_FIX)
-    return directory.joinpath(*parts)
-
-
-def verify_manifest(directory: str | os.PathLike, required: Iterable[str] = ()) -> dict:
-    """Check every file listed in `directory/manifest.json` against its sha256.
-
-    Raises InputError naming the offending file when the folder holds a pickle-format
-    file, the manifest is missing or malformed, a listed file is missing or differs,
-    or a name in `required` is not listed. Files present but not listed are ignored
-    (a README added to a release does not invalidate it). Returns the manifest's
-    ``files`` mapping.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(str(directory), "is not a folder", "point to the checkpoint or release folder")
-    _refuse_pickles(directory)
-    manifest_path = directory / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise InputError(
-            str(manifest_path), "is missing, so the folder cannot be verified",
-            "the folder is incomplete (an interrupted save or partial download): "
-            + _CORRUPT_FIX,
-        )
-    files = _load_manifest(manifest_path)
-    if isinstance(required, str):  # a lone name, not its characters
-        required = (required,)
-    for name in required:
-        if name not in files:
-            where = "missing" if not (directory / name).exists() else "not listed in manifest.json"
-            raise InputError(str(directory / name), f"is required but {where}", _CORRUPT_FIX)
-    for rel, entry in files.items():
-        path = _member_path(directory, rel, manifest_path)
-        if not path.is_file():
-            raise InputError(str(path), "is listed in manifest.json but missing", _CORRUPT_FIX)
-        digest, size = _hash_and_size(path)
-        if size != entry["bytes"] or digest != entry["sha256"]:
-            raise InputError(
-                str(path),
-                "is corrupt or was changed after writing (its sha256 does not match manifest.json)",
-                _CORRUPT_FIX,
-            )
-    return files
-
-
-# ---------------------------------------------------------------------------------
-# Nested state <-> (tensors, JSON skeleton)
-# ---------------------------------------------------------------------------------
-#
-# Skeleton encoding: None/bool/int/str and finite floats are stored as themselves
-# (JSON keeps 1 and 1.0 apart); a JSON array is a Python list; every JSON object is
-# a tagged node {"type": ...}: "dict" (str keys in "items", any other keys as
-# encoded [key, value] "pairs"), "tuple", "float" (nan/inf), "tensor", "ndarray",
-# "npscalar". Tensors are named by their path, e.g. "state/0/exp_avg".
-
-
-@functools.lru_cache(maxsize=None)
-def _safetensors_supports(dtype: torch.dtype) -> bool:
-    """Ask safetensors itself (its dtype list grows between versions)."""
-    try:
-        safetensors.torch.save({"x": torch.empty(0, dtype=dtype)})
-    except Exception:
-        return False
-    return True
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _escape(component: str) -> str:
-    # '/' separates path components in tensor names, so escape it (and '%', the escape).
-    return component.replace("%", "%25").replace("/", "%2F")
-
-
-def _display(path: tuple[str, ...]) -> str:
-    return "/".join(path) or "<root>"
-
-
-class _Flattener:
-    def __init__(self):
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._storages: set[tuple[str, int]] = set()
-        self._open_containers: set[int] = set()
-
-    def _unique_name(self, path: tuple[str, ...]) -> str:
-        # Distinct keys can print alike ({0: a, "0": b}); the skeleton records the
-        # real name, so any unique suffix will do.
-        base = "/".join(_escape(p) for p in path) or "_"
-        name, n = base, 0
-        while name in self.tensors:
-            n += 1
-            name = f"{base}#{n}"
-        return name
-
-    def _add_tensor(self, t: torch.Tensor, path: tuple[str, ...]) -> str:
-        t = t.detach()
-        if t.layout != torch.strided:
-            raise InputError(_display(path), f"is a {t.layout} tensor; safetensors stores only dense tensors",
-                             "convert it with .to_dense() in the state_dict()")
-        if not _safetensors_supports(t.dtype):
-            raise InputError(_display(path), f"has dtype {t.dtype}, which safetensors cannot store",
-                             "cast it to a supported dtype in the state_dict()")
-        t = t.to("cpu").contiguous()
-        # safetensors refuses tensors that share memory (tied weights, views of one
-        # buffer); copy every tensor after the first one on a given storage.
-        if t.numel() == 0:
-            t = t.clone()  # an empty view may still point into a shared buffer
-        else:
-            key = (str(t.device), t.untyped_storage().data_ptr())
-            if key in self._storages:
-                t = t.clone()
-                key = (str(t.device), t.untyped_storage().data_ptr())
-            self._storages.add(key)
-        name = self._unique_name(path)
-        self.tensors[name] = t
-        return name
-
-    def _array_node(self, arr: np.ndarray, path: tuple[str, ...], kind: str) -> dict:
-        if arr.dtype.hasobject or arr.dtype.fields is not None:
-            raise InputError(_display(path), f"is a numpy array of dtype {arr.dtype}, which cannot be stored "
-                             "without pickle", "store plain numeric arrays")
-        arr = np.array(arr, order="C", copy=True)  # writable, contiguous, owns its memory
-        try:
-            tensor = torch.from_numpy(arr)
-            encoding = "tensor" if _safetensors_supports(tensor.dtype) else "bytes"
-        except TypeError:  # strings, datetimes, non-native byte order, ...
-            encoding = "bytes"
-        if encoding == "bytes":
-            # Raw bytes + numpy dtype string round-trip any fixed-size dtype bit-exactly.
-            tensor = torch.from_numpy(np.frombuffer(arr.tobytes(), dtype=np.uint8).copy())
-        name = self._add_tensor(tensor, path)
-        return {"type": kind, "name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
-                "encoding": encoding}
-
-    def _float(self, x: float):
-        return x if math.isfinite(x) else {"type": "float", "value": repr(float(x))}
-
-    def encode_key(self, key, path: tuple[str, ...]):
-        if key is None or isinstance(key, (bool, str)) or type(key) is int:
-            return key
-        if isinstance(key, int):
-            return int(key)
-        if isinstance(key, float) and not isinstance(key, np.floating):
-            return self._float(key)
-        if isinstance(key, tuple):
-            return {"type": "tuple", "items": [self.encode_key(k, path) for k in key]}
-        raise InputError(_display(path), f"has a dict key of type {type(key).__name__} ({key!r})",
-                         "use str, int, float, bool, None or tuples of these as keys")
-
-    def encode(self, obj, path: tuple[str, ...]):
-        # Order matters: np.float64 subclasses float and bool subclasses int.
-        if isinstance(obj, torch.Tensor):
-            return {"type": "tensor", "name": self._add_tensor(obj, path),
-                    "dtype": _dtype_name(obj.dtype), "shape": list(obj.shape)}
-        if isinstance(obj, np.ndarray):
-            return self._array_node(obj, path, "ndarray")
-        if isinstance(obj, np.generic):
-            return self._array_node(np.asarray(obj), path, "npscalar")
-        if obj is None or isinstance(obj, (bool, str)):
-            return obj
-        if isinstance(obj, int):
-            return int(obj)
-        if isinstance(obj, float):
-            return self._float(obj)
-        if isinstance(obj, (Mapping, list, tuple)):
-            return self._encode_container(obj, path)
-        raise InputError(_display(path), f"holds a {type(obj).__name__}, which a checkpoint cannot store",
-                         "make state_dict() return only tensors, numpy arrays, numbers, strings, "
-                         "None, and dicts/lists/tuples of these")
-
-    def _encode_container(self, obj, path: tuple[str, ...]):
-        if id(obj) in self._open_containers:
-            raise InputError(_display(path), "contains itself (a reference cycle)", "break the cycle")
-        self._open_containers.add(id(obj))
-        try:
-            if isinstance(obj, list):
-                return [self.encode(v, path + (str(i),)) for i, v in enumerate(obj)]
-            if isinstance(obj, tuple):
-                return {"type": "tuple", "items": [self.encode(v, path + (str(i),)) for i, v in enumerate(obj)]}
-            if all(type(k) is str for k in obj):
-                return {"type": "dict", "items": {k: self.encode(v, path + (k,)) for k, v in obj.items()}}
-            return {"type": "dict", "pairs": [[self.encode_key(k, path), self.encode(v, path + (str(k),))]
-                                              for k, v in obj.items()]}
-        finally:
-            self._open_containers.discard(id(obj))
-
-
-def flatten_state(obj) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a nested state into safetensors-ready tensors and a JSON-able skeleton.
-
-    Accepts nested dict/list/tuple of None, bool, int, float (incl. nan/inf), str,
-    torch tensors, numpy arrays and numpy scalars. Returned tensors are on the CPU,
-    contiguous and never share memory (safetensors needs both); they may alias the
-    input's CPU tensors, so write them before changing the input. Dict subclasses
-    (OrderedDict) come back as dict and tuple subclasses (torch.Size) as tuple.
-    """
-    flattener = _Flattener()
-    root = flattener.encode(obj, ())
-    return flattener.tensors, {"format": SKELETON_FORMAT, "root": root}
-
-
-class _Unflattener:
-    def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self.tensors = tensors
-        self.used: set[str] = set()
-
-    def _bad(self, problem: str) -> InputError:
-        return InputError("skeleton", problem, "the checkpoint is damaged or its files come from different saves; "
-                          "use an earlier checkpoint")
-
-    def _tensor(self, node: dict) -> torch.Tensor:
-        name = node.get("name")
-        if name not in self.tensors:
-            raise self._bad(f"tensor {name!r} is in the skeleton but not in the tensor file")
-        self.used.add(name)
-        return self.tensors[name]
-
-    def _array(self, node: dict) -> np.ndarray:
-        tensor = self._tensor(node)
-        dtype, shape = np.dtype(node["dtype"]), tuple(node["shape"])
-        if node.get("encoding") == "bytes":
-            arr = np.frombuffer(tensor.numpy().tobytes(), dtype=dtype).reshape(shape).copy()
-        else:
-            arr = tensor.numpy()
-        if arr.dtype != dtype or arr.shape != shape:
-            raise self._bad(f"array {node['name']!r} has dtype/shape {arr.dtype}/{arr.shape}, "
-                            f"expected {dtype}/{shape}")
-        return arr
-
-    def decode(self, node):
-        if isinstance(node, list):
-            return [self.decode(v) for v in node]
-        if not isinstance(node, dict):
-            return node
-        kind = node.get("type")
-        if kind == "dict" and "items" in node:
-            return {k: self.decode(v) for k, v in node["items"].items()}
-        if kind == "dict":
-            return {self.decode(k): self.decode(v) for k, v in node["pairs"]}
-        if kind == "tuple":
-            return tuple(self.decode(v) for v in node["items"])
-        if kind == "float":
-            return float(node["value"])
-        if kind == "tensor":
-            tensor = self._tensor(node)
-            if _dtype_name(tensor.dtype) != node["dtype"] or list(tensor.shape) != node["shape"]:
-                raise self._bad(f"tensor {node['name']!r} is {_dtype_name(tensor.dtype)}{list(tensor.shape)}, "
-                                f"expected {node['dtype']}{node['shape']}")
-            return tensor
-        if kind == "ndarray":
-            return self._array(node)
-        if kind == "npscalar":
-            return self._array(node)[()]
-        raise self._bad(f"unknown node type {kind!r}")
-
-
-def unflatten_state(tensors: Mapping[str, torch.Tensor], skeleton: dict):
-    """Inverse of `flatten_state`: rebuild the nested object bit-exactly."""
-    if not isinstance(skeleton, dict) or skeleton.get("format") != SKELETON_FORMAT or "root" not in skeleton:
-        raise InputError("skeleton", f"is not a {SKELETON_FORMAT} skeleton",
-                         "pass the JSON written next to the tensors by save_checkpoint")
-    unflattener = _Unflattener(tensors)
-    try:
-        obj = unflattener.decode(skeleton["root"])
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise unflattener._bad(f"is malformed ({type(exc).__name__}: {exc})") from exc
-    extra = sorted(set(tensors) - unflattener.used)
-    if extra:
-        raise unflattener._bad(f"the tensor file has tensors the skeleton does not mention: {extra[:5]}")
-    return obj
 
 
 # ---------------------------------------------------------------------------------
@@ -660,7 +201,7 @@ def _write_state(directory: Path, key: str, obj) -> None:
     # Always write the tensor file, even when empty, so every state has the same two files.
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     honour_umask(path)
-    _fsync_file(path)
+    fsync_file(path)
     atomic_write_json(directory / f"{key}.json", skeleton)
 
 
@@ -680,7 +221,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
         if old is not None:
             os.replace(old, final)  # put the previous copy back
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -731,7 +272,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, states: Mapping[str, 
                          "metadata": dict(metadata)}
         atomic_write_json(tmp / TRAINER_STATE_NAME, trainer_state)
         write_manifest(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _swap_into_place(tmp, final)
     except BaseException:
         # A half-written folder is useless; the previous checkpoint and `latest` are untouched.
@@ -769,7 +310,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, object], dict]:
     """
     step_dir = _resolve_step_dir(Path(path))
     files = verify_manifest(step_dir, required=(TRAINER_STATE_NAME,))
-    trainer_state = _read_json(step_dir / TRAINER_STATE_NAME, "trainer state")
+    trainer_state = read_json(step_dir / TRAINER_STATE_NAME, "trainer state")
     if not (isinstance(trainer_state, dict) and trainer_state.get("format") == TRAINER_STATE_FORMAT
             and isinstance(trainer_state.get("states"), list) and isinstance(trainer_state.get("metadata"), dict)):
         raise InputError(str(step_dir / TRAINER_STATE_NAME), f"is not a {TRAINER_STATE_FORMAT} file", _CORRUPT_FIX)
@@ -779,7 +320,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, object], dict]:
             if f"{key}{suffix}" not in files:
                 raise InputError(str(step_dir / f"{key}{suffix}"), "is missing from manifest.json", _CORRUPT_FIX)
         tensors = safetensors.torch.load_file(step_dir / f"{key}.safetensors", device="cpu")
-        skeleton = _read_json(step_dir / f"{key}.json", f"skeleton of {key!r}")
+        skeleton = read_json(step_dir / f"{key}.json", f"skeleton of {key!r}")
         try:
             states[key] = unflatten_state(tensors, skeleton)
         except InputError as exc:
