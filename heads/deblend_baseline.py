@@ -276,7 +276,7 @@ def _methods(pipeline: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> dict:
     import dataclasses
 
-    from cosmofm.data_cards.mocks.images import mock_blend
+    from cosmofm.data_cards.mocks.blends import mock_blend
     from cosmofm.data_cards.schema import load_card
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

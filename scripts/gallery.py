@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from cosmofm.data_cards.mocks.generators import generate  # noqa: E402
 from cosmofm.data_cards.mocks.spectra import BROAD, NEBULAR, STELLAR  # noqa: E402
-from cosmofm.data_cards.mocks.images import mock_blend  # noqa: E402
+from cosmofm.data_cards.mocks.blends import mock_blend  # noqa: E402
 from cosmofm.data_cards.schema import load_card  # noqa: E402
 from cosmofm.data_cards.mocks.sim21cm import power_spectrum  # noqa: E402
 

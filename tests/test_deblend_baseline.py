@@ -132,7 +132,7 @@ def test_baseline_isolated_galaxy(pipeline, card64):
 @pytest.mark.parametrize("pipeline", ["sep", "photutils"])
 def test_baseline_separated_pair(pipeline, card64):
     _need(pipeline)
-    from cosmofm.data_cards.mocks.images import mock_blend
+    from cosmofm.data_cards.mocks.blends import mock_blend
     from cosmofm.heads import deblend_baseline as db
 
     fwhm = db.fwhm_in_pixels(card64)  # 4.5 pixels: the pairs are 3.3 FWHM apart

@@ -1,4 +1,4 @@
-"""Realism checks of the image and blend generator (data_cards/mocks/images.py).
+"""Realism checks of the image and blend generator (data_cards/mocks/images.py, blends.py).
 
 Survey numbers against surveycodex, colours against speclite and the paired spectrum,
 pixels against GalSim's own drawImage, sizes / fluxes / shapes / PSF / noise against
@@ -26,14 +26,12 @@ from cosmofm.data_cards.mocks.images import (
     draw_source,
     filter_names,
     galsim_profile,
-    mock_blend,
     mock_image,
     psf_profile,
-    read_blend_fits,
     render,
     sky_noise_njy,
-    write_blend_fits,
 )
+from cosmofm.data_cards.mocks.blends import mock_blend, read_blend_fits, write_blend_fits
 from cosmofm.data_cards.mocks.spectra import mock_object, mock_spectrum, rest_model
 from cosmofm.data_cards.schema import card_from_dict
 

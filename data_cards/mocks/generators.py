@@ -15,7 +15,8 @@ from typing import Iterator
 
 from cosmofm.data_cards.mocks.cubes import mock_cube
 from cosmofm.data_cards.mocks.fields import mock_field
-from cosmofm.data_cards.mocks.images import mock_blend, mock_image  # noqa: F401 (re-exported)
+from cosmofm.data_cards.mocks.blends import mock_blend  # noqa: F401 (re-exported)
+from cosmofm.data_cards.mocks.images import mock_image
 from cosmofm.data_cards.mocks.spectra import band_fluxes_njy, mock_object, mock_spectrum, wavelength_grid  # noqa: F401 (re-exported)
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard

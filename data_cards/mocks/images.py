@@ -49,37 +49,30 @@ with its own larger grids, at a fraction of the cost (one morphology is shared b
 bands); tests check it against `drawImage` pixel by pixel. Undersampled PSFs (Euclid VIS)
 are rendered on a finer grid and sampled at the pixel centres.
 
-Blends (`mock_blend`) put 1-15 neighbours from the same mock universe at controlled
-separations and magnitude differences around object (seed, index) and return the truth
-(isolated images, fluxes, positions, segmentation) as a `BlendTruth` beside the Sample;
-`write_blend_fits` / `read_blend_fits` store both in one FITS file.
+Blends of these stamps are drawn by mocks/blends.py.
 
 Survey parameters of the shipped cards (lsst-like, hsc-like, euclid-like = Euclid VIS
 only, since a stamp has one pixel grid and NISP's pixels are 0.3") come from surveycodex
-(`SURVEYS`, `sky_noise_njy`); the cards' provenance says which value came from where.
+(`SURVEYS`, `sky_noise_njy` in mocks/image_surveys.py); the cards' provenance says which value came from where.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.common import ARCSEC_PER_RAD, C_ANGSTROM_S, NJY_AB_ZP, distance_tables, filter_weights, object_rng
+from cosmofm.data_cards.mocks.image_surveys import SURVEYS, electrons_per_njy, filter_names, sky_noise_njy, survey_of  # noqa: F401 (re-exported)
 from cosmofm.data_cards.mocks.spectra import R_BAND, ObjectParams, mock_object, rest_model
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import ImageCard
 
 __all__ = [
-    "BlendTruth",
     "MORPHOLOGY",
     "SURVEYS",
     "Source",
@@ -88,17 +81,13 @@ __all__ = [
     "electrons_per_njy",
     "filter_names",
     "galsim_profile",
-    "mock_blend",
     "mock_image",
     "psf_profile",
-    "read_blend_fits",
     "render",
     "sky_noise_njy",
-    "write_blend_fits",
 ]
 
 MIN_HLR, MAX_HLR = 0.03, 8.0  # arcsec: floor and ceiling of each galaxy component's half-light radius (module docstring)
-NEIGHBOUR_INDEX0 = 1 << 40  # blend neighbours of (seed, index) are objects (seed, NEIGHBOUR_INDEX0 + 16 index + k)
 
 # Shen et al. 2003, r band (Table 1): log10(R50/kpc) vs absolute magnitude M, with the
 # log-normal scatter of their eq. 16 (the values SkyPy's size example uses); M is held
@@ -132,94 +121,6 @@ BULGE_TO_DISK_SIZE = (0.35, 0.3, 0.15, 0.8)  # log-normal median, sigma(ln), cli
 DISK_EXTENT = 4.0  # half-light radii enclosing 99 % of an exponential disk's light (sets the FFT box)
 
 
-# ---------------------------------------------------------------------------- surveys
-
-
-@dataclass(frozen=True)
-class SurveyBands:
-    """Which surveycodex survey and which speclite filter curve each band of a card is."""
-
-    codex: str  # surveycodex survey name
-    bands: dict[str, tuple[str, str]]  # card band name -> (surveycodex filter, speclite filter)
-    space: bool = False  # PSF: Airy (x) jitter instead of Kolmogorov (x) Airy
-
-
-SURVEYS: dict[str, SurveyBands] = {
-    "lsst-like": SurveyBands("LSST", {b: (b, f"lsst2023-{b}") for b in "ugrizy"}),
-    "hsc-like": SurveyBands("HSC", {b: (b, f"hsc2017-{b}") for b in "grizy"}),
-    "euclid-like": SurveyBands("Euclid_VIS", {"VIS": ("IE", "Euclid-VIS")}, space=True),
-}
-
-
-def _codex_filter(survey: str, filter_name: str):
-    import surveycodex
-
-    if survey not in surveycodex.available_surveys:
-        raise InputError("survey", f"{survey!r} is not a surveycodex survey", f"use one of {surveycodex.available_surveys}")
-    s = surveycodex.get_survey(survey)
-    if filter_name not in s.available_filters:
-        raise InputError("band", f"{filter_name!r} is not a {survey} filter", f"use one of {s.available_filters}")
-    return s, s.get_filter(filter_name)
-
-
-def electrons_per_njy(survey: str, filter_name: str) -> float:
-    """Photo-electrons collected from a 1 nJy source over the survey's full exposure.
-
-    c = t * 10^(-0.4 (31.4 - zp)), with zp the surveycodex zero point (AB mag giving
-    1 e-/s, computed by surveycodex with speclite) and t its `full_exposure_time`.
-    """
-    _, f = _codex_filter(survey, filter_name)
-    return float(f.full_exposure_time.to_value("s") * 10 ** (-0.4 * (NJY_AB_ZP - f.zeropoint.value)))
-
-
-def sky_noise_njy(survey: str, filter_name: str, pixel_scale: float | None = None) -> float:
-    """Per-pixel sky noise [nJy] of a full-depth survey image, from surveycodex.
-
-    N_sky = 10^(-0.4 (mu_sky - zp)) * t * p^2 electrons per pixel (surveycodex's
-    `mean_sky_level`: sky brightness mu_sky [mag/arcsec^2], zero point zp [AB mag for
-    1 e-/s], exposure t [s], pixel scale p [arcsec]); its Poisson noise sqrt(N_sky) in
-    electrons is divided by `electrons_per_njy`. Read noise and dark current are ignored
-    (sky-dominated full-depth images).
-    """
-    s, f = _codex_filter(survey, filter_name)
-    p = s.pixel_scale.to_value("arcsec") if pixel_scale is None else float(pixel_scale)
-    n_sky = 10 ** (-0.4 * (f.sky_brightness.value - f.zeropoint.value)) * f.full_exposure_time.to_value("s") * p**2
-    return float(np.sqrt(n_sky) / electrons_per_njy(survey, filter_name))
-
-
-def _survey_of(card: ImageCard) -> SurveyBands | None:
-    survey = SURVEYS.get(card.name)
-    if survey is not None:
-        unknown = [b.name for b in card.bands if b.name not in survey.bands]
-        if unknown:
-            raise InputError(f"{card.name}.image.bands", f"band(s) {unknown} are not {survey.codex} bands",
-                             f"use bands {sorted(survey.bands)}, or rename the card to get top-hat bands")
-    return survey
-
-
-def filter_names(card: ImageCard) -> tuple[str | None, ...]:
-    """The speclite filter curve of each band (None: +-10 % top hat).
-
-    Shipped survey cards map their bands through `SURVEYS`; in any other card a band
-    named like a speclite filter ("decam2014-g") uses that curve.
-    """
-    survey = _survey_of(card)
-    if survey is not None:
-        return tuple(survey.bands[b.name][1] for b in card.bands)
-    return tuple(b.name if _is_speclite_filter(b.name) else None for b in card.bands)
-
-
-@functools.lru_cache(maxsize=None)
-def _is_speclite_filter(name: str) -> bool:
-    import speclite.filters
-
-    try:
-        speclite.filters.load_filter(name)
-    except (ValueError, OSError):
-        return False
-    return True
-
-
 class _CardModel:
     """What the generator needs from a card, converted once (astropy conversions are slow)."""
 
@@ -231,7 +132,7 @@ class _CardModel:
         self.wavelengths = tuple(float(b.wavelength.to_value("Angstrom")) for b in card.bands)
         self.fwhm = tuple(float(b.psf_fwhm.to_value("arcsec")) for b in card.bands)
         self.sky_sigma = np.array([b.sky_noise for b in card.bands], dtype=float)
-        self.survey = _survey_of(card)
+        self.survey = survey_of(card)
         self.filters = filter_names(card)
         self.gain = None  # electrons per nJy per band, for the source's Poisson noise
         self.telescope = None  # (mirror diameter [m], linear obscuration, space)
@@ -261,7 +162,7 @@ class _CardModel:
 _MODELS: dict[tuple, _CardModel] = {}
 
 
-def _model(card: ImageCard) -> _CardModel:
+def card_model(card: ImageCard) -> _CardModel:
     q = lambda v: (float(v.value), v.unit)  # noqa: E731 (hashable without a unit conversion)
     key = (card.name, card.stamp_size, q(card.pixel_scale), tuple((b.name, q(b.wavelength), q(b.psf_fwhm), b.sky_noise) for b in card.bands))
     model = _MODELS.get(key)
@@ -287,7 +188,7 @@ def _sed_fluxes(obj: ObjectParams, norm: float, filters: tuple[str | None, ...],
 def band_fluxes(card: ImageCard, obj: ObjectParams, norm: float) -> np.ndarray:
     """Band fluxes [nJy] of object `obj` (normalisation `norm`, from `mock_object`) in the
     card's bands, through the real filter curves (`filter_names`)."""
-    model = _model(card)
+    model = card_model(card)
     return _sed_fluxes(obj, norm, model.filters, model.wavelengths)[:-1]
 
 
@@ -378,7 +279,7 @@ def draw_source(card: ImageCard, seed: int, index: int, ref: tuple[int, float] |
     `ref = (band index, AB magnitude)` rescales the object's brightness (blend
     neighbours); its size follows the rescaled luminosity, its colours are kept.
     """
-    model = _model(card)
+    model = card_model(card)
     obj, norm = mock_object(seed, index)
     *fluxes, ref_window = _sed_fluxes(obj, norm, model.filters, model.wavelengths)
     fluxes = np.array(fluxes)
@@ -466,7 +367,7 @@ def _solved_psf(fwhm: float, lam_over_diam: float, obscuration: float, space: bo
 
 def psf_profile(card: ImageCard, band: int):
     """The GalSim PSF of band number `band` (no pixel response): FWHM = the card's."""
-    return _model(card).psf(band)
+    return card_model(card).psf(band)
 
 
 def _psf_of(model: _CardModel, band: int):
@@ -610,7 +511,7 @@ def _components_k(source: Source, nf: int, dk: float, k: np.ndarray) -> tuple[li
 
 def render(card: ImageCard, sources: list[Source]) -> np.ndarray:
     """Noiseless images of each source, (N, B, H, W) in the card's flux unit per pixel."""
-    model = _model(card)
+    model = card_model(card)
     optics = model.optics
     n, p = model.n, model.p
     # FFT box: light beyond the box folds back onto the stamp, so the box reaches past the
@@ -633,7 +534,7 @@ def render(card: ImageCard, sources: list[Source]) -> np.ndarray:
     return out
 
 
-def _observe(model: _CardModel, clean: np.ndarray, rng: np.random.Generator, noise: bool) -> tuple[np.ndarray, np.ndarray]:
+def observe_stamp(model: _CardModel, clean: np.ndarray, rng: np.random.Generator, noise: bool) -> tuple[np.ndarray, np.ndarray]:
     """(values, ivar): sky noise + the source's Poisson noise; ivar estimated from the noisy image."""
     sky_var = model.sky_sigma[:, None, None] ** 2
     if not noise:
@@ -652,196 +553,13 @@ def mock_image(card: ImageCard, seed: int, index: int, *, noise: bool = True) ->
     filters and PSF used; `noise=False` gives the noiseless image (ivar = 1 / sky_noise^2).
     """
     src = draw_source(card, seed, index)
-    src.dec, src.ra = (float(v) for v in object_rng(seed, index, 6).uniform(-0.5, 0.5, 2) * _model(card).p)
+    src.dec, src.ra = (float(v) for v in object_rng(seed, index, 6).uniform(-0.5, 0.5, 2) * card_model(card).p)
     clean = render(card, [src])[0]
-    model = _model(card)
-    values, ivar = _observe(model, clean, object_rng(seed, index, 5), noise)
+    model = card_model(card)
+    values, ivar = observe_stamp(model, clean, object_rng(seed, index, 5), noise)
     truth = {**src.to_json(), "filters": list(model.filters), "psf": model.psf_meta}
     return Sample(
         "image", values, ivar, model.coords,
         {"card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": src.pair_id,
          "labels": {"redshift": src.redshift, "spectral_class": src.spectral_class}, "truth": truth},
     )
-
-
-# ---------------------------------------------------------------------------- blends
-
-
-@dataclass
-class BlendTruth:
-    """Everything known about a blend; arrays stay out of `Sample.meta`.
-
-    Positions are (dec_offset, ra_offset) [arcsec] from the stamp centre and (row,
-    column) [pixels]; object 0 is the primary (seed, index).
-    """
-
-    isolated: np.ndarray  # (N, B, H, W) noiseless image of each object, card flux unit per pixel
-    flux_njy: np.ndarray  # (N, B) total model flux of each object
-    positions: np.ndarray  # (N, 2) arcsec
-    pixel_positions: np.ndarray  # (N, 2) pixels
-    segmentation: np.ndarray  # (H, W) int32: 0 background, k + 1 where object k dominates
-    footprints: np.ndarray  # (N, H, W) bool: object k's noiseless S/N >= seg_nsigma
-    pair_ids: list[str]
-    bands: list[str]
-
-    def __post_init__(self):
-        n = len(self.pair_ids)
-        for name, shape in (("isolated", (n, len(self.bands))), ("flux_njy", (n, len(self.bands))), ("positions", (n, 2)), ("pixel_positions", (n, 2))):
-            got = np.shape(getattr(self, name))
-            if got[: len(shape)] != shape:
-                raise InputError(f"BlendTruth.{name}", f"shape {got} does not start with {shape}", "one entry per object (and band)")
-
-
-def _range(name: str, value, minimum: float, integer: bool = False) -> tuple[float, float]:
-    lo, hi = (value, value) if np.isscalar(value) else tuple(value)
-    if integer and (int(lo) != lo or int(hi) != hi):
-        raise InputError(name, f"{value!r} is not a whole number or a (min, max) pair of them", "e.g. 3 or (2, 4)")
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo > hi:
-        raise InputError(name, f"{value!r} is not a (min, max) range", "give min <= max")
-    if lo < minimum:
-        raise InputError(name, f"must be >= {minimum}, got {value!r}", f"give values >= {minimum}")
-    return lo, hi
-
-
-def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[int, int] = (2, 4),
-               separation: float | tuple[float, float] = (0.5, 2.5), delta_mag: float | tuple[float, float] = (0.0, 2.5),
-               *, reference_band: str | None = None, noise: bool = True, seg_nsigma: float = 3.0) -> tuple[Sample, BlendTruth]:
-    """A stamp of object (seed, index) blended with 1-15 neighbours, and its full truth.
-
-    Args:
-        n_objects: objects in the stamp (primary included), or a (min, max) range to draw from.
-        separation: each neighbour's distance from the primary [arcsec], or a range.
-        delta_mag: each neighbour's magnitude minus the primary's in `reference_band`, or a range.
-        reference_band: band name for `delta_mag`; default the band closest to 6231 A.
-        seg_nsigma: footprint threshold, in sky sigma of each object's noiseless S/N
-            (quadrature sum over bands).
-
-    The neighbours are objects (seed, NEIGHBOUR_INDEX0 + 16 index + k) of the same mock
-    universe (their `pair_id`s are in the truth), rescaled in brightness to the drawn
-    magnitude difference (colours kept, sizes follow the new luminosity).
-    """
-    n_lo, n_hi = _range("n_objects", n_objects, 2, integer=True)
-    if n_hi > 16:
-        raise InputError("n_objects", f"at most 16 objects per blend, got {n_objects!r}", "ask for 16 or fewer")
-    s_lo, s_hi = _range("separation", separation, 0.0)
-    d_lo, d_hi = _range("delta_mag", delta_mag, -np.inf)
-    model = _model(card)
-    p, n = model.p, model.n
-    if s_hi > n * p / 2:
-        raise InputError("separation", f"{s_hi} arcsec puts neighbours outside the {n * p:.2f} arcsec stamp",
-                         f"keep separations <= {n * p / 2:.2f} arcsec (half the stamp)")
-    names = model.band_names
-    if reference_band is None:
-        ref = int(np.argmin([abs(w - R_BAND) for w in model.wavelengths]))
-    elif reference_band in names:
-        ref = names.index(reference_band)
-    else:
-        raise InputError("reference_band", f"{reference_band!r} is not a band of {card.name}", f"use one of {names}")
-
-    rng = object_rng(seed, index, 7)
-    count = int(rng.integers(n_lo, n_hi + 1))
-    primary = draw_source(card, seed, index)
-    primary.dec, primary.ra = (float(v) for v in rng.uniform(-0.5, 0.5, 2) * p)
-    m0 = NJY_AB_ZP - 2.5 * np.log10(max(primary.flux_njy[ref], 1e-30))
-    sources, seps, dms = [primary], [], []
-    for k in range(1, count):
-        sep, angle, dm = rng.uniform(s_lo, s_hi), rng.uniform(0, 2 * np.pi), rng.uniform(d_lo, d_hi)
-        src = draw_source(card, seed, NEIGHBOUR_INDEX0 + 16 * index + k, ref=(ref, m0 + dm))
-        src.dec, src.ra = primary.dec + sep * np.sin(angle), primary.ra + sep * np.cos(angle)
-        src.dec, src.ra = float(src.dec), float(src.ra)
-        sources.append(src)
-        seps.append(float(sep))
-        dms.append(float(dm))
-    isolated = render(card, sources)
-    values, ivar = _observe(model, isolated.sum(axis=0), object_rng(seed, index, 5), noise)
-
-    sigma = model.sky_sigma[None, :, None, None]
-    snr = np.sqrt(np.sum((isolated / sigma) ** 2, axis=1))  # (N, H, W)
-    footprints = snr >= seg_nsigma
-    segmentation = np.where(footprints.any(axis=0), np.argmax(snr, axis=0) + 1, 0).astype(np.int32)
-    positions = np.array([[s.dec, s.ra] for s in sources])
-    truth = BlendTruth(
-        isolated=isolated.astype(np.float32), flux_njy=np.array([s.flux_njy for s in sources]), positions=positions,
-        pixel_positions=positions / p + (n - 1) / 2, segmentation=segmentation, footprints=footprints,
-        pair_ids=[s.pair_id for s in sources], bands=names,
-    )
-    meta_truth = {
-        "objects": [s.to_json() for s in sources], "reference_band": names[ref], "separation_arcsec": seps,
-        "delta_mag": dms, "seg_nsigma": float(seg_nsigma), "filters": list(model.filters), "psf": model.psf_meta,
-    }
-    sample = Sample(
-        "image", values, ivar, model.coords,
-        {"card": card.name, "id": f"{card.name}-blend-{seed}-{index}", "pair_id": primary.pair_id, "blend": True,
-         "labels": {"redshift": primary.redshift, "spectral_class": primary.spectral_class, "n_objects": count},
-         "truth": meta_truth},
-    )
-    return sample, truth
-
-
-def write_blend_fits(path: str | os.PathLike, sample: Sample, truth: BlendTruth, card: ImageCard) -> Path:
-    """Write a blend and its truth to one FITS file.
-
-    HDUs: PRIMARY (values, B x H x W, BUNIT = card flux unit), IVAR, ISOLATED
-    (N x B x H x W), SEGMAP (H x W), FOOTPRNT (N x H x W, 0/1), OBJECTS (a table: pair_id,
-    positions, fluxes per band), BANDS (name, wavelength [A]) and META (sample.meta as JSON).
-    """
-    from astropy.io import fits
-
-    path = Path(path)
-    primary = fits.PrimaryHDU(sample.values)
-    h = primary.header
-    h["BUNIT"] = card.flux_unit
-    h["CARD"], h["SAMPLEID"], h["PAIRID"] = card.name, sample.id, str(sample.meta.get("pair_id", ""))
-    h["PIXSCALE"] = (float(card.pixel_scale.to_value("arcsec")), "arcsec per pixel")
-    h["NOBJ"] = len(truth.pair_ids)
-    width = max(len(b) for b in truth.bands)
-    objects = fits.BinTableHDU.from_columns([
-        fits.Column("PAIR_ID", f"{max(len(i) for i in truth.pair_ids)}A", array=np.array(truth.pair_ids)),
-        fits.Column("DEC_OFF", "D", unit="arcsec", array=truth.positions[:, 0]),
-        fits.Column("RA_OFF", "D", unit="arcsec", array=truth.positions[:, 1]),
-        fits.Column("ROW", "D", unit="pix", array=truth.pixel_positions[:, 0]),
-        fits.Column("COL", "D", unit="pix", array=truth.pixel_positions[:, 1]),
-        fits.Column("FLUX", f"{len(truth.bands)}D", unit=card.flux_unit, array=truth.flux_njy),
-    ], name="OBJECTS")
-    bands = fits.BinTableHDU.from_columns([
-        fits.Column("NAME", f"{width}A", array=np.array(truth.bands)),
-        fits.Column("WAVELENGTH", "D", unit="Angstrom", array=sample.coords["band_wavelength"]),
-    ], name="BANDS")
-    meta = json.dumps(sample.meta)
-    meta_hdu = fits.BinTableHDU.from_columns([fits.Column("JSON", f"{len(meta)}A", array=np.array([meta]))], name="META")
-    fits.HDUList([
-        primary, fits.ImageHDU(sample.ivar, name="IVAR"), fits.ImageHDU(truth.isolated, name="ISOLATED"),
-        fits.ImageHDU(truth.segmentation, name="SEGMAP"), fits.ImageHDU(truth.footprints.astype(np.uint8), name="FOOTPRNT"),
-        objects, bands, meta_hdu,
-    ]).writeto(path, overwrite=True)
-    return path
-
-
-def read_blend_fits(path: str | os.PathLike) -> tuple[Sample, BlendTruth]:
-    """Read back what `write_blend_fits` wrote."""
-    from astropy.io import fits
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(str(path), "does not exist", "give the path of a file written by write_blend_fits")
-    with fits.open(path) as hdul:
-        names = [h.name for h in hdul]
-        missing = [e for e in ("IVAR", "ISOLATED", "SEGMAP", "FOOTPRNT", "OBJECTS", "BANDS", "META") if e not in names]
-        if missing:
-            raise InputError(str(path), f"has no {missing} extension(s)", "write it with write_blend_fits")
-        values = np.asarray(hdul[0].data, dtype=np.float32)
-        p = float(hdul[0].header["PIXSCALE"])
-        offsets = (np.arange(values.shape[-1]) - (values.shape[-1] - 1) / 2) * p
-        bands = hdul["BANDS"].data
-        meta = json.loads(hdul["META"].data["JSON"][0])
-        objects = hdul["OBJECTS"].data
-        sample = Sample("image", values, np.asarray(hdul["IVAR"].data, np.float32),
-                        {"band_wavelength": np.asarray(bands["WAVELENGTH"], float), "dec_offset": offsets, "ra_offset": offsets}, meta)
-        truth = BlendTruth(
-            isolated=np.asarray(hdul["ISOLATED"].data, np.float32), flux_njy=np.asarray(objects["FLUX"], float).reshape(len(objects), -1),
-            positions=np.stack([objects["DEC_OFF"], objects["RA_OFF"]], axis=1).astype(float),
-            pixel_positions=np.stack([objects["ROW"], objects["COL"]], axis=1).astype(float),
-            segmentation=np.asarray(hdul["SEGMAP"].data, np.int32), footprints=np.asarray(hdul["FOOTPRNT"].data).astype(bool),
-            pair_ids=[str(x) for x in objects["PAIR_ID"]], bands=[str(x) for x in bands["NAME"]],
-        )
-    return sample, truth
