@@ -1,9 +1,12 @@
 """Calibrate a fine-tuned classifier and score it: what `finetune_classification` runs after training.
 
 `calibrate_and_evaluate` fits the temperature (Guo et al. 2017) and the split-conformal
-threshold on the calibration block and stores them in the model, then scores the test
-block (accuracy, recall per class, ECE before / after, conformal coverage and set size,
-network redshifts, optionally the Monte-Carlo-dropout ensemble); when `classify` would
+threshold on the calibration block and the out-of-set detector (heads/out_of_set.py:
+class means and tied precision of the training block's features, the flag threshold at
+the target false-flag rate on the calibration block) and stores them in the model, then
+scores the test block (accuracy, recall per class, ECE before / after, conformal coverage
+and set size, the out-of-set false-flag rate, network redshifts, optionally the
+Monte-Carlo-dropout ensemble); when `classify` would
 write scan redshifts, `calibrate_scan_redshifts` fits their error scale on the
 calibration block and scores them too. `eval_results` turns the metrics into the
 model-card JSON (`finetune/model_card.load_eval_results` format).
@@ -30,20 +33,29 @@ from cosmofm.heads.calibration import (
     softmax,
 )
 from cosmofm.heads.classification import CosmoFMForSpectralClassification
+from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE
 from cosmofm.heads.redshift_scan import RedshiftScanner, redshift_candidates, scan_samples
 
 
 def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], splits: dict, labels: np.ndarray,
-                           redshifts: np.ndarray | None, alpha: float | None = None, mc_samples: int = 0) -> tuple[dict, dict]:
-    """Fit temperature and conformal threshold on the calibration block (stored in the model), test on the test block.
-    `alpha` None: chosen from the calibration block (`default_alpha`).
+                           redshifts: np.ndarray | None, alpha: float | None = None, mc_samples: int = 0,
+                           ood_rate: float = DEFAULT_FALSE_FLAG_RATE) -> tuple[dict, dict]:
+    """Fit temperature and conformal threshold on the calibration block and the out-of-set
+    detector on the training block with its threshold at false-flag rate `ood_rate` on the
+    calibration block (all stored in the model), test on the test block. `alpha` None:
+    chosen from the calibration block (`default_alpha`). The test block's conformal
+    coverage and set size are those of the sets `classify` writes: empty for spectra flagged
+    out of set ("ood_false_flag_rate" of the in-set test block, against "ood_target_rate").
 
     With mc_samples > 0 the test block is also scored by the Monte-Carlo-dropout ensemble
     of the head (metrics under "mc_dropout": accuracy, ECE of the mean probabilities at
     the fitted temperature, and how well each uncertainty flags errors, as AUROC).
     """
-    cal = predict(model, [samples[int(i)] for i in splits["calibration"]])
-    test = predict(model, [samples[int(i)] for i in splits["test"]], mc_samples=mc_samples)
+    train = predict(model, [samples[int(i)] for i in splits["train"]], features=True)
+    cal = predict(model, [samples[int(i)] for i in splits["calibration"]], features=True)
+    ood = model.set_out_of_set(train["features"], labels[splits["train"]], cal["features"], ood_rate)
+    test = predict(model, [samples[int(i)] for i in splits["test"]], mc_samples=mc_samples)  # after the fit: with ood_score
+    flagged = model.out_of_set(test["ood_score"])  # None: the calibration block was too small to set a threshold
     y_cal, y_test = labels[splits["calibration"]], labels[splits["test"]]
     temperature = fit_temperature(cal["logits"], y_cal)
     p_cal_raw, p_cal = softmax(cal["logits"]), softmax(cal["logits"], temperature)
@@ -52,7 +64,7 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
     model.set_calibration(temperature, conformal.alpha, conformal.threshold)
 
     p_raw, p_test = softmax(test["logits"]), softmax(test["logits"], temperature)
-    sets = conformal.predict_sets(p_test)
+    sets = model.prediction_sets(p_test, empty=flagged)
     cls = classification_metrics(p_test, y_test, model.class_names)
     metrics = {
         "n_train": int(len(splits["train"])), "n_calibration": int(len(y_cal)), "n_test": int(len(y_test)),
@@ -62,6 +74,8 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
         "temperature": float(temperature), "conformal_alpha": float(alpha), "conformal_threshold": conformal.threshold,
         "conformal_coverage": coverage(sets, y_test), "conformal_mean_set_size": float(sets.sum(axis=1).mean()),
         "confusion": cls["confusion"].tolist(),
+        "ood_target_rate": float(ood_rate), "ood_threshold": ood["threshold"], "ood_covariance_shrinkage": ood["shrinkage"],
+        "ood_false_flag_rate": float(flagged.mean()) if flagged is not None else 0.0,
     }
     if "mc_logits" in test:
         ens = ensemble_prediction(test["mc_logits"], temperature)
@@ -74,7 +88,7 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
             "error_auroc_softmax": error_detection_auroc(1 - p_test.max(1), wrong),
             "mean_epistemic_nats": float(ens.epistemic.mean()),
         }
-    arrays = {"probs": p_test, "probs_raw": p_raw, "labels": y_test}
+    arrays = {"probs": p_test, "probs_raw": p_raw, "labels": y_test, "ood_score": test["ood_score"]}
     if redshifts is not None and "redshift" in test:
         z_true = redshifts[splits["test"]]
         metrics.update(redshift_metrics(z_true, test["redshift"]))
@@ -104,7 +118,7 @@ def calibrate_scan_redshifts(model: CosmoFMForSpectralClassification, samples: S
 
 def eval_results(metrics: dict, card_name: str) -> dict:
     """The model-card evaluation JSON (`finetune/model_card.load_eval_results` format)."""
-    keys = ["accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage", "conformal_mean_set_size",
+    keys = ["accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage", "conformal_mean_set_size", "ood_false_flag_rate",
             "redshift_catastrophic_fraction", "redshift_nmad", "redshift_scan_catastrophic_fraction", "redshift_scan_nmad"]
     entries = [{"type": k, "name": k.replace("_", " "), "value": float(metrics[k])} for k in keys if k in metrics and math.isfinite(metrics[k])]
     entries += [{"type": "recall", "name": f"recall {c}", "value": float(v)} for c, v in metrics["per_class_recall"].items()]

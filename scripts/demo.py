@@ -104,7 +104,8 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
 
 def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 1200, n_new: int = 200) -> dict:
     """Fine-tune the spectral classification head on labelled mocks, then classify a
-    4MOST-like ESO Phase 3 file of new objects, as a user would, and score it."""
+    4MOST-like ESO Phase 3 file of new objects, as a user would, and score it; print how
+    many spectra of the file were flagged out of set (issue 17) and low coverage."""
     from cosmofm.data_cards.io.catalogue import read_catalogue
     from cosmofm.data_cards.io.survey_files import write_eso_sdp
     from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
@@ -122,7 +123,7 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     new = mock_samples(load_card("4most-lrs"), n_new, seed=HELD_OUT_SEED + 2)
     eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
     catalogue = output / "classified.fits"
-    classify([str(eso)], result["model_dir"], catalogue, progress=False, overwrite=True)  # the demo's own file
+    summary = classify([str(eso)], result["model_dir"], catalogue, progress=False, overwrite=True)  # the demo's own file
     rows = read_catalogue(catalogue)
     truth = {s.id: s.meta["labels"] for s in new}
     accuracy = float(np.mean([str(c) == truth[str(o)]["spectral_class"] for o, c in zip(rows["OBJECT"], rows["CLASS"])]))
@@ -130,8 +131,12 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     z_scores = {key: redshift_metrics(z_true, np.ma.filled(rows[key], np.nan))["redshift_catastrophic_fraction"] for key in ("Z", "Z_NETWORK")}
     print(f"      classified {len(rows)} spectra of a 4MOST-like ESO file: accuracy {accuracy:.3f} (chance {1 / 13:.3f}); "
           f"catastrophic redshifts {z_scores['Z']:.3f} (scan of the predicted class; the network's own {z_scores['Z_NETWORK']:.3f})")
+    detector = (f"the detector was set for {m['ood_target_rate']:.1%} false flags, test block {m['ood_false_flag_rate']:.1%}"
+                if m["ood_threshold"] is not None else f"no threshold: {m['n_calibration']} calibration spectra cannot resolve {m['ood_target_rate']:.1%}")
+    print(f"      out-of-set flags: {summary['n_out_of_set']} of {len(rows)} spectra (OUT_OF_SET; {detector}), low coverage: {summary['n_low_coverage']}")
     return {"output_dir": result["output_dir"], "catalogue": str(catalogue), "test_metrics": {k: m[k] for k in ("accuracy", "macro_recall", "ece_before", "ece_after", "conformal_coverage")},
-            "eso_file_accuracy": accuracy, "eso_file_catastrophic_z": z_scores["Z"], "eso_file_catastrophic_z_network": z_scores["Z_NETWORK"]}
+            "eso_file_accuracy": accuracy, "eso_file_catastrophic_z": z_scores["Z"], "eso_file_catastrophic_z_network": z_scores["Z_NETWORK"],
+            "eso_file_out_of_set": summary["n_out_of_set"], "eso_file_low_coverage": summary["n_low_coverage"]}
 
 
 def _is_default_endpoint(endpoint: str) -> bool:

@@ -103,6 +103,10 @@ def test_finetune_learns_and_writes_release(finetuned, labelled, tmp_path):
     assert reloaded.head_config.temperature == pytest.approx(m["temperature"])
     assert reloaded.head_config.conformal_threshold == pytest.approx(m["conformal_threshold"])
     assert reloaded.head_config.redshift_error_scale == pytest.approx(m["redshift_scan_error_scale"])
+    # the out-of-set detector, fitted on the training block with its threshold from the calibration block
+    assert reloaded.head_config.ood_active and reloaded.head_config.ood_threshold == pytest.approx(m["ood_threshold"])
+    # the threshold is the largest of 80 calibration scores: the test fraction above it is Beta(1, 80), > 0.1 with p = 0.9^80 ~ 2e-4
+    assert m["ood_target_rate"] == 0.015 and m["ood_false_flag_rate"] <= 0.1, m
 
 
 def test_temperature_fit_on_calibration_split(finetuned, labelled):
@@ -196,7 +200,8 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
         assert cli_main(["classify", str(inputs), "--model", finetuned["model_dir"], "--output", str(out)]) == 0
         t = read_catalogue(out)
         assert len(t) == 1 + 3 + 3
-        for col in ["ID", "CARD", "FILE", "CLASS", "CONFORMAL_SET", "Z", "Z_ERR", "FLAGS", "PLATE", "MJD", "FIBERID", "TARGETID", "RA", "DEC"]:
+        for col in ["ID", "CARD", "FILE", "CLASS", "CONFORMAL_SET", "OOD_SCORE", "OUT_OF_SET", "LOW_COVERAGE", "Z", "Z_ERR", "FLAGS", "PLATE",
+                    "MJD", "FIBERID", "TARGETID", "RA", "DEC"]:
             assert col in t.colnames, col
         assert all(f"P_{c}" in t.colnames for c in names)
         assert t["Z"].dtype.kind == "f" and t["P_QSO"].dtype.kind == "f" and t["PLATE"].dtype.kind == "i"
@@ -212,7 +217,10 @@ def test_classify_survey_files_and_own_fits(finetuned, tmp_path):
         for i in good:
             assert str(t["CLASS"][i]) in names
             members = str(t["CONFORMAL_SET"][i]).split("|")
-            assert set(members) <= set(names) and str(t["CLASS"][i]) in members
+            if t["OUT_OF_SET"][i] or t["LOW_COVERAGE"][i]:  # like none of the classes, or too little spectrum: no set (issue 17)
+                assert _missing(t["CONFORMAL_SET"][i]), i
+            else:
+                assert set(members) <= set(names) and str(t["CLASS"][i]) in members
             assert t["Z_ERR"][i] > 0
         assert {str(x) for x in t["FILE"]} == {"spec-4055-55359-0001.fits", "ours.fits", "coadd-main-dark-10016.fits"}
 

@@ -96,6 +96,9 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
     truth = {s.id: s.meta["labels"]["spectral_class"] for s in mock_samples(load_card("4most-lrs"), 200, seed=HELD_OUT_SEED + 2)}
     print("ESO file accuracy", report["classification"]["eso_file_accuracy"])
     assert report["classification"]["eso_file_accuracy"] == np.mean([str(c) == truth[str(o)] for o, c in zip(rows["OBJECT"], rows["CLASS"])])
+    # the count it prints (24 calibration spectra set no threshold at 1.5 %: then no OUT_OF_SET column and 0)
+    flagged = np.asarray(rows["OUT_OF_SET"], dtype=bool) if "OUT_OF_SET" in rows.colnames else np.zeros(0, bool)
+    assert report["classification"]["eso_file_out_of_set"] == int(flagged.sum())
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
     # published to the local-directory hub under the output folder, loaded back by repo id

@@ -105,7 +105,8 @@ def test_classification_is_registered_with_unchanged_tensor_names(classifier):
     assert keys[: len(backbone)] == backbone  # the names releases were written with
     assert keys[len(backbone):] == [f"head.{k}" for k in (
         "pool.norm.weight", "pool.norm.bias", "pool.key.weight", "pool.key.bias", "norm.weight", "norm.bias",
-        "hidden.1.weight", "hidden.1.bias", "classifier.weight", "classifier.bias", "redshift.weight", "redshift.bias")]
+        "hidden.1.weight", "hidden.1.bias", "classifier.weight", "classifier.bias", "redshift.weight", "redshift.bias")] + [
+        "ood.means", "ood.precision"]  # the out-of-set detector's buffers (issue 17)
 
 
 def test_release_written_before_the_seam_loads_with_identical_logits(classifier, samples, tmp_path):
