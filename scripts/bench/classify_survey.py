@@ -12,10 +12,19 @@ columns, S/N 2-100). Stages, cached under --work so a rerun reuses data and back
 4. the shift suite: the test block's objects observed again under settings the training
    set never had (SHIFTS: a card's `mock_shift` or resolving power; same seed and indices,
    so each shifted spectrum pairs with its in-distribution one); macro recall, its drop,
-   and ECE per shift, for every seed.
+   and ECE per shift, for every seed;
+5. out-of-set detection: N_OUT_OF_SET objects outside the 13 classes (M, carbon and white
+   dwarf stars, sky and broken fibres): AUROC, false-flag rate on the in-set test block,
+   detection rate per kind;
+6. the fair classical baseline (heads/classical_classifier.py, templates the generator did
+   not make) head to head with the network on the first N_BASELINE test spectra, per-class
+   recall with bootstrap errors;
+7. stages 3-6 again from the demo's multi-modal backbone (the project's shared checkpoint,
+   pretrained on basic mocks of four modalities; `--arms`), at the same epochs.
 
 Targets (issue 17): in distribution macro recall >= 0.95, every class >= 0.90, ECE <= 0.02,
-coverage within 0.01 of nominal; under each shift macro recall drops <= 0.03, ECE <= 0.05.
+coverage within 0.01 of nominal; under each shift macro recall drops <= 0.03, ECE <= 0.05;
+out-of-set AUROC >= 0.95 at <= 2 % false flags; macro recall >= the classical baseline's.
 Run: `python -m cosmofm.bench.classify_survey --out docs/bench --work DIR`.
 """
 
@@ -49,6 +58,9 @@ RECIPE = "spectra-small"
 LABELLED_SEED, PRETRAIN_SEED = 21, 101
 SPLIT = {"calibration_fraction": 0.1, "test_fraction": 0.15}
 TRAIN = {"batch_size": 64, "lr": 2e-3, **SPLIT}
+N_BASELINE = 2000  # test spectra the classical baseline also classifies (issue 17: >= 2,000)
+N_OUT_OF_SET, OUT_OF_SET_SEED = 1000, 7  # out-of-set mocks, 200 of each kind
+ARMS = ("survey-spectra", "demo-multimodal")  # which backbone the fine-tunes start from (`backbones`)
 # Settings the training mocks never had: card fields replaced on the survey card. The
 # redshift shift keeps galaxies' Halpha on the grid (z < 0.58), so their BPT classes stay decidable.
 SHIFTS = {
@@ -121,33 +133,125 @@ def shifted_tests(card, work: Path, n: int, test_index: np.ndarray) -> dict[str,
     return sets
 
 
-def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int) -> dict:
+def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: int) -> dict[str, str]:
+    """Release folder of each arm's backbone: ARMS[0] the spectra-only backbone pretrained on
+    survey mocks, ARMS[1] the demo's multi-modal backbone (the project's shared checkpoint)."""
+    from cosmofm.bench.photoz_quality import demo_backbone
+
+    make = {ARMS[0]: lambda: pretrained_backbone(work, card, pretrain_steps, n_corpus), ARMS[1]: lambda: str(demo_backbone(work))}
+    return {arm: make[arm]() for arm in arms}
+
+
+def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str]) -> dict:
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
-    backbone = pretrained_backbone(work, card, pretrain_steps, n_corpus)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
               "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "shifts": SHIFTS, "runs": []}
-    for seed in seeds:
-        cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune-seed{seed}"), progress=True, **TRAIN)
-        t0 = time.perf_counter()
-        result = finetune_classification(samples, card, cfg, backbone=backbone)
-        model, metrics = result["model"], result["metrics"]
-        test_index = np.asarray(result["splits"]["test"])
-        keys = ("accuracy", "macro_recall", "per_class_recall", "ece_after", "conformal_alpha", "conformal_coverage")
-        row = {"seed": seed, "seconds": time.perf_counter() - t0, "test": {k: metrics[k] for k in keys}, "shifts": {}}
-        for name, shifted in shifted_tests(card, work, n, test_index).items():
-            labels = labels_from_samples(shifted, model.head_config)[0].numpy()
-            scores = block_scores(model, shifted, labels)
-            scores["macro_recall_drop"] = metrics["macro_recall"] - scores["macro_recall"]
-            row["shifts"][name] = scores
-        report["runs"].append(row)
-        print(json.dumps({k: row[k] for k in ("seed", "test")}, default=float), flush=True)
-    report["summary"] = summary(report["runs"])
-    report["targets"] = targets(report["summary"])
+    for arm, backbone in backbones(work, card, arms, pretrain_steps, n_corpus).items():
+        for seed in seeds:
+            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs))
+    report["summary"] = {arm: summary([r for r in report["runs"] if r["arm"] == arm]) for arm in arms}
+    report["targets"] = targets(report["summary"][arms[0]])
     out.mkdir(parents=True, exist_ok=True)
     (out / "classify_survey.json").write_text(json.dumps(report, indent=2, default=float))
     return report
+
+
+def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int) -> dict:
+    """One full fine-tune from `backbone`, scored in distribution and under every shift."""
+    slug = "" if arm == ARMS[0] else f"-{arm}"
+    cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True, **TRAIN)
+    t0 = time.perf_counter()
+    result = finetune_classification(samples, card, cfg, backbone=backbone)
+    model, metrics = result["model"], result["metrics"]
+    test_index = np.asarray(result["splits"]["test"])
+    keys = ("accuracy", "macro_recall", "per_class_recall", "ece_after", "conformal_alpha", "conformal_coverage")
+    row = {"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0, "model_dir": str(Path(cfg.output_dir) / "model"),
+           "test": {k: metrics[k] for k in keys}, "shifts": {}}
+    for name, shifted in shifted_tests(card, work, n, test_index).items():
+        labels = labels_from_samples(shifted, model.head_config)[0].numpy()
+        scores = block_scores(model, shifted, labels)
+        scores["macro_recall_drop"] = metrics["macro_recall"] - scores["macro_recall"]
+        row["shifts"][name] = scores
+    test = [samples[int(i)] for i in test_index]
+    row["out_of_set"] = out_of_set_scores(model, test, out_of_set_mocks(card, work))
+    row["head_to_head"] = head_to_head(model, test[:N_BASELINE], classical_baseline(work, test[:N_BASELINE]))
+    print(json.dumps({k: row[k] for k in ("arm", "seed", "test")}, default=float), flush=True)
+    return row
+
+
+def out_of_set_mocks(card, work: Path) -> list:
+    """N_OUT_OF_SET spectra of objects outside the 13 classes, cycling through the kinds (cached)."""
+    from cosmofm.data_cards.mocks.out_of_set import OOS_CLASSES, generate_out_of_set
+
+    folder = work / f"out-of-set-{N_OUT_OF_SET}-seed{OUT_OF_SET_SEED}"
+    if not (folder / "dataset_info.json").exists():
+        write_dataset(generate_out_of_set(card, N_OUT_OF_SET, OUT_OF_SET_SEED, OOS_CLASSES), folder, [card])
+    ds = SampleDataset(folder)
+    return [ds[i] for i in range(len(ds))]
+
+
+def detector_scores(model, samples) -> tuple[np.ndarray, np.ndarray]:
+    """(score, flagged) per spectrum as `cosmofm classify` sees it: spectra with too few
+    unmasked pixels are never classified (score +inf, flagged); the rest are flagged when
+    the out-of-set score exceeds the model's threshold."""
+    from cosmofm.finetune.classify import min_unmasked_pixels
+
+    usable = np.array([int(np.count_nonzero(s.ivar > 0)) >= min_unmasked_pixels(model) for s in samples])
+    scores = np.full(len(samples), np.inf)
+    scores[usable] = predict(model, [s for s, ok in zip(samples, usable) if ok], batch_size=256)["ood_score"]
+    threshold = model.head_config.ood_threshold  # None: the calibration block was too small to set one
+    return scores, ~usable | (scores > (np.inf if threshold is None else threshold))
+
+
+def out_of_set_scores(model, test: list, out_of_set: list) -> dict:
+    """AUROC, false-flag rate on the in-set test block, detection rate per kind."""
+    from cosmofm.heads.out_of_set import out_of_set_metrics
+
+    s_in, f_in = detector_scores(model, test)
+    s_out, f_out = detector_scores(model, out_of_set)
+    kinds = [s.meta["labels"]["spectral_class"] for s in out_of_set]
+    finite = np.isfinite(s_out)  # unclassifiable spectra rank above every score
+    s_out = np.where(finite, s_out, max(np.max(s_in), np.max(s_out[finite], initial=0)) + 1)
+    return {**out_of_set_metrics(s_in, s_out, f_in, f_out, kinds), "threshold": model.head_config.ood_threshold,
+            "unclassifiable": int((~finite).sum())}
+
+
+def classical_baseline(work: Path, subset: list) -> dict:
+    """The fair classical classifier (heads/classical_classifier.py: BaSeL stars, BC03-MILES
+    galaxies, QSO basis) on the first N_BASELINE test spectra, run once and cached."""
+    from cosmofm.heads.classical_classifier import classify_samples
+
+    path = work / f"classical-baseline-{len(subset)}.json"
+    if not path.is_file():
+        r = classify_samples(subset, workers=2)
+        path.write_text(json.dumps({"classes": r["classes"].tolist(), "z": r["z"].tolist(), "spectra_per_s": r["spectra_per_s"]}))
+    r = json.loads(path.read_text())
+    return {"classes": np.array(r["classes"]), "z": np.array(r["z"]), "spectra_per_s": r["spectra_per_s"]}
+
+
+def head_to_head(model, subset: list, baseline: dict, n_boot: int = 300) -> dict:
+    """Macro and per-class recall of the network and the classical baseline on the same spectra,
+    each with a bootstrap standard error over spectra."""
+    names = model.class_names
+    labels = labels_from_samples(subset, model.head_config)[0].numpy()
+    predicted = {"network": predict(model, subset, batch_size=256)["logits"].argmax(1),
+                 "classical": np.array([names.index(c) if c in names else -1 for c in baseline["classes"]])}
+    rng = np.random.default_rng(0)
+    boots = [rng.integers(0, len(labels), len(labels)) for _ in range(n_boot)]
+    out = {"n_spectra": len(labels), "classical_spectra_per_s": baseline["spectra_per_s"]}
+    for key, pred in predicted.items():
+        recall = _recalls(pred, labels, len(names))
+        spread = np.array([_recalls(pred[b], labels[b], len(names)) for b in boots])
+        out[key] = {"accuracy": float(np.mean(pred == labels)), "macro_recall": float(np.nanmean(recall)),
+                    "macro_recall_se": float(np.std(np.nanmean(spread, axis=1))),
+                    "per_class_recall": {c: [float(recall[k]), float(np.nanstd(spread[:, k]))] for k, c in enumerate(names)}}
+    return out
+
+
+def _recalls(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.array([np.mean(pred[labels == k] == k) if np.any(labels == k) else np.nan for k in range(n_classes)])
 
 
 def _spread(values) -> list[float]:
@@ -160,6 +264,10 @@ def summary(runs: list[dict]) -> dict:
     out["in_distribution"]["min_class_recall"] = _spread([min(r["test"]["per_class_recall"].values()) for r in runs])
     for name in runs[0]["shifts"]:
         out[name] = {k: _spread([r["shifts"][name][k] for r in runs]) for k in ("accuracy", "macro_recall", "macro_recall_drop", "ece")}
+    out["out_of_set"] = {k: _spread([r["out_of_set"][k] for r in runs]) for k in ("auroc", "false_flag_rate", "detection_rate")}
+    out["out_of_set"]["per_kind"] = {k: _spread([r["out_of_set"]["detection_rate_per_kind"][k] for r in runs])
+                                     for k in runs[0]["out_of_set"]["detection_rate_per_kind"]}
+    out["head_to_head"] = {key: {"macro_recall": _spread([r["head_to_head"][key]["macro_recall"] for r in runs])} for key in ("network", "classical")}
     return out
 
 
@@ -169,8 +277,13 @@ def targets(s: dict) -> dict:
     out = {"macro_recall>=0.95": [ind["macro_recall"][0], ind["macro_recall"][0] >= 0.95],
            "every_class_recall>=0.90": [ind["min_class_recall"][0], ind["min_class_recall"][0] >= 0.90],
            "ece<=0.02": [ind["ece_after"][0], ind["ece_after"][0] <= 0.02]}
+    ood, h2h = s["out_of_set"], s["head_to_head"]
+    out["out-of-set AUROC>=0.95"] = [ood["auroc"][0], ood["auroc"][0] >= 0.95]
+    out["out-of-set false flags<=0.02"] = [ood["false_flag_rate"][0], ood["false_flag_rate"][0] <= 0.02]
+    out["macro recall>=classical baseline"] = [[h2h["network"]["macro_recall"][0], h2h["classical"]["macro_recall"][0]],
+                                               h2h["network"]["macro_recall"][0] >= h2h["classical"]["macro_recall"][0]]
     for name, row in s.items():
-        if name != "in_distribution":
+        if name not in ("in_distribution", "out_of_set", "head_to_head"):
             out[f"{name}: recall drop<=0.03"] = [row["macro_recall_drop"][0], row["macro_recall_drop"][0] <= 0.03]
             out[f"{name}: ece<=0.05"] = [row["ece"][0], row["ece"][0] <= 0.05]
     return out
@@ -180,14 +293,16 @@ def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_results")
     p.add_argument("--work", default=None, help="cache of mocks, backbone and runs (default OUT/work)")
-    p.add_argument("--n", type=int, default=12000, help="labelled mocks (75 %% train, 10 %% calibration, 15 %% test)")
+    p.add_argument("--n", type=int, default=14000, help="labelled mocks (75 %% train, 10 %% calibration, 15 %% test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--corpus", type=int, default=8000, help="unlabelled survey mocks to pretrain on")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
+                   help="backbones to fine-tune from: the spectra-only one pretrained on survey mocks, the demo's multi-modal one")
     args = p.parse_args(argv)
     out = Path(args.out)
-    report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus)
+    report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
