@@ -93,6 +93,11 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
         z_true = redshifts[splits["test"]]
         metrics.update(redshift_metrics(z_true, test["redshift"]))
         arrays.update(z_true=z_true, z_pred=test["redshift"], z_err=test["redshift_err"])
+    if redshifts is not None and model.redshift_net is not None:  # `classify --redshift network`
+        z_true = redshifts[splits["test"]]
+        net = model.network_redshifts([samples[int(i)] for i in splits["test"]])
+        metrics.update({f"redshift_net_{k.removeprefix('redshift_')}": v for k, v in redshift_metrics(z_true, net.z).items()})
+        arrays.update(z_true=z_true, z_net=net.z, z_net_err=net.z_err)
     if redshifts is not None and redshift_method(model) == "scan":  # the redshifts `classify` writes by default
         scan_metrics, scan_arrays = calibrate_scan_redshifts(model, samples, splits, redshifts, p_cal, p_test)
         metrics.update(scan_metrics)

@@ -69,7 +69,10 @@ def plot_figures(arrays: dict, metrics: dict, class_names: Sequence[str], folder
         hi = float(max(arrays["z_true"].max(), np.nanmax(arrays.get("z_pred", arrays["z_true"])))) * 1.05 + 0.01
         if "z_pred" in arrays:
             ax.errorbar(arrays["z_true"], arrays["z_pred"], yerr=arrays["z_err"], fmt=".", ms=3, alpha=0.5, elinewidth=0.5, color="0.6",
-                        label=f"network (Z_NETWORK): NMAD {metrics['redshift_nmad']:.2g}, catastrophic {metrics['redshift_catastrophic_fraction']:.3f}")
+                        label=f"head (Z_NETWORK without a redshift network): NMAD {metrics['redshift_nmad']:.2g}, catastrophic {metrics['redshift_catastrophic_fraction']:.3f}")
+        if "z_net" in arrays:  # `classify --redshift network` with a redshift network
+            ax.errorbar(arrays["z_true"], arrays["z_net"], yerr=arrays["z_net_err"], fmt=".", ms=3, alpha=0.7, elinewidth=0.5, color="C1",
+                        label=f"redshift network: NMAD {metrics['redshift_net_nmad']:.2g}, catastrophic {metrics['redshift_net_catastrophic_fraction']:.3f}")
         if "z_scan" in arrays:  # what `classify` writes as Z by default
             ax.errorbar(arrays["z_true"], arrays["z_scan"], yerr=arrays["z_scan_err"], fmt=".", ms=3, alpha=0.7, elinewidth=0.5, color="C0",
                         label=f"scan of the predicted class (Z): NMAD {metrics['redshift_scan_nmad']:.2g}, catastrophic {metrics['redshift_scan_catastrophic_fraction']:.3f}")

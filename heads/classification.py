@@ -38,6 +38,7 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
 from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OutOfSetDetector, flag_threshold
 from cosmofm.heads.pooling import POOLINGS, PooledHead
+from cosmofm.heads.redshift_net import RedshiftNet, RedshiftNetConfig, RedshiftPrediction, spectra_on_grid
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
 
@@ -76,6 +77,10 @@ class ClassificationHeadConfig(TaskHeadConfig):
             of set (its conformal set empty); None = the detector does not flag.
         ood_false_flag_rate (`float | None`): the in-set false-flag rate the threshold was set
             for, on the calibration block (heads.out_of_set.flag_threshold).
+        redshift_net (`dict | None`): the settings (`RedshiftNetConfig.to_dict`) of a redshift
+            network (heads/redshift_net.py) that measures z from the spectrum itself, p(z) by
+            cross-correlating learned rest-frame kernels; its weights are `redshift_net.*`.
+            None = no such network (the catalogue's Z comes from the scan or the head).
     """
 
     class_names: list[str] = field(default_factory=list)
@@ -96,6 +101,7 @@ class ClassificationHeadConfig(TaskHeadConfig):
     ood_fitted: bool = False
     ood_threshold: float | None = None
     ood_false_flag_rate: float | None = None
+    redshift_net: dict | None = None
 
     TYPE: ClassVar[str] = TASK_TYPE
 
@@ -203,6 +209,8 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         super().__init__(config)  # self.head_config, self.cosmofm
         self.head = SpectralClassificationHead(config.hidden_size, self.head_config)
         self.ood = OutOfSetDetector(self.head_config.n_classes, self.ood_feature_size) if self.head_config.ood_buffers else None
+        net = self.head_config.redshift_net
+        self.redshift_net = RedshiftNet(RedshiftNetConfig.from_dict(net)) if net else None
         self.post_init()
 
     @property
@@ -249,6 +257,20 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
             return None
         score = ood_score.detach().cpu().numpy() if isinstance(ood_score, torch.Tensor) else np.asarray(ood_score)
         return score > self.head_config.ood_threshold
+
+    def set_redshift_net(self, net: RedshiftNet) -> None:
+        """Carry `net` (trained and calibrated: heads.redshift_net.train_redshift_net) as the
+        model's redshift network; its settings go into the config, its weights into the model's."""
+        self.redshift_net = net.to(next(self.head.parameters()).device)
+        self._set_task(redshift_net=net.cfg.to_dict())
+
+    def network_redshifts(self, samples: Sequence[Sample]) -> RedshiftPrediction:
+        """z, z_err and p(z) of spectrum Samples from the redshift network (`set_redshift_net`)."""
+        if self.redshift_net is None:
+            raise InputError("redshift", "this model carries no redshift network", "use the scan (redshift: scan), or train one with redshift_net_steps")
+        flux, ivar = spectra_on_grid(samples, self.redshift_net.cfg)
+        device = self.redshift_net.kernels.device
+        return self.redshift_net.predict(torch.from_numpy(flux).to(device), torch.from_numpy(ivar).to(device))
 
     def set_redshift_error_scale(self, scale: float) -> None:
         """Store the factor on the redshift scan's errors (saved with the config)."""

@@ -137,11 +137,44 @@ class RedshiftNetConfig:
         return asdict(self)
 
     @classmethod
+    def for_card(cls, card, **fields) -> "RedshiftNetConfig":
+        """The config on a log-sampled, single-window spectrum card's own pixel grid (its last
+        pixels dropped to a multiple of bin_pixels); `fields` set the rest."""
+        if card.sampling != "log" or card.windows:
+            raise InputError(f"{card.name}.spectrum.sampling", "the redshift network needs one log-sampled window",
+                             "use the redshift scan for this card (redshift: scan)")
+        lo, hi = card.wavelength_min.to_value("Angstrom"), card.wavelength_max.to_value("Angstrom")
+        bins = fields.get("bin_pixels", cls.bin_pixels)
+        return cls(log_lambda_start=math.log10(lo), log_lambda_step=math.log10(hi / lo) / (card.n_pixels - 1),
+                   n_pixels=card.n_pixels - card.n_pixels % bins, **fields)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "RedshiftNetConfig":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise InputError("config", f"unknown keys {sorted(unknown)}", f"use {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
+
+
+def spectra_on_grid(samples, cfg: RedshiftNetConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(flux, ivar) (N, n_pixels) float32 of spectrum Samples on the network's input grid: copied
+    when a sample's pixels are that grid (the card's mocks), else resampled in log wavelength
+    (`heads.template_fit.resample_log`: a survey file's own grid; pixels it does not cover get
+    ivar = 0). Flux behind ivar = 0 is set to 0."""
+    from cosmofm.heads.template_fit import resample_log
+
+    grid = cfg.log_lambda_start + np.arange(cfg.n_pixels) * cfg.log_lambda_step
+    flux, ivar = np.zeros((2, len(samples), cfg.n_pixels), np.float32)
+    for k, sample in enumerate(samples):
+        wave, f, w = (np.asarray(a, dtype=np.float64) for a in (sample.coords["wavelength"], sample.values, sample.ivar))
+        lw = np.log10(wave[[0, min(cfg.n_pixels, wave.size) - 1]])
+        if wave.size >= cfg.n_pixels and abs(lw[0] - grid[0]) < 1e-8 and abs(lw[1] - grid[-1]) < 1e-8:
+            f, w = f[:cfg.n_pixels], w[:cfg.n_pixels]
+        else:
+            f, w = resample_log(wave, np.nan_to_num(f), w, grid)
+        ivar[k] = w
+        flux[k] = np.where(w > 0, f, 0.0)
+    return flux, ivar
 
 
 def normalise(flux: torch.Tensor, ivar: torch.Tensor, cfg: RedshiftNetConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,13 +353,15 @@ def decode(logits: torch.Tensor, cfg: RedshiftNetConfig) -> tuple[np.ndarray, np
 
 
 def save_redshift_net(model: RedshiftNet, directory) -> Path:
-    """Config JSON + safetensors weights in `directory` (no pickle)."""
-    from safetensors.torch import save_file
+    """Config JSON + safetensors weights in `directory` (no pickle), each written atomically."""
+    from safetensors.torch import save
+
+    from cosmofm.pretrain.manifest import atomic_write_bytes, atomic_write_json
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_NAME))
+    atomic_write_json(directory / CONFIG_NAME, model.cfg.to_dict())
+    atomic_write_bytes(directory / WEIGHTS_NAME, save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
     return directory
 
 

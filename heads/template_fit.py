@@ -83,17 +83,21 @@ def _leading_right_singular_vectors(rows: np.ndarray, k: int) -> np.ndarray:
 def to_log_grid(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Resample onto log10(wavelength) = multiples of DELTA; masked pixels stay masked."""
     i0, i1 = int(np.ceil(np.log10(wave[0]) / DELTA)), int(np.floor(np.log10(wave[-1]) / DELTA))
-    log_grid = np.arange(i0, i1 + 1) * DELTA
+    return i0 * DELTA, *resample_log(wave, flux, ivar, np.arange(i0, i1 + 1) * DELTA)
+
+
+def resample_log(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, log_grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flux, ivar) linearly interpolated onto log10(wavelength) = `log_grid`. A resampled pixel
+    is usable only if both pixels it interpolates from are; pixels in a gap between the windows
+    of a multi-window spectrograph or off the spectrum's range get ivar = 0."""
     lw = np.log10(wave)
     f = np.interp(log_grid, lw, flux)
-    # a resampled pixel is usable only if both neighbours it interpolates from are
     iv = np.interp(log_grid, lw, ivar)
     nearest_bad = np.interp(log_grid, lw, (ivar <= 0).astype(float)) > 0
-    # pixels inside gaps (multi-window spectrographs) have no data
     step = np.median(np.diff(lw))
     gap = np.interp(log_grid, lw[:-1] + step / 2, (np.diff(lw) > 5 * step).astype(float)) > 0.5
-    iv = np.where(nearest_bad | gap, 0.0, iv)
-    return i0 * DELTA, f, iv
+    outside = (log_grid < lw[0]) | (log_grid > lw[-1])
+    return f, np.where(nearest_bad | gap | outside, 0.0, iv)
 
 
 def _xcorr(a: np.ndarray, b: np.ndarray, n_fft: int) -> np.ndarray:

@@ -423,3 +423,27 @@ def test_redshift_candidates_add_a_likely_runner_up_of_the_same_family():
                       [0.0, 0.97, 0.02, 0.01],  # same family but unlikely: not
                       [0.0, 0.2, 0.0, 0.8]])
     assert redshift_candidates(probs, names) == [["QSO", "QSO_BROADLINE"], ["QSO"], ["QSO"], ["GALAXY"]]
+
+
+def test_redshift_network_trained_saved_and_used_by_classify(labelled, sdss, tmp_path):
+    """redshift_net_steps trains a redshift network into the classifier; the release carries it
+    (config + weights) and `classify --redshift network` writes its z, not the head's."""
+    from cosmofm.data_cards.io.fits_io import write_fits
+    from cosmofm.finetune.classify import load_classifier
+
+    cfg = FinetuneConfig(strategy="full", epochs=1, batch_size=16, redshift_net_steps=40, output_dir=str(tmp_path / "run"))
+    r = finetune_classification(labelled[:120], sdss, cfg, backbone_config=TINY)
+    model = r["model"]
+    assert model.redshift_net is not None and model.head_config.redshift_net["log_lambda_step"] == pytest.approx(1e-4, rel=1e-3)
+    assert np.isfinite(r["metrics"]["redshift_net_nmad"]) and 0 <= r["metrics"]["redshift_net_catastrophic_fraction"] <= 1
+    loaded = load_classifier(r["model_dir"])
+    for k, v in model.redshift_net.state_dict().items():
+        assert torch.equal(v, loaded.redshift_net.state_dict()[k]), k
+    spectra = labelled[-6:]
+    expected = loaded.network_redshifts(spectra)
+    write_fits(spectra, tmp_path / "in.fits", sdss)
+    out = tmp_path / "z.fits"
+    classify([tmp_path / "in.fits"], r["model_dir"], out, redshift="network", progress=False)
+    np.testing.assert_allclose(read_catalogue(out)["Z"], expected.z, rtol=1e-5, atol=1e-7)
+    head_z = predict(loaded, spectra)["redshift"]
+    assert not np.allclose(expected.z, head_z, atol=1e-3)

@@ -139,3 +139,31 @@ def test_bad_input_raises_input_error():
         RedshiftNetConfig(**{**TINY, "bin_pixels": 3})  # 1024 is not a multiple of 3
     with torch.no_grad():
         assert math.isfinite(float(model(flux, ivar).logits.sum()))
+
+
+def test_spectra_on_grid_copies_the_cards_grid_and_resamples_another():
+    """Mocks on the card's grid are copied as they are; a spectrum on a shifted, shorter
+    1e-4-dex grid (an SDSS file's own) lands on the same pixels, the rest masked."""
+    from cosmofm.data_cards import load_card
+    from cosmofm.data_cards.mocks.spectra import mock_spectrum, wavelength_grid
+    from cosmofm.data_cards.sample import Sample
+    from cosmofm.heads.redshift_net import spectra_on_grid
+
+    card = load_card("sdss-like")
+    cfg = RedshiftNetConfig.for_card(card)
+    np.testing.assert_allclose(cfg.log_lambda_start + np.arange(cfg.n_pixels) * cfg.log_lambda_step, np.log10(wavelength_grid(card)), atol=1e-9)
+    sample = mock_spectrum(card, 0, 3)
+    flux, ivar = spectra_on_grid([sample], cfg)
+    np.testing.assert_array_equal(ivar[0], sample.ivar.astype(np.float32))
+    np.testing.assert_array_equal(flux[0], np.where(sample.ivar > 0, sample.values, 0).astype(np.float32))
+    # the same spectrum cut to pixels 17..3016, on its own grid
+    part = Sample("spectrum", sample.values[17:3017], sample.ivar[17:3017], {"wavelength": sample.coords["wavelength"][17:3017]}, sample.meta)
+    flux2, ivar2 = spectra_on_grid([part], cfg)
+    inner = np.zeros(cfg.n_pixels, bool)
+    inner[18:3016] = True  # the end pixels interpolate from a neighbour off the cut
+    kept = inner & (ivar2[0] > 0)  # pixels next to a masked one may be masked too (rounding of the grid)
+    assert kept.sum() >= 0.98 * (ivar[0, inner] > 0).sum()
+    np.testing.assert_allclose(flux2[0, kept], flux[0, kept], rtol=1e-5, atol=1e-6 * np.abs(flux).max())
+    assert not ivar2[0, :17].any() and not ivar2[0, 3017:].any()
+    with pytest.raises(InputError, match="sampling"):
+        RedshiftNetConfig.for_card(load_card("4most-hrs"))
