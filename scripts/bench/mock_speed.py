@@ -1,6 +1,7 @@
 """Mock-generation speed: samples/s per modality and the time to build a corpus.
 
-Measures each modality's generator on its default card in one process, then the
+Measures each modality's generator on its default card in one process (and the cards of
+VARIANTS, e.g. the survey-realism spectra), then the
 parallel speed-up of `generate(..., workers=N)` on spectra in the same run, and
 extrapolates the time for the issue's pretraining corpus (1M spectra, 100k stamps,
 10k lightcone chunks) and for the demo corpus. Writes JSON.
@@ -21,6 +22,8 @@ from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
 CORPUS = {"spectrum": 1_000_000, "image": 100_000, "field": 10_000}
 QUICK_N = {"spectrum": 400, "image": 200, "cube": 40, "field": 20}
+# other cards of a modality timed beside its default one: (modality, card)
+VARIANTS = (("spectrum", "sdss-like-survey"),)
 
 
 def rate(card_name: str, n: int, workers: int = 1) -> tuple[float, int]:
@@ -41,6 +44,11 @@ def run(scale: float = 1.0) -> dict:
         n = max(4, int(QUICK_N[modality] * scale))
         per_s, size = rate(card, n)
         result["per_modality"][modality] = {"card": card, "samples": n, "samples_per_s_1_process": per_s, "elements_per_sample": size, "elements_per_s": per_s * size}
+    result["variants"] = {}
+    for modality, card in VARIANTS:
+        n = max(4, int(QUICK_N[modality] * scale) // 4)
+        per_s, size = rate(card, n)
+        result["variants"][card] = {"modality": modality, "samples": n, "samples_per_s_1_process": per_s, "elements_per_s": per_s * size}
     par, _ = rate(DEFAULT_CARDS["spectrum"], max(8, int(QUICK_N["spectrum"] * scale)), workers=workers)
     speedup = par / result["per_modality"]["spectrum"]["samples_per_s_1_process"]
     result["parallel"] = {"workers": workers, "spectra_per_s": par, "speedup": speedup}
