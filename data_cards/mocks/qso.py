@@ -1,8 +1,8 @@
 """Survey-grade QSO spectra (`mock_realism: survey` cards): the basic QSO of mocks/spectra.py
 plus what real quasar spectra carry.
 
-- Emission: the basic power law and broad / narrow lines (spectra.py's tables; its
-  `rest_model` is not called because it multiplies in its own statistical forest), plus
+- Emission: the basic power law and broad / narrow lines (`spectra.qso_lines`; not
+  `rest_model`, which multiplies in its own statistical forest), plus
   - Fe II: the optical blends as Gaussians at the multiplet wavelengths of Kovacevic,
     Popovic & Dimitrijevic 2010 (ApJS 189, 15: multiplets 27, 28, 37, 38, 42, 48, 49, 55),
     normalised by R_FeII = EW(Fe II 4434-4684) / EW(Hbeta) (Boroson & Green 1992, ApJS 80,
@@ -55,7 +55,7 @@ from scipy.special import erf, erfc
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks import stellar
-from cosmofm.data_cards.mocks.spectra import BROAD, BROAD_EW, C_KMS, QSO_NARROW, QSO_NARROW_EW, ObjectParams, _gauss
+from cosmofm.data_cards.mocks.spectra import BROAD, BROAD_EW, C_KMS, ObjectParams, _gauss, qso_lines
 
 BAL_FRACTION, LOBAL_SHARE = 0.13, 0.12  # of all QSOs; of BAL QSOs
 BAL_IONS = {"NV": (1240.1, 0.8), "SiIV": (1396.8, 0.6), "CIV": (1549.1, 1.0)}  # centre [A], depth relative to C IV
@@ -174,16 +174,8 @@ def emission(p: dict, rest: np.ndarray, lsf_rest: np.ndarray) -> tuple[np.ndarra
     def sigma(centres, v):
         return np.sqrt((centres * v) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
 
+    flux, lines = qso_lines(p, rest, lsf_rest)  # the basic QSO's continuum, broad and narrow lines
     cont = power_law(rest)
-    lines, flux = {}, cont.copy()
-    narrow = (QSO_NARROW, QSO_NARROW_EW, p["narrow_fwhm_kms"] / C_KMS / 2.3548, p["narrow_scale"], "narrow_")
-    for table, ews, v, scale, prefix in ((BROAD, BROAD_EW, v_sig, p["ew_scale"], ""), narrow):
-        names = list(ews)
-        centres = np.array([table[k] for k in names])
-        ew = np.array([ews[k] for k in names]) * scale
-        sig = sigma(centres, v)
-        flux += _gauss(rest, centres, sig, ew * power_law(centres) / (np.sqrt(2 * np.pi) * sig))
-        lines.update({prefix + k: float(e * power_law(c)) for k, e, c in zip(names, ew, centres)})
     ew_hb = BROAD_EW["Hbeta"] * p["ew_scale"]
     # Fe II, in units of the local continuum: EW over each window is exact (erf of every Gaussian)
     for name, centres, intrinsic, weights, window, ew_target in (

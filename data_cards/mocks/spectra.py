@@ -212,23 +212,7 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
         flux = _planck(rest, p["teff"]) / _planck(5500.0, p["teff"])
         return flux * _absorption(rest, p["teff"], 10.0, lsf_rest)
     if obj.cls.startswith("QSO"):
-        cont = (rest / 3000.0) ** p["alpha_lambda"]
-        names = list(BROAD)
-        centres = np.array([BROAD[k] for k in names])
-        sig = np.sqrt((centres * p["fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
-        ew = np.array([BROAD_EW[k] for k in names]) * p["ew_scale"]
-        cont_at = (centres / 3000.0) ** p["alpha_lambda"]
-        amps = ew * cont_at / (np.sqrt(2 * np.pi) * sig)
-        obj.lines = {k: float(e * c) for k, e, c in zip(names, ew, cont_at)}
-        flux = cont + _gauss(rest, centres, sig, amps)
-        # narrow-line region: [OII], [NeIII], narrow Balmer, [OIII], [NII] at ~500 km/s FWHM
-        n_names = list(QSO_NARROW_EW)
-        n_centres = np.array([QSO_NARROW[k] for k in n_names])
-        n_sig = np.sqrt((n_centres * p["narrow_fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(n_centres, rest, lsf_rest) ** 2)
-        n_ew = np.array([QSO_NARROW_EW[k] for k in n_names]) * p["narrow_scale"]
-        n_cont = (n_centres / 3000.0) ** p["alpha_lambda"]
-        flux = flux + _gauss(rest, n_centres, n_sig, n_ew * n_cont / (np.sqrt(2 * np.pi) * n_sig))
-        obj.lines.update({f"narrow_{k}": float(e * c) for k, e, c in zip(n_names, n_ew, n_cont)})
+        flux, obj.lines = qso_lines(p, rest, lsf_rest)
         forest = rest < BROAD["Lyalpha"]
         if forest.any():  # Lyman-alpha forest: mean transmission from Faucher-Giguere et al. 2008
             tau_eff = 0.0018 * (wave[forest] / BROAD["Lyalpha"]) ** 3.92
@@ -245,6 +229,30 @@ def rest_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) -> n
     dust = 10 ** (-0.4 * p["A_V"] * calzetti(rest) / 4.05)
     emission, obj.lines = nebular_emission(p, rest, cont, lsf_rest)
     return (cont + emission) * dust
+
+
+def qso_lines(p: dict, rest: np.ndarray, lsf_rest: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(f_lambda, line fluxes) of a QSO's power-law continuum (~1 at 3000 A) with its broad
+    lines and narrow-line region at rest wavelengths, LSF sigma lsf_rest [A] added in
+    quadrature; line fluxes in the continuum's units x A, narrow ones prefixed "narrow_"."""
+    cont = (rest / 3000.0) ** p["alpha_lambda"]
+    names = list(BROAD)
+    centres = np.array([BROAD[k] for k in names])
+    sig = np.sqrt((centres * p["fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(centres, rest, lsf_rest) ** 2)
+    ew = np.array([BROAD_EW[k] for k in names]) * p["ew_scale"]
+    cont_at = (centres / 3000.0) ** p["alpha_lambda"]
+    amps = ew * cont_at / (np.sqrt(2 * np.pi) * sig)
+    lines = {k: float(e * c) for k, e, c in zip(names, ew, cont_at)}
+    flux = cont + _gauss(rest, centres, sig, amps)
+    # narrow-line region: [OII], [NeIII], narrow Balmer, [OIII], [NII] at ~500 km/s FWHM
+    n_names = list(QSO_NARROW_EW)
+    n_centres = np.array([QSO_NARROW[k] for k in n_names])
+    n_sig = np.sqrt((n_centres * p["narrow_fwhm_kms"] / C_KMS / 2.3548) ** 2 + np.interp(n_centres, rest, lsf_rest) ** 2)
+    n_ew = np.array([QSO_NARROW_EW[k] for k in n_names]) * p["narrow_scale"]
+    n_cont = (n_centres / 3000.0) ** p["alpha_lambda"]
+    flux = flux + _gauss(rest, n_centres, n_sig, n_ew * n_cont / (np.sqrt(2 * np.pi) * n_sig))
+    lines.update({f"narrow_{k}": float(e * c) for k, e, c in zip(n_names, n_ew, n_cont)})
+    return flux, lines
 
 
 def nebular_emission(p: dict, rest: np.ndarray, cont: np.ndarray, lsf_rest: np.ndarray) -> tuple[np.ndarray, dict]:
