@@ -121,6 +121,11 @@ class SpectrumCard(DataCard):
     mock_shift: dict = field(default_factory=dict)
     block: ClassVar[str] = "spectrum"
 
+    @property
+    def wavelength_windows(self) -> list[tuple[u.Quantity, u.Quantity]]:
+        """The (min, max) of each window: `windows`, or the one from wavelength_min to _max."""
+        return self.windows or [(self.wavelength_min, self.wavelength_max)]
+
     def __post_init__(self):
         super().__post_init__()
         where = f"{self.name}.spectrum"

@@ -288,8 +288,7 @@ def card_log_span(card_name: str) -> float | None:
         return None
     if not isinstance(card, SpectrumCard):
         return None
-    windows = card.windows or [(card.wavelength_min, card.wavelength_max)]
-    return float(sum(np.log(hi.to_value("Angstrom") / lo.to_value("Angstrom")) for lo, hi in windows))
+    return float(sum(np.log(hi.to_value("Angstrom") / lo.to_value("Angstrom")) for lo, hi in card.wavelength_windows))
 
 
 def min_unmasked_pixels(clf: CosmoFMForSpectralClassification) -> int:

@@ -316,8 +316,7 @@ def observe(obj: ObjectParams, wave: np.ndarray, resolving_power: float, snr: fl
 def wavelength_grid(card: SpectrumCard) -> np.ndarray:
     """The card's pixel centres in Angstrom (vacuum); multi-window cards get their
     n_pixels shared between windows in proportion to each window's extent."""
-    windows = card.windows or [(card.wavelength_min, card.wavelength_max)]
-    edges = [(lo.to_value("Angstrom"), hi.to_value("Angstrom")) for lo, hi in windows]
+    edges = [(lo.to_value("Angstrom"), hi.to_value("Angstrom")) for lo, hi in card.wavelength_windows]
     log = card.sampling == "log"
     extent = np.array([np.log(hi / lo) if log else hi - lo for lo, hi in edges])
     counts = np.floor(card.n_pixels * extent / extent.sum()).astype(int)
