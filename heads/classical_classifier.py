@@ -38,10 +38,8 @@ from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks import stellar
 from cosmofm.data_cards.mocks.spectra import STAR_TEFF
 from cosmofm.heads import classical_templates as ct
-from cosmofm.heads.classical_templates import (
-    ScanTransforms, legendre_rows, nnls_calibrated, parabola_min, scan_chi2, shifted, solve_chi2,
-)
-from cosmofm.heads.template_fit import DELTA, to_log_grid
+from cosmofm.heads.classical_templates import ScanTransforms, nnls_calibrated, parabola_min, scan_chi2, shifted, solve_chi2
+from cosmofm.heads.template_fit import DELTA, legendre_rows, to_log_grid
 
 Z_GALAXY = (0.0, 1.0)
 Z_QSO = (0.3, 4.0)

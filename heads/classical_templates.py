@@ -38,7 +38,7 @@ from scipy.optimize import nnls
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks import stellar
-from cosmofm.heads.template_fit import DELTA
+from cosmofm.heads.template_fit import DELTA, legendre_rows
 
 C_KMS = 299792.458
 # The stellar grid: Teff fine where the seven classes sit (their centres are 300-1100 K
@@ -246,10 +246,6 @@ def shifted(basis: np.ndarray, start: int, n: int, stride: int = 1) -> np.ndarra
     out = np.zeros((basis.shape[0], idx.size))
     out[:, inside] = basis[:, idx[inside]]
     return out
-
-
-def legendre_rows(n: int, degree: int) -> np.ndarray:
-    return np.polynomial.legendre.legvander(np.linspace(-1, 1, n), degree).T  # (P, n)
 
 
 def solve_chi2(x: np.ndarray, w: np.ndarray, f: np.ndarray, fwf: float) -> tuple[float, np.ndarray]:

@@ -100,6 +100,12 @@ def resample_log(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, log_grid:
     return f, np.where(nearest_bad | gap | outside, 0.0, iv)
 
 
+def legendre_rows(n: int, degree: int) -> np.ndarray:
+    """(degree + 1, n) Legendre polynomials P_0..P_degree on n points spanning [-1, 1]: the
+    low-order continuum terms of a template fit."""
+    return np.polynomial.legendre.legvander(np.linspace(-1, 1, n), degree).T
+
+
 def _xcorr(a: np.ndarray, b: np.ndarray, n_fft: int) -> np.ndarray:
     """r[d] = sum_i a[i] b[i + d] for all d (circular index: d < 0 wraps to the end)."""
     return np.fft.irfft(np.conj(np.fft.rfft(a, n_fft)) * np.fft.rfft(b, n_fft), n_fft)
@@ -130,8 +136,7 @@ class TemplateFitter:
         t = self.templates
         n_fft = int(2 ** np.ceil(np.log2(n + t.n_pixels)))
         off = int(np.round((log0 - t.log_start) / DELTA))  # rest index of obs pixel 0 at z = 0
-        x = np.linspace(-1, 1, n)
-        poly = np.array([np.polynomial.legendre.Legendre.basis(d)(x) for d in range(self.poly_degree + 1)])  # (P, n)
+        poly = legendre_rows(n, self.poly_degree)  # (P, n)
         wf, fwf = w * f, float(np.sum(w * f * f))
         dof = int(np.sum(w > 0))
         pp = (poly * w) @ poly.T  # (P, P), the same at every redshift
