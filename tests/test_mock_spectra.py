@@ -7,6 +7,7 @@ import pytest
 import speclite.filters
 from astropy.cosmology import Planck18
 
+from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.common import C_ANGSTROM_S
 from cosmofm.data_cards.mocks.generators import mock_object, mock_samples
 from cosmofm.data_cards.mocks.images import band_fluxes
@@ -97,6 +98,13 @@ def test_parallel_generation_equals_serial(cards):
     for a, b in zip(serial, parallel):
         np.testing.assert_array_equal(a.values, b.values)
         np.testing.assert_array_equal(a.ivar, b.ivar)
+    # chosen indices: the same objects as in the full run, serial or parallel, in the order asked
+    for workers in (1, 2):
+        picked = list(generate(card, 3, seed=9, workers=workers, indices=[5, 1, 3]))
+        assert [s.id for s in picked] == [serial[i].id for i in (5, 1, 3)]
+        np.testing.assert_array_equal(picked[0].values, serial[5].values)
+    with pytest.raises(InputError, match="indices"):
+        next(generate(card, 4, seed=9, indices=[1, 2]))
 
 
 def _rank_correlation(a, b):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 from functools import partial
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.cubes import mock_cube
 from cosmofm.data_cards.mocks.fields import mock_field
 from cosmofm.data_cards.mocks.blends import mock_blend  # noqa: F401 (re-exported)
@@ -24,18 +25,23 @@ from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, 
 GENERATORS = {SpectrumCard: mock_spectrum, ImageCard: mock_image, CubeCard: mock_cube, FieldCard: mock_field}
 
 
-def generate(card: DataCard, n: int, seed: int = 0, workers: int = 1, progress: bool = False) -> Iterator[Sample]:
-    """Yield mocks 0..n-1 of `card` in order, made by `workers` processes.
+def generate(card: DataCard, n: int, seed: int = 0, workers: int = 1, progress: bool = False,
+             indices: Sequence[int] | None = None) -> Iterator[Sample]:
+    """Yield mocks 0..n-1 of `card` in order (or those of `indices`, n of them), made by
+    `workers` processes.
 
     Each sample depends only on (seed, index), so the output is identical for any
     number of workers; samples stream out, so n can exceed memory.
     """
     from tqdm.auto import tqdm
 
+    index = range(n) if indices is None else [int(i) for i in indices]
+    if len(index) != n:
+        raise InputError("indices", f"{len(index)} indices for n = {n}", "give n = len(indices)")
     make = partial(_one, card, seed)
     bar = tqdm(total=n, desc=f"mock {card.name}", unit="sample", disable=not progress)
     if workers <= 1:
-        for i in range(n):
+        for i in index:
             yield make(i)
             bar.update()
     else:
@@ -43,7 +49,7 @@ def generate(card: DataCard, n: int, seed: int = 0, workers: int = 1, progress: 
         # re-importing torch/transformers through the cosmofm package (seconds each)
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with multiprocessing.get_context(method).Pool(workers) as pool:
-            for sample in pool.imap(make, range(n), chunksize=max(1, min(64, n // (4 * workers)))):
+            for sample in pool.imap(make, index, chunksize=max(1, min(64, n // (4 * workers)))):
                 yield sample
                 bar.update()
     bar.close()

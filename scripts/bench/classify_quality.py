@@ -65,19 +65,25 @@ TRAIN = {"batch_size": 64, "lr": 2e-3, **SPLIT}
 
 def labelled_mocks(work: Path, n: int, seed: int) -> list:
     """n labelled mock spectra, generated once into a datasets folder and read back."""
-    card = load_card(CARD)
-    folder = work / f"{CARD}-{n}-seed{seed}"
-    if not (folder / "dataset_info.json").exists() and not folder.exists():
-        write_dataset(generate(card, n, seed=seed, workers=2, progress=True), folder, [card])
+    return mock_folder(load_card(CARD), work / f"{CARD}-{n}-seed{seed}", n, seed)
+
+
+def mock_folder(card, folder: Path, n: int, seed: int, indices=None, workers: int = 2) -> list:
+    """Mocks (seed, index) of `card` for indices 0..n-1 (or `indices`), written once as a
+    datasets folder and read back."""
+    if not (folder / "dataset_info.json").exists():
+        write_dataset(generate(card, n, seed=seed, workers=workers, progress=True, indices=indices), folder, [card])
     ds = SampleDataset(folder)
     return [ds[i] for i in range(len(ds))]
 
 
-def pretrained_backbone(work: Path, max_steps: int) -> str:
-    """The release folder of a `spectra-small` backbone pretrained for max_steps (cached)."""
-    out = work / f"pretrain-{max_steps}"
+def pretrained_backbone(work: Path, max_steps: int, name: str = "pretrain", overrides: tuple[str, ...] = ()) -> str:
+    """The release folder of a `spectra-small` backbone pretrained for max_steps into
+    work/<name>-<max_steps> (cached), the recipe changed by `overrides`."""
+    out = work / f"{name}-{max_steps}"
     if not (out / "model" / "config.json").exists():
-        recipe = PretrainRecipe.load(RECIPE, [f"run.output_dir={out}", f"optim.max_steps={max_steps}", f"run.save_every={max_steps}", "run.progress=true"])
+        recipe = PretrainRecipe.load(RECIPE, [f"run.output_dir={out}", f"optim.max_steps={max_steps}", f"run.save_every={max_steps}",
+                                              "run.progress=true", *overrides])
         t0 = time.perf_counter()
         # an interrupted earlier bench run: continue from its checkpoint, or start it again
         resume = latest_checkpoint(out) is not None

@@ -33,25 +33,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from cosmofm.bench.classify_quality import mock_folder, pretrained_backbone
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
-from cosmofm.data_cards.mocks.generators import generate, mock_spectrum
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
 from cosmofm.finetune.classify import predict
 from cosmofm.heads.calibration import coverage, expected_calibration_error, softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.metrics import classification_metrics
-from cosmofm.pretrain.checkpoint import latest_checkpoint
-from cosmofm.pretrain.recipe import PretrainRecipe
-from cosmofm.pretrain.train import pretrain
 
 CARD = "sdss-like-survey"
 RECIPE = "spectra-small"
@@ -73,41 +68,12 @@ SHIFTS = {
 }
 
 
-def mock_folder(card, folder: Path, n: int, seed: int, indices=None, workers: int = 2) -> list:
-    """Mocks (seed, index) of `card` for indices 0..n-1 (or `indices`), written once as a
-    datasets folder and read back."""
-    if not (folder / "dataset_info.json").exists():
-        if indices is None:
-            stream = generate(card, n, seed=seed, workers=workers, progress=True)
-        else:
-            stream = _indexed(card, seed, indices, workers)
-        write_dataset(stream, folder, [card])
-    ds = SampleDataset(folder)
-    return [ds[i] for i in range(len(ds))]
-
-
-def _indexed(card, seed: int, indices, workers: int):
-    from tqdm.auto import tqdm
-
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from tqdm(pool.imap(partial(mock_spectrum, card, seed), [int(i) for i in indices], chunksize=32),
-                        total=len(indices), desc=f"mock {card.name}", unit="sample")
-
-
-def pretrained_backbone(work: Path, card, steps: int, n_corpus: int) -> str:
+def survey_backbone(work: Path, card, steps: int, n_corpus: int) -> str:
     """The release folder of `spectra-small` pretrained for `steps` on unlabelled survey mocks (cached)."""
-    out = work / f"pretrain-survey-{steps}"
-    if not (out / "model" / "config.json").exists():
-        corpus = work / f"corpus-{card.name}-{n_corpus}-seed{PRETRAIN_SEED}"
+    corpus = work / f"corpus-{card.name}-{n_corpus}-seed{PRETRAIN_SEED}"
+    if not (work / f"pretrain-survey-{steps}" / "model" / "config.json").exists():
         mock_folder(card, corpus, n_corpus, PRETRAIN_SEED)
-        recipe = PretrainRecipe.load(RECIPE, [f"run.output_dir={out}", f"optim.max_steps={steps}", f"run.save_every={steps}",
-                                              "run.progress=true", f"data.datasets=[{corpus}]"])
-        resume = latest_checkpoint(out) is not None
-        t0 = time.perf_counter()
-        summary = pretrain(recipe, resume=resume, overwrite=not resume)
-        (out / "bench_pretrain.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "steps": summary["steps"],
-                                                            "loss_first": summary["losses"][0], "loss_last": summary["losses"][-1]}))
-    return str(out / "model")
+    return pretrained_backbone(work, steps, name="pretrain-survey", overrides=(f"data.datasets=[{corpus}]",))
 
 
 def block_scores(model, samples, labels: np.ndarray) -> dict:
@@ -129,7 +95,7 @@ def shifted_tests(card, work: Path, n: int, test_index: np.ndarray) -> dict[str,
     for name, change in SHIFTS.items():
         shifted = dataclasses.replace(card, **change)
         slug = "".join(c if c.isalnum() else "-" for c in name)
-        sets[name] = mock_folder(shifted, work / f"shift-{slug}-{n}", n, LABELLED_SEED, indices=test_index)
+        sets[name] = mock_folder(shifted, work / f"shift-{slug}-{n}", len(test_index), LABELLED_SEED, indices=test_index)
     return sets
 
 
@@ -138,7 +104,7 @@ def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: 
     survey mocks, ARMS[1] the demo's multi-modal backbone (the project's shared checkpoint)."""
     from cosmofm.bench.photoz_quality import demo_backbone
 
-    make = {ARMS[0]: lambda: pretrained_backbone(work, card, pretrain_steps, n_corpus), ARMS[1]: lambda: str(demo_backbone(work))}
+    make = {ARMS[0]: lambda: survey_backbone(work, card, pretrain_steps, n_corpus), ARMS[1]: lambda: str(demo_backbone(work))}
     return {arm: make[arm]() for arm in arms}
 
 
