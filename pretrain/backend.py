@@ -53,7 +53,8 @@ from cosmofm.data_cards.errors import InputError
 
 KINDS = ("ddp", "fsdp2", "deepspeed")
 AC_PREFIX = "_checkpoint_wrapped_module."  # what checkpoint_wrapper adds to parameter names
-_FSDP_KEYS = {"reshard_after_forward"}
+_FSDP_KEYS = {"reshard_after_forward", "async_checkpoint"}
+SHARDED_KINDS = ("fsdp2",)  # checkpoints written one file per process (torch.distributed.checkpoint)
 
 
 @dataclass
@@ -64,7 +65,10 @@ class BackendConfig:
     mixed_precision: None (the recipe's run.mixed_precision), "no", "bf16" or "fp16" (CUDA).
     activation_checkpointing: recompute each transformer block's activations in the
         backward pass (torch's checkpoint_wrapper): memory traded for about a third more compute.
-    fsdp: fully_shard options (reshard_after_forward: bool, default true).
+    fsdp: fully_shard options (reshard_after_forward: bool, default true) and
+        async_checkpoint (bool, default false): write checkpoints from a thread while
+        training goes on (torch.distributed.checkpoint.async_save; the state is copied to
+        memory first).
     deepspeed: a DeepSpeed config; "auto" entries are filled from the recipe (`resolve`).
     name: the shipped name or path it was read from.
     """
@@ -280,22 +284,62 @@ def full_model_state(accelerator, backend: BackendConfig | None, model) -> dict 
 
 
 def full_optimizer_state(accelerator, backend: BackendConfig | None, model, optimizer) -> dict | None:
-    """The optimizer's full state on the main process in torch.optim's layout (integer keys in the
-    optimizer's parameter order); None elsewhere, and under DeepSpeed. A collective under FSDP2."""
+    """The optimizer's state on the main process in torch.optim's layout (integer keys in the
+    optimizer's parameter order), for the backends that hold it whole on every process (DDP);
+    None elsewhere, and under DeepSpeed (its partitions are written with torch.save, a pickle).
+    FSDP2 saves its shards instead (`sharded_states`)."""
     kind = "ddp" if backend is None else backend.kind
-    raw = _raw_optimizer(optimizer)
+    if kind in SHARDED_KINDS:
+        raise ValueError(f"{kind} saves sharded states (sharded_states), not a gathered optimizer state")
     if kind == "deepspeed":
         return None
-    if kind == "fsdp2":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return _raw_optimizer(optimizer).state_dict() if accelerator.is_main_process else None
 
-        state = get_optimizer_state_dict(model, raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not accelerator.is_main_process:
-            return None
-        index = {name: i for i, name in enumerate(_param_names(model, raw))}
-        return {"state": {index[k]: v for k, v in state["state"].items()},
-                "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in state["param_groups"]]}
-    return raw.state_dict() if accelerator.is_main_process else None
+
+def is_sharded(backend: BackendConfig | None) -> bool:
+    """Whether checkpoints of this backend are written in shards, one file per process (checkpoint.py)."""
+    return backend is not None and backend.kind in SHARDED_KINDS
+
+
+def sharded_states(model, optimizer) -> dict:
+    """Each process's part of the model and optimizer states, keyed by parameter name
+    (`torch.distributed.checkpoint.state_dict`: DTensor shards under FSDP2, no gathering;
+    activation-checkpointing wrappers' names removed), for `checkpoint.write_sharded_state`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, _raw_optimizer(optimizer))}
+
+
+def load_sharded_states(step_dir, model, optimizer):
+    """Read a sharded checkpoint (any world size, FSDP2 or not) into the model as `apply` left it
+    and its optimizer, each process its own part; a checkpoint of another model is an InputError
+    before anything is read. Every process calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+    from cosmofm.pretrain.checkpoint import load_sharded_state
+
+    raw = _raw_optimizer(optimizer)
+    # the optimizer's layout first: get_optimizer_state_dict creates empty Adam moments (a
+    # zero-learning-rate step) that the loaded ones then replace
+    target = get_optimizer_state_dict(model, raw)
+    set_model_state_dict(model, load_sharded_state(step_dir, "model", get_model_state_dict(model)))
+    set_optimizer_state_dict(model, raw, load_sharded_state(step_dir, "optimizer", target))
+
+
+_CHECKPOINT_GROUPS: dict[str, object] = {}
+
+
+def checkpoint_group(key: str):
+    """A gloo process group of its own for one state's asynchronous save: the thread that writes
+    it runs collectives while training runs its own, and two threads must never share a group
+    (their collectives would pair up wrongly). Created on first use, on every process at the
+    same save. None without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if key not in _CHECKPOINT_GROUPS:
+        _CHECKPOINT_GROUPS[key] = torch.distributed.new_group(backend="gloo")
+    return _CHECKPOINT_GROUPS[key]
 
 
 def load_optimizer_state(backend: BackendConfig, model, optimizer, state: dict):

@@ -24,17 +24,50 @@ re-exported here, and neither knows about training.
 
 Only one process should call `save_checkpoint` for a given run (rank 0), and
 `run_lock` keeps a second run (a second `--resume` of the same folder) out of it.
+
+Sharded states (FSDP2). A state that is split over processes is not gathered: every
+process writes its part with `torch.distributed.checkpoint` (DCP) and its Hugging Face
+safetensors storage (`HuggingFaceStorageWriter(save_distributed=True)`), into
+``<name>/shard-<rank+1>-model-00001-of-00001.safetensors``, next to ``<name>.json``, the
+skeleton of everything that is not a tensor (step counters stay tensors; learning rates,
+betas, nesting are JSON). Where each part sits in the whole tensor is JSON in the
+safetensors header ("DCP_SHARDING_INFO"); DCP's own ``.metadata`` file, a pickle, is
+never written (`HuggingFaceStorageReader` rebuilds the layout from those headers). The
+save goes into the hidden ``.step_XXXXXXXX.tmp-sharded`` folder; after every process has
+written (DCP's closing collective), rank 0 adds the whole states (scheduler, RNG), the
+skeletons, trainer_state.json (which lists the sharded states) and the manifest with a
+sha256 per shard, then renames, points `latest` and prunes as above
+(`begin_sharded_save` -> `write_sharded_state` on every process -> `publish_sharded_checkpoint`).
+With ``asynchronous=True`` DCP copies the tensors to memory and writes them from a thread
+(`dcp.async_save`, each state on its own gloo group), and `PendingSave` publishes once all
+processes are done, while training goes on.
+
+Loading reads each process's part into the tensors of the state as it is sharded now
+(`load_sharded_state`), so a checkpoint of 2 processes resumes on 1 or 4 (DCP reshards);
+`load_checkpoint` reads a sharded state whole in one process (`read_full_sharded_state`),
+and `consolidate_model` writes one ``model.safetensors`` that
+``AutoModel.from_pretrained`` loads. The tensors named in the skeleton must be exactly
+those in the shards and whole, and the names, shapes and dtypes those of the model being
+resumed, or an InputError names the tensor before anything is read.
+
+Whole states (DDP, one process, fine-tuning) stay in the single-file layout above: every
+process holds the whole state, so rank 0 writing it is no gather, and
+``safetensors.torch.load_file`` reads it. Both layouts resume under either backend.
+DeepSpeed's optimizer partitions are written by DeepSpeed only with torch.save, so its
+checkpoints hold the gathered model alone and cannot be resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import re
 import shutil
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -49,7 +82,9 @@ from cosmofm.pretrain.manifest import (  # noqa: F401 (re-exported: the checkpoi
     CORRUPT_FIX as _CORRUPT_FIX, MANIFEST_NAME, PICKLE_SUFFIXES, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file,
     honour_umask, read_json, save_release, sha256_file, verify_manifest, write_manifest,
 )
-from cosmofm.pretrain.state_tree import flatten_state, unflatten_state  # noqa: F401 (re-exported)
+from cosmofm.pretrain.state_tree import (  # noqa: F401 (re-exported)
+    flatten_state, reference_state, skeleton_tensors, unflatten_state,
+)
 
 try:
     import fcntl
@@ -259,17 +294,29 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, states: Mapping[str, 
     _check_save_arguments(step, states, metadata, keep_last)
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
-    name = _step_name(step)
-    final = checkpoints / name
-    tmp = checkpoints / f".{name}.tmp-{os.getpid()}"
+    tmp = checkpoints / f".{_step_name(step)}.tmp-{os.getpid()}"
     if tmp.exists():  # left over from an earlier save in a process with our pid
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return _publish(tmp, step, states, {}, metadata, keep_last)
+
+
+def _publish(tmp: Path, step: int, states: Mapping[str, object], sharded: Mapping[str, dict], metadata: Mapping,
+             keep_last: int) -> Path:
+    """Finish the folder `tmp` (its sharded states' shards already written into it): the
+    rank-0 states, the sharded states' skeletons, trainer_state.json and the manifest; then
+    rename it into place, point `latest` at it and prune."""
+    checkpoints, name = tmp.parent, _step_name(step)
+    final = checkpoints / name
     try:
         for key, obj in states.items():
             _write_state(tmp, key, obj)
+        for key, skeleton in sharded.items():
+            atomic_write_json(tmp / f"{key}.json", skeleton)
         trainer_state = {"format": TRAINER_STATE_FORMAT, "step": step, "states": list(states),
                          "metadata": dict(metadata)}
+        if sharded:
+            trainer_state["sharded"] = list(sharded)
         atomic_write_json(tmp / TRAINER_STATE_NAME, trainer_state)
         write_manifest(tmp)
         fsync_dir(tmp)
@@ -300,21 +347,29 @@ def _resolve_step_dir(path: Path) -> Path:
     return found
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, object], dict]:
-    """Load a checkpoint written by `save_checkpoint`; returns (states, metadata).
+def load_checkpoint(path: str | os.PathLike, full_sharded: bool = True) -> tuple[dict[str, object], dict]:
+    """Load a checkpoint written by `save_checkpoint` or a sharded save; returns (states, metadata).
 
     `path` may be a run dir, its checkpoints/ dir (both resolve `latest`) or a step
     dir. The manifest is verified before anything is parsed. Tensors come back on the
     CPU; states["model"] is the flat dict that `model.load_state_dict` takes, and
-    metadata is the saved metadata with "step" added.
+    metadata is the saved metadata with "step" added, and with "sharded" (the names of the
+    states written in shards, `write_sharded_state`) if there are any. Those come back whole (every shard
+    read by this one process) unless `full_sharded` is False: then they are left out, for
+    `load_sharded_state` to read each process's part.
     """
     step_dir = _resolve_step_dir(Path(path))
     files = verify_manifest(step_dir, required=(TRAINER_STATE_NAME,))
     trainer_state = read_json(step_dir / TRAINER_STATE_NAME, "trainer state")
     if not (isinstance(trainer_state, dict) and trainer_state.get("format") == TRAINER_STATE_FORMAT
-            and isinstance(trainer_state.get("states"), list) and isinstance(trainer_state.get("metadata"), dict)):
+            and isinstance(trainer_state.get("states"), list) and isinstance(trainer_state.get("metadata"), dict)
+            and isinstance(trainer_state.get("sharded", []), list)):
         raise InputError(str(step_dir / TRAINER_STATE_NAME), f"is not a {TRAINER_STATE_FORMAT} file", _CORRUPT_FIX)
-    states = {}
+    sharded = trainer_state.get("sharded", [])
+    for key in sharded:
+        if f"{key}.json" not in files or not any(rel.startswith(f"{key}/") for rel in files):
+            raise InputError(str(step_dir / key), "is a sharded state missing from manifest.json", _CORRUPT_FIX)
+    states = {key: read_full_sharded_state(step_dir, key) for key in sharded} if full_sharded else {}
     for key in trainer_state["states"]:
         for suffix in (".safetensors", ".json"):
             if f"{key}{suffix}" not in files:
@@ -327,16 +382,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, object], dict]:
             raise InputError(str(step_dir / f"{key}.json"), exc.problem, exc.fix) from None
     metadata = dict(trainer_state["metadata"])
     metadata["step"] = trainer_state["step"]
+    if sharded:
+        metadata["sharded"] = list(sharded)
     return states, metadata
 
 
-def resume_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tuple[dict[str, object], dict, Path] | None:
+def resume_checkpoint(run_dir: str | os.PathLike, step: int | None = None,
+                      full_sharded: bool = True) -> tuple[dict[str, object], dict, Path] | None:
     """Load the checkpoint a run resumes from: (states, metadata, folder), or None if there is none.
 
     With `step`, that checkpoint (an InputError if it is missing or fails verification).
     Without, the newest that verifies: `latest`, then older step folders, newest first;
     each one that fails is named in a warning and left in place (evidence; the run
-    replaces it when it reaches that step again). Folders newer than `latest` hold a
+    replaces it when it reaches that step again). `full_sharded` as in `load_checkpoint`
+    (the manifest, and so every shard, is verified either way). Folders newer than `latest` hold a
     timeline that an earlier resume abandoned and are never chosen. `latest` is then
     pointed at the chosen folder, so a crash before the next save resumes from the
     same place. Call it from one process (rank 0) holding `run_lock`.
@@ -357,7 +416,7 @@ def resume_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tu
         candidates = [newest] + [p for s, p in reversed(_step_dirs(checkpoints)) if s < newest_step]
     for i, path in enumerate(candidates):
         try:
-            states, metadata = load_checkpoint(path)
+            states, metadata = load_checkpoint(path, full_sharded)
         except InputError as exc:
             if step is not None or i == len(candidates) - 1:
                 raise
@@ -365,6 +424,211 @@ def resume_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tu
             continue
         _point_latest(checkpoints, path.name)
         return states, metadata, path
+
+
+# ---------------------------------------------------------------------------------
+# Sharded states: torch.distributed.checkpoint with its Hugging Face safetensors storage
+# ---------------------------------------------------------------------------------
+
+SHARDED_FIX = ("resume with the model and recipe the run was saved with (recipe.yaml in the run folder), "
+               "or start again with --overwrite")
+
+
+def sharded_save_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """The hidden folder every process of a sharded save writes into. One name on every
+    process (no pid in it), so no process has to send it to the others; `run_lock` keeps
+    a second run out of it."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f".{_step_name(step)}.tmp-sharded"
+
+
+def begin_sharded_save(run_dir: str | os.PathLike, step: int) -> Path:
+    """On the main process, before any process writes (then a barrier): an empty `sharded_save_dir`."""
+    tmp = sharded_save_dir(run_dir, step)
+    if tmp.exists():  # a save killed part-way
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_sharded_state(tmp: str | os.PathLike, key: str, state, process_group=None, asynchronous: bool = False):
+    """On every process: its part of `state` into `tmp/<key>/`; returns (skeleton, future or None).
+
+    The tensors (DTensor shards under FSDP2; a replicated tensor is written by one process)
+    go through `torch.distributed.checkpoint` with `HuggingFaceStorageWriter(save_distributed=True)`:
+    one `shard-<rank+1>-model-00001-of-00001.safetensors` per process, each tensor's place in
+    the whole recorded as JSON in the safetensors header ("DCP_SHARDING_INFO"), and no
+    `.metadata` pickle. Everything else (step counters, hyper-parameters, nesting) is in the
+    skeleton, which the main process writes as `<key>.json` (`publish_sharded_checkpoint`).
+    With `asynchronous`, the tensors are copied to memory now and written by a thread
+    (`dcp.async_save`); the future is done when every process has written.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    if not isinstance(key, str) or not _STATE_NAME_RE.fullmatch(key) or key in _RESERVED_STATE_NAMES:
+        raise InputError(f"states[{key!r}]", "is not a usable folder name", "rename the state")
+    tensors, skeleton = reference_state(state)
+    writer = HuggingFaceStorageWriter(str(Path(tmp) / key), save_distributed=True)
+    if asynchronous:
+        return skeleton, dcp.async_save(tensors, storage_writer=writer, process_group=process_group)
+    with _alone_is_meant():
+        dcp.save(tensors, storage_writer=writer, process_group=process_group)
+    return skeleton, None
+
+
+@contextlib.contextmanager
+def _alone_is_meant():
+    """DCP warns whenever one process saves or loads without a process group; a one-process
+    run (or reading a checkpoint whole) means to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def publish_sharded_checkpoint(tmp: str | os.PathLike, step: int, states: Mapping[str, object],
+                               sharded: Mapping[str, dict], metadata: Mapping, keep_last: int = 3) -> Path:
+    """On the main process, once every process's shards are in `tmp`: the whole states (scheduler,
+    RNG, ...), the sharded states' skeletons, trainer_state.json, manifest.json (sha256 of every
+    shard); then the same atomic rename, `latest` and pruning as `save_checkpoint`."""
+    _check_save_arguments(step, {**states, **sharded}, metadata, keep_last)
+    return _publish(Path(tmp), step, states, sharded, metadata, keep_last)
+
+
+def _sharded_layout(step_dir: Path, key: str):
+    """(reader, skeleton, name -> (dtype, shape)) of a sharded state, after checking that its
+    shard files hold exactly the skeleton's tensors, each whole (no shard file missing)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    skeleton = read_json(step_dir / f"{key}.json", f"skeleton of {key!r}")
+    try:
+        expected = skeleton_tensors(skeleton)
+    except InputError as exc:
+        raise InputError(str(step_dir / f"{key}.json"), exc.problem, exc.fix) from None
+    folder = step_dir / key
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        raise InputError(str(folder), "holds no shard files", _CORRUPT_FIX)
+    reader = HuggingFaceStorageReader(str(folder))
+    try:
+        saved = reader.read_metadata().state_dict_metadata
+    except Exception as exc:  # a truncated or foreign file: safetensors' own error says which
+        raise InputError(str(folder), f"has an unreadable shard file ({type(exc).__name__}: {exc})", _CORRUPT_FIX) from exc
+    for name, (_dtype, shape) in expected.items():
+        meta = saved.get(name)
+        covered = {tuple(c.offsets): math.prod(c.sizes) for c in meta.chunks} if meta is not None else {}
+        if meta is None or list(meta.size) != list(shape) or sum(covered.values()) != math.prod(shape):
+            raise InputError(f"{folder}: {name}", f"is not whole in the shard files (a shard file of {key!r} is missing "
+                             "or from another save)", _CORRUPT_FIX)
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise InputError(str(folder), f"has tensors that {key}.json does not name: {extra[:3]}", _CORRUPT_FIX)
+    return reader, skeleton, expected
+
+
+def read_full_sharded_state(step_dir: str | os.PathLike, key: str):
+    """A sharded state read whole by this one process (any world size wrote it): CPU tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    reader, skeleton, expected = _sharded_layout(Path(step_dir), key)
+    tensors = {name: torch.empty(shape, dtype=getattr(torch, dtype)) for name, (dtype, shape) in expected.items()}
+    with _alone_is_meant():
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return unflatten_state(tensors, skeleton)
+
+
+def load_sharded_state(step_dir: str | os.PathLike, key: str, target, process_group=None):
+    """On every process: read a sharded state into the tensors of `target`, the same state as
+    laid out now (e.g. `get_optimizer_state_dict` of the freshly sharded model: its DTensors say
+    which part each process reads, so a checkpoint of 2 processes loads onto 1 or 4); returns
+    the saved state (the skeleton's numbers, `target`'s tensors, filled).
+
+    A checkpoint of another model (other tensor names, shapes or dtypes) is an InputError
+    naming the tensor, raised on every process before anything is read.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    step_dir = Path(step_dir)
+    reader, skeleton, expected = _sharded_layout(step_dir, key)
+    tensors, _ = reference_state(target)
+    missing, unknown = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    if missing or unknown:
+        raise InputError(str(step_dir / f"{key}.json"), f"is the {key} of another model: this one has {missing[:3]} that "
+                         f"it lacks, and it has {unknown[:3]} that this one lacks", SHARDED_FIX)
+    for name, (dtype, shape) in expected.items():
+        now = tensors[name]
+        if list(now.shape) != list(shape) or str(now.dtype).removeprefix("torch.") != dtype:
+            raise InputError(f"{step_dir / key}: {name}", f"is {dtype}{list(shape)} in the checkpoint but "
+                             f"{str(now.dtype).removeprefix('torch.')}{list(now.shape)} in this model", SHARDED_FIX)
+    with _alone_is_meant():
+        dcp.load(tensors, storage_reader=reader, process_group=process_group)
+    return unflatten_state(tensors, skeleton)
+
+
+class PendingSave:
+    """An asynchronous sharded save: a thread waits until every process's shards are written
+    (`futures`, from `write_sharded_state(asynchronous=True)`), then runs `publish` (the main
+    process's `publish_sharded_checkpoint`), so the checkpoint appears while training goes
+    on. `wait` before the next save and before the run ends; it re-raises a failed save."""
+
+    def __init__(self, futures: list, publish):
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._finish, args=(futures, publish), name="cosmofm-checkpoint")
+        self._thread.start()
+
+    def _finish(self, futures, publish):
+        try:
+            for future in futures:
+                future.result()
+            publish()
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def check_model_state(saved: Mapping[str, torch.Tensor], now: Mapping[str, torch.Tensor], where: str) -> None:
+    """A whole model state from a checkpoint against the model built now: the same names,
+    shapes and dtypes, or an InputError naming the first difference (before any compute)."""
+    missing, unknown = sorted(set(now) - set(saved)), sorted(set(saved) - set(now))
+    if missing or unknown:
+        raise InputError(where, f"is the state of another model: this one has {missing[:3]} that it lacks, "
+                         f"and it has {unknown[:3]} that this one lacks", SHARDED_FIX)
+    for name, tensor in now.items():
+        if saved[name].shape != tensor.shape or saved[name].dtype != tensor.dtype:
+            raise InputError(f"{where}: {name}", f"is {saved[name].dtype}{list(saved[name].shape)} in the checkpoint "
+                             f"but {tensor.dtype}{list(tensor.shape)} in this model", SHARDED_FIX)
+
+
+def consolidate_model(step_dir: str | os.PathLike, out_dir: str | os.PathLike, config, key: str = "model") -> Path:
+    """One `model.safetensors` (+ config.json, manifest.json) in `out_dir` from a sharded
+    checkpoint's `key` state, by torch's `consolidate_safetensors_files` (bytes copied from the
+    shards, so bit-exact). The names are the training model's ("cosmofm.encoder...", plus the
+    objective heads): `AutoModel.from_pretrained(out_dir)` loads the backbone from it, as from
+    any checkpoint of a model with heads. The checkpoint's manifest is verified first; the
+    folder is built hidden and renamed into place."""
+    from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+
+    step_dir, out_dir = _resolve_step_dir(Path(step_dir)), Path(out_dir)
+    verify_manifest(step_dir, required=(TRAINER_STATE_NAME, f"{key}.json"))
+    _reader, _skeleton, expected = _sharded_layout(step_dir, key)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        consolidate_safetensors_files(str(step_dir / key), str(tmp), dict.fromkeys(expected, 1))
+        os.replace(tmp / "model-00001-of-00001.safetensors", tmp / "model.safetensors")
+        (tmp / "model.safetensors.index.json").unlink()  # one file: transformers needs no index
+        config.save_pretrained(tmp)
+        honour_umask(*(p for p in tmp.iterdir()))
+        fsync_file(tmp / "model.safetensors")
+        write_manifest(tmp)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 # ---------------------------------------------------------------------------------

@@ -37,7 +37,12 @@ def claim_run_folder(out_dir: Path, recipe: PretrainRecipe, backend: BackendConf
         raise InputError(str(out_dir), f"cannot be used as a run folder ({exc.strerror or exc})", "give --output a folder you can write to") from None
     checkpoint = None
     if resume:
-        found = resume_checkpoint(out_dir, resume_from)
+        if backend.kind == "deepspeed":
+            raise InputError("--resume", f"{backend.name} (DeepSpeed) cannot continue a run: its optimizer state is partitioned in "
+                             "DeepSpeed's layout, which it reads and writes only with torch.save (pickle)",
+                             "resume with --backend fsdp2 or ddp, or start again with --overwrite")
+        # sharded states are verified here (manifest) and read later by every process, its own part
+        found = resume_checkpoint(out_dir, resume_from, full_sharded=False)
         if found is None:
             raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
         loaded["states"], loaded["meta"], checkpoint = found
@@ -70,7 +75,8 @@ def remove_outputs(out_dir: Path, names: list[str]):
 def check_resume_layout(meta: dict, recipe: PretrainRecipe):
     if meta.get("optimizer_saved") is False:
         raise InputError("--resume", f"the checkpoint of step {meta['step']} was written under {meta.get('backend')} and holds no optimizer state",
-                         "DeepSpeed runs cannot be resumed yet (sharded checkpoints come next); start again with --overwrite")
+                         "DeepSpeed writes its optimizer partitions only with torch.save (pickle), so its runs cannot be "
+                         "resumed; start again with --overwrite (or train with --backend fsdp2, whose checkpoints resume)")
     for key, now in (("global_batch", recipe.optim.global_batch), ("grad_accum", recipe.optim.grad_accum), ("seed", recipe.run.seed)):
         if meta.get(key) != now:
             raise InputError(

@@ -172,6 +172,49 @@ def flatten_state(obj) -> tuple[dict[str, torch.Tensor], dict]:
     return flattener.tensors, {"format": SKELETON_FORMAT, "root": root}
 
 
+class _Referencer(_Flattener):
+    """Names tensors as `_Flattener` does but keeps them as they are (a DTensor stays a DTensor,
+    on its device): for a writer that reads each process's shards itself (DCP)."""
+
+    def _add_tensor(self, t: torch.Tensor, path: tuple[str, ...]) -> str:
+        name = self._unique_name(path)
+        self.tensors[name] = t.detach()
+        return name
+
+
+def reference_state(obj) -> tuple[dict[str, torch.Tensor], dict]:
+    """`flatten_state` without moving or copying the tensors: (name -> tensor, skeleton).
+
+    The names are the same as `flatten_state`'s (paths such as "state/cosmofm.x.weight/exp_avg"),
+    so a skeleton from one process's state matches the tensors of another world size's.
+    """
+    referencer = _Referencer()
+    root = referencer.encode(obj, ())
+    return referencer.tensors, {"format": SKELETON_FORMAT, "root": root}
+
+
+def skeleton_tensors(skeleton: dict) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor a skeleton names: name -> (dtype, shape), e.g. ("float32", [64, 32])."""
+    if not isinstance(skeleton, dict) or skeleton.get("format") != SKELETON_FORMAT or "root" not in skeleton:
+        raise InputError("skeleton", f"is not a {SKELETON_FORMAT} skeleton",
+                         "pass the JSON written next to the tensors by save_checkpoint")
+    found, stack = {}, [skeleton["root"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if node.get("type") == "tensor":
+                found[node.get("name")] = (node.get("dtype"), node.get("shape"))
+            elif node.get("type") in ("ndarray", "npscalar"):
+                raise InputError("skeleton", f"array {node.get('name')!r} cannot be read from shards",
+                                 "keep numpy arrays in the states saved whole")
+            else:
+                stack.extend(node.get("items", {}).values() if isinstance(node.get("items"), dict) else node.get("items", []))
+                stack.extend(v for _k, v in node.get("pairs", []))
+    return found
+
+
 class _Unflattener:
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
         self.tensors = tensors

@@ -15,6 +15,7 @@ ZeRO; backend.py) is applied to the model from outside, chosen by `run.backend`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -38,27 +39,37 @@ from cosmofm.pretrain.backend import (
     check_launch,
     check_modalities,
     check_world_size,
+    checkpoint_group,
     deepspeed_plugin,
     drop_unused_gradients,
     full_model_state,
     full_optimizer_state,
+    is_sharded,
     load_backend,
     load_optimizer_state,
+    load_sharded_states,
     local_tensors,
     mixed_precision,
     pairing_block,
     prepare,
     release_model,
     resolve,
+    sharded_states,
 )
 from cosmofm.pretrain.checkpoint import (
     CHECKPOINTS_DIR,
+    PendingSave,
+    begin_sharded_save,
     capture_rng_state,
+    check_model_state,
     latest_checkpoint,
     load_checkpoint,
+    publish_sharded_checkpoint,
     restore_rng_state,
     save_checkpoint,
     save_release,
+    sharded_save_dir,
+    write_sharded_state,
 )
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.corpus import load_corpus
@@ -166,8 +177,12 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     model = CosmoFMForPretraining(config)
     start_step = 0
     if checkpoint is not None:
-        states, meta = (loaded["states"], loaded["meta"]) if main else load_checkpoint(checkpoint)
-        model.load_state_dict(states["model"])
+        # a sharded checkpoint's model and optimizer are read after sharding, each process its part
+        states, meta = (loaded["states"], loaded["meta"]) if main else load_checkpoint(checkpoint, full_sharded=False)
+        sharded = bool(meta.get("sharded"))
+        if not sharded:
+            check_model_state(states["model"], model.state_dict(), f"{checkpoint}/model.safetensors")
+            model.load_state_dict(states["model"])
         start_step = int(meta["step"])
         rng = states["rng"].get(f"rank{accelerator.process_index}")
         if rng is not None:
@@ -180,7 +195,10 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     # would step once per process and make the LR schedule depend on the process count.
     scheduler = get_cosine_schedule_with_warmup(optimizer, recipe.optim.warmup_steps, recipe.optim.max_steps)
     if checkpoint is not None:
-        load_optimizer_state(backend, model, optimizer, states["optimizer"])
+        if sharded:
+            load_sharded_states(checkpoint, model, optimizer)
+        else:
+            load_optimizer_state(backend, model, optimizer, states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
     model, optimizer = prepare(accelerator, backend, model, optimizer)
 
@@ -202,6 +220,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     t0, seen = time.perf_counter(), 0
     history = []
     grad_norm = None
+    pending = None  # an asynchronous save still being written
     for batch in loader:
         batch = batch.to(accelerator.device)
         with accelerator.accumulate(model):
@@ -231,9 +250,14 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
         if step % recipe.run.log_every == 0 or step == o.max_steps:
             accelerator.log({k: v for k, v in flat_dict(row).items() if k != "step"}, step=step)
         if step % recipe.run.save_every == 0 or step == o.max_steps:
-            _save(accelerator, model, optimizer, scheduler, recipe, backend, step, last_saved)
+            if pending is not None:
+                pending.wait()
+            pending = _save(accelerator, model, optimizer, scheduler, recipe, backend, step, last_saved)
             last_saved = step
     bar.close()
+    if pending is not None:
+        pending.wait()
+        accelerator.wait_for_everyone()  # the last checkpoint is published before the run ends
 
     model_dir = out_dir / "model"
     check_finite_weights(accelerator, model, step, _diverged_fix(out_dir, last_saved))
@@ -349,26 +373,60 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, back
         "seed": recipe.run.seed,
         "samples_seen": step * recipe.optim.global_batch * recipe.optim.grad_accum,
     }
-    save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
-                        _diverged_fix(Path(recipe.run.output_dir), last_saved), backend)
+    return save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
+                               _diverged_fix(Path(recipe.run.output_dir), last_saved), backend)
 
 
 def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, fix: str,
-                        backend: BackendConfig | None = None):
-    """A checkpoint of a training job (`checkpoint.save_checkpoint`): model, optimizer,
-    scheduler and every rank's RNG state, after checking that the weights are finite.
-    Under FSDP2 / ZeRO-3 the full state is gathered onto the main process first; under
-    DeepSpeed the optimizer state (partitioned in DeepSpeed's layout) is not saved."""
+                        backend: BackendConfig | None = None) -> PendingSave | None:
+    """A checkpoint of a training job: model, optimizer, scheduler and every rank's RNG state,
+    after checking that the weights are finite.
+
+    FSDP2: every process writes its shards (`_save_sharded`); with `fsdp.async_checkpoint`
+    the writing goes on in a thread and the returned `PendingSave` must be waited for before
+    the next save. DDP: the main process writes the whole state (`checkpoint.save_checkpoint`).
+    DeepSpeed: the model gathered onto the main process, and no optimizer state (DeepSpeed
+    writes its partitions only with torch.save, a pickle), so its runs cannot be resumed."""
     check_finite_weights(accelerator, model, step, fix)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
-    model_state = full_model_state(accelerator, backend, model)  # collectives: every rank takes part
+    if is_sharded(backend):
+        return _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step, meta, keep_last, backend, rng)
+    model_state = full_model_state(accelerator, backend, model)  # ZeRO-3: a collective, every rank takes part
     optim_state = full_optimizer_state(accelerator, backend, model, optimizer)
     if accelerator.is_main_process:
         states = {"model": model_state, **({"optimizer": optim_state} if optim_state is not None else {}),
                   "scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}}
         save_checkpoint(run_dir, step, states, meta, keep_last=keep_last)
     accelerator.wait_for_everyone()
+    return None
+
+
+def _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, backend: BackendConfig,
+                  rng: list) -> PendingSave | None:
+    """Every process writes its shards of the model and optimizer into the hidden step folder;
+    then the main process adds scheduler, RNG, skeletons and manifest and renames it into place."""
+    if accelerator.is_main_process:
+        begin_sharded_save(run_dir, step)
+    accelerator.wait_for_everyone()  # the folder is empty and there before anyone writes
+    tmp = sharded_save_dir(run_dir, step)
+    asynchronous = bool(backend.fsdp.get("async_checkpoint", False))
+    skeletons, futures = {}, []
+    for key, state in sharded_states(model, optimizer).items():
+        skeletons[key], future = write_sharded_state(tmp, key, state, checkpoint_group(key) if asynchronous else None, asynchronous)
+        futures.append(future)
+    # copies: training goes on changing the scheduler while an asynchronous save is written
+    whole = copy.deepcopy({"scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}})
+
+    def publish():
+        if accelerator.is_main_process:
+            publish_sharded_checkpoint(tmp, step, whole, skeletons, meta, keep_last)
+
+    if asynchronous:
+        return PendingSave([f for f in futures if f is not None], publish)
+    publish()
+    accelerator.wait_for_everyone()
+    return None
 
 
 def flat_dict(d: dict, prefix: str = "") -> dict:

@@ -1,7 +1,7 @@
 """Parallel backends applied from outside the model (pretrain/backend.py): backends chosen by
 name, `--print-config`, clear refusals before any compute, activation checkpointing, and on 2
-CPU processes (gloo) FSDP2 and DeepSpeed ZeRO loss curves equal to DDP's, full-state FSDP2
-checkpoints and an exact FSDP2 resume (slow)."""
+CPU processes (gloo) FSDP2 and DeepSpeed ZeRO loss curves equal to DDP's, sharded FSDP2
+checkpoints (more in test_sharded_checkpoint.py) and an exact FSDP2 resume (slow)."""
 
 import json
 import os
@@ -151,11 +151,18 @@ def test_activation_checkpointing_leaves_training_unchanged(tmp_path):
 # -- 2 CPU processes (gloo) ---------------------------------------------------------------
 
 def _no_pickles(run: Path):
-    """No file in the run folder is a pickle (protocol 2+ starts with 0x80), and checkpoints hold
-    only safetensors and JSON."""
+    """No file in the run folder is a pickle (protocol 2+ opens with 0x80 and its version) or a
+    torch.save zip, and every .safetensors file has a safetensors header (a pickle saved under
+    that name, as DeepSpeed's 16-bit save can write, would not parse); checkpoints hold only
+    safetensors and JSON."""
+    import struct
+
     for path in run.rglob("*"):
         if path.is_file():
-            assert path.read_bytes()[:1] != b"\x80", f"{path} is a pickle"
+            data = path.read_bytes()
+            assert not ((data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:2] == b"PK"), f"{path} is a pickle"
+            if path.suffix == ".safetensors":
+                json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
     for path in (run / "checkpoints").rglob("*"):
         if path.is_file():
             assert path.suffix in (".safetensors", ".json") or path.name == "latest", path
@@ -186,12 +193,15 @@ def test_fsdp2_loss_curve_equals_ddp_and_saves_full_state(ddp_mixed, tmp_path):
     ddp, fsdp2 = _losses(ddp_mixed), _losses(tmp_path / "fsdp2")
     assert len(ddp) == STEPS
     np.testing.assert_allclose(fsdp2, ddp, rtol=RTOL)
-    # the checkpoint: the full (gathered) state in the rank-0 format, no pickle anywhere
+    # the checkpoint: one shard file per process (torch.distributed.checkpoint), no pickle anywhere
+    from cosmofm.pretrain.checkpoint import load_checkpoint
+
     ckpt = tmp_path / "fsdp2" / "checkpoints" / f"step_{STEPS:08d}"
     _no_pickles(tmp_path / "fsdp2")
-    state = json.loads((ckpt / "trainer_state.json").read_text())["metadata"]
-    assert (state["backend"], state["world_size"], state["optimizer_saved"]) == ("fsdp2", 2, True)
-    full, reference = load_file(ckpt / "model.safetensors"), load_file(ddp_mixed / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["metadata"]["backend"], state["metadata"]["world_size"], state["metadata"]["optimizer_saved"]) == ("fsdp2", 2, True)
+    assert state["sharded"] == ["model", "optimizer"] and len(list((ckpt / "model").glob("shard-*.safetensors"))) == 2
+    full, reference = load_checkpoint(ckpt)[0]["model"], load_file(ddp_mixed / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
     assert full.keys() == reference.keys()
     for k in full:
         torch.testing.assert_close(full[k], reference[k], **WEIGHTS)
@@ -241,6 +251,13 @@ def test_deepspeed_zero_loss_curve_equals_ddp(stage, ddp_spectra, tmp_path, caps
         unused = any(f"tokenizers.{m}." in k for m in ("image", "cube", "field"))
         torch.testing.assert_close(a[k], b[k], **(dict(rtol=1.1 * UNUSED_DECAY, atol=0) if unused else WEIGHTS))
     _no_pickles(run)
+    # the release (DeepSpeed's 16-bit state gathered in memory, written by us as safetensors) loads
+    # with AutoModel bit for bit equal to the checkpoint's model
+    from transformers import AutoModel
+
+    ckpt = load_file(run / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    released = AutoModel.from_pretrained(run / "model").state_dict()
+    assert released and all(torch.equal(v, ckpt[f"cosmofm.{k}"]) for k, v in released.items())
     # its checkpoint holds the gathered model but not ZeRO's partitioned optimizer state: resuming is refused
     assert main(["pretrain", "--config", "tiny", "--backend", "ddp", *SPECTRA_ONLY, "--output", str(run), "--resume"]) == 2
     assert "holds no optimizer state" in capsys.readouterr().err
