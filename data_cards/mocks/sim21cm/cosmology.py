@@ -3,6 +3,18 @@
 - Linear matter power spectrum P(k) = A k^n_s T(k)^2 with the Eisenstein & Hu (1998,
   ApJ 496, 605) no-wiggle transfer function (their eqs. 26-31), normalised to SIGMA_8
   with a real-space top-hat of radius 8/h Mpc.
+- Warm dark matter (M_WDM > 0 keV), as 21cmFAST 1.x-3.x with P_CUTOFF, the simulator of
+  Neutsch et al. (2022) and 21cmPIE-INN (Schosser et al. 2024): T(k) is multiplied by the
+  Bode, Ostriker & Turok (2001, ApJ 556, 93, eq. A9) cut-off [1 + (0.361 k R_c)^2.4]^(-5/1.2),
+  R_c = 0.201 (Omega_dm h^2 / 0.15)^0.15 (g_x / 1.5)^-0.29 (m / keV)^-1.15 Mpc, read in
+  comoving Mpc as 21cmFAST's `init_ps` does (BOT01 write h^-1 Mpc; the Mpc reading is within
+  ~20 % in k of the Viel et al. 2005 refit), g_x = 1.5. T^2 = 1/2 at k_hm = 1.00 / R_c. Set
+  before the SIGMA_8 normalisation (at 8/h Mpc the cut-off changes sigma by < 1e-4), so
+  sigma(M), f_coll, the excursion set, the heating and the Lyman-alpha background all see it.
+  The minimum source mass is also raised to the WDM "Jeans" mass of Barkana, Haiman & Ostriker
+  (2001, ApJ 558, 482, eq. 10) times 21cmFAST's fudge factor 60 (`wdm_jeans_mass`), as
+  21cmFAST's ionisation box does with P_CUTOFF; here in `min_source_mass`, which the global
+  collapsed fraction and the conditional EPS barriers of `reionization` and `spin` use.
 - Growth factor D(z) (D(0) = 1) from the integral solution for matter + Lambda
   (Heath 1977): D(a) ~ H(a) int_0^a da' / (a' H(a'))^3. Radiation is left out of the
   growth (a < 0.4 % effect at z < 30).
@@ -27,13 +39,44 @@ import math
 import numpy as np
 from astropy.cosmology import Planck18
 
-from cosmofm.data_cards.mocks.sim21cm.params import SimParams
+from cosmofm.data_cards.mocks.sim21cm.params import COSMO_KEY, SimParams
 
 DELTA_C = 1.686  # spherical-collapse threshold (21cmFAST's delta_c_sph)
 RHO_CRIT_H2 = 2.775e11  # critical density today / h^2 in Msun / Mpc^3
 NU21_HZ = 1420405751.768  # rest frequency of the 21cm line
 ST_A, ST_a, ST_p = 0.353, 0.73, 0.175  # Sheth-Tormen, Jenkins et al. (2001) fit as in 21cmFAST
 L_FACTOR = (4 * math.pi / 3) ** (-1 / 3)  # radius of the sphere with a unit cube's volume (0.620)
+BODE_EPS, BODE_ETA, BODE_NU = 0.361, 5.0, 1.2  # Bode, Ostriker & Turok (2001) WDM transfer function, as 21cmFAST
+G_X = 1.5  # WDM degrees of freedom (a fermionic thermal relic), 21cmFAST's g_x
+WDM_JEANS_FUDGE = 60.0  # 21cmFAST's factor on Barkana, Haiman & Ostriker (2001) eq. 10
+
+
+def wdm_cutoff_radius(m_wdm: float, omega_dm_h2: float) -> float:
+    """Bode et al. (2001) eq. A9 cut-off radius R_c in comoving Mpc (21cmFAST's reading), m_wdm in keV."""
+    return 0.201 * (omega_dm_h2 / 0.15) ** 0.15 * (G_X / 1.5) ** -0.29 * m_wdm**-1.15
+
+
+def wdm_transfer(k: np.ndarray, m_wdm: float, omega_dm_h2: float) -> np.ndarray:
+    """WDM / CDM transfer function T(k) = [1 + (eps k R_c)^(2 nu)]^(-eta/nu), k in 1/Mpc; 1 for m_wdm = 0 (CDM)."""
+    k = np.asarray(k, dtype=float)
+    if m_wdm == 0:
+        return np.ones_like(k)
+    x = BODE_EPS * k * wdm_cutoff_radius(m_wdm, omega_dm_h2)
+    return (1 + x ** (2 * BODE_NU)) ** (-BODE_ETA / BODE_NU)
+
+
+def half_mode_wavenumber(m_wdm: float, omega_dm_h2: float) -> float:
+    """k_hm (1/Mpc) where the WDM power is half the CDM power, T(k_hm)^2 = 1/2."""
+    x = (2 ** (BODE_NU / (2 * BODE_ETA)) - 1) ** (1 / (2 * BODE_NU))
+    return x / (BODE_EPS * wdm_cutoff_radius(m_wdm, omega_dm_h2))
+
+
+def wdm_jeans_mass(m_wdm: float, omega_dm_h2: float) -> float:
+    """Effective WDM "Jeans" mass in Msun below which no source forms (BHO01 eq. 10 x 60, 21cmFAST's M_J_WDM); 0 for CDM."""
+    if m_wdm == 0:
+        return 0.0
+    z_eq = 3600 * omega_dm_h2 / 0.15
+    return WDM_JEANS_FUDGE * 3.06e8 * (1.5 / G_X) * math.sqrt(omega_dm_h2 / 0.15) * m_wdm**-4 * (z_eq / 3000) ** 1.5
 
 
 def eisenstein_hu_nowiggle(k: np.ndarray, omega_m: float, omega_b: float, h: float, t_cmb: float = 2.7255) -> np.ndarray:
@@ -69,11 +112,11 @@ class Cosmology:
         p = params
         self.astropy = Planck18.clone(name=None, H0=100 * p.hlittle, Om0=p.OMm, Ob0=p.OMb)
         self.rho_m = p.OMm * RHO_CRIT_H2 * p.hlittle**2  # mean matter density today, Msun / Mpc^3
+        self.omega_dm_h2 = (p.OMm - p.OMb) * p.hlittle**2  # sets the WDM cut-off and Jeans mass
         # P(k) on a log grid wide enough for sigma(R) from 1e-3 to 1e3 Mpc.
         self._lnk = np.linspace(np.log(1e-6), np.log(1e5), 3000)
         k = np.exp(self._lnk)
-        t = eisenstein_hu_nowiggle(k, p.OMm, p.OMb, p.hlittle)
-        raw = k**p.POWER_INDEX * t**2
+        raw = k**p.POWER_INDEX * self.transfer(k) ** 2
         self._amp = 1.0
         self._pk_raw = raw
         self._amp = p.SIGMA_8**2 / self._sigma2_raw(np.array([8.0 / p.hlittle]))[0]
@@ -98,6 +141,12 @@ class Cosmology:
         self.hubble_distance = dh
 
     # --- power spectrum and variance -------------------------------------------------
+    def transfer(self, k: np.ndarray) -> np.ndarray:
+        """Matter transfer function: EH98 no-wiggle, times the WDM cut-off when M_WDM > 0 (CDM: EH98 exactly)."""
+        p = self.params
+        t = eisenstein_hu_nowiggle(k, p.OMm, p.OMb, p.hlittle)
+        return t * wdm_transfer(k, p.M_WDM, self.omega_dm_h2) if p.M_WDM > 0 else t
+
     def _sigma2_raw(self, radius: np.ndarray) -> np.ndarray:
         k = np.exp(self._lnk)
         w = tophat_window(np.outer(radius, k))
@@ -108,7 +157,7 @@ class Cosmology:
         """Linear matter power spectrum P(k, z) in Mpc^3, k in 1/Mpc."""
         k = np.asarray(k, dtype=float)
         kk = np.where(k > 0, k, 1.0)
-        p = self._amp * kk**self.params.POWER_INDEX * eisenstein_hu_nowiggle(kk, self.params.OMm, self.params.OMb, self.params.hlittle) ** 2
+        p = self._amp * kk**self.params.POWER_INDEX * self.transfer(kk) ** 2
         return np.where(k > 0, p, 0.0) * self.growth(z) ** 2
 
     def sigma2_radius(self, radius) -> np.ndarray:
@@ -164,10 +213,28 @@ class Cosmology:
         delta_vir = 18 * np.pi**2 + 82 * d - 39 * d**2  # Bryan & Norman 1998
         return 7030.97 / self.params.hlittle * np.sqrt(omz / (om * delta_vir)) * (t / (mu * (1 + z))) ** 1.5
 
+    def min_source_mass(self, z, log10_tvir: float) -> np.ndarray:
+        """M_min(z) of sources (Msun): the virial mass, raised to the WDM Jeans mass when M_WDM > 0 (21cmFAST's P_CUTOFF)."""
+        m_vir = self.virial_mass(z, log10_tvir)
+        if self.params.M_WDM == 0:
+            return m_vir
+        return np.maximum(m_vir, wdm_jeans_mass(self.params.M_WDM, self.omega_dm_h2))
+
+    def half_mode_mass(self) -> float:
+        """WDM half-mode mass M_hm = 4 pi / 3 rho_m (pi / k_hm)^3 in Msun (Schneider et al. 2012); 0 for CDM."""
+        if self.params.M_WDM == 0:
+            return 0.0
+        return float(self.radius_to_mass(np.pi / half_mode_wavenumber(self.params.M_WDM, self.omega_dm_h2)))
+
     def fcoll_global(self, z, log10_tvir: float, hmf: str = "ST") -> np.ndarray:
-        """Mass fraction in haloes above M_min(z): Press-Schechter ("PS") or Sheth-Tormen ("ST")."""
+        """Mass fraction in haloes above M_min(z) (`min_source_mass`): Press-Schechter ("PS") or Sheth-Tormen ("ST")."""
         z = np.atleast_1d(np.asarray(z, dtype=float))
-        sigma_min = np.sqrt(self.sigma2_mass(self.virial_mass(z, log10_tvir)))
+        return self.fcoll_above(z, self.min_source_mass(z, log10_tvir), hmf)
+
+    def fcoll_above(self, z, mass, hmf: str = "ST") -> np.ndarray:
+        """Mass fraction in haloes above `mass` (Msun, broadcast against z): Press-Schechter ("PS") or Sheth-Tormen ("ST")."""
+        z, mass = np.broadcast_arrays(np.atleast_1d(np.asarray(z, dtype=float)), np.asarray(mass, dtype=float))
+        sigma_min = np.sqrt(self.sigma2_mass(mass))
         nu = DELTA_C / (self.growth(z) * sigma_min)
         if hmf == "PS":
             return erfc(nu / np.sqrt(2))
@@ -183,7 +250,7 @@ class Cosmology:
 
 @functools.lru_cache(maxsize=16)
 def _cached(key: tuple) -> Cosmology:
-    return Cosmology(SimParams(OMm=key[0], OMb=key[1], SIGMA_8=key[2], hlittle=key[3], POWER_INDEX=key[4]))
+    return Cosmology(SimParams(**dict(zip(COSMO_KEY, key))))
 
 
 def cosmology(params: SimParams) -> Cosmology:

@@ -4,7 +4,9 @@
 cosmology; HII_EFF_FACTOR = 30, ION_Tvir_MIN = 4.69897, R_BUBBLE_MAX = 15 Mpc), so a
 run of our model and a 21cmFAST run with its `const-zeta` template describe the same
 universe. `SimParams.from_dict` also takes the aliases `Omega_m`, `Omega_b`, `sigma_8`,
-`hubble` and `n_s`, and rejects unknown names and unphysical values with `InputError`.
+`hubble`, `n_s` and `m_WDM`, and rejects unknown names and unphysical values with `InputError`.
+M_WDM is the warm dark matter particle mass in keV (0 = cold dark matter, the default), the
+WDM parameter of 21cmFAST 1.x-3.x (`global_params.M_WDM` with `P_CUTOFF`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from astropy.cosmology import Planck18
 from cosmofm.data_cards.errors import InputError
 
 # Other names people write for the 21cmFAST cosmology parameters.
-ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "SIGMA_8", "hubble": "hlittle", "h": "hlittle", "n_s": "POWER_INDEX"}
+ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "SIGMA_8", "hubble": "hlittle", "h": "hlittle", "n_s": "POWER_INDEX",
+           "m_WDM": "M_WDM"}
+# Below ~0.1 keV a thermal relic erases the haloes of every galaxy (half-mode mass of 0.1 keV
+# ~ 1e14 Msun in `cosmology.half_mode_mass`, a galaxy cluster): not a model of our Universe.
+M_WDM_MIN = 0.1  # keV
 
 # Which parameters the embedded model reads, per simulated quantity: the single source of
 # truth for what a card may draw ([low, high]) and what is written as a label. A parameter
@@ -27,7 +33,7 @@ ALIASES = {"Omega_m": "OMm", "Omega_b": "OMb", "sigma_8": "SIGMA_8", "sigma8": "
 # its prior and look calibrated), so `inert_reason` refuses drawing it and the mocks drop it
 # from the labels. The X-ray parameters act through the spin temperature (`spin`, `heating`):
 # heating and Lyman-alpha coupling of cosmic dawn; the density field reads only the cosmology.
-COSMOLOGY_READS = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX", "LOGNORMAL")  # growth, P(k), distances
+COSMOLOGY_READS = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX", "M_WDM", "LOGNORMAL")  # growth, P(k), distances, M_min
 XRAY_READS = ("L_X", "NU_X_THRESH", "X_RAY_SPEC_INDEX")  # X-ray heating (spin temperature)
 BRIGHTNESS_READS = ("HII_EFF_FACTOR", "ION_Tvir_MIN", "R_BUBBLE_MAX", "HMF") + XRAY_READS + COSMOLOGY_READS
 MODEL_READS = {"brightness_temperature": BRIGHTNESS_READS, "overdensity": COSMOLOGY_READS}
@@ -71,6 +77,11 @@ class SimParams:
         SIGMA_8: rms linear density fluctuation in 8 Mpc/h top-hat spheres today.
         hlittle: H0 / (100 km/s/Mpc).
         POWER_INDEX: primordial spectral index n_s.
+        M_WDM: warm dark matter (thermal relic) particle mass in keV; 0 = cold dark matter.
+            A finite mass cuts P(k) off with the Bode, Ostriker & Turok (2001) transfer
+            function and raises the minimum source mass to the WDM "Jeans" mass (Barkana,
+            Haiman & Ostriker 2001), as 21cmFAST's P_CUTOFF (`cosmology.wdm_transfer`).
+            0 or >= 0.1 keV (M_WDM_MIN).
         HMF: which global collapsed fraction the excursion set is normalised to, 1 =
             Sheth-Tormen with the Jenkins et al. (2001) fit that 21cmFAST uses (its default
             `HMF = "ST"`), 0 = Press-Schechter. A number so that cards can set it.
@@ -89,6 +100,7 @@ class SimParams:
     SIGMA_8: float = 0.8102
     hlittle: float = float(Planck18.h)
     POWER_INDEX: float = 0.9665
+    M_WDM: float = 0.0  # keV; 0 = cold dark matter
     HMF: float = 1.0  # 1 = Sheth-Tormen (21cmFAST default), 0 = Press-Schechter
     LOGNORMAL: float = 0.0
 
@@ -101,6 +113,8 @@ class SimParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InputError(f"parameters.{name}", f"must be positive, got {getattr(self, name)!r}", "give a positive value")
+        if not self.OMm < 1:  # flat: Omega_Lambda = 1 - OMm must not be negative
+            raise InputError("parameters.OMm", f"must be below 1 (flat universe, Omega_Lambda = 1 - OMm), got {self.OMm!r}", "use e.g. OMm = 0.31")
         if not 0 < self.OMb < self.OMm < 1:
             raise InputError("parameters.OMb", f"need 0 < OMb < OMm < 1, got OMb={self.OMb}, OMm={self.OMm}", "use e.g. OMm = 0.31, OMb = 0.049")
         if not 2.0 <= self.ION_Tvir_MIN <= 7.0:
@@ -113,6 +127,9 @@ class SimParams:
                              "give E_0 in eV, e.g. 500")
         if not -1.0 <= self.X_RAY_SPEC_INDEX <= 3.0:
             raise InputError("parameters.X_RAY_SPEC_INDEX", f"{self.X_RAY_SPEC_INDEX!r} is outside [-1, 3]", "use e.g. 1.0 (21cmFAST's default)")
+        if self.M_WDM != 0 and not self.M_WDM >= M_WDM_MIN:
+            raise InputError("parameters.M_WDM", f"{self.M_WDM!r} keV is not a warm dark matter mass (0 = cold dark matter, else >= {M_WDM_MIN} keV)",
+                             "give the thermal-relic mass in keV, e.g. 2.0, or 0 for cold dark matter")
         for name in ("HMF", "LOGNORMAL"):
             if getattr(self, name) not in (0, 1):
                 raise InputError(f"parameters.{name}", f"must be 0 or 1, got {getattr(self, name)!r}", "use 1 (on) or 0 (off)")
@@ -139,5 +156,10 @@ class SimParams:
 
     @property
     def cosmo_key(self) -> tuple[float, ...]:
-        """The parameters the cosmology tables depend on (for caching)."""
-        return (self.OMm, self.OMb, self.SIGMA_8, self.hlittle, self.POWER_INDEX)
+        """The parameters the cosmology tables depend on (for caching), in the order of COSMO_KEY."""
+        return tuple(getattr(self, name) for name in COSMO_KEY)
+
+
+# What `cosmology.Cosmology` reads: every parameter here must be in `cosmo_key`, or the cache
+# would hand one cosmology's tables to another.
+COSMO_KEY = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX", "M_WDM")

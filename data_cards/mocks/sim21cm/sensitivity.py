@@ -2,8 +2,8 @@
 
     from cosmofm.data_cards import load_card
     from cosmofm.data_cards.mocks.sim21cm.sensitivity import check_sensitivity
-    check_sensitivity(load_card("lightcone-21cm"))  # {"HII_EFF_FACTOR": 1.5, "ION_Tvir_MIN": 16.0, "L_X": 13.3, "NU_X_THRESH": 2.6}
-    python -m cosmofm.data_cards.mocks.sim21cm.sensitivity lightcone-21cm
+    check_sensitivity(load_card("lightcone-21cm"))  # {"HII_EFF_FACTOR": 1.5, "ION_Tvir_MIN": 15.2, "L_X": 13.3, "M_WDM": 11.1, "NU_X_THRESH": 2.7, "OMm": 11.7}
+    python -m cosmofm.data_cards.mocks.sim21cm.sensitivity lightcone-21cm [--plot docs/bench/sim21cm_sensitivity.png]
 
 For each parameter the card draws ([low, high] in `field.parameters`), noise-free lightcones
 of the card's size on its fixed slice grid (`fields.lightcone_grid`) are simulated at the low and at the high end of its
@@ -35,11 +35,16 @@ the power spectrum or the global signal by more than the seed scatter. Below it,
 lightcone pins the parameter no better than its prior does, per slice or per k bin, so an
 inference head trained on it as a label learns mostly its prior. Card noise is not added:
 it does not depend on the parameters and would only inflate the scatter.
+
+`--plot PATH` (`plot_sensitivity`) draws, per drawn parameter, the global signal dT_b(z) and
+Delta^2_21(k) of two chunks (at the card's reionisation and cosmic-dawn redshifts) at the low,
+middle and high end of its range, the seed-to-seed range shaded: the check's numbers as a figure.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import io
 import time
 
 import numpy as np
@@ -78,6 +83,13 @@ def effect_ratio(low: list[np.ndarray], high: list[np.ndarray]) -> float:
     return float(effect / (scatter + TINY))
 
 
+def _runs(card, values: dict, redshifts: np.ndarray, seeds) -> list[dict[str, np.ndarray]]:
+    """The summaries of one lightcone per seed at parameter `values`."""
+    box = card.box_size.to_value("Mpc")
+    params = SimParams.from_dict(values)
+    return [summaries(_simulate(params, box, card.n_cells, redshifts, s, card.quantity), box / card.n_cells, card.los_cells) for s in seeds]
+
+
 def check_sensitivity(card, seeds=(0, 1), threshold: float = THRESHOLD, raise_below: bool = True,
                       details: dict | None = None) -> dict[str, float]:
     """{parameter: effect ratio} for every parameter the card draws; InputError for one below `threshold`.
@@ -98,21 +110,17 @@ def check_sensitivity(card, seeds=(0, 1), threshold: float = THRESHOLD, raise_be
         raise InputError("seeds", f"need at least 2 distinct seeds for the scatter, got {seeds}", "pass e.g. seeds=(0, 1)")
     fixed, priors = card_priors(card)  # refuses inert drawn parameters before any compute
     redshifts = lightcone_grid(card)[0]  # the mocks' fixed grid: both ends compared slice by slice at the same z
-    box = card.box_size.to_value("Mpc")
-    cell = box / card.n_cells
     centre = {**fixed, **{k: 0.5 * (lo + hi) for k, (lo, hi) in priors.items()}}
     t0 = time.perf_counter()
-    ratios, per_summary = {}, {}
+    ratios, per_summary, kept = {}, {}, {}
     for name, (lo, hi) in sorted(priors.items()):
-        ends = []
-        for value in (lo, hi):
-            params = SimParams.from_dict({**centre, name: value})
-            runs = [summaries(_simulate(params, box, card.n_cells, redshifts, s, card.quantity), cell, card.los_cells) for s in seeds]
-            ends.append(runs)
+        ends = [_runs(card, {**centre, name: value}, redshifts, seeds) for value in (lo, hi)]
+        kept[name] = {"low": ends[0], "high": ends[1]}
         per_summary[name] = {key: effect_ratio([r[key] for r in ends[0]], [r[key] for r in ends[1]]) for key in ends[0][0]}
         ratios[name] = max(per_summary[name].values())
     if details is not None:
-        details.update(per_summary=per_summary, seconds=time.perf_counter() - t0, n_lightcones=2 * len(seeds) * len(priors))
+        details.update(per_summary=per_summary, seconds=time.perf_counter() - t0, n_lightcones=2 * len(seeds) * len(priors),
+                       summaries=kept, centre=centre, priors=priors, redshifts=redshifts, seeds=seeds)
     if raise_below:
         weak = {k: v for k, v in ratios.items() if v < threshold}
         if weak:
@@ -125,17 +133,89 @@ def check_sensitivity(card, seeds=(0, 1), threshold: float = THRESHOLD, raise_be
     return ratios
 
 
+def _chunk_redshifts(card, redshifts: np.ndarray) -> tuple[int, int]:
+    """Indices of the two plotted power-spectrum chunks: the ones holding z ~ 8 (reionisation) and z ~ 15 (cosmic dawn)."""
+    n_chunks = max(1, len(redshifts) // card.los_cells)
+    centres = np.array([redshifts[min(len(redshifts) - 1, c * card.los_cells + card.los_cells // 2)] for c in range(n_chunks)])
+    return int(np.argmin(np.abs(centres - 8.0))), int(np.argmin(np.abs(centres - 15.0)))
+
+
+def plot_sensitivity(card, path, details: dict) -> None:
+    """The per-parameter effect as a figure (module docstring), written atomically to `path` (PNG).
+
+    `details` is what `check_sensitivity(card, details=...)` filled (low and high ends); the
+    middle of each range is simulated here with the same seeds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from cosmofm.pretrain.manifest import atomic_write_bytes
+
+    z, seeds, priors = details["redshifts"], details["seeds"], details["priors"]
+    cell = card.box_size.to_value("Mpc") / card.n_cells
+    chunk = card.los_cells
+    n_bins = N_K_BINS
+    k = power_spectrum(np.zeros((chunk, card.n_cells, card.n_cells)), cell, n_bins)[0]
+    picks = _chunk_redshifts(card, z)
+    names = sorted(priors)
+    fig, axes = plt.subplots(len(names), 3, figsize=(13, 2.6 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        lo, hi = priors[name]
+        mid = 0.5 * (lo + hi)
+        runs = [(lo, details["summaries"][name]["low"]), (mid, _runs(card, {**details["centre"], name: mid}, z, seeds)),
+                (hi, details["summaries"][name]["high"])]
+        for j, (value, seed_runs) in enumerate(runs):
+            colour = ("C0", "C2", "C3")[j]
+            gs = np.array([r["global_signal"] for r in seed_runs])  # (seeds, D)
+            axes[row, 0].plot(z, gs.mean(axis=0), color=colour, lw=1, label=f"{name} = {value:.3g}")
+            axes[row, 0].fill_between(z, gs.min(axis=0), gs.max(axis=0), color=colour, alpha=0.25, lw=0)
+            ps = np.array([r["power_spectrum"] for r in seed_runs]).reshape(len(seed_runs), -1, n_bins)  # (seeds, chunks, bins)
+            for col, c in zip((1, 2), picks):
+                axes[row, col].loglog(k, ps[:, c].mean(axis=0), "-o", ms=2, color=colour, lw=1)
+                axes[row, col].fill_between(k, ps[:, c].min(axis=0), ps[:, c].max(axis=0), color=colour, alpha=0.25, lw=0)
+        ratio = max(details["per_summary"][name].values())
+        axes[row, 0].set(ylabel="mean dT_b [mK]", title=f"{name} [{lo:g}, {hi:g}]: effect / seed scatter = {ratio:.1f}")
+        axes[row, 0].legend(fontsize=7)
+        for col, c in zip((1, 2), picks):
+            z_lo, z_hi = z[c * chunk], z[min(len(z) - 1, (c + 1) * chunk - 1)]
+            axes[row, col].set(ylabel="Delta^2_21 [mK^2]", title=f"chunk z = {z_lo:.2f}-{z_hi:.2f}")
+    axes[-1, 0].set(xlabel="z")
+    for ax in axes[:, 1:].ravel():  # plain k labels: log-axis minor labels overlap on a 0.1-3 /Mpc range
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.1, 0.2, 0.5, 1.0, 2.0]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    for col in (1, 2):
+        axes[-1, col].set(xlabel="k [1/Mpc]")
+    fig.suptitle(f"{card.name}: low / mid / high end of each prior, others at their centres; seeds {list(seeds)} (band: seed range)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def main(argv: list[str] | None = None) -> int:
     from cosmofm.data_cards import load_card
 
-    args = sys.argv[1:] if argv is None else argv
-    card = load_card(args[0] if args else "lightcone-21cm")
+    parser = argparse.ArgumentParser(description="Does every parameter a card draws act on its lightcones? (issue 18)")
+    parser.add_argument("card", nargs="?", default="lightcone-21cm")
+    parser.add_argument("--plot", metavar="PATH", help="also write the per-parameter effect as a PNG (e.g. docs/bench/sim21cm_sensitivity.png)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="density seeds, the same at both ends (default 0 1)")
+    args = parser.parse_args(argv)
+    card = load_card(args.card)
     info: dict = {}
-    ratios = check_sensitivity(card, raise_below=False, details=info)
+    ratios = check_sensitivity(card, seeds=args.seeds, raise_below=False, details=info)
     for name, r in ratios.items():
         parts = ", ".join(f"{k} {v:.2f}" for k, v in info["per_summary"][name].items())
         print(f"{name}: effect ratio {r:.2f} ({parts}){'  BELOW ' + str(THRESHOLD) if r < THRESHOLD else ''}")
     print(f"{info['n_lightcones']} lightcones in {info['seconds']:.1f} s")
+    if args.plot:
+        t0 = time.perf_counter()
+        plot_sensitivity(card, args.plot, info)
+        print(f"wrote {args.plot} ({len(info['priors']) * len(info['seeds'])} more lightcones, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 
