@@ -60,8 +60,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, cosmology, erfc, erfcinv, frequency_hz, tophat_window
-from cosmofm.data_cards.mocks.sim21cm.density import _check_box, gaussian_field, k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, cosmology, erfc, erfcinv, frequency_hz
+from cosmofm.data_cards.mocks.sim21cm.density import check_box, gaussian_field, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX  # the model's redshift range (21cmFAST's Z_HEAT_MAX)
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 from cosmofm.data_cards.mocks.sim21cm.spin import brightness_temperature, shells
@@ -102,19 +102,18 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
     p = params
     z = np.asarray(redshifts, dtype=float)
     growth = cosmo.growth(z)  # (D,)
-    sigma2_min = cosmo.sigma2_mass(cosmo.virial_mass(z, p.ION_Tvir_MIN))  # (D,)
+    sigma2_min = cosmo.sigma2_mass(cosmo.min_source_mass(z, p.ION_Tvir_MIN))  # (D,)
     f_global = cosmo.fcoll_global(z, p.ION_Tvir_MIN, "ST" if p.HMF == 1 else "PS")  # (D,)
     barrier_c = DELTA_C / growth  # (D,)
     box_len = box_len or delta0.shape[-1] * cell
     radii = smoothing_radii(p, cell, box_len)
-    dk = np.fft.rfftn(delta0)
-    kmag = k_magnitude(delta0.shape, cell)
+    smooth = tophat_smoother(delta0, cell)
     ionised = np.zeros(delta0.shape, dtype=bool)
     x_hii = None
     for i, radius in enumerate(radii):
         last = i == len(radii) - 1
         # The last step uses the unfiltered field, as 21cmFAST does (R = cell radius).
-        smoothed = delta0 if last else np.fft.irfftn(dk * tophat_window(kmag * radius), s=delta0.shape)
+        smoothed = delta0 if last else smooth(radius)
         var_grid = float(np.mean(smoothed**2))
         sig2_diff = sigma2_min - cosmo.sigma2_radius(radius)  # (D,)
         valid = sig2_diff > 0  # a cell lighter than M_min hosts no source
@@ -276,19 +275,31 @@ def _next_fast_len(n: int) -> int:
 
 
 def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0, n_cells: int = 32, seed: int = 0,
-               los_cells: int | None = None, spin: bool = False, rsd: bool = False) -> CoevalBox:
+               los_cells: int | None = None, spin: bool = False, rsd: bool = False, density0: np.ndarray | None = None) -> CoevalBox:
     """A periodic coeval box at redshift z: (los_cells or n_cells) x n_cells^2 cells of box_size / n_cells Mpc.
 
     spin=False is the saturated limit T_S >> T_CMB; spin=True adds the spin temperature, rsd=True the velocity gradient.
+    density0: a given (los_cells, n_cells, n_cells) linear overdensity at z = 0, already averaged over
+    each cell (e.g. 21cmFAST's low-resolution initial conditions, `reference.run_21cmfast_coevals`),
+    used instead of drawing one from `seed`; the box is then the model run on those initial conditions.
     """
     p = _params(params)
-    _check_box(p, box_size, n_cells, z, seed)
+    check_box(p, box_size, n_cells, z, seed)
     los_cells = n_cells if los_cells is None else los_cells
     if isinstance(los_cells, bool) or not isinstance(los_cells, (int, np.integer)) or los_cells <= 0:
         raise InputError("los_cells", f"must be a positive integer, got {los_cells!r}", "give the number of cells along the line of sight")
+    shape = (los_cells, n_cells, n_cells)
+    if density0 is not None:
+        density0 = np.asarray(density0, dtype=np.float64)
+        if density0.shape != shape or not np.all(np.isfinite(density0)):
+            raise InputError("density0", f"must be a finite {shape} array, got shape {density0.shape}",
+                             "pass the z = 0 linear density on the box's own grid (LOS, y, x)")
     cosmo = cosmology(p)
     cell = box_size / n_cells
-    delta0 = gaussian_field(np.random.default_rng([seed, 21]), (los_cells, n_cells, n_cells), cell, cosmo.power, cell_average=True)
+    if density0 is None:
+        delta0 = gaussian_field(np.random.default_rng([seed, 21]), shape, cell, cosmo.power, cell_average=True)
+    else:
+        delta0 = density0
     zs = np.full(los_cells, float(z))
     x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size)
     delta = _grown(delta0, cosmo.growth(zs), p.LOGNORMAL == 1)
@@ -305,8 +316,8 @@ def lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, z_
     spin: spin temperature (cosmic dawn) on, else saturated T_S; rsd: redshift-space distortions.
     """
     p = _params(params)
-    _check_box(p, box_size, n_cells, z_min, seed)
-    _check_box(p, box_size, n_cells, z_max)
+    check_box(p, box_size, n_cells, z_min, seed)
+    check_box(p, box_size, n_cells, z_max)
     if z_max <= z_min:
         raise InputError("z_max", f"must be above z_min ({z_min}), got {z_max}", "give z_min < z_max")
     cosmo = cosmology(p)
@@ -322,7 +333,7 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
     ionize=False skips the excursion set, the spin temperature and RSD (x_HI = 1): a density lightcone.
     """
     p = _params(params)
-    _check_box(p, box_size, n_cells, z_min, seed)
+    check_box(p, box_size, n_cells, z_min, seed, bubbles=ionize)
     if isinstance(n_los, bool) or not isinstance(n_los, (int, np.integer)) or n_los <= 0:
         raise InputError("n_los", f"must be a positive integer, got {n_los!r}", "give the number of slices along the line of sight")
     cosmo = cosmology(p)
@@ -375,8 +386,8 @@ def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_c
     z = np.asarray(redshifts, dtype=float)
     if z.ndim != 1 or len(z) == 0 or not np.all(np.isfinite(z)) or np.any(np.diff(z) <= 0):
         raise InputError("redshifts", "must be a non-empty, strictly increasing 1D array", "give the slices' redshifts from low to high")
-    _check_box(p, box_size, n_cells, float(z[0]), seed)
-    _check_box(p, box_size, n_cells, float(z[-1]))
+    check_box(p, box_size, n_cells, float(z[0]), seed, bubbles=ionize)
+    check_box(p, box_size, n_cells, float(z[-1]), bubbles=ionize)
     cosmo = cosmology(p)
     cell = box_size / n_cells
     d = cosmo.comoving_distance(z)

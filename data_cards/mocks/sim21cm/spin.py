@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc, tophat_window
-from cosmofm.data_cards.mocks.sim21cm.density import k_grid, k_magnitude
+from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc
+from cosmofm.data_cards.mocks.sim21cm.density import k_grid, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
     C_CM, M_E, M_P, RHO_CRIT_CGS, T_CMB0, Y_HE, History, cumulative, history, hubble_rate_s,
 )
@@ -138,13 +138,13 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
 
     d_tk, d_ja = np.zeros(shape), np.zeros(shape)
     z_pm = np.stack([hist.z_source - DZ_SOURCE, hist.z_source + DZ_SOURCE])  # (2, G, S): d f_coll / dz by differences
-    sigma2_min = cosmo.sigma2_mass(cosmo.virial_mass(z_pm, params.ION_Tvir_MIN))  # (2, G, S)
+    sigma2_min = cosmo.sigma2_mass(cosmo.min_source_mass(z_pm, params.ION_Tvir_MIN))  # (2, G, S)
     barrier = DELTA_C / cosmo.growth(z_pm)  # (2, G, S)
     growth_src = cosmo.growth(hist.z_source)  # (G, S)
-    dk, kmag = np.fft.rfftn(delta0), k_magnitude(shape, cell)
+    smooth = tophat_smoother(delta0, cell)
     slice_base = (np.arange(shape[0]) * N_DELTA)[:, None, None]
     for s, radius in enumerate(radii):
-        field = delta0 if s == 0 else np.fft.irfftn(dk * tophat_window(kmag * radius), s=shape)
+        field = delta0 if s == 0 else smooth(radius)
         lo, hi = float(field.min()), float(field.max())
         step = max(hi - lo, 1e-12) / (N_DELTA - 1)
         pos = (field - lo) / step
