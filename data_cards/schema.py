@@ -176,6 +176,33 @@ class CubeCard(DataCard):
         _check_unit(f"{self.name}.cube.brightness_unit", self.brightness_unit, u.Jy / u.beam)
 
 
+# SKA-Low array assemblies with a station layout in tools21cm (stations: AA0.5 4, AA1 16,
+# AA2 68, AA* 307, AA4 512; sim21cm.observe.SKA_LOW_LAYOUTS).
+SKA_LOW_LAYOUTS = ("AA4", "AA*", "AA2", "AA1", "AA0.5")
+
+
+@dataclass
+class FieldInstrument:
+    """How a 21cm field is observed: a `FieldCard`'s `instrument:` block (applied by
+    `cosmofm.data_cards.mocks.fields.observe_field`, physics in `mocks/sim21cm/observe.py`).
+
+    The sky signal is smoothed by the synthesised beam, thermal noise is added, then the
+    foreground wedge is removed from signal and noise together.
+    """
+
+    telescope: str = _choice("ska-low", default="ska-low")
+    layout: str = _choice(*SKA_LOW_LAYOUTS, default="AA4")  # SKA-Low array assembly (stations and tools21cm layout)
+    # "radiometer": white noise per voxel from the radiometer equation; "tools21cm": uv-track
+    # noise of the layout ([sim21cm] extra); "none": the card's noise_sigma white noise instead
+    noise_model: str = _choice("radiometer", "tools21cm", "none", default="radiometer")
+    integration_time: u.Quantity = _quantity("h", default=1000.0 * u.h)  # total observing time
+    beam: str = _choice("max-baseline", "none", default="max-baseline")  # Gaussian FWHM lambda / max_baseline per slice
+    max_baseline: u.Quantity = _quantity("km", default=2.0 * u.km)  # 2 km: the SKA-Low core (tools21cm's default)
+    wedge: str = _choice("horizon", "primary-beam", "none", default="horizon")
+    wedge_buffer: u.Quantity = _quantity("1 / Mpc", positive=False, default=0.0 / u.Mpc)  # added to k_par of the wedge edge, >= 0
+    wedge_chunk: int = field(default=0, metadata={"min": 0})  # slices per wedge FFT along the line of sight; 0 = los_cells
+
+
 @dataclass
 class FieldCard(DataCard):
     box_size: u.Quantity = _quantity("Mpc", default=None)  # comoving, transverse side
@@ -188,7 +215,10 @@ class FieldCard(DataCard):
     lightcone: bool = True  # False: coeval boxes at redshift_min
     simulator: str = ""
     parameters: dict[str, float | list[float]] = field(default_factory=dict)  # simulator parameters (21cmFAST names); [low, high] = drawn per lightcone
-    noise_sigma: float = _positive(default=1.0)  # per-cell noise in `unit` (thermal noise; sets ivar)
+    noise_sigma: float = _positive(default=1.0)  # per-cell noise in `unit` (thermal noise; sets ivar); unused with an instrument's noise model
+    # How the field is observed (`FieldInstrument`); None = the simulated field plus white noise
+    # of noise_sigma. A factory, not default=None: `_build` reads a None default as required.
+    instrument: FieldInstrument | None = field(default_factory=lambda: None)
     block: ClassVar[str] = "field"
 
     def __post_init__(self):
@@ -199,6 +229,31 @@ class FieldCard(DataCard):
             u.Unit(self.unit)
         except ValueError as e:
             raise InputError(f"{self.name}.field.unit", f"{self.unit!r} is not an astropy unit ({e})", "use e.g. 'mK'") from None
+        self.instrument = self._instrument(self.instrument)
+
+    def _instrument(self, value) -> FieldInstrument | None:
+        """The `instrument` block validated (from YAML or built in Python alike); errors name its fields."""
+        if value is None:
+            return None
+        where = f"{self.name}.field.instrument"
+        if isinstance(value, FieldInstrument):
+            value = _plain(value)  # re-validated below: dataclasses built in Python skip `_convert`
+        if not isinstance(value, dict):
+            raise InputError(where, "must be a mapping", "write e.g. 'instrument: {layout: AA4, integration_time: 1000 h}'")
+        inst = _build(FieldInstrument, value, prefix=where)
+        if inst.wedge_buffer.value < 0:
+            raise InputError(f"{where}.wedge_buffer", f"must be >= 0, got {inst.wedge_buffer}", "give a buffer like '0.07 / Mpc' or 0 / Mpc")
+        if self.quantity != "brightness_temperature":
+            raise InputError(where, f"observes 21cm brightness temperature, not {self.quantity!r}", "drop the instrument block")
+        if self.unit != "mK":
+            raise InputError(f"{self.name}.field.unit", f"the instrument's noise is in mK, the card says {self.unit!r}", "use unit: mK")
+        return inst
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.instrument is None:  # cards without an instrument read exactly as before it existed
+            out[self.block].pop("instrument")
+        return out
 
 
 CARD_TYPES: dict[str, type[DataCard]] = {"spectrum": SpectrumCard, "image": ImageCard, "cube": CubeCard, "field": FieldCard}

@@ -22,7 +22,16 @@ Thermal noise, two models:
 Foreground wedge (`remove_wedge`): Fourier modes with k_par < m(z) k_perp + buffer are
 set to zero, m(z) = sin(theta) D_C(z) E(z) / (D_H (1 + z)) (Liu, Parsons & Trott 2014,
 PRD 90, 023018, with theta = 90 deg: the horizon wedge), per chunk of the
-lightcone along the line of sight (each chunk treated as periodic).
+lightcone along the line of sight (each chunk treated as periodic). With
+`primary_beam=D` the wedge reaches only the first null of a D-metre station's beam,
+theta = 1.22 lambda / D at each chunk's frequency (the "optimistic" model of Pober et al.
+2014, ApJ 782, 66, as 21cmSense writes it: horizon x sin(first null / 2)).
+
+Angular resolution (`smooth_beam`): each slice is convolved with a Gaussian synthesised
+beam of FWHM theta = lambda / B_max (lambda = 21 cm (1 + z)), i.e. FWHM_comoving =
+theta D_C(z) -- the choice of tools21cm's `smooth_coeval` / `smooth_lightcone` (Giri et al.,
+with B_max = 2 km for the SKA-Low core). Only the transverse plane is smoothed: the
+frequency resolution is the cell itself (tools21cm also top-hats along frequency).
 """
 
 from __future__ import annotations
@@ -74,6 +83,19 @@ class Telescope:
 
 
 SKA_LOW = Telescope()
+
+# Stations in each SKA-Low array assembly, as tools21cm 2.4 ships their layouts
+# (input_data/skalow_<name>_layout.txt: AA0.5 4, AA1 16, AA2 68, AA* 307, AA4 512 rows),
+# which match the SKAO's staged-delivery plan (AA* 307 stations, AA4 the full 512).
+SKA_LOW_LAYOUTS = {"AA0.5": 4, "AA1": 16, "AA2": 68, "AA*": 307, "AA4": 512}
+SKA_LOW_STATION_DIAMETER_M = 38.0  # an SKA-Low station's diameter (SKA-TEL-SKO-0000818)
+
+
+def ska_low(layout: str = "AA4") -> Telescope:
+    """The SKA-Low array assembly `layout` ("AA4", "AA*", ...): its station count and tools21cm name."""
+    if layout not in SKA_LOW_LAYOUTS:
+        raise InputError("layout", f"unknown SKA-Low layout {layout!r}", f"use one of {list(SKA_LOW_LAYOUTS)}")
+    return Telescope(name=f"SKA-Low {layout}", n_stations=SKA_LOW_LAYOUTS[layout], subarray=layout)
 
 
 def _slice_geometry(redshifts, cell: float, params: SimParams):
@@ -147,6 +169,41 @@ def _uv_map(ncells: int, z: float, box: float, subarray: str, int_time: float):
     return t2c.get_uv_map(ncells, z, subarray_type=subarray, total_int_time=6.0, int_time=int_time, boxsize=box, verbose=False)
 
 
+def beam_fwhm(redshifts, max_baseline: float, params: SimParams | None = None) -> np.ndarray:
+    """Comoving FWHM (Mpc) of the synthesised beam lambda / B_max at each redshift; max_baseline in km."""
+    if not max_baseline > 0:
+        raise InputError("max_baseline", f"must be positive, got {max_baseline!r}", "give the longest baseline in km")
+    z = np.asarray(redshifts, dtype=float)
+    theta = C_M_S * (1 + z) / NU21_HZ / (max_baseline * 1e3)  # radians
+    return theta * cosmology(params or SimParams()).comoving_distance(z)
+
+
+def smooth_beam(values: np.ndarray, redshifts, cell: float, max_baseline: float,
+                params: SimParams | None = None) -> np.ndarray:
+    """Each (H, W) slice convolved with the Gaussian beam of FWHM lambda / B_max (km) at its redshift.
+
+    values: (D, H, W), line of sight on axis 0, cells of `cell` Mpc, slices periodic
+    (the boxes are); the Fourier modes are multiplied by exp(-k_perp^2 s^2 / 2), s = FWHM / 2.3548.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 3:
+        raise InputError("values", f"needs (D, H, W), got shape {v.shape}", "pass a lightcone or coeval box")
+    z = np.asarray(redshifts, dtype=float)
+    if z.shape != (v.shape[0],):
+        raise InputError("redshifts", f"need one redshift per slice ({v.shape[0]}), got shape {z.shape}", "pass the lightcone's redshifts")
+    s = beam_fwhm(z, max_baseline, params) / (2 * np.sqrt(2 * np.log(2)))  # (D,) Gaussian sigma, Mpc
+    _, ky, kx = k_grid((1, v.shape[1], v.shape[2]), cell, real=True)
+    k_perp2 = ky**2 + kx**2  # (1, H, W//2+1)
+    gain = np.exp(-0.5 * k_perp2 * s[:, None, None] ** 2)  # (D, H, W//2+1)
+    return np.fft.irfft2(np.fft.rfft2(v) * gain, s=v.shape[1:])
+
+
+def primary_beam_theta_deg(z, diameter: float = SKA_LOW_STATION_DIAMETER_M) -> np.ndarray:
+    """Angle (deg) of the first null, 1.22 lambda / D, of a D-metre station's beam at redshift z."""
+    lam = C_M_S * (1 + np.asarray(z, dtype=float)) / NU21_HZ
+    return np.degrees(np.minimum(1.22 * lam / diameter, np.pi / 2))
+
+
 def wedge_slope(z, params: SimParams | None = None, theta_deg: float = 90.0) -> np.ndarray:
     """Slope m of the foreground wedge k_par = m k_perp at redshift z (horizon wedge for theta = 90 deg)."""
     p = params or SimParams()
@@ -156,13 +213,32 @@ def wedge_slope(z, params: SimParams | None = None, theta_deg: float = 90.0) -> 
     return np.sin(np.radians(theta_deg)) * cosmo.comoving_distance(z) * e / (cosmo.hubble_distance * (1 + z))
 
 
+def wedge_mask(shape: tuple[int, int, int], z: float, cell: float, params: SimParams | None = None, buffer: float = 0.0,
+               theta_deg: float = 90.0, primary_beam: float | None = None) -> np.ndarray:
+    """(D, H, W) bool, True for the fftn modes of a periodic box at redshift z inside the wedge k_par < m(z) k_perp + buffer.
+
+    The k = 0 mode is never inside. primary_beam: a station diameter in m; the wedge then
+    reaches the beam's first null at z (`primary_beam_theta_deg`) instead of theta_deg.
+    """
+    kz, ky, kx = k_grid(shape, cell, real=False)
+    theta = theta_deg if primary_beam is None else float(primary_beam_theta_deg(z, primary_beam))
+    inside = np.abs(kz) < float(wedge_slope(z, params, theta)) * np.sqrt(ky**2 + kx**2) + buffer
+    inside.flat[0] = False
+    return inside
+
+
+def _wedge_chunks(redshifts: np.ndarray, chunk: int):
+    for start in range(0, len(redshifts), chunk):
+        yield slice(start, start + chunk), float(np.mean(redshifts[start:start + chunk]))
+
+
 def remove_wedge(values: np.ndarray, redshifts, cell: float, params: SimParams | None = None, chunk: int | None = None,
-                 buffer: float = 0.0, theta_deg: float = 90.0) -> np.ndarray:
+                 buffer: float = 0.0, theta_deg: float = 90.0, primary_beam: float | None = None) -> np.ndarray:
     """Zero the Fourier modes inside the foreground wedge, k_par < m(z) k_perp + buffer (1/Mpc).
 
     values: (D, H, W) with the line of sight on axis 0; redshifts: (D,). The wedge is
     removed chunk by chunk along the line of sight (chunk slices each, default H), with
-    the slope at each chunk's mean redshift. The k = 0 mode is kept.
+    the slope at each chunk's mean redshift (`wedge_mask`).
     """
     v = np.asarray(values, dtype=float)
     if v.ndim != 3:
@@ -170,14 +246,27 @@ def remove_wedge(values: np.ndarray, redshifts, cell: float, params: SimParams |
     z = np.asarray(redshifts, dtype=float)
     if z.shape != (v.shape[0],):
         raise InputError("redshifts", f"need one redshift per slice ({v.shape[0]}), got shape {z.shape}", "pass the lightcone's redshifts")
-    chunk = chunk or v.shape[1]
     out = np.empty_like(v)
-    for start in range(0, v.shape[0], chunk):
-        part = v[start:start + chunk]
-        kz, ky, kx = k_grid(part.shape, cell, real=False)
-        k_par, k_perp = np.abs(kz), np.sqrt(ky**2 + kx**2)
-        m = float(wedge_slope(np.mean(z[start:start + chunk]), params, theta_deg))
-        inside = k_par < m * k_perp + buffer
-        inside.flat[0] = False
-        out[start:start + chunk] = np.fft.ifftn(np.where(inside, 0.0, np.fft.fftn(part))).real
+    for part, z_mid in _wedge_chunks(z, chunk or v.shape[1]):
+        inside = wedge_mask(v[part].shape, z_mid, cell, params, buffer, theta_deg, primary_beam)
+        out[part] = np.fft.ifftn(np.where(inside, 0.0, np.fft.fftn(v[part]))).real
+    return out
+
+
+def wedge_noise_variance(sigma: np.ndarray, redshifts, shape: tuple[int, int], cell: float, params: SimParams | None = None,
+                         chunk: int | None = None, buffer: float = 0.0, theta_deg: float = 90.0,
+                         primary_beam: float | None = None) -> np.ndarray:
+    """(D,) per-voxel variance of white noise of per-slice rms `sigma` after `remove_wedge` with the same arguments.
+
+    The wedge cut projects out the modes inside the wedge: a projector P keeping a fraction f
+    of a chunk's modes leaves noise of variance sum_i P_ji^2 sigma_i^2 in slice j, which for
+    white noise is f times the chunk's mean sigma^2 (sum_i P_ji^2 = P_jj = f, spread across the
+    chunk because the wedge removes the low k_par). shape: (H, W) of a slice.
+    """
+    sigma = np.asarray(sigma, dtype=float)
+    z = np.asarray(redshifts, dtype=float)
+    out = np.empty(len(z))
+    for part, z_mid in _wedge_chunks(z, chunk or shape[0]):
+        kept = 1.0 - float(np.mean(wedge_mask((len(z[part]), *shape), z_mid, cell, params, buffer, theta_deg, primary_beam)))
+        out[part] = kept * np.mean(sigma[part] ** 2)
     return out
