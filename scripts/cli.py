@@ -50,6 +50,11 @@ def _cmd_mock(args):
     from cosmofm.data_cards.mocks.generators import generate
     from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
 
+    if args.prior is not None:
+        return _mock_bank(args)
+    bank_only = [flag for flag, value in (("--shard-size", args.shard_size), ("--simulator", args.simulator), ("--overwrite", args.overwrite)) if value]
+    if bank_only:
+        raise InputError(bank_only[0], "applies only to a simulation bank", "add --prior PRIOR.yaml (cosmofm mock lightcones --prior ...), or drop it")
     expected = MOCK_KINDS[args.kind]
     card = load_card(args.card or DEFAULT_CARDS[expected])
     if card.modality != expected:
@@ -76,6 +81,22 @@ def _cmd_mock(args):
 
         path = write_dataset(generate(card, args.n, seed=args.seed, workers=args.workers, progress=True), out, [card])
     print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
+
+
+def _mock_bank(args):
+    """`cosmofm mock lightcones --prior PRIOR.yaml`: the resumable simulation bank (data_cards/mocks/bank.py)."""
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.data_cards.mocks.bank import build_bank
+
+    if args.kind != "lightcones":
+        raise InputError("--prior", f"makes lightcone banks, not {args.kind}", "use cosmofm mock lightcones --prior PRIOR.yaml")
+    for flag, given in (("--card", args.card), ("--format", args.format != "datasets")):
+        if given:
+            raise InputError(flag, "does not go with --prior (the prior file names the card; a bank is datasets shards)", f"drop {flag}")
+    report = build_bank(args.prior, args.n, args.out, seed=args.seed, workers=args.workers, shard_size=args.shard_size,
+                        simulator_name=args.simulator or "cosmofm", overwrite=args.overwrite, progress=True)
+    print(f"wrote a bank of {report.n} lightcones to {report.out} (bank.json, README.md): "
+          f"{report.shards_written} shard(s) made, {report.shards_skipped} already done and verified, {report.seconds:.1f} s")
 
 
 def _cmd_inspect(args):
@@ -228,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--format", choices=["datasets", "fits"], default="datasets")
     m.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator processes (output is the same for any number)")
+    m.add_argument("--prior", help="lightcones only: a prior YAML (card, sampling, parameters) -> a sharded, resumable simulation "
+                                   "bank of --n whole lightcones in --out (docs/simulation_bank.md)")
+    m.add_argument("--shard-size", type=int, help="with --prior: lightcones per shard (default: ~256 MB shards)")
+    m.add_argument("--simulator", choices=["cosmofm", "21cmfast"], help="with --prior: the embedded model (default) or 21cmFAST (extra '21cmfast')")
+    m.add_argument("--overwrite", action="store_true", help="with --prior: replace a bank of another prior / seed / n in --out")
     m.set_defaults(func=_cmd_mock)
 
     i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder",
