@@ -13,9 +13,9 @@ numpy only); this module maps a card and (seed, index) to a `Sample`:
   is simulated in its own cosmology: a drawn OMm changes the values, never `los_distance`. The last
   few realisations are cached, so consecutive indices cost one lightcone per
   chunks_per_lightcone chunks: for the shipped card (z = 5-30, 1811 slices of 2 Mpc,
-  56 chunks of 32^3, spin temperature and RSD on) about 1,100 chunks a minute on one
-  core (3.1 s a lightcone; the saturated-T_S model made ~1,900 a minute of the old z = 7-12
-  card), 10k chunks in ~9 min (`python -m cosmofm.bench.validate_21cm --speed-only`).
+  56 chunks of 32^3, spin temperature and RSD on) one lightcone takes ~2 s on one core
+  (`python -m cosmofm.bench.lightcone_speed`; chunks per minute:
+  `python -m cosmofm.bench.validate_21cm --speed-only`).
 - `lightcone: false`: one coeval box (los_cells x n_cells^2) at redshift_min per index;
   brightness boxes have the lightcones' physics (spin temperature and RSD), so a parameter
   the card may draw acts in either mode.
