@@ -223,7 +223,7 @@ def check_box(params, box_size, n_cells, z, seed: int = 0, bubbles: bool = True)
     refuses R_BUBBLE_MAX > BOX_LEN; we ask for the diameter. The heating shells of the spin
     temperature need nothing more: they stop at 0.62 box_size by construction (`spin.shells`).
     """
-    p = params if isinstance(params, SimParams) else SimParams.from_dict(params or {})
+    p = SimParams.coerce(params)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise InputError("seed", f"must be a non-negative integer, got {seed!r}", "give e.g. seed=0")
     if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells <= 0:

@@ -178,6 +178,17 @@ def beam_fwhm(redshifts, max_baseline: float, params: SimParams | None = None) -
     return theta * cosmology(params or SimParams()).comoving_distance(z)
 
 
+def _cube(values, redshifts) -> tuple[np.ndarray, np.ndarray]:
+    """(D, H, W) values and their (D,) slice redshifts as float arrays, or an InputError naming the bad one."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 3:
+        raise InputError("values", f"needs (D, H, W), got shape {v.shape}", "pass a lightcone or coeval box")
+    z = np.asarray(redshifts, dtype=float)
+    if z.shape != (v.shape[0],):
+        raise InputError("redshifts", f"need one redshift per slice ({v.shape[0]}), got shape {z.shape}", "pass the lightcone's redshifts")
+    return v, z
+
+
 def smooth_beam(values: np.ndarray, redshifts, cell: float, max_baseline: float,
                 params: SimParams | None = None) -> np.ndarray:
     """Each (H, W) slice convolved with the Gaussian beam of FWHM lambda / B_max (km) at its redshift.
@@ -185,12 +196,7 @@ def smooth_beam(values: np.ndarray, redshifts, cell: float, max_baseline: float,
     values: (D, H, W), line of sight on axis 0, cells of `cell` Mpc, slices periodic
     (the boxes are); the Fourier modes are multiplied by exp(-k_perp^2 s^2 / 2), s = FWHM / 2.3548.
     """
-    v = np.asarray(values, dtype=float)
-    if v.ndim != 3:
-        raise InputError("values", f"needs (D, H, W), got shape {v.shape}", "pass a lightcone or coeval box")
-    z = np.asarray(redshifts, dtype=float)
-    if z.shape != (v.shape[0],):
-        raise InputError("redshifts", f"need one redshift per slice ({v.shape[0]}), got shape {z.shape}", "pass the lightcone's redshifts")
+    v, z = _cube(values, redshifts)
     s = beam_fwhm(z, max_baseline, params) / (2 * np.sqrt(2 * np.log(2)))  # (D,) Gaussian sigma, Mpc
     _, ky, kx = k_grid((1, v.shape[1], v.shape[2]), cell, real=True)
     k_perp2 = ky**2 + kx**2  # (1, H, W//2+1)
@@ -240,12 +246,7 @@ def remove_wedge(values: np.ndarray, redshifts, cell: float, params: SimParams |
     removed chunk by chunk along the line of sight (chunk slices each, default H), with
     the slope at each chunk's mean redshift (`wedge_mask`).
     """
-    v = np.asarray(values, dtype=float)
-    if v.ndim != 3:
-        raise InputError("values", f"needs (D, H, W), got shape {v.shape}", "pass a lightcone or coeval box")
-    z = np.asarray(redshifts, dtype=float)
-    if z.shape != (v.shape[0],):
-        raise InputError("redshifts", f"need one redshift per slice ({v.shape[0]}), got shape {z.shape}", "pass the lightcone's redshifts")
+    v, z = _cube(values, redshifts)
     out = np.empty_like(v)
     for part, z_mid in _wedge_chunks(z, chunk or v.shape[1]):
         inside = wedge_mask(v[part].shape, z_mid, cell, params, buffer, theta_deg, primary_beam)

@@ -148,6 +148,15 @@ class SimParams:
             out[name] = value
         return cls(**out)
 
+    @classmethod
+    def coerce(cls, params: "SimParams | dict[str, Any] | None") -> "SimParams":
+        """params as SimParams: a SimParams as it is, a dict (or None) through `from_dict`, anything else an InputError."""
+        if isinstance(params, cls):
+            return params
+        if params is None or isinstance(params, dict):
+            return cls.from_dict(params or {})
+        raise InputError("params", f"expected SimParams or a dict, got {type(params).__name__}", "pass SimParams(...) or {'HII_EFF_FACTOR': 30, ...}")
+
     def replace(self, **changes) -> "SimParams":
         return dataclasses.replace(self, **changes)
 
