@@ -41,8 +41,47 @@ def _cmd_pretrain(args):
         print(f"# cosmofm pretrain --config {args.config}: the resolved recipe and backend for {world} process(es)")
         print(yaml.safe_dump(resolved, sort_keys=False).rstrip("\n"))
         return
-    summary = pretrain(recipe, resume=args.resume, overwrite=args.overwrite, resume_from=args.resume_from)
+    resume, overwrite = _resume_if_possible(args, recipe.run.output_dir) if args.resume_if_possible else (args.resume, args.overwrite)
+    summary = pretrain(recipe, resume=resume, overwrite=overwrite, resume_from=args.resume_from)
     print(f"model: {summary['model_dir']}\nmetrics: {summary['metrics']}")
+
+
+def _resume_if_possible(args, run_dir) -> tuple[bool, bool]:
+    """`--resume-if-possible`: what a launcher's restart needs (pretrain/launch.py `auto_resume`)."""
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.pretrain.launch import auto_resume
+
+    for flag, given in (("--resume", args.resume), ("--resume-from", args.resume_from is not None), ("--overwrite", args.overwrite)):
+        if given:
+            raise InputError(flag, "does not go with --resume-if-possible (which resumes when there is a checkpoint)", f"drop {flag} or --resume-if-possible")
+    resume, overwrite, message = auto_resume(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # every process decides alike; one says so
+        print(message, flush=True)
+    return resume, overwrite
+
+
+def _cmd_launch(args):
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.pretrain.backend import load_backend
+    from cosmofm.pretrain.launch import LaunchPlan, dry_run_text, launch_commands, run_commands
+    from cosmofm.pretrain.recipe import PretrainRecipe
+
+    # the recipe and backend are checked here, before any process or job starts
+    recipe = PretrainRecipe.load(args.config, args.set or [])
+    if args.backend:
+        load_backend(args.backend, "--backend")
+    pretrain_args = ["--config", args.config, *(a for kv in args.set or [] for a in ("--set", kv))]
+    pretrain_args += [a for flag, v in (("--output", args.output), ("--backend", args.backend)) if v for a in (flag, v)]
+    plan = LaunchPlan(args.launcher, tuple(pretrain_args), nodes=args.nodes, gpus_per_node=args.gpus_per_node, max_restarts=args.max_restarts,
+                      main_address=args.main_address, main_port=args.main_port, machine_rank=args.machine_rank, rdzv_id=args.rdzv_id,
+                      time=args.time, partition=args.partition, run_dir=args.output or recipe.run.output_dir)
+    commands = launch_commands(plan)
+    if args.dry_run:
+        print(dry_run_text(commands))
+        return
+    status = run_commands(commands)
+    if status != 0:
+        raise InputError(commands[0].argv[0], f"exited with status {status}", "see its output above")
 
 
 def _cmd_mock(args):
@@ -239,7 +278,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an earlier run in the folder (its model, checkpoints, metrics, logs)")
     t.add_argument("--backend", help="how processes share the model: ddp, fsdp2, zero1, zero2, zero3 or a backend YAML (overrides run.backend)")
     t.add_argument("--print-config", action="store_true", help="print the resolved recipe and backend (YAML) and exit without training")
+    t.add_argument("--resume-if-possible", action="store_true",
+                   help="resume from the newest checkpoint that verifies if there is one, else start fresh (what launchers' restarts run)")
     t.set_defaults(func=_cmd_pretrain)
+
+    la = sub.add_parser("launch", help="start pretraining with a launcher (one process, accelerate, elastic torchrun, SLURM), or print the commands",
+                        description="Build the command(s) that start `cosmofm pretrain --resume-if-possible` under a launcher, and run "
+                                    "them here or print them (--dry-run). Launch files: scripts/launch/ (package data cosmofm/launch/).")
+    la.add_argument("launcher", choices=["local", "accelerate", "torchrun", "slurm"])
+    la.add_argument("--config", default="demo", help="recipe YAML path or shipped name")
+    la.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe entry (passed to cosmofm pretrain)")
+    la.add_argument("--output", help="run folder (overrides run.output_dir)")
+    la.add_argument("--backend", help="ddp, fsdp2, zero1, zero2, zero3 or a backend YAML")
+    la.add_argument("--nodes", type=int, default=1, help="machines")
+    la.add_argument("--gpus-per-node", type=int, default=1, help="processes per machine (one per GPU; gloo processes on CPUs)")
+    la.add_argument("--max-restarts", type=int, help="torchrun / slurm: elastic restarts of the group after a failed process (default 3)")
+    la.add_argument("--main-address", help="multi-node accelerate / torchrun: the host of rank 0 (the rendezvous)")
+    la.add_argument("--main-port", type=int, default=29500, help="rendezvous / master port")
+    la.add_argument("--machine-rank", type=int, help="multi-node accelerate: start this machine's command only")
+    la.add_argument("--rdzv-id", default="cosmofm", help="multi-node torchrun: rendezvous id, the same on every node")
+    la.add_argument("--time", help="slurm: time limit (e.g. 24:00:00)")
+    la.add_argument("--partition", help="slurm: partition")
+    la.add_argument("--dry-run", action="store_true", help="print the exact command(s) and start nothing")
+    la.set_defaults(func=_cmd_launch)
 
     m = sub.add_parser("mock", help="generate mock observations as a datasets folder or FITS")
     m.add_argument("kind", choices=sorted(MOCK_KINDS))
