@@ -71,6 +71,16 @@ def mock_corpus(cards: list[str], counts: list[int], seed: int) -> Iterator[Samp
                 yield mock_samples(card, 1, seed=seed, start=i)[0]
 
 
+def ensure_mock_corpus(data, out_dir: str | Path) -> Path:
+    """The embedded mock corpus's folder under `<out_dir>/data`, written if not there yet."""
+    key = hashlib.sha256(json.dumps(["blocks-v1", data.mock_cards, data.mock_counts, data.mock_seed]).encode()).hexdigest()[:10]
+    path = Path(out_dir) / "data" / f"mock-{key}"
+    if not (path / "dataset_info.json").exists():
+        cards = [load_card(n) for n in data.mock_cards]
+        write_dataset(mock_corpus(data.mock_cards, data.mock_counts, data.mock_seed), path, cards)
+    return path
+
+
 def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], int]:
     """Open the recipe's datasets (or make the mock corpus).
 
@@ -80,12 +90,7 @@ def load_corpus(data, out_dir: str | Path) -> tuple[ConcatSamples, list[str], in
     block = data.pair_block
     if not paths:
         block = PAIR_BLOCK
-        key = hashlib.sha256(json.dumps(["blocks-v1", data.mock_cards, data.mock_counts, data.mock_seed]).encode()).hexdigest()[:10]
-        path = Path(out_dir) / "data" / f"mock-{key}"
-        if not (path / "dataset_info.json").exists():
-            cards = [load_card(n) for n in data.mock_cards]
-            write_dataset(mock_corpus(data.mock_cards, data.mock_counts, data.mock_seed), path, cards)
-        paths = [path]
+        paths = [ensure_mock_corpus(data, out_dir)]
     parts, names = [], set()
     for p in paths:
         if not p.exists():

@@ -38,6 +38,19 @@ class DataConfig:
     pair_block: for `datasets` that store each object's views side by side (e.g. a
         spectrum then its image), the run length to keep together when shuffling.
         The mock corpus is always written in blocks of 2.
+    streaming: read the datasets as a `datasets.IterableDataset` (pretrain/streaming.py):
+        each file front to back once per epoch, memory bounded by the shuffle buffer
+        whatever the corpus size; resume needs the same process and worker counts.
+        Only dataset folders / Parquet shards (not survey files).
+    mixture: streaming only: weight per card (survey) or modality name, e.g.
+        {sdss-like: 2, cube: 1}; a card's own weight wins over its modality's. Empty =
+        the corpus's own proportions. Every sample is still seen once per epoch; the
+        weights set how the parts are interleaved.
+    shuffle_buffer: streaming only: blocks held in the shuffle buffer (0 = no buffer;
+        the pieces' order is shuffled anyway). Memory is this many blocks.
+    piece_rows: streaming only: rows per piece of an Arrow file (Parquet: its row
+        groups); the pieces are the shards datasets splits over processes and workers,
+        so each part needs at least processes x workers of them.
     """
 
     datasets: list[str] = field(default_factory=list)
@@ -46,6 +59,10 @@ class DataConfig:
     mock_seed: int = 0
     num_workers: int = 0
     pair_block: int = 1
+    streaming: bool = False
+    mixture: dict[str, float] = field(default_factory=dict)
+    shuffle_buffer: int = 256
+    piece_rows: int = 64
 
 
 @dataclass
@@ -140,6 +157,8 @@ class PretrainRecipe:
         from cosmofm.pretrain.backend import load_backend
 
         load_backend(r.backend)  # an unknown name or a bad file: named now, before any compute
+        if d.mixture and not d.streaming:
+            raise InputError("recipe.data.mixture", "weights the streamed corpus parts, but data.streaming is false", "set data.streaming=true, or remove data.mixture")
         if not d.datasets and len(d.mock_cards) != len(d.mock_counts):
             raise InputError("recipe.data.mock_counts", "must have one count per mock card", "list as many counts as cards")
 
@@ -217,7 +236,7 @@ def shipped_recipes() -> list[str]:
 
 # Numeric settings that must be > 0; every other one must be >= 0. All must be finite.
 _POSITIVE = {
-    "data.mock_counts", "data.pair_block", "optim.lr", "optim.max_steps", "optim.grad_accum", "optim.global_batch",
+    "data.mock_counts", "data.pair_block", "data.piece_rows", "optim.lr", "optim.max_steps", "optim.grad_accum", "optim.global_batch",
     "run.save_every", "run.keep_last", "run.log_every", "model.hidden_size", "model.num_hidden_layers",
     "model.num_attention_heads", "model.spectrum_patch_size", "model.image_patch_size", "model.projection_dim",
     "model.layer_norm_eps",
@@ -229,6 +248,10 @@ def _checked(name: str, value, kind: str):
     def bad(problem: str) -> InputError:
         return InputError(f"recipe.{name}", f"{problem}, got {value!r}", "fix the recipe or the --set override")
 
+    if kind.startswith("dict[str, "):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise bad("must be a mapping of names to values")
+        return {k: _checked(f"{name}.{k}", v, kind[10:-1]) for k, v in value.items()}
     if kind.startswith("list["):
         if not isinstance(value, list):
             raise bad("must be a list")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -76,6 +77,7 @@ from cosmofm.pretrain.corpus import load_corpus
 from cosmofm.pretrain.data import Collator, GlobalBatchSampler, SeededSamples
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMForPretraining
 from cosmofm.pretrain.recipe import PretrainRecipe
+from cosmofm.pretrain.streaming import build_plan, data_position, resume_position, streaming_loader
 from cosmofm.pretrain.run_folder import TRACKER_PROJECT, claim_run_folder
 
 
@@ -170,8 +172,12 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = 
 def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendConfig, out_dir: Path, checkpoint: str | None, loaded: dict) -> dict:
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # rank 0 generates the mock corpus, others read it
-        dataset, card_names, pair_block = load_corpus(recipe.data, out_dir)
-    modalities = {m for part in dataset.parts for m in (part.modalities if hasattr(part, "modalities") else (x.modality for x in part))}
+        if recipe.data.streaming:  # shards scanned and checked now, before a model exists
+            plan = build_plan(recipe.data, out_dir, accelerator.num_processes, recipe.data.num_workers)
+            card_names, modalities = plan.cards, plan.modalities
+        else:
+            dataset, card_names, pair_block = load_corpus(recipe.data, out_dir)
+            modalities = {m for part in dataset.parts for m in (part.modalities if hasattr(part, "modalities") else (x.modality for x in part))}
     check_modalities(backend, modalities, accelerator.num_processes)
     config = CosmoFMConfig(**{"survey_names": card_names, **recipe.model})
     model = CosmoFMForPretraining(config)
@@ -203,14 +209,19 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     model, optimizer = prepare(accelerator, backend, model, optimizer)
 
     o = recipe.optim
-    sampler = GlobalBatchSampler(
-        len(dataset), o.global_batch, accelerator.process_index, accelerator.num_processes,
-        seed=recipe.run.seed, start_step=start_step * o.grad_accum, n_steps=(o.max_steps - start_step) * o.grad_accum, block=pair_block,
-    )
-    loader = DataLoader(
-        SeededSamples(dataset), batch_sampler=sampler, collate_fn=Collator(config.survey_names),
-        num_workers=recipe.data.num_workers, persistent_workers=False,
-    )
+    if recipe.data.streaming:
+        consumed = resume_position(meta, recipe, accelerator.num_processes, start_step) if checkpoint is not None else 0
+        stream = streaming_loader(plan, recipe, accelerator.process_index, accelerator.num_processes, consumed, config.survey_names)
+        loader = itertools.islice(stream, (o.max_steps - start_step) * o.grad_accum)  # the stream is endless
+    else:
+        sampler = GlobalBatchSampler(
+            len(dataset), o.global_batch, accelerator.process_index, accelerator.num_processes,
+            seed=recipe.run.seed, start_step=start_step * o.grad_accum, n_steps=(o.max_steps - start_step) * o.grad_accum, block=pair_block,
+        )
+        loader = DataLoader(
+            SeededSamples(dataset), batch_sampler=sampler, collate_fn=Collator(config.survey_names),
+            num_workers=recipe.data.num_workers, persistent_workers=False,
+        )
     metrics_path = out_dir / "metrics.jsonl"
     if recipe.run.trackers:
         start_trackers(accelerator, TRACKER_PROJECT, flat_dict(recipe.to_dict()), out_dir)
@@ -373,6 +384,8 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, back
         "seed": recipe.run.seed,
         "samples_seen": step * recipe.optim.global_batch * recipe.optim.grad_accum,
     }
+    if recipe.data.streaming:  # the map-style sampler needs only the step; a stream needs its position
+        meta["data"] = data_position(recipe, step, accelerator.num_processes)
     return save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
                                _diverged_fix(Path(recipe.run.output_dir), last_saved), backend)
 

@@ -481,7 +481,7 @@ class SampleDataset:
     def _batch(self, b: int) -> _Batch:
         batch = self._batches.get(b)
         if batch is None:
-            batch = self._batches[b] = _decode_batch(self._record_batches[b], self.path, int(self._starts[b]))
+            batch = self._batches[b] = decode_batch(self._record_batches[b], self.path, int(self._starts[b]))
         return batch
 
     def _decode(self, batch: _Batch, j: int, i: int) -> Sample:
@@ -502,7 +502,7 @@ class SampleDataset:
         return _sample(modality, values, ivar, coords, s["card"][j].as_py(), sample_id, s["pair_id"][j].as_py(), s["meta"][j].as_py(), where)
 
 
-def _decode_batch(rb: pa.RecordBatch, path: Path, start: int) -> _Batch:
+def decode_batch(rb: pa.RecordBatch, path: Path, start: int) -> _Batch:
     """Zero-copy numpy views of one record batch's list columns."""
     where = f"{path} rows {start}-{start + rb.num_rows - 1}"
     for name in COLUMNS:
@@ -541,7 +541,7 @@ def _load(path: Path, cache_dir) -> datasets.Dataset:
             raise InputError(str(path), f"could not be loaded as a saved dataset ({type(e).__name__}: {e})", "re-write it with write_dataset") from None
         if isinstance(ds, datasets.DatasetDict):
             raise InputError(str(path), f"is a DatasetDict with splits {list(ds)}, not one dataset", "pass the folder of one split (e.g. path/train)")
-        _check_columns(ds.features.arrow_schema, str(path), exact_types=True)
+        check_columns(ds.features.arrow_schema, str(path), exact_types=True)
         return ds
     if path.is_dir():
         shards = sorted(path.glob("*.parquet"))
@@ -556,7 +556,7 @@ def _load_parquet(files: list[Path], cache_dir) -> datasets.Dataset:
             schema = pq.read_schema(f)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(str(f), f"is not a readable Parquet file ({e})", "re-write the shard (e.g. Dataset.to_parquet)") from None
-        _check_columns(schema, str(f), exact_types=False)
+        check_columns(schema, str(f), exact_types=False)
     try:
         # `features` casts compatible types (e.g. float64 values) to the shared schema.
         return datasets.Dataset.from_parquet([str(f) for f in files], features=FEATURES, columns=list(COLUMNS), cache_dir=None if cache_dir is None else str(cache_dir))
@@ -564,7 +564,7 @@ def _load_parquet(files: list[Path], cache_dir) -> datasets.Dataset:
         raise InputError(str(files[0].parent if len(files) > 1 else files[0]), f"could not be read with the sample schema ({type(e).__name__}: {e})", "write shards with the columns and types of hf_io.FEATURES") from None
 
 
-def _check_columns(schema: pa.Schema, where: str, exact_types: bool) -> None:
+def check_columns(schema: pa.Schema, where: str, exact_types: bool) -> None:
     missing = [c for c in COLUMNS if c not in schema.names]
     if missing:
         raise InputError(where, f"is not a dataset saved by write_dataset: missing column(s) {missing} (has {schema.names})", "write it with cosmofm.data_cards.io.hf_io.write_dataset (columns: " + ", ".join(COLUMNS) + ")")
