@@ -10,9 +10,11 @@ import pytest
 from cosmofm.data_cards import InputError
 from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, lightcone, power_spectrum
 from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, k_grid
-from cosmofm.data_cards.mocks.sim21cm.heating import T_CMB0, history
-from cosmofm.data_cards.mocks.sim21cm.reionization import LIGHTCONE_Z
-from cosmofm.data_cards.mocks.sim21cm.spin import spin_fields, spin_temperature
+from cosmofm.data_cards.mocks.sim21cm.heating import (
+    NU_ALPHA, T_CMB0, Y_HE, cmb_heating_rate, history, hubble_rate_s, lya_heating_energy, lyman_series_emissivity,
+)
+from cosmofm.data_cards.mocks.sim21cm.reionization import LIGHTCONE_Z, ionized_fraction
+from cosmofm.data_cards.mocks.sim21cm.spin import box_history, spin_fields, spin_temperature, xray_ionised_fraction
 
 
 def _global_signal(params, seed=0, z_min=LIGHTCONE_Z[0], z_max=LIGHTCONE_Z[1]):
@@ -126,3 +128,72 @@ def test_bad_x_ray_parameters_are_input_errors():
             lightcone(bad, 64.0, 16, 10.0, 12.0)
     with pytest.raises(InputError, match=r"^z: redshift 36.0 is above the model's range \(35\)"):
         lightcone({}, 64.0, 16, 20.0, 36.0)  # beyond Z_MAX = 35, where the heating history starts
+
+
+def test_cmb_heating_is_21cmfasts_recoil_rate():
+    """21cmFAST 4.1.1's eps_CMB (get_Ts_fast, after Meiksin 2021) at z = 17, T_K = 7 K, from its constants by hand."""
+    h_p, lam, m_p, a10, t21, y_he = 6.62607015e-27, 21.106114054160, 1.67262192369e-24, 2.85e-15, 0.0682, 0.245
+    h_frac = (1 - y_he) / (1 - 0.75 * y_he)
+    expected = 0.75 * (T_CMB0 * 18 / t21) * a10 * h_frac * (h_p / lam) ** 2 / m_p * (1 + 2 * 7.0 / t21)
+    assert cmb_heating_rate(17.0, 7.0) == pytest.approx(expected, rel=1e-3)
+    assert cmb_heating_rate(17.0, 7.0) == pytest.approx(1.73e-41, rel=0.01)  # erg/s per baryon
+    # as coded it is negligible: < 1e-6 K over a Hubble time (module docstring of heating)
+    kelvin_per_hubble_time = 2 * cmb_heating_rate(17.0, 7.0) / (3 * 1.380649e-16) / hubble_rate_s(cosmology(SimParams()), 17.0)
+    assert 0 < kelvin_per_hubble_time < 1e-6
+
+
+def test_lyman_alpha_heating_energy_is_the_reis_table():
+    """Delta E per photon: 21cmFAST's table values at a node, its trilinear interpolation off the nodes, the signs."""
+    # a node of the shipped table (T_K = 10^0.84, T_S = 10^0.96, tau_GP = 10^6.52): 21cmFAST's
+    # Lyman_alpha_heating_table.dat holds 5.889855e-16 and -1.007314e-17 erg there
+    e_c, e_i = lya_heating_energy(10**0.84, 10**0.96, 10**6.52)
+    assert e_c == pytest.approx(5.889855e-16, rel=1e-6) and e_i == pytest.approx(-1.007314e-17, rel=1e-6)
+    # off the nodes: the full table's trilinear interpolation, 4.4074e-16 / -5.9133e-17 erg, within 3 %
+    e_c, e_i = lya_heating_energy(7.0, 10.0, 2e6)
+    assert e_c == pytest.approx(4.4074e-16, rel=0.03) and e_i == pytest.approx(-5.9133e-17, rel=0.03)
+    # continuum photons heat, injected ones cool, and more so as the gas warms (Reis et al. 2021, fig. 1)
+    c_cold, i_cold = lya_heating_energy(5.0, 5.0, 1e6)
+    c_warm, i_warm = lya_heating_energy(100.0, 100.0, 1e6)
+    assert c_cold > c_warm > 0 > i_cold > i_warm
+
+
+def test_lyman_alpha_heating_warms_weakly_x_ray_heated_gas_as_21cmfast():
+    """L_X = 38 (corner0 of the bench): the gas' minimum temperature and rewarming follow 21cmFAST's T_K once Ly-alpha heats."""
+    p = SimParams(HII_EFF_FACTOR=10.0, ION_Tvir_MIN=4.0, L_X=38.0, NU_X_THRESH=200.0, OMm=0.2)
+    hist = box_history(p, 2.0, 128.0, [5.0])
+    assert hist.at("q_lya", 13.0) > 1.0 and abs(hist.at("q_cmb", 13.0)) < 1e-6  # K per unit ln(1+z)
+    # 21cmFAST 4.1.1 (docs/bench/validate_21cm.json, corner0 seed 1): mean T_K of the neutral gas
+    for z, t_21cmfast in ((15.1, 5.32), (12.8, 4.62), (10.8, 5.64), (9.0, 8.69)):
+        assert float(hist.at("t_k", z)) == pytest.approx(t_21cmfast, rel=0.18), (z, float(hist.at("t_k", z)))
+
+
+def test_x_ray_pre_ionisation_lowers_the_barrier_and_the_neutral_fraction():
+    """zeta f_coll >= 1 - x_e and x_HI = 1 - x_HII - x_e (21cmFAST's IonisationBox.c); spin=False keeps x_e = 0."""
+    p, cell, n = SimParams(L_X=41.5), 4.0, 16
+    cosmo = cosmology(p)
+    delta0 = gaussian_field(np.random.default_rng(5), (n, n, n), cell, cosmo.power, cell_average=True)
+    z = np.full(n, 8.0)
+    x_e = xray_ionised_fraction(p, cell, n * cell, z)
+    assert 0.05 < x_e[0] < 0.5, x_e[0]  # strong X-rays pre-ionise the neutral IGM by z = 8
+    bare = ionized_fraction(delta0, cell, z, p, cosmo)
+    pre = ionized_fraction(delta0, cell, z, p, cosmo, x_e=x_e)
+    assert np.all(pre >= bare) and np.mean(pre == 1.0) > np.mean(bare == 1.0)  # more cells cross the lower barrier
+    never = bare < 1.0
+    np.testing.assert_allclose(pre[(pre < 1.0) & never], np.minimum(bare + x_e[0], 1.0)[(pre < 1.0) & never], rtol=1e-12)
+    np.testing.assert_array_equal(ionized_fraction(delta0, cell, z, p, cosmo, x_e=np.zeros(n)), bare)
+    saturated = coeval_box(p, 8.0, n * cell, n, seed=5, density0=delta0)
+    np.testing.assert_allclose(saturated.x_HI, (1 - bare).astype(np.float32))
+    with_spin = coeval_box(p, 8.0, n * cell, n, seed=5, density0=delta0, spin=True)
+    np.testing.assert_allclose(with_spin.x_HI, (1 - pre).astype(np.float32))
+
+
+def test_lyman_series_spectrum_is_21cmfasts_pop_ii():
+    """Photons per stellar nucleon in each band Ly-n .. Ly-(n+1): 21cmFAST's stellar_spectra.dat x POP2_ION = 5000 x (1 - 3 Y / 4)."""
+    per_nucleon = 5000 * (1 - 0.75 * Y_HE)
+    for n, photons in ((2, 1.49494), (3, 0.393277), (4, 0.160398)):
+        nu_n, nu_next = (1 - n**-2.0) / 0.75, (1 - (n + 1.0) ** -2) / 0.75
+        stretch = np.linspace(1.0, nu_next / nu_n, 20001)[:-1]
+        eps = lyman_series_emissivity(stretch)[:, n - 2]  # photons / Hz at the emitted nu = nu_n x stretch (units of Ly-alpha)
+        integral = np.trapezoid(eps, stretch * nu_n * NU_ALPHA)
+        assert integral == pytest.approx(photons * per_nucleon, rel=2e-3), n
+    assert lyman_series_emissivity(np.array([1.2]))[0, 0] == 0.0  # beyond Ly-beta a photon no longer reaches Ly-alpha directly

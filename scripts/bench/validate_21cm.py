@@ -21,6 +21,9 @@ Run: OMP_NUM_THREADS=1 python -m cosmofm.bench.validate_21cm --out docs/bench   
 2-core machine, so split it: --first 5 --no-lightcone-speed in a second process, then --merge
 the JSON outputs). --points 1 --seeds 1 --box 64 --n 32 for a quick look; --speed-only times the
 mock chunks of the card alone, without 21cmFAST. Needs the `[21cmfast]` extra.
+--reference-from docs/bench/validate_21cm.json --out DIR re-evaluates a change to OUR model without
+rerunning 21cmFAST: its stored per-seed results are kept, only its initial conditions are regenerated
+(seconds) and ours rerun on them (~13 s per point and seed); --only NAME ... limits the rerun to some points.
 Writes validate_21cm.json, validate_21cm_global.png and validate_21cm_ps.png to --out.
 """
 
@@ -95,18 +98,61 @@ def run_point(params: dict, seeds: list[int], box: float, n: int, grid: np.ndarr
         out["21cmfast"].append({"seconds": ref.seconds, "z": ref.redshifts.tolist(), "Tb_mean": ref.mean_brightness.tolist(),
                                 "xHI": ref.global_xHI.tolist(), "Ts_mean": ref.mean_spin_temp.tolist(), "Tk_mean": ref.mean_kinetic_temp.tolist(),
                                 "ps21": {zkey(z): delta2(ref.boxes[round(z, 6)].brightness_temp, cell).tolist() for z in ps_z}})
-        t0 = time.perf_counter()
-        tb, xhi, ps = [], [], {}
-        for z in ref.redshifts:
-            c = coeval_box(p, float(z), box, n, seed, spin=True, density0=ref.density0)
-            tb.append(float(c.brightness_temp.mean()))
-            xhi.append(c.global_xHI)
-            if zkey(z) in {zkey(zz) for zz in ps_z}:
-                ps[zkey(z)] = delta2(c.brightness_temp, cell).tolist()
-        out["ours"].append({"seconds": time.perf_counter() - t0, "z": ref.redshifts.tolist(), "Tb_mean": tb, "xHI": xhi, "ps21": ps})
+        out["ours"].append(run_ours(p, seed, ref.density0, box, n, ref.redshifts, ps_z))
         print(f"  seed {seed}: 21cmFAST {ref.seconds:.0f} s, ours {out['ours'][-1]['seconds']:.0f} s, "
-              f"max |dTb| {np.max(np.abs(np.array(tb) - ref.mean_brightness)):.1f} mK", flush=True)
+              f"max |dTb| {np.max(np.abs(np.array(out['ours'][-1]['Tb_mean']) - ref.mean_brightness)):.1f} mK", flush=True)
     return out
+
+
+def run_ours(p: SimParams, seed: int, density0: np.ndarray, box: float, n: int, redshifts, ps_z: list[float]) -> dict:
+    """Our coeval boxes (spin on, real space) on 21cmFAST's initial conditions density0: global histories and Delta^2_21 at ps_z."""
+    t0 = time.perf_counter()
+    tb, xhi, ps = [], [], {}
+    wanted = {zkey(zz) for zz in ps_z}
+    for z in redshifts:
+        c = coeval_box(p, float(z), box, n, seed, spin=True, density0=density0)
+        tb.append(float(c.brightness_temp.mean()))
+        xhi.append(c.global_xHI)
+        if zkey(z) in wanted:
+            ps[zkey(z)] = delta2(c.brightness_temp, box / n).tolist()
+    return {"seconds": time.perf_counter() - t0, "z": [float(z) for z in redshifts], "Tb_mean": tb, "xHI": xhi, "ps21": ps}
+
+
+def rerun_ours(stored: dict, out: Path, names: list[str] | None = None) -> dict:
+    """Re-evaluate a stored result with the current model: 21cmFAST's per-seed numbers are kept as they are, only
+    its initial conditions are regenerated (`reference.initial_density`, same inputs and seed) and ours rerun on them.
+
+    Points not in `names` (default: all) keep their stored numbers; everything is re-evaluated, summarised and replotted.
+    """
+    from cosmofm.data_cards.mocks.sim21cm.reference import initial_density
+
+    box, n, ps_z = stored["box_mpc"], stored["n_cells"], stored["ps_redshifts"]
+    results = dict(stored)
+    t_start = time.perf_counter()
+    for pt in results["points"]:
+        if names is not None and pt["name"] not in names:
+            continue
+        p = SimParams.from_dict(pt["params"])
+        print(f"{pt['name']} {pt['params']}", flush=True)
+        ours = []
+        for seed, ref in zip(pt["seeds"], pt["21cmfast"]):
+            density0 = initial_density(p, box, n, seed, z_min=float(min(ref["z"])))
+            ours.append(run_ours(p, seed, density0, box, n, ref["z"], ps_z))
+            print(f"  seed {seed}: ours {ours[-1]['seconds']:.0f} s, max |dTb| "
+                  f"{np.nanmax(np.abs(np.array(ours[-1]['Tb_mean']) - np.array(ref['Tb_mean'], dtype=float))):.1f} mK", flush=True)
+        pt["ours"] = ours
+    for pt in results["points"]:
+        pt["evaluation"] = evaluate(pt)
+    results["summary"] = summarise(results["points"])
+    results["ours_rerun"] = {"seconds": time.perf_counter() - t_start, "points": names or [pt["name"] for pt in results["points"]],
+                             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0],
+                             "note": "21cmFAST's numbers are the stored run's; ours rerun on its regenerated initial conditions. "
+                                     "lightcone_speed (timings, mean_Tb_ours_z_10_20) is from the stored run."}
+    atomic_write_json(out / "validate_21cm.json", _finite(results))
+    plot(results, out)
+    print(f"summary: {json.dumps(_finite(results['summary']))}")
+    print(markdown_table(results))
+    return results
 
 
 def trough(z, tb) -> tuple[float, float]:
@@ -362,6 +408,9 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--merge", nargs="+", default=None, help="combine the points of these JSON outputs, summarise and plot")
     ap.add_argument("--speed-only", action="store_true", help="only time the mock chunks of the card (no 21cmFAST needed)")
     ap.add_argument("--no-lightcone-speed", action="store_true", help="skip the lightcone timing of both simulators")
+    ap.add_argument("--reference-from", default=None, help="a stored validate_21cm.json: keep its 21cmFAST numbers, regenerate only "
+                    "their initial conditions, rerun ours and re-evaluate (no 21cmFAST evolution)")
+    ap.add_argument("--only", nargs="+", default=None, help="with --reference-from: rerun only these points (the others keep their numbers)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +422,9 @@ def main(argv: list[str] | None = None):
         return
     if args.merge:
         merge([Path(p) for p in args.merge], out)
+        return
+    if args.reference_from:
+        rerun_ours(json.loads(Path(args.reference_from).read_text()), out, args.only)
         return
     import py21cmfast
 

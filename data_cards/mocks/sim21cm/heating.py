@@ -28,20 +28,47 @@ Furlanetto & Cen 2011, MNRAS 411, 955, sec. 2) in a simplified form:
   Z_DEC = 135, the adiabatic-after-decoupling form (FOB06 sec. 2) with the decoupling
   redshift chosen so that the source-free T_K(17) is ~7 K, as RECFAST gives (the value
   quoted with EDGES, Bowman et al. 2018). Recombinations use case-B alpha(T).
-- Lyman alpha: Lyman-series photons (flat spectrum between Ly-alpha and the Lyman limit,
-  N_ALPHA = 9690 per stellar baryon, Pop II, Barkana & Loeb 2005) emitted at z'' reach the
-  Ly-n resonance at z if (1+z'')/(1+z) < (1 - (n+1)^-2)/(1 - n^-2), and cascade to
-  Ly-alpha with probability f_rec(n) (Pritchard & Furlanetto 2006, n <= 23); J_alpha sums
-  the shells (Pritchard & Furlanetto 2007, MNRAS 376, 1680; Mesinger et al. 2011).
+- Lyman alpha: Lyman-series photons emitted at z'' reach the Ly-n resonance at z if
+  (1+z'')/(1+z) < (1 - (n+1)^-2)/(1 - n^-2), and cascade to Ly-alpha with probability f_rec(n)
+  (Pritchard & Furlanetto 2006, n <= 23); J_alpha sums the shells (Pritchard & Furlanetto 2007,
+  MNRAS 376, 1680; Mesinger et al. 2011). The spectrum is 21cmFAST's Pop II one
+  (`spectral_emissivity`, its stellar_spectra.dat from Barkana & Loeb 2005): a power law
+  N0_n nu^alpha_n in each band between Ly-n and Ly-(n+1), band n holding POP2_NORM[n] x
+  POP2_ION photons per stellar baryon (POP2_ION = 5000; 21cmFAST counts H and He atoms as one
+  baryon each, (1 - 3 Y_He / 4) per nucleon). Two thirds of the photons lie between Ly-alpha
+  and Ly-beta, the band that reaches Ly-alpha directly ("continuum") from farthest away; a flat
+  spectrum (our earlier N_alpha = 9690 per nucleon) put more weight on the nearby higher bands and
+  made the cosmic-dawn 21cm power ~1.5x 21cmFAST's (docs/benchmarks.md).
+- Lyman-alpha heating (21cmFAST 4.1.1's USE_LYA_HEATING, on by default; Reis, Fialkov & Barkana
+  2021, MNRAS 506, 5479): each Ly-alpha photon that redshifts through the line leaves an energy
+  Delta E(T_K, T_S, tau_GP) in the gas, positive for "continuum" photons (emitted between
+  Ly-alpha and Ly-beta, n = 2 above) and negative (cooling) for "injected" ones (cascades from
+  n >= 3). 21cmFAST's `get_Ts_fast` (SpinTemperatureBox.c) heats by
+  dT/dz = -(4 pi nu_alpha J / (c n_b (1 + z))) Delta E 2 / (3 k_B (1 + x_e)) for each part, with
+  Delta E from `Energy_Lya_heating` (heating_helper_progs.c), a trilinear interpolation in log10
+  of the Reis et al. table `Lyman_alpha_heating_table.dat`, at the previous step's T_K and T_S.
+  We ship that table subsampled (lya_heating_table.npz: every 3rd T_K and T_S node from 1 K to
+  1000 K, every 2nd tau_GP node from 10^3.4 to 10^7; interpolation differs from the full table by
+  <= 1.4 % of its largest |Delta E|, 99 % of points within 7 % of its median |Delta E|), and
+  evaluate it at the mean-density T_S of the global history (`spin` couplings, T_colour = T_K).
+- CMB heating (USE_CMB_HEATING, on by default): 21cmFAST's `get_Ts_fast` form, which it credits to
+  Meiksin (2021): eps_CMB = (3/4) (T_CMB / T_21) A_10 f_H (h / lambda_21)^2 / m_p (1 + 2 T_K / T_21)
+  erg/s per baryon, dT/dt = 2 eps_CMB / (3 k_B (1 + x_e)). As coded it is the 21cm photon's recoil
+  energy times the line's rate, ~1e-9 K per Hubble time at z ~ 17: kept for fidelity, it moves
+  nothing (the T_S-dependent heating of Venumadhav et al. 2018, PRD 98, 103513, ~K, is not what
+  21cmFAST 4.1.1 computes).
 
 Simplifications against 21cmFAST: the opacity uses the mean neutral fraction (1 - Q) with
 Q = min(1, zeta f_coll) the analytic global ionised volume (X-ray pre-ionisation left out
-of tau); HeII, Lyman-alpha and CMB heating are left out; x_e, f_heat and f_ion are global,
-not per cell; the Lyman-series spectrum is flat; only H-H and e-H collisions couple.
+of tau); HeII heating is left out; x_e, f_heat and f_ion are global, not per cell; the
+Lyman-alpha heating per photon Delta E is the global history's (its fluctuations follow those of
+J_alpha only, not of the cell's T_K, T_S and density); no X-ray-excited Ly-alpha in J_alpha; only
+H-H and e-H collisions couple.
 The attenuation is 21cmFAST's: photons arrive only where tau < 1 (MFC11), here the smooth
 step 1 / (1 + tau^8) instead of exp(-tau), which would heat ~1.2x less.
-Check against 21cmFAST 4.1.1 coeval boxes (const-zeta, USE_TS_FLUCT, linear density,
-64 Mpc / 32^3, one seed; ours 3 seeds), mean dT_b at z = 7/8-22: L_X = 40.5 trough -110 vs
+Check against 21cmFAST 4.1.1 coeval boxes before the Lyman-alpha / CMB heating and the Pop II
+spectrum were added (const-zeta, USE_TS_FLUCT, linear density, 64 Mpc / 32^3, one seed; ours 3
+seeds; the current comparison is docs/benchmarks.md), mean dT_b at z = 7/8-22: L_X = 40.5 trough -110 vs
 -103 mK at z = 16 (max difference 13 mK at z = 15), L_X = 39.5 -175 vs -171 mK (z 14 vs
 15; max 25 mK at z = 12), L_X = 41.5 -45 vs -42 mK at z = 18 (max 6.5 mK); our mean T_K
 is 10-25 % below theirs once heating starts (f_heat fits vs their Furlanetto & Stoever
@@ -54,6 +81,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -73,17 +101,27 @@ SIGMA_T = 6.6524587e-25  # Thomson cross-section, cm^2
 A_RAD = 7.5657e-15  # radiation constant, erg / cm^3 / K^4
 T_CMB0 = 2.7255  # K
 RHO_CRIT_CGS = 1.87834e-29  # critical density / h^2, g / cm^3
+TAU_GP_COEF = 1.342881e-7  # Gunn-Peterson depth tau_GP = TAU_GP_COEF n_HI / H (n in cm^-3, H in 1/s), 21cmFAST's taugp
 Y_HE = 0.245  # helium mass fraction (21cmFAST)
 F_HE = Y_HE / (4 * (1 - Y_HE))  # n_He / n_H
 F_STAR = 0.05  # star-formation efficiency, 10**F_STAR10 with 21cmFAST's default -1.3
-N_ALPHA = 9690.0  # Lyman-series photons per stellar baryon, Pop II (Barkana & Loeb 2005)
-NU_ALPHA, NU_LL = 2.4661e15, 3.2898e15  # Ly-alpha and Lyman-limit frequencies, Hz
+POP2_ION = 5000.0  # 21cmFAST's POP2_ION: scales its Pop II Lyman-series spectrum (photons per stellar baryon)
+# 21cmFAST 4.1.1's stellar_spectra.dat, Pop II columns: photons (/ POP2_ION) and spectral index in the band Ly-n .. Ly-(n+1), n = 2 .. 23
+POP2_NORM = (1.49494, 0.393277, 0.160398, 0.0729365, 0.0349985, 0.0174907, 0.0102821, 0.00730747, 0.00544619, 0.00417057,
+             0.00326463, 0.00260298, 0.00210843, 0.00173139, 0.00143814, 0.00118812, 0.000986257, 0.000828343, 0.0007029,
+             0.0006019, 0.000519604, 0.000451832)
+POP2_INDEX = (0.142018, -2.17044, 2.14591, -17.4677, -34.0605, -42.9493, -13.5722, 3.95519, 5.1087, 5.73644, 6.11457, 6.3601,
+              6.52889, 6.65021, 0.00386785, -54.8366, -54.8176, -54.8015, -54.7877, -54.7758, -54.7655, -54.7564)
+NU_ALPHA = 2.4661e15  # Ly-alpha frequency, Hz
 E_BAND_MAX, E_X_MAX = 2000.0, 10000.0  # eV: top of the L_X band and of the emitted spectrum (21cmFAST)
 X_E_INIT, Z_DEC = 2e-4, 135.0  # residual ionisation and decoupling redshift at Z_MAX (module docstring)
 # Ly-n -> Ly-alpha recycling fractions, n = 2 .. 23 (Pritchard & Furlanetto 2006, table 1)
 F_REC = (1.0, 0.0, 0.2609, 0.3078, 0.3259, 0.3353, 0.3410, 0.3448, 0.3476, 0.3496, 0.3512, 0.3524, 0.3535, 0.3543,
          0.3550, 0.3556, 0.3561, 0.3565, 0.3569, 0.3572, 0.3575, 0.3578)
 N_U, N_R, N_E = 121, 120, 100  # grid sizes: ln(1+z) steps, radial shells, photon energies
+H_P = 6.62607015e-27  # Planck's constant, erg s
+A_10, T_21, LAMBDA_21 = 2.85e-15, 0.0682, 21.106114054160  # 21cm Einstein coefficient (1/s), h nu_21 / k_B (K), wavelength (cm); 21cmFAST's
+LYA_TABLE = Path(__file__).with_name("lya_heating_table.npz")  # Reis et al. (2021) Delta E, subsampled from 21cmFAST (docstring)
 
 
 def verner_sigma(energy_ev, species: str) -> np.ndarray:
@@ -114,6 +152,62 @@ def alpha_b(t_k) -> np.ndarray:
     return 2.6e-13 * (np.maximum(t_k, 10.0) / 1e4) ** -0.7
 
 
+@functools.lru_cache(maxsize=1)
+def _lya_table() -> tuple[np.ndarray, ...]:
+    with np.load(LYA_TABLE, allow_pickle=False) as t:
+        return tuple(np.asarray(t[k], dtype=float) for k in ("log10_tk", "log10_ts", "log10_tau_gp", "e_continuum", "e_injected"))
+
+
+def _nodes(grid: np.ndarray, x) -> tuple[np.ndarray, np.ndarray]:
+    """Lower node index and weight of x on a uniform grid, clamped to its ends (no extrapolation, as 21cmFAST)."""
+    x = np.clip(np.asarray(x, dtype=float), grid[0], grid[-1])
+    i = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, len(grid) - 2)
+    return i, (x - grid[i]) / (grid[i + 1] - grid[i])
+
+
+def lya_heating_energy(t_k, t_s, tau_gp) -> tuple[np.ndarray, np.ndarray]:
+    """(continuum, injected) energy in erg that one Ly-alpha photon leaves in the gas (Reis, Fialkov & Barkana 2021).
+
+    21cmFAST's `Energy_Lya_heating` (flags 2 and 3): trilinear in log10 T_K, log10 T_S and
+    log10 tau_GP on the (subsampled) table, clamped at its edges. Continuum photons heat,
+    injected ones cool.
+    """
+    lt_k, lt_s, l_tau, e_c, e_i = _lya_table()
+    (i, wi), (j, wj), (k, wk) = (_nodes(g, np.log10(v)) for g, v in ((lt_k, t_k), (lt_s, t_s), (l_tau, tau_gp)))
+    out = []
+    for table in (e_c, e_i):
+        acc = 0.0
+        for di, fi in ((0, 1 - wi), (1, wi)):
+            for dj, fj in ((0, 1 - wj), (1, wj)):
+                for dk, fk in ((0, 1 - wk), (1, wk)):
+                    acc = acc + fi * fj * fk * table[i + di, j + dj, k + dk]
+        out.append(np.asarray(acc))
+    return out[0], out[1]
+
+
+def cmb_heating_rate(z, t_k) -> np.ndarray:
+    """CMB heating of the gas, erg/s per baryon: 21cmFAST 4.1.1's eps_CMB in `get_Ts_fast` (Meiksin 2021), module docstring."""
+    t_cmb = T_CMB0 * (1 + np.asarray(z, dtype=float))
+    return 0.75 * (t_cmb / T_21) * A_10 / (1 + F_HE) * (H_P / LAMBDA_21) ** 2 / M_P * (1 + 2 * np.asarray(t_k) / T_21)
+
+
+def lya_heating_coef(z, x_e, n_h0: float) -> np.ndarray:
+    """K per unit ln(1+z) per (J_alpha x Delta E): 4 pi nu_alpha / (c n_b) 2 / (3 k_B (1 + x_e)), n_b = n_H + n_He proper (21cmFAST)."""
+    n_b = n_h0 * (1 + F_HE) * (1 + np.asarray(z, dtype=float)) ** 3
+    return 4 * math.pi * NU_ALPHA / (C_CM * n_b) * 2 / (3 * K_B * (1 + np.asarray(x_e)))
+
+
+def mean_spin_temperature(z, t_k, x_e, j_alpha, n_h0: float, hub) -> np.ndarray:
+    """T_S (K) of gas at the mean density, for the Ly-alpha heating's Delta E (couplings of `spin`)."""
+    from cosmofm.data_cards.mocks.sim21cm import spin  # spin builds on this module: imported here, not at the top
+
+    n_h = n_h0 * (1 + np.asarray(z, dtype=float)) ** 3
+    t_cmb = T_CMB0 * (1 + np.asarray(z, dtype=float))
+    tau_gp = TAU_GP_COEF * n_h * (1 - x_e) / hub
+    x_a = spin.wouthuysen_field_coupling(j_alpha, z, t_k, tau_gp)
+    return spin.spin_temperature(t_k, t_cmb, spin.collisional_coupling(t_k, n_h, x_e, t_cmb), x_a)
+
+
 @dataclass
 class History:
     """The mean IGM and the per-shell kernels on a grid z[0] = Z_MAX > ... > z[-1] (uniform in ln(1+z)).
@@ -131,6 +225,9 @@ class History:
             contributed by each fluctuating shell at the mean emissivity; shells beyond the
             last act on every cell alike and are only in the means.
         z_source: (G, S) retarded redshift of each shell.
+        q_lya, q_cmb: (G,) Lyman-alpha (continuum + injected) and CMB heating of the mean gas, K per unit u.
+        lya_heat_shell: (G, S) Lyman-alpha heating (K per unit u) from each fluctuating shell's J_alpha
+            at the mean emissivity, with the global Delta E.
     """
 
     z: np.ndarray
@@ -145,6 +242,9 @@ class History:
     heat_shell: np.ndarray
     alpha_shell: np.ndarray
     z_source: np.ndarray
+    q_lya: np.ndarray
+    q_cmb: np.ndarray
+    lya_heat_shell: np.ndarray
 
     def at(self, name: str, z) -> np.ndarray:
         """A (G,) attribute interpolated linearly in ln(1+z) to redshifts z."""
@@ -161,6 +261,19 @@ def x_ray_norm(params: SimParams) -> float:
     a, e0 = params.X_RAY_SPEC_INDEX, params.NU_X_THRESH
     band = math.log(E_BAND_MAX / e0) if abs(a - 1) < 1e-6 else (E_BAND_MAX ** (1 - a) - e0 ** (1 - a)) / (1 - a)
     return 10.0**params.L_X / band
+
+
+def lyman_series_emissivity(stretch: np.ndarray) -> np.ndarray:
+    """(..., n) photons / Hz per stellar nucleon emitted at the frequency that redshifts into Ly-n (n = 2 .. 23)
+    after a stretch (1+z'')/(1+z); 0 beyond Ly-(n+1) (21cmFAST's `spectral_emissivity`, module docstring)."""
+    n = np.arange(2, 2 + len(POP2_NORM))
+    nu_n = (1 - n**-2.0) / 0.75  # Ly-n in units of Ly-alpha
+    nu_next = (1 - (n + 1.0) ** -2) / 0.75
+    a = np.asarray(POP2_INDEX)
+    n0 = np.asarray(POP2_NORM) * POP2_ION * (a + 1) / (nu_next ** (a + 1) - nu_n ** (a + 1))  # per unit nu / nu_alpha
+    nu = nu_n * np.asarray(stretch)[..., None]
+    per_baryon = np.where(nu < nu_next, n0 * nu**a / NU_ALPHA, 0.0)
+    return per_baryon * (1 - 0.75 * Y_HE)  # 21cmFAST's baryons (H and He atoms) per nucleon
 
 
 def history(params: SimParams, z_low: float, shell_edges=(0.0,), shell_radii=()) -> History:
@@ -220,15 +333,18 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     heat = np.sum(flux * (e_abs * energy * dln_e), axis=2)  # (G, R) erg/s per neutral H
     ionise = np.sum(flux * ((s_hi + s_he) * energy * dln_e), axis=2)  # primary ionisations / s per neutral H
     # Lyman series: shell contributions to J_alpha at the mean emissivity
-    horizon = np.array([(1 - (n + 1) ** -2.0) / (1 - n**-2.0) for n in range(2, 2 + len(F_REC))])
-    recycled = (np.asarray(F_REC)[None, None, :] * (stretch[:, :, None] <= horizon)).sum(axis=2)
-    alpha = (1 + z[:, None]) ** 2 / (4 * np.pi) * dr * MPC_CM * N_ALPHA / (NU_LL - NU_ALPHA) * sfr_b * recycled
+    reached = np.asarray(F_REC)[None, None, :] * lyman_series_emissivity(stretch)  # (G, R, n) photons / Hz per nucleon
+    per_recycled = (1 + z[:, None]) ** 2 / (4 * np.pi) * dr * MPC_CM * sfr_b
+    alpha_cont = per_recycled * reached[:, :, 0]  # n = 2: continuum photons redshifting straight into Ly-alpha
+    alpha = per_recycled * reached.sum(axis=2)
+    alpha_inj = alpha - alpha_cont  # n >= 3: injected by cascades
     # the mean IGM, stepping down in u
     hub = hubble_rate_s(cosmo, z)
     t_cmb = T_CMB0 * (1 + z)
     q_hii = np.clip(p.HII_EFF_FACTOR * np.interp(z, zt, fcoll), 0.0, 1.0)
     heat_tot, ion_tot = heat.sum(axis=1), ionise.sum(axis=1)
-    x_e, t_k = np.empty(N_U), np.empty(N_U)
+    j_alpha, j_cont, j_inj = alpha.sum(axis=1), alpha_cont.sum(axis=1), alpha_inj.sum(axis=1)
+    x_e, t_k, e_cont, e_inj = np.empty(N_U), np.empty(N_U), np.zeros(N_U), np.zeros(N_U)
     x_e[0], t_k[0] = X_E_INIT, T_CMB0 * (1 + Z_MAX) ** 2 / (1 + Z_DEC)
     compton = 8 * SIGMA_T * A_RAD * t_cmb**4 / (3 * M_E * C_CM) / hub  # per unit u, times x_e / (1 + f_He + x_e)
     for g in range(N_U - 1):
@@ -238,21 +354,34 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
         x_e[g + 1] = min(max(xe + du * ion / hub[g], 0.0), 1.0)
         c = compton[g] * xe / (1 + F_HE + xe)
         q = 2 * (1 - xe) * f_heat(xe) * heat_tot[g] / (3 * K_B * (1 + F_HE + xe) * hub[g])
+        # Ly-alpha heating per photon at this step's T_K and mean-density T_S (21cmFAST: the previous step's)
+        t_s = mean_spin_temperature(z[g], tk, xe, j_alpha[g], n_h0, hub[g])
+        tau_gp = TAU_GP_COEF * n_h * (1 - xe) / hub[g]
+        e_cont[g], e_inj[g] = lya_heating_energy(tk, t_s, tau_gp)
+        q += lya_heating_coef(z[g], xe, n_h0) * (j_cont[g] * e_cont[g] + j_inj[g] * e_inj[g])
+        q += 2 * cmb_heating_rate(z[g], tk) / (3 * K_B * (1 + xe) * hub[g])
         t_k[g + 1] = tk - du * ((2 + c) * tk - c * t_cmb[g] - q)
+    e_cont[-1], e_inj[-1] = e_cont[-2], e_inj[-2]
     c = compton * x_e / (1 + F_HE + x_e)
     ln_phi = -np.concatenate([[0.0], np.cumsum(0.5 * du * ((2 + c[1:]) + (2 + c[:-1])))])
     phi = np.exp(ln_phi)
     heat_coef = 2 * (1 - x_e) * f_heat(x_e) / (3 * K_B * (1 + F_HE + x_e) * hub)
-    t_k = phi * (t_k[0] + cumulative(((c * t_cmb + heat_coef * heat_tot) / phi)[:, None], du)[:, 0])
+    lya_coef = lya_heating_coef(z, x_e, n_h0)
+    q_lya = lya_coef * (j_cont * e_cont + j_inj * e_inj)
+    q_cmb = 2 * cmb_heating_rate(z, t_k) / (3 * K_B * (1 + x_e) * hub)  # with the Euler T_K; ~1e-9 K, docstring
+    t_k = phi * (t_k[0] + cumulative(((c * t_cmb + heat_coef * heat_tot + q_lya + q_cmb) / phi)[:, None], du)[:, 0])
     # fluctuating shells: fine shells grouped between the filter edges
     edges = np.asarray(shell_edges)
     which = np.searchsorted(edges, r_mid, side="right") - 1  # -1 never (edges[0] = 0); >= S: beyond
     n_s = len(edges) - 1
     heat_s = np.stack([heat[:, which == s].sum(axis=1) for s in range(n_s)], axis=1) if n_s else np.zeros((N_U, 0))
     alpha_s = np.stack([alpha[:, which == s].sum(axis=1) for s in range(n_s)], axis=1) if n_s else np.zeros((N_U, 0))
+    lya_mix = alpha_cont * e_cont[:, None] + alpha_inj * e_inj[:, None]  # (G, R) J_alpha x Delta E
+    lya_s = np.stack([lya_mix[:, which == s].sum(axis=1) for s in range(n_s)], axis=1) if n_s else np.zeros((N_U, 0))
     radii = np.asarray(shell_radii, dtype=float)
     z_src = cosmo.redshift_at_distance(d[:, None] + radii[None, :])
-    return History(z, u, t_k, x_e, alpha.sum(axis=1), q_hii, phi, heat_coef, radii, heat_s, alpha_s, z_src)
+    return History(z, u, t_k, x_e, j_alpha, q_hii, phi, heat_coef, radii, heat_s, alpha_s, z_src, q_lya, q_cmb,
+                   lya_coef[:, None] * lya_s)
 
 
 def cumulative(rate: np.ndarray, du: float) -> np.ndarray:

@@ -64,14 +64,6 @@ def _py21cmfast():
     return py21cmfast
 
 
-def _sim_params(params) -> SimParams:
-    if isinstance(params, SimParams):
-        return params
-    if params is None or isinstance(params, dict):
-        return SimParams.from_dict(params or {})
-    raise InputError("params", f"expected SimParams or a dict, got {type(params).__name__}", "pass SimParams(...) or {'L_X': 40.5, ...}")
-
-
 def _refuse_unmatched(p: SimParams) -> None:
     """InputError for a parameter 21cmFAST 4 cannot run, unless it is at its default (the physics 21cmFAST has)."""
     for f in dataclasses.fields(p):
@@ -101,7 +93,7 @@ def input_parameters(params: SimParams | dict | None, box_size: float, n_cells: 
     Node redshifts (where the spin temperature is evolved) are log-spaced by Z_STEP_FACTOR
     from z_min up to Z_MAX, so that the evolution reaches below the lowest output redshift.
     """
-    p = _sim_params(params)
+    p = SimParams.coerce(params)
     _refuse_unmatched(p)
     _check_grid(box_size, n_cells, [z_min], seed)
     if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)) or n_threads < 1:
@@ -164,7 +156,7 @@ def run_21cmfast_coevals(params: SimParams | dict | None, box_size: float, n_cel
     evolution itself runs on the node redshifts (input_parameters), so outputs between
     nodes do not change it.
     """
-    p = _sim_params(params)
+    p = SimParams.coerce(params)
     z_out = _check_grid(box_size, n_cells, redshifts, seed)
     keep = {round(float(z), 6) for z in box_redshifts}
     missing = keep - {round(float(z), 6) for z in z_out}
@@ -193,6 +185,22 @@ def run_21cmfast_coevals(params: SimParams | dict | None, box_size: float, n_cel
     return ReferenceCoevals(z, tb, xhi, ts, tk, boxes, density0, seconds, p, int(seed), bad)
 
 
+def initial_density(params: SimParams | dict | None, box_size: float, n_cells: int, seed: int, n_threads: int = 1,
+                    z_min: float = 5.0) -> np.ndarray:
+    """21cmFAST's z = 0 low-resolution linear density (LOS, y, x) for `seed`, without evolving anything.
+
+    The initial conditions `run_21cmfast_coevals` hands over as `density0` (the same inputs, so
+    the same random draw: seconds at 64^3), for rerunning our model on a stored reference run.
+    """
+    p = SimParams.coerce(params)
+    inputs = input_parameters(p, box_size, n_cells, seed, n_threads, z_min=z_min)
+    p21c = _py21cmfast()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ics = p21c.compute_initial_conditions(inputs=inputs)
+    return _ours(ics.get("lowres_density"))
+
+
 def run_21cmfast_lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, redshifts: np.ndarray, seed: int,
                            n_threads: int = 1) -> Lightcone:
     """A 21cmFAST lightcone (spin temperature on, velocity gradient in tau_21 as our rsd=True) on the given redshifts.
@@ -202,7 +210,7 @@ def run_21cmfast_lightcone(params: SimParams | dict | None, box_size: float, n_c
     of sight onto the increasing `redshifts` (as `lightcone_at_redshifts` does ours), so
     both simulators hand over the same grid. Axis order (LOS, y, x).
     """
-    p = _sim_params(params)
+    p = SimParams.coerce(params)
     z = _check_grid(box_size, n_cells, redshifts, seed)
     if np.any(np.diff(z) <= 0):
         raise InputError("redshifts", "must be strictly increasing", "give the slices' redshifts from low to high")
@@ -237,4 +245,4 @@ def run_21cmfast_lightcone(params: SimParams | dict | None, box_size: float, n_c
                      x_hi.mean(axis=(1, 2)), cell, p, int(seed), on_grid("spin_temperature"))
 
 
-__all__ = ["READS_21CMFAST", "ReferenceCoevals", "input_parameters", "node_redshifts", "run_21cmfast_coevals", "run_21cmfast_lightcone"]
+__all__ = ["READS_21CMFAST", "ReferenceCoevals", "initial_density", "input_parameters", "node_redshifts", "run_21cmfast_coevals", "run_21cmfast_lightcone"]

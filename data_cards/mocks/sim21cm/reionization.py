@@ -14,7 +14,7 @@ Mesinger, Furlanetto & Cen 2011) with a linear density field:
    with a real-space top-hat; a cell is ionised (central-pixel flagging, 21cmFAST's
    default) when
 
-       zeta * f_coll(R) >= 1,  f_coll = N(z, R) erfc[(delta_c / D(z) - delta_R,0) / sqrt(2 (sigma^2(M_min) - sigma^2(R)))]
+       zeta * f_coll(R) >= 1 - x_e,  f_coll = N(z, R) erfc[(delta_c / D(z) - delta_R,0) / sqrt(2 (sigma^2(M_min) - sigma^2(R)))]
 
    with M_min(z) from ION_Tvir_MIN (Barkana & Loeb 2001). N(z, R) rescales the
    extended Press-Schechter f_coll so that its expectation over the grid equals the
@@ -24,13 +24,17 @@ Mesinger, Furlanetto & Cen 2011) with a linear density field:
    noisy box mean. The criterion is a per-(R, z) barrier on delta_R,0, so no erfc is
    evaluated per cell except at the last, cell-size step, where cells that are not fully
    ionised get the partial ionisation x_HII = zeta f_coll (as 21cmFAST).
+   x_e is the X-ray (and residual) ionisation of the neutral IGM (`heating`, global as ours is;
+   0 in the saturated limit spin=False): 21cmFAST's IonisationBox.c lowers the barrier to
+   1 - x_e (its xHII_from_xrays, filtered per cell) and counts x_e out of the neutral fraction,
+   x_HI = 1 - x_e in never-ionised cells and max(0, 1 - zeta f_coll - x_e) in partial ones.
 3. The brightness temperature (Furlanetto, Oh & Briggs 2006, Phys. Rep. 433, 181,
    with the prefactor 21cmFAST uses):
-   dT_b = 27 x_HI (1 - x_e) (1 + delta) (1 - T_CMB / T_S) sqrt((1 + z)/10 * 0.15 / (OMm h^2)) (OMb h^2 / 0.023)
+   dT_b = 27 x_HI (1 + delta) (1 - T_CMB / T_S) sqrt((1 + z)/10 * 0.15 / (OMm h^2)) (OMb h^2 / 0.023)
           / (1 + dv_r/dr / H)  mK,
    T_S from X-ray heating, Lyman-alpha and collisional coupling (`spin`, `heating`: cosmic
    dawn, driven by L_X, NU_X_THRESH and X_RAY_SPEC_INDEX), the last factor the linear
-   redshift-space distortion (`spin.velocity_gradient`). Lightcones have both by default
+   redshift-space distortion (`spin.velocity_gradient`); x_HI already excludes x_e (point 2). Lightcones have both by default
    (spin=True, rsd=True); coeval boxes default to the saturated limit T_S >> T_CMB without
    RSD (spin=False, rsd=False), where x_e = 0 and the bracket is 1.
 4. A lightcone is one elongated periodic box along the line of sight: slice i sits at
@@ -64,7 +68,7 @@ from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmol
 from cosmofm.data_cards.mocks.sim21cm.density import check_box, gaussian_field, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX  # the model's redshift range (21cmFAST's Z_HEAT_MAX)
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
-from cosmofm.data_cards.mocks.sim21cm.spin import brightness_temperature, shells
+from cosmofm.data_cards.mocks.sim21cm.spin import brightness_temperature, shells, xray_ionised_fraction
 
 DELTA_R_HII_FACTOR = 1.1  # ratio of successive smoothing radii (21cmFAST default)
 R_BUBBLE_MIN = L_FACTOR  # Mpc, 21cmFAST's default floor on the smallest radius
@@ -89,14 +93,15 @@ def smoothing_radii(params: SimParams, cell: float, box_len: float) -> np.ndarra
 
 
 def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, params: SimParams, cosmo: Cosmology | None = None,
-                     box_len: float | None = None) -> np.ndarray:
-    """Excursion-set ionised fraction x_HII of a (D, H, W) box whose slice i is at redshifts[i].
+                     box_len: float | None = None, x_e: np.ndarray | None = None) -> np.ndarray:
+    """Ionised fraction 1 - x_HI of a (D, H, W) box whose slice i is at redshifts[i]: excursion set plus X-ray pre-ionisation.
 
     Args:
         delta0: linear overdensity extrapolated to z = 0 (periodic box).
         cell: comoving cell size in Mpc.
         redshifts: (D,) redshift of each slice along axis 0 (all equal for a coeval box).
         box_len: transverse box size limiting the largest radius (default W * cell).
+        x_e: (D,) X-ray ionised fraction of the neutral IGM per slice (module docstring, point 2); None = 0.
     """
     cosmo = cosmo or cosmology(params)
     p = params
@@ -106,6 +111,7 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
     f_global = cosmo.fcoll_global(z, p.ION_Tvir_MIN, "ST" if p.HMF == 1 else "PS")  # (D,)
     barrier_c = DELTA_C / growth  # (D,)
     box_len = box_len or delta0.shape[-1] * cell
+    x_e = np.zeros_like(z) if x_e is None else np.clip(np.broadcast_to(np.asarray(x_e, dtype=float), z.shape), 0.0, 1.0)
     radii = smoothing_radii(p, cell, box_len)
     smooth = tophat_smoother(delta0, cell)
     ionised = np.zeros(delta0.shape, dtype=bool)
@@ -121,14 +127,14 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
         grid_mean = erfc(barrier_c / np.sqrt(2 * np.where(valid, sig2_diff, 1.0) + 2 * var_grid))
         with np.errstate(divide="ignore", invalid="ignore"):
             efficiency = p.HII_EFF_FACTOR * np.where(grid_mean > 0, f_global / grid_mean, 0.0)  # zeta * normalisation, (D,)
-            y = np.where(efficiency > 0, 1 / efficiency, np.inf)
+            y = np.where(efficiency > 0, (1 - x_e) / efficiency, np.inf)  # the barrier zeta f_coll >= 1 - x_e
         ok = valid & (y < 2)
         barrier = np.where(ok, barrier_c - s * erfcinv(np.where(ok, y, 1.0)), np.inf)  # (D,)
         ionised |= smoothed >= barrier[:, None, None]
         if last:
             fcoll = erfc((barrier_c[:, None, None] - smoothed) / s[:, None, None])
             partial = np.clip(efficiency[:, None, None] * fcoll, 0.0, 1.0) * valid[:, None, None]
-            x_hii = np.where(ionised, 1.0, partial)
+            x_hii = np.where(ionised, 1.0, np.minimum(partial + x_e[:, None, None], 1.0))
     return x_hii
 
 
@@ -170,7 +176,7 @@ class Lightcone:
         frequencies: (D,) observed 21cm frequency of each slice, Hz (decreasing).
         los_distances: (D,) comoving distance of each slice, Mpc.
         transverse: (H,) cell-centre positions across the line of sight, Mpc (centred on 0).
-        global_xHI: (D,) mean neutral fraction of each slice (excursion set; X-ray pre-ionisation not included).
+        global_xHI: (D,) mean neutral fraction of each slice (excursion set and, with spin, X-ray pre-ionisation x_e).
         spin_temp: (D, H, W) spin temperature T_S in K, None when saturated (spin=False).
     """
 
@@ -242,14 +248,6 @@ def crossing_redshift(z: np.ndarray, x_hi: np.ndarray, level: float = 0.5) -> fl
     return float(z[j - 1] + (level - x[j - 1]) * (z[j] - z[j - 1]) / (x[j] - x[j - 1]))
 
 
-def _params(params) -> SimParams:
-    if isinstance(params, SimParams):
-        return params
-    if params is None or isinstance(params, dict):
-        return SimParams.from_dict(params or {})
-    raise InputError("params", f"expected SimParams or a dict, got {type(params).__name__}", "pass SimParams(...) or {'HII_EFF_FACTOR': 30, ...}")
-
-
 def _grown(delta0: np.ndarray, growth: np.ndarray, lognormal: bool) -> np.ndarray:
     """Density at each slice's redshift from the z = 0 linear field; growth is (D,)."""
     g = growth[:, None, None]
@@ -283,7 +281,7 @@ def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0
     each cell (e.g. 21cmFAST's low-resolution initial conditions, `reference.run_21cmfast_coevals`),
     used instead of drawing one from `seed`; the box is then the model run on those initial conditions.
     """
-    p = _params(params)
+    p = SimParams.coerce(params)
     check_box(p, box_size, n_cells, z, seed)
     los_cells = n_cells if los_cells is None else los_cells
     if isinstance(los_cells, bool) or not isinstance(los_cells, (int, np.integer)) or los_cells <= 0:
@@ -301,7 +299,8 @@ def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0
     else:
         delta0 = density0
     zs = np.full(los_cells, float(z))
-    x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size)
+    x_e = xray_ionised_fraction(p, cell, box_size, zs) if spin else None  # saturated T_S: no X-ray history, x_e = 0
+    x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size, x_e)
     delta = _grown(delta0, cosmo.growth(zs), p.LOGNORMAL == 1)
     tb, _ = brightness_temperature(delta0, delta, x_hi, zs, p, cosmo, cell, box_size, spin, rsd)
     return CoevalBox(tb.astype(np.float32), delta.astype(np.float32), x_hi.astype(np.float32), float(z), cell, p, seed)
@@ -315,7 +314,7 @@ def lightcone(params: SimParams | dict | None, box_size: float, n_cells: int, z_
     d(z_min) + i x cell, for every slice up to d(z_max). Deterministic in `seed`.
     spin: spin temperature (cosmic dawn) on, else saturated T_S; rsd: redshift-space distortions.
     """
-    p = _params(params)
+    p = SimParams.coerce(params)
     check_box(p, box_size, n_cells, z_min, seed)
     check_box(p, box_size, n_cells, z_max)
     if z_max <= z_min:
@@ -332,7 +331,7 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
 
     ionize=False skips the excursion set, the spin temperature and RSD (x_HI = 1): a density lightcone.
     """
-    p = _params(params)
+    p = SimParams.coerce(params)
     check_box(p, box_size, n_cells, z_min, seed, bubbles=ionize)
     if isinstance(n_los, bool) or not isinstance(n_los, (int, np.integer)) or n_los <= 0:
         raise InputError("n_los", f"must be a positive integer, got {n_los!r}", "give the number of slices along the line of sight")
@@ -351,7 +350,8 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
     delta0 = gaussian_field(np.random.default_rng([seed, 21]), (n_box, n_cells, n_cells), cell, cosmo.power, cell_average=True)
     keep = slice(pad_lo, pad_lo + n_los)
     if ionize:
-        x_hi = 1 - ionized_fraction(delta0, cell, z_box, p, cosmo, box_size)[keep]
+        x_e = xray_ionised_fraction(p, cell, box_size, z_box) if spin else None  # saturated T_S: x_e = 0
+        x_hi = 1 - ionized_fraction(delta0, cell, z_box, p, cosmo, box_size, x_e)[keep]
     else:
         x_hi = np.ones((n_los, n_cells, n_cells))
     if spin or rsd:  # on the padded box: shells and velocities see across the ends
@@ -382,7 +382,7 @@ def lightcone_at_redshifts(params: SimParams | dict | None, box_size: float, n_c
     the line-of-sight spacing in own Mpc differs from box_size / n_cells). `los_distances`
     are params' own comoving distances of the redshifts.
     """
-    p = _params(params)
+    p = SimParams.coerce(params)
     z = np.asarray(redshifts, dtype=float)
     if z.ndim != 1 or len(z) == 0 or not np.all(np.isfinite(z)) or np.any(np.diff(z) <= 0):
         raise InputError("redshifts", "must be a non-empty, strictly increasing 1D array", "give the slices' redshifts from low to high")

@@ -21,7 +21,9 @@ Briggs 2006, Phys. Rep. 433, 181, FOB06, sec. 2), with the colour temperature se
   4.1.1's `calculate_sfrd_from_grid` for its constant-efficiency sources), normalised over
   the box, so the box mean is the global history exactly. The heating of shell s at every
   earlier step is propagated to the slice's redshift with the temperature equation's
-  propagator Phi, and its Lyman-alpha flux is taken at the slice's own redshift. Shells beyond
+  propagator Phi (so is its Lyman-alpha heating, `heating` docstring: Delta E per photon from the
+  global history, the cell's J_alpha excess), and its Lyman-alpha flux is taken at the slice's own
+  redshift. Shells beyond
   0.62 L_box (X-rays out to ~Gpc, the Lyman-beta horizon) act on every cell alike.
 
 Simplifications against 21cmFAST, beyond those of `heating`: F_s is tabulated on N_DELTA
@@ -46,14 +48,13 @@ import numpy as np
 from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc
 from cosmofm.data_cards.mocks.sim21cm.density import k_grid, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
-    C_CM, M_E, M_P, RHO_CRIT_CGS, T_CMB0, Y_HE, History, cumulative, history, hubble_rate_s,
+    A_10, C_CM, M_E, M_P, RHO_CRIT_CGS, T_CMB0, TAU_GP_COEF, Y_HE, History, cumulative, history, hubble_rate_s,
 )
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
-T_STAR, A_10 = 0.0681683, 2.85e-15  # hyperfine energy / k_B (K) and Einstein coefficient (1/s)
+T_STAR = 0.0681683  # hyperfine energy / k_B, K (A_10 from `heating`)
 E_CHARGE, F_ALPHA = 4.80320e-10, 0.4162  # esu; Ly-alpha oscillator strength
 XA_COEF = 16 * math.pi**2 * T_STAR * E_CHARGE**2 * F_ALPHA / (27 * A_10 * T_CMB0 * M_E * C_CM)  # x_alpha (1+z) / (S_alpha J_alpha)
-TAU_GP_COEF = 1.342881e-7  # tau_GP = TAU_GP_COEF n_HI / H, n in cm^-3, H in 1/s
 MAX_DVDR = 0.2  # largest |dv_r/dr| / H (21cmFAST)
 SHELL_RATIO = 1.5  # ratio of successive filter radii of the fluctuating shells
 N_DELTA = 96  # tabulated smoothed densities per shell
@@ -101,6 +102,18 @@ def shells(cell: float, box_len: float) -> tuple[np.ndarray, np.ndarray]:
     return edges, radii
 
 
+def box_history(params: SimParams, cell: float, box_len: float, redshifts) -> History:
+    """The (cached) global history with the fluctuating shells of a box of cell / box_len Mpc, down to its lowest redshift."""
+    edges, radii = shells(cell, box_len)
+    return history(params, min(Z_LOW, math.floor(float(np.min(redshifts)))), tuple(edges), tuple(radii))
+
+
+def xray_ionised_fraction(params: SimParams, cell: float, box_len: float, redshifts) -> np.ndarray:
+    """(D,) mean X-ray (and residual) ionised fraction x_e of the neutral IGM at each slice's redshift (global, as ours is)."""
+    z = np.asarray(redshifts, dtype=float)
+    return box_history(params, cell, box_len, z).at("x_e", z)
+
+
 @dataclass
 class SpinFields:
     """Per-cell (D, H, W) spin temperature and what sets it, at each slice's redshift; x_e (D,) is the mean."""
@@ -126,8 +139,9 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
     """
     z = np.asarray(redshifts, dtype=float)
     shape = delta0.shape
-    edges, radii = shells(cell, box_len or shape[-1] * cell)
-    hist = history(params, min(Z_LOW, math.floor(float(z.min()))), tuple(edges), tuple(radii))
+    box_len = box_len or shape[-1] * cell
+    hist = box_history(params, cell, box_len, z)
+    radii = shells(cell, box_len)[1]
     du = hist.u[0] - hist.u[1]
     gpos = np.clip((hist.u[0] - np.log1p(z)) / du, 0.0, len(hist.u) - 1.000001)
     g0 = gpos.astype(int)
@@ -159,7 +173,8 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
         mean = fc @ counts / counts.sum()
         with np.errstate(divide="ignore", invalid="ignore"):
             excess = np.where((ok & (mean > 0))[:, None], fc / mean[:, None], 1.0) - 1  # F_s - 1
-        rate = hist.heat_coef[:, None] * hist.heat_shell[:, s, None] * excess  # K per unit u
+        # X-ray and Ly-alpha heating of the shell's excess emission, K per unit u
+        rate = (hist.heat_coef[:, None] * hist.heat_shell[:, s, None] + hist.lya_heat_shell[:, s, None]) * excess
         d_heat = hist.phi[:, None] * cumulative(rate / hist.phi[:, None], du)
         d_alpha = hist.alpha_shell[:, s, None] * excess
         flat = slice_base + j0
@@ -201,19 +216,23 @@ def brightness_prefactor(z, params: SimParams) -> np.ndarray:
 
 def brightness_temperature(delta0: np.ndarray, delta: np.ndarray, x_hi: np.ndarray, z: np.ndarray, params: SimParams, cosmo: Cosmology,
                            cell: float, box_len: float, spin: bool, rsd: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """(dT_b in mK, T_S in K or None when saturated) of a box with slice redshifts z (`reionization` docstring, point 3)."""
+    """(dT_b in mK, T_S in K or None when saturated) of a box with slice redshifts z (`reionization` docstring, point 3).
+
+    x_hi is the neutral fraction with the X-ray ionised fraction x_e already taken out (1 - x_HII - x_e,
+    as 21cmFAST's neutral_fraction), so it is not applied again here.
+    """
     tb = brightness_prefactor(z, params)[:, None, None] * x_hi * np.clip(1 + delta, 0, None)
     t_s = None
     if spin:
         sf = spin_fields(delta0, cell, z, params, cosmo, delta, box_len)
         t_s = sf.t_s
-        tb = tb * (1 - sf.x_e)[:, None, None] * (1 - (T_CMB0 * (1 + z))[:, None, None] / t_s)
+        tb = tb * (1 - (T_CMB0 * (1 + z))[:, None, None] / t_s)
     if rsd:
         tb = tb * rsd_factor(velocity_gradient(delta0, cell, z, cosmo))
     return tb, t_s
 
 
 __all__ = [
-    "MAX_DVDR", "SpinFields", "brightness_prefactor", "brightness_temperature", "collisional_coupling", "rsd_factor", "shells",
-    "spin_fields", "spin_temperature", "velocity_gradient", "wouthuysen_field_coupling",
+    "MAX_DVDR", "SpinFields", "box_history", "brightness_prefactor", "brightness_temperature", "collisional_coupling", "rsd_factor",
+    "shells", "spin_fields", "spin_temperature", "velocity_gradient", "wouthuysen_field_coupling", "xray_ionised_fraction",
 ]
