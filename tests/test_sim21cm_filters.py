@@ -24,3 +24,18 @@ def test_smoother_is_the_direct_filter():
         assert np.abs(smooth(radius) - direct).max() < 1e-13
     # a wider top-hat averages more cells: the smoothed field's variance falls with R
     assert smooth(5.0).std() < smooth(1.3).std() < field.std()
+
+
+@pytest.mark.parametrize("shape", [(40, 16, 16), (12, 12), (33,)])
+def test_gaussian_field_is_the_direct_construction(shape):
+    """gaussian_field's amplitudes come from `radial`: the field equals the one built on the full |k| grid, bit for bit."""
+    from cosmofm.data_cards.mocks.sim21cm import SimParams, cosmology
+    from cosmofm.data_cards.mocks.sim21cm.cosmology import L_FACTOR
+    from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field
+
+    power = cosmology(SimParams()).power
+    kmag = k_magnitude(shape, 2.0)
+    amp = np.sqrt(power(kmag) / 2.0**3) * tophat_window(kmag * L_FACTOR * 2.0)
+    amp.flat[0] = 0.0
+    direct = np.fft.irfftn(np.fft.rfftn(np.random.default_rng(3).standard_normal(shape)) * amp, s=shape, axes=tuple(range(len(shape))))
+    np.testing.assert_array_equal(gaussian_field(np.random.default_rng(3), shape, 2.0, power, cell_average=True), direct)

@@ -41,20 +41,27 @@ def k_magnitude(shape: tuple[int, ...], cell: float, real: bool = True) -> np.nd
     return np.sqrt(sum(k**2 for k in k_grid(shape, cell, real)))
 
 
-def tophat_windows(shape: tuple[int, int, int], cell: float) -> Callable[[float], np.ndarray]:
-    """R -> the top-hat window W(|k| R) on the rfftn grid of a (D, H, W) box, for filtering at many radii.
+def radial(shape: tuple[int, ...], cell: float) -> Callable[[Callable[[np.ndarray], np.ndarray]], np.ndarray]:
+    """f -> f(|k|) on the rfftn grid of `shape`, for an elementwise f (a window, a power spectrum).
 
-    Equal, bit for bit, to tophat_window(k_magnitude(shape, cell) * R): |k|
-    depends on k_z and k_y only through their squares, so W is evaluated once per (|k_z|, |k_y|)
-    -- on a quarter of the grid -- and copied to the mirrored rows. The sines and cosines were
-    the largest single cost of a lightcone before.
+    Equal, bit for bit, to f(k_magnitude(shape, cell)): |k| depends on the wavenumbers of every
+    axis but the last only through their squares, so f is evaluated on the non-negative half
+    of each of those axes (a quarter of a 3D grid) and copied to the mirrored rows. Evaluating
+    top-hat windows (sines, cosines) and P(k) on the full grid was the largest single cost of
+    a lightcone.
     """
-    d, h, _ = shape
-    kz, ky, kx = k_grid(shape, cell)
-    quarter = np.sqrt(kz[: d // 2 + 1] ** 2 + ky[:, : h // 2 + 1] ** 2 + kx**2)
-    # row i of the full grid has the same |k| as row min(i, n - i) of the quarter
-    rows = np.ix_(np.minimum(np.arange(d), d - np.arange(d)), np.minimum(np.arange(h), h - np.arange(h)))
-    return lambda radius: tophat_window(quarter * radius)[rows]
+    ks = k_grid(shape, cell)
+    head = tuple(slice(0, n // 2 + 1) for n in shape[:-1]) + (slice(None),)
+    part = np.sqrt(sum(k[head] ** 2 for k in ks))
+    # row i of an axis of n has the same |k| as row min(i, n - i) of the half
+    rows = np.ix_(*(np.minimum(np.arange(n), n - np.arange(n)) for n in shape[:-1]))
+    return lambda f: f(part)[rows]
+
+
+def tophat_windows(shape: tuple[int, int, int], cell: float) -> Callable[[float], np.ndarray]:
+    """R -> the top-hat window W(|k| R) on the rfftn grid of a (D, H, W) box (`radial`), for filtering at many radii."""
+    on_grid = radial(shape, cell)
+    return lambda radius: on_grid(lambda k: tophat_window(k * radius))
 
 
 def tophat_smoother(field: np.ndarray, cell: float) -> Callable[[float], np.ndarray]:
@@ -78,10 +85,7 @@ def gaussian_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float
     """
     white = rng.standard_normal(shape)
     wk = np.fft.rfftn(white)
-    kmag = k_magnitude(shape, cell)
-    amp = np.sqrt(power(kmag) / cell**3)
-    if cell_average:
-        amp = amp * tophat_window(kmag * L_FACTOR * cell)
+    amp = radial(shape, cell)(lambda k: np.sqrt(power(k) / cell**3) * (tophat_window(k * L_FACTOR * cell) if cell_average else 1.0))
     amp.flat[0] = 0.0  # no k = 0 mode: the box mean is the cosmic mean
     return np.fft.irfftn(wk * amp, s=shape)
 
