@@ -470,7 +470,7 @@ def _counted(samples: Iterator[Sample], bar) -> Iterator[Sample]:
 
 
 def _files(folder: Path) -> dict[str, dict[str, Any]]:
-    from cosmofm.pretrain.manifest import sha256_file
+    from cosmofm.data_cards.io.atomic import sha256_file
 
     return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -523,7 +523,7 @@ def _short(v: Any) -> str:
 def _verified_shards(out: Path, manifest: dict, expected: dict[str, list[int]]) -> dict[str, dict]:
     """The manifest's shards that are the expected ones (name and rows) and whose files all
     match their sha256; the rest are made again."""
-    from cosmofm.pretrain.manifest import sha256_file
+    from cosmofm.data_cards.io.atomic import sha256_file
 
     def intact(folder: Path, rel: str, entry: dict) -> bool:
         parts = Path(rel).parts
@@ -543,7 +543,7 @@ def _verified_shards(out: Path, manifest: dict, expected: dict[str, list[int]]) 
 
 
 def _save(out: Path, manifest: dict, bank: Bank) -> None:
-    from cosmofm.pretrain.manifest import atomic_write_bytes, atomic_write_json
+    from cosmofm.data_cards.io.atomic import atomic_write_bytes, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     rows = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
@@ -583,7 +583,7 @@ def dataset_card(bank: Bank, rows: int) -> str:
 
 def _finished(path: str | os.PathLike) -> tuple[Path, list[Path]]:
     """The shard folders of a complete bank whose files all match bank.json, in row order."""
-    from cosmofm.pretrain.manifest import read_json
+    from cosmofm.data_cards.io.atomic import read_json
 
     path = Path(path)
     manifest = read_json(path / "bank.json", "bank manifest")

@@ -152,7 +152,7 @@ def plot_sensitivity(card, path, details: dict) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from cosmofm.pretrain.manifest import atomic_write_bytes
+    from cosmofm.data_cards.io.atomic import atomic_write_bytes
 
     z, seeds, priors = details["redshifts"], details["seeds"], details["priors"]
     cell = card.box_size.to_value("Mpc") / card.n_cells
