@@ -2,6 +2,7 @@
 corrupt shards, bad prior files, the CLI. A tiny card (16 Mpc, 8^2 cells, z 6-9: 489 slices,
 ~0.2 s a lightcone) keeps the file to seconds."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,7 @@ def test_bank_rows_carry_the_design_as_labels_for_any_worker_count(prior, tmp_pa
     assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [[0, 3], [3, 4]]
     names, rows = manifest["design"]["names"], np.array(manifest["design"]["values"])
     one, two = bank_samples(tmp_path / "w1"), bank_samples(tmp_path / "w2")
+    p = load_prior(prior)
     z, d = fields.lightcone_grid(load_card(tmp_path / "tiny-lc.yaml"))
     assert len(one) == len(two) == 4
     for i in range(4):
@@ -90,7 +92,10 @@ def test_bank_rows_carry_the_design_as_labels_for_any_worker_count(prior, tmp_pa
         assert s.meta["bank_index"] == i and s.shape == (len(z), 8, 8)
         labels = s.meta["labels"]
         assert [labels[k] for k in names] == rows[i].tolist()  # the design row, exactly
-        assert labels["OMm"] == 0.31 and labels["R_BUBBLE_MAX"] == 8.0 and 0 <= labels["xHI_mean"] <= 1
+        assert labels["OMm"] == 0.31 and labels["R_BUBBLE_MAX"] == 8.0
+        # xHI_mean is that lightcone's neutral fraction: the card's own mock of realisation i at the row's parameters
+        row_card = dataclasses.replace(p.card, parameters={**p.fixed, **{k: labels[k] for k in names}})
+        assert labels["xHI_mean"] == float(np.mean(fields.simulate_realisation(row_card, 3, i)[1]))
         assert np.array_equal(s.coords["los_distance"], d)  # the card's fixed grid
         assert np.array_equal(s.values, two[i].values)  # workers change nothing
     assert len(set(rows[:, 0].round(6))) == 4  # distinct lightcones
