@@ -6,7 +6,10 @@
 A recipe (shipped ones in finetune/recipes/, read through importlib.resources) has:
 `task` (a registered task type), `card` (the data card whose mocks are the labelled
 data), `n_labelled`, `mock_seed`, `select` (label -> shell pattern, e.g.
-`{spectral_class: "GALAXY*"}`: only those mocks), `backbone` (a release folder or repo
+`{spectral_class: "GALAXY*"}`: only those mocks), `mocks` (settings of the task's own
+labelled-mock generator, for tasks whose labelled data are not single objects of the
+card: blends for deblending, survey-cube tiles for 3D detection; see `Task.labelled_mocks`
+in heads/base.py), `backbone` (a release folder or repo
 id; null = a fresh backbone shaped by `backbone_recipe`, a pretraining recipe) and
 `finetune` (the knobs of the task's config class, `finetune.run.runner_for`). The
 command line sets any entry with `--set KEY=VALUE`, as for pretraining.
@@ -47,6 +50,7 @@ class FinetuneRecipe:
     n_labelled: int = 1000
     mock_seed: int = 0
     select: dict[str, str] = field(default_factory=dict)
+    mocks: dict[str, Any] = field(default_factory=dict)
     backbone: str | None = None
     backbone_recipe: str | None = None
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -69,13 +73,14 @@ class FinetuneRecipe:
         for key in ("task", "card"):
             if not isinstance(raw.get(key), str):
                 raise InputError(f"recipe.{key}", f"is {raw.get(key)!r}, not a name", f"set it, e.g. --set {key}=NAME")
-        for key in ("select", "finetune"):
+        for key in ("select", "mocks", "finetune"):
             if not isinstance(raw.get(key) or {}, dict):
                 raise InputError(f"recipe.{key}", f"is {raw[key]!r}, not a section", f"set its keys, e.g. --set {key}.KEY=VALUE")
         n = raw.get("n_labelled", 1000)
         if isinstance(n, bool) or not isinstance(n, int) or n < 10:
             raise InputError("recipe.n_labelled", f"is {n!r}", "give at least 10 labelled mocks (train, calibration and test blocks)")
-        recipe = cls(**{**raw, "select": dict(raw.get("select") or {}), "finetune": dict(raw.get("finetune") or {})})
+        recipe = cls(**{**raw, "select": dict(raw.get("select") or {}), "mocks": dict(raw.get("mocks") or {}),
+                        "finetune": dict(raw.get("finetune") or {})})
         recipe.config()  # every knob checked now
         return recipe
 
@@ -138,6 +143,22 @@ def labelled_mocks(card, n: int, seed: int = 0, select: dict[str, str] | None = 
                      "loosen the patterns or ask for fewer labelled mocks")
 
 
+def task_mocks(recipe: FinetuneRecipe, card, workers: int = 1, progress: bool = False) -> list:
+    """The recipe's labelled samples: the task's own generator (`Task.labelled_mocks`, with the
+    recipe's `mocks` settings) where it has one, else the card's object mocks (`labelled_mocks`)."""
+    from cosmofm.heads.base import task_class
+
+    own = getattr(task_class(recipe.task), "labelled_mocks", None)
+    if own is None:
+        if recipe.mocks:
+            raise InputError("recipe.mocks", f"{sorted(recipe.mocks)} given, but task {recipe.task!r} has no mock generator of its own",
+                             "drop the mocks section; the card's object mocks are used (narrow them with select)")
+        return labelled_mocks(card, recipe.n_labelled, recipe.mock_seed, recipe.select, workers, progress)
+    if recipe.select:
+        raise InputError("recipe.select", f"task {recipe.task!r} makes its own labelled mocks", "set the generator's settings in the mocks section instead")
+    return list(own(card, recipe.n_labelled, recipe.mock_seed, workers=workers, progress=progress, **recipe.mocks))
+
+
 def run_recipe(recipe: FinetuneRecipe, workers: int = 1, progress: bool = True) -> dict:
     """Check everything, make the labelled mocks, fine-tune with the task's runner, and save the
     resolved recipe beside the run (`output_dir/finetune_recipe.yaml`). Returns the runner's result."""
@@ -162,7 +183,7 @@ def run_recipe(recipe: FinetuneRecipe, workers: int = 1, progress: bool = True) 
         from cosmofm.pretrain.recipe import PretrainRecipe
 
         backbone_config = {**PretrainRecipe.load(recipe.backbone_recipe).model, "survey_names": [card.name]}
-    samples = labelled_mocks(card, recipe.n_labelled, recipe.mock_seed, recipe.select, workers, progress)
+    samples = task_mocks(recipe, card, workers, progress)
     result = runner(samples, card, cfg, backbone=backbone, backbone_config=backbone_config)
     if cfg.output_dir and "model_dir" in result:
         recipe.save(Path(cfg.output_dir) / "finetune_recipe.yaml")

@@ -168,7 +168,11 @@ class Task(Protocol):
     "field"); `catalogue_rows` turns one batch's outputs into its catalogue columns, which
     is all the shared predictor (`cosmofm predict`) needs from a task. Optional:
     `finetune_module`, the module that registers a fine-tune runner of the task's own
-    (`cosmofm.finetune.run.register_runner`) where the shared `finetune_task` is not enough.
+    (`cosmofm.finetune.run.register_runner`) where the shared `finetune_task` is not enough;
+    `labelled_mocks(card, n, seed, *, workers, progress, **settings) -> list[Sample]`, a
+    static method making the task's labelled data where it is not the card's single-object
+    mocks (blends for deblending, survey-cube tiles for 3D detection): a fine-tune recipe's
+    `mocks` section gives the settings (`finetune.recipe.task_mocks`).
     """
 
     type: ClassVar[str]
