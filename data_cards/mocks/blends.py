@@ -62,7 +62,8 @@ def _range(name: str, value, minimum: float, integer: bool = False) -> tuple[flo
 
 def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[int, int] = (2, 4),
                separation: float | tuple[float, float] = (0.5, 2.5), delta_mag: float | tuple[float, float] = (0.0, 2.5),
-               *, reference_band: str | None = None, noise: bool = True, seg_nsigma: float = 3.0) -> tuple[Sample, BlendTruth]:
+               *, reference_band: str | None = None, noise: bool = True, seg_nsigma: float = 3.0,
+               neighbours: str = "catalogue") -> tuple[Sample, BlendTruth]:
     """A stamp of object (seed, index) blended with 1-15 neighbours, and its full truth.
 
     Args:
@@ -72,6 +73,14 @@ def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[in
         reference_band: band name for `delta_mag`; default the band closest to 6231 A.
         seg_nsigma: footprint threshold, in sky sigma of each object's noiseless S/N
             (quadrature sum over bands).
+        neighbours: "catalogue" (default): neighbours as described below, separations and
+            magnitude differences uniform in their ranges. "field": neighbours drawn from the
+            field model of mocks/field_sky.py (`blend_fields.field_neighbours`): galaxies with
+            the luminosity function's redshifts, colours and sizes, and stars, as many at each
+            magnitude of primary + delta_mag as the sky has (fainter ones commoner), at
+            separations within `separation` distributed as neighbours of a clustered field;
+            near a galaxy, part of them (the clustered share at their separation) are
+            physical companions at its redshift.
 
     The neighbours are objects (seed, NEIGHBOUR_INDEX0 + 16 index + k) of the same mock
     universe (their `pair_id`s are in the truth), rescaled in brightness to the drawn
@@ -82,6 +91,8 @@ def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[in
         raise InputError("n_objects", f"at most 16 objects per blend, got {n_objects!r}", "ask for 16 or fewer")
     s_lo, s_hi = _range("separation", separation, 0.0)
     d_lo, d_hi = _range("delta_mag", delta_mag, -np.inf)
+    if neighbours not in ("catalogue", "field"):
+        raise InputError("neighbours", f"{neighbours!r} is not a neighbour model", 'use "catalogue" or "field"')
     model = card_model(card)
     p, n = model.p, model.n
     if s_hi > n * p / 2:
@@ -101,7 +112,18 @@ def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[in
     primary.dec, primary.ra = (float(v) for v in rng.uniform(-0.5, 0.5, 2) * p)
     m0 = NJY_AB_ZP - 2.5 * np.log10(max(primary.flux_njy[ref], 1e-30))
     sources, seps, dms = [primary], [], []
-    for k in range(1, count):
+    if neighbours == "field":  # its own random stream: the primary stays the catalogue mode's
+        from cosmofm.data_cards.mocks.blend_fields import field_neighbours
+
+        others, seps = field_neighbours(card, object_rng(seed, index, 8), count - 1, (s_lo, s_hi), (m0 + d_lo, m0 + d_hi),
+                                        pair_prefix=f"field-{seed}-{index}",
+                                        companion_z=primary.redshift if primary.kind == "galaxy" else None)
+        for src in others:
+            src.dec, src.ra = float(primary.dec + src.dec), float(primary.ra + src.ra)
+            dms.append(float(NJY_AB_ZP - 2.5 * np.log10(max(src.flux_njy[ref], 1e-30)) - m0))
+        sources += others
+        seps = [float(v) for v in seps]
+    for k in range(1, count if neighbours == "catalogue" else 1):
         sep, angle, dm = rng.uniform(s_lo, s_hi), rng.uniform(0, 2 * np.pi), rng.uniform(d_lo, d_hi)
         src = draw_source(card, seed, NEIGHBOUR_INDEX0 + 16 * index + k, ref=(ref, m0 + dm))
         src.dec, src.ra = primary.dec + sep * np.sin(angle), primary.ra + sep * np.cos(angle)
@@ -126,6 +148,8 @@ def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[in
         "objects": [s.to_json() for s in sources], "reference_band": names[ref], "separation_arcsec": seps,
         "delta_mag": dms, "seg_nsigma": float(seg_nsigma), "filters": list(model.filters), "psf": model.psf_meta,
     }
+    if neighbours == "field":
+        meta_truth["neighbours"] = "field"
     sample = Sample(
         "image", values, ivar, model.coords,
         {"card": card.name, "id": f"{card.name}-blend-{seed}-{index}", "pair_id": primary.pair_id, "blend": True,

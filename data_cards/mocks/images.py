@@ -80,6 +80,7 @@ __all__ = [
     "draw_source",
     "electrons_per_njy",
     "filter_names",
+    "galaxy_morphology",
     "galsim_profile",
     "mock_image",
     "psf_profile",
@@ -293,16 +294,28 @@ def draw_source(card: ImageCard, seed: int, index: int, ref: tuple[int, float] |
     if prior is None:  # stars and QSOs
         src.bulge_fraction = [0.0] * len(fluxes)
         return src
-    rng = object_rng(seed, index, 1)
+    # rest-frame SDSS r, exact K-correction (mock_object)
+    bt = galaxy_morphology(src, prior, float(obj.mags["M_r"] - 2.5 * np.log10(scale)), object_rng(seed, index, 1))
+    # Bulge = old population: its share grows towards red bands for star-forming galaxies.
+    *old_fluxes, old_window = _sed_fluxes(_old_population(obj), norm, model.filters, model.wavelengths)
+    tilt = (np.array(old_fluxes) / old_window) / np.maximum(fluxes / scale / ref_window, 1e-30)
+    src.bulge_fraction = [float(v) for v in np.clip(bt * tilt, 0.0, 1.0)]
+    return src
+
+
+def galaxy_morphology(src: Source, prior: MorphologyPrior, abs_mag_r: float, rng: np.random.Generator) -> float:
+    """Draw galaxy `src`'s shape (at its `redshift`) from `prior` and the size-luminosity
+    relation of its rest-frame SDSS r magnitude `abs_mag_r`; returns the r-band
+    bulge-to-total flux ratio (the caller sets `bulge_fraction` per band from its SED)."""
     bt = float(rng.uniform(*prior.bulge_to_total))
     early = bt >= 0.5
     src.kind = "galaxy"
     src.bulge_n = float(rng.choice(prior.bulge_n, p=prior.bulge_n_p))
-    src.abs_mag_r = float(obj.mags["M_r"] - 2.5 * np.log10(scale))  # rest-frame SDSS r, exact K-correction (mock_object)
+    src.abs_mag_r = float(abs_mag_r)
     r50 = _shen03_r50_kpc(src.abs_mag_r, early, rng)
-    r50 *= ((1 + obj.z) / (1 + SHEN03_Z)) ** SIZE_EVOLUTION["early" if early else "late"]
+    r50 *= ((1 + src.redshift) / (1 + SHEN03_Z)) ** SIZE_EVOLUTION["early" if early else "late"]
     t = distance_tables()
-    hlr = r50 / float(np.interp(obj.z, t.z, t.kpc_per_arcsec))  # arcsec
+    hlr = r50 / float(np.interp(src.redshift, t.z, t.kpc_per_arcsec))  # arcsec
     ratio = float(np.clip(rng.lognormal(np.log(BULGE_TO_DISK_SIZE[0]), BULGE_TO_DISK_SIZE[1]), *BULGE_TO_DISK_SIZE[2:]))
     bulge_hlr, disk_hlr = (hlr, hlr / ratio) if early else (hlr * ratio, hlr)
     src.bulge_hlr, src.disk_hlr = _clip_hlr(bulge_hlr), _clip_hlr(disk_hlr)
@@ -314,11 +327,7 @@ def draw_source(card: ImageCard, seed: int, index: int, ref: tuple[int, float] |
     src.knot_fraction = float(rng.uniform(*prior.knot_fraction))
     src.n_knots = int(rng.integers(prior.n_knots[0], prior.n_knots[1] + 1)) if src.knot_fraction > 0 else 0
     src.knot_seed = int(rng.integers(2**31))
-    # Bulge = old population: its share grows towards red bands for star-forming galaxies.
-    *old_fluxes, old_window = _sed_fluxes(_old_population(obj), norm, model.filters, model.wavelengths)
-    tilt = (np.array(old_fluxes) / old_window) / np.maximum(fluxes / scale / ref_window, 1e-30)
-    src.bulge_fraction = [float(v) for v in np.clip(bt * tilt, 0.0, 1.0)]
-    return src
+    return bt
 
 
 # ---------------------------------------------------------------------------- PSF
