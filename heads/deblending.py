@@ -1,0 +1,588 @@
+"""Deblending head: detect the sources of a multi-band stamp and split its flux among them.
+
+`CosmoFMForDeblending` = the CosmoFM backbone + a dense head on its image tokens
+(`heads/deblending_net.py`: band tokens back on their 8 x 8-patch grid, an upsampling
+decoder with a skip connection to the pixels, a CenterNet heatmap for detection and
+per-band flux fractions over sources + background). For up to `max_sources` sources per
+64 x 64 pixels it returns per source: its centre, per-band fluxes (fraction x observed
+image, so sources + background add up to the image in every band) with the propagated
+pixel-noise errors, a per-band isolated image (the fraction map x the image) and a
+segmentation map. With `positions` (known-positions mode) detection is skipped.
+
+Training targets come from blend Samples (`data_cards/mocks/blends.mock_blend`): the true
+centres and fluxes from `meta["truth"]["objects"]` and the true per-band fractions
+iso_k / (sum_j iso_j + eps_b) (background: eps_b / (...), eps_b = `background_level` sky
+sigma, so pixels where no source rises above a fraction of the noise go to the
+background). The isolated images are `meta["blend_truth"]["isolated"]`, attached by
+`DeblendingTask.labelled_mocks` (numpy float16, each object scaled by its peak in
+`"isolated_scale"`: numpy arrays in memory; `write_fits` would store them in META as
+JSON lists, which read back the same but are large, so drop the key before writing), or,
+when absent, rendered again from `meta["truth"]["objects"]` (`mocks.images.render` is
+deterministic: ~0.1 s a blend), e.g. for blends read back with `read_blend_fits`.
+
+Losses: CenterNet focal loss on the heatmap + L1 of the sub-pixel offset, a soft
+cross-entropy of the fractions weighted by 1 + each pixel's S/N (capped at 20), and a
+Huber loss of the relative per-band flux error (against the true in-stamp flux). Metrics (`DeblendingTask.metrics`)
+are BTK's (`heads/deblending_metrics.py`), against the true total fluxes as for the
+classical baselines (`heads/deblend_baseline.py`), whose `DeblendCatalog` `deblend_stamp`
+returns, so one scorer scores the head and the baselines.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.sample import Sample
+from cosmofm.heads import deblending_metrics as dm
+from cosmofm.heads import deblending_net as net
+from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
+from cosmofm.heads.deblend_baseline import DeblendCatalog
+from cosmofm.pretrain.data import CosmoFMBatch
+from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
+
+TASK_TYPE = "deblending"
+SLOT_AREA = 64 * 64  # max_sources counts per this many pixels
+FLAG_EDGE, FLAG_MASKED, FLAG_BLENDED = 1, 2, 4  # FLAGS bits
+
+
+@dataclass
+class DeblendingHeadConfig(TaskHeadConfig):
+    """The head's settings; stored as `config.task` in config.json.
+
+    Args:
+        n_bands (`int`, 0): bands of the stamps (`from_card`: the card's); 0 = not set yet.
+        bands (`list[str]`): band names, for catalogue columns (`from_card`).
+        band_wavelengths (`list[float]`): effective wavelengths [Angstrom], for stamps given
+            as bare arrays (`deblend_stamp`, `find_in_tile`).
+        pixel_scale (`float`, 0.2): arcsec per pixel of such stamps.
+        fwhm_pixels (`float`, 4.5): the worst band's PSF FWHM [pixels] (matching radius
+            and blendedness in the metrics).
+        flux_unit (`str`, "nJy"): the card's flux unit (catalogue units).
+        hidden_size (`int`, 64): channels of the token features and the decoder.
+        embed_size (`int`, 8): per-band pixel / source embedding size.
+        max_sources (`int`, 16): most sources per 64 x 64 pixels (slots in the outputs scale
+            with the stamp area).
+        heatmap_sigma (`float`, 1.5): sigma [pixels] of the Gaussian heatmap targets.
+        peak_threshold (`float`, 0.2): heatmap probability a peak needs to be a detection.
+        min_size (`float`, 1.0): smallest source scale [pixels] of the distance term.
+        background_level (`float`, 0.01): eps_b of the background target, in sky sigma (0.05
+            cost isolated sources ~7 % of their flux, their faint wings going to the background).
+        fraction_weight, flux_weight, offset_weight (`float`, 1.0 / 2.0 / 1.0): loss weights.
+        card (`str`, ""): the data card the head was trained on (provenance).
+    """
+
+    n_bands: int = 0
+    bands: list = field(default_factory=list)
+    band_wavelengths: list = field(default_factory=list)
+    pixel_scale: float = 0.2
+    fwhm_pixels: float = 4.5
+    flux_unit: str = "nJy"
+    hidden_size: int = 64
+    embed_size: int = 8
+    max_sources: int = 16
+    heatmap_sigma: float = 1.5
+    peak_threshold: float = 0.2
+    min_size: float = 1.0
+    background_level: float = 0.01
+    fraction_weight: float = 1.0
+    flux_weight: float = 2.0
+    offset_weight: float = 1.0
+    card: str = ""
+
+    TYPE: ClassVar[str] = TASK_TYPE
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("hidden_size", "embed_size", "max_sources"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"task.{name}", f"is {v!r}, not a whole number >= 1", "e.g. the default")
+        if isinstance(self.n_bands, bool) or not isinstance(self.n_bands, int) or self.n_bands < 0:
+            raise InputError("task.n_bands", f"is {self.n_bands!r}", "the stamps' band count (from_card sets it)")
+        for name in ("pixel_scale", "fwhm_pixels", "heatmap_sigma", "min_size", "background_level"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"task.{name}", f"must be > 0, got {getattr(self, name)!r}", "e.g. the default")
+        if not 0 < self.peak_threshold < 1:
+            raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
+        if self.bands and self.n_bands and len(self.bands) != self.n_bands:
+            raise InputError("task.bands", f"{len(self.bands)} names for {self.n_bands} bands", "one name per band")
+
+    @classmethod
+    def from_card(cls, card, **kwargs) -> "DeblendingHeadConfig":
+        """As `TaskHeadConfig.from_card`, with the bands, wavelengths, pixel scale, PSF FWHM
+        and flux unit of the image card unless given."""
+        from cosmofm.heads.deblend_baseline import fwhm_in_pixels
+
+        bands = getattr(card, "bands", [])
+        if bands:
+            kwargs = {"n_bands": len(bands), "bands": [b.name for b in bands],
+                      "band_wavelengths": [float(b.wavelength.to_value("Angstrom")) for b in bands],
+                      "pixel_scale": float(card.pixel_scale.to_value("arcsec")), "fwhm_pixels": fwhm_in_pixels(card),
+                      "flux_unit": str(card.flux_unit), **kwargs}
+        return super().from_card(card, **kwargs)
+
+    def slots(self, shape: tuple[int, int]) -> int:
+        """Source slots of a stamp of (H, W) pixels: max_sources per 64 x 64 pixels."""
+        return self.max_sources * max(1, math.ceil(shape[0] * shape[1] / SLOT_AREA))
+
+
+@dataclass
+class DeblendingOutput(TaskOutput):
+    """What the deblending model returns; S = the stamp's source slots (`slots`), NaN / 0 padded.
+
+    loss: heatmap focal + offset + fraction + flux losses; only with targets.
+    positions: (N, S, 2) [row, col] pixel centres; present: (N, S) 1 for a source, 0 padding.
+    scores: (N, S) heatmap probability at each centre; n_sources: (N,).
+    fluxes, flux_errors: (N, S, B) per band, the image's flux unit.
+    background_flux: (N, B) the background channel's share (sources + background = image).
+    segmentation: (N, H, W) 0 background, k + 1 where source k has the largest band-mean fraction.
+    heatmap: (N, H, W) detection probabilities.
+    fractions: per sample a (K + 1, B, H, W) tensor, sources then background (a list).
+    """
+
+    loss: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    n_sources: torch.Tensor | None = None
+    fluxes: torch.Tensor | None = None
+    flux_errors: torch.Tensor | None = None
+    background_flux: torch.Tensor | None = None
+    segmentation: torch.Tensor | None = None
+    heatmap: torch.Tensor | None = None
+    fractions: list | None = None
+    backbone: CosmoFMOutput | None = None
+
+
+def _image_group(batch: CosmoFMBatch, head: DeblendingHeadConfig) -> int:
+    images = [i for i, g in enumerate(batch.groups) if g.modality == "image"]
+    ids = batch.ids[:3] if batch.ids else []
+    if len(images) != 1 or len(batch.groups[images[0]].rows) != len(batch):
+        raise InputError(f"batch {ids}", "is not one group of same-shaped image stamps",
+                         "deblend image stamps, batched by size (collate_samples of one shape)")
+    g = batch.groups[images[0]]
+    if head.n_bands and g.values.shape[1] != head.n_bands:
+        raise InputError(f"batch {ids}", f"stamps have {g.values.shape[1]} bands, the head {head.n_bands}",
+                         "give stamps of the bands the head was trained on")
+    return images[0]
+
+
+def _pad_slots(x: torch.Tensor, slots: int, fill: float) -> torch.Tensor:
+    k = x.shape[1]
+    if k >= slots:
+        return x[:, :slots]
+    return torch.cat([x, x.new_full((x.shape[0], slots - k, *x.shape[2:]), fill)], dim=1)
+
+
+@register_task(TASK_TYPE)
+class CosmoFMForDeblending(CosmoFMForTask):
+    """Backbone + dense deblending head; the head's settings are `config.task`."""
+
+    head_config_class = DeblendingHeadConfig
+
+    def __init__(self, config):
+        super().__init__(config)  # self.head_config, self.cosmofm
+        h = self.head_config
+        if not h.n_bands:
+            raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
+        self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
+        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
+        self.post_init()
+
+    def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
+                fractions: torch.Tensor | None = None, total_flux: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> DeblendingOutput:
+        """Targets (from `DeblendingTask.targets`): centres (N, K, 2) true [row, col] pixels
+        (NaN padding), fluxes (N, K, B) true in-stamp fluxes, fractions (N, K + 1, B, H, W)
+        uint8 true fractions x 255; total_flux is for the metrics only. With centres the
+        flux split uses the true centres; else `positions` (N, K, 2) (known-positions
+        mode, NaN padding); else the heatmap's peaks."""
+        h = self.head_config
+        out = self.cosmofm(batch)
+        gi = _image_group(batch, h)
+        g, tg = batch.groups[gi], out.token_groups[gi]
+        values, ivar = g.values.float(), g.ivar.float()
+        n, b, hh, ww = values.shape
+        rows = g.rows  # the group's samples in batch rows: targets and positions follow them
+        centres, fluxes, fractions = (None if x is None else x[rows] for x in (centres, fluxes, fractions))
+        if positions is not None:
+            positions = torch.as_tensor(positions, dtype=torch.float32, device=values.device)
+            positions = positions[rows] if positions.ndim == 3 and positions.shape[0] == n else positions
+        patch = self.config.image_patch_size
+        tokens = out.last_hidden_state[rows]
+        feats = self.grid(tokens, tg.valid, net.group_grid((b, hh, ww), patch))
+        if patch != 8:
+            feats = torch.nn.functional.interpolate(feats, size=(-(-hh // 8), -(-ww // 8)), mode="bilinear", align_corners=False)
+        dense = self.decoder(feats, net.normalised_pixels(values, ivar, tg.scale.float()), (hh, ww))
+        slots = h.slots((hh, ww))
+        if centres is not None:
+            use = centres.float()
+        elif positions is not None:
+            use = positions
+            if use.ndim != 3 or use.shape[0] != n or use.shape[2] != 2:
+                raise InputError("positions", f"has shape {tuple(use.shape)}", f"give ({n}, K, 2) [row, col] pixel centres, NaN-padded")
+            if use.shape[1] > slots:
+                raise InputError("positions", f"{use.shape[1]} sources for {slots} slots of a {hh} x {ww} stamp", "raise max_sources")
+        else:
+            use, _, _ = net.find_peaks(dense.heat, dense.offset, h.peak_threshold, slots)
+        present = torch.isfinite(use).all(-1)
+        keep = present.any(0).nonzero().flatten()  # the slots some sample uses (detections come sorted, present first)
+        use, present = use[:, keep], present[:, keep]
+        fr = net.source_fractions(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
+        flux, err = net.source_fluxes(fr, values, ivar)
+        loss = None
+        if centres is not None and fractions is not None and fluxes is not None:
+            target_heat, pos = net.heatmap_targets(centres.float(), (hh, ww), h.heatmap_sigma)
+            target = fractions.float() / 255.0
+            target = torch.cat([target[:, keep], target[:, -1:]], dim=1)
+            target = target / target.sum(1, keepdim=True).clamp(min=1e-6)  # rounding to 1/255 undone
+            weight = 1 + (values.abs() * ivar.clamp(min=0).sqrt()).clamp(max=20)  # 1 + the pixel's observed S/N, capped
+            loss = (net.focal_loss(dense.heat, target_heat, pos) + h.offset_weight * net.offset_loss(dense.offset, centres)
+                    + h.fraction_weight * net.fraction_loss(fr, target, weight)
+                    + h.flux_weight * net.flux_loss(flux[:, :-1], err[:, :-1], fluxes.float()[:, keep]))
+        heat = torch.sigmoid(dense.heat)
+        scores = net.read_at(heat.unsqueeze(1), use)[..., 0] * present
+        seg = fr.mean(2)  # (n, K + 1, H, W)
+        label = seg.argmax(1)
+        segmentation = torch.where(label == seg.shape[1] - 1, torch.zeros_like(label), label + 1)
+        nan = float("nan")
+        order = torch.argsort(rows)  # back to batch order
+        pick = lambda x: x[order]  # noqa: E731
+        return DeblendingOutput(
+            loss=loss, positions=pick(_pad_slots(torch.where(present.unsqueeze(-1), use, torch.full_like(use, nan)), slots, nan)),
+            present=pick(_pad_slots(present.float(), slots, 0.0)), scores=pick(_pad_slots(scores, slots, 0.0)),
+            n_sources=pick(present.sum(1)), fluxes=pick(_pad_slots(flux[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
+            flux_errors=pick(_pad_slots(err[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
+            background_flux=pick(flux[:, -1]), segmentation=pick(segmentation), heatmap=pick(heat),
+            fractions=[fr[i] for i in order.tolist()], backbone=out)
+
+
+def _sigma(ivar: np.ndarray) -> np.ndarray:
+    """(B,) typical sky sigma per band: 1 / sqrt(median ivar of the measured pixels)."""
+    out = np.ones(len(ivar))
+    for b in range(len(ivar)):
+        good = ivar[b][ivar[b] > 0]
+        if good.size:
+            out[b] = 1 / math.sqrt(float(np.median(good)))
+    return out
+
+
+def blend_truth_arrays(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(isolated (K, B, H, W) float32, centres (K, 2) [row, col] pixels, total fluxes (K, B)) of a
+    blend Sample: from `meta["blend_truth"]` when attached, else rendered from
+    `meta["truth"]["objects"]`; an InputError naming the sample when it has no truth."""
+    sid = sample.meta.get("id", "?")
+    if sample.modality != "image":
+        raise InputError(f"{sid}: modality", f"is {sample.modality!r}, not an image", "deblend multi-band image stamps")
+    objects = (sample.meta.get("truth") or {}).get("objects") if isinstance(sample.meta.get("truth"), dict) else None
+    if not objects:
+        raise InputError(f"{sid}: truth.objects", "is missing: the sample has no blend truth",
+                         "train and evaluate deblending on blend mocks (DeblendingTask.labelled_mocks / mock_blend)")
+    from cosmofm.data_cards.mocks.images import Source
+
+    sources = [Source.from_json(o) for o in objects]
+    dec, ra = sample.coords["dec_offset"], sample.coords["ra_offset"]
+    step = float(dec[1] - dec[0]) if len(dec) > 1 else 1.0
+    step_c = float(ra[1] - ra[0]) if len(ra) > 1 else 1.0
+    centres = np.array([[(s.dec - dec[0]) / step, (s.ra - ra[0]) / step_c] for s in sources])
+    flux = np.array([s.flux_njy for s in sources], np.float64)
+    attached = sample.meta.get("blend_truth")
+    if attached is not None:
+        iso = np.asarray(attached["isolated"], np.float32) * np.asarray(attached["isolated_scale"], np.float32)[:, None, None, None]
+    else:
+        import dataclasses
+
+        from cosmofm.data_cards.mocks.images import render
+        from cosmofm.data_cards.schema import load_card
+
+        card = dataclasses.replace(load_card(sample.card), stamp_size=sample.values.shape[-1])
+        iso = render(card, sources).astype(np.float32)
+    if iso.shape[0] != len(sources) or iso.shape[1:] != sample.values.shape:
+        raise InputError(f"{sid}: blend_truth.isolated", f"has shape {iso.shape}", f"one {sample.values.shape} image per object")
+    return iso, centres, flux
+
+
+def blend_targets(samples: Sequence[Sample], head: DeblendingHeadConfig) -> dict[str, torch.Tensor]:
+    """The forward's targets (see `CosmoFMForDeblending.forward`) of same-shaped blend Samples;
+    K = the most objects of any sample. Every sample is checked before any array is made."""
+    if not samples:
+        raise InputError("samples", "is empty", "give blend samples")
+    shapes = {tuple(s.values.shape) for s in samples}
+    if len(shapes) != 1:
+        raise InputError("samples", f"have several shapes {sorted(shapes)}", "deblending targets need stamps of one shape")
+    truths = [blend_truth_arrays(s) for s in samples]
+    b, h, w = samples[0].values.shape
+    k = max(len(t[1]) for t in truths)
+    n = len(samples)
+    centres = torch.full((n, k, 2), float("nan"))
+    fluxes = torch.full((n, k, b), float("nan"))
+    total = torch.full((n, k, b), float("nan"))
+    fractions = torch.zeros((n, k + 1, b, h, w), dtype=torch.uint8)
+    for i, (s, (iso, c, f)) in enumerate(zip(samples, truths)):
+        m = len(c)
+        iso = np.clip(iso, 0, None)
+        eps = head.background_level * _sigma(np.asarray(s.ivar))[:, None, None]  # (B, 1, 1)
+        denom = iso.sum(0) + eps
+        centres[i, :m] = torch.from_numpy(c).float()
+        fluxes[i, :m] = torch.from_numpy(iso.sum((2, 3))).float()
+        total[i, :m] = torch.from_numpy(f).float()
+        fractions[i, :m] = torch.from_numpy(np.rint(255 * iso / denom).astype(np.uint8))
+        fractions[i, k] = torch.from_numpy(np.rint(255 * eps / denom).astype(np.uint8))
+    return {"centres": centres, "fluxes": fluxes, "fractions": fractions, "total_flux": total}
+
+
+def _numpy(x):
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _one_blend(card, seed: int, settings: dict, index: int) -> Sample:
+    from cosmofm.data_cards.mocks.blends import mock_blend
+
+    sample, truth = mock_blend(card, seed, index, **settings)
+    scale = truth.isolated.reshape(len(truth.isolated), -1).max(1).clip(min=1e-30)
+    sample.meta["blend_truth"] = {"isolated": (truth.isolated / scale[:, None, None, None]).astype(np.float16),
+                                  "isolated_scale": scale.astype(np.float32)}
+    return sample
+
+
+@register_task(TASK_TYPE)
+class DeblendingTask(Task):
+    """Targets, metrics, catalogue columns, mocks and the tile finder of deblending;
+    built per model: `DeblendingTask(model.head_config)`.
+
+    The catalogue of `cosmofm predict` has one row per stamp (the reader's objects): the
+    deblended photometry of the stamp's own object, the source nearest the stamp centre
+    (ROW, COL, FLUX_<band>, FLUXERR_<band>; NaN when nothing was detected), and N_SOURCES,
+    the sources found in the stamp. `find_in_tile` (`cosmofm deblend`) gives one row per source."""
+
+    modality = "image"
+
+    def __init__(self, head: DeblendingHeadConfig):
+        self.head = head
+        bands = head.bands or [str(i) for i in range(head.n_bands)]
+        unit = head.flux_unit
+        self.catalogue_columns = (
+            CatalogueColumn("N_SOURCES", "", "sources detected in the stamp"),
+            CatalogueColumn("ROW", "pix", "0-based row of the centre of the source nearest the stamp centre"),
+            CatalogueColumn("COL", "pix", "0-based column of the centre of that source"),
+            *[c for band in bands for c in (CatalogueColumn(f"FLUX_{band}", unit, f"{band} flux of that source (fraction x image)"),
+                                            CatalogueColumn(f"FLUXERR_{band}", unit, f"{band} flux error (propagated pixel noise)"))],
+        )
+
+    def targets(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        return blend_targets(samples, self.head)
+
+    def metrics(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """BTK metrics (`deblending_metrics.deblending_metrics`) of the detected sources against
+        the true centres and total fluxes, plus the mean segmentation IoU of matched sources
+        against the true dominant-source map (argmax of the true fractions)."""
+        pos, flux = _numpy(outputs["positions"]), _numpy(outputs["fluxes"])
+        seg = _numpy(outputs["segmentation"]).astype(int)
+        tc, tf = _numpy(targets["centres"]), _numpy(targets["total_flux"])
+        frac = targets["fractions"]
+        stamps, ious = [], []
+        for i in range(len(pos)):
+            ok_p, ok_t = np.isfinite(pos[i]).all(-1), np.isfinite(tc[i]).all(-1)
+            st = dm.score_stamp(tc[i][ok_t], tf[i][ok_t], pos[i][ok_p], flux[i][ok_p], self.head.fwhm_pixels)
+            stamps.append(st)
+            if frac.ndim == 5:
+                lab = _dominant(frac[i])
+                masks = np.stack([lab == k for k in range(int(ok_t.sum()))]) if ok_t.any() else np.zeros((0, *seg.shape[1:]), bool)
+                ious.append(dm.matched_iou(masks, seg[i], st["true_index"], st["pred_index"]))
+        bands = self.head.bands or [str(b) for b in range(flux.shape[-1])]
+        ref = _reference_band(self.head)
+        met = dm.deblending_metrics(stamps, bands, ref)
+        blended = met["flux_blended"][bands[ref]]
+        out = {"f1": met["detection"]["f1"], "precision": met["detection"]["precision"], "recall": met["detection"]["recall"],
+               "flux_blended_bias": blended["bias"], "flux_blended_nmad": blended["scatter"], "flux_blended_mape": blended["mape"],
+               "reference_band": bands[ref], **met}
+        if ious:
+            iou = np.concatenate(ious)
+            out["segmentation_iou_mean"] = float(iou.mean()) if iou.size else float("nan")
+        return out
+
+    def catalogue_rows(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The catalogue columns of one batch's outputs: per stamp, its central source."""
+        pos, flux, err = _numpy(outputs["positions"]), _numpy(outputs["fluxes"]), _numpy(outputs["flux_errors"])
+        h, w = outputs["heatmap"].shape[-2:]
+        centre = np.array([(h - 1) / 2, (w - 1) / 2])
+        dist = np.where(np.isfinite(pos).all(-1), np.hypot(*(pos - centre).transpose(2, 0, 1)), np.inf)  # (N, S)
+        k = dist.argmin(1)
+        found = np.isfinite(dist.min(1))
+        pick = lambda x: np.where(found.reshape(-1, *[1] * (x.ndim - 2)), x[np.arange(len(x)), k], np.nan)  # noqa: E731
+        p, f, e = pick(pos), pick(flux), pick(err)
+        rows = {"N_SOURCES": _numpy(outputs["n_sources"]).astype(np.int64), "ROW": p[:, 0], "COL": p[:, 1]}
+        for b, band in enumerate(self.head.bands or [str(i) for i in range(flux.shape[-1])]):
+            rows[f"FLUX_{band}"], rows[f"FLUXERR_{band}"] = f[:, b], e[:, b]
+        return rows
+
+    @staticmethod
+    def labelled_mocks(card, n: int, seed: int = 0, *, workers: int = 1, progress: bool = False, n_objects=(2, 6),
+                       separation=(0.5, 3.0), delta_mag=(0.0, 2.5), stamp_size: int | None = 64) -> list[Sample]:
+        """Blends 0..n-1 of universe `seed` (`mock_blend`) on `card` with stamps of `stamp_size`
+        pixels (None: the card's), each with its isolated images in `meta["blend_truth"]`."""
+        from tqdm.auto import tqdm
+
+        if stamp_size is not None:
+            card = replace(card, stamp_size=int(stamp_size))
+        settings = {"n_objects": _pair(n_objects), "separation": _pair(separation), "delta_mag": _pair(delta_mag)}
+        make = partial(_one_blend, card, seed, settings)
+        if n < 1:
+            return []
+        bar = tqdm(total=n, desc=f"blends {card.name}", unit="blend", disable=not progress)
+        out = [make(0)]  # the settings checked (InputError) here, before any worker starts
+        bar.update()
+        if workers <= 1:
+            for i in range(1, n):
+                out.append(make(i))
+                bar.update()
+        else:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with multiprocessing.get_context(method).Pool(workers) as pool:
+                for s in pool.imap(make, range(1, n), chunksize=max(1, min(16, n // (4 * workers)))):
+                    out.append(s)
+                    bar.update()
+        bar.close()
+        return out
+
+    def find_in_tile(self, model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header) -> Any:
+        """The shared tile-finder contract: float32 (B, H, W) values / ivar and the tile's FITS
+        header (PIXSCALE, BAND{k}, BUNIT) -> an astropy Table, one row per source: ROW, COL
+        (0-based pixels in the tile), FLUX_<band>, FLUXERR_<band> (the header's BUNIT, else the
+        head's unit), FLAGS (1 near the edge, 2 masked pixels in its segment, 4 blended)."""
+        from astropy import units as u
+        from astropy.table import Table
+
+        values = np.asarray(values, np.float32)
+        ivar = np.asarray(ivar, np.float32) if ivar is not None else np.ones_like(values)
+        if values.ndim != 3 or ivar.shape != values.shape:
+            raise InputError("tile", f"values {values.shape} / ivar {ivar.shape}", "give (B, H, W) values and ivar of one shape")
+        b = len(values)
+        bands = [str(header.get(f"BAND{k}", "")) for k in range(b)] if header is not None else []
+        bands = bands if all(bands) and len(bands) == b else (self.head.bands if len(self.head.bands) == b else [str(k) for k in range(b)])
+        unit = u.Unit(str(header.get("BUNIT", self.head.flux_unit))) if header is not None else u.Unit(self.head.flux_unit)
+        scale = float(header.get("PIXSCALE", self.head.pixel_scale)) if header is not None else self.head.pixel_scale
+        good = np.isfinite(values) & np.isfinite(ivar) & (ivar > 0)
+        cols = {"ROW": u.pix, "COL": u.pix, **{f"{p}_{band}": unit for band in bands for p in ("FLUX", "FLUXERR")}}
+        if not good.any():
+            t = Table({k: np.zeros(0) * v for k, v in cols.items()})
+            t["FLAGS"] = np.zeros(0, np.int32)
+            return t
+        cat = deblend_stamp(model, np.where(good, values, 0), np.where(good, ivar, 0), pixel_scale=scale)
+        t = Table()
+        t["ROW"], t["COL"] = cat.positions[:, 0] * u.pix, cat.positions[:, 1] * u.pix
+        for k, band in enumerate(bands):
+            t[f"FLUX_{band}"] = cat.fluxes["head"][:, k] * unit
+            t[f"FLUXERR_{band}"] = cat.flux_errors["head"][:, k] * unit
+        t["FLAGS"] = source_flags(cat, good, self.head.fwhm_pixels)
+        return t
+
+
+def _dominant(frac: torch.Tensor) -> np.ndarray:
+    """(H, W) dominant true source of (K + 1, B, H, W) fractions: k, or -1 for background."""
+    f = frac.float().mean(1)  # (K + 1, H, W)
+    lab = f.argmax(0).numpy()
+    return np.where(lab == f.shape[0] - 1, -1, lab)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _reference_band(head: DeblendingHeadConfig) -> int:
+    """The band closest to 6231 A (r), else the middle one."""
+    if head.band_wavelengths:
+        return int(np.argmin([abs(w - 6231.0) for w in head.band_wavelengths]))
+    return head.n_bands // 2
+
+
+def source_flags(cat: DeblendCatalog, good: np.ndarray, fwhm_pixels: float, edge: float = 2.0) -> np.ndarray:
+    """(K,) FLAGS: FLAG_EDGE (centre within `edge` pixels of the border), FLAG_MASKED (a masked
+    pixel in its segment), FLAG_BLENDED (another source within 2 PSF FWHM)."""
+    k = len(cat)
+    flags = np.zeros(k, np.int32)
+    if not k:
+        return flags
+    h, w = cat.segmentation.shape
+    r, c = cat.positions[:, 0], cat.positions[:, 1]
+    flags |= np.where((r < edge) | (c < edge) | (r > h - 1 - edge) | (c > w - 1 - edge), FLAG_EDGE, 0).astype(np.int32)
+    bad = ~good.all(0)
+    for i in range(k):
+        if np.any(bad & (cat.segmentation == i + 1)):
+            flags[i] |= FLAG_MASKED
+    flags |= np.where(dm.nearest_neighbour_distance(cat.positions) < dm.BLENDED_FWHM * fwhm_pixels, FLAG_BLENDED, 0).astype(np.int32)
+    return flags
+
+
+def stamp_sample(head: DeblendingHeadConfig, values: np.ndarray, ivar: np.ndarray, pixel_scale: float | None = None) -> Sample:
+    """A Sample of bare (B, H, W) arrays on the head's bands (offsets from the stamp centre)."""
+    values, ivar = np.asarray(values, np.float32), np.asarray(ivar, np.float32)
+    if values.ndim != 3 or ivar.shape != values.shape:
+        raise InputError("values / ivar", f"have shapes {values.shape} / {ivar.shape}", "give (B, H, W) arrays of one shape")
+    if len(head.band_wavelengths) != len(values):
+        raise InputError("values", f"has {len(values)} bands, the head {len(head.band_wavelengths)}", "give the bands the head was trained on")
+    p = float(pixel_scale or head.pixel_scale)
+    _, h, w = values.shape
+    coords = {"band_wavelength": np.asarray(head.band_wavelengths, float),
+              "dec_offset": (np.arange(h) - (h - 1) / 2) * p, "ra_offset": (np.arange(w) - (w - 1) / 2) * p}
+    return Sample("image", values, ivar, coords, {"card": head.card, "id": "stamp"})
+
+
+@torch.no_grad()
+def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], positions: Sequence[np.ndarray] | None = None,
+                    batch_size: int = 64) -> list[DeblendCatalog]:
+    """One `DeblendCatalog` (method "cosmofm", fluxes["head"]) per sample, batched by shape;
+    `positions`: per sample a (K, 2) [row, col] array (known-positions mode)."""
+    from cosmofm.pretrain.data import collate_samples
+
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[DeblendCatalog | None] = [None] * len(samples)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_shape.setdefault(tuple(s.values.shape), []).append(i)
+    for idx in by_shape.values():
+        for start in range(0, len(idx), batch_size):
+            part = idx[start:start + batch_size]
+            pos = None
+            if positions is not None:
+                k = max(1, max(len(np.reshape(positions[i], (-1, 2))) for i in part))
+                pos = torch.full((len(part), k, 2), float("nan"))
+                for j, i in enumerate(part):
+                    p = torch.as_tensor(np.reshape(positions[i], (-1, 2)), dtype=torch.float32)
+                    pos[j, : len(p)] = p
+                pos = pos.to(device)
+            o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos)
+            for j, i in enumerate(part):
+                ok = _numpy(o.present[j]) > 0
+                names = model.head_config.bands or [str(b) for b in range(samples[i].values.shape[0])]
+                where = _numpy(o.positions[j])[ok].astype(np.float64)
+                if positions is not None:  # exactly the centres given (float64), in their order
+                    given = np.reshape(np.asarray(positions[i], np.float64), (-1, 2))
+                    where = given[np.isfinite(given).all(-1)]
+                out[i] = DeblendCatalog(where, {"head": _numpy(o.fluxes[j])[ok].astype(np.float64)},
+                                        {"head": _numpy(o.flux_errors[j])[ok].astype(np.float64)},
+                                        _numpy(o.segmentation[j]).astype(np.int32), "cosmofm", list(names))
+    return out
+
+
+def deblend_stamp(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, positions: np.ndarray | None = None,
+                  pixel_scale: float | None = None) -> DeblendCatalog:
+    """Deblend one (B, H, W) stamp: detected sources, or exactly those at `positions` (K, 2)
+    [row, col] pixels; fluxes["head"] per band with errors, the segmentation map."""
+    sample = stamp_sample(model.head_config, values, ivar, pixel_scale)
+    return deblend_samples(model, [sample], None if positions is None else [np.asarray(positions, float)])[0]
+
+
+__all__ = [
+    "CosmoFMForDeblending", "DeblendingHeadConfig", "DeblendingOutput", "DeblendingTask", "blend_targets",
+    "blend_truth_arrays", "deblend_samples", "deblend_stamp", "source_flags", "stamp_sample",
+]

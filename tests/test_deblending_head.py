@@ -1,0 +1,253 @@
+"""The deblending head (heads/deblending.py, heads/deblending_net.py): shapes and losses, any
+stamp size, flux conservation, known-positions mode, the save / load round trip, a short
+training that learns to detect, the shipped recipe end to end, and bad input."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cosmofm
+from cosmofm.data_cards import InputError, load_card
+from cosmofm.data_cards.mocks.blends import mock_blend
+from cosmofm.data_cards.mocks.images import mock_image
+from cosmofm.finetune.recipe import FinetuneRecipe, run_recipe
+from cosmofm.heads.base import task_class, task_model_class
+from cosmofm.heads.deblend_baseline import DeblendCatalog
+from cosmofm.heads.deblending import (
+    CosmoFMForDeblending,
+    DeblendingHeadConfig,
+    DeblendingTask,
+    blend_targets,
+    blend_truth_arrays,
+    deblend_samples,
+    deblend_stamp,
+)
+from cosmofm.pretrain import CosmoFMConfig, collate_samples
+from cosmofm.pretrain.checkpoint import write_manifest
+
+CARD = load_card("lsst-like")
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_patch_size=8, coord_frequencies=6,
+            projection_dim=16, survey_names=[CARD.name])
+
+
+def _model(seed: int = 0, **head) -> CosmoFMForDeblending:
+    torch.manual_seed(seed)
+    return CosmoFMForDeblending.from_backbone_config(CosmoFMConfig(**TINY), DeblendingHeadConfig.from_card(CARD, hidden_size=32, **head))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on 2 shared cores, two threads contend and run 5-10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def blends():
+    """Six 64 x 64 blends of 2-6 objects, with their isolated images attached."""
+    return DeblendingTask.labelled_mocks(CARD, 6, 0)
+
+
+def test_config_registration_from_card_and_bad_values():
+    head = DeblendingHeadConfig.from_card(CARD)
+    assert (head.n_bands, head.bands, head.card) == (6, ["u", "g", "r", "i", "z", "y"], "lsst-like")
+    assert head.fwhm_pixels == pytest.approx(4.5) and head.pixel_scale == pytest.approx(0.2)
+    assert task_model_class("deblending") is CosmoFMForDeblending and task_class("deblending") is DeblendingTask
+    assert DeblendingHeadConfig.from_dict(head.to_dict()) == head
+    assert head.slots((64, 64)) == 16 and head.slots((40, 56)) == 16 and head.slots((128, 128)) == 64
+    for bad, match in [(dict(max_sources=0), "task.max_sources"), (dict(peak_threshold=1.5), "task.peak_threshold"),
+                       (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands")]:
+        with pytest.raises(InputError, match=match):
+            DeblendingHeadConfig(**bad)
+
+
+def test_forward_loss_and_output_shapes_with_targets(blends):
+    model = _model()
+    task = DeblendingTask(model.head_config)
+    targets = task.targets(blends)
+    k = max(s.meta["labels"]["n_objects"] for s in blends)
+    assert targets["centres"].shape == (6, k, 2) and targets["fractions"].shape == (6, k + 1, 6, 64, 64)
+    # the true centres are the mock's pixel positions, the in-stamp fluxes the isolated images' sums
+    sample, truth = mock_blend(dataclasses.replace(CARD, stamp_size=64), 0, 1, n_objects=(2, 6), separation=(0.5, 3.0), delta_mag=(0.0, 2.5))
+    n1 = len(truth.pair_ids)
+    assert np.allclose(targets["centres"][1, :n1].numpy(), truth.pixel_positions, atol=1e-5)
+    assert np.allclose(targets["fluxes"][1, :n1].numpy(), truth.isolated.sum((2, 3)), rtol=2e-3)
+    assert np.allclose(targets["total_flux"][1, :n1].numpy(), truth.flux_njy, rtol=1e-6)
+    # the re-rendered truth (no attached arrays: e.g. read back from FITS) equals the attached one
+    bare = dataclasses.replace(blends[1], meta={k_: v for k_, v in blends[1].meta.items() if k_ != "blend_truth"})
+    iso_attached, iso_rendered = blend_truth_arrays(blends[1])[0], blend_truth_arrays(bare)[0]
+    assert np.allclose(iso_attached, iso_rendered, rtol=2e-3, atol=1e-3 * iso_rendered.max())
+
+    out = model(collate_samples(blends, model.config.survey_names), **targets)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    assert model.decoder.out.weight.grad.abs().sum() > 0 and model.cosmofm.embeddings.tokenizers["image"].content.weight.grad.abs().sum() > 0
+    assert out.positions.shape == (6, 16, 2) and out.fluxes.shape == out.flux_errors.shape == (6, 16, 6)
+    assert out.segmentation.shape == out.heatmap.shape == (6, 64, 64) and len(out.fractions) == 6
+    # training uses the true centres: every object is a source
+    assert out.n_sources.tolist() == [s.meta["labels"]["n_objects"] for s in blends]
+
+
+@pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
+def test_any_stamp_size_and_flux_conservation(shape):
+    card = dataclasses.replace(CARD, stamp_size=max(shape))  # then cropped to (H, W)
+    sample, truth = mock_blend(card, 3, 0, n_objects=4, separation=(0.5, 1.5))
+    h, w = shape
+    values, ivar = sample.values[:, :h, :w], sample.ivar[:, :h, :w]
+    ivar = ivar.copy()
+    ivar[2, :3, :5] = 0  # masked pixels count zero in every sum
+    model = _model().eval()
+    positions = truth.pixel_positions
+    cat = deblend_stamp(model, values, ivar, positions=positions)
+    assert cat.segmentation.shape == (h, w) and cat.fluxes["head"].shape == (4, 6)
+    with torch.no_grad():
+        from cosmofm.heads.deblending import stamp_sample
+        o = model(collate_samples([stamp_sample(model.head_config, values, ivar)], model.config.survey_names),
+                  positions=torch.as_tensor(positions, dtype=torch.float32)[None])
+    image = np.where(ivar > 0, values, 0).sum((1, 2))
+    total = o.fluxes[0].nan_to_num(0).double().sum(0) + o.background_flux[0].double()
+    assert np.allclose(total.numpy(), image, rtol=1e-5, atol=1e-3 * np.abs(values).max())
+    fr = o.fractions[0]
+    assert fr.shape == (5, 6, h, w) and torch.allclose(fr.sum(0), torch.ones(6, h, w), atol=1e-5)
+    # errors: at least the propagated pixel noise of fraction x image
+    var = np.where(ivar > 0, 1 / np.where(ivar > 0, ivar, 1), 0)
+    expect = np.sqrt((fr[:4].double().numpy() ** 2 * var[None]).sum((2, 3)))
+    assert np.allclose(cat.flux_errors["head"], expect, rtol=1e-4)
+
+
+def test_known_positions_mode_returns_exactly_the_given_sources(blends):
+    model = _model().eval()
+    given = [np.array([[30.0, 31.5], [20.0, 40.0], [45.2, 12.0]]), np.array([[10.0, 10.0]])]
+    cats = deblend_samples(model, blends[:2], positions=given)
+    for cat, pos in zip(cats, given):
+        assert isinstance(cat, DeblendCatalog) and np.array_equal(cat.positions, pos)
+        assert cat.fluxes["head"].shape == (len(pos), 6) and np.isfinite(cat.fluxes["head"]).all()
+        assert set(np.unique(cat.segmentation)) <= set(range(len(pos) + 1))
+    with pytest.raises(InputError, match="positions"):
+        deblend_stamp(model, blends[0].values, blends[0].ivar, positions=np.zeros((17, 2)))
+
+
+def test_save_pretrained_from_pretrained_round_trip(blends, tmp_path):
+    model = _model(seed=3).eval()
+    model.save_pretrained(tmp_path / "deblend")
+    write_manifest(tmp_path / "deblend")
+    assert json.loads((tmp_path / "deblend" / "config.json").read_text())["task"]["type"] == "deblending"
+    loaded = cosmofm.from_pretrained(str(tmp_path / "deblend"), expect_task="deblending").eval()
+    assert type(loaded) is CosmoFMForDeblending and loaded.head_config == model.head_config
+    batch = collate_samples(blends, model.config.survey_names)
+    pos = torch.tensor([[[32.0, 32.0], [28.0, 36.0]]]).expand(6, 2, 2)
+    with torch.no_grad():
+        a, b = model(batch, positions=pos), loaded(batch, positions=pos)
+    assert torch.equal(a.fluxes.nan_to_num(-1), b.fluxes.nan_to_num(-1)) and torch.isfinite(a.fluxes[:, :2]).all()
+    assert torch.equal(a.heatmap, b.heatmap) and torch.equal(a.segmentation, b.segmentation)
+
+
+def test_short_training_learns_to_detect_well_separated_pairs():
+    """Two objects 1.7-2.4 PSF FWHM apart (7.5-11 px at 0.2 arcsec, worst FWHM 4.5 px), at most
+    1 mag apart: resolved by eye and by sep. An untrained head (heatmap prior p = 0.01 <
+    threshold 0.2) detects nothing; after 200 steps it must find most objects of held-out pairs
+    (measured: recall 0.94, precision 1.0 on these 16 pairs)."""
+    card = dataclasses.replace(CARD, stamp_size=24)
+    samples = DeblendingTask.labelled_mocks(card, 112, 0, n_objects=2, separation=(1.5, 2.2), delta_mag=(0.0, 1.0), stamp_size=None)
+    train, test = samples[:96], samples[96:]
+    model = _model(seed=0)
+    task = DeblendingTask(model.head_config)
+    targets, test_targets = task.targets(train), task.targets(test)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    with torch.no_grad():
+        before = model.eval()(collate_samples(test, model.config.survey_names)).n_sources.sum()
+    model.train()
+    for step in range(200):
+        idx = torch.randint(0, len(train), (8,), generator=gen)
+        out = model(collate_samples([train[i] for i in idx], model.config.survey_names), **{k: v[idx] for k, v in targets.items()})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    assert np.mean(losses[-20:]) < 0.4 * np.mean(losses[:5])
+    model.eval()
+    with torch.no_grad():
+        o = model(collate_samples(test, model.config.survey_names))
+    met = task.metrics({k: v for k, v in o.items() if isinstance(v, torch.Tensor)}, test_targets)
+    assert before == 0 and met["recall"] >= 0.8 and met["precision"] >= 0.8, met["detection"]
+    assert met["detection"]["tp"] + met["detection"]["fn"] == 32
+
+
+def test_the_shipped_recipe_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    recipe = FinetuneRecipe.load("deblending", ["n_labelled=20", "backbone_recipe=tiny", "mocks.stamp_size=32", "finetune.epochs=1",
+                                                "finetune.batch_size=8", f"finetune.output_dir={out}"])
+    assert recipe.mocks["n_objects"] == [2, 6] and recipe.card == "lsst-like"
+    result = run_recipe(recipe, progress=False)
+    results = json.loads((out / "eval_results.json").read_text())
+    details = results["details"]
+    assert (details["n_train"], details["n_calibration"], details["n_test"]) == (12, 4, 4)
+    assert {"f1", "recall"} <= {m["type"] for m in results["results"][0]["metrics"]} and "precision" in details["detection"]
+    card = dataclasses.replace(CARD, stamp_size=32)
+    test_objects = [mock_blend(card, 0, i, n_objects=(2, 6), separation=(0.5, 3.0))[0].meta["labels"]["n_objects"] for i in range(16, 20)]
+    assert details["detection"]["tp"] + details["detection"]["fn"] == sum(test_objects)  # the last 4 blends are the test block
+    model = cosmofm.from_pretrained(result["model_dir"], expect_task="deblending")
+    assert isinstance(model, CosmoFMForDeblending) and model.config.hidden_size == 32
+
+
+def test_bad_input_is_refused_naming_the_sample(blends):
+    task = DeblendingTask(DeblendingHeadConfig.from_card(CARD))
+    single = mock_image(dataclasses.replace(CARD, stamp_size=64), 0, 5)
+    with pytest.raises(InputError, match=f"{single.id}: truth.objects"):
+        task.targets([blends[0], single])
+    from cosmofm.data_cards.mocks.generators import mock_samples
+
+    spectrum = mock_samples(load_card("sdss-like"), 1)[0]
+    with pytest.raises(InputError, match="not an image"):
+        task.targets([spectrum])
+    with pytest.raises(InputError, match="one shape"):
+        blend_targets([blends[0], DeblendingTask.labelled_mocks(CARD, 1, 1, stamp_size=32)[0]], task.head)
+    model = _model().eval()
+    with pytest.raises(InputError, match="bands"):
+        deblend_stamp(model, blends[0].values[:4], blends[0].ivar[:4])
+    with pytest.raises(InputError, match="n_objects"):
+        DeblendingTask.labelled_mocks(CARD, 2, 0, n_objects=(2, 20))
+
+
+def test_find_in_tile_follows_the_contract(blends):
+    from astropy.io import fits
+
+    model = _model().eval()
+    task = task_class(model.task_type)(model.head_config)
+    header = fits.Header({"PIXSCALE": 0.2, "BUNIT": "nJy", **{f"BAND{k}": b for k, b in enumerate("ugrizy")}})
+    s = blends[0]
+    table = task.find_in_tile(model, s.values.astype(np.float32), s.ivar.astype(np.float32), header)
+    assert table.colnames[:2] == ["ROW", "COL"] and "FLUX_r" in table.colnames and "FLUXERR_y" in table.colnames
+    assert str(table["FLUX_r"].unit) == "nJy" and table["FLAGS"].dtype.kind == "i"
+    empty = task.find_in_tile(model, s.values.astype(np.float32), np.zeros_like(s.ivar, np.float32), header)
+    assert len(empty) == 0 and "FLUX_g" in empty.colnames and "FLAGS" in empty.colnames
+
+
+def test_cosmofm_predict_writes_the_central_source_of_each_stamp(blends, tmp_path):
+    from cosmofm.data_cards.io.catalogue import read_catalogue
+    from cosmofm.data_cards.io.fits_io import write_fits
+    from cosmofm.finetune.task_predict import predict_task
+
+    model = _model(peak_threshold=1e-3).eval()  # untrained: its heatmap sits near the prior 0.01, so local maxima pass
+    model.save_pretrained(tmp_path / "model")
+    write_manifest(tmp_path / "model")
+    card = dataclasses.replace(CARD, stamp_size=64)
+    write_fits(blends[:3], tmp_path / "blends.fits", card)
+    summary = predict_task([tmp_path / "blends.fits"], str(tmp_path / "model"), tmp_path / "cat.fits", batch_size=2, card=card, progress=False)
+    assert (summary["n_rows"], summary["n_predicted"]) == (3, 3)
+    t = read_catalogue(tmp_path / "cat.fits")
+    assert str(t["FLUX_r"].unit) == "nJy" and str(t["ROW"].unit) == "pix"
+    with torch.no_grad():
+        o = model(collate_samples(blends[:3], model.config.survey_names))
+    assert np.array_equal(np.asarray(t["N_SOURCES"]), o.n_sources.numpy()) and (o.n_sources > 0).all()
+    for i in range(3):  # the row is the detection nearest the stamp centre (31.5, 31.5)
+        pos = o.positions[i].numpy()
+        k = np.nanargmin(np.hypot(pos[:, 0] - 31.5, pos[:, 1] - 31.5))
+        assert t["ROW"][i] == pytest.approx(pos[k, 0], rel=1e-6) and t["FLUX_g"][i] == pytest.approx(float(o.fluxes[i, k, 1]), rel=1e-5)
