@@ -174,6 +174,7 @@ def sep_deblend(sample: Sample, deblend_cont: float = 0.001, fwhm_pixels: float 
     errors = {m: np.zeros((k, nb)) for m in fluxes}
     if k:
         a, b_, theta = (np.asarray(objects[c], np.float64) for c in ("a", "b", "theta"))
+        theta = np.clip(theta, -np.pi / 2, np.pi / 2)  # sep's float32 pi/2 exceeds the float64 one: sum_ellipse refused it
         seg = {"seg_id": np.arange(1, k + 1, dtype=np.int32), "segmap": segmap.astype(np.int32)} if mask_neighbours else {}
         kron, _ = sep.kron_radius(det, x, y, a, b_, theta, 6.0, mask=mask, **seg)
         kron = np.where(np.isfinite(kron) & (kron > 0), kron, 1.0)

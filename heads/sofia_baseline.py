@@ -28,8 +28,9 @@ The baseline of issue 21's 3D detection benchmark, numpy/scipy only:
    the WCS (FREQ, or VRAD/VOPT/... turned into FREQ by wcslib with RESTFRQ);
    line_flux_integral = sum of the mask x channel width [Hz] / beam area [px]; w20 = width
    at 20 % of the peak of the mask's integrated spectrum (outermost crossings, linear
-   interpolation), as a rest-frame velocity c dnu / nu (the mocks' truth definition; no
-   instrumental-broadening correction); hi_size = `size_per_sigma` x the beam-deconvolved
+   interpolation), as an observed-frame velocity c dnu nu_rest / nu^2 (SDC2's "observed line
+   width", the survey mocks' truth and the scorer's convention: `cube_survey.w20_from_width_hz`;
+   no instrumental-broadening correction); hi_size = `size_per_sigma` x the beam-deconvolved
    major-axis sigma of the moment-0 map (positive voxels, second moments, arcsec);
    inclination: cos i = b / a of the deconvolved axes (thin disk, no q0); PA: major axis
    east of north, turned by 180 deg when its + half has the higher mean frequency, so it
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import astropy.units as u
@@ -50,8 +52,9 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.mocks.cube_survey import w20_from_width_hz
+from cosmofm.data_cards.mocks.cubes import HI_REST_HZ
 
-C_KMS = 299792.458
 MAD_SCALE = 1.4826
 _SIGMA_PER_FWHM = 1.0 / math.sqrt(8 * math.log(2))
 
@@ -116,11 +119,15 @@ def _smooth_spatial(cube: np.ndarray, fwhm: float) -> np.ndarray:
     return ndimage.gaussian_filter1d(out, s, axis=2, mode="constant", truncate=3.0, output=out)
 
 
-def smooth_and_clip(norm: np.ndarray, cfg: SofiaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Positive and negative S+C masks (bool, (F, H, W)) of a noise-normalised cube."""
+def smooth_and_clip(norm: np.ndarray, cfg: SofiaConfig, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and negative S+C masks (bool, (F, H, W)) of a noise-normalised cube.
+    `valid` (bool, (F, H, W)) or None: voxels that are not blank; blank ones (zeros in
+    `norm`) are left out of each rms and of the masks, as SoFiA-2 ignores blanked voxels
+    (their zeros would shrink the MAD and lower every clip level)."""
     pos = np.zeros(norm.shape, bool)
     neg = np.zeros(norm.shape, bool)
     st = cfg.noise_step
+    sample_valid = valid[:, ::st, ::st] if valid is not None else None
     for fwhm in cfg.spatial_fwhm:
         base = norm
         if pos.any() or neg.any():  # replace what is already found (SoFiA's scfind.replacement)
@@ -131,10 +138,14 @@ def smooth_and_clip(norm: np.ndarray, cfg: SofiaConfig) -> tuple[np.ndarray, np.
                 sm = norm  # the unsmoothed cube, without replacement
             else:
                 sm = ndimage.uniform_filter1d(spatial, int(width), axis=0, mode="constant") if width > 1 else spatial
-            rms = float(_robust_rms(sm[:, ::st, ::st])) or 1.0
+            sample = sm[:, ::st, ::st]
+            rms = float(_robust_rms(sample if sample_valid is None else sample[sample_valid])) or 1.0
             cut = np.float32(cfg.threshold * rms)
             pos |= sm > cut
             neg |= sm < -cut
+    if valid is not None:
+        pos &= valid
+        neg &= valid
     return pos, neg
 
 
@@ -246,7 +257,7 @@ def _parameterise(cube, labels, src: dict, w: WCS, beam_area: float, beam_sigma_
         "ra": np.asarray(ra) % 360.0, "dec": np.asarray(dec), "central_freq": np.asarray(freq),
         "line_flux_integral": c["flux_sum"] * dnu / beam_area,
         "hi_size": cfg.size_per_sigma * a,
-        "w20": C_KMS * c["w20_ch"] * dnu / np.asarray(freq),
+        "w20": w20_from_width_hz(c["w20_ch"] * dnu, np.asarray(freq), w.wcs.restfrq or HI_REST_HZ),
         "pa": (c["theta"] + 180.0 * c["flip"]) % 360.0,
         "i": np.degrees(np.arccos(np.clip(b / a, 0.0, 1.0))),
         "x": c["x"], "y": c["y"], "z": c["z"],
@@ -256,13 +267,18 @@ def _parameterise(cube, labels, src: dict, w: WCS, beam_area: float, beam_sigma_
 SDC2_UNITS = {"ra": u.deg, "dec": u.deg, "hi_size": u.arcsec, "line_flux_integral": u.Jy * u.Hz, "central_freq": u.Hz, "pa": u.deg, "i": u.deg, "w20": u.km / u.s}
 
 
-def find_sources(cube, header, config: SofiaConfig | None = None) -> Table:
+def find_sources(cube, header, config: SofiaConfig | None = None, noise=None) -> Table:
     """Run the SoFiA-style finder on a (F, H, W) cube in Jy/beam with its FITS header.
+
+    `noise`: the (F,) rms per channel [Jy/beam] to normalise by, e.g. measured once over a
+    whole cube that is searched tile by tile (SoFiA-2's default noise scaling is per
+    channel over the whole cube); None measures it on `cube` (step 1 of the docstring).
 
     Returns an astropy Table with the SDC2 columns (id, ra, dec, hi_size,
     line_flux_integral, central_freq, pa, i, w20) in units, plus x, y, z (0-based
-    pixels), n_vox, snr and reliability; `meta["timing_s"]` holds the stage times. An empty
-    table is a valid answer.
+    pixels), CHAN, ROW, COL (the same centroid in array order: z, y, x, as the tile-finder
+    contract of `finetune.tiling` names them), n_vox, snr and reliability;
+    `meta["timing_s"]` holds the stage times. An empty table is a valid answer.
     """
     cfg = config or SofiaConfig()
     data = np.asarray(cube)
@@ -274,13 +290,30 @@ def find_sources(cube, header, config: SofiaConfig | None = None) -> Table:
     beam_sigma = math.sqrt(header["BMAJ"] * header["BMIN"]) * 3600.0 * _SIGMA_PER_FWHM
     times = {}
     t0 = time.perf_counter()
-    data = np.nan_to_num(data.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-    rms = _robust_rms(data[:, :: cfg.noise_step, :: cfg.noise_step].reshape(data.shape[0], -1), axis=1)  # (F,)
+    data = data.astype(np.float32, copy=False)
+    valid = np.isfinite(data)
+    valid = None if valid.all() else valid  # blanked (NaN) voxels: left out of the noise and the masks
+    if noise is None:
+        sample = data[:, :: cfg.noise_step, :: cfg.noise_step].reshape(data.shape[0], -1)
+        if valid is None:
+            rms = _robust_rms(sample, axis=1)  # (F,)
+        else:
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-blank channel: NaN, then 0 below
+                rms = MAD_SCALE * np.nanmedian(np.abs(np.where(np.isfinite(sample), sample, np.nan)), axis=1)
+            rms = np.where(np.isfinite(rms), rms, 0.0)
+    data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    if noise is not None:
+        rms = np.asarray(noise, dtype=np.float64).reshape(-1)
+        if rms.shape != (data.shape[0],):
+            raise InputError("noise", f"has {rms.size} values for {data.shape[0]} channels", "give one rms per channel")
+        rms = np.where(np.isfinite(rms), rms, 0.0)
     inv = np.where(rms > 0, 1.0 / np.where(rms > 0, rms, 1.0), 0.0).astype(np.float32)
     norm = data * inv[:, None, None]
     times["noise"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pmask, nmask = smooth_and_clip(norm, cfg)
+    pmask, nmask = smooth_and_clip(norm, cfg, valid)
+    del valid
     times["smooth_clip"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plab, npos = _link(pmask, cfg)
@@ -302,6 +335,8 @@ def find_sources(cube, header, config: SofiaConfig | None = None) -> Table:
         out[name] = u.Quantity(cols[name], unit)
     for name in ("x", "y", "z"):
         out[name] = cols[name]
+    # the tile-finder contract's centroid columns (finetune/tiling.py): 0-based, array order
+    out["CHAN"], out["ROW"], out["COL"] = cols["z"], cols["y"], cols["x"]
     out["n_vox"] = src["nvox"].astype(np.int64)
     out["snr"] = src["snr"]
     out["reliability"] = rel[keep]

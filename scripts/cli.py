@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # `cosmofm mock KIND` -> the modality it makes
-MOCK_KINDS = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field"}
+MOCK_KINDS = {"spectra": "spectrum", "images": "image", "cubes": "cube", "lightcones": "field", "mosaic": "image", "survey-cube": "cube"}
 
 
 def _cmd_demo(args):
@@ -43,6 +43,9 @@ def _cmd_pretrain(args):
         return
     resume, overwrite = _resume_if_possible(args, recipe.run.output_dir) if args.resume_if_possible else (args.resume, args.overwrite)
     summary = pretrain(recipe, resume=resume, overwrite=overwrite, resume_from=args.resume_from)
+    if summary.get("stopped"):  # SIGTERM: saved and stopped cleanly, no model released yet
+        print(f"stopped by {summary['stopped']}: {summary['checkpoint']}\nmetrics: {summary['metrics']}")
+        return
     print(f"model: {summary['model_dir']}\nmetrics: {summary['metrics']}")
 
 
@@ -102,6 +105,16 @@ def _cmd_mock(args):
         raise InputError("--n", f"must be positive, got {args.n}", "ask for at least one sample")
     if args.seed < 0:
         raise InputError("--seed", f"must not be negative, got {args.seed}", "give a seed of 0 or more")
+    if args.kind == "survey-cube":
+        return _mock_survey_cube(args, card)
+    for flag, value in (("--channels", args.channels), ("--density", args.density), ("--log-mhi-min", args.log_mhi_min), ("--plain", args.plain)):
+        if value not in (None, False):
+            raise InputError(flag, "applies only to cosmofm mock survey-cube", f"drop {flag}")
+    if args.kind == "mosaic":
+        return _mock_mosaic(args, card)
+    for flag, value in (("--size", args.size), ("--bands", args.bands), ("--mag-limit", args.mag_limit)):
+        if value is not None:
+            raise InputError(flag, "applies only to cosmofm mock mosaic", f"drop {flag}")
     out = Path(args.out)
     if args.format == "fits":
         from cosmofm.data_cards.io.fits_io import write_fits
@@ -120,6 +133,70 @@ def _cmd_mock(args):
 
         path = write_dataset(generate(card, args.n, seed=args.seed, workers=args.workers, progress=True), out, [card])
     print(f"wrote {args.n} {args.kind} ({card.name}) to {path}")
+
+
+def _mock_mosaic(args, card):
+    """`cosmofm mock mosaic`: one multi-band field with its truth as a mosaic FITS (data_cards/mocks/blend_fields.py)."""
+    import time
+
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.data_cards.mocks.blend_fields import mock_field, write_field_fits
+
+    if args.format != "datasets":
+        raise InputError("--format", "a mosaic is always one FITS file", "drop --format")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} is a file, not a folder", "--out names the folder to write the mosaic into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+    size = 1024 if args.size is None else args.size
+    bands = None if args.bands is None else [b.strip() for b in args.bands.split(",") if b.strip()]
+    start = time.perf_counter()
+    field = mock_field(card, size, args.seed, mag_limit=args.mag_limit, bands=bands)
+    path = write_field_fits(out / f"{card.name}-mosaic-{size}-seed{args.seed}.fits", field, card)
+    print(f"wrote a {size} x {size} x {len(field.bands)}-band mosaic ({card.name}, {len(field.truth)} sources to "
+          f"{field.meta['reference_band']} < {field.meta['mag_limit']:.2f}) to {path} in {time.perf_counter() - start:.1f} s")
+
+
+def _mock_survey_cube(args, card):
+    """`cosmofm mock survey-cube`: one SDC2-like survey cube FITS (cube, TRUTH, NOISE) written block-wise
+    in bounded memory, plus its truth table alone (data_cards/mocks/cube_survey.py)."""
+    import io
+    import time
+
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.data_cards.io.atomic import atomic_write_bytes
+    from cosmofm.data_cards.mocks.cube_survey import write_large_survey_cube
+
+    for flag, value in (("--channels", args.channels), ("--size", args.size)):
+        if value is None:
+            raise InputError(flag, "is needed for a survey cube", "give e.g. --channels 512 --size 256")
+    if args.format != "datasets":
+        raise InputError("--format", "a survey cube is always one FITS file", "drop --format")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} is a file, not a folder", "--out names the folder to write the cube into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+    realism = {} if args.plain else {"clustering": True, "primary_beam": True, "flagged_channels": 0.02, "continuum_residual": 1e-3}
+    start = time.perf_counter()
+    path = write_large_survey_cube(out / f"{card.name}-survey-{args.channels}x{args.size}-seed{args.seed}.fits", card, args.channels, args.size,
+                                   density=args.density, seed=args.seed, log_mhi_min=8.0 if args.log_mhi_min is None else args.log_mhi_min,
+                                   progress=True, **realism)
+    truth = Table.read(path, hdu="TRUTH")
+    truth_path = path.with_name(path.stem + "-truth.fits")
+    buffer = io.BytesIO()
+    fits.table_to_hdu(truth).writeto(buffer)
+    atomic_write_bytes(truth_path, buffer.getvalue())
+    print(f"wrote a {args.channels} x {args.size} x {args.size} survey cube ({card.name}, {len(truth)} galaxies) to {path} "
+          f"and its truth to {truth_path} in {time.perf_counter() - start:.1f} s")
 
 
 def _mock_bank(args):
@@ -237,6 +314,33 @@ def _cmd_score(args):
         atomic_write_bytes(args.output, json.dumps(summary, indent=1).encode())
 
 
+def _cmd_deblend(args):
+    from cosmofm.finetune.deblend import deblend_image
+    from cosmofm.finetune.tiling import cli_shape
+
+    summary = deblend_image(args.image, args.output, model=args.model, method=args.method, tile=cli_shape(args.tile, 2, "tile"),
+                            overlap=cli_shape(args.overlap, 2, "overlap"), workers=args.workers, write_stamps=args.write_stamps,
+                            overwrite=args.overwrite, bands=args.bands.split(",") if args.bands else None, fwhm_pixels=args.fwhm_pixels,
+                            thresh=args.thresh)
+    print(f"deblended {summary['n_sources']} sources ({summary['method']}, bands {','.join(summary['bands'])}, "
+          f"{summary['n_tiles']} tiles) -> {summary['output']}")
+    if summary["flags"] or summary["n_skipped_tiles"]:
+        print("input problems: " + "; ".join([*summary["flags"].values()] + ([f"{summary['n_skipped_tiles']} tiles without a usable pixel"]
+                                                                              if summary["n_skipped_tiles"] else [])), file=sys.stderr)
+
+
+def _cmd_detect(args):
+    from cosmofm.finetune.detect import detect_cube
+    from cosmofm.finetune.tiling import cli_shape
+
+    kwargs = {k: cli_shape(v, 3, k) for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
+                          card=args.card, **kwargs)
+    print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles) -> {summary['output']}")
+    for note in summary["notes"] + ([f"{summary['n_skipped_tiles']} tiles without a usable voxel"] if summary["n_skipped_tiles"] else []):
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _cmd_bench(args):
     from cosmofm.bench.pretrain_throughput import main as bench_main
 
@@ -315,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--shard-size", type=int, help="with --prior: lightcones per shard (default: ~256 MB shards)")
     m.add_argument("--simulator", choices=["cosmofm", "21cmfast"], help="with --prior: the embedded model (default) or 21cmFAST (extra '21cmfast')")
     m.add_argument("--overwrite", action="store_true", help="with --prior: replace a bank of another prior / seed / n in --out")
+    m.add_argument("--size", type=int, help="mosaic and survey-cube only: pixels on a side (mosaic default 1024)")
+    m.add_argument("--bands", help="mosaic only: comma-separated subset of the card's bands (default all)")
+    m.add_argument("--mag-limit", type=float, help="mosaic only: faintest AB magnitude drawn (default 5-sigma depth + 1)")
+    m.add_argument("--channels", type=int, help="survey-cube only: channels of the cube (with --size: pixels on a side)")
+    m.add_argument("--density", type=float, help="survey-cube only: galaxies per deg^2 (default: the HI mass function's number)")
+    m.add_argument("--log-mhi-min", type=float, help="survey-cube only: lightest HI mass drawn, log10 Msun (default 8)")
+    m.add_argument("--plain", action="store_true", help="survey-cube only: no clustering, primary beam, flagged channels or continuum residuals")
     m.set_defaults(func=_cmd_mock)
 
     i = sub.add_parser("inspect", help="describe a FITS file, dataset folder, data card or model folder",
@@ -392,6 +503,33 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--beam-arcsec", type=float, default=7.0, help="beam FWHM in arcsec (SDC2: 7)")
     sc.add_argument("--output", help="also write the score summary as JSON here")
     sc.set_defaults(func=_cmd_score)
+
+    db = sub.add_parser("deblend", help="detect and deblend the sources of a multi-band FITS mosaic, tile by tile; write a catalogue")
+    db.add_argument("image", help="the mosaic FITS (one ImageHDU per band, EXTNAME = band; optional IVAR_<band>)")
+    db.add_argument("--output", required=True, help="catalogue (.fits, or .parquet without stamps)")
+    db.add_argument("--model", help="a fine-tuned deblending model folder or repo id (default: a classical --method)")
+    db.add_argument("--method", choices=["sep", "photutils"], help="classical deblender when no --model (default sep)")
+    db.add_argument("--tile", default="512", help="tile size in pixels: N, or ROWS,COLS")
+    db.add_argument("--overlap", default="64", help="tile overlap in pixels (over twice the largest source radius)")
+    db.add_argument("--workers", type=int, help="worker processes (default one per core)")
+    db.add_argument("--write-stamps", action="store_true", help="add one isolated cut-out ImageHDU per source (EXTNAME SRC<ID>)")
+    db.add_argument("--bands", help="comma-separated bands to use (default all)")
+    db.add_argument("--fwhm-pixels", type=float, help="PSF FWHM in pixels for the classical apertures (default: the mosaic's PSFFWHM, else 4.5)")
+    db.add_argument("--thresh", type=float, help="classical detection threshold in sigma (default 1.5)")
+    db.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
+    db.set_defaults(func=_cmd_deblend)
+
+    dt = sub.add_parser("detect", help="find HI sources in a spectral cube, tile by tile; write an SDC2 catalogue (cosmofm score reads it)")
+    dt.add_argument("cube", help="the cube FITS (RA, Dec and a FREQ or VRAD/VOPT axis with RESTFRQ; BMAJ/BMIN)")
+    dt.add_argument("--output", required=True, help="catalogue (.fits or .parquet)")
+    dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method)")
+    dt.add_argument("--method", choices=["sofia"], help="classical finder when no --model (default sofia)")
+    dt.add_argument("--tile", help="tile size: N or CHANNELS,ROWS,COLS (default 256,256,256)")
+    dt.add_argument("--overlap", help="tile overlap: N or CHANNELS,ROWS,COLS (default 64,24,24)")
+    dt.add_argument("--workers", type=int, help="worker processes (default one per core)")
+    dt.add_argument("--card", help="data card of the cube (default from the header: ska-hi-like)")
+    dt.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
+    dt.set_defaults(func=_cmd_detect)
 
     b = sub.add_parser("bench", help="pretraining throughput benchmark (CPU MFU, loader ratio)")
     b.add_argument("--out", default="bench_results")

@@ -11,6 +11,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.mocks.cube_survey import w20_from_width_hz
 from cosmofm.data_cards.mocks.cubes import mock_survey_cube, survey_header
 from cosmofm.heads.sdc2_score import score_catalogue
 from cosmofm.heads.sofia_baseline import SofiaConfig, find_sources
@@ -58,7 +59,7 @@ def _inject(card, shape, sources, seed=0):
         grid = np.linspace(-40, 40, 4001)
         prof = (np.exp(-0.5 * (fine / sa) ** 2)[:, None] * np.exp(-0.5 * ((grid[None] + grad * fine[:, None]) / sig_z) ** 2)).sum(0)
         above = grid[prof >= 0.2 * prof.max()]
-        rows.append([float(ra), float(dec), float(freq), flux, 2.8 * sig_maj * scale, C_KMS * (above[-1] - above[0]) * dnu / float(freq), pa % 360, math.degrees(math.acos(sig_min / sig_maj))])
+        rows.append([float(ra), float(dec), float(freq), flux, 2.8 * sig_maj * scale, float(w20_from_width_hz((above[-1] - above[0]) * dnu, float(freq))), pa % 360, math.degrees(math.acos(sig_min / sig_maj))])
     cube = cube.astype(np.float32) + _noise(np.random.default_rng(seed), shape, beam_sigma)
     names = ["ra", "dec", "central_freq", "line_flux_integral", "hi_size", "w20", "pa", "i"]
     truth = Table(rows=rows, names=names)
