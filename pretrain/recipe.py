@@ -90,6 +90,9 @@ class RunConfig:
     trackers: any of "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise).
     backend: how processes share the model: a shipped backend (ddp, fsdp2, zero1, zero2,
         zero3; pretrain/backends/) or a backend YAML path (cosmofm.pretrain.backend).
+    peak_tflops: one device's peak TFLOP/s for the MFU in observe.jsonl; 0 = the
+        datasheet peak of the GPU by name, or on CPU a matmul measured once per process
+        (cosmofm.pretrain.observe).
     """
 
     output_dir: str = "runs/pretrain"
@@ -101,6 +104,7 @@ class RunConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard", "wandb"])
     progress: bool = True
     backend: str = "ddp"
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -152,6 +156,8 @@ class PretrainRecipe:
             raise InputError("recipe.optim.lr", f"{o.lr} makes AdamW's first step overflow float32", "use a learning rate below 1")
         if r.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError("recipe.run.mixed_precision", f"{r.mixed_precision!r} is not supported", "use no, bf16 or fp16")
+        if not (r.peak_tflops >= 0 and math.isfinite(r.peak_tflops)):
+            raise InputError("recipe.run.peak_tflops", f"must be a finite number >= 0, got {r.peak_tflops}", "e.g. 989.4 for an H100 SXM in bf16, or 0 to look it up")
         if set(r.trackers) - {"tensorboard", "wandb"}:
             raise InputError("recipe.run.trackers", f"unknown trackers {r.trackers}", "use tensorboard and/or wandb")
         from cosmofm.pretrain.backend import load_backend

@@ -10,17 +10,25 @@ optimizer and RNG states).
 A run owns its folder (run_folder.py), and a run whose loss or gradients stop being
 finite stops before it saves anything. The parallel backend (DDP, FSDP2, DeepSpeed
 ZeRO; backend.py) is applied to the model from outside, chosen by `run.backend`.
+
+What it writes as it goes: one row per optimizer step in metrics.jsonl (the loss over all
+ranks, its parts, the per-modality figures summed over all ranks), and one row per logging
+interval in observe.jsonl and the trackers (throughput, MFU, memory per rank; observe.py).
+SIGUSR1 makes it save at the next step and go on, SIGTERM save and stop
+(checkpoint_signal.py), all ranks at the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import itertools
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,15 +78,20 @@ from cosmofm.pretrain.checkpoint import (
     save_checkpoint,
     save_release,
     sharded_save_dir,
+    step_name,
     write_sharded_state,
 )
+from cosmofm.pretrain.checkpoint_signal import SaveOnSignal
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.corpus import load_corpus
 from cosmofm.pretrain.data import Collator, GlobalBatchSampler, SeededSamples
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMForPretraining
+from cosmofm.pretrain.observe import FlopCount, Observer, means_by_modality, modality_loss_sums, tracker_values
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.streaming import build_plan, data_position, resume_position, streaming_loader
-from cosmofm.pretrain.run_folder import TRACKER_PROJECT, claim_run_folder
+from cosmofm.pretrain.run_folder import TRACKER_PROJECT, claim_run_folder, truncate_metrics
+
+OBSERVE_NAME = "observe.jsonl"  # one row per logging interval (observe.py)
 
 
 class TrainingDiverged(InputError):
@@ -104,6 +117,10 @@ def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(
     """The Accelerator of one training job (pretraining or a fine-tune): precision,
     accumulation and trackers (TensorBoard, wandb offline unless WANDB_MODE says otherwise),
     and DeepSpeed when given its plugin (cosmofm.pretrain.backend)."""
+    if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+        # the recipes name wandb by default; without it installed, log to the others
+        warnings.warn("run.trackers names wandb, which is not installed; logging without it (pip install wandb)")
+        trackers = [t for t in trackers if t != "wandb"]
     if "wandb" in trackers:
         os.environ.setdefault("WANDB_MODE", "offline")  # never phone home unless asked to
     cuda = torch.cuda.is_available()
@@ -181,6 +198,8 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     check_modalities(backend, modalities, accelerator.num_processes)
     config = CosmoFMConfig(**{"survey_names": card_names, **recipe.model})
     model = CosmoFMForPretraining(config)
+    precision = {"no": "fp32"}.get(mixed_precision(backend, recipe), mixed_precision(backend, recipe))
+    observer = Observer(FlopCount.of(model), accelerator.device, precision, recipe.run.peak_tflops, accelerator.process_index, accelerator.num_processes)
     start_step = 0
     if checkpoint is not None:
         # a sharded checkpoint's model and optimizer are read after sharding, each process its part
@@ -222,7 +241,12 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
             SeededSamples(dataset), batch_sampler=sampler, collate_fn=Collator(config.survey_names),
             num_workers=recipe.data.num_workers, persistent_workers=False,
         )
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path, observe_path = out_dir / "metrics.jsonl", out_dir / OBSERVE_NAME
+    if main:  # an interval row belongs to the timeline being continued, as metrics.jsonl's do
+        if checkpoint is None:
+            observe_path.unlink(missing_ok=True)
+        else:
+            truncate_metrics(observe_path, start_step)
     if recipe.run.trackers:
         start_trackers(accelerator, TRACKER_PROJECT, flat_dict(recipe.to_dict()), out_dir)
 
@@ -232,52 +256,78 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     history = []
     grad_norm = None
     pending = None  # an asynchronous save still being written
-    for batch in loader:
-        batch = batch.to(accelerator.device)
-        with accelerator.accumulate(model):
-            with autocast(accelerator, backend):
-                out = model(batch)
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients:
-                drop_unused_gradients(backend, model)  # FSDP2: as DDP leaves them
-            if accelerator.sync_gradients and o.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        seen += len(batch) * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        scheduler.step()
-        step += 1
-        row = _step_metrics(accelerator, out, grad_norm, step, scheduler.get_last_lr()[0], seen / (time.perf_counter() - t0))
-        # fp16's loss scaler makes overflowing gradients on purpose and skips their steps
-        stop_if_diverged(row, _diverged_fix(out_dir, last_saved), check_grad=accelerator.scaler is None)
-        history.append(row["loss"])
-        if main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if step % recipe.run.log_every == 0 or step == o.max_steps:
-            accelerator.log({k: v for k, v in flat_dict(row).items() if k != "step"}, step=step)
-        if step % recipe.run.save_every == 0 or step == o.max_steps:
-            if pending is not None:
-                pending.wait()
-            pending = _save(accelerator, model, optimizer, scheduler, recipe, backend, step, last_saved)
-            last_saved = step
+    log_loss = config.masked_loss == "log_chi2"
+    step_sums = None  # this step's per-modality loss sums, over its micro-batches
+    stopped = None  # the signal that stopped the run, if one did
+    with SaveOnSignal() as signals:
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(model):
+                with autocast(accelerator, backend):
+                    out = model(batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    drop_unused_gradients(backend, model)  # FSDP2: as DDP leaves them
+                if accelerator.sync_gradients and o.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += len(batch) * accelerator.num_processes
+            observer.add_batch(out)
+            sums = modality_loss_sums(out, log_loss)
+            step_sums = sums if step_sums is None else step_sums + sums
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            row, global_sums, requests = _step_metrics(accelerator, out, grad_norm, step, scheduler.get_last_lr()[0],
+                                                       seen / (time.perf_counter() - t0), step_sums, signals.take())
+            step_sums = None
+            observer.add_step(global_sums)
+            # fp16's loss scaler makes overflowing gradients on purpose and skips their steps
+            stop_if_diverged(row, _diverged_fix(out_dir, last_saved), check_grad=accelerator.scaler is None)
+            history.append(row["loss"])
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+            if step % recipe.run.log_every == 0 or step == o.max_steps:
+                interval = observer.interval_row(step)  # a collective: every rank, the same steps
+                if main:
+                    with observe_path.open("a") as f:
+                        f.write(json.dumps(interval) + "\n")
+                accelerator.log({**{k: v for k, v in flat_dict(row).items() if k != "step"}, **tracker_values(interval)}, step=step)
+            # a signal's save: at this step boundary, on every rank (the requests were all-reduced)
+            if step % recipe.run.save_every == 0 or step == o.max_steps or requests["save"]:
+                if pending is not None:
+                    pending.wait()
+                pending = _save(accelerator, model, optimizer, scheduler, recipe, backend, step, last_saved)
+                last_saved = step
+            if requests["stop"]:
+                stopped = "SIGTERM"
+                break
     bar.close()
     if pending is not None:
         pending.wait()
         accelerator.wait_for_everyone()  # the last checkpoint is published before the run ends
+    summary = {"output_dir": str(out_dir), "model_dir": str(out_dir / "model"), "steps": step, "losses": history,
+               "metrics": str(metrics_path), "observe": str(observe_path), "signals": signals.received}
+    if stopped is not None:  # saved and stopped early: no release of an unfinished model
+        if main:
+            print(f"{stopped}: checkpoint of step {step} saved in {out_dir / CHECKPOINTS_DIR}; stopping (continue with --resume)", flush=True)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return {**summary, "stopped": stopped, "checkpoint": str(out_dir / CHECKPOINTS_DIR / step_name(step))}
 
-    model_dir = out_dir / "model"
+    model_dir = Path(summary["model_dir"])
     check_finite_weights(accelerator, model, step, _diverged_fix(out_dir, last_saved))
     release = release_model(accelerator, backend, model, CosmoFMForPretraining, config)  # gathered under FSDP2 / ZeRO-3
     if main:
         save_release(release.cosmofm, model_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"output_dir": str(out_dir), "model_dir": str(model_dir), "steps": step, "losses": history, "metrics": str(metrics_path)}
+    return summary
 
 
 def on_main(accelerator: Accelerator, fn) -> dict:
@@ -320,8 +370,12 @@ def load_pretraining_model(run_dir: str | Path) -> CosmoFMForPretraining:
     return model.eval()
 
 
-def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per_s: float) -> dict:
-    """Loss averaged over processes (the global-batch loss) plus its parts and the gradient norm."""
+def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per_s: float, modality_sums: torch.Tensor,
+                  requests: list[float]) -> tuple[dict, torch.Tensor, dict]:
+    """(row, per-modality loss sums over all ranks, {"save": bool, "stop": bool}) of one step, from
+    one all-reduce: the loss averaged over processes (the global-batch loss) with its parts and
+    the gradient norm; per modality the mean loss and reduced chi-square over every rank's
+    samples (observe.modality_loss_sums); and the save / stop requests of any rank's signals."""
     parts = {"loss": out.loss.detach().float()}
     if out.masked_loss is not None:
         parts["masked"] = out.masked_loss.detach().float()
@@ -333,11 +387,16 @@ def _step_metrics(accelerator, out, grad_norm, step: int, lr: float, samples_per
     if grad_norm is not None:
         parts["grad_norm"] = torch.as_tensor(grad_norm, device=parts["loss"].device).detach().float()
     names = sorted(parts)
-    reduced = accelerator.reduce(torch.stack([parts[k] for k in names]), reduction="mean")
-    row = {"step": step, **{k: float(v) for k, v in zip(names, reduced)}, "lr": lr, "samples_per_s": samples_per_s}
-    chi2 = {k: float(v) for k, v in (out.per_modality or {}).items()}
-    row["per_modality_chi2"] = {k: v for k, v in chi2.items() if not math.isnan(v)}  # NaN: no hidden pixel was measured
-    return row
+    local = torch.cat([torch.stack([parts[k] for k in names]), modality_sums.to(parts["loss"].device).flatten(),
+                       torch.tensor(requests, dtype=torch.float32, device=parts["loss"].device)])
+    # summed, then the parts divided by the process count: what reduction="mean" computes
+    reduced = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    means = reduced[: len(names)] / accelerator.num_processes if accelerator.num_processes > 1 else reduced[: len(names)]
+    global_sums = reduced[len(names): -2].reshape(modality_sums.shape)
+    row = {"step": step, **{k: float(v) for k, v in zip(names, means)}, "lr": lr, "samples_per_s": samples_per_s}
+    row["per_modality_loss"], row["per_modality_chi2"] = means_by_modality(global_sums)  # a modality with no measured hidden pixel: left out
+    save, stop = (float(v) > 0 for v in reduced[-2:])
+    return row, global_sums, {"save": save, "stop": stop}
 
 
 def stop_if_diverged(row: dict, fix: str, check_grad: bool):

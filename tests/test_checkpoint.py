@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.pretrain import checkpoint as ckpt
+from cosmofm.pretrain import checkpoint_folders
 from cosmofm.pretrain.checkpoint import (
     atomic_write_bytes,
     atomic_write_json,
@@ -380,7 +380,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def crash(directory):
         raise RuntimeError("simulated crash while writing the manifest")
 
-    monkeypatch.setattr(ckpt, "write_manifest", crash)
+    monkeypatch.setattr(checkpoint_folders, "write_manifest", crash)  # where the step folder is published
     with pytest.raises(RuntimeError, match="simulated crash"):
         save_checkpoint(tmp_path, 2, {"model": {"w": torch.ones(2)}}, {})
     assert latest_checkpoint(tmp_path).name == "step_00000001"

@@ -10,6 +10,15 @@ machines are noisy:
 FLOPs follow the usual 6 x (matmul parameters) per token plus attention
 (12 x layers x width x tokens), PaLM (Chowdhery et al. 2022) appendix B.
 Run: `cosmofm bench` or `python -m cosmofm.bench.pretrain_throughput --out DIR`.
+
+Two more modes:
+  - `--backends ddp fsdp2 zero2 zero3`: the CPU MFU of the pretraining loop itself under each
+    backend, 2 processes (gloo) and 1 for DDP, as the loop's observe.jsonl reports it
+    (pretrain/observe.py: model FLOPs from the config over the matmul peak measured in each
+    process), at the demo recipe's shape on spectra (DeepSpeed needs one modality);
+  - `--sizing`: the model FLOPs per sample of each modality at the demo recipe's shapes, for
+    the demo model and a 100M-parameter one, checked against torch's FlopCounterMode, and the
+    time to pretrain on a paper-size corpus on H100s (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -27,25 +37,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cosmofm.pretrain.observe import matmul_peak_flops as matmul_flops  # the loop's MFU divides by the same peak
+from cosmofm.pretrain.observe import median_seconds as _time
+
 WIDTH, DEPTH, HEADS, TOKENS, BATCH = 256, 4, 4, 256, 16
 TARGETS = {"mfu_bf16": 0.5, "vs_plain_encoder_bf16": 0.9, "loader_ratio": 5.0}
 
 
-def _time(fn, repeats: int, warmup: int = 2) -> float:
-    """Median seconds per call of fn()."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / _time(lambda: a @ b, repeats)
 
 
 def _autocast(dtype: torch.dtype):
@@ -197,12 +195,142 @@ def run(quick: bool = False, force_bf16: bool = False) -> dict:
     return result
 
 
+# -- the loop's MFU per backend ------------------------------------------------------------
+
+MFU_RECIPE = ["--set", "data.mock_cards=[sdss-like]", "--set", "data.mock_counts=[512]", "--set", "model.objectives=[masked]",
+              "--set", "run.save_every=1000", "--set", "run.trackers=[]", "--set", "run.progress=false"]
+
+
+def backend_mfu(backends: list[str], steps: int = 30, log_every: int = 10) -> dict:
+    """{backend: the loop's last interval row (observe.jsonl)}: `cosmofm pretrain --config demo`
+    on spectra for `steps` steps, DDP in 1 process and each backend in 2 (accelerate launch, gloo).
+    The first interval (start-up, first-step allocations) is left out: the figures are the mean
+    of the later intervals."""
+    import socket
+
+    out = {}
+    for name in ["ddp_1proc", *backends]:
+        processes, backend = (1, "ddp") if name == "ddp_1proc" else (2, name)
+        with tempfile.TemporaryDirectory() as tmp:
+            cli = ["-m", "cosmofm.cli", "pretrain", "--config", "demo", *MFU_RECIPE, "--set", f"optim.max_steps={steps}",
+                   "--set", f"run.log_every={log_every}", "--backend", backend, "--output", str(Path(tmp) / "run")]
+            if processes == 1:
+                cmd = [sys.executable, *cli]
+            else:
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", 0))
+                    port = sock.getsockname()[1]
+                cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *cli]
+            # one thread per process: on a shared 2-core machine two threads per process contend
+            # (measured: DDP in 1 process at 27 samples/s with 2 threads, 80-100 with 1)
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                raise RuntimeError(f"{name}: {done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            rows = [json.loads(line) for line in (Path(tmp) / "run" / "observe.jsonl").read_text().splitlines()][1:]
+        seconds = sum(r["seconds"] for r in rows)
+        flops = sum(r["model_flops"] for r in rows)
+        peak = rows[-1]["peak_flops_per_s_per_device"]
+        out[name] = {"processes": processes, "threads_per_process": int(env["OMP_NUM_THREADS"]), "steps_timed": sum(r["steps"] for r in rows),
+                     "samples_per_s": sum(r["samples"] for r in rows) / seconds, "model_flops_per_s": flops / seconds,
+                     "peak_flops_per_s_per_process": peak, "mfu": flops / seconds / (peak * processes),
+                     "memory_bytes_by_rank": rows[-1]["memory_bytes_by_rank"]}
+    base = out["ddp_1proc"]["samples_per_s"]
+    for name in backends:
+        out[name]["throughput_over_ddp_1proc"] = out[name]["samples_per_s"] / base
+    if "ddp" in backends:
+        for name in backends:
+            out[name]["throughput_over_ddp_2proc"] = out[name]["samples_per_s"] / out["ddp"]["samples_per_s"]
+    return out
+
+
+# -- paper sizing ------------------------------------------------------------------------
+
+SIZING_CARDS = {"spectrum": "sdss-like", "image": "lsst-like", "cube": "ska-hi-like", "field": "lightcone-21cm"}
+PAPER_CORPUS = {"spectrum": 1_000_000, "image": 100_000, "cube": 10_000}
+PAPER_EPOCHS = 100
+H100_BF16 = 989.4e12  # dense, SXM (pretrain/observe.py GPU_PEAK_TFLOPS)
+MFU_RANGE = (0.40, 0.58)  # torchtitan's reported range (docs/scale.md)
+MODEL_100M = {"hidden_size": 768, "num_hidden_layers": 14, "num_attention_heads": 12, "projection_dim": 256}
+
+
+def flops_per_sample(model_overrides: dict) -> dict:
+    """Per modality at the demo recipe's patch shapes: tokens per sample of the shipped mock card,
+    the formula's training FLOPs per sample (observe.FlopCount) and torch's FlopCounterMode count of
+    one forward + backward (math attention kernel, which it can count)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cosmofm.data_cards.mocks.generators import mock_samples
+    from cosmofm.data_cards.schema import load_card
+    from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
+    from cosmofm.pretrain.observe import FlopCount
+    from cosmofm.pretrain.recipe import PretrainRecipe
+
+    torch.manual_seed(0)
+    config = CosmoFMConfig(**{**PretrainRecipe.load("demo").model, **model_overrides}, survey_names=list(SIZING_CARDS.values()))
+    model = CosmoFMForPretraining(config)
+    count = FlopCount.of(model)
+    result = {"params": sum(p.numel() for p in model.parameters()), "hidden_size": config.hidden_size,
+              "layers": config.num_hidden_layers, "per_modality": {}}
+    for modality, card in SIZING_CARDS.items():
+        batch = collate_samples(mock_samples(load_card(card), 2, seed=0), list(SIZING_CARDS.values()), seeds=[0, 1])
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            out = model(batch)
+            out.loss.backward()
+        model.zero_grad(set_to_none=True)
+        tokens = int(out.backbone.token_groups[0].content.shape[1])
+        formula = count.per_sample(modality, tokens)
+        result["per_modality"][modality] = {"card": card, "tokens": tokens, "flops_formula": formula,
+                                            "flops_torch_counter": counter.get_total_flops() / 2,
+                                            "formula_over_counter": formula / (counter.get_total_flops() / 2)}
+    return result
+
+
+def sizing() -> dict:
+    """FLOPs per sample (demo and ~100M models) and days to pretrain on PAPER_CORPUS for PAPER_EPOCHS
+    on 8 and 64 H100s at MFU_RANGE."""
+    result = {"corpus": PAPER_CORPUS, "epochs": PAPER_EPOCHS, "h100_bf16_dense_flops": H100_BF16, "mfu_range": MFU_RANGE, "models": {}}
+    for name, overrides in (("demo", {}), ("100M", MODEL_100M)):
+        m = flops_per_sample(overrides)
+        per_epoch = sum(n * m["per_modality"][mod]["flops_formula"] for mod, n in PAPER_CORPUS.items())
+        m["flops_per_epoch"] = per_epoch
+        m["hours"] = {f"{gpus}xH100_mfu{round(mfu * 100)}": {"per_epoch": per_epoch / (gpus * H100_BF16 * mfu) / 3600,
+                                                           "total": PAPER_EPOCHS * per_epoch / (gpus * H100_BF16 * mfu) / 3600}
+                      for gpus in (8, 64) for mfu in MFU_RANGE}
+        result["models"][name] = m
+    return result
+
+
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_results")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--force-bf16", action="store_true", help="time bf16 even where the CPU has no native bf16 matmul")
+    p.add_argument("--backends", nargs="*", help="instead: the loop's CPU MFU under these backends (ddp fsdp2 zero2 zero3)")
+    p.add_argument("--steps", type=int, default=30, help="with --backends: steps per run")
+    p.add_argument("--sizing", action="store_true", help="instead: FLOPs per sample and paper sizing (docs/scale.md)")
     args = p.parse_args(argv)
+    if args.backends or args.sizing:
+        from cosmofm.data_cards.io.atomic import atomic_write_json
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.sizing:
+            result = {"machine": machine_info(), **sizing()}
+            atomic_write_json(out / "pretrain_sizing.json", result)
+            for name, m in result["models"].items():
+                print(name, f"{m['params'] / 1e6:.1f}M params", {k: f"{v['flops_formula'] / 1e9:.3f} GFLOP ({v['formula_over_counter']:.4f} of torch's count)"
+                                                                 for k, v in m["per_modality"].items()})
+        if args.backends:
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            result = {"machine": machine_info(), "load_average_1min_before": load, "steps": args.steps, "backends": backend_mfu(args.backends, args.steps)}
+            result["load_average_1min_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            atomic_write_json(out / "pretrain_backends_mfu.json", result)
+            for name, r in result["backends"].items():
+                print(f"{name:10s} MFU {r['mfu']:.3f}  {r['samples_per_s']:.1f} samples/s")
+        return result
     result = run(quick=args.quick, force_bf16=args.force_bf16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
