@@ -24,7 +24,8 @@ TRACKER_PROJECT = "cosmofm-pretrain"  # TensorBoard writes to <run>/<project>
 # which `cosmofm push` publishes with the model). A new run refuses a folder holding any
 # of them; --overwrite removes exactly these. data/, the mock corpus cached under a hash
 # of its recipe, is not one run's output and is kept.
-RUN_OUTPUTS = ("model", CHECKPOINTS_DIR, "metrics.jsonl", "recipe.yaml", "backend.yaml", TRACKER_PROJECT, "wandb", "eval_results.json")
+OBSERVE_NAME = "observe.jsonl"  # one row per logging interval (observe.py)
+RUN_OUTPUTS = ("model", CHECKPOINTS_DIR, "metrics.jsonl", OBSERVE_NAME, "recipe.yaml", "backend.yaml", TRACKER_PROJECT, "wandb", "eval_results.json")
 
 
 def claim_run_folder(out_dir: Path, recipe: PretrainRecipe, backend: BackendConfig, resume: bool, resume_from: int | None, overwrite: bool,

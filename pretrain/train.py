@@ -89,9 +89,8 @@ from cosmofm.pretrain.modeling_cosmofm import CosmoFMForPretraining
 from cosmofm.pretrain.observe import FlopCount, Observer, means_by_modality, modality_loss_sums, tracker_values
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.streaming import build_plan, data_position, resume_position, streaming_loader
-from cosmofm.pretrain.run_folder import TRACKER_PROJECT, claim_run_folder, truncate_metrics
+from cosmofm.pretrain.run_folder import OBSERVE_NAME, TRACKER_PROJECT, claim_run_folder, truncate_metrics
 
-OBSERVE_NAME = "observe.jsonl"  # one row per logging interval (observe.py)
 
 
 class TrainingDiverged(InputError):
