@@ -9,12 +9,17 @@ VOPT + RESTFRQ spectral axes through `readers.cubes.cube_info`; no spectral axis
 InputError; blank voxels masked) and tiled over channels, rows and columns by
 `finetune.tiling.run_tiled`. Finders:
 
-* `SofiaFinder`: `heads.sofia_baseline.find_sources` on the tile, normalised by the whole
-  cube's rms per channel (from the tile's ivar: `SurveyCube.noise`, SoFiA-2's default
-  spectral noise scaling), so a source is found alike whatever the tiling; masked voxels
-  (ivar 0) are blanked before it runs. Still per tile: the rms of each smoothed cube
-  (over ~10^5+ voxels, < 1 % scatter) and the reliability density (the tile's positive
-  and negative detections), which is where different tilings can still differ.
+* `SofiaFinder`: `heads.sofia_baseline.find_sources` on the tile with `SOFIA_TUNED` (the
+  config tuned on training survey cubes by SDC2 score, `bench/sofia_tuning.py`; pass
+  `config=SofiaConfig()` / `cosmofm detect --sofia-defaults` for SoFiA's defaults). Tiling
+  invariant like SoFiA-2 on the whole cube: every tile is normalised by the whole cube's
+  rms per channel (from the tile's ivar: `SurveyCube.noise`), clips each smoothed cube at
+  the whole cube's rms of that kernel (`cube_kernel_rms`, measured once in the parent on
+  blocks spread over the cube), and returns all its candidates (positive and negative);
+  after the tiles, one reliability density over every tile's candidates and the R /
+  S/N cuts (`_reliability_pass`: `apply_reliability`). A source lying whole (with its
+  kernels' reach) inside the tiles that hold it is thus measured identically, whatever the
+  tiling. Masked voxels (ivar 0) are blanked before it runs.
 * a fine-tuned detection3d model: `load_task_model(model, expect_task="detection3d")` and
   its registered Task's `find_in_tile(model, values, ivar, header)`.
 
@@ -28,6 +33,7 @@ gives them. `cosmofm score` reads it as written.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
@@ -41,27 +47,60 @@ EXTRA_COLUMNS = ("snr", "reliability")
 
 
 class SofiaFinder:
-    """A tile finder (`finetune.tiling` contract) around `heads.sofia_baseline.find_sources`."""
+    """A tile finder (`finetune.tiling` contract) around `heads.sofia_baseline.find_sources`.
+
+    config: SofiaConfig (default `SOFIA_TUNED`). kernel_rms: each smoothing kernel's clip
+    rms measured once over the cube (`cube_kernel_rms`), None = the tile's own.
+    candidates: return every candidate with the reliability inputs
+    (`find_sources(candidates=True)`), for one reliability cut over all tiles
+    (`apply_reliability`, done by `detect_cube`); False cuts per tile."""
 
     __name__ = "sofia finder"
 
-    def __init__(self, config=None):
-        from cosmofm.heads.sofia_baseline import SofiaConfig
+    def __init__(self, config=None, kernel_rms=None, candidates: bool = False):
+        from cosmofm.heads.sofia_baseline import SOFIA_TUNED
 
-        self.config = config or SofiaConfig()
+        self.config = config or SOFIA_TUNED
+        self.kernel_rms = kernel_rms
+        self.candidates = candidates
 
     def __call__(self, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header) -> Table:
-        from cosmofm.heads.sofia_baseline import find_sources
+        from cosmofm.heads.sofia_baseline import CANDIDATE_COLUMNS, find_sources
 
-        noise = None
-        if ivar is not None:
-            plane = ivar[:, 0, 0] if ivar.strides[1:] == (0, 0) else ivar.max(axis=(1, 2))  # (C,): a broadcast view holds one value per channel
-            with np.errstate(divide="ignore"):
-                noise = np.where(plane > 0, 1.0 / np.sqrt(plane), np.nan)  # the whole cube's rms per channel
-            if not (ivar.strides[1:] == (0, 0)):
-                values = np.where(ivar > 0, values, np.float32(np.nan))  # blanked: SoFiA zeroes NaN
-        found = find_sources(values, header, self.config, noise=noise)
-        return found[["CHAN", "ROW", "COL", *SDC2_PROPERTIES, *EXTRA_COLUMNS]]
+        values, noise = _blanked(values, ivar)
+        found = find_sources(values, header, self.config, noise=noise, kernel_rms=self.kernel_rms, candidates=self.candidates)
+        return found[["CHAN", "ROW", "COL", *SDC2_PROPERTIES, *EXTRA_COLUMNS, *(CANDIDATE_COLUMNS if self.candidates else ())]]
+
+
+def _blanked(values: np.ndarray, ivar: np.ndarray | None):
+    """(values with masked voxels NaN, the whole cube's rms per channel from ivar or None)."""
+    if ivar is None:
+        return values, None
+    broadcast = ivar.strides[1:] == (0, 0)  # a broadcast view holds one value per channel
+    plane = ivar[:, 0, 0] if broadcast else ivar.max(axis=(1, 2))  # (C,)
+    with np.errstate(divide="ignore"):
+        noise = np.where(plane > 0, 1.0 / np.sqrt(plane), np.nan)  # the whole cube's rms per channel
+    if not broadcast:
+        values = np.where(ivar > 0, values, np.float32(np.nan))  # blanked: SoFiA zeroes NaN
+    return values, noise
+
+
+def cube_kernel_rms(cube, config) -> np.ndarray:
+    """Each smoothing kernel's clip rms over the whole cube (`sofia_baseline.kernel_noise`
+    on the `noise_blocks` regions, read from the file and normalised by the cube's noise
+    per channel), measured once in the parent so that every tile clips alike."""
+    from cosmofm.heads.sofia_baseline import kernel_noise, noise_blocks
+
+    def blocks():
+        for region in noise_blocks(cube.shape, config):
+            values, noise = _blanked(*cube.read(region))
+            values = np.asarray(values, np.float32)
+            valid = np.isfinite(values)
+            inv = np.where(np.isfinite(noise) & (noise > 0), 1.0 / np.where(noise > 0, noise, 1.0), 0.0).astype(np.float32) if noise is not None else np.float32(1.0)
+            norm = np.where(valid, values, np.float32(0.0)) * (inv[:, None, None] if noise is not None else inv)
+            yield norm, (None if valid.all() else valid)
+
+    return kernel_noise(blocks(), config)
 
 
 SDC2_PROPERTIES = ("hi_size", "line_flux_integral", "pa", "i", "w20")
@@ -99,46 +138,103 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         default); both together are refused. tile, overlap: (channels, rows, columns) or
         one number for all; overlap / 2 should exceed the largest source's half-extent.
     card / rest_frequency: the cube's data card (default from the header: ska-hi-like)
-        and the rest frequency for a velocity axis without RESTFRQ. config: SofiaConfig.
+        and the rest frequency for a velocity axis without RESTFRQ. config: SofiaConfig
+        (default `SOFIA_TUNED`; `SofiaConfig()` for SoFiA's defaults).
 
     Returns the tiler's summary plus "method", "notes" (the header conversions applied)
-    and "noise_s" (the pass over the cube measuring its noise per channel, before the tiles).
+    and "noise_s" (the passes over the cube before the tiles: its noise per channel and,
+    for sofia, each kernel's clip rms); for sofia also "n_candidates" (the tiles' S+C
+    candidates, positive and negative) and "reliability_s" (the cut over all of them).
     """
-    from pathlib import Path
 
     from cosmofm.data_cards.readers.mosaic import open_survey_cube
     from cosmofm.finetune.deblend import model_finder
+    from cosmofm.finetune.predict import check_output
     from cosmofm.finetune.tiling import TilePlan, run_tiled
 
     if model is not None and method not in (None, "model"):
         raise InputError("method", f"{method!r} given with a model", "give either --model or --method")
+    if model is not None and config is not None:
+        raise InputError("config", "a SoFiA config given with a model", "leave out --sofia-defaults (config) with --model")
     method = "model" if model is not None else (method or "sofia")
     if method == "model" and model is None:
         raise InputError("method", "'model' needs a model", "give --model PATH, or --method sofia")
     if method not in ("model", "sofia"):
         raise InputError("method", f"unknown detection method {method!r}", "use sofia (or --model)")
     cube = open_survey_cube(path, card, rest_frequency)
-    if method == "model":
-        finder, device = model_finder(model, "detection3d")
-        processes = device.type == "cpu"
-    else:
-        finder, processes = SofiaFinder(config), True
     if "BMAJ" not in cube.tile_header((slice(0, 1),) * 3):
         raise InputError(str(path), "has no beam (BMAJ/BMIN)", "add the beam FWHM in degrees as BMAJ / BMIN to the header")
     plan = TilePlan(cube.shape, tile, overlap)
+    check_output(Path(output), [Path(path)], [Path(path)], overwrite)
     t0 = time.perf_counter()
     noise = cube.noise  # one pass over the cube, here: forked workers inherit it instead of each measuring it again
     noise_s = time.perf_counter() - t0
     if not np.any(np.isfinite(noise) & (noise > 0)):
         raise InputError(str(path), "has no channel with a finite, non-zero noise (all blank or constant)", "give a cube with data")
+    template = catalogue_template()
+    if method == "model":
+        finder, device = model_finder(model, "detection3d")
+        processes = device.type == "cpu"
+        target = Path(output)
+    else:
+        from cosmofm.heads.sofia_baseline import CANDIDATE_COLUMNS, SOFIA_TUNED
+
+        config = config or SOFIA_TUNED
+        t0 = time.perf_counter()
+        kernel_rms = cube_kernel_rms(cube, config)  # the whole cube's clip levels, as the noise
+        noise_s += time.perf_counter() - t0
+        finder, processes = SofiaFinder(config, kernel_rms=kernel_rms, candidates=True), True
+        for name in CANDIDATE_COLUMNS:
+            template[name] = np.zeros(0, np.int64 if name == "sign" else np.float64)
+        target = Path(output).parent / f".{Path(output).name}.candidates{Path(output).suffix}"  # then one reliability cut
     keywords = {"METHOD": (method, "source finder"), "INPUT": Path(path).name[:68]}
     if cube.rest_frequency:
         keywords["RESTFRQ"] = (cube.rest_frequency, "Hz, used for a velocity axis")
     for k, note in enumerate(cube.notes[:9]):
         keywords[f"NOTE{k}"] = note[:68]
-    summary = run_tiled(cube, finder, output, plan, template=catalogue_template(), id_column="id", finish=_finish, keywords=keywords,
-                        workers=workers, processes=processes, progress=progress, verb="detect", overwrite=overwrite, inputs=[path])
+    try:
+        summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=_finish, keywords=keywords,
+                            workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if method != "model" else overwrite,
+                            inputs=[path])
+        if method != "model":
+            t0 = time.perf_counter()
+            summary["n_candidates"] = summary["n_sources"]
+            summary["n_sources"] = _reliability_pass(target, Path(output), config)
+            summary["output"] = str(output)
+            summary["reliability_s"] = time.perf_counter() - t0
+    finally:
+        if target != Path(output):
+            target.unlink(missing_ok=True)
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s}
 
 
-__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "SofiaFinder", "catalogue_template", "detect_cube"]
+def _reliability_pass(candidates: Path, output: Path, config) -> int:
+    """The tiles' candidates (de-duplicated at the core edges like sources) -> one
+    reliability density and cut over the whole cube (`apply_reliability`), written
+    atomically to `output` (FITS: the run's primary keywords kept, NSOURCES updated).
+    Returns the number of sources."""
+    import io
+    import os
+
+    from cosmofm.data_cards.io.atomic import atomic_write_bytes
+    from cosmofm.data_cards.io.catalogue import catalogue_format
+    from cosmofm.heads.sofia_baseline import apply_reliability
+
+    if catalogue_format(output) != "fits":
+        table = apply_reliability(Table.read(candidates), config)
+        tmp = output.parent / f".{output.name}.part{output.suffix}"
+        table.write(tmp, overwrite=True)
+        os.replace(tmp, output)
+        return len(table)
+    with fits.open(candidates) as hdul:
+        primary = hdul[0].header.copy()
+        table = apply_reliability(Table.read(hdul[1]), config)
+    primary["NCANDID"] = (int(primary.get("NSOURCES", 0)), "S+C candidates before the reliability cut")
+    primary["NSOURCES"] = len(table)
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(header=primary), fits.table_to_hdu(table)]).writeto(buf)
+    atomic_write_bytes(output, buf.getvalue())
+    return len(table)
+
+
+__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "SofiaFinder", "catalogue_template", "cube_kernel_rms", "detect_cube"]

@@ -7,11 +7,16 @@ The baseline of issue 21's 3D detection benchmark, numpy/scipy only:
    1.4826 x median |x| (MAD about zero, as SoFiA's `scaleNoise` with `statistic=mad`),
    measured on a spatial subsample; NaN (flagged) voxels become 0.
 2. Smooth + clip (S+C): for each spatial Gaussian (FWHM 0, 3, 6 px) and spectral boxcar
-   (0, 3, 7, 15 channels; 0 = no smoothing) the normalised cube is smoothed, its rms
-   re-measured (MAD), and voxels with |S| > threshold x rms join the positive or negative
-   mask by the sign of S. As in SoFiA, voxels already detected are replaced by
-   sign x `replacement` (x rms) before the next smoothing, so bright sources do not bleed.
-   Simplified: the replacement is applied once per spatial kernel (not per kernel pair).
+   (0, 3, 7, 15 channels; 0 = no smoothing) the normalised cube is smoothed, and voxels
+   with |S| > threshold x rms join the positive or negative mask by the sign of S. The rms
+   of each kernel is the cube's (`kernel_noise`: MAD of the smoothed noise-normalised cube
+   on blocks spread over it, `noise_blocks`, away from their edges), measured once; a tiled
+   run measures it in the parent and hands it to every tile (`kernel_rms`), so the clip
+   levels do not depend on the tiling. As in SoFiA, voxels already detected are replaced
+   by sign x `replacement` (x rms) before the next smoothing, so bright sources do not
+   bleed. Simplified: the replacement is applied once per spatial kernel (not per kernel
+   pair). Speed: float32 throughout, separable Gaussians, boxcars as running sums built
+   from the previous width (3 -> 7 -> 15 -> 31, two adds each), masks OR-ed in place.
 3. Linking: positive and negative masks are linked separately; voxels closer than the
    merge radii (`merge_xy` px, `merge_z` channels; a box, not SoFiA's ellipsoid) join one
    source (mask dilated by half the radius, `scipy.ndimage.label`, labels cut back to the
@@ -23,6 +28,9 @@ The baseline of issue 21's 3D detection benchmark, numpy/scipy only:
    S/N is sum / sqrt(n_vox x beam area in px) (channels independent, pixels correlated
    over a beam; SoFiA's minSNR has no beam term). Simplified: with fewer than
    `min_negatives` negatives the covariance of all sources is used; with none, R = 1.
+   `find_sources(candidates=True)` defers the density and the cuts: it returns every
+   positive and negative candidate, and `apply_reliability` makes one density over the
+   candidates of all tiles of a cube (as SoFiA-2 over the whole cube), then cuts.
 5. Parameterisation on the original cube (Jy/beam) inside each source mask (no mask
    dilation): position = centroid weighted by the positive voxels -> RA/Dec/frequency by
    the WCS (FREQ, or VRAD/VOPT/... turned into FREQ by wcslib with RESTFRQ);
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 import astropy.units as u
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from scipy import ndimage
 
@@ -81,6 +89,14 @@ class SofiaConfig:
     size_per_sigma: float = 2.8  # hi_size / deconvolved major-axis sigma (mock calibration: 2.6-4.0, median 2.8)
     noise_step: int = 4  # spatial subsampling for the rms measurements
 
+
+# Tuned on training survey cubes by SDC2 score (scripts/bench/sofia_tuning.py,
+# `python -m cosmofm.bench.sofia_tuning --out docs/bench`, 2026-12-05; values and held-out
+# scores in docs/bench/sofia_tuning.json). `cosmofm detect --method sofia` uses it;
+# `--sofia-defaults` gives SofiaConfig() (SoFiA-2's defaults where we follow them).
+# Held out (2 cubes, 767 truth sources): score 4.33 (9 matched, 2 false) vs 2.50 (3, 0) at the
+# defaults; most truth sources (log M_HI >= 8) lie below any detection limit.
+SOFIA_TUNED = SofiaConfig(spectral_width=(0, 3, 7, 15, 31), threshold=4.5, merge_xy=6, merge_z=6, min_size_z=5, reliability=0.5, min_snr=2.5)
 
 def _robust_rms(x: np.ndarray, axis=None) -> np.ndarray:
     return MAD_SCALE * np.median(np.abs(x), axis=axis)
@@ -119,39 +135,145 @@ def _smooth_spatial(cube: np.ndarray, fwhm: float) -> np.ndarray:
     return ndimage.gaussian_filter1d(out, s, axis=2, mode="constant", truncate=3.0, output=out)
 
 
-def smooth_and_clip(norm: np.ndarray, cfg: SofiaConfig, valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _boxcars(spatial: np.ndarray, widths) -> "list[tuple[int, np.ndarray]]":
+    """(width, boxcar *sum* over `width` channels) for each width, zero-padded like
+    `uniform_filter1d(mode="constant")` x width (the clip is relative to each smoothed
+    cube's rms, so the 1 / width scale does not matter). A width 2m+1 following a width m
+    (SoFiA's 3, 7, 15, 31) is built from it with two adds: S_2m+1[k] = S_m[k-(m+1)/2] + x[k]
+    + S_m[k+(m+1)/2] (left part k-m..k-1, right part k+1..k+m), a few times faster than
+    scipy's line-by-line filter along the strided channel axis; other widths go through scipy."""
+    out = []
+    prev_w, prev = 1, spatial
+    for width in widths:
+        width = int(width)
+        if width <= 1:
+            out.append((width, spatial))
+            continue
+        if width == 2 * prev_w + 1 and prev_w % 2 == 1:
+            h = (prev_w + 1) // 2
+            sm = spatial.copy()
+            sm[h:] += prev[:-h]  # S_m centred h channels earlier
+            sm[:-h] += prev[h:]  # ... and h channels later
+            n = len(sm)
+            acc = np.zeros(sm.shape[1:], sm.dtype)  # S_m centred off the cube: its part inside
+            for k in range(1, min(h, n)):
+                acc += spatial[k - 1]
+                sm[k] += acc
+            acc[:] = 0
+            for k in range(n - 1, max(n - h, 0) - 1, -1):
+                sm[k] += acc
+                acc += spatial[k]
+        else:
+            sm = ndimage.uniform_filter1d(spatial, width, axis=0, mode="constant")
+            sm *= np.float32(width)
+        out.append((width, sm))
+        prev_w, prev = width, sm
+    return out
+
+
+def noise_blocks(shape, cfg: SofiaConfig, max_voxels: int = 2**23) -> list[tuple[slice, slice, slice]]:
+    """Regions of a (F, H, W) cube on which `kernel_noise` measures each kernel's rms: the
+    whole cube when it is small, else one block at the centre of each cell of a 2 x 3 x 3
+    grid (channels, rows, columns), so a primary-beam noise pattern is sampled across the
+    field, sized to ~`max_voxels` in all. The parent of a tiled run and `find_sources` on a
+    whole cube use the same regions."""
+    shape = tuple(int(n) for n in shape)
+    if math.prod(shape) <= max_voxels:
+        return [tuple(slice(0, n) for n in shape)]
+    pad = (max(int(w) for w in cfg.spectral_width) + 1, 2 * int(math.ceil(3 * max(cfg.spatial_fwhm) * _SIGMA_PER_FWHM)) + 2)
+    side = (max_voxels / 18) ** (1 / 3)
+    size = [min(n // g, max(int(side), 2 * p + 8)) for n, g, p in zip(shape, (2, 3, 3), (pad[0], pad[1], pad[1]))]
+    out = []
+    for cells in np.ndindex(2, 3, 3):
+        region = []
+        for n, g, c, s in zip(shape, (2, 3, 3), cells, size):
+            lo = int((c + 0.5) * n / g - s / 2)
+            region.append(slice(max(lo, 0), min(max(lo, 0) + s, n)))
+        out.append(tuple(region))
+    return out
+
+
+def kernel_noise(blocks, cfg: SofiaConfig) -> np.ndarray:
+    """Robust rms (MAD) of the noise-normalised cube under each smoothing kernel,
+    (len(spatial_fwhm), len(spectral_width)), in the units `smooth_and_clip` compares with.
+
+    blocks: iterable of (norm, valid) — noise-normalised (F, H, W) pieces (blank voxels 0)
+    and their non-blank mask or None. Each piece is smoothed whole and measured away from
+    its edges (the kernel's reach), on a spatial subsample (`noise_step`), all pieces
+    pooled. As SoFiA-2 the rms is the cube's, not the tile's: a tiled run measures it once
+    in the parent (`finetune.detect`) and hands it to every tile, so a source's clip levels
+    do not depend on the tiling. Measured without replacement (the MAD ignores the few
+    source voxels replacement would change)."""
+    st = cfg.noise_step
+    nz = max(int(w) for w in cfg.spectral_width) // 2 + 1
+    pooled = {k: [] for k in range(len(cfg.spatial_fwhm) * len(cfg.spectral_width))}
+    for norm, valid in blocks:
+        k = 0
+        for fwhm in cfg.spatial_fwhm:
+            nxy = int(math.ceil(3 * fwhm * _SIGMA_PER_FWHM)) + 1 if fwhm > 0 else 0
+            interior = tuple(slice(m, n - m) if n > 2 * m + 2 else slice(0, n) for n, m in zip(norm.shape, (nz, nxy, nxy)))
+            interior = (interior[0], slice(interior[1].start, interior[1].stop, st), slice(interior[2].start, interior[2].stop, st))
+            ok = valid[interior] if valid is not None else None
+            for _, sm in _boxcars(_smooth_spatial(norm, fwhm), cfg.spectral_width):
+                sample = np.abs(sm[interior])
+                pooled[k].append(sample[ok] if ok is not None else sample.ravel())
+                k += 1
+    rms = np.array([float(MAD_SCALE * np.median(np.concatenate(v))) if v and sum(map(len, v)) else 1.0 for v in pooled.values()])
+    return np.where(rms > 0, rms, 1.0).reshape(len(cfg.spatial_fwhm), len(cfg.spectral_width))
+
+
+def smooth_and_clip(norm: np.ndarray, cfg: SofiaConfig, valid: np.ndarray | None = None, kernel_rms: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positive and negative S+C masks (bool, (F, H, W)) of a noise-normalised cube.
     `valid` (bool, (F, H, W)) or None: voxels that are not blank; blank ones (zeros in
     `norm`) are left out of each rms and of the masks, as SoFiA-2 ignores blanked voxels
-    (their zeros would shrink the MAD and lower every clip level)."""
+    (their zeros would shrink the MAD and lower every clip level). `kernel_rms`: each
+    kernel's rms (`kernel_noise`), None to measure it on `norm` (`noise_blocks`)."""
+    if kernel_rms is None:
+        kernel_rms = kernel_noise(((norm[r], valid[r] if valid is not None else None) for r in noise_blocks(norm.shape, cfg)), cfg)
+    kernel_rms = np.asarray(kernel_rms, dtype=np.float64).reshape(len(cfg.spatial_fwhm), len(cfg.spectral_width))
     pos = np.zeros(norm.shape, bool)
     neg = np.zeros(norm.shape, bool)
-    st = cfg.noise_step
-    sample_valid = valid[:, ::st, ::st] if valid is not None else None
-    for fwhm in cfg.spatial_fwhm:
+    for i, fwhm in enumerate(cfg.spatial_fwhm):
         base = norm
         if pos.any() or neg.any():  # replace what is already found (SoFiA's scfind.replacement)
-            base = np.where(pos, np.float32(cfg.replacement), np.where(neg, np.float32(-cfg.replacement), norm))
+            base = norm.copy()
+            base[pos] = np.float32(cfg.replacement)
+            base[neg] = np.float32(-cfg.replacement)
         spatial = _smooth_spatial(base, fwhm)  # once per spatial kernel, then each boxcar
-        for width in cfg.spectral_width:
+        for j, (width, sm) in enumerate(_boxcars(spatial, cfg.spectral_width)):
             if fwhm <= 0 and width <= 1:
                 sm = norm  # the unsmoothed cube, without replacement
-            else:
-                sm = ndimage.uniform_filter1d(spatial, int(width), axis=0, mode="constant") if width > 1 else spatial
-            sample = sm[:, ::st, ::st]
-            rms = float(_robust_rms(sample if sample_valid is None else sample[sample_valid])) or 1.0
-            cut = np.float32(cfg.threshold * rms)
-            pos |= sm > cut
-            neg |= sm < -cut
+            cut = np.float32(cfg.threshold * kernel_rms[i, j])
+            np.logical_or(pos, sm > cut, out=pos)
+            np.logical_or(neg, sm < -cut, out=neg)
+        del spatial
     if valid is not None:
         pos &= valid
         neg &= valid
     return pos, neg
 
 
+def _grow(mask: np.ndarray, radii) -> np.ndarray:
+    """Binary dilation by a box of half-sizes `radii` (per axis): shifted ORs, separable
+    (the same as `ndimage.maximum_filter` with that box, a few times faster on bool)."""
+    out = mask
+    for axis, r in enumerate(radii):
+        if r <= 0:
+            continue
+        src = out
+        out = src.copy()
+        for s in range(1, r + 1):
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[axis], hi[axis] = slice(s, None), slice(None, -s)
+            out[tuple(lo)] |= src[tuple(hi)]
+            out[tuple(hi)] |= src[tuple(lo)]
+    return out
+
+
 def _link(mask: np.ndarray, cfg: SofiaConfig) -> tuple[np.ndarray, int]:
     hz, hxy = cfg.merge_z // 2, cfg.merge_xy // 2
-    grown = ndimage.maximum_filter(mask.view(np.uint8), size=(2 * hz + 1, 2 * hxy + 1, 2 * hxy + 1), mode="constant") if (hz or hxy) else mask
+    grown = _grow(mask, (hz, hxy, hxy))
     labels, n = ndimage.label(grown)
     labels[~mask] = 0
     return labels, n
@@ -267,12 +389,19 @@ def _parameterise(cube, labels, src: dict, w: WCS, beam_area: float, beam_sigma_
 SDC2_UNITS = {"ra": u.deg, "dec": u.deg, "hi_size": u.arcsec, "line_flux_integral": u.Jy * u.Hz, "central_freq": u.Hz, "pa": u.deg, "i": u.deg, "w20": u.km / u.s}
 
 
-def find_sources(cube, header, config: SofiaConfig | None = None, noise=None) -> Table:
+def find_sources(cube, header, config: SofiaConfig | None = None, noise=None, *, kernel_rms=None, candidates: bool = False) -> Table:
     """Run the SoFiA-style finder on a (F, H, W) cube in Jy/beam with its FITS header.
 
     `noise`: the (F,) rms per channel [Jy/beam] to normalise by, e.g. measured once over a
     whole cube that is searched tile by tile (SoFiA-2's default noise scaling is per
     channel over the whole cube); None measures it on `cube` (step 1 of the docstring).
+    `kernel_rms`: each smoothing kernel's clip rms, (len(spatial_fwhm),
+    len(spectral_width)) from `kernel_noise`, likewise the whole cube's in a tiled run;
+    None measures it on `cube` (`noise_blocks`).
+    `candidates`: skip the reliability cut and return every candidate instead: positives
+    with integrated S/N >= min_snr measured, plus rows for the other positives and the
+    negatives (bounding-box centre, NaN properties) with `CANDIDATE_COLUMNS` (sign,
+    rel_peak, rel_sum, rel_mean), for `apply_reliability` over all tiles at once.
 
     Returns an astropy Table with the SDC2 columns (id, ra, dec, hi_size,
     line_flux_integral, central_freq, pa, i, w20) in units, plus x, y, z (0-based
@@ -312,25 +441,46 @@ def find_sources(cube, header, config: SofiaConfig | None = None, noise=None) ->
     norm = data * inv[:, None, None]
     times["noise"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pmask, nmask = smooth_and_clip(norm, cfg, valid)
+    pmask, nmask = smooth_and_clip(norm, cfg, valid, kernel_rms)
     del valid
     times["smooth_clip"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     plab, npos = _link(pmask, cfg)
+    del pmask
     nlab, nneg = _link(nmask, cfg)
+    del nmask
     pos = _source_stats(plab, npos, norm, 1.0, cfg, beam_area)
     neg = _source_stats(nlab, nneg, norm, -1.0, cfg, beam_area)
+    del nlab
     times["link"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rel = reliability(pos, neg, cfg)
-    keep = np.nonzero((rel >= cfg.reliability) & (pos["snr"] >= cfg.min_snr))[0]
+    if candidates:
+        rel = np.full(len(pos["sum"]), np.nan)  # the caller's, over every tile's candidates (`apply_reliability`)
+        keep = np.nonzero(pos["snr"] >= cfg.min_snr)[0]
+    else:
+        rel = reliability(pos, neg, cfg)
+        keep = np.nonzero((rel >= cfg.reliability) & (pos["snr"] >= cfg.min_snr))[0]
     src = {k: ([v[i] for i in keep] if k == "slices" else v[keep]) for k, v in pos.items()}
     times["reliability"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cols = _parameterise(data, plab, src, w, beam_area, beam_sigma, cfg) if len(keep) else {k: np.zeros(0) for k in (*SDC2_UNITS, "x", "y", "z")}
     times["parameterise"] = time.perf_counter() - t0
+    out = _table(cols, src, rel[keep])
+    if candidates:
+        out["sign"] = np.ones(len(out), np.int64)
+        for name in ("peak", "sum", "mean"):
+            out[f"rel_{name}"] = src[name]
+        rest = np.setdiff1d(np.arange(len(pos["sum"])), keep)
+        others = [_stub(pos, rest, 1, w), _stub(neg, np.arange(len(neg["sum"])), -1, w)]
+        out = vstack([out, *others], metadata_conflicts="silent") if any(len(o) for o in others) else out
+        out["id"] = np.arange(len(out), dtype=np.int64)
+    out.meta.update({"n_positive": len(pos["sum"]), "n_negative": len(neg["sum"]), "timing_s": times})
+    return out
+
+
+def _table(cols: dict, src: dict, rel: np.ndarray) -> Table:
     out = Table()
-    out["id"] = np.arange(len(keep), dtype=np.int64)
+    out["id"] = np.arange(len(rel), dtype=np.int64)
     for name, unit in SDC2_UNITS.items():
         out[name] = u.Quantity(cols[name], unit)
     for name in ("x", "y", "z"):
@@ -339,9 +489,53 @@ def find_sources(cube, header, config: SofiaConfig | None = None, noise=None) ->
     out["CHAN"], out["ROW"], out["COL"] = cols["z"], cols["y"], cols["x"]
     out["n_vox"] = src["nvox"].astype(np.int64)
     out["snr"] = src["snr"]
-    out["reliability"] = rel[keep]
-    out.meta.update({"n_positive": len(pos["sum"]), "n_negative": len(neg["sum"]), "timing_s": times})
+    out["reliability"] = rel
     return out
 
 
-__all__ = ["SofiaConfig", "find_sources", "reliability", "smooth_and_clip"]
+def _stub(stats: dict, idx: np.ndarray, sign: int, w: WCS) -> Table:
+    """Candidate rows that only feed the reliability density (negatives, and positives
+    below min_snr): centre of the bounding box, no properties."""
+    n = len(idx)
+    centre = np.array([[(s.start + s.stop - 1) / 2 for s in stats["slices"][i]] for i in idx]).reshape(n, 3)
+    nan = np.full(n, np.nan)
+    cols = {k: nan for k in SDC2_UNITS}
+    cols["x"], cols["y"], cols["z"] = centre[:, 2], centre[:, 1], centre[:, 0]
+    out = _table(cols, {"nvox": stats["nvox"][idx], "snr": stats["snr"][idx]}, nan)
+    out["sign"] = np.full(n, sign, np.int64)
+    for name in ("peak", "sum", "mean"):
+        out[f"rel_{name}"] = stats[name][idx]
+    return out
+
+
+CANDIDATE_COLUMNS = ("sign", "rel_peak", "rel_sum", "rel_mean")
+
+
+def apply_reliability(candidates: Table, config: SofiaConfig | None = None) -> Table:
+    """The catalogue from `find_sources(..., candidates=True)` rows (of one cube, or of all
+    its tiles stacked): one reliability density over all positive and negative candidates
+    (step 4), then the R and min_snr cuts; the helper columns dropped, ids renumbered.
+    Tiled, this makes the reliability the whole cube's, as SoFiA-2's, not the tile's."""
+    cfg = config or SofiaConfig()
+    missing = [c for c in (*CANDIDATE_COLUMNS, "snr") if c not in candidates.colnames]
+    if missing:
+        raise InputError("candidates", f"has no column(s) {missing}", "pass find_sources(..., candidates=True) output")
+    sign = np.asarray(candidates["sign"])
+
+    def stats(rows):
+        return {k: np.asarray(candidates[f"rel_{k}"], np.float64)[rows] for k in ("peak", "sum", "mean")}
+
+    ipos, ineg = np.nonzero(sign > 0)[0], np.nonzero(sign < 0)[0]
+    rel = reliability(stats(ipos), stats(ineg), cfg)
+    snr = np.asarray(candidates["snr"], np.float64)[ipos]
+    measured = np.isfinite(np.asarray(candidates["ra"], np.float64)[ipos])
+    keep = (rel >= cfg.reliability) & (snr >= cfg.min_snr) & measured
+    out = candidates[ipos[keep]]
+    out["reliability"] = rel[keep]
+    out.remove_columns(list(CANDIDATE_COLUMNS))
+    if "id" in out.colnames:
+        out["id"] = np.arange(len(out), dtype=np.int64)
+    return out
+
+
+__all__ = ["CANDIDATE_COLUMNS", "SOFIA_TUNED", "SofiaConfig", "apply_reliability", "find_sources", "kernel_noise", "noise_blocks", "reliability", "smooth_and_clip"]

@@ -334,6 +334,10 @@ def _cmd_detect(args):
     from cosmofm.finetune.tiling import cli_shape
 
     kwargs = {k: cli_shape(v, 3, k) for k, v in (("tile", args.tile), ("overlap", args.overlap)) if v is not None}
+    if args.sofia_defaults:
+        from cosmofm.heads.sofia_baseline import SofiaConfig
+
+        kwargs["config"] = SofiaConfig()  # SoFiA's own defaults instead of the tuned SOFIA_TUNED
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
                           card=args.card, **kwargs)
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles) -> {summary['output']}")
@@ -524,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--output", required=True, help="catalogue (.fits or .parquet)")
     dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method)")
     dt.add_argument("--method", choices=["sofia"], help="classical finder when no --model (default sofia)")
+    dt.add_argument("--sofia-defaults", action="store_true", help="sofia with SoFiA's default settings (default: SOFIA_TUNED, tuned on training survey cubes)")
     dt.add_argument("--tile", help="tile size: N or CHANNELS,ROWS,COLS (default 256,256,256)")
     dt.add_argument("--overlap", help="tile overlap: N or CHANNELS,ROWS,COLS (default 64,24,24)")
     dt.add_argument("--workers", type=int, help="worker processes (default one per core)")

@@ -17,6 +17,9 @@
 3. The catalogue is scored against the truth (`heads.sdc2_score`): completeness, purity,
    SDC2 score, so a speed-up that loses sources shows.
 
+CPU time (`cpu_s`, user + system of the child and its workers) beside the wall time: the
+load from other jobs stretches the wall time, much less the CPU time.
+
 Targets (issue 21): under 2 minutes and under 3 GB peak RSS on the 2-core CPU. The
 machine's load is recorded before and after: other jobs on the cores make it slower.
 Writes detect_speed.json.
@@ -45,12 +48,14 @@ print("SUMMARY " + json.dumps(summary, default=str))
 
 
 def run_measured(code: str, args: list[str], interval: float = 0.25) -> dict:
-    """Run `python -c code *args` and measure it: {"wall_s", "peak_rss_tree_mb" (sampled sum
+    """Run `python -c code *args` and measure it: {"wall_s", "cpu_s" (user + system CPU
+    time of the child and its workers), "peak_rss_tree_mb" (sampled sum
     over the process and its descendants), "peak_rss_one_process_mb" (getrusage of the
     children), "stdout"}. Shared with deblend_memory."""
     import psutil
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = usage0.ru_maxrss
     t0 = time.perf_counter()
     # the environment as is: OMP_NUM_THREADS=1 would make the run see one core (finetune.predict._n_workers) and use one worker
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -75,8 +80,10 @@ def run_measured(code: str, args: list[str], interval: float = 0.25) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"the measured run failed ({proc.returncode}):\n{err[-3000:]}")
-    one = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kB on Linux; the max over all children so far
-    return {"wall_s": wall, "peak_rss_tree_mb": peak[0] / 2**20, "peak_rss_one_process_mb": max(one, before) / 1024,
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    one = usage.ru_maxrss  # kB on Linux; the max over all children so far
+    cpu = (usage.ru_utime + usage.ru_stime) - (usage0.ru_utime + usage0.ru_stime)  # the run and its reaped workers
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_tree_mb": peak[0] / 2**20, "peak_rss_one_process_mb": max(one, before) / 1024,
             "peak_rss_one_process_is_this_run": one > before, "stdout": out}
 
 
@@ -139,7 +146,8 @@ def main(argv=None) -> dict:
         total = summary["seconds"] + summary["noise_s"]
         report.update({"detect_s": total, "tiles_s": summary["seconds"], "noise_s": summary["noise_s"], "child_wall_s": run["wall_s"],
                        "voxels": voxels, "voxels_per_s": voxels / total,
-                       "n_tiles": summary["n_tiles"], "n_sources": summary["n_sources"], **run})
+                       "n_tiles": summary["n_tiles"], "n_sources": summary["n_sources"], "n_candidates": summary.get("n_candidates"),
+                       "reliability_s": summary.get("reliability_s"), **run})
         truth = Table.read(cube, hdu="TRUTH")
         in_cube = truth[(truth["central_freq"] > 0)]
         score = score_catalogue(read_catalogue(catalogue, "catalogue"), in_cube)
