@@ -87,6 +87,20 @@ def _cmd_launch(args):
         raise InputError(commands[0].argv[0], f"exited with status {status}", "see its output above")
 
 
+def _out_folder(out, fix: str) -> Path:
+    """The --out folder, made if needed; an InputError (with `fix` when it is a file) otherwise."""
+    from cosmofm.data_cards.errors import InputError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} is a file, not a folder", fix)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+    return out
+
+
 def _cmd_mock(args):
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.mocks.generators import generate
@@ -119,12 +133,7 @@ def _cmd_mock(args):
     if args.format == "fits":
         from cosmofm.data_cards.io.fits_io import write_fits
 
-        if out.exists() and not out.is_dir():
-            raise InputError("--out", f"{out} is a file, not a folder", "with --format fits, --out names the folder to write the FITS file into")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+        out = _out_folder(out, "with --format fits, --out names the folder to write the FITS file into")
         path = out / f"{card.name}-{args.n}.fits"
         samples = generate(card, args.n, seed=args.seed, workers=args.workers, progress=True)
         write_fits(list(samples), path, card)
@@ -144,13 +153,7 @@ def _mock_mosaic(args, card):
 
     if args.format != "datasets":
         raise InputError("--format", "a mosaic is always one FITS file", "drop --format")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"{out} is a file, not a folder", "--out names the folder to write the mosaic into")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+    out = _out_folder(args.out, "--out names the folder to write the mosaic into")
     size = 1024 if args.size is None else args.size
     bands = None if args.bands is None else [b.strip() for b in args.bands.split(",") if b.strip()]
     start = time.perf_counter()
@@ -178,13 +181,7 @@ def _mock_survey_cube(args, card):
             raise InputError(flag, "is needed for a survey cube", "give e.g. --channels 512 --size 256")
     if args.format != "datasets":
         raise InputError("--format", "a survey cube is always one FITS file", "drop --format")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError("--out", f"{out} is a file, not a folder", "--out names the folder to write the cube into")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError("--out", f"cannot make the folder {out} ({exc.strerror})", "give a folder path you can write to") from None
+    out = _out_folder(args.out, "--out names the folder to write the cube into")
     realism = {} if args.plain else {"clustering": True, "primary_beam": True, "flagged_channels": 0.02, "continuum_residual": 1e-3}
     start = time.perf_counter()
     path = write_large_survey_cube(out / f"{card.name}-survey-{args.channels}x{args.size}-seed{args.seed}.fits", card, args.channels, args.size,
