@@ -5,25 +5,24 @@
 decoder with a skip connection to the pixels, a CenterNet heatmap for detection and
 per-band flux fractions over sources + background). For up to `max_sources` sources per
 64 x 64 pixels it returns per source: its centre, per-band fluxes (fraction x observed
-image, so sources + background add up to the image in every band) with the propagated
-pixel-noise errors, a per-band isolated image (the fraction map x the image) and a
+image x a learned per-source outskirts correction, `deblending_net.flux_correction`; the
+background keeps the rest, so sources + background add up to the image in every band) with
+the propagated pixel-noise errors, a per-band isolated image (the fraction map x the image) and a
 segmentation map. With `positions` (known-positions mode) detection is skipped.
 
 Training targets come from blend Samples (`data_cards/mocks/blends.mock_blend`): the true
-centres and fluxes from `meta["truth"]["objects"]` and the true per-band fractions
-iso_k / (sum_j iso_j + eps_b) (background: eps_b / (...), eps_b = `background_level` sky
-sigma, so pixels where no source rises above a fraction of the noise go to the
-background). The isolated images are `meta["blend_truth"]["isolated"]`, attached by
+centres and fluxes from `meta["truth"]["objects"]`, the noiseless blend, and the true
+fractions iso_k / (sum_j iso_j + eps_b) (background: eps_b / (...), eps_b =
+`background_level` sky sigma). The isolated images are `meta["blend_truth"]["isolated"]`, attached by
 `DeblendingTask.labelled_mocks` (numpy float16, each object scaled by its peak in
 `"isolated_scale"`: numpy arrays in memory; `write_fits` would store them in META as
 JSON lists, which read back the same but are large, so drop the key before writing), or,
-when absent, rendered again from `meta["truth"]["objects"]` (`mocks.images.render` is
-deterministic: ~0.1 s a blend), e.g. for blends read back with `read_blend_fits`.
+when absent, rendered again from `meta["truth"]["objects"]` (`mocks.images.render`: ~0.1 s a blend).
 
 Losses: CenterNet focal loss on the heatmap + L1 of the sub-pixel offset, a soft
-cross-entropy of the fractions weighted by 1 + each pixel's S/N (capped at 20), and a
-Huber loss of the relative per-band flux error (against the true in-stamp flux). Metrics (`DeblendingTask.metrics`)
-are BTK's (`heads/deblending_metrics.py`), against the true total fluxes as for the
+cross-entropy of the fractions weighted by 1 + each pixel's S/N (capped at 20), and a Huber
+loss of the relative per-band corrected flux of the noiseless blend against the true in-stamp
+flux. Metrics (`DeblendingTask.metrics`) are BTK's (`heads/deblending_metrics.py`), against the true total fluxes as for the
 classical baselines (`heads/deblend_baseline.py`), whose `DeblendCatalog` `deblend_stamp`
 returns, so one scorer scores the head and the baselines.
 """
@@ -199,12 +198,12 @@ class CosmoFMForDeblending(CosmoFMForTask):
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
                 fractions: torch.Tensor | None = None, total_flux: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> DeblendingOutput:
+                positions: torch.Tensor | None = None, noiseless: torch.Tensor | None = None) -> DeblendingOutput:
         """Targets (from `DeblendingTask.targets`): centres (N, K, 2) true [row, col] pixels
         (NaN padding), fluxes (N, K, B) true in-stamp fluxes, fractions (N, K + 1, B, H, W)
-        uint8 true fractions x 255; total_flux is for the metrics only. With centres the
-        flux split uses the true centres; else `positions` (N, K, 2) (known-positions
-        mode, NaN padding); else the heatmap's peaks."""
+        uint8 true fractions x 255, noiseless (N, B, H, W) the noiseless blend (for the flux loss);
+        total_flux is for the metrics only. With centres the flux split uses the true centres;
+        else `positions` (N, K, 2) (known-positions mode, NaN padding); else the heatmap's peaks."""
         h = self.head_config
         out = self.cosmofm(batch)
         gi = _image_group(batch, h)
@@ -212,7 +211,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         values, ivar = g.values.float(), g.ivar.float()
         n, b, hh, ww = values.shape
         rows = g.rows  # the group's samples in batch rows: targets and positions follow them
-        centres, fluxes, fractions = (None if x is None else x[rows] for x in (centres, fluxes, fractions))
+        centres, fluxes, fractions, noiseless = (None if x is None else x[rows] for x in (centres, fluxes, fractions, noiseless))
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.float32, device=values.device)
             positions = positions[rows] if positions.ndim == 3 and positions.shape[0] == n else positions
@@ -238,6 +237,12 @@ class CosmoFMForDeblending(CosmoFMForTask):
         use, present = use[:, keep], present[:, keep]
         fr = net.source_fractions(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
         flux, err = net.source_fluxes(fr, values, ivar)
+        # the sources' fluxes corrected for the outskirts their fractions miss; the background keeps the rest
+        corr = net.flux_correction(dense, use).masked_fill(~present.unsqueeze(-1), 1.0)  # (n, K, B)
+        image_flux = flux.sum(1)
+        src = flux[:, :-1] * corr
+        flux = torch.cat([src, (image_flux - src.sum(1)).unsqueeze(1)], dim=1)
+        err = torch.cat([err[:, :-1] * corr, err[:, -1:]], dim=1)
         loss = None
         if centres is not None and fractions is not None and fluxes is not None:
             target_heat, pos = net.heatmap_targets(centres.float(), (hh, ww), h.heatmap_sigma)
@@ -245,9 +250,13 @@ class CosmoFMForDeblending(CosmoFMForTask):
             target = torch.cat([target[:, keep], target[:, -1:]], dim=1)
             target = target / target.sum(1, keepdim=True).clamp(min=1e-6)  # rounding to 1/255 undone
             weight = 1 + (values.abs() * ivar.clamp(min=0).sqrt()).clamp(max=20)  # 1 + the pixel's observed S/N, capped
+            fit, fit_err = flux[:, :-1], err[:, :-1]  # the flux loss on the noiseless blend when given (see net.flux_correction)
+            if noiseless is not None:
+                fit = (fr[:, :-1] * torch.where(ivar > 0, noiseless.float(), 0).unsqueeze(1)).sum((-2, -1)) * corr
+                fit_err = torch.zeros_like(fit)
             loss = (net.focal_loss(dense.heat, target_heat, pos) + h.offset_weight * net.offset_loss(dense.offset, centres)
                     + h.fraction_weight * net.fraction_loss(fr, target, weight)
-                    + h.flux_weight * net.flux_loss(flux[:, :-1], err[:, :-1], fluxes.float()[:, keep]))
+                    + h.flux_weight * net.flux_loss(fit, fit_err, fluxes.float()[:, keep]))
         heat = torch.sigmoid(dense.heat)
         scores = net.read_at(heat.unsqueeze(1), use)[..., 0] * present
         seg = fr.mean(2)  # (n, K + 1, H, W)
@@ -326,6 +335,7 @@ def blend_targets(samples: Sequence[Sample], head: DeblendingHeadConfig) -> dict
     fluxes = torch.full((n, k, b), float("nan"))
     total = torch.full((n, k, b), float("nan"))
     fractions = torch.zeros((n, k + 1, b, h, w), dtype=torch.uint8)
+    noiseless = torch.zeros((n, b, h, w))
     for i, (s, (iso, c, f)) in enumerate(zip(samples, truths)):
         m = len(c)
         iso = np.clip(iso, 0, None)
@@ -336,7 +346,8 @@ def blend_targets(samples: Sequence[Sample], head: DeblendingHeadConfig) -> dict
         total[i, :m] = torch.from_numpy(f).float()
         fractions[i, :m] = torch.from_numpy(np.rint(255 * iso / denom).astype(np.uint8))
         fractions[i, k] = torch.from_numpy(np.rint(255 * eps / denom).astype(np.uint8))
-    return {"centres": centres, "fluxes": fluxes, "fractions": fractions, "total_flux": total}
+        noiseless[i] = torch.from_numpy(iso.sum(0)).float()
+    return {"centres": centres, "fluxes": fluxes, "fractions": fractions, "total_flux": total, "noiseless": noiseless}
 
 
 def _numpy(x):

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0  # CenterNet's focal-loss exponents
+CORRECTION_MAX_LOG = 0.5  # flux corrections stay within exp(+-0.5) = x0.61 .. x1.65
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -78,6 +79,7 @@ class DenseOutputs:
     source_embedding: torch.Tensor  # (n, E, H, W): read at a centre
     amplitude: torch.Tensor  # (n, B, H, W): read at a centre
     size: torch.Tensor  # (n, H, W) raw size, read at a centre (softplus -> pixels)
+    correction: torch.Tensor | None = None  # (n, B, H, W) raw per-band flux correction, read at a centre
 
 
 class PixelDecoder(nn.Module):
@@ -91,8 +93,11 @@ class PixelDecoder(nn.Module):
         self.pixel = nn.Sequential(_conv(2 * n_bands + 1, f), _conv(f, f))
         self.fuse = nn.Sequential(_conv(2 * f, f), _conv(f, f))
         self.out = nn.Conv2d(f, 3 + n_bands * (2 + embed_size) + embed_size + 1, 1)
+        self.correction = nn.Conv2d(f, n_bands, 1)  # the outskirts' flux the fractions miss (`flux_correction`)
         with torch.no_grad():  # CenterNet's prior: the heatmap starts at p = 0.01 everywhere
             self.out.bias[0].fill_(-math.log(99.0))
+            self.correction.weight.zero_()  # an untrained head measures plain fraction x image
+            self.correction.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, shape: tuple[int, int]) -> DenseOutputs:
         x = tokens
@@ -109,7 +114,8 @@ class PixelDecoder(nn.Module):
         source_embedding = o[:, i:i + e]
         i += e
         amplitude = o[:, i:i + b]
-        return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b])
+        correction = self.correction(x)[:, :, : shape[0], : shape[1]]
+        return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], correction)
 
 
 def normalised_pixels(values: torch.Tensor, ivar: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -228,6 +234,24 @@ def source_fluxes(fractions: torch.Tensor, values: torch.Tensor, ivar: torch.Ten
     return flux, err
 
 
+def flux_correction(dense: DenseOutputs, centres: torch.Tensor, max_log: float = CORRECTION_MAX_LOG) -> torch.Tensor:
+    """(n, K, B) multiplicative per-band flux corrections exp(max_log tanh(c)), c read at each
+    centre: 1 for an untrained head (c = 0), at most exp(+-max_log).
+
+    Why: fraction x image is unbiased only where a source's fraction is 1 over all of its
+    light, but from noisy pixels the fractions cannot tell a source's faint outskirts from
+    sky, so part of the outskirts' flux goes to the background (measured after 200 steps:
+    background share 10-20 % in pixels 0.01-0.3 sigma above the sky). Summing the whole
+    image instead would be unbiased but adds every sky pixel's noise.
+    The correction is the missing outskirts' share, regressed from the features at the
+    centre (which see the source's size, profile and S/N) by the flux loss against the
+    true flux, as an aperture correction is from a PSF / profile model. That loss applies
+    the fractions to the *noiseless* blend (the `noiseless` target): on the noisy image r a
+    multiplicative c fitted to the truth t shrinks towards t E[r] / E[r^2] < t / E[r]
+    (regression dilution; measured: c ~ 0.86 after 200 steps, fluxes biased low)."""
+    return torch.exp(max_log * torch.tanh(read_at(dense.correction, centres)))
+
+
 def flux_loss(flux: torch.Tensor, err: torch.Tensor, true_flux: torch.Tensor) -> torch.Tensor:
     """Huber of the relative flux error (f - t) / (t + 2 sigma_f) over the true sources
     (finite t > 0); the noise term keeps faint sources from dominating."""
@@ -244,6 +268,6 @@ def group_grid(shape: tuple[int, ...], patch: int) -> tuple[int, int, int]:
 
 
 __all__ = [
-    "BandTokenGrid", "DenseOutputs", "PixelDecoder", "find_peaks", "flux_loss", "focal_loss", "fraction_loss",
+    "BandTokenGrid", "CORRECTION_MAX_LOG", "DenseOutputs", "PixelDecoder", "find_peaks", "flux_correction", "flux_loss", "focal_loss", "fraction_loss",
     "group_grid", "heatmap_targets", "normalised_pixels", "offset_loss", "read_at", "source_fluxes", "source_fractions",
 ]

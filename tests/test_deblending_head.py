@@ -78,6 +78,10 @@ def test_forward_loss_and_output_shapes_with_targets(blends):
     assert np.allclose(targets["centres"][1, :n1].numpy(), truth.pixel_positions, atol=1e-5)
     assert np.allclose(targets["fluxes"][1, :n1].numpy(), truth.isolated.sum((2, 3)), rtol=2e-3)
     assert np.allclose(targets["total_flux"][1, :n1].numpy(), truth.flux_njy, rtol=1e-6)
+    # the noiseless blend (the flux loss's image) is the sum of the isolated images, not the noisy stamp
+    assert np.allclose(targets["noiseless"][1].numpy(), truth.isolated.sum(0), rtol=2e-3, atol=1e-3 * truth.isolated.max())
+    pull = (blends[1].values - targets["noiseless"][1].numpy()) * np.sqrt(blends[1].ivar)  # the stamp's noise in sigma
+    assert np.median(np.abs(pull)) == pytest.approx(0.674, rel=0.1)  # a unit Gaussian's median |x|
     # the re-rendered truth (no attached arrays: e.g. read back from FITS) equals the attached one
     bare = dataclasses.replace(blends[1], meta={k_: v for k_, v in blends[1].meta.items() if k_ != "blend_truth"})
     iso_attached, iso_rendered = blend_truth_arrays(blends[1])[0], blend_truth_arrays(bare)[0]
@@ -91,6 +95,31 @@ def test_forward_loss_and_output_shapes_with_targets(blends):
     assert out.segmentation.shape == out.heatmap.shape == (6, 64, 64) and len(out.fractions) == 6
     # training uses the true centres: every object is a source
     assert out.n_sources.tolist() == [s.meta["labels"]["n_objects"] for s in blends]
+
+
+def test_flux_correction_scales_the_sources_and_keeps_the_image_flux():
+    """The per-source flux correction (deblending_net.flux_correction) starts at exactly 1 (the
+    fresh head measures fraction x image, as the test below checks); once it is not 1, each
+    source's fluxes and errors are fraction x image times exp(0.5 tanh(c)) and the background
+    keeps what the sources leave, so sources + background still add up to the image."""
+    sample, truth = mock_blend(dataclasses.replace(CARD, stamp_size=48), 5, 0, n_objects=3, separation=(1.0, 2.0))
+    model = _model().eval()
+    assert model.decoder.correction.weight.abs().sum() == 0 and model.decoder.correction.bias.abs().sum() == 0
+    batch = collate_samples([sample], model.config.survey_names)
+    pos = torch.as_tensor(truth.pixel_positions, dtype=torch.float32)[None]
+    with torch.no_grad():
+        model.decoder.correction.bias.copy_(torch.linspace(-0.4, 0.6, 6))  # per band: x0.83 .. x1.31
+        o = model(batch, positions=pos)
+    fr = o.fractions[0].double().numpy()
+    good = sample.ivar > 0
+    raw = (fr[:3] * np.where(good, sample.values, 0)[None]).sum((2, 3))  # (3, B) fraction x image
+    scale = np.exp(0.5 * np.tanh(np.linspace(-0.4, 0.6, 6)))
+    assert np.allclose(o.fluxes[0, :3].double().numpy(), raw * scale, rtol=1e-4, atol=1e-4 * np.abs(raw).max())
+    image = np.where(good, sample.values, 0).sum((1, 2))
+    total = o.fluxes[0, :3].double().sum(0) + o.background_flux[0].double()
+    assert np.allclose(total.numpy(), image, rtol=1e-5, atol=1e-3 * np.abs(sample.values).max())
+    var = np.where(good, 1 / np.where(good, sample.ivar, 1), 0)
+    assert np.allclose(o.flux_errors[0, :3].double().numpy(), np.sqrt((fr[:3] ** 2 * var[None]).sum((2, 3))) * scale, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
