@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -134,12 +133,11 @@ def rss_child(corpus: str, mode: str) -> dict:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set. VmHWM, not getrusage's ru_maxrss: Linux carries
-    ru_maxrss over fork and exec, so a child would report at least its parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # not Linux
+    """This process's peak resident set (`observe.peak_memory_bytes`: VmHWM, since Linux
+    carries getrusage's ru_maxrss over fork and exec)."""
+    from cosmofm.pretrain.observe import peak_memory_bytes
+
+    return round(peak_memory_bytes(torch.device("cpu"))[0] / 2**20, 1)
 
 
 # glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after
