@@ -12,11 +12,10 @@ Test: held-out mock survey cubes (`mock_survey_cube`, seeds 1,000,000 + each of
 `--seeds`: never a training seed), `--channels` x `--size`^2, `--density` galaxies per
 deg^2 with log M_HI >= `--log-mhi-min`. On each cube, in the same process:
 
-* the head, tile by tile: `cosmofm.finetune.tiling` did not exist when this was written,
-  so a simple loop here: tiles of `--tile` with `--overlap` voxels shared between
-  neighbours, each source kept only from the tile whose core (the tile minus half the
-  overlap on inner edges) holds its centre, world coordinates from the cube's WCS;
-* `heads.sofia_baseline.find_sources` on the whole cube.
+* the head, through `cosmofm detect`'s tiled path (`finetune.detect.detect_cube` with the
+  model, tiles of `--tile` with `--overlap`), one worker;
+* the SoFiA-style finder through the same path, tuned (`SOFIA_TUNED`, the fair baseline:
+  `scripts/bench/sofia_tuning.py`) and at SoFiA's own defaults.
 
 Both catalogues are scored by `heads.sdc2_score.score_catalogue` (beam 7 arcsec)
 against the whole truth (SDC2's rule: missed faint sources cost nothing, false detections
@@ -32,79 +31,41 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import astropy.units as u
 import numpy as np
 import torch
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.io.atomic import atomic_write_bytes
-from cosmofm.data_cards.mocks.cubes import mock_survey_cube
+from cosmofm.data_cards.mocks.cubes import mock_survey_cube, write_survey_cube_fits
 from cosmofm.data_cards.schema import load_card
 from cosmofm.heads import detection3d_data as data
 from cosmofm.heads.detection3d import Detection3DHeadConfig, Detection3DTask
-from cosmofm.heads.sdc2_score import score_catalogue
-from cosmofm.heads.sofia_baseline import _frequency_wcs, find_sources
+from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
+from cosmofm.heads.sofia_baseline import SofiaConfig
 
 TEST_SEED_BASE = 1_000_000  # test cubes; training cubes use seeds 0 .. n_train / 4
 SNR_DETECTABLE = 4.0
+ARMS = ("head", "sofia", "sofia_defaults")  # sofia: SOFIA_TUNED
 
 
 def load_info() -> dict:
     return {"loadavg": list(os.getloadavg()), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of `tile` along an axis of `n` with at least `overlap` shared; the last ends at n."""
-    if n <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, n - tile, step)) + [n - tile]
-    return sorted(set(starts))
+def run_detect(path: Path, output: Path, **kwargs) -> tuple[Table, float]:
+    """`cosmofm detect`'s path (finetune.detect.detect_cube, tiled) on the cube file: (catalogue, seconds)."""
+    from cosmofm.finetune.detect import detect_cube
 
-
-def _core(starts: list[int], k: int, tile: int, n: int) -> tuple[float, float]:
-    """[lo, hi) of tile k's core along an axis: the midpoints of the overlaps with its neighbours."""
-    lo = 0.0 if k == 0 else 0.5 * (starts[k] + starts[k - 1] + tile) - 0.5
-    hi = float(n) - 0.5 if k == len(starts) - 1 else 0.5 * (starts[k + 1] + starts[k] + tile) - 0.5
-    return lo, hi
-
-
-def detect_cube(task: Detection3DTask, model, cube: np.ndarray, header, tile, overlap) -> Table:
-    """The head over a whole cube, tile by tile (module docstring); the SDC2 columns with world coordinates."""
-    from cosmofm.heads.detection3d_data import tile_header
-
-    nc, ny, nx = cube.shape
-    axes = [tile_starts(n, min(t, n), min(o, t // 2)) for n, t, o in zip(cube.shape, tile, overlap)]
-    sizes = [min(t, n) for n, t in zip(cube.shape, tile)]
-    parts = []
-    for a, c0 in enumerate(axes[0]):
-        for b, y0 in enumerate(axes[1]):
-            for d, x0 in enumerate(axes[2]):
-                sub = cube[c0:c0 + sizes[0], y0:y0 + sizes[1], x0:x0 + sizes[2]]
-                found = task.find_in_tile(model, sub, None, tile_header(header, c0, y0, x0, sub.shape))
-                if not len(found):
-                    continue
-                found["CHAN"] += c0
-                found["ROW"] += y0
-                found["COL"] += x0
-                keep = np.ones(len(found), bool)
-                for k, (name, starts, n, size) in enumerate(zip(("CHAN", "ROW", "COL"), axes, cube.shape, sizes)):
-                    lo, hi = _core(starts, (a, b, d)[k], size, n)
-                    v = np.asarray(found[name])
-                    keep &= (v >= lo) & (v < hi)
-                parts.append(found[keep])
-    out = vstack(parts) if parts else task.find_in_tile(model, np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.float32),
-                                                         tile_header(header, 0, 0, 0, (8, 8, 8)))
-    w, _ = _frequency_wcs(header)
-    ra, dec, freq = w.all_pix2world(np.asarray(out["COL"], float), np.asarray(out["ROW"], float), np.asarray(out["CHAN"], float), 0)
-    out["ra"] = u.Quantity(np.asarray(ra) % 360.0, u.deg)
-    out["dec"] = u.Quantity(dec, u.deg)
-    out["central_freq"] = u.Quantity(freq, u.Hz)
-    return out
+    t0 = time.perf_counter()
+    detect_cube(path, output, workers=1, progress=False, overwrite=True, **kwargs)
+    return read_catalogue(output, "catalogue"), time.perf_counter() - t0
 
 
 def detectable(truth: Table, header, noise: float) -> np.ndarray:
@@ -183,7 +144,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.train_seed)
     card = load_card("ska-hi-like")
     result = {"machine": machine_info(), "load_start": load_info(), "args": vars(args),
-              "inference": "simple overlapping tile loop in this script (cosmofm.finetune.tiling did not exist yet)"}
+              "inference": "cosmofm detect's tiled path (finetune.detect.detect_cube), one worker"}
     model, task, result["train"] = train(card, args)
     result["load_after_training"] = load_info()
     cubes = []
@@ -191,23 +152,25 @@ def main(argv=None) -> dict:
         cube, header, truth = mock_survey_cube(card, args.channels, args.size, density=args.density, seed=TEST_SEED_BASE + seed,
                                                log_mhi_min=args.log_mhi_min, frequency_start=args.frequency_start, as_sample=False)
         bright = detectable(truth, header, float(card.noise_per_channel))
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            head_cat = detect_cube(task, model, cube, header, args.tile, args.overlap)
-        t_head = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        sofia_cat = find_sources(cube, header)
-        t_sofia = time.perf_counter() - t0
+        work = Path(tempfile.mkdtemp(prefix="detect_quality_"))
+        path = write_survey_cube_fits(work / "cube.fits", cube, header, truth)
+        del cube
         beam = float(card.beam_fwhm.to_value(u.arcsec))
-        entry = {"seed": TEST_SEED_BASE + seed, "shape": list(cube.shape), "n_truth": len(truth), "voxels": int(cube.size),
-                 "head": {**summary(score_catalogue(head_cat, truth, beam), bright), "seconds": t_head, "voxels_per_s": cube.size / t_head},
-                 "sofia": {**summary(score_catalogue(sofia_cat, truth, beam), bright), "seconds": t_sofia, "voxels_per_s": cube.size / t_sofia}}
+        entry = {"seed": TEST_SEED_BASE + seed, "shape": [args.channels, args.size, args.size], "n_truth": len(truth),
+                 "voxels": args.channels * args.size**2}
+        arms = {"head": {"model": model, "tile": tuple(args.tile), "overlap": tuple(args.overlap)},
+                "sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}}
+        for name, kwargs in arms.items():
+            with torch.no_grad():
+                cat, seconds = run_detect(path, work / f"{name}.fits", **kwargs)
+            entry[name] = {**summary(score_catalogue(cat, truth, beam), bright), "seconds": seconds, "voxels_per_s": entry["voxels"] / seconds}
+        shutil.rmtree(work, ignore_errors=True)
         cubes.append(entry)
         print(json.dumps({k: entry[k] for k in ("seed", "n_truth")} | {m: {k: entry[m][k] for k in ("score", "completeness", "purity",
-              "completeness_snr4", "voxels_per_s")} for m in ("head", "sofia")}), flush=True)
+              "completeness_snr4", "voxels_per_s")} for m in ARMS}), flush=True)
     result["cubes"] = cubes
     totals = {}
-    for m in ("head", "sofia"):
+    for m in ARMS:
         ns = sum(c[m]["n_match"] for c in cubes)
         nc = sum(c[m]["n_candidates"] for c in cubes)
         nt = sum(c["n_truth"] for c in cubes)
