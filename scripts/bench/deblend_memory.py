@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cosmofm.bench.detect_speed import finite, machine, run_measured
+from cosmofm.bench import write_report
+from cosmofm.bench.detect_speed import machine, run_measured
 
 BANDS = ("g", "r", "i", "z")
 CHILD = """
@@ -128,12 +129,7 @@ def main(argv=None) -> dict:
                    "pixels_per_s": args.size**2 / summary["seconds"]})
     report["machine_after"] = {"loadavg": list(os.getloadavg())}
     report["targets"] = {"peak_rss_gb": 4}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from cosmofm.data_cards.io.atomic import atomic_write_json
-
-    report = finite(report)
-    atomic_write_json(out / "deblend_memory.json", report)
+    report = write_report(args.out, "deblend_memory.json", report)
     print(json.dumps(report, indent=1, default=str))
     return report
 

@@ -38,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 
+from cosmofm.bench import write_report
+
 CHILD = """
 import json, sys
 from cosmofm.finetune.detect import detect_cube
@@ -85,17 +87,6 @@ def run_measured(code: str, args: list[str], interval: float = 0.25) -> dict:
     cpu = (usage.ru_utime + usage.ru_stime) - (usage0.ru_utime + usage0.ru_stime)  # the run and its reaped workers
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_tree_mb": peak[0] / 2**20, "peak_rss_one_process_mb": max(one, before) / 1024,
             "peak_rss_one_process_is_this_run": one > before, "stdout": out}
-
-
-def finite(obj):
-    """`obj` with NaN / inf floats as None (strict JSON)."""
-    import math
-
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def machine() -> dict:
@@ -155,12 +146,7 @@ def main(argv=None) -> dict:
         report["n_truth"] = len(in_cube)
     report["machine_after"] = {"loadavg": list(os.getloadavg())}
     report["targets"] = {"seconds": 120, "peak_rss_gb": 3}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from cosmofm.data_cards.io.atomic import atomic_write_json
-
-    report = finite(report)
-    atomic_write_json(out / "detect_speed.json", report)
+    report = write_report(args.out, "detect_speed.json", report)
     print(json.dumps(report, indent=1, default=str))
     return report
 

@@ -36,7 +36,6 @@ import dataclasses
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -106,8 +105,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="docs/bench")
     args = ap.parse_args(argv)
 
-    from cosmofm.bench.detect_speed import finite, machine
-    from cosmofm.data_cards.io.atomic import atomic_write_json
+    from cosmofm.bench import write_report
+    from cosmofm.bench.detect_speed import machine
     from cosmofm.data_cards.schema import load_card
     from cosmofm.heads.sofia_baseline import SOFIA_TUNED, SofiaConfig, find_sources
 
@@ -145,10 +144,7 @@ def main(argv=None) -> dict:
     report["shipped_equals_tuned"] = dataclasses.asdict(SOFIA_TUNED) == dataclasses.asdict(base)
     report["wall_s"], report["cpu_s"] = time.perf_counter() - t_start, time.process_time() - c_start
     report["machine_after"] = {"loadavg": list(os.getloadavg())}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = finite(report)
-    atomic_write_json(out_dir / "sofia_tuning.json", report)
+    report = write_report(args.out, "sofia_tuning.json", report)
     print(json.dumps({k: report[k] for k in ("tuned", "tuned_train", "train_defaults", "held_out", "wall_s")}, indent=1, default=str))
     return report
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cosmofm.bench import finite
 from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, crossing_redshift, lightcone_at_redshifts, power_spectrum
 from cosmofm.data_cards.mocks.sim21cm.reference import node_redshifts
 from cosmofm.pretrain.manifest import atomic_write_bytes, atomic_write_json
@@ -148,9 +149,9 @@ def rerun_ours(stored: dict, out: Path, names: list[str] | None = None) -> dict:
                              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0],
                              "note": "21cmFAST's numbers are the stored run's; ours rerun on its regenerated initial conditions. "
                                      "lightcone_speed (timings, mean_Tb_ours_z_10_20) is from the stored run."}
-    atomic_write_json(out / "validate_21cm.json", _finite(results))
+    atomic_write_json(out / "validate_21cm.json", finite(results))
     plot(results, out)
-    print(f"summary: {json.dumps(_finite(results['summary']))}")
+    print(f"summary: {json.dumps(finite(results['summary']))}")
     print(markdown_table(results))
     return results
 
@@ -343,21 +344,6 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def _finite(obj):
-    """nan / inf -> None and numpy scalars -> Python, so the JSON is strict."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 def markdown_table(results: dict) -> str:
     """The per-point table of docs/benchmarks.md."""
     rows = ["| point | zeta | log Tvir | L_X | E_0 eV | OMm | max abs dT_b gap, mK (at z) | global | trough ours / 21cmFAST, mK (z) | trough | "
@@ -390,9 +376,9 @@ def merge(paths: list[Path], out: Path) -> dict:
         found = [part[key] for part in parts if key in part]
         if found:
             results[key] = found[0]
-    atomic_write_json(out / "validate_21cm.json", _finite(results))
+    atomic_write_json(out / "validate_21cm.json", finite(results))
     plot(results, out)
-    print(f"merged {len(results['points'])} points: {json.dumps(_finite(results['summary']))}")
+    print(f"merged {len(results['points'])} points: {json.dumps(finite(results['summary']))}")
     print(markdown_table(results))
     return results
 
@@ -418,7 +404,7 @@ def main(argv: list[str] | None = None):
     if args.speed_only:
         results = json.loads(path.read_text()) if path.exists() else {}
         results["speed"] = measure_speed()
-        atomic_write_json(path, _finite(results))
+        atomic_write_json(path, finite(results))
         return
     if args.merge:
         merge([Path(p) for p in args.merge], out)
@@ -447,14 +433,14 @@ def main(argv: list[str] | None = None):
         results["points"].append(pt)
         results["summary"] = summarise(results["points"])
         results["wall_seconds"] = time.perf_counter() - t_start
-        atomic_write_json(path, _finite(results))  # after every point: a partial run still leaves its numbers
+        atomic_write_json(path, finite(results))  # after every point: a partial run still leaves its numbers
     if not args.no_lightcone_speed:
         results["lightcone_speed"] = measure_lightcone_speed(args.box, args.n)
         print(f"lightcone speed: {results['lightcone_speed']}", flush=True)
     results["wall_seconds"] = time.perf_counter() - t_start
-    atomic_write_json(path, _finite(results))
+    atomic_write_json(path, finite(results))
     paths = plot(results, out)
-    print(f"summary: {json.dumps(_finite(results['summary']))}")
+    print(f"summary: {json.dumps(finite(results['summary']))}")
     print(f"wrote {path}, {paths[0]}, {paths[1]}")
 
 
