@@ -59,6 +59,14 @@ class TaskHeadConfig:
                              "load this model with the class for its task (cosmofm.from_pretrained picks it from task.type)")
         self.schema_version = self.SCHEMA_VERSION
 
+    def check_counts(self, *names: str) -> None:
+        """An InputError naming the first of the fields `names` that is not a whole number >= 1
+        (layer widths, slot and detection counts): a subclass's `__post_init__` calls it."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"task.{name}", f"is {v!r}, not a whole number >= 1", f"e.g. the default, {type(self).__dataclass_fields__[name].default!r}")
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "TaskHeadConfig":
         """The head config in `d` (config.json's `task`): type and schema_version checked,

@@ -100,10 +100,7 @@ class DeblendingHeadConfig(TaskHeadConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("hidden_size", "embed_size", "max_sources"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"task.{name}", f"is {v!r}, not a whole number >= 1", "e.g. the default")
+        self.check_counts("hidden_size", "embed_size", "max_sources")
         if isinstance(self.n_bands, bool) or not isinstance(self.n_bands, int) or self.n_bands < 0:
             raise InputError("task.n_bands", f"is {self.n_bands!r}", "the stamps' band count (from_card sets it)")
         for name in ("pixel_scale", "fwhm_pixels", "heatmap_sigma", "min_size", "background_level"):

@@ -104,10 +104,7 @@ class Detection3DHeadConfig(TaskHeadConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("width", "skip_channels", "max_detections"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"task.{name}", f"must be a whole number >= 1, got {v!r}", "e.g. 16")
+        self.check_counts("width", "skip_channels", "max_detections")
         if not (self.sigma_fraction > 0 and self.sigma_min > 0):
             raise InputError("task.sigma_fraction / sigma_min", "must be > 0", "e.g. 0.15 and 1.0")
         if not 0 < self.threshold < 1:
