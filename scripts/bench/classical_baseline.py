@@ -13,13 +13,13 @@ Writes JSON with the machine (CPU model) to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cosmofm.bench import write_report
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.mocks.spectra import CLASSES
@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None):
         # the basic card has no flux-calibration error: a user would lower the stars' polynomial degree there
         report["basic"] = run_card("sdss-like", args.n_basic, args.seed, args.workers, old_fitter=True, extra_star_degrees=(1,))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    write_report(out.parent, out.name, report)
     s = report["survey"]["classical"]
     print(f"survey: accuracy {s['accuracy']:.3f}, macro recall {s['macro_recall']:.3f}, {report['survey']['spectra_per_s']:.1f} spectra/s "
           f"({report['survey']['spectra_per_cpu_s']:.1f} per CPU-second)")

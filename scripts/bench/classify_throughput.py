@@ -15,7 +15,6 @@ Run: `python -m cosmofm.bench.classify_throughput --n 40000 --recipe spectra-fas
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from cosmofm.bench import write_report
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.io.fits_io import read_fits, write_fits
 from cosmofm.data_cards.mocks.generators import generate
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--redshift", choices=REDSHIFT_METHODS, default=None, help="as `cosmofm classify --redshift`")
     args = p.parse_args(argv)
     result = run(args.n, recipe=args.recipe, overrides=args.set, repeats=args.repeats, work=args.work, model=args.model, redshift=args.redshift)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    write_report(args.out, f"{args.name}.json", result)
     spread = ", ".join(f"{s:.1f} ({c:.0f} s CPU)" for s, c in zip(result["seconds_all_repeats"], result["cpu_seconds_all_repeats"]))
     print(f"{result['spectra_per_s']:.0f} spectra/s end to end -> 40,000 in {result['seconds_for_40000']:.1f} s (target <= 10 s; runs: {spread} s)")
     print(f"template fitting: {result['template_fit_spectra_per_s']:.2f} spectra/s; ratio {result['ratio_vs_template_fit']:.0f}x (target >= 100x)")

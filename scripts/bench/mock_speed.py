@@ -11,11 +11,10 @@ Run: `python -m cosmofm.bench.mock_speed --out DIR`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from pathlib import Path
 
+from cosmofm.bench import write_report
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.mocks.generators import generate
 from cosmofm.data_cards.schema import DEFAULT_CARDS, load_card
@@ -66,9 +65,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--scale", type=float, default=1.0, help="multiply the sample counts (noise vs time)")
     args = p.parse_args(argv)
     result = run(args.scale)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mock_speed.json").write_text(json.dumps(result, indent=2))
+    write_report(args.out, "mock_speed.json", result)
     for m, r in result["per_modality"].items():
         print(f"{m:8s} {r['card']:15s} {r['samples_per_s_1_process']:8.1f} samples/s  {r['elements_per_s'] / 1e6:6.2f} M elements/s")
     print(f"parallel x{result['parallel']['speedup']:.2f} on {result['parallel']['workers']} workers")

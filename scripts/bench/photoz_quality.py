@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cosmofm.bench import write_report
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.recipe import labelled_mocks
@@ -95,8 +96,7 @@ def run(work: Path, out: Path, n: int, n_shift: int, seeds: list[int], fractions
     runs = report.setdefault("runs", {})
 
     def save():
-        out.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps(report, indent=1))
+        write_report(out, results_path.name, report)
 
     card = load_card("lsst-like")
     t0 = time.perf_counter()

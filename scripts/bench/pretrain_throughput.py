@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cosmofm.bench import write_report
 from cosmofm.pretrain.observe import matmul_peak_flops as matmul_flops  # the loop's MFU divides by the same peak
 from cosmofm.pretrain.observe import median_seconds as _time
 
@@ -332,10 +333,8 @@ def main(argv: list[str] | None = None):
                 print(f"{name:10s} MFU {r['mfu']:.3f}  {r['samples_per_s']:.1f} samples/s")
         return result
     result = run(quick=args.quick, force_bf16=args.force_bf16)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "pretrain_throughput.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = Path(args.out) / "pretrain_throughput.json"
+    write_report(path.parent, path.name, result)
     r = result["ratios"]
     for name in ("bf16", "fp32"):
         if f"mfu_{name}" in r:
