@@ -7,8 +7,9 @@ What is shared (this module): finding the inputs (`input_files`), refusing an ou
 would replace an input or an existing file (`check_output`; the catalogue is written
 atomically by `CatalogueWriter`), cutting files into pieces of at most `chunk_rows`
 objects (`readers.piece_readers`), running the pieces in worker processes (forked on
-Linux, threads elsewhere: `_in_parallel`), and writing each piece's rows as soon as it
-is done, so memory is bounded by the pieces in flight whatever the number of objects.
+Linux, threads elsewhere: `data_cards.workers.in_parallel`), and writing each piece's
+rows as soon as it is done, so memory is bounded by the pieces in flight whatever the
+number of objects.
 Every object the reader listed gets a row: its identifiers (ID, CARD, FILE, PLATE/MJD/
 FIBERID, TARGETID, OBJECT, RA/DEC), the task's columns, and FLAGS ('|'-joined codes);
 objects the reader or the task skipped, and files that could not be used or hold no
@@ -31,18 +32,21 @@ It runs in a worker, single-threaded; the predict path never looks inside a mode
 from __future__ import annotations
 
 import os
-import sys
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
-import torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
-from cosmofm.heads.base import CatalogueColumn
+from cosmofm.data_cards.workers import in_parallel, keep_freed_memory, n_workers
+
+if TYPE_CHECKING:  # annotations only: check_output (the tiled deblend / detect verbs) must not pay torch's import
+    import torch
+
+    from cosmofm.heads.base import CatalogueColumn
 
 
 @dataclass
@@ -84,7 +88,7 @@ def predict_files(inputs, predictor: Predictor, output, card=None, progress: boo
     check_output(output, inputs, files, overwrite)
     if chunk_rows < 1:
         raise InputError("chunk_rows", f"must be >= 1, got {chunk_rows}", "e.g. 1024 rows per piece")
-    workers = min(predictor.workers or _n_workers(), _n_workers())
+    workers = n_workers(predictor.workers)
     jobs = ((path, read) for path in files for read in piece_readers(path, card, chunk_rows=chunk_rows, min_pieces=workers))
     texts = {c.name for c in predictor.columns if c.unit is None}
 
@@ -108,7 +112,8 @@ def predict_files(inputs, predictor: Predictor, output, card=None, progress: boo
     n_rows, n_used, problems, flagged = 0, 0, [], Counter()
     bar = tqdm(desc=predictor.verb, unit=predictor.modality, disable=not progress)
     with CatalogueWriter(output, units=units, order=order, overwrite=overwrite) as catalogue:  # pieces go to disk as they finish
-        for table, n, problem in _in_parallel(predict_piece, jobs, workers, processes=predictor.device.type == "cpu"):
+        for table, n, problem in in_parallel(predict_piece, jobs, workers, processes=predictor.device.type == "cpu",
+                                             initializer=keep_freed_memory):
             catalogue.add(table)
             n_rows += len(table)
             n_used += n
@@ -217,99 +222,6 @@ def _row_table(ids: list[str], path: Path, columns: dict):
     for name, values in columns.items():
         t[name] = values
     return t
-
-
-# ---------------------------------------------------------------------------- workers
-
-
-def _n_workers() -> int:
-    """Parallel workers: one per intra-op thread torch would use (the cores), at most 8
-    (each holds a piece in memory)."""
-    return max(1, min(8, torch.get_num_threads()))
-
-
-def _in_parallel(fn, items: Iterator, workers: int, processes: bool = False) -> Iterator:
-    """fn(item) for each item, in order, `workers` at a time, each single-threaded.
-
-    Whole pieces side by side beat one piece over all cores: small models scale badly over
-    intra-op threads (2 threads ~1.2x one on 2 cores), and a worker reading its next piece
-    overlaps the others' inference. `processes` (where the platform forks, `_can_fork`):
-    forked worker processes rather than threads. Threads share the GIL, which the Python
-    parts of reading and of building a piece's rows hold, and one address space, whose
-    page faults and unmaps they serialise: 2 threads classified 40,000 spectra ~1.3x
-    slower than 2 processes on 2 cores. At most two items per worker are submitted at
-    once, so a lazy `items` stays lazy.
-    """
-    if workers < 2:
-        yield from map(fn, items)
-        return
-    if processes and _can_fork():
-        import multiprocessing
-
-        # fork: the children inherit fn (a closure over the loaded model) instead of unpickling it
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_start_worker, initargs=(fn,)) as pool:
-            submit, result = lambda item: pool.apply_async(_run_in_worker, (item,)), lambda job: job.get()
-            yield from _bounded(items, submit, result, 2 * workers)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide: restored below
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cosmofm-predict") as pool:
-            yield from _bounded(items, lambda item: pool.submit(fn, item), lambda job: job.result(), 2 * workers)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bounded(items: Iterator, submit, result, limit: int) -> Iterator:
-    """result(submit(item)) for each item, in order, with at most `limit` submitted and not yet yielded."""
-    pending: deque = deque()
-    for item in items:
-        pending.append(submit(item))
-        if len(pending) >= limit:
-            yield result(pending.popleft())
-    while pending:
-        yield result(pending.popleft())
-
-
-def _can_fork() -> bool:
-    """Whether worker processes can be forked safely: Linux (macOS forks, but its system
-    frameworks are not fork-safe; Windows cannot)."""
-    import multiprocessing
-
-    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-
-
-_WORKER_FN = None  # in a forked worker process: the function it runs (`_in_parallel`)
-
-
-def _start_worker(fn) -> None:
-    global _WORKER_FN
-    _WORKER_FN = fn
-    torch.set_num_threads(1)  # one core per worker
-    _keep_freed_memory()
-
-
-def _keep_freed_memory() -> None:
-    """glibc: serve the worker's large arrays from its heap and keep what it frees there,
-    rather than mapping fresh pages for each and unmapping them after: a worker allocates
-    the same few tens of MB per batch again and again, and faulting them in anew cost ~2 s
-    of system time per 40,000 spectra (10x fewer page faults with this). The worker exits
-    at the end of the run, which returns the memory. No-op without glibc's mallopt."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    for option, value in ((m_mmap_threshold, 256 << 20), (m_trim_threshold, 1 << 30), (m_top_pad, 64 << 20)):
-        mallopt(option, value)
-
-
-def _run_in_worker(item):
-    return _WORKER_FN(item)
 
 
 __all__ = ["PiecePrediction", "Predictor", "check_output", "input_files", "predict_files"]

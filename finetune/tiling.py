@@ -25,7 +25,7 @@ processes and writes one catalogue:
    is measured exactly as on the full image; its other copies are dropped.
 4. World columns from the full WCS (`source.add_world`: RA/DEC, or ra/dec/central_freq),
    then the verb's `finish` (flags, renames, optional per-source stamps).
-5. Tiles run in worker processes (`finetune.predict._in_parallel`: forked, at most two
+5. Tiles run in worker processes (`data_cards.workers.in_parallel`: forked, at most two
    tiles per worker in flight, results in tile order), and each tile's rows go to the
    catalogue as soon as it is done (`CatalogueWriter`: spooled, then written atomically).
    Peak memory is one tile and its temporaries per worker, whatever the image size.
@@ -183,10 +183,9 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
     Returns {"output", "n_sources", "n_tiles", "n_skipped_tiles", "skipped", "seconds"};
     InputError when no tile had a usable pixel.
     """
-    from tqdm.auto import tqdm
-
     from cosmofm.data_cards.io.catalogue import CatalogueWriter, catalogue_format
-    from cosmofm.finetune.predict import _in_parallel, _n_workers, check_output
+    from cosmofm.data_cards.workers import in_parallel, keep_freed_memory, n_workers
+    from cosmofm.finetune.predict import check_output
 
     output = Path(output)
     fmt = catalogue_format(output)
@@ -196,7 +195,7 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
         raise InputError(str(output), "per-source stamps need a FITS catalogue", "write the catalogue as .fits, or leave out --write-stamps")
     if tuple(plan.shape) != tuple(source.shape):
         raise InputError("plan", f"is for shape {plan.shape}, the input is {source.shape}", "build the plan from the source's shape")
-    workers = min(workers or _n_workers(), _n_workers(), len(plan))
+    workers = min(n_workers(workers), len(plan))
     if workers < 1:
         raise InputError("workers", f"must be >= 1, got {workers}", "e.g. --workers 2")
     t0 = time.perf_counter()
@@ -227,14 +226,13 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
     stamp_path = Path(f"{part}.stamps") if stamps else None
     skipped: Counter = Counter()
     n_sources = 0
-    bar = tqdm(total=len(plan), desc=verb, unit="tile", disable=not progress)
     try:
         stamp_file = open(stamp_path, "wb") if stamp_path else None
         try:
             with CatalogueWriter(catalogue_path, order=order, overwrite=True if fmt == "fits" else overwrite) as catalogue:
                 catalogue.add(template[:0])  # every column with its unit, even when nothing is found
-                for result in _in_parallel(process, iter(plan), workers, processes=processes):
-                    bar.update(1)
+                for result in in_parallel(process, iter(plan), workers, processes=processes, initializer=keep_freed_memory,
+                                          progress=progress, desc=verb, unit="tile", total=len(plan)):
                     if result["skipped"]:
                         skipped[result["skipped"]] += 1
                         continue
@@ -252,7 +250,6 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
         finally:
             if stamp_file is not None:
                 stamp_file.close()
-            bar.close()
         if fmt == "fits":
             header = {"NTILES": (len(plan), "tiles run"), "NSKIPTIL": (sum(skipped.values()), "tiles skipped: no usable pixel"),
                       "TILE": (",".join(map(str, plan.tile)), "tile size [pixels], array order"),

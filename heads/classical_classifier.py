@@ -337,25 +337,23 @@ def classify_samples(samples, workers: int = 1, progress: bool = True, resolving
     (wall clock, template loading included), "spectra_per_cpu_s" (per CPU-second of the fits, a
     one-core speed that other load on the machine does not change)}; `workers` > 1 runs a process pool."""
     import sys
-    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from cosmofm.data_cards.workers import in_parallel
 
     if workers < 1:
         raise InputError("workers", f"must be >= 1, got {workers}", "e.g. 2")
     jobs = [(s.coords["wavelength"], s.values, s.ivar) for s in samples]
     t0 = time.perf_counter()
     out = []
-    if workers == 1:
+    if workers == 1:  # in this process: the worker initializer runs in worker processes only
         _init_worker(resolving_power, star_poly_degree)
-        results = map(_classify_one, jobs)
-    else:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(resolving_power, star_poly_degree))
-        results = pool.map(_classify_one, jobs, chunksize=8)
+    results = in_parallel(_classify_one, jobs, workers, processes=True, picklable=True, chunksize=8,
+                          initializer=partial(_init_worker, resolving_power, star_poly_degree))
     for i, r in enumerate(results):
         out.append(r)
         if progress and (i + 1) % 100 == 0:
             print(f"classical: {i + 1}/{len(jobs)} spectra, {(i + 1) / (time.perf_counter() - t0):.1f}/s", file=sys.stderr)
-    if workers > 1:
-        pool.shutdown()
     elapsed = time.perf_counter() - t0
     return {"classes": np.array([c for c, _, _ in out]), "z": np.array([z for _, z, _ in out]), "spectra_per_s": len(jobs) / max(elapsed, 1e-9),
             "spectra_per_cpu_s": len(jobs) / max(sum(t for _, _, t in out), 1e-9)}

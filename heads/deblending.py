@@ -30,7 +30,6 @@ returns, so one scorer scores the head and the baselines.
 from __future__ import annotations
 
 import math
-import multiprocessing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, ClassVar, Mapping, Sequence
@@ -40,6 +39,7 @@ import torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
+from cosmofm.data_cards.workers import in_parallel
 from cosmofm.heads import deblending_metrics as dm
 from cosmofm.heads import deblending_net as net
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
@@ -448,16 +448,9 @@ class DeblendingTask(Task):
         bar = tqdm(total=n, desc=f"blends {card.name}", unit="blend", disable=not progress)
         out = [make(0)]  # the settings checked (InputError) here, before any worker starts
         bar.update()
-        if workers <= 1:
-            for i in range(1, n):
-                out.append(make(i))
-                bar.update()
-        else:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with multiprocessing.get_context(method).Pool(workers) as pool:
-                for s in pool.imap(make, range(1, n), chunksize=max(1, min(16, n // (4 * workers)))):
-                    out.append(s)
-                    bar.update()
+        for s in in_parallel(make, range(1, n), workers, processes=True, picklable=True, chunksize=max(1, min(16, n // (4 * max(workers, 1))))):
+            out.append(s)
+            bar.update()
         bar.close()
         return out
 

@@ -322,14 +322,14 @@ def test_classify_streams_pieces_in_bounded_memory(finetuned, tmp_path, monkeypa
     worker processes (the default on Linux) write what worker threads write."""
     import tracemalloc
 
-    import cosmofm.finetune.predict as predict_path
+    import cosmofm.data_cards.workers as workers
     from cosmofm.data_cards.io.fits_io import write_fits
 
     sdss = load_card("sdss-like")
     spectra = mock_samples(sdss, 96, seed=21)
     path = write_fits(spectra, tmp_path / "many.fits", sdss)
     classify([path], finetuned["model_dir"], tmp_path / "processes.parquet", batch_size=8, chunk_rows=8, progress=False)
-    monkeypatch.setattr(predict_path, "_can_fork", lambda: False)  # threads: tracemalloc sees the workers' memory
+    monkeypatch.setattr(workers, "can_fork", lambda: False)  # threads: tracemalloc sees the workers' memory
     classify([path], finetuned["model_dir"], tmp_path / "warm.parquet", progress=False)  # imports and caches outside the trace
     peaks, tables = {}, {}
     for chunk in (96, 8):
@@ -364,7 +364,7 @@ def test_parallel_pieces_run_in_worker_processes_in_order():
     order, and an InputError raised in a worker reaches the caller whole."""
     import os
 
-    from cosmofm.finetune.predict import _can_fork, _in_parallel
+    from cosmofm.data_cards.workers import can_fork as _can_fork, in_parallel as _in_parallel
 
     out = list(_in_parallel(_pid_of, iter(range(9)), workers=2, processes=True))
     assert [i for i, _ in out] == list(range(9))

@@ -42,9 +42,9 @@ or shard size in the same OUT is refused (`overwrite=True` replaces the bank).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import time
@@ -59,6 +59,7 @@ from cosmofm.data_cards.mocks import fields
 from cosmofm.data_cards.mocks.common import object_rng
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import FieldCard
+from cosmofm.data_cards.workers import in_parallel
 from cosmofm.data_cards.mocks.bank_prior import (  # noqa: F401 (re-exported: the bank's API)
     PRIORS_DIR, SAMPLINGS, SIMULATORS, BankPrior, Simulator, design, latin_hypercube, load_prior, shipped_priors, simulator,
 )
@@ -118,30 +119,12 @@ def simulate_row(bank: Bank, index: int) -> Sample:
                   {"los_distance": los, "y_comoving": transverse, "x_comoving": transverse}, meta)
 
 
-_WORKER_BANK: Bank | None = None
-
-
-def _init_worker(bank: Bank) -> None:
-    global _WORKER_BANK
-    _WORKER_BANK = bank
-
-
-def _worker_row(index: int) -> Sample:
-    return simulate_row(_WORKER_BANK, index)
-
-
 def _rows(bank: Bank, indices: Sequence[int], workers: int) -> Iterator[Sample]:
-    """Rows of `indices` in order, made by `workers` processes (fork where the OS has it, as
-    generators.generate: workers inherit the imported modules instead of re-importing them)."""
-    if workers <= 1 or len(indices) <= 1:
-        for i in indices:
-            yield simulate_row(bank, i)
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(min(workers, len(indices)), _init_worker, (bank,)) as pool:
-        # chunksize 1: a lightcone takes seconds, so per-task overhead is nothing and the
-        # ordered imap never waits on a long chunk
-        yield from pool.imap(_worker_row, indices, chunksize=1)
+    """Rows of `indices` in order, made by `workers` processes (forked where the OS has it, as
+    generators.generate: workers inherit the imported modules instead of re-importing them;
+    the bank goes to each worker once). One lightcone per piece of work: a lightcone takes
+    seconds, so per-item overhead is nothing and the ordered results never wait on a long chunk."""
+    return in_parallel(functools.partial(simulate_row, bank), indices, min(workers, len(indices)), processes=True, picklable=True)
 
 
 # ---------------------------------------------------------------------------- the bank folder

@@ -9,7 +9,6 @@ object and share `meta["pair_id"]`.
 
 from __future__ import annotations
 
-import multiprocessing
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -21,6 +20,7 @@ from cosmofm.data_cards.mocks.images import mock_image
 from cosmofm.data_cards.mocks.spectra import band_fluxes_njy, mock_object, mock_spectrum, wavelength_grid  # noqa: F401 (re-exported)
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import CubeCard, DataCard, FieldCard, ImageCard, SpectrumCard
+from cosmofm.data_cards.workers import in_parallel
 
 GENERATORS = {SpectrumCard: mock_spectrum, ImageCard: mock_image, CubeCard: mock_cube, FieldCard: mock_field}
 
@@ -33,26 +33,14 @@ def generate(card: DataCard, n: int, seed: int = 0, workers: int = 1, progress: 
     Each sample depends only on (seed, index), so the output is identical for any
     number of workers; samples stream out, so n can exceed memory.
     """
-    from tqdm.auto import tqdm
-
     index = range(n) if indices is None else [int(i) for i in indices]
     if len(index) != n:
         raise InputError("indices", f"{len(index)} indices for n = {n}", "give n = len(indices)")
-    make = partial(_one, card, seed)
-    bar = tqdm(total=n, desc=f"mock {card.name}", unit="sample", disable=not progress)
-    if workers <= 1:
-        for i in index:
-            yield make(i)
-            bar.update()
-    else:
-        # fork where the OS has it: workers inherit the imported modules instead of
-        # re-importing torch/transformers through the cosmofm package (seconds each)
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
-            for sample in pool.imap(make, index, chunksize=max(1, min(64, n // (4 * workers)))):
-                yield sample
-                bar.update()
-    bar.close()
+    # picklable: processes, forked where the OS has it, so workers inherit the imported modules
+    # instead of re-importing torch/transformers through the cosmofm package (seconds each)
+    yield from in_parallel(partial(_one, card, seed), index, workers, processes=True, picklable=True,
+                           chunksize=max(1, min(64, n // (4 * max(workers, 1)))), progress=progress, desc=f"mock {card.name}",
+                           unit="sample", total=n)
 
 
 def _one(card: DataCard, seed: int, index: int) -> Sample:

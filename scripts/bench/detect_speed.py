@@ -59,7 +59,7 @@ def run_measured(code: str, args: list[str], interval: float = 0.25) -> dict:
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     before = usage0.ru_maxrss
     t0 = time.perf_counter()
-    # the environment as is: OMP_NUM_THREADS=1 would make the run see one core (finetune.predict._n_workers) and use one worker
+    # the environment as is: OMP_NUM_THREADS=1 would make the run see one core (data_cards.workers.n_workers) and use one worker
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
