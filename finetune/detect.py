@@ -172,10 +172,17 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     if not np.any(np.isfinite(noise) & (noise > 0)):
         raise InputError(str(path), "has no channel with a finite, non-zero noise (all blank or constant)", "give a cube with data")
     template = catalogue_template()
+    merge = 0.0
     if method == "model":
+        from cosmofm.finetune.task_predict import load_task_model
+
+        model = load_task_model(model, expect_task="detection3d")
         finder, device = model_finder(model, "detection3d")
         processes = device.type == "cpu"
         target = Path(output)
+        merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
+        if merge > 0:
+            target = Path(output).parent / f".{Path(output).name}.candidates{Path(output).suffix}"
     else:
         from cosmofm.heads.sofia_baseline import CANDIDATE_COLUMNS, SOFIA_TUNED
 
@@ -194,9 +201,19 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         keywords[f"NOTE{k}"] = note[:68]
     try:
         summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=_finish, keywords=keywords,
-                            workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if method != "model" else overwrite,
+                            workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if target != Path(output) else overwrite,
                             inputs=[path])
-        if method != "model":
+        if method == "model" and merge > 0:
+            from cosmofm.heads.detection3d_post import merge_catalogue
+
+            hdr = cube.tile_header((slice(0, 1),) * 3)
+            beam = float(np.sqrt(hdr["BMAJ"] * hdr["BMIN"]) * 3600.0)
+            t0 = time.perf_counter()
+            summary["n_candidates"] = summary["n_sources"]
+            summary["n_sources"] = _reliability_pass(target, Path(output), None, cut=lambda t: merge_catalogue(t, beam, merge))
+            summary["output"] = str(output)
+            summary["merge_s"] = time.perf_counter() - t0
+        elif method != "model":
             t0 = time.perf_counter()
             summary["n_candidates"] = summary["n_sources"]
             summary["n_sources"] = _reliability_pass(target, Path(output), config)
@@ -208,11 +225,11 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s}
 
 
-def _reliability_pass(candidates: Path, output: Path, config) -> int:
+def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
     """The tiles' candidates (de-duplicated at the core edges like sources) -> one
-    reliability density and cut over the whole cube (`apply_reliability`), written
-    atomically to `output` (FITS: the run's primary keywords kept, NSOURCES updated).
-    Returns the number of sources."""
+    reliability density and cut over the whole cube (`apply_reliability`), or `cut(table)`
+    (the head's merge), written atomically to `output` (FITS: the run's primary keywords
+    kept, NSOURCES updated, ids renumbered). Returns the number of sources."""
     import io
     import os
 
@@ -220,16 +237,22 @@ def _reliability_pass(candidates: Path, output: Path, config) -> int:
     from cosmofm.data_cards.io.catalogue import catalogue_format
     from cosmofm.heads.sofia_baseline import apply_reliability
 
+    def cut_(table):
+        out = apply_reliability(table, config) if cut is None else cut(table)
+        if "id" in out.colnames:
+            out["id"] = np.arange(len(out), dtype=np.int64)
+        return out
+
     if catalogue_format(output) != "fits":
-        table = apply_reliability(Table.read(candidates), config)
+        table = cut_(Table.read(candidates))
         tmp = output.parent / f".{output.name}.part{output.suffix}"
         table.write(tmp, overwrite=True)
         os.replace(tmp, output)
         return len(table)
     with fits.open(candidates) as hdul:
         primary = hdul[0].header.copy()
-        table = apply_reliability(Table.read(hdul[1]), config)
-    primary["NCANDID"] = (int(primary.get("NSOURCES", 0)), "S+C candidates before the reliability cut")
+        table = cut_(Table.read(hdul[1]))
+    primary["NCANDID"] = (int(primary.get("NSOURCES", 0)), "candidates before the reliability cut / merge")
     primary["NSOURCES"] = len(table)
     buf = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(header=primary), fits.table_to_hdu(table)]).writeto(buf)

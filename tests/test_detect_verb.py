@@ -207,6 +207,7 @@ def test_model_path_runs_the_tasks_tile_finder(cube, tiny_config, tmp_path):
     model = CosmoFMForDetection3D.from_backbone_config(tiny_config, Detection3DHeadConfig(card="ska-hi-like"))  # untrained
     summary, cat = _detect(path, tmp_path / "m.fits", model=model, tile=(64, 64, 64), overlap=(0, 32, 32), config=None)
     assert summary["method"] == "model" and summary["n_tiles"] == 4
+    assert "merge_s" in summary and summary["n_sources"] == len(cat) <= summary["n_candidates"]  # the cube-wide merge of duplicates ran
     assert {"score", "line_flux_integral_err", "CHAN_ERR"} <= set(cat.colnames)  # columns only the head's find_in_tile gives
     assert str(cat["central_freq"].unit) == "Hz"
     other = CosmoFMForDeblending.from_backbone_config(tiny_config, DeblendingHeadConfig(n_bands=2, bands=["g", "r"]))

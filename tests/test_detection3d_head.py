@@ -265,3 +265,86 @@ def test_the_shipped_recipe_runs_with_tiny_overrides_and_makes_a_release(tmp_pat
     assert details["n_test"] == 2 and "sdc2_score" in details and "completeness" in details and details["n_truth"] >= 1
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and (tmp_path / "run" / "finetune_recipe.yaml").is_file()
     assert type(from_pretrained(result["model_dir"], expect_task="detection3d")) is CosmoFMForDetection3D
+
+
+# ---------------------------------------------------------------------------- post-processing: merging and the receding side
+
+
+def test_merge_keeps_the_strongest_of_each_source_window_and_only_suppresses_from_survivors():
+    from cosmofm.heads.detection3d_post import merge_keep
+
+    score = np.array([0.9, 0.5, 0.4, 0.8])
+    xy = np.array([[0.0, 0.0], [3.0, 0.0], [7.0, 0.0], [30.0, 0.0]])
+    z = np.array([0.0, 5.0, 9.0, 0.0])
+    conv, spec = np.full(4, 4.0), np.full(4, 10.0)
+    # 1 lies in 0's window (3 < 4, 5 < 10) and goes; 2 lies in 1's window only, and 1 is gone: 2 stays; 3 is far
+    assert merge_keep(score, xy, z, conv, spec, 1.0).tolist() == [True, False, True, True]
+    assert merge_keep(score, xy, z, conv, spec, 0.0).tolist() == [True] * 4
+    # a wider factor reaches 2 from 0 (7 < 8, 9 < 20); the spectral window alone decides too
+    assert merge_keep(score, xy, z, conv, spec, 2.0).tolist() == [True, False, False, True]
+    assert merge_keep(score, xy, z + np.array([0.0, 20.0, 0.0, 0.0]), conv, spec, 1.0).tolist() == [True] * 4  # 1 at 25 channels: out of 0's window
+
+
+def test_merge_catalogue_works_in_world_units_and_needs_scores():
+    from astropy.table import Table
+
+    from cosmofm.heads.detection3d_post import merge_catalogue
+
+    t = Table({"ra": [10.0, 10.0 + 3.0 / 3600, 10.0 + 60.0 / 3600], "dec": [0.0, 0.0, 0.0], "central_freq": [1.1e9, 1.1e9 + 2e4, 1.1e9],
+               "hi_size": [10.0, 10.0, 10.0], "w20": [200.0, 200.0, 200.0], "score": [0.3, 0.6, 0.5]})
+    out = merge_catalogue(t, 7.0, 1.0)  # 3 arcsec < sqrt(10^2 + 7^2), 20 kHz < ~0.8 MHz: one source
+    assert out["score"].tolist() == [0.6, 0.5]
+    with pytest.raises(InputError, match="score"):
+        merge_catalogue(t[["ra", "dec", "central_freq", "hi_size", "w20"]], 7.0, 1.0)
+
+
+def test_receding_direction_follows_the_velocity_gradient_and_the_channel_direction():
+    from cosmofm.heads.detection3d_post import receding_direction
+
+    shape = (40, 32, 32)
+    zz, yy, xx = np.indices(shape, dtype=np.float64)
+    u_dir = np.array([math.cos(math.radians(30)), math.sin(math.radians(30))])  # (col, row) of the receding side
+    cube = np.zeros(shape)
+    for t in np.linspace(-1, 1, 9):  # a rotating bar: offset t along u at channel 20 - 8 t (lower channel = receding)
+        x, y = 16 + 6 * t * u_dir[0], 16 + 6 * t * u_dir[1]
+        cube += 5 * np.exp(-0.5 * (((xx - x) ** 2 + (yy - y) ** 2) / 1.5**2 + ((zz - (20 - 8 * t)) / 2.0) ** 2))
+    cube += np.random.default_rng(0).normal(0, 0.3, shape)
+    det = torch.zeros(1, 2, len(data.DETECTION_FIELDS))
+    f = {k: i for i, k in enumerate(data.DETECTION_FIELDS)}
+    det[0, 0, [f["score"], f["chan"], f["row"], f["col"]]] = torch.tensor([0.9, 20.0, 16.0, 16.0])
+    det[0, 0, f["mu_log_w20_chan"]], det[0, 0, f["mu_log_size_pix"]] = math.log10(20.0), math.log10(12.0)
+    snr = torch.tensor(cube, dtype=torch.float32).unsqueeze(0)
+    up = receding_direction(snr, det, torch.tensor([1.0]))[0]
+    assert float(up[0] @ torch.tensor(u_dir, dtype=up.dtype)) > math.cos(math.radians(8))  # within 8 deg
+    assert torch.isnan(up[1]).all()  # the padding row
+    down = receding_direction(snr, det, torch.tensor([-1.0]))[0]  # frequency falling with channel: the other side recedes
+    torch.testing.assert_close(down[0], -up[0])
+
+
+def test_merge_factor_and_pa_source_are_checked(card):
+    assert Detection3DHeadConfig().merge_factor == 1.0 and Detection3DHeadConfig().pa_from == "moment"
+    with pytest.raises(InputError, match="task.merge_factor"):
+        Detection3DHeadConfig(merge_factor=-1.0)
+    with pytest.raises(InputError, match="task.pa_from"):
+        Detection3DHeadConfig(pa_from="network")
+
+
+def test_cube_calibration_prefers_merging_a_duplicate_to_raising_the_threshold(card):
+    from astropy.table import Table
+
+    truth = Table({"ra": [10.0, 10.02], "dec": [0.0, 0.0], "central_freq": [1.10e9, 1.12e9], "line_flux_integral": [1.0, 2.0],
+                   "hi_size": [10.0, 12.0], "w20": [200.0, 250.0], "pa": [30.0, 200.0], "i": [50.0, 60.0]})
+    cat = Table({c: np.concatenate([np.asarray(truth[c]), np.asarray(truth[c][:1]), np.asarray(truth[c][:1])]) for c in truth.colnames})
+    cat["ra"][2] += 3.0 / 3600  # a duplicate of source 0, 3 arcsec off (its window: sqrt(10^2 + 7^2) = 12 arcsec)
+    cat["ra"][3] += 0.01  # noise: 36 arcsec from anything
+    cat["score"] = [0.8, 0.7, 0.62, 0.3]
+    model = _model(card)
+    task = Detection3DTask(model.head_config)
+    fitted = task.calibrate_catalogues(model, [(cat, truth)], 7.0, 0.9)
+    # the noise row must go (0.35); the duplicate goes by merging (0.5 x its window reaches 3 arcsec), not by a threshold above 0.62
+    assert (fitted["threshold"], fitted["merge_factor"]) == (0.35, 0.5) and model.head_config.threshold == 0.35
+    assert fitted["purity_calibration"] == 1.0 and fitted["sdc2_score_calibration"] == pytest.approx(2.0)
+    model._set_task(threshold=0.05)
+    task = Detection3DTask(model.head_config)
+    fitted = task.calibrate_catalogues(model, [(cat, truth)], 7.0, 0.9, merge_factors=(0.0,))  # no merging: the threshold must climb
+    assert fitted["threshold"] == 0.65 and fitted["sdc2_score_calibration"] == pytest.approx(2.0)

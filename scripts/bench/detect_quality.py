@@ -1,12 +1,25 @@
 """3D HI detection quality (issue 21): the detection head against the SoFiA-style baseline.
 
-    python -m cosmofm.bench.detect_quality --out docs/bench --n-train 160 --steps 300 --seeds 0 1
+    python -m cosmofm.bench.detect_quality --out docs/bench --n-train 960 --steps 1500 --lr 3e-3
+        --calibration-cubes 2 --compare-before --seeds 0 1 2 --threads 1    (one line: docs/benchmarks.md)
+    ... --save-model runs/det3d, then ... --model runs/det3d: train once, evaluate again
 
 Training: `--n-train` labelled tiles (`Detection3DTask.labelled_mocks`, survey-cube
 seeds 0, 1, ...: the quadrants of (C, 2H, 2W) cubes) train the head on a fresh backbone
 of the demo's shape (`--backbone` gives a pretrained one instead) for `--steps` optimizer
-steps with the shared fine-tune loop (strategy full); `--n-calibration` tiles of other
-cubes (universe seed 1) choose the objectness threshold (`Detection3DTask.calibrate`).
+steps with the shared fine-tune loop (strategy full). The objectness threshold and the merge factor are chosen
+on `--calibration-cubes` held-out cubes of the test cubes' kind (seeds 2,000,000 + k:
+neither training nor test) through the same `cosmofm detect` path, for the best SDC2 score
+at purity >= `--min-purity` (`Detection3DTask.calibrate_catalogues`); with 0 of them, on
+`--n-calibration` tiles of other cubes (universe seed 1, `Detection3DTask.calibrate`).
+
+`--compare-before` adds the arm `head_before`: the same weights decoded as before the
+purity / PA work (no merging of duplicates, `merge_factor` 0; the regressed PA direction,
+`pa_from` "regressed"; the threshold chosen on the tiles for the best score, no purity
+floor), so the post-processing's effect is measured on one trained network. Every arm's
+false detections are sorted (`false_positive_kinds`): inside the match window of a truth
+source another candidate took (duplicates and fragments), within twice the window of a
+truth source (misplaced), or farther (noise).
 
 Test: held-out mock survey cubes (`mock_survey_cube`, seeds 1,000,000 + each of
 `--seeds`: never a training seed), `--channels` x `--size`^2, `--density` galaxies per
@@ -51,8 +64,8 @@ from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
 from cosmofm.heads.sofia_baseline import SofiaConfig
 
 TEST_SEED_BASE = 1_000_000  # test cubes; training cubes use seeds 0 .. n_train / 4
+CALIBRATION_SEED_BASE = 2_000_000  # threshold calibration cubes
 SNR_DETECTABLE = 4.0
-ARMS = ("head", "sofia", "sofia_defaults")  # sofia: SOFIA_TUNED
 
 
 def load_info() -> dict:
@@ -76,14 +89,63 @@ def detectable(truth: Table, header, noise: float) -> np.ndarray:
     return data.pixel_frame(cols, scales)["snr"] >= SNR_DETECTABLE
 
 
-def summary(score, truth_bright: np.ndarray) -> dict:
+def false_positive_kinds(score, cat: Table, truth: Table, beam: float) -> dict:
+    """Counts of a catalogue's false detections by kind (module docstring): "duplicate" (inside the
+    SDC2 match window of a truth source another candidate took), "near" (within twice the
+    window of one), "noise" (farther from every truth source)."""
+    from cosmofm.heads.sdc2_score import C_KMS, HI_REST_HZ, _columns
+
+    out = {"duplicate": 0, "near": 0, "noise": 0}
+    false = np.ones(len(cat), bool)
+    false[score.candidate_index] = False
+    if not false.any():
+        return out
+    t, s = _columns(truth, "truth", False), _columns(cat, "catalogue", True)
+    conv = np.hypot(t["hi_size"], beam)
+    spec = t["w20"] * t["central_freq"] ** 2 / (C_KMS * HI_REST_HZ)
+    cosd = np.cos(np.radians(t["dec"]))
+    for k in np.nonzero(false)[0]:
+        dra = (s["ra"][k] - t["ra"] + 180.0) % 360.0 - 180.0
+        pos = np.hypot(dra * cosd, s["dec"][k] - t["dec"]) * 3600.0 / conv
+        freq = np.abs(s["central_freq"][k] - t["central_freq"]) / spec
+        out["duplicate" if np.any((pos < 1) & (freq < 1)) else "near" if np.any((pos < 2) & (freq < 2)) else "noise"] += 1
+    return out
+
+
+def summary(score, truth_bright: np.ndarray, cat: Table | None = None, truth: Table | None = None, beam: float = 7.0) -> dict:
     d = score.as_dict()
     d.pop("binned", None)
     matched = np.zeros(score.n_truth, bool)
     matched[score.truth_index] = True
     d["n_truth_snr4"] = int(truth_bright.sum())
     d["completeness_snr4"] = float(matched[truth_bright].mean()) if truth_bright.any() else float("nan")
+    if cat is not None:
+        d["false_kinds"] = false_positive_kinds(score, cat, truth, beam)
     return d
+
+
+def test_cube(card, args, seed: int, work: Path) -> tuple[Path, Table, np.ndarray]:
+    """A held-out survey cube written to FITS in `work`: (path, truth, expected S/N >= 4 rows)."""
+    cube, header, truth = mock_survey_cube(card, args.channels, args.size, density=args.density, seed=seed,
+                                           log_mhi_min=args.log_mhi_min, frequency_start=args.frequency_start, as_sample=False)
+    bright = detectable(truth, header, float(card.noise_per_channel))
+    path = write_survey_cube_fits(work / f"cube-{seed}.fits", cube, header, truth)
+    return path, truth, bright
+
+
+def calibrate_on_cubes(model, task, card, args, work: Path) -> dict:
+    """The threshold chosen on `--calibration-cubes` held-out cubes (`Detection3DTask.calibrate_catalogues`):
+    one `cosmofm detect` pass per cube at the head's floor threshold, then the sweep on the catalogues."""
+    beam = float(card.beam_fwhm.to_value(u.arcsec))
+    model._set_task(merge_factor=0.0)  # the catalogues un-merged: calibrate_catalogues chooses the factor
+    pairs = []
+    for k in range(args.calibration_cubes):
+        path, truth, _ = test_cube(card, args, CALIBRATION_SEED_BASE + k, work)
+        with torch.no_grad():
+            cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, tile=tuple(args.tile), overlap=tuple(args.overlap))
+        pairs.append((cat, truth))
+        path.unlink()
+    return task.calibrate_catalogues(model, pairs, beam, args.min_purity)
 
 
 def train(card, args) -> tuple:
@@ -103,17 +165,29 @@ def train(card, args) -> tuple:
                      seed=args.train_seed, progress=args.progress)
     t0 = time.perf_counter()
     run = finetune_loop(model, samples, task.targets, Strategy("full"), cfg)
-    # the objectness threshold, chosen on held-out tiles (universe seed 1: other cubes than training and test)
-    calibration = Detection3DTask.labelled_mocks(card, args.n_calibration, 1, tile=tuple(args.tile), density=args.train_density,
-                                                 log_mhi_min=args.log_mhi_min)
-    from cosmofm.finetune.run import collect_outputs
-
-    fitted = task.calibrate(run.model, collect_outputs(run.model, calibration, 8), task.targets(calibration))
-    task = Detection3DTask(run.model.head_config)
-    info = {"calibration": fitted, "n_calibration_tiles": len(calibration), "n_tiles": len(samples), "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)), "steps": run.steps,
+    info = {"n_tiles": len(samples), "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)), "steps": run.steps,
             "seconds": time.perf_counter() - t0, "final_loss": run.step_losses[-1] if run.step_losses else None,
             "first_loss": run.step_losses[0] if run.step_losses else None}
     return run.model.eval(), task, info
+
+
+def calibrate(model, task, card, args, work: Path, before: bool = False) -> dict:
+    """Set the model's threshold (module docstring); `before`: the old rule (tiles, best score, no purity floor)."""
+    from cosmofm.finetune.run import collect_outputs
+
+    floor = Detection3DHeadConfig().threshold
+    model._set_task(threshold=floor)
+    task = Detection3DTask(model.head_config)
+    if args.calibration_cubes and not before:
+        return {"on": f"{args.calibration_cubes} cubes", **calibrate_on_cubes(model, task, card, args, work)}
+    # held-out tiles (universe seed 1: other cubes than training and test)
+    tiles = Detection3DTask.labelled_mocks(card, args.n_calibration, 1, tile=tuple(args.tile), density=args.train_density,
+                                           log_mhi_min=args.log_mhi_min)
+    fitted = task.calibrate(model, collect_outputs(model, tiles, 8), task.targets(tiles), 0.0 if before else args.min_purity)
+    return {"on": f"{len(tiles)} tiles", **fitted}
+
+
+POST_BEFORE = {"merge_factor": 0.0, "pa_from": "regressed"}  # the decoding before the purity / PA work
 
 
 def main(argv=None) -> dict:
@@ -121,7 +195,10 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--n-train", type=int, default=160, help="labelled training tiles")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    p.add_argument("--n-calibration", type=int, default=48, help="held-out tiles the objectness threshold is chosen on")
+    p.add_argument("--calibration-cubes", type=int, default=2, help="held-out cubes the objectness threshold is chosen on (0: tiles)")
+    p.add_argument("--min-purity", type=float, default=0.9, help="the threshold's purity floor on the calibration data")
+    p.add_argument("--n-calibration", type=int, default=48, help="held-out tiles for the threshold when --calibration-cubes is 0")
+    p.add_argument("--compare-before", action="store_true", help="add the arm head_before (the old decoding, same weights)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="held-out test cubes (seed 1,000,000 + each)")
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--size", type=int, default=128)
@@ -136,6 +213,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--backbone", default=None, help="a pretrained release; default a fresh backbone of --backbone-recipe's shape")
     p.add_argument("--backbone-recipe", default="demo")
+    p.add_argument("--save-model", default=None, help="save the trained model (and its training record) to this folder")
+    p.add_argument("--model", default=None, help="a model saved by --save-model: skip the training (its record is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
@@ -143,34 +222,58 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.train_seed)
     card = load_card("ska-hi-like")
+    beam = float(card.beam_fwhm.to_value(u.arcsec))
     result = {"machine": machine_info(), "load_start": load_info(), "args": vars(args),
               "inference": "cosmofm detect's tiled path (finetune.detect.detect_cube), one worker"}
-    model, task, result["train"] = train(card, args)
+    if args.model:
+        from cosmofm.finetune.task_predict import load_task_model
+
+        model = load_task_model(args.model, expect_task="detection3d").eval()
+        task = Detection3DTask(model.head_config)
+        record = Path(args.model) / "train_record.json"
+        result["train"] = {"loaded": str(args.model), **(json.loads(record.read_text()) if record.is_file() else {})}
+    else:
+        model, task, result["train"] = train(card, args)
+    if args.save_model:
+        from cosmofm.pretrain.checkpoint import write_manifest
+
+        model.save_pretrained(args.save_model)
+        atomic_write_bytes(Path(args.save_model) / "train_record.json", json.dumps(result["train"], default=float).encode())
+        write_manifest(args.save_model)
     result["load_after_training"] = load_info()
+    work = Path(tempfile.mkdtemp(prefix="detect_quality_"))
+    post = {name: getattr(model.head_config, name) for name in POST_BEFORE}
+    heads = {"head": {**post}}
+    if args.compare_before:
+        model._set_task(**POST_BEFORE)
+        heads["head_before"] = {**POST_BEFORE, "threshold": calibrate(model, task, card, args, work, before=True)["threshold"]}
+        model._set_task(**post)
+    result["calibration"] = calibrate(model, task, card, args, work)
+    heads["head"] = {name: getattr(model.head_config, name) for name in ("merge_factor", "pa_from", "threshold")}
+    result["head_settings"] = heads
+    arms_run = (*heads, "sofia", "sofia_defaults")
     cubes = []
     for seed in args.seeds:
-        cube, header, truth = mock_survey_cube(card, args.channels, args.size, density=args.density, seed=TEST_SEED_BASE + seed,
-                                               log_mhi_min=args.log_mhi_min, frequency_start=args.frequency_start, as_sample=False)
-        bright = detectable(truth, header, float(card.noise_per_channel))
-        work = Path(tempfile.mkdtemp(prefix="detect_quality_"))
-        path = write_survey_cube_fits(work / "cube.fits", cube, header, truth)
-        del cube
-        beam = float(card.beam_fwhm.to_value(u.arcsec))
+        path, truth, bright = test_cube(card, args, TEST_SEED_BASE + seed, work)
         entry = {"seed": TEST_SEED_BASE + seed, "shape": [args.channels, args.size, args.size], "n_truth": len(truth),
                  "voxels": args.channels * args.size**2}
-        arms = {"head": {"model": model, "tile": tuple(args.tile), "overlap": tuple(args.overlap)},
-                "sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}}
+        arms = {name: {"model": model, "tile": tuple(args.tile), "overlap": tuple(args.overlap)} for name in heads}
+        arms.update({"sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}})
         for name, kwargs in arms.items():
+            if name in heads:
+                model._set_task(**heads[name])
             with torch.no_grad():
                 cat, seconds = run_detect(path, work / f"{name}.fits", **kwargs)
-            entry[name] = {**summary(score_catalogue(cat, truth, beam), bright), "seconds": seconds, "voxels_per_s": entry["voxels"] / seconds}
-        shutil.rmtree(work, ignore_errors=True)
+            entry[name] = {**summary(score_catalogue(cat, truth, beam), bright, cat, truth, beam), "seconds": seconds,
+                           "voxels_per_s": entry["voxels"] / seconds}
+        path.unlink()
         cubes.append(entry)
         print(json.dumps({k: entry[k] for k in ("seed", "n_truth")} | {m: {k: entry[m][k] for k in ("score", "completeness", "purity",
-              "completeness_snr4", "voxels_per_s")} for m in ARMS}), flush=True)
+              "completeness_snr4", "false_kinds", "voxels_per_s") if k in entry[m]} for m in arms_run}), flush=True)
+    shutil.rmtree(work, ignore_errors=True)
     result["cubes"] = cubes
     totals = {}
-    for m in ARMS:
+    for m in arms_run:
         ns = sum(c[m]["n_match"] for c in cubes)
         nc = sum(c[m]["n_candidates"] for c in cubes)
         nt = sum(c["n_truth"] for c in cubes)
@@ -178,9 +281,12 @@ def main(argv=None) -> dict:
         totals[m] = {"score": sum(c[m]["score"] for c in cubes), "completeness": ns / nt if nt else float("nan"),
                      "purity": ns / nc if nc else float("nan"), "n_candidates": nc, "n_match": ns, "n_truth": nt, "n_truth_snr4": nb,
                      "completeness_snr4": sum(c[m]["completeness_snr4"] * c[m]["n_truth_snr4"] for c in cubes) / nb if nb else float("nan"),
+                     "false_kinds": {k: sum(c[m]["false_kinds"][k] for c in cubes) for k in cubes[0][m]["false_kinds"]},
                      "voxels_per_s": sum(c["voxels"] for c in cubes) / sum(c[m]["seconds"] for c in cubes),
                      "median_errors": {k: float(np.nanmedian([c[m]["median_errors"][k] for c in cubes])) for k in cubes[0][m]["median_errors"]}}
+    best = max(totals["sofia"]["score"], totals["sofia_defaults"]["score"])
     totals["score_ratio_head_over_sofia"] = totals["head"]["score"] / totals["sofia"]["score"] if totals["sofia"]["score"] else float("nan")
+    totals["score_ratio_head_over_best_baseline"] = totals["head"]["score"] / best if best else float("nan")
     result["totals"] = totals
     result["load_end"] = load_info()
     out = Path(args.out)
