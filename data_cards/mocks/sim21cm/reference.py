@@ -31,7 +31,7 @@ import numpy as np
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.sim21cm.cosmology import cosmology, frequency_hz
-from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX
+from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX, Z_STEP_FACTOR
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 from cosmofm.data_cards.mocks.sim21cm.reionization import CoevalBox, Lightcone
 
@@ -39,7 +39,6 @@ ASTRO_READS = ("HII_EFF_FACTOR", "ION_Tvir_MIN", "R_BUBBLE_MAX", "L_X", "NU_X_TH
 COSMO_READS = ("OMm", "OMb", "SIGMA_8", "hlittle", "POWER_INDEX")
 READS_21CMFAST: tuple[str, ...] = ASTRO_READS + COSMO_READS + ("HMF",)
 HIRES_FACTOR = 3  # DIM / HII_DIM (21cmFAST's default): the ICs are drawn finer and smoothed onto the output cells
-Z_STEP_FACTOR = 1.02  # 21cmFAST's ZPRIME_STEP_FACTOR: node redshifts (1 + z) grow by this factor up to Z_HEAT_MAX
 INSTALL_HINT = "install the extra: apt-get install libfftw3-dev libgsl-dev, then pip install -c constraints.txt -e '.[21cmfast]'"
 
 

@@ -1,36 +1,45 @@
 """Spin temperature of the 21cm line per cell, and the line-of-sight velocity gradient of redshift-space distortions.
 
 T_S follows from the three couplings of the hyperfine levels (Field 1958; Furlanetto, Oh &
-Briggs 2006, Phys. Rep. 433, 181, FOB06, sec. 2), with the colour temperature set to T_K:
+Briggs 2006, Phys. Rep. 433, 181, FOB06, sec. 2), as 21cmFAST 4.1.1's `get_Ts_fast` computes it
+(`spin_temperature`): the Hirata (2006, MNRAS 367, 259) fits for the Wouthuysen-Field coupling and the
+colour temperature T_c (spin exchange pulls T_c from T_K towards T_S), and the CMB coupling
+x_cmb = (1 - e^-tau_21) / tau_21:
 
-    1 / T_S = (1/T_CMB + x_c / T_K + x_alpha / T_K) / (1 + x_c + x_alpha)
+    1 / T_S = (x_cmb / T_CMB + x_c / T_K + x~_alpha / T_c) / (x_cmb + x_c + x~_alpha)
 
 - x_c, collisional coupling: (T_* / (A_10 T_CMB)) n_H (1 + delta) [(1 - x_e) k_HH(T_K) + x_e k_eH(T_K)],
   the rate coefficients from the Zygelman (2005) H-H and Furlanetto & Furlanetto (2007) e-H
   tables as FOB06 lists them, interpolated in log-log (clamped at the tables' ends).
 - x_alpha, Wouthuysen-Field coupling: x_alpha = 16 pi^2 T_* e^2 f_alpha / (27 A_10 T_CMB m_e c)
-  S_alpha J_alpha (FOB06 sec. 4, = 1.81e11 S_alpha J_alpha / (1 + z)), S_alpha =
-  exp(-0.803 T_K^-2/3 (1e-6 tau_GP)^1/3) the approximation 21cmFAST uses (Chuzhoy & Shapiro 2006).
+  S_alpha J_alpha (FOB06 sec. 4, = 1.81e11 S_alpha J_alpha / (1 + z)) with 21cmFAST's
+  S_alpha = 1 / (1 + 2.98394 xi + 1.53583 xi^2 + 3.85289 xi^3), xi = (1e-7 tau_GP)^1/3 T_K^-2/3
+  (`wouthuysen_field_coupling`), then x~_alpha = x_alpha (1 - 0.0631789 / T_K + ...) in `spin_temperature`.
+  Before, S_alpha was Chuzhoy & Shapiro's exp(-0.803 T_K^-2/3 (1e-6 tau_GP)^1/3), ~15 % larger at
+  cosmic dawn, with T_c = T_K and x_cmb = 1 (docs/benchmarks.md).
 - T_K and J_alpha: the means of `heating.history` plus fluctuations from shell-filtered
   emissivity, as 21cmFAST's `spin_temperature` builds them (Mesinger, Furlanetto & Cen 2011,
   sec. 2.3; Pritchard & Furlanetto 2007): the linear density delta_0 is smoothed with
   real-space top-hats of radii R_s = 0.62 cell x 1.5^s up to 0.62 L_box; in a cell whose
-  smoothed density is delta_R, shell s emits at the mean rate times
+  smoothed density is delta_R, shell s emits at the shell's box-mean rate (the global one times
+  `heating.source_density_boost`, as 21cmFAST's `calculate_sfrd_from_grid` normalises it) times
   F_s = (1 + delta_R) |df_coll/dz|(delta_R, z'') / <...>_box, f_coll the extended
-  Press-Schechter conditional fraction at the shell's retarded redshift z'' (as 21cmFAST
-  4.1.1's `calculate_sfrd_from_grid` for its constant-efficiency sources), normalised over
-  the box, so the box mean is the global history exactly. The heating of shell s at every
-  earlier step is propagated to the slice's redshift with the temperature equation's
-  propagator Phi (so is its Lyman-alpha heating, `heating` docstring: Delta E per photon from the
-  global history, the cell's J_alpha excess), and its Lyman-alpha flux is taken at the slice's own
-  redshift. Shells beyond
+  Press-Schechter conditional fraction at the shell's retarded redshift z'', so the box mean is
+  the history's exactly. The heating of shell s at every earlier step is propagated to the slice's
+  redshift with the temperature equation's propagator Phi (so is its Lyman-alpha heating, `heating`
+  docstring: Delta E per photon from the global history, the cell's J_alpha excess), moved half a
+  21cmFAST step later as the mean (`heating.at_step_end`), and its Lyman-alpha flux (stars and
+  X-ray-excited) is taken at the slice's own redshift. Shells beyond
   0.62 L_box (X-rays out to ~Gpc, the Lyman-beta horizon) act on every cell alike.
+- dT_b is 21cmFAST's optically thick form (`optically_thick`), ~4 % shallower than the thin one in
+  the absorption trough (tau_21 ~ 0.1).
 
 Simplifications against 21cmFAST, beyond those of `heating`: F_s is tabulated on N_DELTA
 values of delta_R and interpolated; the per-cell history is that of the comoving position of
 the cell (linear density, no displacement); adiabatic compression enters as
 T_K (1 + delta)^(2/3) on the whole temperature; x_e (X-ray pre-ionisation) is the global
-one; T_colour = T_K (no spin-exchange correction).
+one; the X-ray-excited J_alpha leaves out 21cmFAST's (1 + delta) of the absorbing cell;
+x_cmb uses the same step's T_S (21cmFAST: the previous step's).
 
 Redshift-space distortions: in linear theory the line-of-sight gradient of the peculiar
 velocity is dv_r/dr / H = -f(z) D(z) F^-1[k_par^2 / k^2 delta_0(k)] (Kaiser 1987), and the
@@ -48,17 +57,19 @@ import numpy as np
 from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc
 from cosmofm.data_cards.mocks.sim21cm.density import k_grid, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
-    A_10, C_CM, M_E, M_P, RHO_CRIT_CGS, T_CMB0, TAU_GP_COEF, Y_HE, History, cumulative, history, hubble_rate_s,
+    A_10, C_CM, DZ_SOURCE, H_P, K_B, LAMBDA_21, M_E, M_P, RHO_CRIT_CGS, T_CMB0, TAU_GP_COEF, Y_HE, History, at_step_end,
+    cumulative, history, hubble_rate_s,
 )
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
 T_STAR = 0.0681683  # hyperfine energy / k_B, K (A_10 from `heating`)
 E_CHARGE, F_ALPHA = 4.80320e-10, 0.4162  # esu; Ly-alpha oscillator strength
 XA_COEF = 16 * math.pi**2 * T_STAR * E_CHARGE**2 * F_ALPHA / (27 * A_10 * T_CMB0 * M_E * C_CM)  # x_alpha (1+z) / (S_alpha J_alpha)
+TAU21_COEF = 3 * H_P * A_10 * C_CM * LAMBDA_21**2 / (32 * math.pi * K_B)  # tau_21 = TAU21_COEF n_HI / (T_S H), 21cmFAST's
 MAX_DVDR = 0.2  # largest |dv_r/dr| / H (21cmFAST)
 SHELL_RATIO = 1.5  # ratio of successive filter radii of the fluctuating shells
 N_DELTA = 96  # tabulated smoothed densities per shell
-DZ_SOURCE = 0.05  # half-step of the finite difference d f_coll / dz
+CHUNK_CELLS = 1 << 16  # cells per block of the per-cell spin temperature (cache-sized arrays)
 Z_LOW = 5.0  # the history is computed down to min(Z_LOW, lowest slice)
 # Spin de-excitation rate coefficients (cm^3/s) against T_K (K) as FOB06 tabulates them:
 # H-H (Zygelman 2005) and e-H (Furlanetto & Furlanetto 2007)
@@ -71,25 +82,55 @@ K_EH = (2.39e-10, 3.37e-10, 5.30e-10, 7.46e-10, 1.05e-9, 1.63e-9, 2.26e-9, 3.11e
         8.17e-9, 8.32e-9, 8.37e-9, 8.29e-9, 8.11e-9)
 
 
-def _loglog(t, table_t, table_k) -> np.ndarray:
-    lt = np.log(np.clip(np.asarray(t, dtype=float), table_t[0], table_t[-1]))
-    return np.exp(np.interp(lt, np.log(table_t), np.log(table_k)))
+def _loglog(log_t, table_t, table_k) -> np.ndarray:
+    """k(T) interpolated in log-log at log_t = ln T, held at the table's ends."""
+    return np.exp(np.interp(log_t, np.log(table_t), np.log(table_k)))
 
 
-def spin_temperature(t_k, t_cmb, x_c, x_alpha) -> np.ndarray:
-    """T_S (K) from the gas and CMB temperatures and the collisional and Wouthuysen-Field couplings (T_colour = T_K)."""
-    x = np.asarray(x_c) + np.asarray(x_alpha)
-    return (1 + x) / (1 / np.asarray(t_cmb) + x / np.asarray(t_k))
+def spin_temperature(t_k, t_cmb, x_c, x_alpha, x_cmb=1.0) -> np.ndarray:
+    """T_S (K) from the gas and CMB temperatures, the collisional coupling x_c and the Wouthuysen-Field x_alpha.
+
+    21cmFAST 4.1.1's `get_Ts_fast`: the Hirata (2006, MNRAS 367, 259) fits, with x_alpha (from
+    `wouthuysen_field_coupling`) scaled by (1 - 0.0631789/T_K + 0.115995/T_K^2 - 0.401403/(T_K T_S)
+    + 0.336463/(T_K^2 T_S)) and the colour temperature 1/T_c = 1/T_K + 0.405535 (1/T_S - 1/T_K) / T_K
+    (spin exchange), and the CMB's coupling x_cmb = (1 - e^-tau_21) / tau_21 (`cmb_coupling`):
+
+        1 / T_S = (x_cmb / T_CMB + x_c / T_K + x~_alpha / T_c) / (x_cmb + x_c + x~_alpha)
+
+    21cmFAST iterates this to 1e-3; it is a quadratic in 1 / T_S, solved here in closed form (its root
+    that tends to the uncoupled 1 / T_S as x_alpha -> 0). Strong coupling of either kind gives T_K.
+    """
+    a = 1 / np.asarray(t_k, dtype=float)
+    x_c, xa, x_cmb = np.asarray(x_c, dtype=float), np.asarray(x_alpha, dtype=float), np.asarray(x_cmb, dtype=float)
+    a0 = 1 - 0.0631789 * a + 0.115995 * a * a  # x~_alpha = (a0 + a1 / T_S) x_alpha
+    a1 = (0.336463 * a - 0.401403) * a
+    b = a - 0.405535 * a * a  # 1 / T_c = b + c / T_S
+    c = 0.405535 * a
+    quad = xa * a1 * (1 - c)  # quad s^2 + lin s - const = 0, s = 1 / T_S
+    lin = x_cmb + x_c + xa * (a0 * (1 - c) - a1 * b)
+    const = x_cmb / np.asarray(t_cmb, dtype=float) + x_c * a + xa * a0 * b
+    return np.abs(0.5 * (lin + np.sqrt(np.clip(lin * lin + 4 * quad * const, 0.0, None))) / const)
+
+
+def cmb_coupling(t_s, n_hi, hub) -> np.ndarray:
+    """x_cmb = (1 - e^-tau_21) / tau_21 for spin temperature t_s (K), neutral hydrogen n_hi (proper cm^-3), H in 1/s (21cmFAST's xCMB)."""
+    tau21 = TAU21_COEF * np.asarray(n_hi) / (np.asarray(t_s) * np.asarray(hub))
+    return -np.expm1(-tau21) / np.maximum(tau21, 1e-30)
 
 
 def collisional_coupling(t_k, n_h, x_e, t_cmb) -> np.ndarray:
     """x_c for hydrogen density n_h (proper cm^-3), ionised fraction x_e, temperatures in K."""
-    return T_STAR / (A_10 * np.asarray(t_cmb)) * n_h * ((1 - x_e) * _loglog(t_k, T_HH, K_HH) + x_e * _loglog(t_k, T_EH, K_EH))
+    lt = np.log(np.asarray(t_k, dtype=float))
+    return T_STAR / (A_10 * np.asarray(t_cmb)) * n_h * ((1 - x_e) * _loglog(lt, T_HH, K_HH) + x_e * _loglog(lt, T_EH, K_EH))
 
 
 def wouthuysen_field_coupling(j_alpha, z, t_k, tau_gp) -> np.ndarray:
-    """x_alpha for Ly-alpha intensity j_alpha (photons / cm^2 / s / Hz / sr) at redshift z."""
-    s_alpha = np.exp(-0.803 * np.asarray(t_k) ** (-2 / 3) * (1e-6 * np.asarray(tau_gp)) ** (1 / 3))
+    """x_alpha for Ly-alpha intensity j_alpha (photons / cm^2 / s / Hz / sr) at redshift z, before `spin_temperature`'s
+    T_K / T_S factor: 21cmFAST's xa_tilde_fast_arg, S_alpha = 1 / (1 + 2.98394 xi + 1.53583 xi^2 + 3.85289 xi^3),
+    xi = (1e-7 tau_GP)^1/3 T_K^-2/3 (the Hirata 2006 fit as 21cmFAST 4.1.1 codes it)."""
+    cbrt_t = np.cbrt(np.asarray(t_k, dtype=float))
+    xi = np.cbrt(1e-7 * np.asarray(tau_gp)) / (cbrt_t * cbrt_t)
+    s_alpha = 1 / (1 + xi * (2.98394 + xi * (1.53583 + 3.85289 * xi)))
     return XA_COEF / (1 + np.asarray(z)) * s_alpha * j_alpha
 
 
@@ -174,23 +215,42 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
         with np.errstate(divide="ignore", invalid="ignore"):
             excess = np.where((ok & (mean > 0))[:, None], fc / mean[:, None], 1.0) - 1  # F_s - 1
         # X-ray and Ly-alpha heating of the shell's excess emission, K per unit u
-        rate = (hist.heat_coef[:, None] * hist.heat_shell[:, s, None] + hist.lya_heat_shell[:, s, None]) * excess
+        rate = at_step_end((hist.heat_coef[:, None] * hist.heat_shell[:, s, None] + hist.lya_heat_shell[:, s, None]) * excess, du)
         d_heat = hist.phi[:, None] * cumulative(rate / hist.phi[:, None], du)
         d_alpha = hist.alpha_shell[:, s, None] * excess
         flat = slice_base + j0
         for table, out in ((d_heat, d_tk), (d_alpha, d_ja)):
             rows = at_slices(table).ravel()
             out += (1 - w) * rows[flat] + w * rows[flat + 1]
-    one_plus = np.clip(1 + np.asarray(density, dtype=float), 0.05, None)
-    t_k = np.clip(hist.at("t_k", z)[:, None, None] + d_tk, 1.0, None) * one_plus ** (2 / 3)
-    j_alpha = np.clip(hist.at("j_alpha", z)[:, None, None] + d_ja, 0.0, None)
     x_e = hist.at("x_e", z)
-    n_h = ((1 - Y_HE) * params.OMb * RHO_CRIT_CGS * params.hlittle**2 / M_P * (1 + z) ** 3)[:, None, None] * one_plus
-    t_cmb = (T_CMB0 * (1 + z))[:, None, None]
-    tau_gp = TAU_GP_COEF * n_h * (1 - x_e)[:, None, None] / hubble_rate_s(cosmo, z)[:, None, None]
-    x_alpha = wouthuysen_field_coupling(j_alpha, z[:, None, None], t_k, tau_gp)
-    x_c = collisional_coupling(t_k, n_h, x_e[:, None, None], t_cmb)
-    return SpinFields(spin_temperature(t_k, t_cmb, x_c, x_alpha), t_k, x_alpha, x_c, x_e, hist)
+    n_h = (1 - Y_HE) * params.OMb * RHO_CRIT_CGS * params.hlittle**2 / M_P * (1 + z) ** 3  # (D,) at the mean density
+    per_slice = {"t_k": hist.at("t_k", z), "j_alpha": hist.at("j_alpha", z), "x_e": x_e, "n_h": n_h, "z": z,
+                 "t_cmb": T_CMB0 * (1 + z), "hub": hubble_rate_s(cosmo, z)}
+    out = [np.empty(shape) for _ in range(4)]
+    # the per-cell couplings, a few slices at a time: ~40 numpy passes each, on cache-sized blocks
+    rows = max(1, CHUNK_CELLS // max(1, int(np.prod(shape[1:]))))
+    density = np.asarray(density, dtype=float)
+    for i in range(0, shape[0], rows):
+        sl = slice(i, i + rows)
+        for o, v in zip(out, _cell_spin(d_tk[sl], d_ja[sl], density[sl], **{k: v[sl, None, None] for k, v in per_slice.items()})):
+            o[sl] = v
+    return SpinFields(out[0], out[1], out[2], out[3], x_e, hist)
+
+
+def _cell_spin(d_tk, d_ja, density, t_k, j_alpha, x_e, n_h, z, t_cmb, hub) -> tuple[np.ndarray, ...]:
+    """(T_S, T_K, x_alpha, x_c) of a block of cells from the slices' means (D, 1, 1) and the cells' fluctuations."""
+    one_plus = np.clip(1 + density, 0.05, None)
+    cbrt = np.cbrt(one_plus)
+    t_k = np.clip(t_k + d_tk, 1.0, None) * (cbrt * cbrt)  # adiabatic (1 + delta)^2/3
+    j_alpha = np.clip(j_alpha + d_ja, 0.0, None)
+    n_cell = n_h * one_plus
+    tau_gp = (TAU_GP_COEF * (1 - x_e) / hub) * n_cell
+    x_alpha = wouthuysen_field_coupling(j_alpha, z, t_k, tau_gp)
+    x_c = collisional_coupling(t_k, n_cell, x_e, t_cmb)
+    t_s = spin_temperature(t_k, t_cmb, x_c, x_alpha)
+    # the CMB's coupling from the 21cm optical depth at that T_S (21cmFAST: at the mean density, its previous step's T_S)
+    x_cmb = cmb_coupling(t_s, n_h * (1 - x_e), hub)
+    return spin_temperature(t_k, t_cmb, x_c, x_alpha, x_cmb), t_k, x_alpha, x_c
 
 
 def velocity_gradient(delta0: np.ndarray, cell: float, redshifts, cosmo: Cosmology) -> np.ndarray:
@@ -214,6 +274,15 @@ def brightness_prefactor(z, params: SimParams) -> np.ndarray:
     return 27.0 * (params.OMb * h2 / 0.023) * np.sqrt(0.15 / (params.OMm * h2) * (1 + np.asarray(z, dtype=float)) / 10)
 
 
+def optically_thick(tb_saturated: np.ndarray, t_s: np.ndarray, z) -> np.ndarray:
+    """dT_b (mK) = (1 - e^-tau) (T_S - T_CMB) / (1 + z), tau = tb_saturated (1 + z) / T_S, from the saturated-limit
+    dT_b (mK, D, H, W) and T_S (K), z (D,): 21cmFAST's BrightnessTemperatureBox.c. To first order in tau (~0.1 in the
+    absorption trough, where this is ~5 % shallower) it is tb_saturated (1 - T_CMB / T_S)."""
+    zz = np.asarray(z, dtype=float)[:, None, None]
+    tau = tb_saturated * (1 + zz) / (1000.0 * t_s)
+    return -np.expm1(-tau) * 1000.0 * (t_s - T_CMB0 * (1 + zz)) / (1 + zz)
+
+
 def brightness_temperature(delta0: np.ndarray, delta: np.ndarray, x_hi: np.ndarray, z: np.ndarray, params: SimParams, cosmo: Cosmology,
                            cell: float, box_len: float, spin: bool, rsd: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """(dT_b in mK, T_S in K or None when saturated) of a box with slice redshifts z (`reionization` docstring, point 3).
@@ -224,15 +293,15 @@ def brightness_temperature(delta0: np.ndarray, delta: np.ndarray, x_hi: np.ndarr
     tb = brightness_prefactor(z, params)[:, None, None] * x_hi * np.clip(1 + delta, 0, None)
     t_s = None
     if spin:
-        sf = spin_fields(delta0, cell, z, params, cosmo, delta, box_len)
-        t_s = sf.t_s
-        tb = tb * (1 - (T_CMB0 * (1 + z))[:, None, None] / t_s)
+        t_s = spin_fields(delta0, cell, z, params, cosmo, delta, box_len).t_s
+        tb = optically_thick(tb, t_s, z)
     if rsd:
         tb = tb * rsd_factor(velocity_gradient(delta0, cell, z, cosmo))
     return tb, t_s
 
 
 __all__ = [
-    "MAX_DVDR", "SpinFields", "box_history", "brightness_prefactor", "brightness_temperature", "collisional_coupling", "rsd_factor",
+    "MAX_DVDR", "SpinFields", "box_history", "brightness_prefactor", "brightness_temperature", "cmb_coupling", "collisional_coupling",
+    "optically_thick", "rsd_factor",
     "shells", "spin_fields", "spin_temperature", "velocity_gradient", "wouthuysen_field_coupling", "xray_ionised_fraction",
 ]
