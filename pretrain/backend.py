@@ -43,6 +43,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import types
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -340,6 +342,73 @@ def checkpoint_group(key: str):
     if key not in _CHECKPOINT_GROUPS:
         _CHECKPOINT_GROUPS[key] = torch.distributed.new_group(backend="gloo")
     return _CHECKPOINT_GROUPS[key]
+
+
+def close_process_group() -> list[str]:
+    """Tear down this process's torch.distributed state before the interpreter exits; returns
+    the names of the communication threads still alive after it (none when it worked).
+
+    `destroy_process_group` only drops torch's own references to the groups; a gloo group is
+    destroyed, and its worker threads joined, when the last reference goes, and others remain:
+    each FSDP2 DeviceMesh keeps its groups (`_pg_registry`; DTensor's sharding and
+    redistribution caches keep the meshes), and functions defined with `group=group.WORLD`
+    hold the default group in their default arguments when their module was imported after
+    the group formed (torch.distributed.nn.functional, imported lazily with dynamo; DeepSpeed's
+    TorchBackend.barrier). Left to interpreter shutdown, a gloo worker still releasing its
+    last collective (whose tensors Python owns) takes the GIL while the interpreter is
+    finalizing, is ended by pthread_exit inside a noexcept destructor, and the process aborts
+    after a complete run: "terminate called without an active exception"
+    (SIGABRT), rarely and under load (issue 19). So: the checkpoint groups, the meshes'
+    references and those default arguments (set to None, "the default group", which is what
+    they meant) are dropped, the FSDP2 modules' reference cycles collected, then the groups
+    destroyed, which joins their threads while Python is whole. (DeepSpeed's engine keeps its
+    groups alive beyond this: ZeRO runs still return their threads' names.) Every process calls
+    it once, after its last collective and after every asynchronous save was waited for."""
+    import gc
+    import sys
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return _communication_threads()
+    _CHECKPOINT_GROUPS.clear()
+    gc.collect()  # FSDP2 modules, their states and hooks are reference cycles
+    group_type = dist.ProcessGroup
+    mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    with warnings.catch_warnings():  # isinstance on torch's deprecated reduce_op objects warns
+        warnings.simplefilter("ignore", FutureWarning)
+        _drop_group_references(gc.get_objects(), group_type, mesh_type)
+    dist.destroy_process_group()
+    gc.collect()
+    return _communication_threads()
+
+
+def _drop_group_references(objects, group_type, mesh_type) -> None:
+    """Process groups in functions' default arguments become None; DeviceMeshes forget theirs."""
+    for obj in objects:
+        if type(obj) is types.FunctionType:
+            if obj.__defaults__ and any(isinstance(d, group_type) for d in obj.__defaults__):
+                obj.__defaults__ = tuple(None if isinstance(d, group_type) else d for d in obj.__defaults__)
+            if obj.__kwdefaults__ and any(isinstance(d, group_type) for d in obj.__kwdefaults__.values()):
+                obj.__kwdefaults__ = {k: None if isinstance(d, group_type) else d for k, d in obj.__kwdefaults__.items()}
+        elif mesh_type is not None and isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()  # a mesh is unusable after destroy_process_group anyway
+
+
+def _communication_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc/self/task; elsewhere none known)."""
+    names = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for task in tasks:
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
 
 
 def load_optimizer_state(backend: BackendConfig, model, optimizer, state: dict):

@@ -161,7 +161,9 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, *, overwrite: bool = 
     earlier run's outputs there (RUN_OUTPUTS), so two runs' checkpoints never mix.
     `resume` continues from the newest checkpoint that verifies, `resume_from` (which
     implies it) from that step's. The run holds `run_lock` on its folder throughout.
-    Raises TrainingDiverged at the first non-finite loss or gradient norm.
+    Raises TrainingDiverged at the first non-finite loss or gradient norm. Under a launcher the
+    process group outlives the run: the process closes it at its end
+    (`backend.close_process_group`; the CLI does).
     """
     resume = resume or resume_from is not None
     if overwrite and resume:
@@ -258,7 +260,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     log_loss = config.masked_loss == "log_chi2"
     step_sums = None  # this step's per-modality loss sums, over its micro-batches
     stopped = None  # the signal that stopped the run, if one did
-    with SaveOnSignal() as signals:
+    with SaveOnSignal() as signals, _awaited(lambda: pending):
         for batch in loader:
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
@@ -316,7 +318,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
         if main:
             print(f"{stopped}: checkpoint of step {step} saved in {out_dir / CHECKPOINTS_DIR}; stopping (continue with --resume)", flush=True)
         accelerator.wait_for_everyone()
-        accelerator.end_training()
+        _end_trackers(accelerator)
         return {**summary, "stopped": stopped, "checkpoint": str(out_dir / CHECKPOINTS_DIR / step_name(step))}
 
     model_dir = Path(summary["model_dir"])
@@ -325,8 +327,33 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     if main:
         save_release(release.cosmofm, model_dir)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    _end_trackers(accelerator)
     return summary
+
+
+@contextlib.contextmanager
+def _awaited(current):
+    """Leaving the loop by an error: first let the asynchronous save `current()` still being
+    written finish (its thread runs collectives on a group of its own, which every rank joined
+    at the same step), so that the process group is not closed under it; the error goes on."""
+    try:
+        yield
+    except BaseException:
+        pending = current()
+        if pending is not None:
+            with contextlib.suppress(Exception):  # the loop's error is the one to report
+                pending.wait()
+        raise
+
+
+def _end_trackers(accelerator: Accelerator) -> None:
+    """Accelerate's end_training without its destroy_process_group: the model and optimizer
+    still hold the group here (FSDP2's device meshes), so destroying it now cannot join gloo's
+    threads. The process that formed the group closes it once the run's objects are gone
+    (`backend.close_process_group`, called by the CLI), and a notebook or the demo keeps it for
+    its next job."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def on_main(accelerator: Accelerator, fn) -> dict:

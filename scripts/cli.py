@@ -561,10 +561,16 @@ def _close_process_group() -> None:
     """Tear down the torch.distributed process group a launched command formed (accelerate
     launch, torchrun) before the interpreter exits: left to interpreter shutdown, the comm
     threads of gloo and DeepSpeed can be destroyed while running ("terminate called without
-    an active exception", SIGABRT after a complete run, ~1 in 8 ZeRO-3 runs on 2 CPU processes)."""
+    an active exception", SIGABRT after a complete run, ~1 in 8 ZeRO-3 runs on 2 CPU processes).
+    destroy_process_group alone leaves FSDP2's groups alive: pretrain.backend.close_process_group."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        from cosmofm.pretrain.backend import close_process_group
+
+        left = close_process_group()
+        if left:
+            print(f"warning: {len(left)} communication threads still alive after the process group was destroyed "
+                  f"({', '.join(left)}); the process may abort at exit", file=sys.stderr)
 
 
 if __name__ == "__main__":

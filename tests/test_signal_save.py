@@ -1,7 +1,8 @@
 """Save on a signal (pretrain/checkpoint_signal.py): a real `cosmofm pretrain` process sent
 SIGUSR1 mid-run writes a checkpoint at the next step and trains on; sent SIGTERM, it writes
 one and exits cleanly; a resume from either continues exactly (the loss curve of the
-uninterrupted run, bit for bit). (The same requests reaching every rank: test_observe.py.)"""
+uninterrupted run, bit for bit). (The same requests reaching every rank: test_observe.py; a
+2-process run signalled on one rank only: test_signal_ranks.py.)"""
 
 import json
 import os

@@ -1,17 +1,23 @@
-"""ZeRO-3 memory benchmark: the bytes of model state each rank holds, and a sizing table.
+"""ZeRO memory benchmark: the bytes of model state each rank holds (ZeRO-1, -2, -3, FSDP2), and a sizing table.
 
-Measured: one training step of a CosmoFM model (the demo recipe's shape at width 384, so that
-every weight matrix is above DeepSpeed's stage3_param_persistence_threshold of 1e5 elements
-and is partitioned) in 1 process (the plain model, as
-DDP holds it) and under DeepSpeed ZeRO-3 (fp32 and bf16) and FSDP2 with 2 gloo processes on CPU,
-each through the pretraining loop's own Accelerator, `apply` and `prepare`. Each rank counts
-the bytes of the tensors it holds after the step (each storage once): parameters (its
-partitions and DeepSpeed's persistent small parameters), gradients (DeepSpeed's gradient
-partition buffers) and optimizer state (AdamW's moments, DeepSpeed's fp32 master
-partitions). Activations and communication buffers are not model state and are left out.
-The batch holds all four modalities (so that every parameter has a gradient and AdamW state,
-as in a real run), except under DeepSpeed, which needs one modality and holds gradient and
-state for every parameter whatever the batch.
+Measured: a CosmoFM model (the demo recipe's shape at width 384, so that every weight
+matrix is above DeepSpeed's stage3_param_persistence_threshold of 1e5 elements and is
+partitioned) in 1 process (the plain model, as DDP holds it) and under DeepSpeed ZeRO-1,
+ZeRO-2 and ZeRO-3 (fp32 and bf16) and FSDP2 with 2 gloo processes on CPU, each through the
+pretraining loop's own Accelerator, `apply` and `prepare`. Each rank takes one whole
+optimizer step (so AdamW's state exists), then the forward and backward pass of a second
+step, and counts the tensors it holds there, before that step's optimizer update: the point
+where parameters, gradients and optimizer state are all alive (under DeepSpeed the engine's
+own backward, which reduces and partitions the gradients; Accelerate's backward would also
+step and free them); ZeRO-1 is counted at the end of that backward pass, before the engine
+reduces its whole gradients into partitions, where it holds what the paper's stage 1 holds.
+Each storage is counted once: parameters (its partitions and
+DeepSpeed's persistent small parameters), gradients (whole, or DeepSpeed's gradient
+partitions) and optimizer state (AdamW's moments, DeepSpeed's fp32 master partitions).
+Activations and communication buffers (DeepSpeed's reduce buckets) are not model state and
+are left out. The batch holds all four modalities (so that every parameter has a gradient
+and AdamW state, as in a real run), except under DeepSpeed, which needs one modality and
+holds gradient and state for every parameter whatever the batch.
 
 The sizing table is the ZeRO paper's (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations
 Toward Training Trillion Parameter Models", section 3 and figure 1): mixed-precision Adam holds
@@ -21,8 +27,9 @@ weights, momentum, variance) per parameter, Psi parameters over N_d data-paralle
     stage 0 (DDP) 16 Psi;  stage 1  4 Psi + 12 Psi / N_d;  stage 2  2 Psi + 14 Psi / N_d;  stage 3  16 Psi / N_d.
 
 The measured points are checked against the same formulas with their own bytes per
-parameter (fp32 runs: 4 + 4 + 8 = 16 in one process and under FSDP2, and 4 + 4 + 4 + 8 = 20
-under DeepSpeed ZeRO-3, which keeps an fp32 master copy beside fp32 weights).
+parameter of weights, gradients and optimizer state (`MEASURED`): fp32 runs hold 4 + 4 + 8
+in one process and under FSDP2, and 4 + 4 + 12 under DeepSpeed, which keeps an fp32 master
+copy beside fp32 weights; bf16 DeepSpeed runs 2 + 2 + 12, the paper's.
 Run: `python -m cosmofm.bench.zero_memory --out docs/bench`.
 """
 
@@ -48,9 +55,10 @@ GPUS = (1, 8, 64)
 TARGET = 0.55  # ZeRO-3 per-rank model state over the single process's, at 2 ranks
 
 
-def zero_bytes_per_gpu(params: float, stage: int, gpus: int, k: float = 12.0) -> float:
-    """Bytes of model state per GPU under ZeRO `stage` (0 = plain data parallel), mixed-precision Adam."""
-    weights, grads, optim = 2 * params, 2 * params, k * params
+def zero_bytes_per_gpu(params: float, stage: int, gpus: int, k: float = 12.0, weights: float = 2.0, grads: float = 2.0) -> float:
+    """Bytes of model state per GPU under ZeRO `stage` (0 = plain data parallel): `weights`,
+    `grads` and `k` bytes of optimizer state per parameter (mixed-precision Adam: 2, 2, 12)."""
+    weights, grads, optim = weights * params, grads * params, k * params
     if stage == 0:
         return weights + grads + optim
     if stage == 1:
@@ -87,9 +95,9 @@ def _tensors(obj):
     elif isinstance(obj, (list, tuple)):
         for x in obj:
             yield from _tensors(x) if isinstance(x, (list, tuple)) or torch.is_tensor(x) else ()
-    elif isinstance(obj, dict):
+    elif isinstance(obj, dict):  # e.g. ZeRO-1/2's averaged_gradients: group -> [partition tensors]
         for x in obj.values():
-            yield from _tensors(x) if torch.is_tensor(x) else ()
+            yield from _tensors(x) if isinstance(x, (list, tuple)) or torch.is_tensor(x) else ()
 
 
 def _is_zero(optimizer) -> bool:
@@ -143,7 +151,8 @@ def held_bytes(model, optimizer) -> dict:
 
 
 def worker(backend: str, precision: str, out_dir: str) -> None:
-    """One rank: build, step once, count, write rank<i>.json."""
+    """One rank: build, one optimizer step, then the backward pass of a second; count there,
+    write rank<i>.json."""
     from cosmofm.data_cards.mocks.generators import mock_samples
     from cosmofm.data_cards.schema import load_card
     from cosmofm.pretrain import CosmoFMConfig, CosmoFMForPretraining, collate_samples
@@ -168,11 +177,29 @@ def worker(backend: str, precision: str, out_dir: str) -> None:
     batch = collate_samples([samples[i] for i in mine], list(MIXED), seeds=mine).to(accelerator.device)
     with autocast(accelerator, config):
         out = model(batch)
-    accelerator.backward(out.loss)
-    optimizer.step()  # gradients kept (no zero_grad): they are part of what a rank holds mid-step
+    accelerator.backward(out.loss)  # under DeepSpeed also its step (Accelerate's wrapper)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(accelerator, config):
+        out = model(batch)
     unwrapped = accelerator.unwrap_model(model) if config.kind != "fsdp2" else model
+    before = {}
+    if config.kind == "deepspeed":
+        # ZeRO-1 (and ZeRO-2 for the gradients of the last reduce bucket) holds whole gradients
+        # until the engine reduces them at the end of its backward: counted there too
+        reduce = model.allreduce_gradients
+
+        def counting_reduce(*args, **kwargs):
+            before.update(held_bytes(unwrapped, optimizer))
+            return reduce(*args, **kwargs)
+
+        model.allreduce_gradients = counting_reduce
+        model.backward(out.loss)  # the engine's backward: gradients reduced and partitioned, no step
+    else:
+        accelerator.backward(out.loss)  # DDP and FSDP2 reduce during the backward pass
     counted = held_bytes(unwrapped, optimizer)
-    atomic_write_json(Path(out_dir, f"rank{accelerator.process_index}.json"), {"params": n_params, **counted})
+    atomic_write_json(Path(out_dir, f"rank{accelerator.process_index}.json"),
+                      {"params": n_params, **counted, "before_reduce": before or counted})
     accelerator.wait_for_everyone()
 
 
@@ -196,15 +223,20 @@ def _launch(backend: str, precision: str, processes: int) -> list[dict]:
         return [json.loads(Path(tmp, f"rank{i}.json").read_text()) for i in range(processes)]
 
 
-# Bytes per parameter of the model state each measured layout holds, for the formula check.
-# ZeRO-1/2 are not measured: their gradient partitions live only from the backward pass to
-# the optimizer step, inside DeepSpeed, where this count after the step cannot see them.
-MEASURED = [  # (name, backend, precision, processes, bytes per parameter, ZeRO stage: 0 whole, 3 all sharded)
-    ("single_fp32", "ddp", "no", 1, 16, 0),
-    ("single_bf16_autocast", "ddp", "bf16", 1, 16, 0),
-    ("fsdp2_fp32", "fsdp2", "no", 2, 16, 3),
-    ("zero3_fp32", "zero3", "no", 2, 20, 3),
-    ("zero3_bf16", "zero3", "bf16", 2, 16, 3),
+# Bytes per parameter of the model state each measured layout holds (weights, gradients,
+# optimizer state), for the formula check, and its ZeRO stage (0: all whole; 1: optimizer
+# state sharded; 2: and gradients; 3: and weights).
+FP32_TORCH, FP32_DEEPSPEED, MIXED_ADAM = (4, 4, 8), (4, 4, 12), (2, 2, 12)  # DeepSpeed: + an fp32 master copy
+MEASURED = [  # (name, backend, precision, processes, bytes per parameter, ZeRO stage)
+    ("single_fp32", "ddp", "no", 1, FP32_TORCH, 0),
+    ("single_bf16_autocast", "ddp", "bf16", 1, FP32_TORCH, 0),
+    ("fsdp2_fp32", "fsdp2", "no", 2, FP32_TORCH, 3),
+    ("zero1_fp32", "zero1", "no", 2, FP32_DEEPSPEED, 1),
+    ("zero1_bf16", "zero1", "bf16", 2, MIXED_ADAM, 1),
+    ("zero2_fp32", "zero2", "no", 2, FP32_DEEPSPEED, 2),
+    ("zero2_bf16", "zero2", "bf16", 2, MIXED_ADAM, 2),
+    ("zero3_fp32", "zero3", "no", 2, FP32_DEEPSPEED, 3),
+    ("zero3_bf16", "zero3", "bf16", 2, MIXED_ADAM, 3),
 ]
 
 
@@ -218,12 +250,21 @@ def run(only: list[str] | None = None) -> dict:
             continue
         ranks = _launch(backend, precision, processes)
         params = ranks[0]["params"]
-        worst = max(ranks, key=lambda r: r["total"])
+        # ZeRO-1 holds its whole gradients until the reduction at the end of the backward pass (the
+        # paper's stage-1 state): counted there. ZeRO-2/3 reduce into partitions bucket by bucket;
+        # before the last reduction their gradients are views of DeepSpeed's reduce bucket (a
+        # communication buffer of reduce_bucket_size elements, not model state): counted after.
+        point = "before_reduce" if stage == 1 else "after_backward"
+        counts = [r["before_reduce"] if stage == 1 else r for r in ranks]
+        worst = max(counts, key=lambda r: r["total"])
         # the formula with this layout's own bytes per parameter (2 + 2 + 12 = 16 in mixed precision)
-        expected = per_param * params / (processes if stage == 3 else 1)
+        w, g, k = per_param
+        expected = zero_bytes_per_gpu(params, stage, processes, k=k, weights=w, grads=g)
         result["measured"][name] = {"backend": backend, "precision": precision, "processes": processes, "params": params,
-                                    "per_rank": ranks, "max_rank_bytes": worst["total"], "formula_bytes": expected,
-                                    "measured_over_formula": worst["total"] / expected}
+                                    "stage": stage, "bytes_per_param": per_param, "per_rank": ranks, "counted_at": point, "max_rank_bytes": worst["total"],
+                                    "formula_bytes": expected, "measured_over_formula": worst["total"] / expected,
+                                    # the paper's ratio to one process for this layout's bytes, next to the measured one
+                                    "formula_over_single": expected / (sum(FP32_TORCH) * params)}
     m = result["measured"]
     if "single_fp32" in m:
         base = m["single_fp32"]["max_rank_bytes"]
@@ -246,16 +287,22 @@ def main(argv: list[str] | None = None):
     p.add_argument("--precision", default="no", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.precision, args.out)
+        from cosmofm.pretrain.backend import close_process_group
+
+        worker(args.worker, args.precision, args.out)
+        close_process_group()  # gloo's threads joined before the interpreter exits (see there)
+        return None
     result = run(args.only)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "zero_memory.json"
     atomic_write_json(path, result)
     for name, r in result["measured"].items():
-        print(f"{name:22s} {r['max_rank_bytes'] / 1e6:8.1f} MB per rank (formula {r['formula_bytes'] / 1e6:8.1f} MB, x{r['measured_over_formula']:.3f})")
+        print(f"{name:22s} {r['max_rank_bytes'] / 1e6:8.1f} MB per rank at {r['counted_at']} (formula {r['formula_bytes'] / 1e6:8.1f} MB, "
+              f"x{r['measured_over_formula']:.3f})")
     for k, v in result.get("ratios", {}).items():
-        print(f"{k}: {v:.3f}" + (f" (target <= {TARGET})" if k.startswith("zero3") else ""))
+        formula = result["measured"][k.removesuffix("_over_single")]["formula_over_single"]
+        print(f"{k}: {v:.3f} (formula {formula:.3f})" + (f" (target <= {TARGET})" if k.startswith("zero3") else ""))
     print(f"written: {path}")
     return result
 
