@@ -6,8 +6,10 @@
 What every task shares comes from `finetune/run.py`: the labelled samples are split by
 index into train / calibration / test blocks, the model is built on the backbone, and
 it trains in the one loop (`finetune/loop.py`) with one of the strategies of
-`finetune/strategies.py`. What classification adds: distillation from a teacher, and
-an evaluation of its own: `finetune/classification_eval.py`
+`finetune/strategies.py`. What classification adds: distillation from a teacher,
+optional smooth random tilts of the training spectra and of their ivar (`tilt_rms`,
+`tilt_ivar_rms`, `TiltedSpectra`: nuisances the class must not depend on, such as dust
+and flux-calibration errors larger than the training mocks carry), and an evaluation of its own: `finetune/classification_eval.py`
 fits the temperature (Guo et al. 2017) and split-conformal threshold (alpha from the
 calibration error rate unless given) on the calibration block and the out-of-set detector
 (training block; threshold at `ood_rate` false flags on the calibration block), stores them,
@@ -18,9 +20,9 @@ Inference with the result (`predict`, `classify` on survey files) is in `finetun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,6 +72,18 @@ class FinetuneConfig(TaskFinetuneConfig):
             for that many steps on the training block after fine-tuning, selected and
             calibrated on the calibration block, and carries it in the model: `classify
             --redshift network` then reads Z from it. 0 = none.
+        tilt_rms (`float`, 0.0): > 0 multiplies each training spectrum, every time the loop
+            draws it, by a smooth random tilt exp(s(ln lambda)) (`smooth_tilt`: Legendre
+            orders 1..tilt_order over the spectrum's own ln-wavelength span, rms of s drawn
+            uniformly in [0, tilt_rms]), ivar divided by its square (S/N kept): a continuum
+            slope as dust and flux calibration set it, randomised so the class cannot rest
+            on it. Calibration and test blocks are never tilted. 0 = off (bit-identical
+            to a run without it). A run with tilts cannot resume (the draws follow the epochs).
+        tilt_order (`int`, 3): highest Legendre order of the tilts.
+        tilt_ivar_rms (`float`, 0.0): > 0 also multiplies each training spectrum's ivar by an
+            independent smooth tilt of that rms (drawn as tilt_rms's): in mocks and in
+            source-noise-limited data ivar follows the spectrum's own shape, so a network can
+            read the continuum (and the Teff it carries) from the noise; this takes that away.
     """
 
     alpha: float | None = None
@@ -83,6 +97,9 @@ class FinetuneConfig(TaskFinetuneConfig):
     distill_temperature: float = 2.0
     ood_rate: float = DEFAULT_FALSE_FLAG_RATE
     redshift_net_steps: int = 0
+    tilt_rms: float = 0.0
+    tilt_order: int = 3
+    tilt_ivar_rms: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,6 +109,14 @@ class FinetuneConfig(TaskFinetuneConfig):
             raise InputError("ood_rate", f"must be in (0, 1), got {self.ood_rate}", "e.g. 0.015 for 1.5 % of in-set spectra flagged")
         if self.redshift_net_steps < 0:
             raise InputError("redshift_net_steps", f"must be >= 0, got {self.redshift_net_steps}", "0 = no redshift network, e.g. 3000")
+        for name in ("tilt_rms", "tilt_ivar_rms"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(name, f"must be in [0, 1] (an rms in ln), got {getattr(self, name)}", "0 = off, e.g. 0.1 for tilts up to 10 % rms")
+        if self.tilt_order < 1:
+            raise InputError("tilt_order", f"must be >= 1, got {self.tilt_order}", "e.g. 3 (Legendre orders 1-3 in ln wavelength)")
+        if (self.tilt_rms > 0 or self.tilt_ivar_rms > 0) and self.resume:
+            raise InputError("resume", "cannot continue a run with tilts (tilt_rms / tilt_ivar_rms > 0: they follow the epochs drawn so far)",
+                             "start the run again, or fine-tune without tilts")
 
 
 def build_model(card, cfg: FinetuneConfig, backbone=None, backbone_config: dict | None = None) -> CosmoFMForSpectralClassification:
@@ -141,7 +166,9 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         teacher_logits = torch.as_tensor(predict(teacher, train, batch_size=256)["logits"])
         loss = _distillation_loss(teacher_logits, cfg.distill_weight, cfg.distill_temperature)
 
-    run = finetune_loop(model, train, ClassificationTask(head).targets, cfg.tuning, replace(cfg, desc=f"finetune ({cfg.strategy})"), loss)
+    tilted = cfg.tilt_rms > 0 or cfg.tilt_ivar_rms > 0
+    seen = TiltedSpectra(train, cfg.tilt_rms, cfg.tilt_order, cfg.seed, cfg.tilt_ivar_rms) if tilted else train
+    run = finetune_loop(model, seen, ClassificationTask(head).targets, cfg.tuning, replace(cfg, desc=f"finetune ({cfg.strategy})"), loss)
     model, history = run.model, run.epoch_losses
 
     if cfg.redshift_net_steps and redshifts is not None:
@@ -152,6 +179,44 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     if cfg.output_dir and run.main_process:
         result.update(save_run(model, metrics, arrays, card, cfg, history))
     return result
+
+
+def smooth_tilt(wavelength: np.ndarray, rng: np.random.Generator, rms: float, order: int = 3) -> np.ndarray:
+    """A smooth multiplicative factor exp(s) on `wavelength`: s is a sum of Legendre orders
+    1..`order` of ln(wavelength) mapped onto [-1, 1] (coefficients N(0, 1/k) at order k, so
+    the shape is mostly a slope with some curvature), scaled to an rms drawn uniformly in
+    [0, rms]. Order 0 is left out: the tokenizer normalises each spectrum's scale anyway."""
+    x = np.log(np.asarray(wavelength, dtype=np.float64))
+    t = 2 * (x - x[0]) / max(float(x[-1] - x[0]), 1e-12) - 1
+    shape = np.polynomial.legendre.legval(t, np.concatenate([[0.0], rng.normal(0, 1, order) / np.arange(1, order + 1)]))
+    return np.exp(shape / max(float(np.std(shape)), 1e-12) * rng.uniform(0, rms))
+
+
+class TiltedSpectra(Sequence):
+    """`samples` (spectra) whose item i is tilted by `smooth_tilt` each time it is read, the
+    n-th read of item i by the draw of default_rng([seed, i, n]): the loop reads each
+    training sample once for its targets and then once per epoch, so every epoch sees a
+    new tilt, and a rerun the same ones. Values are multiplied by the factor f and ivar
+    divided by f^2 (S/N kept); with `ivar_rms` > 0 ivar is also multiplied by a second,
+    independent tilt (drawn after f, so f does not depend on it)."""
+
+    def __init__(self, samples: Sequence[Sample], rms: float, order: int, seed: int, ivar_rms: float = 0.0):
+        self.samples, self.rms, self.order, self.seed, self.ivar_rms = samples, float(rms), int(order), int(seed), float(ivar_rms)
+        self.reads = np.zeros(len(samples), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        s = self.samples[i]
+        if s.modality != "spectrum":
+            raise InputError(f"sample {s.id}", f"is a {s.modality}, and tilts apply to spectra", "fine-tune with tilt_rms and tilt_ivar_rms 0")
+        rng = np.random.default_rng([self.seed, int(i), int(self.reads[i])])
+        self.reads[i] += 1
+        wave = s.coords["wavelength"]
+        f = smooth_tilt(wave, rng, self.rms, self.order)
+        g = smooth_tilt(wave, rng, self.ivar_rms, self.order) if self.ivar_rms > 0 else 1.0
+        return Sample.validated(s.modality, (s.values * f).astype(s.values.dtype), (s.ivar * g / f**2).astype(s.ivar.dtype), s.coords, s.meta)
 
 
 def train_redshift_network(model: CosmoFMForSpectralClassification, card, samples: Sequence[Sample], splits: dict, redshifts, steps: int,

@@ -108,15 +108,17 @@ def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: 
     return {arm: make[arm]() for arm in arms}
 
 
-def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str]) -> dict:
+def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str],
+        tilts: dict | None = None) -> dict:
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
-              "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "shifts": SHIFTS, "runs": []}
+              "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "shifts": SHIFTS,
+              "runs": []}
     for arm, backbone in backbones(work, card, arms, pretrain_steps, n_corpus).items():
         for seed in seeds:
-            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs))
+            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts))
     report["summary"] = {arm: summary([r for r in report["runs"] if r["arm"] == arm]) for arm in arms}
     report["targets"] = targets(report["summary"][arms[0]])
     out.mkdir(parents=True, exist_ok=True)
@@ -124,10 +126,13 @@ def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_s
     return report
 
 
-def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int) -> dict:
-    """One full fine-tune from `backbone`, scored in distribution and under every shift."""
-    slug = "" if arm == ARMS[0] else f"-{arm}"
-    cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True, **TRAIN)
+def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None) -> dict:
+    """One full fine-tune from `backbone`, scored in distribution and under every shift. `tilts`:
+    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ...}; None = none)."""
+    tilts = {k: v for k, v in (tilts or {}).items() if v}
+    slug = ("" if arm == ARMS[0] else f"-{arm}") + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items()))
+    cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True,
+                         **TRAIN, **tilts)
     t0 = time.perf_counter()
     result = finetune_classification(samples, card, cfg, backbone=backbone)
     model, metrics = result["model"], result["metrics"]
@@ -266,9 +271,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--corpus", type=int, default=8000, help="unlabelled survey mocks to pretrain on")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
                    help="backbones to fine-tune from: the spectra-only one pretrained on survey mocks, the demo's multi-modal one")
+    p.add_argument("--tilt-rms", type=float, default=0.0,
+                   help="smooth random tilts of the training spectra up to this rms in ln flux (FinetuneConfig.tilt_rms); 0 = none")
+    p.add_argument("--tilt-ivar-rms", type=float, default=0.0,
+                   help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
     args = p.parse_args(argv)
     out = Path(args.out)
-    report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms)
+    report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms})
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
