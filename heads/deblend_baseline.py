@@ -248,6 +248,11 @@ def fwhm_in_pixels(card) -> float:
     return max(float((b.psf_fwhm / card.pixel_scale).decompose().value) for b in card.bands)
 
 
+def reference_band(card) -> int:
+    """The index of an image card's band nearest 6231 A (r), where headline fluxes are measured."""
+    return int(np.argmin([abs(b.wavelength.to_value("Angstrom") - 6231) for b in card.bands]))
+
+
 def score(catalog: DeblendCatalog, truth, fwhm_pixels: float, method: str) -> dict:
     """`deblending_metrics.score_stamp` of one catalogue's `method` fluxes against a BlendTruth."""
     return dm.score_stamp(truth.pixel_positions, truth.flux_njy, catalog.positions, catalog.fluxes[method], fwhm_pixels)
@@ -296,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train = [mock_blend(card, args.seed + 1000, i, **kw) for i in range(args.n_train)]
     test = [mock_blend(card, args.seed, i, **kw) for i in range(args.n)]
     bands = [b.name for b in card.bands]
-    ref = int(np.argmin([abs(b.wavelength.to_value("Angstrom") - 6231) for b in card.bands]))
+    ref = reference_band(card)
     report: dict = {"card": card.name, "stamp_size": args.stamp_size, "fwhm_pixels": fwhm, "n": args.n, "mock_s": time.perf_counter() - t0}
     for name, (fn, arg) in PIPELINES.items():
         c = tune_contrast(name, train, fwhm)

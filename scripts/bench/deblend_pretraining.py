@@ -48,7 +48,7 @@ def one_run(arm: str, fraction: float, seed: int, train, test, card, args, backb
     """Fine-tune one arm on the first `fraction` of the training blends; its BTK metrics on `test`."""
     from cosmofm.bench.deblend_quality import summarise, tune_threshold
     from cosmofm.finetune.run import TaskFinetuneConfig, finetune_task, split_indices
-    from cosmofm.heads.deblend_baseline import fwhm_in_pixels
+    from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band
     from cosmofm.heads.deblending import deblend_samples
 
     samples = [s for s, _ in train]
@@ -69,11 +69,6 @@ def one_run(arm: str, fraction: float, seed: int, train, test, card, args, backb
     return {"test": headline_of(res, bands[ref]), "detection_vs_separation": res["detection_vs_separation"],
             "n_train": n_train, "epochs": cfg.epochs, "steps": args.steps, "peak_threshold": model.head_config.peak_threshold,
             "seconds": round(time.perf_counter() - t0, 1), "final_loss": r["history"][-1] if r["history"] else None}
-
-
-def reference_band(card) -> int:
-    """The band nearest 6231 A (r), where the headline fluxes are measured (as deblend_quality)."""
-    return int(np.argmin([abs(b.wavelength.to_value("Angstrom") - 6231) for b in card.bands]))
 
 
 def summarise_runs(runs: dict, arms: Sequence[str], fractions: Sequence[float]) -> dict:

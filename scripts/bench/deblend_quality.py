@@ -216,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
     from cosmofm.data_cards.schema import load_card
-    from cosmofm.heads.deblend_baseline import PIPELINES, fwhm_in_pixels, tune_contrast
+    from cosmofm.heads.deblend_baseline import PIPELINES, fwhm_in_pixels, reference_band, tune_contrast
     from cosmofm.heads.deblending import deblend_samples
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     card = dataclasses.replace(load_card(args.card), stamp_size=args.stamp_size)
     fwhm = fwhm_in_pixels(card)
     bands = [b.name for b in card.bands]
-    ref = int(np.argmin([abs(b.wavelength.to_value("Angstrom") - 6231) for b in card.bands]))
+    ref = reference_band(card)
     report: dict = {"card": card.name, "stamp_size": args.stamp_size, "fwhm_pixels": fwhm, "settings": SETTINGS, "args": vars(args),
                     "machine": {**machine_info(), "loadavg_start": os.getloadavg()}, "reference_band": bands[ref]}
     t0 = time.perf_counter()
