@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cosmofm.bench import deblend_pretraining as bench
+from cosmofm.bench import seed_summary
 from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.schema import load_card
@@ -44,10 +45,19 @@ def test_every_arm_and_fraction_trains_the_same_number_of_steps(blends):
 def test_the_summary_is_the_mean_and_spread_over_seeds():
     runs = {f"full/1.0/{s}": {"test": {m: float(s) for m in bench.HEADLINE}} for s in range(3)}
     runs["frozen/0.1/0"] = {"test": {m: 0.5 for m in bench.HEADLINE}}
-    summary = bench.summarise_runs(runs, ["frozen", "full"], [0.1, 1.0])
-    assert summary["full/1.0"]["seeds"] == 3 and summary["full/1.0"]["f1"] == [1.0, 1.0]
-    assert summary["frozen/0.1"]["blended_mape"] == [0.5, 0.0] and "full/0.1" not in summary
+    summary = seed_summary(runs, ["frozen", "full"], bench.HEADLINE)
+    assert list(summary) == ["frozen/0.1", "full/1.0"]  # every fraction present, arms in the order given
+    assert summary["full/1.0"]["seeds"] == 3 and summary["full/1.0"]["test_f1"] == [1.0, 1.0]
+    assert summary["frozen/0.1"]["test_blended_mape"] == [0.5, 0.0] and "full/0.1" not in summary
     assert "| full | 100% | 3 | 1.000 +- 1.000 |" in bench.markdown_table(summary)
+
+
+def test_the_seed_summary_keeps_each_split_apart():
+    """photoz_quality summarises a test block and a shifted set of every run."""
+    runs = {f"knn/1.0/{s}": {"test": {"nmad": 0.02 * (s + 1)}, "shifted": {"nmad": 0.1}} for s in range(2)}
+    summary = seed_summary(runs, ["knn"], ["nmad"], splits=("test", "shifted"))
+    assert summary["knn/1.0"]["test_nmad"] == pytest.approx([0.03, 0.0141421356])
+    assert summary["knn/1.0"]["shifted_nmad"] == [0.1, 0.0]
 
 
 def test_test_universes_must_not_be_the_training_or_pretraining_ones(tmp_path):

@@ -2,6 +2,8 @@
 
 `write_report(out, name, report)` writes `out/name` as strict JSON (NaN / inf as null,
 numpy scalars as Python numbers: `finite`), atomically, making `out` if needed.
+`seed_summary(runs, arms, fractions, metrics, splits)` is the one mean +- spread over
+fine-tune seeds that the value-of-pretraining benches (photo-z, deblending) report.
 """
 
 from __future__ import annotations
@@ -35,3 +37,31 @@ def write_report(out, name: str, report: dict) -> dict:
     report = finite(report)
     atomic_write_json(out / name, report)
     return report
+
+
+def seed_summary(runs: dict, arms, metrics, splits=("test",)) -> dict:
+    """Mean and sample standard deviation over seeds, per arm and label fraction.
+
+    `runs` maps "ARM/FRACTION/SEED" to a run's results, which hold one dict of metrics per
+    split (`run[split][metric]`). Returns {"ARM/FRACTION": {"seeds": n,
+    "SPLIT_METRIC": [mean, stdev]}} for every arm and fraction with at least one run done
+    (stdev 0.0 for one seed), in the order of `arms`, then label fraction from 100 % down.
+    Every fraction in `runs` is summarised, not only those of the latest invocation, so a
+    bench resumed for a few missing rows still reports them all.
+    """
+    import statistics
+
+    fractions = sorted({float(k.split("/")[1]) for k in runs}, reverse=True)
+    summary = {}
+    for arm in arms:
+        for fraction in fractions:
+            done = [v for k, v in runs.items() if k.startswith(f"{arm}/{fraction}/")]
+            if not done:
+                continue
+            entry = {"seeds": len(done)}
+            for split in splits:
+                for m in metrics:
+                    values = [d[split][m] for d in done]
+                    entry[f"{split}_{m}"] = [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+            summary[f"{arm}/{fraction}"] = entry
+    return summary

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Sequence
@@ -71,32 +70,19 @@ def one_run(arm: str, fraction: float, seed: int, train, test, card, args, backb
             "seconds": round(time.perf_counter() - t0, 1), "final_loss": r["history"][-1] if r["history"] else None}
 
 
-def summarise_runs(runs: dict, arms: Sequence[str], fractions: Sequence[float]) -> dict:
-    """Mean and sample standard deviation over seeds of each headline figure, per arm and label fraction."""
-    out = {}
-    for arm in arms:
-        for fraction in fractions:
-            done = [v for k, v in runs.items() if k.startswith(f"{arm}/{fraction}/")]
-            if done:
-                out[f"{arm}/{fraction}"] = {"seeds": len(done), **{
-                    m: [statistics.fmean(d["test"][m] for d in done), statistics.stdev(d["test"][m] for d in done) if len(done) > 1 else 0.0]
-                    for m in HEADLINE}}
-    return out
-
-
 def markdown_table(summary: dict) -> str:
     """The summary as the docs' table (mean +- spread over seeds)."""
     rows = ["| arm | labels | seeds | F1 | blended bias | blended NMAD | blended MAPE | isolated bias | isolated NMAD |",
             "|---|---|---|---|---|---|---|---|---|"]
     for key, e in summary.items():
         arm, fraction = key.rsplit("/", 1)
-        f = lambda m: f"{e[m][0]:.3f} +- {e[m][1]:.3f}"  # noqa: E731
+        f = lambda m: f"{e['test_' + m][0]:.3f} +- {e['test_' + m][1]:.3f}"  # noqa: E731
         rows.append(f"| {arm} | {float(fraction):.0%} | {e['seeds']} | " + " | ".join(f(m) for m in HEADLINE) + " |")
     return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from cosmofm.bench import write_report
+    from cosmofm.bench import seed_summary, write_report
     from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends
     from cosmofm.bench.photoz_quality import demo_backbone
     from cosmofm.bench.pretrain_throughput import machine_info
@@ -145,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 runs[key] = one_run(arm, fraction, seed, train, test, card, args, backbone, shape)
                 print(key, {k: round(v, 4) for k, v in runs[key]["test"].items()}, flush=True)
                 write_report(out, path.name, report)
-    report["summary"] = summarise_runs(runs, args.arms, args.fractions)
+    report["summary"] = seed_summary(runs, ARMS, HEADLINE)
     write_report(out, path.name, report)
     print(markdown_table(report["summary"]))
     return report

@@ -35,14 +35,13 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cosmofm.bench import write_report
+from cosmofm.bench import seed_summary, write_report
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.recipe import labelled_mocks
@@ -145,28 +144,11 @@ def run(work: Path, out: Path, n: int, n_shift: int, seeds: list[int], fractions
                              "seconds": round(time.perf_counter() - t0, 1), "final_loss": r["history"][-1]}
                 print(key, {k: round(r["metrics"][k], 4) for k in HEADLINE}, flush=True)
                 save()
-    report["summary"] = summarise(runs, [*BASELINES, *arms], fractions)
+    report["summary"] = seed_summary(runs, [*BASELINES, *ARMS], HEADLINE, splits=("test", "shifted"))
     save()
     plot(report, out / "photoz_quality.png")
     print(markdown_table(report))
     return report
-
-
-def summarise(runs: dict, arms: list[str], fractions: list[float]) -> dict:
-    """Mean and sample standard deviation over seeds of each headline metric, per arm, label fraction and test set."""
-    summary = {}
-    for arm in arms:
-        for fraction in fractions:
-            done = [v for k, v in runs.items() if k.startswith(f"{arm}/{fraction}/")]
-            if not done:
-                continue
-            entry = {"seeds": len(done)}
-            for split in ("test", "shifted"):
-                for m in HEADLINE:
-                    values = [d[split][m] for d in done]
-                    entry[f"{split}_{m}"] = [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
-            summary[f"{arm}/{fraction}"] = entry
-    return summary
 
 
 def markdown_table(report: dict) -> str:
