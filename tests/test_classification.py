@@ -30,8 +30,8 @@ TINY_STEM = {**TINY, "pixel_weight": "ivar", "spectrum_stem_channels": 4}
 
 
 @pytest.fixture(scope="module")
-def sdss():
-    return load_card("sdss-like")
+def sdss(cards):
+    return cards["sdss-like"]
 
 
 @pytest.fixture(scope="module")

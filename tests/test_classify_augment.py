@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from cosmofm.data_cards import load_card
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.finetune.classification import FinetuneConfig, TiltedSpectra, build_model, finetune_classification, smooth_tilt
@@ -14,8 +13,8 @@ WAVE = np.geomspace(3600.0, 10400.0, 500)
 
 
 @pytest.fixture(scope="module")
-def sdss():
-    return load_card("sdss-like")
+def sdss(cards):
+    return cards["sdss-like"]
 
 
 @pytest.fixture(scope="module")
