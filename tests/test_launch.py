@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch import sharded_dataset  # tests/launch.py
+
 from cosmofm.cli import main
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.launch import LaunchPlan, auto_resume, launch_commands, launch_file
@@ -142,9 +144,9 @@ def _env() -> dict:
     return env
 
 
-def _torchrun(out: Path) -> subprocess.Popen:
+def _torchrun(out: Path, data: list[str]) -> subprocess.Popen:
     """`cosmofm launch torchrun` (not a dry run): torchrun --standalone, 2 gloo processes, 1 restart."""
-    cmd = CLI + ["launch", "torchrun", *TINY, "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
+    cmd = CLI + ["launch", "torchrun", *data, "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
                  "--gpus-per-node", "2", "--max-restarts", "1", "--output", str(out)]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -181,11 +183,23 @@ def _kill_rank_after_checkpoint(launcher: subprocess.Popen, run: Path, step: int
     raise AssertionError(f"no checkpoint of step {step} within {timeout} s")
 
 
+def _streaming(folder: Path) -> list[str]:
+    """The tiny recipe on a sharded dataset streamed by 2 DataLoader workers per rank."""
+    dataset = sharded_dataset(folder)
+    return ["--config", "tiny", "--set", "data.streaming=true", "--set", f"data.datasets=[{dataset}]", "--set", "data.piece_rows=4",
+            "--set", "data.shuffle_buffer=8", "--set", "data.num_workers=2", "--set", "data.mixture={sdss-like: 3, image: 1}"]
+
+
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_rank_and_the_resumed_run_continues_exactly(tmp_path):
+@pytest.mark.parametrize("data", ["mocks", "streaming"])
+def test_torchrun_restarts_a_killed_rank_and_the_resumed_run_continues_exactly(tmp_path, data):
+    """Map-style mocks, and a stream over shards (2 workers per rank), whose data position is
+    in the checkpoint: after the restart neither rank replays nor skips a sample, so the
+    loss curve is the uninterrupted one bit for bit."""
     reference, broken = tmp_path / "reference", tmp_path / "broken"
-    ref = _torchrun(reference)  # both at once: the 2 cores are shared either way, and the startup overlaps
-    run = _torchrun(broken)
+    args = TINY if data == "mocks" else _streaming(tmp_path / "data")
+    ref = _torchrun(reference, args)  # both at once: the 2 cores are shared either way, and the startup overlaps
+    run = _torchrun(broken, args)
     try:
         killed_after = _kill_rank_after_checkpoint(run, broken, KILL_AFTER)
         out, _ = run.communicate(timeout=300)
@@ -204,7 +218,10 @@ def test_torchrun_restarts_a_killed_rank_and_the_resumed_run_continues_exactly(t
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # the killed run's tail was dropped and redone
     assert [r["loss"] for r in b] == [r["loss"] for r in a]  # step for step, bit for bit
     assert [r["lr"] for r in b] == [r["lr"] for r in a]
-    assert json.loads((broken / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())["metadata"]["world_size"] == 2
+    metadata = json.loads((broken / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())["metadata"]
+    assert metadata["world_size"] == 2
+    if data == "streaming":
+        assert metadata["data"] == {"mode": "streaming", "batches_per_rank": STEPS, "samples_per_rank": STEPS * 4, "world_size": 2, "num_workers": 2}
 
 
 def _fake_slurm(bin_dir: Path) -> None:

@@ -11,23 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch import accelerate_launch  # tests/launch.py
+from launch import N_IMAGES, N_SPECTRA, accelerate_launch, sharded_dataset  # tests/launch.py
 
 from cosmofm.data_cards import load_card
 from cosmofm.data_cards.errors import InputError
-from cosmofm.data_cards.io.hf_io import write_dataset
 from cosmofm.data_cards.mocks.generators import mock_samples
 from cosmofm.pretrain.recipe import PretrainRecipe
 
-N_SPECTRA, N_IMAGES, LOCAL_BATCH, WORKERS = 40, 24, 4, 2
-
-
-def _sharded_dataset(folder: Path) -> Path:
-    """64 samples of two cards in several Arrow shard files."""
-    samples = mock_samples(load_card("sdss-like"), N_SPECTRA, seed=7) + mock_samples(load_card("lsst-like"), N_IMAGES, seed=7)
-    write_dataset(samples, folder, ["sdss-like", "lsst-like"], shard_size="700KB")
-    assert len(list(folder.glob("data-*.arrow"))) >= 3, "the test needs a sharded dataset"
-    return folder
+LOCAL_BATCH, WORKERS = 4, 2
 
 
 def _recipe(dataset: Path, out: Path, *extra: str) -> PretrainRecipe:
@@ -67,7 +58,7 @@ def _rank_main(dataset: str, out: str):
 
 
 def test_two_ranks_two_workers_see_every_sample_once_per_epoch_and_resume_exactly(tmp_path):
-    dataset = _sharded_dataset(tmp_path / "data")
+    dataset = sharded_dataset(tmp_path / "data")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = accelerate_launch(2) + [__file__, str(dataset), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -92,7 +83,7 @@ def test_two_ranks_two_workers_see_every_sample_once_per_epoch_and_resume_exactl
 
 def test_mixture_weights_set_the_interleaving(tmp_path):
     """The corpus is 40 spectra : 24 images; the weights, not that ratio, set the early mix."""
-    dataset = _sharded_dataset(tmp_path / "data")
+    dataset = sharded_dataset(tmp_path / "data")
     for weights, card in (("{sdss-like: 9, image: 1}", "sdss"), ("{sdss-like: 1, image: 9}", "lsst")):
         recipe = _recipe(dataset, tmp_path / "run", f"data.mixture={weights}", "data.shuffle_buffer=0")
         first = [i for ids, _, _ in _stream_ids(recipe, 0, 1, 0, 4) for i in ids]
@@ -106,7 +97,7 @@ def test_streaming_pretrain_resumes_exactly(tmp_path):
     """The training loop on a stream: resumed from step 3, the loss curve equals the uninterrupted one."""
     from cosmofm.pretrain.train import pretrain
 
-    dataset = _sharded_dataset(tmp_path / "data")
+    dataset = sharded_dataset(tmp_path / "data")
     common = ["optim.max_steps=6", "run.save_every=3", "run.keep_last=3", "optim.global_batch=8", "model.objectives=[masked]"]
     reference = pretrain(_recipe(dataset, tmp_path / "a", *common))
     run_b = _recipe(dataset, tmp_path / "b", *common)
@@ -123,7 +114,7 @@ def test_streaming_pretrain_resumes_exactly(tmp_path):
 def test_shard_with_another_schema_is_named_before_training(tmp_path):
     from cosmofm.pretrain.streaming import build_plan
 
-    dataset = _sharded_dataset(tmp_path / "data")
+    dataset = sharded_dataset(tmp_path / "data")
     table = pa.Table.from_batches(list(pa.ipc.open_stream(pa.memory_map(str(sorted(dataset.glob("data-*.arrow"))[0])))))
     shards = tmp_path / "parquet"
     shards.mkdir()
@@ -151,7 +142,7 @@ def test_shard_with_another_schema_is_named_before_training(tmp_path):
 def test_bad_mixture_weights_name_the_recipe_field(tmp_path):
     from cosmofm.pretrain.streaming import build_plan
 
-    dataset = _sharded_dataset(tmp_path / "data")
+    dataset = sharded_dataset(tmp_path / "data")
     with pytest.raises(InputError, match=r"recipe\.data\.mixture\.sdss-like.*negative"):
         _recipe(dataset, tmp_path, "data.mixture={sdss-like: -1, lsst-like: 1}")
     for weights, problem in (("{sdss-like: 1, cube: 1}", "neither a card nor a modality"), ("{sdss-like: 1}", "no weight to the corpus parts.*lsst-like"),
