@@ -29,13 +29,15 @@ every process to produce the same ones, so it is refused for a corpus that mixes
 modalities (`check_modalities`); and it steps parameters no process used as if their
 gradient were zero (weight decay shrinks them), where torch's AdamW skips them.
 
-Checkpoints keep checkpoint.py's format (full tensors as safetensors + JSON, written by
-rank 0). Under FSDP2 the full model and optimizer state are gathered with
-torch.distributed.checkpoint.state_dict (full_state_dict, cpu_offload), the optimizer
-state keyed as torch.optim keys it, so a DDP checkpoint resumes under FSDP2 and back.
-DeepSpeed's optimizer state is partitioned in DeepSpeed's own layout: its checkpoints
-hold the gathered model, scheduler and RNG state but no optimizer state, and resuming
-one is refused (sharded checkpoints are the next step of issue 19).
+Checkpoints keep checkpoint.py's format (safetensors + JSON, a manifest of sha256 sums, no
+pickle). DDP: the whole state, written by rank 0. FSDP2: every process writes its shards
+of the model and optimizer through torch.distributed.checkpoint (`sharded_states`), keyed
+by parameter name as torch.optim keys them, so a DDP checkpoint resumes under FSDP2 and
+back, on another process count too. DeepSpeed: the model gathered onto rank 0 (ZeRO-3: a
+collective) and every process's ZeRO optimizer partition in DeepSpeed's own flat layout
+(pretrain/checkpoint_deepspeed.py; DeepSpeed's own save would pickle it), which resumes
+exactly under the same stage on as many processes; any other resume of it is refused
+before compute, as is a DDP / FSDP2 checkpoint resumed under DeepSpeed.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ def _check(b: BackendConfig, where: str):
         stage = zero.get("stage") if isinstance(zero, dict) else None
         if stage not in (0, 1, 2, 3):
             raise InputError(f"{where}: deepspeed.zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}", "")
+        offload = zero.get("offload_optimizer")
+        if isinstance(offload, dict) and offload.get("device") == "nvme":  # checkpoint_deepspeed.py cannot hold swapped state
+            raise InputError(f"{where}: deepspeed.zero_optimization.offload_optimizer.device", "is nvme, whose swapped optimizer "
+                             "state the checkpoints (safetensors + JSON) do not hold", "offload the optimizer to cpu, or not at all")
     elif b.deepspeed:
         raise InputError(f"{where}: deepspeed", f"is a DeepSpeed config, but kind is {b.kind}", "set kind: deepspeed or remove it")
 
@@ -288,8 +294,8 @@ def full_model_state(accelerator, backend: BackendConfig | None, model) -> dict 
 def full_optimizer_state(accelerator, backend: BackendConfig | None, model, optimizer) -> dict | None:
     """The optimizer's state on the main process in torch.optim's layout (integer keys in the
     optimizer's parameter order), for the backends that hold it whole on every process (DDP);
-    None elsewhere, and under DeepSpeed (its partitions are written with torch.save, a pickle).
-    FSDP2 saves its shards instead (`sharded_states`)."""
+    None elsewhere, and under DeepSpeed (each process writes its ZeRO partition:
+    checkpoint_deepspeed.write_partition). FSDP2 saves its shards instead (`sharded_states`)."""
     kind = "ddp" if backend is None else backend.kind
     if kind in SHARDED_KINDS:
         raise ValueError(f"{kind} saves sharded states (sharded_states), not a gathered optimizer state")
@@ -354,16 +360,22 @@ def close_process_group() -> list[str]:
     redistribution caches keep the meshes), and functions defined with `group=group.WORLD`
     hold the default group in their default arguments when their module was imported after
     the group formed (torch.distributed.nn.functional, imported lazily with dynamo; DeepSpeed's
-    TorchBackend.barrier). Left to interpreter shutdown, a gloo worker still releasing its
-    last collective (whose tensors Python owns) takes the GIL while the interpreter is
-    finalizing, is ended by pthread_exit inside a noexcept destructor, and the process aborts
-    after a complete run: "terminate called without an active exception"
-    (SIGABRT), rarely and under load (issue 19). So: the checkpoint groups, the meshes'
-    references and those default arguments (set to None, "the default group", which is what
-    they meant) are dropped, the FSDP2 modules' reference cycles collected, then the groups
-    destroyed, which joins their threads while Python is whole. (DeepSpeed's engine keeps its
-    groups alive beyond this: ZeRO runs still return their threads' names.) Every process calls
-    it once, after its last collective and after every asynchronous save was waited for."""
+    TorchBackend.barrier). DeepSpeed keeps its groups in objects that outlive the run: the
+    module global `deepspeed.utils.groups._WORLD_GROUP`, the engine (`data_parallel_group`,
+    `seq_data_parallel_group`), the ZeRO-3 optimizer (`dp_process_group`,
+    `sub_group_process_groups`) and every ZeRO-3 parameter (`ds_process_group`); the engine
+    and its optimizer are not freed after the run, as its gradient hooks, held by autograd's
+    C++ nodes, close reference cycles that the garbage collector cannot see. Left to
+    interpreter shutdown, a gloo worker still releasing its last collective (whose tensors
+    Python owns) takes the GIL while the interpreter is finalizing, is ended by pthread_exit
+    inside a noexcept destructor, and the process aborts after a complete run: "terminate
+    called without an active exception" (SIGABRT), rarely and under load (issue 19). So: the
+    checkpoint groups are dropped and the FSDP2 modules' reference cycles collected; torch's
+    own references go with destroy_process_group; then every reference left to a group (in an
+    object's or a module's attributes, a list, a mesh's registry, a function's default
+    arguments) becomes None, "the default group" (a destroyed group is unusable anyway), which
+    destroys the groups and joins their threads while Python is whole. Every process calls it
+    once, after its last collective and after every asynchronous save was waited for."""
     import gc
     import sys
 
@@ -374,24 +386,51 @@ def close_process_group() -> list[str]:
     gc.collect()  # FSDP2 modules, their states and hooks are reference cycles
     group_type = dist.ProcessGroup
     mesh_type = getattr(sys.modules.get("torch.distributed.device_mesh"), "DeviceMesh", None)
+    dist.destroy_process_group()  # first, so that torch's own registries no longer hold a group when the rest are dropped
     with warnings.catch_warnings():  # isinstance on torch's deprecated reduce_op objects warns
         warnings.simplefilter("ignore", FutureWarning)
         _drop_group_references(gc.get_objects(), group_type, mesh_type)
-    dist.destroy_process_group()
     gc.collect()
     return _communication_threads()
 
 
 def _drop_group_references(objects, group_type, mesh_type) -> None:
-    """Process groups in functions' default arguments become None; DeviceMeshes forget theirs."""
+    """Every reference to a process group left in a Python object becomes None: values of dicts
+    (module globals such as `deepspeed.utils.groups._WORLD_GROUP`, an FSDP2 mesh's registry),
+    attributes of objects (DeepSpeed's engine, ZeRO optimizers and parameters; Python 3.11 keeps
+    most attributes inline, without a dict that gc lists, so each object whose referents hold
+    a group is asked for its `vars`), items of lists, closure cells and functions' default
+    arguments. Call after destroy_process_group, when no group is usable any more."""
+    import gc
+
+    def holds(value) -> bool:
+        return isinstance(value, group_type) or (type(value) in (list, tuple) and any(isinstance(v, group_type) for v in value))
+
+    def dropped(value):
+        return None if isinstance(value, group_type) else type(value)(None if isinstance(v, group_type) else v for v in value)
+
+    def forget(attributes: dict):
+        for key in [k for k, v in attributes.items() if holds(v)]:
+            attributes[key] = dropped(attributes[key])
+
     for obj in objects:
-        if type(obj) is types.FunctionType:
-            if obj.__defaults__ and any(isinstance(d, group_type) for d in obj.__defaults__):
-                obj.__defaults__ = tuple(None if isinstance(d, group_type) else d for d in obj.__defaults__)
-            if obj.__kwdefaults__ and any(isinstance(d, group_type) for d in obj.__kwdefaults__.values()):
-                obj.__kwdefaults__ = {k: None if isinstance(d, group_type) else d for k, d in obj.__kwdefaults__.items()}
-        elif mesh_type is not None and isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
+        if mesh_type is not None and isinstance(obj, mesh_type) and isinstance(getattr(obj, "_pg_registry", None), dict):
             obj._pg_registry.clear()  # a mesh is unusable after destroy_process_group anyway
+        if type(obj) is dict:  # a tuple of groups in a dict is replaced whole
+            forget(obj)
+        elif type(obj) is types.FunctionType:  # defaults sit in a tuple: not the function's own referents
+            if obj.__defaults__ and holds(obj.__defaults__):
+                obj.__defaults__ = dropped(obj.__defaults__)
+            if obj.__kwdefaults__:
+                forget(obj.__kwdefaults__)
+        elif not any(isinstance(r, group_type) for r in gc.get_referents(obj)):
+            continue
+        elif type(obj) is list:
+            obj[:] = dropped(obj)
+        elif type(obj) is types.CellType:
+            obj.cell_contents = None
+        elif isinstance(getattr(obj, "__dict__", None), dict):
+            forget(vars(obj))
 
 
 def _communication_threads() -> list[str]:

@@ -55,8 +55,13 @@ resumed, or an InputError names the tensor before anything is read.
 Whole states (DDP, one process, fine-tuning) stay in the single-file layout above: every
 process holds the whole state, so rank 0 writing it is no gather, and
 ``safetensors.torch.load_file`` reads it. Both layouts resume under either backend.
-DeepSpeed's optimizer partitions are written by DeepSpeed only with torch.save, so its
-checkpoints hold the gathered model alone and cannot be resumed.
+
+DeepSpeed ZeRO (pretrain/checkpoint_deepspeed.py): DeepSpeed writes its optimizer partitions
+only with torch.save, so every process writes its own partition instead, as a whole state
+of this format (``optimizer/rank-RRRRR-of-WWWWW.safetensors`` + ``.json``), into the same
+hidden folder as a sharded save; rank 0 adds the gathered model, scheduler and RNG states,
+the manifest (a sha256 per partition) and `optimizer_partitions` in the metadata, then
+publishes it as above. They resume under the same ZeRO stage on as many processes.
 """
 
 from __future__ import annotations

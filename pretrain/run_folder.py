@@ -17,6 +17,7 @@ from pathlib import Path
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.backend import BackendConfig
 from cosmofm.pretrain.checkpoint import CHECKPOINTS_DIR, atomic_write_bytes, resume_checkpoint, run_lock
+from cosmofm.pretrain.checkpoint_deepspeed import check_partitioned_resume
 from cosmofm.pretrain.recipe import PretrainRecipe, write_recipe
 
 TRACKER_PROJECT = "cosmofm-pretrain"  # TensorBoard writes to <run>/<project>
@@ -38,16 +39,13 @@ def claim_run_folder(out_dir: Path, recipe: PretrainRecipe, backend: BackendConf
         raise InputError(str(out_dir), f"cannot be used as a run folder ({exc.strerror or exc})", "give --output a folder you can write to") from None
     checkpoint = None
     if resume:
-        if backend.kind == "deepspeed":
-            raise InputError("--resume", f"{backend.name} (DeepSpeed) cannot continue a run: its optimizer state is partitioned in "
-                             "DeepSpeed's layout, which it reads and writes only with torch.save (pickle)",
-                             "resume with --backend fsdp2 or ddp, or start again with --overwrite")
         # sharded states are verified here (manifest) and read later by every process, its own part
         found = resume_checkpoint(out_dir, resume_from, full_sharded=False)
         if found is None:
             raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
         loaded["states"], loaded["meta"], checkpoint = found
         check_resume_layout(loaded["meta"], recipe)
+        check_partitioned_resume(loaded["meta"], checkpoint, backend, int(os.environ.get("WORLD_SIZE", "1")))  # DeepSpeed's partitions
         truncate_metrics(out_dir / "metrics.jsonl", int(loaded["meta"]["step"]))
     else:
         previous = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
@@ -76,8 +74,8 @@ def remove_outputs(out_dir: Path, names: list[str]):
 def check_resume_layout(meta: dict, recipe: PretrainRecipe):
     if meta.get("optimizer_saved") is False:
         raise InputError("--resume", f"the checkpoint of step {meta['step']} was written under {meta.get('backend')} and holds no optimizer state",
-                         "DeepSpeed writes its optimizer partitions only with torch.save (pickle), so its runs cannot be "
-                         "resumed; start again with --overwrite (or train with --backend fsdp2, whose checkpoints resume)")
+                         "it was written before DeepSpeed checkpoints held their optimizer partitions (pretrain/checkpoint_deepspeed.py); "
+                         "start again with --overwrite")
     for key, now in (("global_batch", recipe.optim.global_batch), ("grad_accum", recipe.optim.grad_accum), ("seed", recipe.run.seed)):
         if meta.get(key) != now:
             raise InputError(

@@ -81,6 +81,7 @@ from cosmofm.pretrain.checkpoint import (
     step_name,
     write_sharded_state,
 )
+from cosmofm.pretrain.checkpoint_deepspeed import load_partition, partitions_metadata, widened_model_state, write_partition
 from cosmofm.pretrain.checkpoint_signal import SaveOnSignal
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.corpus import load_corpus
@@ -207,8 +208,9 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
         states, meta = (loaded["states"], loaded["meta"]) if main else load_checkpoint(checkpoint, full_sharded=False)
         sharded = bool(meta.get("sharded"))
         if not sharded:
-            check_model_state(states["model"], model.state_dict(), f"{checkpoint}/model.safetensors")
-            model.load_state_dict(states["model"])
+            saved = widened_model_state(states["model"], model.state_dict(), meta)  # a bf16 ZeRO run's bf16 weights
+            check_model_state(saved, model.state_dict(), f"{checkpoint}/model.safetensors")
+            model.load_state_dict(saved)
         start_step = int(meta["step"])
         rng = states["rng"].get(f"rank{accelerator.process_index}")
         if rng is not None:
@@ -223,10 +225,12 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
     if checkpoint is not None:
         if sharded:
             load_sharded_states(checkpoint, model, optimizer)
-        else:
+        elif "optimizer_partitions" not in meta:  # DeepSpeed's partitions are loaded into its engine, below
             load_optimizer_state(backend, model, optimizer, states["optimizer"])
         scheduler.load_state_dict(states["scheduler"])
     model, optimizer = prepare(accelerator, backend, model, optimizer)
+    if checkpoint is not None and "optimizer_partitions" in meta:
+        load_partition(checkpoint, model)  # each process its own ZeRO partition (checkpoint_deepspeed.py)
 
     o = recipe.optim
     if recipe.data.streaming:
@@ -462,7 +466,7 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, back
     meta = {
         "step": step,
         "backend": backend.name,
-        "optimizer_saved": backend.kind != "deepspeed",
+        "optimizer_saved": True,
         "world_size": accelerator.num_processes,
         "global_batch": recipe.optim.global_batch,
         "grad_accum": recipe.optim.grad_accum,
@@ -471,6 +475,8 @@ def _save(accelerator, model, optimizer, scheduler, recipe: PretrainRecipe, back
     }
     if recipe.data.streaming:  # the map-style sampler needs only the step; a stream needs its position
         meta["data"] = data_position(recipe, step, accelerator.num_processes)
+    if backend.kind == "deepspeed":  # each process writes its ZeRO partition (checkpoint_deepspeed.py)
+        meta["optimizer_partitions"] = partitions_metadata(model)
     return save_training_state(accelerator, model, optimizer, scheduler, recipe.run.output_dir, step, meta, recipe.run.keep_last,
                                _diverged_fix(Path(recipe.run.output_dir), last_saved), backend)
 
@@ -483,14 +489,17 @@ def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step:
     FSDP2: every process writes its shards (`_save_sharded`); with `fsdp.async_checkpoint`
     the writing goes on in a thread and the returned `PendingSave` must be waited for before
     the next save. DDP: the main process writes the whole state (`checkpoint.save_checkpoint`).
-    DeepSpeed: the model gathered onto the main process, and no optimizer state (DeepSpeed
-    writes its partitions only with torch.save, a pickle), so its runs cannot be resumed."""
+    DeepSpeed: the model gathered onto the main process, and every process's ZeRO optimizer
+    partition as safetensors + JSON (`checkpoint_deepspeed.write_partition`; DeepSpeed's own
+    save would pickle it), resumable on as many processes."""
     check_finite_weights(accelerator, model, step, fix)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
     if is_sharded(backend):
         return _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step, meta, keep_last, backend, rng)
     model_state = full_model_state(accelerator, backend, model)  # ZeRO-3: a collective, every rank takes part
+    if "optimizer_partitions" in meta:
+        return _save_partitioned(accelerator, model, scheduler, run_dir, step, meta, keep_last, model_state, rng)
     optim_state = full_optimizer_state(accelerator, backend, model, optimizer)
     if accelerator.is_main_process:
         states = {"model": model_state, **({"optimizer": optim_state} if optim_state is not None else {}),
@@ -498,6 +507,21 @@ def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step:
         save_checkpoint(run_dir, step, states, meta, keep_last=keep_last)
     accelerator.wait_for_everyone()
     return None
+
+
+def _save_partitioned(accelerator, engine, scheduler, run_dir, step: int, meta: dict, keep_last: int, model_state, rng: list) -> None:
+    """DeepSpeed: every process writes its ZeRO partition into the hidden step folder; then the
+    main process adds the gathered model, scheduler, RNG and manifest and renames it into place."""
+    if accelerator.is_main_process:
+        begin_sharded_save(run_dir, step)
+    accelerator.wait_for_everyone()  # the folder is empty and there before anyone writes
+    tmp = sharded_save_dir(run_dir, step)
+    write_partition(tmp, engine)
+    accelerator.wait_for_everyone()  # every partition written
+    if accelerator.is_main_process:
+        whole = {"model": model_state, "scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}}
+        publish_sharded_checkpoint(tmp, step, whole, {}, meta, keep_last)
+    accelerator.wait_for_everyone()
 
 
 def _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, backend: BackendConfig,
