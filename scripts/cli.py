@@ -335,6 +335,12 @@ def _cmd_detect(args):
         from cosmofm.heads.sofia_baseline import SofiaConfig
 
         kwargs["config"] = SofiaConfig()  # SoFiA's own defaults instead of the tuned SOFIA_TUNED
+    if args.head_block is not None:
+        kwargs["head_block"] = None if args.head_block == "none" else cli_shape(args.head_block, 3, "head-block")
+    if args.prefilter is not None:
+        kwargs["prefilter"] = args.prefilter
+    if args.bf16:
+        kwargs["bf16"] = True
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
                           card=args.card, **kwargs)
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles) -> {summary['output']}")
@@ -530,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--overlap", help="tile overlap: N or CHANNELS,ROWS,COLS (default 64,24,24)")
     dt.add_argument("--workers", type=int, help="worker processes (default one per core)")
     dt.add_argument("--card", help="data card of the cube (default from the header: ska-hi-like)")
+    dt.add_argument("--head-block", help="--model: run the network on blocks CHANNELS,ROWS,COLS of each tile (e.g. 64,32,32, its training tile; default: the whole tile)")
+    dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; default: all)")
+    dt.add_argument("--bf16", action="store_true", help="--model: bfloat16 autocast (faster on CPUs with AVX512-BF16; catalogue within a tolerance of float32)")
     dt.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     dt.set_defaults(func=_cmd_detect)
 
@@ -562,7 +571,7 @@ def _close_process_group() -> None:
     launch, torchrun) before the interpreter exits: left to interpreter shutdown, the comm
     threads of gloo and DeepSpeed can be destroyed while running ("terminate called without
     an active exception", SIGABRT after a complete run, ~1 in 8 ZeRO-3 runs on 2 CPU processes).
-    destroy_process_group alone leaves FSDP2's groups alive: pretrain.backend.close_process_group."""
+    destroy_process_group alone leaves the groups FSDP2 and DeepSpeed hold alive: pretrain.backend.close_process_group."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         from cosmofm.pretrain.backend import close_process_group
