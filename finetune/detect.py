@@ -21,7 +21,10 @@ InputError; blank voxels masked) and tiled over channels, rows and columns by
   kernels' reach) inside the tiles that hold it is thus measured identically, whatever the
   tiling. Masked voxels (ivar 0) are blanked before it runs.
 * a fine-tuned detection3d model: `load_task_model(model, expect_task="detection3d")` and
-  its registered Task's `find_in_tile(model, values, ivar, header)`.
+  its registered Task's `find_in_tile(model, values, ivar, header)`, through `HeadFinder`,
+  which holds the speed options (`head_block`: the network on training-size blocks of a
+  large tile; `prefilter`: only blocks with smooth-and-clip candidates; `bf16`), each
+  tested against the plain call (tests/test_detect_speed.py).
 
 Catalogue (one row per source, in tile order): the SDC2 columns with units, id, ra, dec
 [deg], hi_size [arcsec], line_flux_integral [Jy Hz], central_freq [Hz], pa, i [deg], w20
@@ -70,6 +73,128 @@ class SofiaFinder:
         values, noise = _blanked(values, ivar)
         found = find_sources(values, header, self.config, noise=noise, kernel_rms=self.kernel_rms, candidates=self.candidates)
         return found[["CHAN", "ROW", "COL", *SDC2_PROPERTIES, *EXTRA_COLUMNS, *(CANDIDATE_COLUMNS if self.candidates else ())]]
+
+
+# The head's speed path (issue 21). The network runs on blocks of the shape it was trained on
+# (`HeadFinder.block`: 64 x 32 x 32 voxels, 16 x 8 x 8 overlap) inside tiles read large (a
+# FITS section costs ~one read per (channel, row): 64 x 32 x 32 tiles spent 44 % of the run
+# reading), and a block goes through the network only when a cheap smooth-and-clip
+# (`prefilter_config`: SoFiA's kernels without its linking, reliability and parameters) finds
+# a voxel of candidate emission in its core grown by half the overlap: empty sky, most of a
+# survey cube, is skipped. The clip is a trade: on noise the fraction of blocks that fire
+# falls steeply between 4.75 and 5 rms (24 % -> 6 %: many correlated kernels, many voxels),
+# while the head's faintest true detections (expected S/N ~4) lie near it.
+# Kernels: none and the beam (3 px FWHM) spatially, SOFIA_TUNED's boxcars spectrally, so every
+# line width the head sees has its kernel. Clip 5 (docs/benchmarks.md, 3D detection head): on
+# three held-out 256 x 128^2 cubes the blocks of 4 of the head's 104 true detections went unrun
+# (clip 4.75: 3, with 24 % of a sparse cube's blocks run on noise instead of 6 %).
+PREFILTER_SPATIAL = (0.0, 3.0)  # Gaussian FWHM [pixels]; 0 = none
+PREFILTER_WIDTHS = (0, 3, 7, 15, 31)  # boxcars [channels]
+PREFILTER_CLIP = 5.0  # [rms of each smoothed cube], the benchmarks' `--prefilter 5` (off unless asked for)
+HEAD_BLOCK = (64, 32, 32)  # the bench's training tile (scripts/bench/detect_quality.py --tile)
+HEAD_BLOCK_OVERLAP = (16, 8, 8)
+
+
+def prefilter_config(clip: float):
+    """The prefilter's SofiaConfig: `PREFILTER_SPATIAL` x `PREFILTER_WIDTHS` kernels, clip at `clip` rms."""
+    from cosmofm.heads.sofia_baseline import SofiaConfig
+
+    if not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0 < clip < 50):
+        raise InputError("prefilter", f"is {clip!r}", "give a clip level in rms of each smoothed cube, e.g. 5 (or leave it out)")
+    return SofiaConfig(spatial_fwhm=PREFILTER_SPATIAL, spectral_width=PREFILTER_WIDTHS, threshold=float(clip))
+
+
+class HeadFinder:
+    """A tile finder (`finetune.tiling` contract) for a detection3d model: the tile is cut
+    into `block`s overlapping by `block_overlap` (`TilePlan`, as the tiler cuts the cube)
+    and each block that passes the prefilter goes through the registered Task's
+    `find_in_tile`; a detection is kept by the block whose core holds it (`Tile.holds`).
+    The duplicates blocks leave at their edges go where the tiles' do: `merge_catalogue`
+    over the whole cube in `detect_cube`.
+
+    block: None = the whole tile, one `find_in_tile` (the readable path the options are
+        tested against). prefilter: a SofiaConfig (`prefilter_config`) or None (every block
+        runs); kernel_rms: its kernels' clip rms over the whole cube (`cube_kernel_rms`).
+    bf16: bfloat16 autocast in the forward (`find_in_tile(bf16=True)`).
+    Counts in `stats` (blocks, blocks_run, seconds_prefilter, seconds_network): this
+    process's only (forked workers keep theirs)."""
+
+    __name__ = "detection3d model"
+
+    def __init__(self, model, block=HEAD_BLOCK, block_overlap=HEAD_BLOCK_OVERLAP, prefilter=None, kernel_rms=None, bf16: bool = False):
+        from cosmofm.heads.base import task_class
+
+        self.model = model.eval()
+        self.task = task_class(model.task_type)(model.head_config)
+        self.block = None if block is None else tuple(int(b) for b in block)
+        self.block_overlap = tuple(int(b) for b in block_overlap) if isinstance(block_overlap, (tuple, list)) else (int(block_overlap),) * 3
+        self.prefilter, self.kernel_rms, self.bf16 = prefilter, kernel_rms, bool(bf16)
+        self.stats = {"blocks": 0, "blocks_run": 0, "seconds_prefilter": 0.0, "seconds_network": 0.0}
+        self.threads = None  # torch threads to use where it runs (set by detect_cube for worker processes)
+
+    def candidates(self, values: np.ndarray, ivar: np.ndarray | None) -> np.ndarray:
+        """(C, H, W) bool: voxels of the prefilter's positive smooth-and-clip mask
+        (`sofia_baseline.smooth_and_clip`; the S/N from the whole cube's noise per channel,
+        or the tile's own rms per channel without ivar)."""
+        from cosmofm.heads.sofia_baseline import _robust_rms, smooth_and_clip
+
+        blanked, noise = _blanked(values, ivar)
+        valid = np.isfinite(blanked)
+        clean = np.where(valid, blanked, np.float32(0.0))
+        if noise is None:
+            noise = _robust_rms(clean.reshape(len(clean), -1), axis=1)
+        inv = np.where(np.isfinite(noise) & (noise > 0), 1.0 / np.where(noise > 0, noise, 1.0), 0.0).astype(np.float32)
+        pos, _ = smooth_and_clip(clean * inv[:, None, None], self.prefilter, None if valid.all() else valid, self.kernel_rms)
+        return pos
+
+    def __call__(self, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header) -> Table:
+        import torch
+
+        from cosmofm.finetune.tiling import TilePlan
+        from cosmofm.heads.detection3d import _COLUMNS, _table
+        from cosmofm.heads.sofia_baseline import _frequency_wcs
+
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        if self.block is None and self.prefilter is None:
+            return self.task.find_in_tile(self.model, values, ivar, header, bf16=self.bf16)
+        t0 = time.perf_counter()
+        mask = self.candidates(values, ivar) if self.prefilter is not None else None
+        self.stats["seconds_prefilter"] += time.perf_counter() - t0
+        shape = values.shape
+        plan = TilePlan(shape, self.block or shape, self.block_overlap if self.block else 0)
+        tile_wcs = _frequency_wcs(header)[0]  # once per tile; each block's is it shifted (as `_sub_header`)
+        parts = []
+        for b in plan:
+            self.stats["blocks"] += 1
+            if mask is not None:
+                grown = tuple(slice(max(0, int(lo) - o // 2) if np.isfinite(lo) else 0, min(n, int(hi) + o // 2) if np.isfinite(hi) else n)
+                              for (lo, hi), o, n in zip(b.core, self.block_overlap if self.block else (0, 0, 0), shape))
+                if not mask[grown].any():
+                    continue
+            self.stats["blocks_run"] += 1
+            t0 = time.perf_counter()
+            w = tile_wcs.deepcopy()
+            w.wcs.crpix = np.asarray(w.wcs.crpix) - np.array(b.origin[::-1], float)  # (x, y, spectral) = (col, row, chan)
+            w.wcs.set()
+            found = self.task.find_in_tile(self.model, values[b.read], None if ivar is None else ivar[b.read], _sub_header(header, b.origin, b.shape),
+                                           bf16=self.bf16, wcs=w, columns=True)
+            self.stats["seconds_network"] += time.perf_counter() - t0
+            for ax, name in enumerate(("CHAN", "ROW", "COL")):
+                found[name] = np.asarray(found[name], np.float64) + b.origin[ax]
+            keep = b.holds(np.column_stack([found[n] for n in ("CHAN", "ROW", "COL")]))
+            parts.append({k: np.asarray(v)[keep] for k, v in found.items()})
+        # one Table per tile; every block skipped: the empty catalogue with the head's columns
+        return _table({c.name: np.concatenate([p[c.name] for p in parts]) if parts else np.zeros(0) for c in _COLUMNS})
+
+
+def _sub_header(header: fits.Header, origin, shape) -> fits.Header:
+    """The header of the (C, H, W) region at `origin` of a tile: CRPIX shifted, NAXISn set."""
+    h = header.copy()
+    for k, (o, n) in zip((3, 2, 1), zip(origin, shape)):
+        h[f"CRPIX{k}"] = h[f"CRPIX{k}"] - o
+        h[f"NAXIS{k}"] = n
+    return h
 
 
 def _blanked(values: np.ndarray, ivar: np.ndarray | None):
@@ -131,7 +256,8 @@ def _finish(table: Table, tile, values, ivar):
 
 
 def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, workers: int | None = None,
-                progress: bool = True, overwrite: bool = False, card=None, rest_frequency=None, config=None) -> dict:
+                progress: bool = True, overwrite: bool = False, card=None, rest_frequency=None, config=None,
+                head_block=None, prefilter: float | None = None, bf16: bool = False, head_threads: int | None = None) -> dict:
     """Find the HI sources of a spectral cube; write their SDC2 catalogue to `output`.
 
     model: a fine-tuned detection3d model, or None for a classical `method` ("sofia",
@@ -140,6 +266,11 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     card / rest_frequency: the cube's data card (default from the header: ska-hi-like)
         and the rest frequency for a velocity axis without RESTFRQ. config: SofiaConfig
         (default `SOFIA_TUNED`; `SofiaConfig()` for SoFiA's defaults).
+    head_block, prefilter, bf16: the model's speed options (`HeadFinder`): run the network
+        on blocks of `head_block` (C, H, W) voxels overlapping by `overlap` inside each tile
+        (None: on the whole tile; `HEAD_BLOCK` is the bench's training tile), only those with
+        candidate emission at the `prefilter` clip level (rms; None: all), under bfloat16 autocast.
+        head_threads: torch threads in each worker (None: the cores over the workers).
 
     Returns the tiler's summary plus "method", "notes" (the header conversions applied)
     and "noise_s" (the passes over the cube before the tiles: its noise per channel and,
@@ -148,7 +279,6 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     """
 
     from cosmofm.data_cards.readers.mosaic import open_survey_cube
-    from cosmofm.finetune.deblend import model_finder
     from cosmofm.finetune.predict import check_output
     from cosmofm.finetune.tiling import TilePlan, run_tiled
 
@@ -177,8 +307,19 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         from cosmofm.finetune.task_predict import load_task_model
 
         model = load_task_model(model, expect_task="detection3d")
-        finder, device = model_finder(model, "detection3d")
+        pre = None
+        if prefilter is not None:
+            pre = prefilter_config(prefilter)
+            t0 = time.perf_counter()
+            kernel_rms = cube_kernel_rms(cube, pre)  # the whole cube's clip levels, as sofia's
+            noise_s += time.perf_counter() - t0
+        finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16)
+        device = next(model.parameters()).device
         processes = device.type == "cpu"
+        if processes:  # forked workers share the cores: each gets its part (torch's threads would be all of them)
+            from cosmofm.data_cards.workers import cores, n_workers
+
+            finder.threads = head_threads or max(1, cores() // max(1, min(n_workers(workers), len(plan))))
         target = Path(output)
         merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
         if merge > 0:
@@ -222,7 +363,8 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     finally:
         if target != Path(output):
             target.unlink(missing_ok=True)
-    return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s}
+    extra = {"head_stats": dict(finder.stats)} if isinstance(finder, HeadFinder) else {}
+    return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
 
 
 def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
@@ -260,4 +402,4 @@ def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
     return len(table)
 
 
-__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "SofiaFinder", "catalogue_template", "cube_kernel_rms", "detect_cube"]
+__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "HEAD_BLOCK", "HEAD_BLOCK_OVERLAP", "PREFILTER_CLIP", "HeadFinder", "SofiaFinder", "prefilter_config", "catalogue_template", "cube_kernel_rms", "detect_cube"]

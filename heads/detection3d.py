@@ -469,20 +469,26 @@ class Detection3DTask(Task):
         cols = data.to_sdc2(det[tile_idx, slot], unit)
         return {"TILE": tile_idx, **{c.name: cols[c.name] for c in self.catalogue_columns}}
 
-    def find_in_tile(self, model: CosmoFMForDetection3D, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header) -> Table:
+    def find_in_tile(self, model: CosmoFMForDetection3D, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header,
+                     *, bf16: bool = False, wcs=None, columns: bool = False) -> Table | dict:
         """The tile finder (field-inference contract): (C, H, W) float32 Jy/beam `values`,
         `ivar` (same shape, 0 = masked) or None (noise measured per channel: 1.4826 x the
         median |value|), the tile's 3D FITS header -> a Table with CHAN, ROW, COL (0-based,
         tile frame), the SDC2 property columns line_flux_integral [Jy Hz], hi_size [arcsec],
         w20 [km/s], pa [deg], i [deg] with their *_err columns, and score; empty (with those
-        columns) when nothing is found."""
+        columns) when nothing is found. `bf16`: the forward under bfloat16 autocast on the
+        model's device (CPUs with AVX512-BF16 / AMX, GPUs), a speed option whose catalogue
+        differs from float32's within the tolerance `tests/test_detect_speed.py` states.
+        For a caller that cuts a tile into blocks (`finetune.detect.HeadFinder`): `wcs`, this
+        header's `sofia_baseline._frequency_wcs` (it costs ~20 ms to build from a header), and
+        `columns=True`: the plain column dict instead of the Table (one Table per tile, not per block)."""
         from cosmofm.heads.sofia_baseline import _frequency_wcs
         from cosmofm.pretrain.data import collate_samples
 
         values = np.asarray(values, dtype=np.float32)
         if values.ndim != 3:
             raise InputError("values", f"must be (C, H, W), got shape {values.shape}", "pass one cube tile, channels first")
-        w, _ = _frequency_wcs(header)  # spectral axis, RESTFRQ for velocity, BMAJ/BMIN: refused with a message
+        w = wcs if wcs is not None else _frequency_wcs(header)[0]  # spectral axis, RESTFRQ for velocity, BMAJ/BMIN: refused with a message
         good = np.isfinite(values)
         values = np.where(good, values, np.float32(0.0))
         if ivar is None:
@@ -493,24 +499,25 @@ class Detection3DTask(Task):
             raise InputError("ivar", f"has shape {ivar.shape}, values {values.shape}", "give one inverse variance per voxel, or None")
         measured = ivar > 0
         noise = float(np.median(1.0 / np.sqrt(ivar[measured]))) if measured.any() else 1.0
-        scales = data.tile_scales(header, noise)
+        scales = data.tile_scales(header, noise, w)
         beam_pix = scales["beam_fwhm"] / scales["pixel_scale"]
         if self.head.beam_fwhm_pix and abs(beam_pix / self.head.beam_fwhm_pix - 1) > 0.25:
             raise InputError("header.BMAJ/BMIN", f"give a beam of {beam_pix:.2f} pixels; the model was trained on {self.head.beam_fwhm_pix:.2f}",
                              "convolve or regrid the cube to the training beam, or fine-tune on mocks with this beam")
         if not measured.any():  # all blank (NaN / flagged): nothing to find
-            return _empty_table()
-        sample = data.tile_sample(values, ivar, header, {"card": self.head.card or "cube", "id": "tile"})
+            return {c.name: np.zeros(0) for c in _COLUMNS} if columns else _empty_table()
+        sample = data.tile_sample(values, ivar, header, {"card": self.head.card or "cube", "id": "tile"}, scales)
         model.eval()
         device = next(model.parameters()).device
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
             det = model(collate_samples([sample], model.config.survey_names).to(device)).detections[0].float().cpu().numpy()
         det = det[det[:, 0] > 0]
 
         def freq_at(chan):
             return np.asarray(w.all_pix2world(np.zeros_like(chan), np.zeros_like(chan), chan, 0)[2], float)
 
-        return _table(data.to_sdc2(det, scales, freq_at))
+        cols = data.to_sdc2(det, scales, freq_at)
+        return cols if columns else _table(cols)
 
 
 def _table(cols: dict[str, np.ndarray]) -> Table:

@@ -72,13 +72,15 @@ def tile_header(header: fits.Header, c0: int, y0: int, x0: int, shape: tuple[int
     return h
 
 
-def tile_scales(header: fits.Header, noise: float) -> dict:
+def tile_scales(header: fits.Header, noise: float, wcs=None) -> dict:
     """The `labels["tile"]` dict of a tile: pixel scale [arcsec], frequency of channel 0 and
     channel width [Hz] (FREQ, or a velocity axis through RESTFRQ), noise per channel
-    [Jy/beam], beam FWHM [arcsec] and J, the (east, north) arcsec per (col, row) pixel step."""
+    [Jy/beam], beam FWHM [arcsec] and J, the (east, north) arcsec per (col, row) pixel step.
+    `wcs`: the header's `sofia_baseline._frequency_wcs` when the caller has it (building one
+    costs ~20 ms, a tenth of a 64 x 32 x 32 block's forward)."""
     from cosmofm.heads.sofia_baseline import _frequency_wcs
 
-    w, _ = _frequency_wcs(header)
+    w = wcs if wcs is not None else _frequency_wcs(header)[0]
     freq = w.all_pix2world([0.0, 0.0], [0.0, 0.0], [0.0, 1.0], 0)[2]
     j = w.celestial.pixel_scale_matrix * 3600.0
     return {"pixel_scale": float(math.sqrt(abs(np.linalg.det(j)))), "freq0": float(freq[0]), "dnu": float(freq[1] - freq[0]),
@@ -137,10 +139,11 @@ def truth_in_tile(truth: Table, header: fits.Header, c0: int, y0: int, x0: int, 
     return out
 
 
-def tile_sample(values: np.ndarray, ivar: np.ndarray, header: fits.Header, meta: dict) -> Sample:
+def tile_sample(values: np.ndarray, ivar: np.ndarray, header: fits.Header, meta: dict, scales: dict | None = None) -> Sample:
     """A cube Sample of a tile: frequency of each channel [Hz] from the WCS, sky offsets
-    [arcsec] from the tile centre (ra_offset falling with column, as on the sky)."""
-    t = tile_scales(header, 1.0)
+    [arcsec] from the tile centre (ra_offset falling with column, as on the sky); `scales`:
+    the header's `tile_scales` when the caller has them."""
+    t = scales if scales is not None else tile_scales(header, 1.0)
     nf, ny, nx = values.shape
     scale = t["pixel_scale"]
     return Sample("cube", values, ivar,
@@ -288,7 +291,12 @@ def peaks(logits: torch.Tensor, maps: torch.Tensor, threshold: float, window: tu
     n = logits.shape[0]
     prob = torch.sigmoid(logits.float())
     kc, kxy = (int(w) | 1 for w in window)  # odd windows, centred
-    pooled = F.max_pool3d(prob.unsqueeze(1), (kc, kxy, kxy), stride=1, padding=(kc // 2, kxy // 2, kxy // 2)).squeeze(1)
+    # the box maximum, one axis at a time: max is separable, so this equals one (kc, kxy, kxy)
+    # max_pool3d exactly, at kc + 2 kxy instead of kc kxy^2 comparisons per voxel (4 s -> 0.3 s on a 256 x 128^2 tile)
+    pooled = prob.unsqueeze(1)
+    for k in ((kc, 1, 1), (1, kxy, 1), (1, 1, kxy)):
+        pooled = F.max_pool3d(pooled, k, stride=1, padding=tuple(v // 2 for v in k))
+    pooled = pooled.squeeze(1)
     cand = torch.where((prob == pooled) & (prob >= threshold), prob, torch.zeros_like(prob)).flatten(1)
     k = min(max_detections, cand.shape[1])
     score, idx = cand.topk(k, dim=1)  # (n, k)

@@ -13,6 +13,11 @@ neither training nor test) through the same `cosmofm detect` path, for the best 
 at purity >= `--min-purity` (`Detection3DTask.calibrate_catalogues`); with 0 of them, on
 `--n-calibration` tiles of other cubes (universe seed 1, `Detection3DTask.calibrate`).
 
+`--fast` adds the arm `head_fast`: the same model through `cosmofm detect`'s speed options
+(`finetune.detect.HeadFinder`: the cube read as one tile, the network on `--tile` blocks of
+it with `--overlap`, only the blocks the `--prefilter` smooth-and-clip marks, bfloat16
+autocast unless `--no-bf16`), so the options' cost in score is measured on one network.
+
 `--compare-before` adds the arm `head_before`: the same weights decoded as before the
 purity / PA work (no merging of duplicates, `merge_factor` 0; the regressed PA direction,
 `pa_from` "regressed"; the threshold chosen on the tiles for the best score, no purity
@@ -215,6 +220,9 @@ def main(argv=None) -> dict:
     p.add_argument("--backbone-recipe", default="demo")
     p.add_argument("--save-model", default=None, help="save the trained model (and its training record) to this folder")
     p.add_argument("--model", default=None, help="a model saved by --save-model: skip the training (its record is reported)")
+    p.add_argument("--fast", action="store_true", help="add the arm head_fast: the same model with cosmofm detect's speed options")
+    p.add_argument("--prefilter", type=float, default=5.0, help="head_fast: the prefilter's clip [rms] (finetune.detect.HeadFinder); 0 = off")
+    p.add_argument("--no-bf16", action="store_true", help="head_fast: float32 instead of bfloat16 autocast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
@@ -250,6 +258,8 @@ def main(argv=None) -> dict:
         model._set_task(**post)
     result["calibration"] = calibrate(model, task, card, args, work)
     heads["head"] = {name: getattr(model.head_config, name) for name in ("merge_factor", "pa_from", "threshold")}
+    if args.fast:
+        heads["head_fast"] = dict(heads["head"])
     result["head_settings"] = heads
     arms_run = (*heads, "sofia", "sofia_defaults")
     cubes = []
@@ -258,6 +268,9 @@ def main(argv=None) -> dict:
         entry = {"seed": TEST_SEED_BASE + seed, "shape": [args.channels, args.size, args.size], "n_truth": len(truth),
                  "voxels": args.channels * args.size**2}
         arms = {name: {"model": model, "tile": tuple(args.tile), "overlap": tuple(args.overlap)} for name in heads}
+        if args.fast:  # the whole cube as one tile, the network on --tile blocks of it, prefiltered, bf16
+            arms["head_fast"] = {"model": model, "tile": (args.channels, args.size, args.size), "overlap": tuple(args.overlap),
+                                 "head_block": tuple(args.tile), "prefilter": args.prefilter or None, "bf16": not args.no_bf16}
         arms.update({"sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}})
         for name, kwargs in arms.items():
             if name in heads:
@@ -287,6 +300,10 @@ def main(argv=None) -> dict:
     best = max(totals["sofia"]["score"], totals["sofia_defaults"]["score"])
     totals["score_ratio_head_over_sofia"] = totals["head"]["score"] / totals["sofia"]["score"] if totals["sofia"]["score"] else float("nan")
     totals["score_ratio_head_over_best_baseline"] = totals["head"]["score"] / best if best else float("nan")
+    for m in heads:  # throughput against the baseline in the same run (shared CPUs: the ratio is the figure)
+        totals[f"voxels_per_s_ratio_{m}_over_sofia"] = totals[m]["voxels_per_s"] / totals["sofia"]["voxels_per_s"]
+    if "head_fast" in totals:
+        totals["score_ratio_head_fast_over_best_baseline"] = totals["head_fast"]["score"] / best if best else float("nan")
     result["totals"] = totals
     result["load_end"] = load_info()
     out = Path(args.out)

@@ -20,6 +20,9 @@
 CPU time (`cpu_s`, user + system of the child and its workers) beside the wall time: the
 load from other jobs stretches the wall time, much less the CPU time.
 
+`--method head --model DIR` runs the detection3d model instead (`HeadFinder`: `--head-block`,
+`--prefilter CLIP`, `--bf16`; `--threads` torch threads per worker); `--name` the report's file.
+
 Targets (issue 21): under 2 minutes and under 3 GB peak RSS on the 2-core CPU. The
 machine's load is recorded before and after: other jobs on the cores make it slower.
 Writes detect_speed.json.
@@ -43,8 +46,9 @@ from cosmofm.bench import write_report
 CHILD = """
 import json, sys
 from cosmofm.finetune.detect import detect_cube
+extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 summary = detect_cube(sys.argv[1], sys.argv[2], tile=tuple(json.loads(sys.argv[3])), overlap=tuple(json.loads(sys.argv[4])),
-                      workers=int(sys.argv[5]), progress=False)
+                      workers=int(sys.argv[5]), progress=False, **extra)
 print("SUMMARY " + json.dumps(summary, default=str))
 """
 
@@ -110,7 +114,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--cube", help="the cube FITS to use (made here when it does not exist; default a temporary file)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/bench")
+    ap.add_argument("--method", choices=("sofia", "head"), default="sofia", help="head: the detection3d model --model")
+    ap.add_argument("--model", default=None, help="a detection3d model folder (--method head)")
+    ap.add_argument("--prefilter", type=float, default=None, help="head: the prefilter's clip level [rms] (finetune.detect.HeadFinder)")
+    ap.add_argument("--head-block", default="64,32,32", help="head: the network's block inside each tile ('none': the whole tile)")
+    ap.add_argument("--bf16", action="store_true", help="head: bfloat16 autocast")
+    ap.add_argument("--threads", type=int, default=1, help="head: torch threads per worker (the parent keeps its own, so --workers stays as given)")
+    ap.add_argument("--name", default="detect_speed.json", help="the report's file name in --out")
     args = ap.parse_args(argv)
+    if (args.method == "head") != (args.model is not None):
+        from cosmofm.data_cards.errors import InputError
+
+        raise InputError("--model", "goes with --method head (and only with it)", "give both, or neither for the SoFiA-style finder")
 
     from astropy.table import Table
 
@@ -118,7 +133,12 @@ def main(argv=None) -> dict:
     from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
 
     report: dict = {"machine_before": machine(), "cube_shape": [args.channels, args.size, args.size], "tile": args.tile, "overlap": args.overlap,
-                    "workers": args.workers}
+                    "workers": args.workers, "method": args.method}
+    extra: dict = {}
+    if args.method == "head":
+        block = None if args.head_block == "none" else [int(v) for v in args.head_block.split(",")]
+        extra = {"model": args.model, "head_block": block, "prefilter": args.prefilter, "bf16": args.bf16, "head_threads": args.threads}
+        report["head_options"] = dict(extra)
     with tempfile.TemporaryDirectory(prefix="detect_speed.") as tmp:
         cube = Path(args.cube) if args.cube else Path(tmp) / "cube.fits"
         if not cube.exists():
@@ -131,14 +151,14 @@ def main(argv=None) -> dict:
         catalogue = Path(tmp) / "sources.fits"
         tile = [int(v) for v in args.tile.split(",")]
         overlap = [int(v) for v in args.overlap.split(",")]
-        run = run_measured(CHILD, [str(cube), str(catalogue), json.dumps(tile), json.dumps(overlap), str(args.workers)])
+        run = run_measured(CHILD, [str(cube), str(catalogue), json.dumps(tile), json.dumps(overlap), str(args.workers), json.dumps(extra)])
         summary = json.loads(next(line for line in run.pop("stdout").splitlines() if line.startswith("SUMMARY "))[8:])
         voxels = args.channels * args.size**2
         total = summary["seconds"] + summary["noise_s"]
         report.update({"detect_s": total, "tiles_s": summary["seconds"], "noise_s": summary["noise_s"], "child_wall_s": run["wall_s"],
                        "voxels": voxels, "voxels_per_s": voxels / total,
                        "n_tiles": summary["n_tiles"], "n_sources": summary["n_sources"], "n_candidates": summary.get("n_candidates"),
-                       "reliability_s": summary.get("reliability_s"), **run})
+                       "reliability_s": summary.get("reliability_s"), "head_stats": summary.get("head_stats"), "merge_s": summary.get("merge_s"), **run})
         truth = Table.read(cube, hdu="TRUTH")
         in_cube = truth[(truth["central_freq"] > 0)]
         score = score_catalogue(read_catalogue(catalogue, "catalogue"), in_cube)
@@ -146,7 +166,7 @@ def main(argv=None) -> dict:
         report["n_truth"] = len(in_cube)
     report["machine_after"] = {"loadavg": list(os.getloadavg())}
     report["targets"] = {"seconds": 120, "peak_rss_gb": 3}
-    report = write_report(args.out, "detect_speed.json", report)
+    report = write_report(args.out, args.name, report)
     print(json.dumps(report, indent=1, default=str))
     return report
 

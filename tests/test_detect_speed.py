@@ -1,0 +1,171 @@
+"""The detection head's speed options in `cosmofm detect` (finetune/detect.py `HeadFinder`,
+issue 21), each against the readable path: the network on blocks inside a large tile gives
+the catalogue of tiles of the block's size exactly; the prefilter skips blocks of noise,
+runs the ones holding emission and drops nothing else; bfloat16 autocast stays within a
+stated tolerance of float32; the separable local-maximum box equals `max_pool3d`'s.
+
+A tiny untrained model whose objectness bias is raised so that it fires everywhere: its
+detections are arbitrary but deterministic, which is what an exactness test needs."""
+
+import math
+
+import astropy.units as u
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from astropy.table import Table
+from scipy import ndimage
+from torch.nn import functional as F
+
+from cosmofm.data_cards import load_card
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.mocks.cubes import survey_header
+from cosmofm.finetune.detect import HeadFinder, detect_cube, prefilter_config
+from cosmofm.heads import detection3d_data as data
+from cosmofm.heads.detection3d import CosmoFMForDetection3D, Detection3DHeadConfig
+from cosmofm.pretrain import CosmoFMConfig
+from cosmofm.pretrain.data import collate_samples
+
+SHAPE = (64, 64, 64)
+NOISE = 3e-5  # Jy/beam per channel, the card's
+SOURCE = (30, 34, 28)  # chan, row, col of the one bright line
+TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, cube_patch_size=[8, 8, 8], coord_frequencies=4,
+            projection_dim=8, survey_names=["ska-hi-like"])
+
+
+@pytest.fixture(scope="module")
+def card():
+    return load_card("ska-hi-like")
+
+
+@pytest.fixture(scope="module")
+def model(card):
+    torch.manual_seed(0)
+    m = CosmoFMForDetection3D.from_backbone_config(CosmoFMConfig(**TINY), Detection3DHeadConfig.from_card(card, merge_factor=0.0, max_detections=8, pa_from="regressed"))
+    with torch.no_grad():
+        m.decoder.objectness.bias.fill_(0.0)  # fires everywhere: many local maxima per block
+    return m.eval()
+
+
+def _cube(path, card, source: bool, seed: int = 0, shape=SHAPE):
+    nf, ny, nx = shape
+    h = survey_header(card, nf, ny, nx, 30.0, -30.0, 1.25e9)
+    rng = np.random.default_rng(seed)
+    beam_sigma = card.beam_fwhm.to_value(u.arcsec) / math.sqrt(8 * math.log(2)) / card.pixel_scale.to_value(u.arcsec)
+    n = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), (0, beam_sigma / math.sqrt(2), beam_sigma / math.sqrt(2)), mode="wrap")
+    cube = n * np.float32(NOISE / n.std())
+    if source:
+        zz, yy, xx = np.indices(shape, dtype=np.float32)
+        z, y, x = SOURCE
+        cube += np.float32(4e-4) * np.exp(-0.5 * (((yy - y) ** 2 + (xx - x) ** 2) / 2.5**2 + ((zz - z) / 5.0) ** 2))
+    fits.PrimaryHDU(cube, h).writeto(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cubes(card, tmp_path_factory):
+    d = tmp_path_factory.mktemp("detect_speed")
+    return _cube(d / "source.fits", card, True), _cube(d / "noise.fits", card, False, seed=1)
+
+
+def _rows(cat: Table) -> set:
+    return {tuple(np.round([r["CHAN"], r["ROW"], r["COL"], r["score"]], 5)) for r in cat}
+
+
+def _run(path, out, model, **kw):
+    summary = detect_cube(path, out, model=model, workers=1, progress=False, **kw)
+    return summary, Table.read(out)
+
+
+def test_blocks_inside_a_large_tile_give_the_small_tiles_catalogue(card, model, tmp_path):
+    path = _cube(tmp_path / "cube.fits", card, True, shape=(32, 64, 64))
+    _, small = _run(path, tmp_path / "small.fits", model, tile=(32, 32, 32), overlap=(8, 8, 8))
+    s, blocks = _run(path, tmp_path / "blocks.fits", model, tile=(32, 64, 64), overlap=(8, 8, 8), head_block=(32, 32, 32))
+    assert s["n_tiles"] == 1 and s["head_stats"]["blocks"] == 1 * 3 * 3 == s["head_stats"]["blocks_run"]
+    assert len(small) > 15  # the raised bias fires in every block (8 detections per block at most)
+    assert _rows(blocks) == _rows(small)
+    np.testing.assert_allclose(np.asarray(blocks["line_flux_integral"]), np.asarray(small["line_flux_integral"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(blocks["ra"]), np.asarray(small["ra"]), rtol=0, atol=1e-9)
+
+
+def test_the_prefilter_runs_the_blocks_with_emission_and_drops_nothing_else(cubes, model, tmp_path):
+    path, noise_only = cubes
+    _, everything = _run(path, tmp_path / "all.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=(32, 32, 32))
+    s, filtered = _run(path, tmp_path / "pre.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=(32, 32, 32), prefilter=5.0)
+    st = s["head_stats"]
+    # the blocks whose grown cores reach the source's smoothed emission (a 13-sigma line, the
+    # 31-channel boxcar spreads it over ~40 channels), not the 27
+    assert 1 <= st["blocks_run"] <= 14 < st["blocks"]
+    assert _rows(filtered) <= _rows(everything)  # a run block gives exactly what it gave without the prefilter
+    near = lambda cat: _rows(cat[(np.abs(np.asarray(cat["CHAN"]) - SOURCE[0]) < 12) & (np.hypot(np.asarray(cat["ROW"]) - SOURCE[1], np.asarray(cat["COL"]) - SOURCE[2]) < 12)])  # noqa: E731
+    assert near(everything) and near(filtered) == near(everything)  # around the source nothing is lost
+    s, few = _run(noise_only, tmp_path / "noise.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=(32, 32, 32), prefilter=5.0)
+    assert s["head_stats"]["blocks_run"] <= 2 and len(few) <= 8 * s["head_stats"]["blocks_run"]  # noise fires a block now and then
+    s, none = _run(noise_only, tmp_path / "none.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=(32, 32, 32), prefilter=8.0)
+    assert s["head_stats"]["blocks_run"] == 0 and len(none) == 0 and "line_flux_integral" in none.colnames  # a valid empty catalogue
+    with pytest.raises(InputError, match="prefilter"):
+        prefilter_config(0.0)
+
+
+def test_prefilter_mask_marks_the_source_and_little_noise(cubes, model, card):
+    from cosmofm.data_cards.readers.mosaic import open_survey_cube
+
+    cube = open_survey_cube(cubes[0], None, None)
+    values, ivar = cube.read(tuple(slice(0, n) for n in SHAPE))
+    finder = HeadFinder(model, prefilter=prefilter_config(5.0))
+    mask = finder.candidates(values, ivar)
+    assert mask[SOURCE]
+    z, y, x = SOURCE
+    away = np.ones(SHAPE, bool)
+    away[max(z - 25, 0):z + 26, y - 12:y + 13, x - 12:x + 13] = False  # the line (sigma 5 ch) under the 31-channel boxcar, a few beams
+    assert mask[~away].mean() > 0.1 and mask[away].mean() < 0.002
+
+
+def test_bf16_autocast_objectness_within_tolerance_of_float32(cubes, model, card):
+    from cosmofm.data_cards.readers.mosaic import open_survey_cube
+
+    cube = open_survey_cube(cubes[0], None, None)
+    region = (slice(0, 32), slice(32, 64), slice(24, 56))
+    values, ivar = cube.read(region)
+    sample = data.tile_sample(values, np.ascontiguousarray(ivar), cube.tile_header(region), {"card": "ska-hi-like", "id": "t"})
+    batch = collate_samples([sample], ["ska-hi-like"])
+    with torch.no_grad():
+        ref = torch.sigmoid(model(batch, return_maps=True).heatmap)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = torch.sigmoid(model(batch, return_maps=True).heatmap.float())
+    diff = (fast - ref).abs()
+    assert float(diff.max()) < 0.02  # bf16 keeps 8 bits of mantissa: ~0.4 % per operation
+    assert float(diff.max()) > 0  # autocast did change the arithmetic
+
+
+def test_separable_local_maximum_box_equals_max_pool3d():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 24, 20, 20)
+    maps = torch.randn(2, 2 * len(data.REGRESSED), 12, 10, 10)
+    det = data.peaks(logits, maps, 0.6, (9, 5), 200)
+    prob = torch.sigmoid(logits)
+    box = F.max_pool3d(prob.unsqueeze(1), (9, 5, 5), stride=1, padding=(4, 2, 2)).squeeze(1)
+    want = torch.where((prob == box) & (prob >= 0.6), prob, torch.zeros_like(prob)).flatten(1)
+    n_want = (want > 0).sum(1)
+    assert int(n_want.min()) > 3
+    for t in range(2):
+        got = det[t, :, 0][det[t, :, 0] > 0]
+        assert len(got) == int(n_want[t])
+        torch.testing.assert_close(got, want[t][want[t] > 0].sort(descending=True).values)
+
+
+def test_cli_speed_flags_reach_the_head(cubes, model, tmp_path):
+    from cosmofm.cli import main as cli_main
+    from cosmofm.pretrain.checkpoint import write_manifest
+
+    model.save_pretrained(tmp_path / "det")
+    write_manifest(tmp_path / "det")
+    out = tmp_path / "fast.fits"
+    assert cli_main(["detect", str(cubes[0]), "--output", str(out), "--model", str(tmp_path / "det"), "--tile", "64", "--overlap", "8",
+                     "--workers", "1", "--head-block", "32,32,32", "--prefilter", "5", "--bf16"]) == 0
+    fast = Table.read(out)
+    assert 0 < len(fast) <= 8 * 14  # at most 8 per block run, and the noise blocks were skipped (27 x ~6 without the prefilter)
+    z, y, x = SOURCE
+    d = np.hypot(np.asarray(fast["ROW"]) - y, np.asarray(fast["COL"]) - x)
+    assert np.any((d < 12) & (np.abs(np.asarray(fast["CHAN"]) - z) < 12))
