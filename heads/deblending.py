@@ -20,7 +20,10 @@ JSON lists, which read back the same but are large, so drop the key before writi
 when absent, rendered again from `meta["truth"]["objects"]` (`mocks.images.render`: ~0.1 s a blend).
 
 Losses: CenterNet focal loss on the heatmap + L1 of the sub-pixel offset, a soft
-cross-entropy of the fractions weighted by 1 + each pixel's S/N (capped at 20), and a Huber
+cross-entropy of the fractions weighted by 1 + each pixel's S/N (capped at 20), the
+flux-weighted L1 fraction error (`deblending_net.fraction_flux_loss`, a bound on each
+source's relative flux error: the cross-entropy alone let faint sources take a few per cent
+of bright neighbours' light; docs/benchmarks.md, issue 20), and a Huber
 loss of the relative per-band corrected flux of the noiseless blend against the true in-stamp
 flux. Metrics (`DeblendingTask.metrics`) are BTK's (`heads/deblending_metrics.py`), against the true total fluxes as for the
 classical baselines (`heads/deblend_baseline.py`), whose `DeblendCatalog` `deblend_stamp`
@@ -75,6 +78,10 @@ class DeblendingHeadConfig(TaskHeadConfig):
         background_level (`float`, 0.01): eps_b of the background target, in sky sigma (0.05
             cost isolated sources ~7 % of their flux, their faint wings going to the background).
         fraction_weight, flux_weight, offset_weight (`float`, 1.0 / 2.0 / 1.0): loss weights.
+        fraction_flux_weight (`float`, 1.0): weight of `deblending_net.fraction_flux_loss`
+            (the flux-weighted L1 fraction error; 0 = the cross-entropy alone, as before).
+        flux_correction (`bool`, True): apply the learned outskirts correction
+            (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
     """
 
@@ -94,6 +101,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
     fraction_weight: float = 1.0
     flux_weight: float = 2.0
     offset_weight: float = 1.0
+    fraction_flux_weight: float = 1.0
+    flux_correction: bool = True
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
@@ -236,6 +245,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         flux, err = net.source_fluxes(fr, values, ivar)
         # the sources' fluxes corrected for the outskirts their fractions miss; the background keeps the rest
         corr = net.flux_correction(dense, use).masked_fill(~present.unsqueeze(-1), 1.0)  # (n, K, B)
+        corr = corr if h.flux_correction else torch.ones_like(corr)
         image_flux = flux.sum(1)
         src = flux[:, :-1] * corr
         flux = torch.cat([src, (image_flux - src.sum(1)).unsqueeze(1)], dim=1)
@@ -248,12 +258,16 @@ class CosmoFMForDeblending(CosmoFMForTask):
             target = target / target.sum(1, keepdim=True).clamp(min=1e-6)  # rounding to 1/255 undone
             weight = 1 + (values.abs() * ivar.clamp(min=0).sqrt()).clamp(max=20)  # 1 + the pixel's observed S/N, capped
             fit, fit_err = flux[:, :-1], err[:, :-1]  # the flux loss on the noiseless blend when given (see net.flux_correction)
+            image = values * (ivar > 0)
             if noiseless is not None:
-                fit = (fr[:, :-1] * torch.where(ivar > 0, noiseless.float(), 0).unsqueeze(1)).sum((-2, -1)) * corr
+                image = torch.where(ivar > 0, noiseless.float(), 0)
+                fit = (fr[:, :-1] * image.unsqueeze(1)).sum((-2, -1)) * corr
                 fit_err = torch.zeros_like(fit)
             loss = (net.focal_loss(dense.heat, target_heat, pos) + h.offset_weight * net.offset_loss(dense.offset, centres)
                     + h.fraction_weight * net.fraction_loss(fr, target, weight)
                     + h.flux_weight * net.flux_loss(fit, fit_err, fluxes.float()[:, keep]))
+            if h.fraction_flux_weight:
+                loss = loss + h.fraction_flux_weight * net.fraction_flux_loss(fr[:, :-1], target[:, :-1], image, fluxes.float()[:, keep], err[:, :-1])
         heat = torch.sigmoid(dense.heat)
         scores = net.read_at(heat.unsqueeze(1), use)[..., 0] * present
         seg = fr.mean(2)  # (n, K + 1, H, W)
@@ -269,16 +283,6 @@ class CosmoFMForDeblending(CosmoFMForTask):
             flux_errors=pick(_pad_slots(err[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
             background_flux=pick(flux[:, -1]), segmentation=pick(segmentation), heatmap=pick(heat),
             fractions=[fr[i] for i in order.tolist()], backbone=out)
-
-
-def _sigma(ivar: np.ndarray) -> np.ndarray:
-    """(B,) typical sky sigma per band: 1 / sqrt(median ivar of the measured pixels)."""
-    out = np.ones(len(ivar))
-    for b in range(len(ivar)):
-        good = ivar[b][ivar[b] > 0]
-        if good.size:
-            out[b] = 1 / math.sqrt(float(np.median(good)))
-    return out
 
 
 def blend_truth_arrays(sample: Sample) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -336,7 +340,7 @@ def blend_targets(samples: Sequence[Sample], head: DeblendingHeadConfig) -> dict
     for i, (s, (iso, c, f)) in enumerate(zip(samples, truths)):
         m = len(c)
         iso = np.clip(iso, 0, None)
-        eps = head.background_level * _sigma(np.asarray(s.ivar))[:, None, None]  # (B, 1, 1)
+        eps = head.background_level * dm.sky_sigma(s.ivar)[:, None, None]  # (B, 1, 1)
         denom = iso.sum(0) + eps
         centres[i, :m] = torch.from_numpy(c).float()
         fluxes[i, :m] = torch.from_numpy(iso.sum((2, 3))).float()

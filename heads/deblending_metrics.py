@@ -195,6 +195,46 @@ def residual_chi2(values, ivar, model) -> float:
     return float(np.sum(ivar[good] * (values[good] - model[good]) ** 2) / good.sum()) if good.any() else float("nan")
 
 
+# ---------------------------------------------------------------------------- the noise-floor oracle
+
+
+def sky_sigma(ivar) -> np.ndarray:
+    """(B,) typical sky sigma per band of (B, H, W) ivar: 1 / sqrt(median ivar of the measured
+    pixels) (1 for a band with none); the unit of the head's background level eps_b."""
+    ivar = np.asarray(ivar, np.float64)
+    out = np.ones(len(ivar))
+    for b in range(len(ivar)):
+        good = ivar[b][ivar[b] > 0]
+        if good.size:
+            out[b] = 1 / np.sqrt(np.median(good))
+    return out
+
+
+def fraction_fluxes(values, ivar, isolated, eps) -> tuple[np.ndarray, np.ndarray]:
+    """(K, B) fluxes and pixel-noise errors of sources split from an observed (B, H, W) image
+    by the *true* fractions iso_k / (sum_j iso_j + eps_b), as the deblending head splits it
+    with its predicted ones (flux = sum fraction x image, masked pixels (ivar <= 0) count 0,
+    error = sqrt(sum fraction^2 / ivar)).
+
+    isolated: (K, B, H, W) noiseless image of each source (negatives clipped to 0, as the
+    head's training targets); eps: (B,) background level (`background_level` x `sky_sigma`).
+    Why: the flux error this leaves is what the data allow the head's estimator at best (the
+    noise of the pixels each source gets, the outskirts eps_b gives to the background and the
+    light outside the stamp), so the head's error beyond it is its fractions' (the oracle of
+    the deblending bench)."""
+    values, ivar = np.asarray(values, np.float64), np.asarray(ivar, np.float64)
+    iso = np.clip(np.asarray(isolated, np.float64), 0, None)
+    eps = np.asarray(eps, np.float64).reshape(-1, 1, 1)
+    if iso.ndim != 4 or iso.shape[1:] != values.shape or ivar.shape != values.shape or len(eps) != len(values):
+        raise ValueError(f"expected (K, B, H, W) isolated, (B, H, W) values / ivar and (B,) eps; got {iso.shape}, "
+                         f"{values.shape}, {ivar.shape}, {eps.shape[:1]}")
+    good = (ivar > 0) & np.isfinite(values)
+    frac = iso / (iso.sum(0) + eps)  # (K, B, H, W)
+    v = np.where(good, values, 0.0)
+    var = np.where(good, 1 / np.where(good, ivar, 1.0), 0.0)
+    return (frac * v).sum((-2, -1)), np.sqrt((frac**2 * var).sum((-2, -1)))
+
+
 # ---------------------------------------------------------------------------- one stamp, many stamps
 
 
@@ -256,6 +296,6 @@ def deblending_metrics(stamps: Sequence[dict], band_names: Sequence[str], refere
 
 __all__ = [
     "BLENDED_FWHM", "NMAD_SCALE", "ab_magnitude", "binned_flux_stats", "colour_bias", "deblending_metrics",
-    "detection_scores", "detection_vs_separation", "flux_stats", "iou", "match_detections", "matched_iou",
-    "nearest_neighbour_distance", "nmad", "relative_flux_error", "residual_chi2", "score_stamp",
+    "detection_scores", "detection_vs_separation", "flux_stats", "fraction_fluxes", "iou", "match_detections", "matched_iou",
+    "nearest_neighbour_distance", "nmad", "relative_flux_error", "residual_chi2", "score_stamp", "sky_sigma",
 ]

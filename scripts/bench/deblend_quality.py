@@ -20,7 +20,15 @@ all matched ones, colour bias,
 and stamps per second, all measured in this process on the same stamps (torch threads
 `--threads`; the load average is recorded: the machine is shared). The head is also
 scored in known-positions mode (true centres given), which isolates its flux split from
-its detection. Writes `deblend_quality.json` and `deblend_panels.png` to `--out`.
+its detection, and so again without its outskirts correction (`flux_correction=False`).
+The noise-floor oracle splits the same stamps by the *true* fractions
+(`oracle_catalogues`): "oracle (true fractions)" = iso_k / (sum_j iso_j + eps_b) of the
+noiseless isolated images applied to the observed image as the head applies its own, and
+"oracle (isolated + own noise)" = each source's true isolated image plus its own share of
+the stamp's noise, measured the same way: what the data allow the head's estimator, so the
+head's error beyond it is its fractions'. Flux statistics are also binned by true r
+magnitude (`MAG_EDGES`, the mocks' range) and separation. Writes `deblend_quality.json`
+and `deblend_panels.png` to `--out`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ import torch
 SETTINGS = {"n_objects": (2, 6), "separation": (0.5, 3.0), "delta_mag": (0.0, 2.5)}
 TRAIN_SEED = 1000  # the training universe; test universes are --seeds (must differ)
 THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+MAG_EDGES = (0.0, 19.0, 20.0, 21.0, 22.0, 30.0)  # true r magnitude bins: the test mocks span r ~ 16.5-23
+ORACLES = ("oracle (true fractions)", "oracle (isolated + own noise)")
 
 
 def _blends(card, n: int, seed: int, workers: int):
@@ -61,17 +71,48 @@ def _blends(card, n: int, seed: int, workers: int):
     return out
 
 
+def oracle_catalogues(card, blends, background_level: float) -> dict[str, list]:
+    """Per oracle of `ORACLES`, one `DeblendCatalog` (fluxes["oracle"]) per blend at the true
+    centres (`deblending_metrics.fraction_fluxes`, eps_b = background_level x the stamp's sky
+    sigma, as the head's targets). "isolated + own noise": source k alone, iso_k + n_k with
+    n_k the stamp's noise realisation (values - sum_j iso_j) scaled to k's own variance
+    (sky + its Poisson share, the mock's `observe_stamp` model), split by iso_k / (iso_k + eps_b)."""
+    from cosmofm.data_cards.mocks.images import card_model
+    from cosmofm.heads import deblending_metrics as dm
+    from cosmofm.heads.deblend_baseline import DeblendCatalog
+
+    model = card_model(card)
+    sky = model.sky_sigma[:, None, None] ** 2
+    gain = model.gain[:, None, None] if model.gain is not None else None
+    out: dict[str, list] = {k: [] for k in ORACLES}
+    for s, t in blends:
+        values, ivar = np.asarray(s.values, np.float64), np.asarray(s.ivar, np.float64)
+        iso = np.clip(np.asarray(t.isolated, np.float64), 0, None)
+        eps = background_level * dm.sky_sigma(ivar)
+        cats = [dm.fraction_fluxes(values, ivar, iso, eps)]
+        noise = values - iso.sum(0)
+        var_all = sky + (iso.sum(0) / gain if gain is not None else 0)
+        alone = [dm.fraction_fluxes(iso[k] + noise * np.sqrt((sky + (iso[k] / gain if gain is not None else 0)) / var_all),
+                                    ivar, iso[k][None], eps) for k in range(len(iso))]
+        cats.append((np.concatenate([a[0] for a in alone]), np.concatenate([a[1] for a in alone])))
+        for name, (f, e) in zip(ORACLES, cats):
+            out[name].append(DeblendCatalog(np.asarray(t.pixel_positions, float), {"oracle": f}, {"oracle": e},
+                                            np.asarray(t.segmentation, np.int32), "oracle", list(t.bands)))
+    return out
+
+
 def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, backbone: str | None, log_every: int = 25,
-               budget_s: float | None = None):
+               budget_s: float | None = None, **head_settings):
     """The deblending head trained on `train` blends (AdamW, warmup + cosine, grad clip 1) for
     `steps` steps or, on a shared machine whose speed varies, until `budget_s` seconds: the
-    cosine then follows max(step / steps, elapsed / budget_s), so the schedule ends either way."""
+    cosine then follows max(step / steps, elapsed / budget_s), so the schedule ends either way.
+    `head_settings`: DeblendingHeadConfig fields other than the card's (e.g. fraction_flux_weight)."""
     from cosmofm.finetune.run import build_task_model
     from cosmofm.heads.deblending import DeblendingHeadConfig, DeblendingTask
     from cosmofm.pretrain.data import collate_samples
     from cosmofm.pretrain.recipe import PretrainRecipe
 
-    head = DeblendingHeadConfig.from_card(card)
+    head = DeblendingHeadConfig.from_card(card, **head_settings)
     config = None if backbone else {**PretrainRecipe.load("demo").model, "survey_names": [card.name]}
     model = build_task_model("deblending", head, seed, backbone, config)
     samples = [s for s, _ in train]
@@ -132,7 +173,7 @@ def summarise(cats, blends, fwhm: float, method: str, bands: Sequence[str], ref:
     from cosmofm.heads.deblend_baseline import score
 
     scores = [score(c, t, fwhm, method) for c, (_, t) in zip(cats, blends)]
-    met = dm.deblending_metrics(scores, bands, ref)
+    met = dm.deblending_metrics(scores, bands, ref, mag_edges=MAG_EDGES)
     ious = np.concatenate([dm.matched_iou(t.footprints, c.segmentation, s["true_index"], s["pred_index"])
                            for c, (_, t), s in zip(cats, blends, scores)])
     rel = [(s["f_pred"][:, ref] - s["f_true"][:, ref]) / s["f_true"][:, ref] for s in scores]
@@ -141,7 +182,9 @@ def summarise(cats, blends, fwhm: float, method: str, bands: Sequence[str], ref:
     f_pred = np.concatenate([s["f_pred"] for s in scores])
     lone = (sep >= dm.BLENDED_FWHM) & np.all(f_true > 0, axis=1)  # no true neighbour within 2 FWHM
     isolated = {b: dm.flux_stats((f_pred[lone, k] - f_true[lone, k]) / f_true[lone, k]) for k, b in enumerate(bands)}
-    return {"flux_isolated": isolated, "detection": met["detection"], "detection_vs_separation": met["detection_vs_separation"],
+    mag = dm.ab_magnitude(f_true[:, ref])
+    rel_ref = (f_pred[:, ref] - f_true[:, ref]) / np.where(f_true[:, ref] > 0, f_true[:, ref], np.nan)
+    return {"flux_isolated": isolated, "flux_isolated_vs_mag": dm.binned_flux_stats(rel_ref[lone], mag[lone], MAG_EDGES), "detection": met["detection"], "detection_vs_separation": met["detection_vs_separation"],
             "flux_blended": met["flux_blended"], "flux_all": met["flux_all"], "flux_vs_separation": met["flux_vs_separation"],
             "flux_blended_vs_mag": met["flux_blended_vs_mag"], "colour_blended": met["colour_blended"],
             "segmentation_iou_matched_mean": float(ious.mean()) if ious.size else float("nan"),
@@ -230,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--train-budget-s", type=float, default=None, help="stop training after this many seconds (schedule follows)")
+    ap.add_argument("--fraction-flux-weight", type=float, default=None,
+                    help="the head's fraction_flux_weight (default: the head's; 0 = cross-entropy fraction loss alone)")
     ap.add_argument("--n-tune", type=int, default=60, help="training blends the thresholds / contrasts are tuned on")
     ap.add_argument("--backbone", default=None, help="a pretrained backbone release (default: fresh, demo shape)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores contend with 2)")
@@ -251,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"mocks: {len(train)} train, {len(test)} test ({report['mock_s']:.0f} s)", flush=True)
 
     model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, 0, args.backbone,
-                                             budget_s=args.train_budget_s)
+                                             budget_s=args.train_budget_s,
+                                             **({} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}))
     tune = train[: args.n_tune]
     model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
     report["head_peak_threshold"] = model.head_config.peak_threshold
@@ -265,6 +311,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     res = summarise(known, test, fwhm, "head", bands, ref)
     results["_points"]["head (true centres)"] = res.pop("_points")
     results["head_known_positions"] = {"stamps_per_s": rate_k, **res}
+    model.head_config.flux_correction = False  # ablation: the same fractions without the outskirts correction
+    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
+    model.head_config.flux_correction = True
+    res = summarise(known, test, fwhm, "head", bands, ref)
+    res.pop("_points")
+    results["head_known_positions_no_correction"] = {"stamps_per_s": rate_k, **res}
+    for name, cats in oracle_catalogues(card, test, model.head_config.background_level).items():
+        res = summarise(cats, test, fwhm, "oracle", bands, ref)
+        pts = res.pop("_points")
+        if name == ORACLES[0]:
+            results["_points"]["oracle (true fractions)"] = pts
+        results[name] = {"stamps_per_s": float("nan"), **res}
     for name, (fn, arg) in PIPELINES.items():
         c = tune_contrast(name, tune, fwhm)
         cats, rate = _rate(lambda xs: [fn(s, **{arg: c}, fwhm_pixels=fwhm) for s in xs], samples)
@@ -304,7 +362,12 @@ def headline(report: dict, band: str) -> dict:
                 "blended_bias": fb["bias"], "blended_nmad": fb["scatter"], "blended_mape": fb["mape"], "n_blended": fb["n"],
                 "isolated_bias": r["flux_isolated"][band]["bias"], "isolated_nmad": r["flux_isolated"][band]["scatter"],
                 "n_isolated": r["flux_isolated"][band]["n"],
+                "isolated_mape": r["flux_isolated"][band]["mape"],
                 "recall_vs_separation": {f"{b['lo']:g}-{b['hi']:g}": b["recall"] for b in r["detection_vs_separation"]},
+                "blended_mape_vs_mag": {f"{b['lo']:g}-{b['hi']:g}": b["mape"] for b in r["flux_blended_vs_mag"]},
+                "blended_bias_vs_mag": {f"{b['lo']:g}-{b['hi']:g}": b["bias"] for b in r["flux_blended_vs_mag"]},
+                "isolated_mape_vs_mag": {f"{b['lo']:g}-{b['hi']:g}": b["mape"] for b in r["flux_isolated_vs_mag"]},
+                "mape_vs_separation": {f"{b['lo']:g}-{b['hi']:g}": b["mape"] for b in r["flux_vs_separation"]},
                 "iou": r["segmentation_iou_matched_mean"], "stamps_per_s": res["stamps_per_s"]}
     return rows
 
