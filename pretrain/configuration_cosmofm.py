@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from cosmofm.data_cards.errors import InputError
+
 SCHEMA_VERSION = 1
+PIXEL_WEIGHTS = ("mask", "ivar", "ivar_local")  # kinds of the second input channel (see pixel_weight)
 
 
 class CosmoFMConfig(PretrainedConfig):
@@ -27,7 +30,14 @@ class CosmoFMConfig(PretrainedConfig):
         spectrum_patch_size (`int`, 32): pixels per 1D spectrum token.
         pixel_weight (`str`, "mask"): second input channel of every pixel next to its value:
             "mask" (1 = measured, 0 = masked) or "ivar" (1/sigma relative to the sample's
-            median, clipped to [0, 3]; tells noisy pixels such as sky lines from signal).
+            median, clipped to [0, 3]; tells noisy pixels such as sky lines from signal) or
+            "ivar_local" (spectra only: 1/sigma relative to its running median over
+            pixel_weight_window pixels, clipped the same way; sky lines and bad columns still
+            read as noisy, but where the noise follows the source's counts the weight no longer
+            carries the continuum's shape, e.g. a star's temperature or its reddening).
+        pixel_weight_window (`int`, 101): pixels of the running median of "ivar_local" (>= 3);
+            a feature narrower than about half of it reads as noisy or clean against its
+            surroundings. Unused by the other kinds.
         spectrum_stem_channels (`int`, 0): channels of a small convolutional stem over the
             whole spectrum, pooled into each token (line widths and ratios at any redshift);
             0 = each token is a linear map of its pixels only.
@@ -50,7 +60,7 @@ class CosmoFMConfig(PretrainedConfig):
         contrastive_temperature (`float`, 0.1): InfoNCE temperature.
         projection_dim (`int`, 128): width of the contrastive projection.
         cpu_kernels (`bool`, True): on CPU tensors, let the tokenizers take their CPU fast
-            paths (`cpu_kernels.py`: numpy selection for the pixel-weight median, the stem's
+            paths (`cpu_kernels.py`: a sorting network for the short medians of "ivar_local", the stem's
             convolutions channels last for oneDNN, a grid shared by the batch processed once),
             which give the reference path's tokens to float32 rounding. Other devices, and
             torch.compile, always run the reference path; False runs it on CPU too (to check
@@ -72,6 +82,7 @@ class CosmoFMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         spectrum_patch_size: int = 32,
         pixel_weight: str = "mask",
+        pixel_weight_window: int = 101,
         spectrum_stem_channels: int = 0,
         spectrum_stem_stride: int = 1,
         spectrum_stem_kernel: int = 9,
@@ -99,8 +110,11 @@ class CosmoFMConfig(PretrainedConfig):
             raise ValueError(f"unknown objectives {sorted(unknown)}; use 'masked' and/or 'contrastive'")
         if masked_loss not in ("log_chi2", "chi2"):
             raise ValueError(f"masked_loss must be 'log_chi2' or 'chi2', got {masked_loss!r}")
-        if pixel_weight not in ("mask", "ivar"):
-            raise ValueError(f"pixel_weight must be 'mask' or 'ivar', got {pixel_weight!r}")
+        if pixel_weight not in PIXEL_WEIGHTS:
+            raise InputError("pixel_weight", f"unknown kind {pixel_weight!r}", f"use one of {', '.join(PIXEL_WEIGHTS)}")
+        if isinstance(pixel_weight_window, bool) or int(pixel_weight_window) != pixel_weight_window or pixel_weight_window < 3:
+            raise InputError("pixel_weight_window", f"must be a whole number of pixels >= 3, got {pixel_weight_window!r}",
+                             "use about the width of the narrowest continuum feature to keep, e.g. the default 101")
         if spectrum_stem_channels < 0 or spectrum_stem_stride < 1 or spectrum_stem_kernel < 1 or spectrum_stem_kernel % 2 == 0:
             raise ValueError(f"spectrum_stem_channels must be >= 0, spectrum_stem_stride >= 1 and spectrum_stem_kernel odd; got "
                              f"{spectrum_stem_channels}, {spectrum_stem_stride}, {spectrum_stem_kernel}")
@@ -121,6 +135,7 @@ class CosmoFMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.spectrum_patch_size = int(spectrum_patch_size)
         self.pixel_weight = pixel_weight
+        self.pixel_weight_window = int(pixel_weight_window)
         self.spectrum_stem_channels = int(spectrum_stem_channels)
         self.spectrum_stem_stride = int(spectrum_stem_stride)
         self.spectrum_stem_kernel = int(spectrum_stem_kernel)

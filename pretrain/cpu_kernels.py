@@ -15,8 +15,12 @@ its steps pay for a rewrite; each lives here, next to the reason:
   broadcast, which needs a look at the values (a host sync, free on a CPU); ~20 % of the
   spectra-fast tokenizer.
 
-A numpy selection for the pixel-weight median used to sit here too; with torch 2.13 its
-nanmedian was faster, so the reference is used everywhere (measure before adding one).
+- `nan_lower_median`: the short-row medians of the "ivar_local" pixel weight's running
+  median, by a sorting network instead of torch.nanmedian, which pays ~1 us per row
+  (~20x faster on rows of ~10 values; 64 spectra of 4,608 pixels: 9.9 ms against 24 ms).
+
+A numpy selection for the global pixel-weight median used to sit here too; with torch 2.13
+its nanmedian was faster, so the reference is used there (measure before adding one).
 
 They are taken when `config.cpu_kernels` is on and the tensors are on the CPU (`applies`);
 every other device, and `torch.compile`, gets the reference. tests/test_device_agnostic.py
@@ -97,3 +101,18 @@ def coordinate_embedding(proj: nn.Linear, coords: torch.Tensor, omegas: torch.Te
         feats = torch.cat([phase.sin(), phase.cos()], dim=-1).to(proj.weight.dtype)
         out = out + F.linear(feats, proj.weight[:, c * width : (c + 1) * width])
     return out.expand(*coords.shape[:2], -1)
+
+
+def nan_lower_median(x: torch.Tensor) -> torch.Tensor:
+    """(..., m) -> (...): the lower median of the non-NaN values along the last axis (NaN if none).
+    The m values are sorted by an odd-even transposition network (m rounds of elementwise
+    min / max over all rows at once, NaN read as +inf so it sorts last): for the short rows
+    here ~20x faster on CPU than torch.sort or torch.nanmedian, which pay ~1 us per row."""
+    count = (~torch.isnan(x)).sum(-1, keepdim=True)
+    values = list(torch.where(torch.isnan(x), float("inf"), x).unbind(-1))
+    m = len(values)
+    for round_ in range(m):
+        for i in range(round_ % 2, m - 1, 2):
+            values[i], values[i + 1] = torch.minimum(values[i], values[i + 1]), torch.maximum(values[i], values[i + 1])
+    lower = torch.stack(values, dim=-1).gather(-1, (count - 1).clamp(min=0) // 2).squeeze(-1)
+    return torch.where(count.squeeze(-1) > 0, lower, float("nan"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -90,7 +91,7 @@ class PatchTokenizer(nn.Module):
         self.patch_shape = tuple(patch_shape)
         self.patch_size = math.prod(self.patch_shape)
         self.content = nn.Linear(2 * self.patch_size, config.hidden_size)  # [values, weight] per pixel
-        self.weight_kind = config.pixel_weight
+        self.weight_kind, self.weight_window = config.pixel_weight, config.pixel_weight_window
         self.cpu_kernels = config.cpu_kernels
         self.position = FourierCoordinateEmbedding(self.coord_periods, config.coord_frequencies, config.hidden_size, config.cpu_kernels)
 
@@ -101,13 +102,29 @@ class PatchTokenizer(nn.Module):
     def pixel_weight(self, ivar: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The second input channel of every pixel, (n, *S): its mask (config pixel_weight "mask"),
         or ("ivar") its 1/sigma relative to the sample's median, clipped to [0, 3], so that a
-        pixel on a bright sky line reads as noisy rather than as an emission line."""
+        pixel on a bright sky line reads as noisy rather than as an emission line; or
+        ("ivar_local", spectra only) its 1/sigma relative to the running median of the measured
+        pixels within pixel_weight_window // 2 pixels of it, clipped the same way."""
         if self.weight_kind == "mask":
             return mask
         sigma_inv = ivar.clamp(min=0).sqrt().flatten(1)  # (n, L): 0 where masked (ivar = 0) already
-        median = sigma_inv.masked_fill(mask.flatten(1) == 0, float("nan")).nanmedian(dim=1).values  # (n,) lower median of the measured pixels
+        measured = sigma_inv.masked_fill(mask.flatten(1) == 0, float("nan"))
+        median = measured.nanmedian(dim=1).values  # (n,) lower median of the measured pixels
         median = torch.nan_to_num(median, nan=1.0).clamp(min=1e-30)  # nothing measured: any scale will do
-        return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
+        if self.weight_kind == "ivar":
+            return (sigma_inv / median[:, None]).clamp(max=3.0).view_as(mask)
+        # "ivar_local": where the noise follows the source's counts, 1/sigma over a global median
+        # is a noise-free copy of the continuum's shape, which a classifier learns to read (and
+        # a reddened star's differs). A running median keeps what the weight is for (a sky line
+        # or a bad column is narrower than the window, so it still reads as noisy) and drops
+        # the smooth shape.
+        if ivar.dim() != 2:
+            raise InputError("pixel_weight", f"'ivar_local' is defined along a spectrum's wavelength axis; got a {self.modality} batch",
+                             "use pixel_weight 'ivar' (or 'mask') for a backbone that also sees images, cubes or fields")
+        fast = cpu_kernels.applies(self.cpu_kernels, measured)
+        local = _running_nanmedian(measured, self.weight_window, cpu_kernels.nan_lower_median if fast else _nan_lower_median)  # (n, L)
+        local = torch.where(torch.isnan(local), median[:, None], local).clamp(min=1e-30)  # a window with nothing measured
+        return (sigma_inv / local).clamp(max=3.0).view_as(mask)
 
     def embed_content(self, patches: torch.Tensor, patch_mask: torch.Tensor, patch_weight: torch.Tensor) -> torch.Tensor:
         """(n, T, P) normalised values, the mask to apply to them and their pixel weights -> (n, T, hidden_size)."""
@@ -211,6 +228,32 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """x * c mod 2**32 for x in [0, 2**32), in halves so that no int64 product overflows."""
     return (((((x >> 16) * c) & 0xFFFF) << 16) + (x & 0xFFFF) * c) & _LOW32
+
+
+def _nan_lower_median(x: torch.Tensor) -> torch.Tensor:
+    """(..., m) -> (...): the lower median of the non-NaN values along the last axis (NaN if none)."""
+    return x.nanmedian(dim=-1).values
+
+
+def _running_nanmedian(x: torch.Tensor, window: int, median: Callable[[torch.Tensor], torch.Tensor] = _nan_lower_median) -> torch.Tensor:
+    """(n, L) -> (n, L): a running median of the non-NaN values over ~`window` pixels (NaN
+    where there are none): the median of the medians of k consecutive blocks of
+    window // 8 pixels (k odd, ~8), taken at block centres and interpolated linearly
+    between them. A feature narrower than about half the window moves it by at most a
+    block or two, as it would the exact running median. `median` takes the lower median
+    of short rows (`cpu_kernels.nan_lower_median` is a faster one on a CPU)."""
+    n, length = x.shape
+    size = max(1, window // 8)
+    k = (window // size) // 2 * 2 + 1  # blocks per window, odd: a centred window
+    n_blocks = -(-length // size)
+    blocks = nn.functional.pad(x, (0, n_blocks * size - length), value=float("nan")).view(n, n_blocks, size)
+    block_median = median(blocks)  # (n, B) at pixels b * size + (size - 1) / 2
+    padded = nn.functional.pad(block_median, (k // 2, k // 2), value=float("nan"))  # windows past the ends see fewer blocks
+    centred = median(padded.unfold(1, k, 1))  # (n, B)
+    u = (torch.arange(length, device=x.device, dtype=x.dtype) - (size - 1) / 2) / size  # pixel position in block units
+    left = u.floor().clamp(0, n_blocks - 1).long()
+    right, t = (left + 1).clamp(max=n_blocks - 1), (u - left).clamp(0, 1)
+    return centred[:, left] * (1 - t) + centred[:, right] * t  # a NaN neighbour (nothing measured) gives NaN
 
 
 def _patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:

@@ -4,7 +4,8 @@ The mocks of card `sdss-like-survey` (data_cards/mocks/survey.py: stars with log
 and Galactic dust, stellar-population galaxies, sky and flux-calibration residuals, bad
 columns, S/N 2-100). Stages, cached under --work so a rerun reuses data and backbone:
 1. unlabelled survey mocks (seed 101) -> the `spectra-small` backbone pretrained by masked
-   modelling on them for --pretrain-steps;
+   modelling on them for --pretrain-steps (its pixel weight changed by --pixel-weight:
+   `ivar_local` is the recipe `spectra-small-local`);
 2. labelled survey mocks (seed 21), split by index 75 % train / 10 % calibration / 15 % test;
 3. per fine-tune seed: a full fine-tune, calibrated on the calibration block (temperature,
    conformal), scored on the test block: accuracy, macro and per-class recall, ECE,
@@ -25,7 +26,8 @@ columns, S/N 2-100). Stages, cached under --work so a rerun reuses data and back
 Targets (issue 17): in distribution macro recall >= 0.95, every class >= 0.90, ECE <= 0.02,
 coverage within 0.01 of nominal; under each shift macro recall drops <= 0.03, ECE <= 0.05;
 out-of-set AUROC >= 0.95 at <= 2 % false flags; macro recall >= the classical baseline's.
-Run: `python -m cosmofm.bench.classify_survey --out docs/bench --work DIR`.
+Run: `python -m cosmofm.bench.classify_survey --out docs/bench --work DIR`; with
+`--pixel-weight ivar_local --name classify_survey_localweight` for the local pixel weight.
 """
 
 from __future__ import annotations
@@ -47,9 +49,11 @@ from cosmofm.finetune.classify import predict
 from cosmofm.heads.calibration import coverage, expected_calibration_error, softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.metrics import classification_metrics
+from cosmofm.pretrain.configuration_cosmofm import PIXEL_WEIGHTS
 
 CARD = "sdss-like-survey"
 RECIPE = "spectra-small"
+PIXEL_WEIGHT = "ivar"  # the recipe's; --pixel-weight pretrains (and names the caches of) another
 LABELLED_SEED, PRETRAIN_SEED = 21, 101
 SPLIT = {"calibration_fraction": 0.1, "test_fraction": 0.15}
 TRAIN = {"batch_size": 64, "lr": 2e-3, **SPLIT}
@@ -68,12 +72,18 @@ SHIFTS = {
 }
 
 
-def survey_backbone(work: Path, card, steps: int, n_corpus: int) -> str:
-    """The release folder of `spectra-small` pretrained for `steps` on unlabelled survey mocks (cached)."""
+def survey_backbone(work: Path, card, steps: int, n_corpus: int, pixel_weight: str = PIXEL_WEIGHT) -> str:
+    """The release folder of `spectra-small` with `pixel_weight` pretrained for `steps` on unlabelled survey mocks (cached)."""
     corpus = work / f"corpus-{card.name}-{n_corpus}-seed{PRETRAIN_SEED}"
-    if not (work / f"pretrain-survey-{steps}" / "model" / "config.json").exists():
+    name = "pretrain-survey" + _weight_slug(pixel_weight)
+    if not (work / f"{name}-{steps}" / "model" / "config.json").exists():
         mock_folder(card, corpus, n_corpus, PRETRAIN_SEED)
-    return pretrained_backbone(work, steps, name="pretrain-survey", overrides=(f"data.datasets=[{corpus}]",))
+    return pretrained_backbone(work, steps, name=name, overrides=(f"data.datasets=[{corpus}]", f"model.pixel_weight={pixel_weight}"))
+
+
+def _weight_slug(pixel_weight: str) -> str:
+    """Suffix of the cache folders of a backbone (and its fine-tunes) with a pixel weight other than the recipe's."""
+    return "" if pixel_weight == PIXEL_WEIGHT else f"-{pixel_weight.replace('_', '-')}"
 
 
 def block_scores(model, samples, labels: np.ndarray) -> dict:
@@ -99,38 +109,41 @@ def shifted_tests(card, work: Path, n: int, test_index: np.ndarray) -> dict[str,
     return sets
 
 
-def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: int) -> dict[str, str]:
+def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: int, pixel_weight: str = PIXEL_WEIGHT) -> dict[str, str]:
     """Release folder of each arm's backbone: ARMS[0] the spectra-only backbone pretrained on
-    survey mocks, ARMS[1] the demo's multi-modal backbone (the project's shared checkpoint)."""
+    survey mocks (with `pixel_weight`), ARMS[1] the demo's multi-modal backbone (the project's shared checkpoint)."""
     from cosmofm.bench.photoz_quality import demo_backbone
 
-    make = {ARMS[0]: lambda: survey_backbone(work, card, pretrain_steps, n_corpus), ARMS[1]: lambda: str(demo_backbone(work))}
+    make = {ARMS[0]: lambda: survey_backbone(work, card, pretrain_steps, n_corpus, pixel_weight), ARMS[1]: lambda: str(demo_backbone(work))}
     return {arm: make[arm]() for arm in arms}
 
 
 def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str],
-        tilts: dict | None = None) -> dict:
+        tilts: dict | None = None, pixel_weight: str = PIXEL_WEIGHT, name: str = "classify_survey") -> dict:
+    """The whole bench; the report is written to out/<name>.json."""
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
-              "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "shifts": SHIFTS,
+              "pixel_weight": pixel_weight, "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "shifts": SHIFTS,
               "runs": []}
-    for arm, backbone in backbones(work, card, arms, pretrain_steps, n_corpus).items():
+    for arm, backbone in backbones(work, card, arms, pretrain_steps, n_corpus, pixel_weight).items():
+        weight = pixel_weight if arm == ARMS[0] else PIXEL_WEIGHT  # the demo's backbone keeps its own
         for seed in seeds:
-            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts))
+            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts, weight))
     report["summary"] = {arm: summary([r for r in report["runs"] if r["arm"] == arm]) for arm in arms}
     report["targets"] = targets(report["summary"][arms[0]])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classify_survey.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=float))
     return report
 
 
-def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None) -> dict:
+def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None,
+                       pixel_weight: str = PIXEL_WEIGHT) -> dict:
     """One full fine-tune from `backbone`, scored in distribution and under every shift. `tilts`:
     FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ...}; None = none)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
-    slug = ("" if arm == ARMS[0] else f"-{arm}") + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items()))
+    slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items()))
     cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True,
                          **TRAIN, **tilts)
     t0 = time.perf_counter()
@@ -275,10 +288,13 @@ def main(argv: list[str] | None = None):
                    help="smooth random tilts of the training spectra up to this rms in ln flux (FinetuneConfig.tilt_rms); 0 = none")
     p.add_argument("--tilt-ivar-rms", type=float, default=0.0,
                    help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
+    p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
+                   help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
+    p.add_argument("--name", default="classify_survey", help="the report is written to OUT/NAME.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms})
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
