@@ -12,12 +12,15 @@ numpy's and scipy's FFTs are single-threaded unless asked):
    prior, and the time to bank 2,000 of them with the machine's cores (target: 2 hours).
    Each lightcone is also made with the reference filtering (numpy FFTs and the window on the
    full k grid, `reference_smoother`, what the model did before the quarter-grid window and
-   scipy's FFT) in the same run, so the speed-up is a ratio on the same machine load.
+   scipy's FFT, shared by the excursion set and the heating shells; the velocities then make
+   their own scipy transform) in the same run, so the speed-up is a ratio on the same machine load.
 3. Optionally (--with-21cmfast, needs the [21cmfast] extra) the same training-size lightcone
    run by 21cmFAST 4.1.1 (`sim21cm.reference.run_21cmfast_lightcone`) for the time ratio.
 
 Run: python -m cosmofm.bench.lightcone_speed --out docs/bench [--with-21cmfast]
-Writes lightcone_speed.json. Machine load is recorded: time on a busy machine is longer.
+Writes lightcone_speed.json. Machine load is recorded: time on a busy machine is longer. Each
+lightcone's CPU time (`cpu_seconds`, the child's user + system time) is recorded beside its wall
+time: on a shared machine it moves far less with the load than the wall time does.
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ def reference_smoother(field, cell):
     from cosmofm.data_cards.mocks.sim21cm.density import k_magnitude
 
     dk, kmag = np.fft.rfftn(field), k_magnitude(field.shape, cell)
-    return lambda radius: np.fft.irfftn(dk * tophat_window(kmag * radius), s=field.shape, axes=(0, 1, 2))
+
+    def smooth(radius, out=None):
+        result = np.fft.irfftn(dk * tophat_window(kmag * radius), s=field.shape, axes=(0, 1, 2))
+        if out is None:
+            return result
+        out[...] = result
+        return out
+    return smooth
 
 
 def _child(job: dict, queue) -> None:
@@ -56,7 +66,7 @@ def _child(job: dict, queue) -> None:
 
     if job.get("reference"):
         reionization.tophat_smoother = spin.tophat_smoother = reference_smoother
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if job["kind"] == "paper":
         lc = lightcone_slices({}, PAPER["box_size"], PAPER["n_cells"], PAPER["z_min"], PAPER["n_los"], seed=0)
     elif job["kind"] == "training":
@@ -65,8 +75,8 @@ def _child(job: dict, queue) -> None:
         from cosmofm.data_cards.mocks.sim21cm.reference import run_21cmfast_lightcone
 
         lc = run_21cmfast_lightcone(job["params"], job["box"], job["n_cells"], np.asarray(job["z"]), job["seed"], n_threads=1)
-    seconds = time.perf_counter() - t0
-    queue.put({"seconds": seconds, "shape": list(lc.brightness_temp.shape), "mb_float32": lc.brightness_temp.size * 4 / 1e6,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    queue.put({"seconds": seconds, "cpu_seconds": cpu_seconds, "shape": list(lc.brightness_temp.shape), "mb_float32": lc.brightness_temp.size * 4 / 1e6,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6})
 
 

@@ -95,13 +95,14 @@ def eisenstein_hu_nowiggle(k: np.ndarray, omega_m: float, omega_b: float, h: flo
 def tophat_window(x: np.ndarray) -> np.ndarray:
     """Fourier transform of a real-space spherical top-hat, W(kR) = 3 (sin x - x cos x) / x^3."""
     x = np.asarray(x, dtype=float)
-    out = np.ones_like(x)
-    big = x > 1e-3
-    xb = x[big]
-    out[big] = 3 * (np.sin(xb) - xb * np.cos(xb)) / xb**3
-    small = ~big
-    out[small] = 1 - x[small] ** 2 / 10  # series, avoids cancellation
-    return out
+    # evaluated on the whole grid and then picked (no masked gathers: it runs once per filter radius on
+    # quarter k grids of millions of points); in place, the same operations in the same order
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.sin(x)
+        out -= x * np.cos(x)
+        out *= 3
+        out /= x**3
+    return np.where(x > 1e-3, out, 1 - x**2 / 10)  # series below 1e-3, avoids cancellation
 
 
 class Cosmology:

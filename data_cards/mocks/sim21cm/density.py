@@ -64,16 +64,99 @@ def tophat_windows(shape: tuple[int, int, int], cell: float) -> Callable[[float]
     return lambda radius: on_grid(lambda k: tophat_window(k * radius))
 
 
-def tophat_smoother(field: np.ndarray, cell: float) -> Callable[[float], np.ndarray]:
+def _mirror_blocks(shape: tuple[int, ...]) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """(rfftn-grid block, quarter-grid block) pairs that tile the rfftn grid of `shape` (`radial`'s mirroring).
+
+    Along every axis but the last, rows 0 .. n//2 are the quarter grid's own and rows n//2+1 .. n-1 are its
+    rows n - n//2 - 1 .. 1 in reverse (row i holds |k| of row n - i), so grid[a] = quarter[b] for each pair.
+    """
+    per_axis = []
+    for n in shape[:-1]:
+        half = n // 2
+        pairs = [(slice(0, half + 1), slice(0, half + 1))]
+        if n - half - 1 > 0:
+            pairs.append((slice(half + 1, n), slice(n - half - 1, 0, -1)))
+        per_axis.append(pairs)
+    blocks = [((), ())]
+    for pairs in per_axis:
+        blocks = [(a + (pa,), b + (pb,)) for a, b in blocks for pa, pb in pairs]
+    return [(a + (slice(None),), b + (slice(None),)) for a, b in blocks]
+
+
+SLAB_CELLS = 1 << 16  # complex cells per slab of `irfftn_by_slabs` (~1 MB: the slab's two transforms stay in cache)
+
+
+def irfftn_by_slabs(spectrum: np.ndarray, shape: tuple[int, int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """scipy.fft.irfftn(spectrum, s=shape) of a (D, H, W // 2 + 1) rfftn grid, bit for bit, in a cache-friendly order.
+
+    irfftn runs the inverse c2c transform along axis 0 over the whole box, then along axis 1 over the
+    whole box, then the c2r transform along axis 2, and scales by 1 / (D H W) at the end. Here axis 0
+    runs over the whole box and axes 1 and 2 a slab of slices at a time, while the slab is in cache:
+    the same 1D transforms in the same order and the same scaling, ~2.5x faster on a 2,560 x 140 x 140
+    lightcone box (the whole-box pass along axis 1 streams 400 MB through memory for little arithmetic).
+    `spectrum` is overwritten; the result goes to `out` (float64 of `shape`) when given.
+    """
+    depth, height, width = shape
+    fct = 1.0 / (depth * height * width)
+    spectrum = scipy.fft.ifft(spectrum, axis=0, norm="forward", overwrite_x=True)  # unscaled, as inside irfftn
+    out = np.empty(shape) if out is None else out
+    rows = max(1, SLAB_CELLS // max(1, height * spectrum.shape[2]))
+    for i in range(0, depth, rows):
+        slab = scipy.fft.ifft(spectrum[i:i + rows], axis=1, norm="forward", overwrite_x=True)
+        np.multiply(scipy.fft.irfft(slab, n=width, axis=2, norm="forward", overwrite_x=True), fct, out=out[i:i + rows])
+    return out
+
+
+class TophatSmoother:
     """R -> the periodic (D, H, W) `field` smoothed with a real-space spherical top-hat of radius R Mpc.
 
-    The field is transformed once; each radius costs one multiply and one inverse FFT
-    (scipy's, ~2x faster than numpy's forward transform on lightcone-sized boxes).
+    The field is transformed once (`dk`, scipy's rfftn, ~2x faster than numpy's on lightcone-sized
+    boxes); each radius costs the window at the distinct |k| of a quarter of the k grid (`radial`),
+    one multiply and one inverse FFT (`irfftn_by_slabs`). The multiply reads the quarter-grid window through mirrored
+    views into one reused buffer, which the inverse FFT overwrites, so no full-grid window or product is allocated per
+    radius: equal, bit for bit, to irfftn(dk * tophat_windows(shape, cell)(R)) (tests/test_sim21cm_speed.py).
+    Callers that filter at many radii pass `out=`, one array they reuse: a fresh 400 MB result per radius
+    is page-faulted in anew each time (a paper-size lightcone's system time fell from 34.5 s to 11-15 s).
     """
-    shape = field.shape
-    dk = scipy.fft.rfftn(np.asarray(field, dtype=float))
-    window = tophat_windows(shape, cell)
-    return lambda radius: scipy.fft.irfftn(dk * window(radius), s=shape, axes=(0, 1, 2))
+
+    def __init__(self, field: np.ndarray, cell: float):
+        self.shape = field.shape
+        self.dk = scipy.fft.rfftn(np.asarray(field, dtype=float))
+        head = tuple(slice(0, n // 2 + 1) for n in self.shape[:-1]) + (slice(None),)
+        self.k_axes = [k[head] for k in k_grid(self.shape, cell)]  # wavenumbers of the quarter grid, broadcastable
+        self._k_values = self._k_index = None  # the distinct |k| of the quarter grid, on the first radius
+        self._blocks = _mirror_blocks(self.shape)
+        self._buffer = np.empty_like(self.dk)
+        self._kernel = None  # the window on the quarter grid, reused
+
+    def apply(self, kernel: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The field filtered by a kernel given on the quarter grid (`k_axes`; even in every wavenumber but the last)."""
+        for grid, part in self._blocks:
+            np.multiply(self.dk[grid], kernel[part], out=self._buffer[grid])
+        if len(self.shape) == 3:
+            return irfftn_by_slabs(self._buffer, self.shape, out)
+        result = scipy.fft.irfftn(self._buffer, s=self.shape, axes=tuple(range(len(self.shape))), overwrite_x=True)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def __call__(self, radius: float, out: np.ndarray | None = None) -> np.ndarray:
+        """The field smoothed at `radius` Mpc, into `out` when given."""
+        if self._k_values is None:
+            # the window needs each distinct |k| once: ~45 % of a lightcone's quarter grid (|k_y| and |k_x| share
+            # values), and its sin / cos are most of its cost
+            k_quarter = np.sqrt(sum(k**2 for k in self.k_axes))  # |k|, as `radial` computes it
+            self._k_values, index = np.unique(k_quarter, return_inverse=True)
+            self._k_index = index.reshape(k_quarter.shape)
+            self._kernel = np.empty(k_quarter.shape)
+        np.take(tophat_window(self._k_values * radius), self._k_index, out=self._kernel)
+        return self.apply(self._kernel, out)
+
+
+def tophat_smoother(field: np.ndarray, cell: float) -> Callable[[float], np.ndarray]:
+    """R -> `field` smoothed with a real-space top-hat of radius R Mpc (a `TophatSmoother`)."""
+    return TophatSmoother(field, cell)
 
 
 def gaussian_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float, power: Callable, cell_average: bool = False) -> np.ndarray:

@@ -68,7 +68,7 @@ from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmol
 from cosmofm.data_cards.mocks.sim21cm.density import check_box, gaussian_field, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import Z_MAX  # the model's redshift range (21cmFAST's Z_HEAT_MAX)
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
-from cosmofm.data_cards.mocks.sim21cm.spin import brightness_temperature, shells, xray_ionised_fraction
+from cosmofm.data_cards.mocks.sim21cm.spin import CHUNK_CELLS, brightness_temperature, shells, xray_ionised_fraction
 
 DELTA_R_HII_FACTOR = 1.1  # ratio of successive smoothing radii (21cmFAST default)
 R_BUBBLE_MIN = L_FACTOR  # Mpc, 21cmFAST's default floor on the smallest radius
@@ -93,7 +93,7 @@ def smoothing_radii(params: SimParams, cell: float, box_len: float) -> np.ndarra
 
 
 def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, params: SimParams, cosmo: Cosmology | None = None,
-                     box_len: float | None = None, x_e: np.ndarray | None = None) -> np.ndarray:
+                     box_len: float | None = None, x_e: np.ndarray | None = None, smoother=None) -> np.ndarray:
     """Ionised fraction 1 - x_HI of a (D, H, W) box whose slice i is at redshifts[i]: excursion set plus X-ray pre-ionisation.
 
     Args:
@@ -102,6 +102,7 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
         redshifts: (D,) redshift of each slice along axis 0 (all equal for a coeval box).
         box_len: transverse box size limiting the largest radius (default W * cell).
         x_e: (D,) X-ray ionised fraction of the neutral IGM per slice (module docstring, point 2); None = 0.
+        smoother: `density.tophat_smoother(delta0, cell)` when the caller has one (its forward FFT is shared).
     """
     cosmo = cosmo or cosmology(params)
     p = params
@@ -113,14 +114,17 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
     box_len = box_len or delta0.shape[-1] * cell
     x_e = np.zeros_like(z) if x_e is None else np.clip(np.broadcast_to(np.asarray(x_e, dtype=float), z.shape), 0.0, 1.0)
     radii = smoothing_radii(p, cell, box_len)
-    smooth = tophat_smoother(delta0, cell)
+    smooth = smoother or tophat_smoother(delta0, cell)
     ionised = np.zeros(delta0.shape, dtype=bool)
+    above = np.empty(delta0.shape, dtype=bool)
+    buffer = np.empty(delta0.shape)  # every radius's smoothed field, reused (`density.TophatSmoother`)
     x_hii = None
     for i, radius in enumerate(radii):
         last = i == len(radii) - 1
         # The last step uses the unfiltered field, as 21cmFAST does (R = cell radius).
-        smoothed = delta0 if last else smooth(radius)
-        var_grid = float(np.mean(smoothed**2))
+        smoothed = delta0 if last else smooth(radius, out=buffer)
+        flat = smoothed.reshape(-1)
+        var_grid = float(np.dot(flat, flat)) / flat.size  # the grid variance (mean 0) without a squared copy of the box
         sig2_diff = sigma2_min - cosmo.sigma2_radius(radius)  # (D,)
         valid = sig2_diff > 0  # a cell lighter than M_min hosts no source
         s = np.sqrt(2 * np.where(valid, sig2_diff, 1.0))
@@ -130,11 +134,15 @@ def ionized_fraction(delta0: np.ndarray, cell: float, redshifts: np.ndarray, par
             y = np.where(efficiency > 0, (1 - x_e) / efficiency, np.inf)  # the barrier zeta f_coll >= 1 - x_e
         ok = valid & (y < 2)
         barrier = np.where(ok, barrier_c - s * erfcinv(np.where(ok, y, 1.0)), np.inf)  # (D,)
-        ionised |= smoothed >= barrier[:, None, None]
-        if last:
-            fcoll = erfc((barrier_c[:, None, None] - smoothed) / s[:, None, None])
-            partial = np.clip(efficiency[:, None, None] * fcoll, 0.0, 1.0) * valid[:, None, None]
-            x_hii = np.where(ionised, 1.0, np.minimum(partial + x_e[:, None, None], 1.0))
+        ionised |= np.greater_equal(smoothed, barrier[:, None, None], out=above)
+        if last:  # per-cell erfc, a few slices at a time (cache-sized blocks, as `spin._cell_spin`)
+            x_hii = np.empty(delta0.shape)
+            rows = max(1, CHUNK_CELLS // max(1, int(np.prod(delta0.shape[1:]))))
+            for j in range(0, delta0.shape[0], rows):
+                b = slice(j, j + rows)
+                fcoll = erfc((barrier_c[b, None, None] - smoothed[b]) / s[b, None, None])
+                partial = np.clip(efficiency[b, None, None] * fcoll, 0.0, 1.0) * valid[b, None, None]
+                x_hii[b] = np.where(ionised[b], 1.0, np.minimum(partial + x_e[b, None, None], 1.0))
     return x_hii
 
 
@@ -300,9 +308,10 @@ def coeval_box(params: SimParams | dict | None, z: float, box_size: float = 64.0
         delta0 = density0
     zs = np.full(los_cells, float(z))
     x_e = xray_ionised_fraction(p, cell, box_size, zs) if spin else None  # saturated T_S: no X-ray history, x_e = 0
-    x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size, x_e)
+    smooth = tophat_smoother(delta0, cell)  # one forward FFT for the excursion set, the shells and the velocities
+    x_hi = 1 - ionized_fraction(delta0, cell, zs, p, cosmo, box_size, x_e, smooth)
     delta = _grown(delta0, cosmo.growth(zs), p.LOGNORMAL == 1)
-    tb, _ = brightness_temperature(delta0, delta, x_hi, zs, p, cosmo, cell, box_size, spin, rsd)
+    tb, _ = brightness_temperature(delta0, delta, x_hi, zs, p, cosmo, cell, box_size, spin, rsd, smooth)
     return CoevalBox(tb.astype(np.float32), delta.astype(np.float32), x_hi.astype(np.float32), float(z), cell, p, seed)
 
 
@@ -349,16 +358,17 @@ def lightcone_slices(params: SimParams | dict | None, box_size: float, n_cells: 
     z_box = cosmo.redshift_at_distance(np.clip(dist, 0.0, None))
     delta0 = gaussian_field(np.random.default_rng([seed, 21]), (n_box, n_cells, n_cells), cell, cosmo.power, cell_average=True)
     keep = slice(pad_lo, pad_lo + n_los)
+    smooth = tophat_smoother(delta0, cell) if ionize else None  # one forward FFT for the excursion set, shells and velocities
     if ionize:
         x_e = xray_ionised_fraction(p, cell, box_size, z_box) if spin else None  # saturated T_S: x_e = 0
-        x_hi = 1 - ionized_fraction(delta0, cell, z_box, p, cosmo, box_size, x_e)[keep]
+        x_hi = 1 - ionized_fraction(delta0, cell, z_box, p, cosmo, box_size, x_e, smooth)[keep]
     else:
         x_hi = np.ones((n_los, n_cells, n_cells))
     if spin or rsd:  # on the padded box: shells and velocities see across the ends
         delta_box = _grown(delta0, cosmo.growth(z_box), p.LOGNORMAL == 1)
         x_hi_box = np.ones(delta0.shape)
         x_hi_box[keep] = x_hi
-        tb, t_s = brightness_temperature(delta0, delta_box, x_hi_box, z_box, p, cosmo, cell, box_size, spin, rsd)
+        tb, t_s = brightness_temperature(delta0, delta_box, x_hi_box, z_box, p, cosmo, cell, box_size, spin, rsd, smooth)
         z, delta, tb, t_s = z_box[keep], delta_box[keep], tb[keep], None if t_s is None else t_s[keep].astype(np.float32)
     else:
         z, delta0 = z_box[keep], delta0[keep]

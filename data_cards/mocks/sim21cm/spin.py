@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc
-from cosmofm.data_cards.mocks.sim21cm.density import k_grid, tophat_smoother
+from cosmofm.data_cards.mocks.sim21cm.density import TophatSmoother, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
     A_10, C_CM, DZ_SOURCE, H_P, K_B, LAMBDA_21, M_E, M_P, RHO_CRIT_CGS, T_CMB0, TAU_GP_COEF, Y_HE, History, at_step_end,
     cumulative, history, hubble_rate_s,
@@ -168,7 +168,7 @@ class SpinFields:
 
 
 def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, cosmo: Cosmology, density: np.ndarray,
-                box_len: float | None = None) -> SpinFields:
+                box_len: float | None = None, smoother=None) -> SpinFields:
     """T_S of a (D, H, W) box whose slice i is at redshifts[i].
 
     Args:
@@ -177,6 +177,7 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
         redshifts: (D,) slice redshifts, <= Z_MAX.
         density: (D, H, W) overdensity at each slice's redshift (linear or lognormal).
         box_len: transverse box size that limits the fluctuating shells (default W x cell).
+        smoother: `density.tophat_smoother(delta0, cell)` when the caller has one (its forward FFT is shared).
     """
     z = np.asarray(redshifts, dtype=float)
     shape = delta0.shape
@@ -196,16 +197,22 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
     sigma2_min = cosmo.sigma2_mass(cosmo.min_source_mass(z_pm, params.ION_Tvir_MIN))  # (2, G, S)
     barrier = DELTA_C / cosmo.growth(z_pm)  # (2, G, S)
     growth_src = cosmo.growth(hist.z_source)  # (G, S)
-    smooth = tophat_smoother(delta0, cell)
+    smooth = smoother or tophat_smoother(delta0, cell)
     slice_base = (np.arange(shape[0]) * N_DELTA)[:, None, None]
+    # Per shell two passes over the box in cache-sized blocks of slices (each cell's table position is cheap
+    # to recompute, ~10 numpy operations on a block instead of as many 400 MB temporaries at paper size):
+    # first the box histogram of delta_R that normalises F_s, then each cell's interpolated tables.
+    rows = max(1, CHUNK_CELLS // max(1, int(np.prod(shape[1:]))))
+    blocks = [slice(i, i + rows) for i in range(0, shape[0], rows)]
+    buffer = np.empty(shape)  # every shell's smoothed field, reused (`density.TophatSmoother`)
     for s, radius in enumerate(radii):
-        field = delta0 if s == 0 else smooth(radius)
+        field = delta0 if s == 0 else smooth(radius, out=buffer)
         lo, hi = float(field.min()), float(field.max())
         step = max(hi - lo, 1e-12) / (N_DELTA - 1)
-        pos = (field - lo) / step
-        j0 = np.clip(pos.astype(int), 0, N_DELTA - 2)
-        w = pos - j0
-        counts = np.bincount(j0.ravel(), 1 - w.ravel(), N_DELTA) + np.bincount(j0.ravel() + 1, w.ravel(), N_DELTA)
+        counts = np.zeros(N_DELTA)
+        for sl in blocks:
+            j0, w = _table_position(field[sl], lo, step)
+            counts += np.bincount(j0.ravel(), 1 - w.ravel(), N_DELTA) + np.bincount(j0.ravel() + 1, w.ravel(), N_DELTA)
         grid = lo + step * np.arange(N_DELTA)
         s2 = sigma2_min[:, :, s] - cosmo.sigma2_radius(radius)  # (2, G)
         ok = np.all(s2 > 0, axis=0)
@@ -218,10 +225,12 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
         rate = at_step_end((hist.heat_coef[:, None] * hist.heat_shell[:, s, None] + hist.lya_heat_shell[:, s, None]) * excess, du)
         d_heat = hist.phi[:, None] * cumulative(rate / hist.phi[:, None], du)
         d_alpha = hist.alpha_shell[:, s, None] * excess
-        flat = slice_base + j0
-        for table, out in ((d_heat, d_tk), (d_alpha, d_ja)):
-            rows = at_slices(table).ravel()
-            out += (1 - w) * rows[flat] + w * rows[flat + 1]
+        tables = [(at_slices(table).ravel(), out) for table, out in ((d_heat, d_tk), (d_alpha, d_ja))]  # (D * N_DELTA,)
+        for sl in blocks:
+            j0, w = _table_position(field[sl], lo, step)
+            flat = slice_base[sl] + j0
+            for table, out in tables:
+                out[sl] += (1 - w) * table[flat] + w * table[flat + 1]
     x_e = hist.at("x_e", z)
     n_h = (1 - Y_HE) * params.OMb * RHO_CRIT_CGS * params.hlittle**2 / M_P * (1 + z) ** 3  # (D,) at the mean density
     per_slice = {"t_k": hist.at("t_k", z), "j_alpha": hist.at("j_alpha", z), "x_e": x_e, "n_h": n_h, "z": z,
@@ -235,6 +244,13 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
         for o, v in zip(out, _cell_spin(d_tk[sl], d_ja[sl], density[sl], **{k: v[sl, None, None] for k, v in per_slice.items()})):
             o[sl] = v
     return SpinFields(out[0], out[1], out[2], out[3], x_e, hist)
+
+
+def _table_position(values: np.ndarray, lo: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cloud-in-cell on the N_DELTA-point grid lo + step * j of smoothed densities: (lower node j0, weight of j0 + 1)."""
+    pos = (values - lo) / step
+    j0 = np.clip(pos.astype(int), 0, N_DELTA - 2)
+    return j0, pos - j0
 
 
 def _cell_spin(d_tk, d_ja, density, t_k, j_alpha, x_e, n_h, z, t_cmb, hub) -> tuple[np.ndarray, ...]:
@@ -253,13 +269,18 @@ def _cell_spin(d_tk, d_ja, density, t_k, j_alpha, x_e, n_h, z, t_cmb, hub) -> tu
     return spin_temperature(t_k, t_cmb, x_c, x_alpha, x_cmb), t_k, x_alpha, x_c
 
 
-def velocity_gradient(delta0: np.ndarray, cell: float, redshifts, cosmo: Cosmology) -> np.ndarray:
-    """(D, H, W) line-of-sight velocity gradient dv_r/dr / H in linear theory (axis 0 the line of sight), unclipped."""
+def velocity_gradient(delta0: np.ndarray, cell: float, redshifts, cosmo: Cosmology, smoother=None) -> np.ndarray:
+    """(D, H, W) line-of-sight velocity gradient dv_r/dr / H in linear theory (axis 0 the line of sight), unclipped.
+
+    smoother: a `density.TophatSmoother` of delta0 when the caller has one (its forward FFT is shared).
+    """
     z = np.asarray(redshifts, dtype=float)
-    kz, ky, kx = k_grid(delta0.shape, cell)
+    if not isinstance(smoother, TophatSmoother):
+        smoother = TophatSmoother(delta0, cell)
+    kz, ky, kx = smoother.k_axes  # mu^2 = k_par^2 / k^2 is even in every wavenumber: the quarter grid holds it
     k2 = kz**2 + ky**2 + kx**2
     k2.flat[0] = 1.0
-    mu2_delta = np.fft.irfftn(np.fft.rfftn(delta0) * (kz**2 / k2), s=delta0.shape)
+    mu2_delta = smoother.apply(kz**2 / k2)
     return -(cosmo.growth_rate(z) * cosmo.growth(z))[:, None, None] * mu2_delta
 
 
@@ -284,19 +305,20 @@ def optically_thick(tb_saturated: np.ndarray, t_s: np.ndarray, z) -> np.ndarray:
 
 
 def brightness_temperature(delta0: np.ndarray, delta: np.ndarray, x_hi: np.ndarray, z: np.ndarray, params: SimParams, cosmo: Cosmology,
-                           cell: float, box_len: float, spin: bool, rsd: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                           cell: float, box_len: float, spin: bool, rsd: bool, smoother=None) -> tuple[np.ndarray, np.ndarray | None]:
     """(dT_b in mK, T_S in K or None when saturated) of a box with slice redshifts z (`reionization` docstring, point 3).
 
     x_hi is the neutral fraction with the X-ray ionised fraction x_e already taken out (1 - x_HII - x_e,
-    as 21cmFAST's neutral_fraction), so it is not applied again here.
+    as 21cmFAST's neutral_fraction), so it is not applied again here. smoother: `density.tophat_smoother(delta0,
+    cell)` when the caller has one (one forward FFT of delta0 for the excursion set, the shells and the velocities).
     """
     tb = brightness_prefactor(z, params)[:, None, None] * x_hi * np.clip(1 + delta, 0, None)
     t_s = None
     if spin:
-        t_s = spin_fields(delta0, cell, z, params, cosmo, delta, box_len).t_s
+        t_s = spin_fields(delta0, cell, z, params, cosmo, delta, box_len, smoother).t_s
         tb = optically_thick(tb, t_s, z)
     if rsd:
-        tb = tb * rsd_factor(velocity_gradient(delta0, cell, z, cosmo))
+        tb = tb * rsd_factor(velocity_gradient(delta0, cell, z, cosmo, smoother))
     return tb, t_s
 
 
