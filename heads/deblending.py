@@ -488,6 +488,7 @@ class DeblendingTask(Task):
             t[f"FLUX_{band}"] = cat.fluxes["head"][:, k] * unit
             t[f"FLUXERR_{band}"] = cat.flux_errors["head"][:, k] * unit
         t["FLAGS"] = source_flags(cat, good, self.head.fwhm_pixels)
+        t.meta["segmentation"] = cat.segmentation  # tile-frame labels (row k = k + 1): --write-stamps cuts each source's box from it
         return t
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
@@ -243,3 +244,14 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
     assert summary["method"] == "model" and summary["n_tiles"] == 4
     assert cat.colnames[:10] == ["ID", "RA", "DEC", "X", "Y", "FLUX_g", "FLUXERR_g", "FLUX_r", "FLUXERR_r", "FLAGS"]  # a Parquet catalogue too
     assert str(cat["FLUX_g"].unit) == "nJy" and len(cat) == summary["n_sources"]
+    # --write-stamps from the model's segmentation: one isolated cut-out per source with a segment
+    # untrained, its heatmap's peaks are weak and the background channel takes every pixel: lower
+    # both so that the segmentation has sources to cut out
+    model.head_config.peak_threshold = 1e-3
+    with torch.no_grad():
+        model.decoder.out.bias[3:5] = -30.0  # the two bands' background logits
+    _, fits_cat = _deblend(path, tmp_path / "m.fits", model=model, tile=128, overlap=32, write_stamps=True)
+    with fits.open(tmp_path / "m.fits") as hdul:
+        stamps = [h for h in hdul[2:]]
+        assert len(fits_cat) > 0 and len(stamps) == len(fits_cat)
+        assert all(h.name == f"SRC{h.header['ID']}" and h.data.shape[0] == 2 and np.abs(h.data).sum() > 0 for h in stamps)
