@@ -19,6 +19,12 @@ def cards():
 
 
 @pytest.fixture(scope="session")
+def sdss(cards):
+    """The sdss-like card, which most spectral tests use."""
+    return cards["sdss-like"]
+
+
+@pytest.fixture(scope="session")
 def mixed_samples(cards):
     """4 spectra, 4 images (paired with the spectra), 2 cubes, 2 lightcone chunks."""
     return (

@@ -30,11 +30,6 @@ TINY_STEM = {**TINY, "pixel_weight": "ivar", "spectrum_stem_channels": 4}
 
 
 @pytest.fixture(scope="module")
-def sdss(cards):
-    return cards["sdss-like"]
-
-
-@pytest.fixture(scope="module")
 def labelled(sdss):
     return mock_samples(sdss, 400, seed=11)
 

@@ -13,11 +13,6 @@ WAVE = np.geomspace(3600.0, 10400.0, 500)
 
 
 @pytest.fixture(scope="module")
-def sdss(cards):
-    return cards["sdss-like"]
-
-
-@pytest.fixture(scope="module")
 def spectra(sdss):
     return mock_samples(sdss, 24, seed=3)
 

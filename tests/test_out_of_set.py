@@ -90,11 +90,6 @@ def test_coverage_counts_valid_log_wavelength():
 
 
 @pytest.fixture(scope="module")
-def sdss():
-    return load_card("sdss-like")
-
-
-@pytest.fixture(scope="module")
 def fitted(sdss):
     """A tiny classifier with conformal sets and an out-of-set detector fitted at a 30 % false-flag
     rate (so that a few spectra of a small file are flagged), and its spectra."""

@@ -31,11 +31,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum
 
 
 @pytest.fixture(scope="module")
-def sdss():
-    return load_card("sdss-like")
-
-
-@pytest.fixture(scope="module")
 def model_dir(sdss, tmp_path_factory):
     """A tiny classifier with random weights: every check here compares runs of one model."""
     torch.manual_seed(0)

@@ -18,11 +18,6 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, spectrum
 
 
 @pytest.fixture(scope="module")
-def sdss(cards):
-    return cards["sdss-like"]
-
-
-@pytest.fixture(scope="module")
 def spectra(sdss):
     return mock_samples(sdss, 40, seed=4)  # 24 train, 8 calibration, 8 test in a fine-tune
 
