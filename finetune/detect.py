@@ -152,6 +152,7 @@ class HeadFinder:
 
         from cosmofm.finetune.tiling import TilePlan
         from cosmofm.heads.detection3d import _COLUMNS, _table
+        from cosmofm.heads.detection3d_data import tile_header
         from cosmofm.heads.sofia_baseline import _frequency_wcs
 
         if self.threads and torch.get_num_threads() != self.threads:
@@ -163,7 +164,7 @@ class HeadFinder:
         self.stats["seconds_prefilter"] += time.perf_counter() - t0
         shape = values.shape
         plan = TilePlan(shape, self.block or shape, self.block_overlap if self.block else 0)
-        tile_wcs = _frequency_wcs(header)[0]  # once per tile; each block's is it shifted (as `_sub_header`)
+        tile_wcs = _frequency_wcs(header)[0]  # once per tile; each block's is it shifted (as `tile_header` shifts CRPIX)
         parts = []
         for b in plan:
             self.stats["blocks"] += 1
@@ -177,7 +178,7 @@ class HeadFinder:
             w = tile_wcs.deepcopy()
             w.wcs.crpix = np.asarray(w.wcs.crpix) - np.array(b.origin[::-1], float)  # (x, y, spectral) = (col, row, chan)
             w.wcs.set()
-            found = self.task.find_in_tile(self.model, values[b.read], None if ivar is None else ivar[b.read], _sub_header(header, b.origin, b.shape),
+            found = self.task.find_in_tile(self.model, values[b.read], None if ivar is None else ivar[b.read], tile_header(header, *b.origin, b.shape),
                                            bf16=self.bf16, wcs=w, columns=True)
             self.stats["seconds_network"] += time.perf_counter() - t0
             for ax, name in enumerate(("CHAN", "ROW", "COL")):
@@ -186,15 +187,6 @@ class HeadFinder:
             parts.append({k: np.asarray(v)[keep] for k, v in found.items()})
         # one Table per tile; every block skipped: the empty catalogue with the head's columns
         return _table({c.name: np.concatenate([p[c.name] for p in parts]) if parts else np.zeros(0) for c in _COLUMNS})
-
-
-def _sub_header(header: fits.Header, origin, shape) -> fits.Header:
-    """The header of the (C, H, W) region at `origin` of a tile: CRPIX shifted, NAXISn set."""
-    h = header.copy()
-    for k, (o, n) in zip((3, 2, 1), zip(origin, shape)):
-        h[f"CRPIX{k}"] = h[f"CRPIX{k}"] - o
-        h[f"NAXIS{k}"] = n
-    return h
 
 
 def _blanked(values: np.ndarray, ivar: np.ndarray | None):
