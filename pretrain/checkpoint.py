@@ -77,14 +77,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.checkpoint_folders import (  # noqa: F401 (re-exported)
     CHECKPOINTS_DIR, LATEST_NAME, NO_CHECKPOINT_FIX, RUN_LOCK_NAME, STEP_DIR_RE, TRAINER_STATE_FORMAT, TRAINER_STATE_NAME,
-    check_save_arguments, checkpoints_dir, latest_checkpoint, point_latest, publish_folder, resolve_step_dir, step_dirs,
-    step_name,
+    check_save_arguments, checkpoints_dir, latest_checkpoint, point_latest, publish_folder, read_state, resolve_step_dir,
+    step_dirs, step_name,
 )
 from cosmofm.pretrain.checkpoint_sharded import (  # noqa: F401 (re-exported)
     SHARDED_FIX, PendingSave, begin_sharded_save, check_model_state, consolidate_model, load_sharded_state,
@@ -195,12 +194,7 @@ def load_checkpoint(path: str | os.PathLike, full_sharded: bool = True) -> tuple
         for suffix in (".safetensors", ".json"):
             if f"{key}{suffix}" not in files:
                 raise InputError(str(step_dir / f"{key}{suffix}"), "is missing from manifest.json", _CORRUPT_FIX)
-        tensors = safetensors.torch.load_file(step_dir / f"{key}.safetensors", device="cpu")
-        skeleton = read_json(step_dir / f"{key}.json", f"skeleton of {key!r}")
-        try:
-            states[key] = unflatten_state(tensors, skeleton)
-        except InputError as exc:
-            raise InputError(str(step_dir / f"{key}.json"), exc.problem, exc.fix) from None
+        states[key] = read_state(step_dir, key, f"skeleton of {key!r}")
     metadata = dict(trainer_state["metadata"])
     metadata["step"] = trainer_state["step"]
     if sharded:

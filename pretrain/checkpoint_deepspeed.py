@@ -31,13 +31,12 @@ import copy
 import os
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from cosmofm.data_cards.errors import InputError
-from cosmofm.pretrain.checkpoint_folders import write_state
+from cosmofm.pretrain.checkpoint_folders import read_state, write_state
 from cosmofm.pretrain.manifest import CORRUPT_FIX, MANIFEST_NAME, read_json
-from cosmofm.pretrain.state_tree import flatten_state, skeleton_tensors, unflatten_state
+from cosmofm.pretrain.state_tree import flatten_state, skeleton_tensors
 
 PARTITIONS_DIR = "optimizer"  # the folder of the partition files in a step folder
 PARTITION_FORMAT = "cosmofm-zero-partition-1"
@@ -161,12 +160,7 @@ def read_partition(step_dir: str | os.PathLike, rank: int, world_size: int) -> d
     stem = Path(step_dir) / PARTITIONS_DIR / partition_name(rank, world_size)
     if not stem.with_suffix(".safetensors").is_file():
         raise InputError(str(stem.with_suffix(".safetensors")), "is missing (a partition of the optimizer)", CORRUPT_FIX)
-    tensors = safetensors.torch.load_file(stem.with_suffix(".safetensors"), device="cpu")
-    skeleton = read_json(stem.with_suffix(".json"), "skeleton of an optimizer partition")
-    try:
-        state = unflatten_state(tensors, skeleton)
-    except InputError as exc:
-        raise InputError(str(stem.with_suffix(".json")), exc.problem, exc.fix) from None
+    state = read_state(stem.parent, stem.name, "skeleton of an optimizer partition")
     if not isinstance(state, dict) or state.get("format") != PARTITION_FORMAT:
         raise InputError(str(stem.with_suffix(".json")), f"is not a {PARTITION_FORMAT} partition", CORRUPT_FIX)
     return state

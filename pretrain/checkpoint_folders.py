@@ -22,9 +22,9 @@ import safetensors.torch
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.manifest import (
-    MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file, honour_umask, write_manifest,
+    MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file, honour_umask, read_json, write_manifest,
 )
-from cosmofm.pretrain.state_tree import flatten_state
+from cosmofm.pretrain.state_tree import flatten_state, unflatten_state
 
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINER_STATE_FORMAT = "cosmofm-checkpoint-1"
@@ -133,6 +133,18 @@ def write_state(directory: Path, key: str, obj) -> None:
     honour_umask(path)
     fsync_file(path)
     atomic_write_json(directory / f"{key}.json", skeleton)
+
+
+def read_state(directory: Path, key: str, what: str):
+    """`write_state`'s inverse: `<key>.safetensors` (CPU tensors) + `<key>.json` back into the
+    state; a skeleton that does not fit its tensors is an InputError naming the .json. `what`
+    names the skeleton in read errors (e.g. "skeleton of 'model'")."""
+    tensors = safetensors.torch.load_file(directory / f"{key}.safetensors", device="cpu")
+    skeleton = read_json(directory / f"{key}.json", what)
+    try:
+        return unflatten_state(tensors, skeleton)
+    except InputError as exc:
+        raise InputError(str(directory / f"{key}.json"), exc.problem, exc.fix) from None
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:
