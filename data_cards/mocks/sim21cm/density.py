@@ -50,12 +50,25 @@ def radial(shape: tuple[int, ...], cell: float) -> Callable[[Callable[[np.ndarra
     top-hat windows (sines, cosines) and P(k) on the full grid was the largest single cost of
     a lightcone.
     """
-    ks = k_grid(shape, cell)
+    _, part = quarter_k(shape, cell)
+    blocks = _mirror_blocks(shape)
+
+    def on_grid(f):
+        values = np.broadcast_to(f(part), part.shape)
+        out = np.empty(tuple(shape[:-1]) + part.shape[-1:], values.dtype)
+        for grid, quarter in blocks:
+            out[grid] = values[quarter]
+        return out
+
+    return on_grid
+
+
+def quarter_k(shape: tuple[int, ...], cell: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """The wavenumbers (broadcastable, one per axis) and |k| of the quarter of the rfftn grid of
+    `shape` that `radial` and `TophatSmoother` evaluate: the non-negative half of every axis but the last."""
     head = tuple(slice(0, n // 2 + 1) for n in shape[:-1]) + (slice(None),)
-    part = np.sqrt(sum(k[head] ** 2 for k in ks))
-    # row i of an axis of n has the same |k| as row min(i, n - i) of the half
-    rows = np.ix_(*(np.minimum(np.arange(n), n - np.arange(n)) for n in shape[:-1]))
-    return lambda f: f(part)[rows]
+    k_axes = [k[head] for k in k_grid(shape, cell)]
+    return k_axes, np.sqrt(sum(k**2 for k in k_axes))
 
 
 def tophat_windows(shape: tuple[int, int, int], cell: float) -> Callable[[float], np.ndarray]:
@@ -122,8 +135,7 @@ class TophatSmoother:
     def __init__(self, field: np.ndarray, cell: float):
         self.shape = field.shape
         self.dk = scipy.fft.rfftn(np.asarray(field, dtype=float))
-        head = tuple(slice(0, n // 2 + 1) for n in self.shape[:-1]) + (slice(None),)
-        self.k_axes = [k[head] for k in k_grid(self.shape, cell)]  # wavenumbers of the quarter grid, broadcastable
+        self.k_axes, self._k_quarter = quarter_k(self.shape, cell)  # wavenumbers and |k| of the quarter grid
         self._k_values = self._k_index = None  # the distinct |k| of the quarter grid, on the first radius
         self._blocks = _mirror_blocks(self.shape)
         self._buffer = np.empty_like(self.dk)
@@ -146,10 +158,9 @@ class TophatSmoother:
         if self._k_values is None:
             # the window needs each distinct |k| once: ~45 % of a lightcone's quarter grid (|k_y| and |k_x| share
             # values), and its sin / cos are most of its cost
-            k_quarter = np.sqrt(sum(k**2 for k in self.k_axes))  # |k|, as `radial` computes it
-            self._k_values, index = np.unique(k_quarter, return_inverse=True)
-            self._k_index = index.reshape(k_quarter.shape)
-            self._kernel = np.empty(k_quarter.shape)
+            self._k_values, index = np.unique(self._k_quarter, return_inverse=True)
+            self._k_index = index.reshape(self._k_quarter.shape)
+            self._kernel = np.empty(self._k_quarter.shape)
         np.take(tophat_window(self._k_values * radius), self._k_index, out=self._kernel)
         return self.apply(self._kernel, out)
 
