@@ -49,6 +49,24 @@ def test_spin_temperature_limits():
     assert sf.t_k.std() > 0.05 * sf.t_k.mean()  # heating fluctuates with the sources around each cell
 
 
+def test_cell_temperature_follows_21cmfasts_density_dependence():
+    """21cmFAST starts each cell at T_K (1 + cT_ad delta), cT_ad = 0.43 at z = 35, then compresses it by (1 + delta)^2/3,
+    and compresses heat only after it is gained: d ln T_K / d delta is 2/3 + (0.43 - 2/3) D(35) / D(z) without
+    sources, and well below 2/3 + the sources' bias once X-rays have heated the gas (21cmFAST: 0.30 at z = 9.9, lh5)."""
+    def slope(params, z):
+        cosmo = cosmology(params)
+        delta0 = gaussian_field(np.random.default_rng(0), (16, 16, 16), 4.0, cosmo.power, cell_average=True)
+        delta = cosmo.growth(z) * delta0
+        t_k = spin_fields(delta0, 4.0, np.full(16, z), params, cosmo, delta).t_k
+        return np.polyfit(delta.ravel(), np.log(t_k.ravel()), 1)[0], float(cosmo.growth(35.0) / cosmo.growth(z))
+
+    for z in (30.0, 15.0):  # no sources: the starting gas alone (the old (1 + delta)^2/3 throughout gave 0.67)
+        fitted, g = slope(SimParams(ION_Tvir_MIN=7.0), z)
+        assert abs(fitted - (2 / 3 + (0.43 - 2 / 3) * g)) < 0.02, (z, fitted)
+    fitted, _ = slope(SimParams(L_X=42.0), 9.0)  # hot gas: mostly heat gained late (before: 1.18)
+    assert 0.3 < fitted < 0.8, fitted
+
+
 def test_spin_temperature_tends_to_the_cmb_without_sources():
     """No source (T_vir = 1e7 K): only collisions couple, and they fade as the gas thins."""
     lc = lightcone({"ION_Tvir_MIN": 7.0}, 64.0, 16, 10.0, 30.0, seed=1)

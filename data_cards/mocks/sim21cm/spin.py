@@ -36,10 +36,27 @@ x_cmb = (1 - e^-tau_21) / tau_21:
 
 Simplifications against 21cmFAST, beyond those of `heating`: F_s is tabulated on N_DELTA
 values of delta_R and interpolated; the per-cell history is that of the comoving position of
-the cell (linear density, no displacement); adiabatic compression enters as
-T_K (1 + delta)^(2/3) on the whole temperature; x_e (X-ray pre-ionisation) is the global
+the cell (linear density, no displacement); x_e (X-ray pre-ionisation) is the global
 one; the X-ray-excited J_alpha leaves out 21cmFAST's (1 + delta) of the absorbing cell;
 x_cmb uses the same step's T_S (21cmFAST: the previous step's).
+
+A cell's T_K follows 21cmFAST's per-cell evolution (get_Ts_fast, init_first_Ts) in its density dependence
+(`_cell_spin`, `_add_cell_heating`; each step measured on 21cmFAST's own T_K boxes, docs/benchmarks.md):
+- the starting gas at Z_MAX carries 21cmFAST's T_K (1 + cT_ad delta), cT_ad = 0.58 - 0.006 (z - 10) =
+  C_AD_START = 0.43 (its cT_approx, the adiabatic index of the still Compton-coupled gas, Munoz 2023,
+  arXiv:2302.08506), and is compressed by (1 + delta)^(2/3) from there (its dadia_dzp): that part of T_K,
+  T_K_INIT Phi, is T_K_INIT Phi (1 + delta)^(2/3) (1 + C_AD_START delta_s) / (1 + delta_s)^(2/3), delta_s the
+  linear density at Z_MAX. (1 + delta)^(2/3) from the start made d ln T_K / d delta 0.67 vs 21cmFAST's 0.50 at
+  z = 25, and in the cold, strongly coupled gas of the trough T_S ~ T_K then cancels most of the (1 + delta)
+  of dT_b: Delta^2_21 was ~half 21cmFAST's at z = 13-16;
+- heat gained at z' is compressed only from then on, ((1 + delta(z)) / (1 + delta(z')))^(2/3), not by
+  (1 + delta(z))^(2/3) as the starting gas (d ln T_K / d delta 1.09 vs 0.50 at z = 12.8 for L_X = 40.3);
+- Lyman-alpha heating per baryon divides the cell's photons by its own baryons, Ndot_alpha / (N_b (1 + delta))
+  (21cmFAST's eps_Lya_cont / eps_Lya_inj): dense cells gain less (it is most of the heating at L_X ~ 38).
+The last two act on the mean history's heating (tabulated on N_DELTA values of delta_0). The shells'
+fluctuating heating, whose rates grow ~e-fold per dz ~ 0.6, is taken as gained recently and not
+compressed at all (with the (1 + delta(z))^(2/3) of the whole, lh5's T_K power at z = 12.8 ran
+1.3-2.6x 21cmFAST's, rising with k; uncompressed 1.0-1.3x).
 
 Redshift-space distortions: in linear theory the line-of-sight gradient of the peculiar
 velocity is dv_r/dr / H = -f(z) D(z) F^-1[k_par^2 / k^2 delta_0(k)] (Kaiser 1987), and the
@@ -57,8 +74,8 @@ import numpy as np
 from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmology, erfc
 from cosmofm.data_cards.mocks.sim21cm.density import TophatSmoother, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
-    A_10, C_CM, DZ_SOURCE, H_P, K_B, LAMBDA_21, M_E, M_P, RHO_CRIT_CGS, T_CMB0, TAU_GP_COEF, Y_HE, History, at_step_end,
-    cumulative, history, hubble_rate_s,
+    A_10, C_CM, DZ_SOURCE, H_P, K_B, LAMBDA_21, M_E, M_P, RHO_CRIT_CGS, T_CMB0, T_K_INIT, TAU_GP_COEF, Y_HE, Z_MAX, History,
+    at_step_end, cumulative, history, hubble_rate_s,
 )
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
@@ -69,6 +86,7 @@ TAU21_COEF = 3 * H_P * A_10 * C_CM * LAMBDA_21**2 / (32 * math.pi * K_B)  # tau_
 MAX_DVDR = 0.2  # largest |dv_r/dr| / H (21cmFAST)
 SHELL_RATIO = 1.5  # ratio of successive filter radii of the fluctuating shells
 N_DELTA = 96  # tabulated smoothed densities per shell
+C_AD_START = 0.58 - 0.006 * (Z_MAX - 10.0)  # 21cmFAST's cT_approx(Z_HEAT_MAX): the starting T_K (1 + c delta), docstring
 CHUNK_CELLS = 1 << 16  # cells per block of the per-cell spin temperature (cache-sized arrays)
 Z_LOW = 5.0  # the history is computed down to min(Z_LOW, lowest slice)
 # Spin de-excitation rate coefficients (cm^3/s) against T_K (K) as FOB06 tabulates them:
@@ -231,19 +249,52 @@ def spin_fields(delta0: np.ndarray, cell: float, redshifts, params: SimParams, c
             flat = slice_base[sl] + j0
             for table, out in tables:
                 out[sl] += (1 - w) * table[flat] + w * table[flat + 1]
+    d_mean = np.zeros(shape)  # the mean heating's dependence on the cell's own density (`_add_cell_heating`)
+    _add_cell_heating(d_mean, delta0, hist, cosmo, at_slices, du, slice_base, blocks)
     x_e = hist.at("x_e", z)
     n_h = (1 - Y_HE) * params.OMb * RHO_CRIT_CGS * params.hlittle**2 / M_P * (1 + z) ** 3  # (D,) at the mean density
     per_slice = {"t_k": hist.at("t_k", z), "j_alpha": hist.at("j_alpha", z), "x_e": x_e, "n_h": n_h, "z": z,
-                 "t_cmb": T_CMB0 * (1 + z), "hub": hubble_rate_s(cosmo, z)}
+                 "t_cmb": T_CMB0 * (1 + z), "hub": hubble_rate_s(cosmo, z), "t_start": T_K_INIT * hist.at("phi", z)}
+    growth_start = float(cosmo.growth(Z_MAX))
     out = [np.empty(shape) for _ in range(4)]
     # the per-cell couplings, a few slices at a time: ~40 numpy passes each, on cache-sized blocks
     rows = max(1, CHUNK_CELLS // max(1, int(np.prod(shape[1:]))))
     density = np.asarray(density, dtype=float)
     for i in range(0, shape[0], rows):
         sl = slice(i, i + rows)
-        for o, v in zip(out, _cell_spin(d_tk[sl], d_ja[sl], density[sl], **{k: v[sl, None, None] for k, v in per_slice.items()})):
+        cells = _cell_spin(d_mean[sl], d_tk[sl], d_ja[sl], density[sl], growth_start * delta0[sl],
+                           **{k: v[sl, None, None] for k, v in per_slice.items()})
+        for o, v in zip(out, cells):
             o[sl] = v
     return SpinFields(out[0], out[1], out[2], out[3], x_e, hist)
+
+
+def _add_cell_heating(d_mean, delta0, hist: History, cosmo: Cosmology, at_slices, du: float, slice_base, blocks) -> None:
+    """Add to d_mean (before `_cell_spin`'s (1 + delta)^2/3) how the mean history's heating acts on a cell of linear
+    density D(z') delta_0, as 21cmFAST's get_Ts_fast evolves each cell's T_K (module docstring):
+    - heat gained at z' is compressed adiabatically only from then on, by ((1 + delta(z)) / (1 + delta(z')))^2/3
+      (its dadia_dzp acts on the cell's whole T_K at every step), not by (1 + delta(z))^2/3 as the starting gas;
+    - Lyman-alpha heating per baryon is the cell's photons over its own baryons, Ndot_alpha / (N_b (1 + delta))
+      (its eps_Lya_cont, eps_Lya_inj), so it is divided by 1 + delta(z').
+    The history's heating increments (X-rays, Compton, CMB, species; Ly-alpha apart) are re-summed with these
+    weights on N_DELTA values of delta_0 and interpolated per cell; d_mean gets the difference from the mean's."""
+    lo, hi = float(delta0.min()), float(delta0.max())
+    step = max(hi - lo, 1e-12) / (N_DELTA - 1)
+    grid = lo + step * np.arange(N_DELTA)
+    one_plus = np.clip(1 + cosmo.growth(hist.z)[:, None] * grid, 0.05, None)  # (G, N_DELTA)
+    compress = np.cbrt(one_plus) ** 2
+    heated = hist.t_k / hist.phi - T_K_INIT  # cumulative(source / phi): the mean's heating, `heating._history`
+    lya = cumulative(at_step_end(hist.q_lya, du) / hist.phi, du)
+    inc_lya = np.diff(lya)[:, None]
+    inc_other = np.diff(heated)[:, None] - inc_lya
+    one_plus, compress = (0.5 * (a[1:] + a[:-1]) for a in (one_plus, compress))  # at the trapezoid's mid-steps
+    summed = np.cumsum((inc_other + inc_lya / one_plus) / compress, axis=0)
+    cell = np.concatenate([np.zeros((1, N_DELTA)), summed]) - heated[:, None]
+    table = at_slices(hist.phi[:, None] * cell).ravel()  # (D * N_DELTA,)
+    for sl in blocks:
+        j0, w = _table_position(delta0[sl], lo, step)
+        flat = slice_base[sl] + j0
+        d_mean[sl] += (1 - w) * table[flat] + w * table[flat + 1]
 
 
 def _table_position(values: np.ndarray, lo: float, step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -253,11 +304,17 @@ def _table_position(values: np.ndarray, lo: float, step: float) -> tuple[np.ndar
     return j0, pos - j0
 
 
-def _cell_spin(d_tk, d_ja, density, t_k, j_alpha, x_e, n_h, z, t_cmb, hub) -> tuple[np.ndarray, ...]:
-    """(T_S, T_K, x_alpha, x_c) of a block of cells from the slices' means (D, 1, 1) and the cells' fluctuations."""
+def _cell_spin(d_mean, d_tk, d_ja, density, delta_start, t_k, j_alpha, x_e, n_h, z, t_cmb, hub, t_start) -> tuple[np.ndarray, ...]:
+    """(T_S, T_K, x_alpha, x_c) of a block of cells from the slices' means (D, 1, 1) and the cells' fluctuations:
+    d_mean the mean heating's density dependence (compressed with the mean), d_tk the shells' excess heating (not
+    compressed: gained recently), delta_start the cells' linear density at Z_MAX, t_start what is left of the mean
+    starting T_K (module docstring)."""
     one_plus = np.clip(1 + density, 0.05, None)
     cbrt = np.cbrt(one_plus)
-    t_k = np.clip(t_k + d_tk, 1.0, None) * (cbrt * cbrt)  # adiabatic (1 + delta)^2/3
+    adiabatic = cbrt * cbrt  # (1 + delta)^2/3
+    start = np.clip(1 + delta_start, 0.05, None)
+    start_excess = (1 + C_AD_START * delta_start) / np.cbrt(start) ** 2 - 1  # 21cmFAST's initial T_K fluctuation
+    t_k = np.clip((t_k + d_mean + t_start * start_excess) * adiabatic + d_tk, 1.0, None)
     j_alpha = np.clip(j_alpha + d_ja, 0.0, None)
     n_cell = n_h * one_plus
     tau_gp = (TAU_GP_COEF * (1 - x_e) / hub) * n_cell
