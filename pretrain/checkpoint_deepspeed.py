@@ -18,9 +18,13 @@ set on a copy of the resuming optimizer's own scaler, built from the same config
 DeepSpeed when the engine forms; only its universal checkpoints read it) is left out.
 
 Resume loads each process's file into its ZeRO optimizer with DeepSpeed's own
-`load_state_dict` (`load_from_fp32_weights`, as `engine.load_checkpoint` does), at the same
-world size and stage only: a partition is a slice of flat buffers whose bounds depend on the
-process count, and DeepSpeed itself refuses a new data-parallel size for these checkpoints.
+`load_state_dict` (`load_from_fp32_weights`, as `engine.load_checkpoint` does), under the same
+stage. On another process count, ZeRO-1 and ZeRO-2 partitions are re-cut (`resharded_state`):
+a group's partitions, in rank order and without the last one's padding, are the group's flat
+buffer, which DeepSpeed's own `flatten_dense_tensors_aligned` pads for the new count and its
+`get_data_parallel_partitions` splits, as its elastic loader does with its pickles. ZeRO-3
+partitions each parameter on its own and DeepSpeed no longer reshards them outside its
+(pickle-based) universal checkpoints, so ZeRO-3 resumes on the same count only.
 `check_partitioned_resume` refuses any other combination before compute is spent; the
 checkpoint's model.safetensors is whole and loads at any size.
 """
@@ -42,6 +46,8 @@ PARTITIONS_DIR = "optimizer"  # the folder of the partition files in a step fold
 PARTITION_FORMAT = "cosmofm-zero-partition-1"
 LAYOUT = "deepspeed-zero"  # the metadata's optimizer_partitions.layout
 _SCALER_KEY, _SLICES_KEY = "loss_scaler", "param_slice_mappings"  # deepspeed.checkpoint.constants
+_FP32_KEY, _BASE_KEY, _PADDING_KEY, _COUNT_KEY = "single_partition_of_fp32_groups", "base_optimizer_state", "group_paddings", "partition_count"
+RESHARDABLE_STAGES = (1, 2)  # ZeRO stages whose partitions resume on another process count
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
 
@@ -131,15 +137,16 @@ def check_partitioned_resume(meta: dict, step_dir: str | os.PathLike, backend, w
     if stage != parts.get("stage"):
         raise InputError("--backend", f"is ZeRO-{stage}, but the checkpoint of step {step} holds {saved}",
                          f"resume with --backend {meta.get('backend')} (ZeRO-{parts.get('stage')})")
-    if world_size != parts.get("world_size"):
+    if world_size != parts.get("world_size") and stage not in RESHARDABLE_STAGES:
         raise InputError("world size", f"this launch has {world_size} processes, but the checkpoint of step {step} holds {saved}: "
-                         "a partition is a slice of ZeRO's flat buffers whose bounds depend on the process count, so it cannot be re-split",
-                         f"launch {parts.get('world_size')} processes to resume; to go on with {world_size}, start again with "
-                         "--overwrite (the checkpoint's model.safetensors is whole and loads at any size; the optimizer starts afresh)")
+                         "ZeRO-3 partitions each parameter by the process count, and only DeepSpeed's pickle-based universal "
+                         "checkpoints re-split them", f"launch {parts.get('world_size')} processes to resume; to go on with {world_size}, "
+                         "start again with --overwrite (the checkpoint's model.safetensors is whole and loads at any size; the optimizer "
+                         "starts afresh)")
     files = read_json(Path(step_dir) / MANIFEST_NAME, "manifest")["files"]  # verified by the caller's load
-    for rank in range(world_size):
+    for rank in range(int(parts.get("world_size"))):
         for suffix in (".safetensors", ".json"):
-            rel = f"{PARTITIONS_DIR}/{partition_name(rank, world_size)}{suffix}"
+            rel = f"{PARTITIONS_DIR}/{partition_name(rank, int(parts.get('world_size')))}{suffix}"
             if rel not in files:
                 raise InputError(str(Path(step_dir) / rel), "is missing from manifest.json (a partition of the optimizer)", CORRUPT_FIX)
 
@@ -166,18 +173,63 @@ def read_partition(step_dir: str | os.PathLike, rank: int, world_size: int) -> d
     return state
 
 
-def load_partition(step_dir: str | os.PathLike, engine) -> None:
+def _recut(optimizer, pieces: list[torch.Tensor], group: int) -> torch.Tensor:
+    """This process's partition of parameter group `group`, from the group's flat buffer given
+    as the saved partitions' lean `pieces` in rank order: DeepSpeed's own alignment and split."""
+    dp_group = optimizer.real_dp_process_group[group]
+    world, rank = torch.distributed.get_world_size(group=dp_group), torch.distributed.get_rank(group=dp_group)
+    flat = optimizer.flatten_dense_tensors_aligned([p.reshape(-1) for p in pieces], optimizer.nccl_start_alignment_factor * world)
+    return optimizer.get_data_parallel_partitions(flat, group)[rank].clone()
+
+
+def resharded_state(saved: list[dict], optimizer) -> dict:
+    """ZeRO-1/2: the optimizer states of every saved process (rank order, as `partition_state`
+    wrote them) re-cut into this process's partition of this launch's optimizer. The fp32
+    partitions are saved without padding; the moments are cut to the saved partition's
+    length less its padding (the last rank's). Step counts and other scalars are the same on
+    every rank and are kept."""
+    if getattr(optimizer, "round_robin_gradients", False):
+        raise InputError("deepspeed.zero_optimization.round_robin_gradients", "orders each group's parameters by the process count, "
+                         "so a partition cannot be re-cut for another count", "resume on the saved process count, or set it to false")
+    first = saved[0]
+    base = first[_BASE_KEY]
+    fp32 = [_recut(optimizer, [s[_FP32_KEY][g] for s in saved], g) for g in range(len(first[_FP32_KEY]))]
+    state = {**first, _FP32_KEY: [t[: t.numel() - pad] for t, pad in zip(fp32, optimizer.groups_padding)]}  # lean, as state_dict() gives
+    moments = {}
+    for g, param_group in enumerate(base["param_groups"]):
+        (param_id,) = param_group["params"]  # ZeRO-1/2: one flat fp32 partition per group
+        lean = [{k: v[: v.numel() - s[_PADDING_KEY][g]] for k, v in s[_BASE_KEY]["state"][param_id].items() if torch.is_tensor(v) and v.dim()}
+                for s in saved]
+        moments[param_id] = {k: _recut(optimizer, [piece[k] for piece in lean], g) if k in lean[0] else v
+                             for k, v in base["state"][param_id].items()}
+    state[_BASE_KEY] = {**base, "state": moments}
+    state[_PADDING_KEY], state[_COUNT_KEY] = list(optimizer.groups_padding), list(optimizer.partition_count)
+    return state
+
+
+def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None = None) -> None:
     """On every process, after accelerator.prepare: its partition back into the engine's ZeRO
-    optimizer (and the engine's step counters). The saved fp32 partitions must have the shapes
-    of this model's (another model, or other padding, is an InputError naming the tensor)."""
+    optimizer (and the engine's step counters). `saved_world`: the process count the checkpoint
+    was written by (default: this launch's); on another count, ZeRO-1/2 partitions are re-cut
+    (`resharded_state`). The fp32 partitions must then have the shapes of this model's
+    (another model, or other padding, is an InputError naming the tensor)."""
     optimizer = _zero(engine)
     rank, world = _world()
-    saved = read_partition(step_dir, rank, world)
-    where = f"{step_dir}/{PARTITIONS_DIR}/{partition_name(rank, world)}.json"
-    if saved.get("rank") != rank or saved.get("world_size") != world or saved.get("stage") != int(engine.zero_optimization_stage()):
-        raise InputError(where, f"is the ZeRO-{saved.get('stage')} partition of rank {saved.get('rank')} of {saved.get('world_size')}, "
-                         f"not of rank {rank} of {world} under ZeRO-{engine.zero_optimization_stage()}", CORRUPT_FIX)
-    state = saved["optimizer"]
+    saved_world = world if saved_world is None else int(saved_world)
+    stage = int(engine.zero_optimization_stage())
+    ranks = [rank] if saved_world == world else range(saved_world)
+    parts = [read_partition(step_dir, r, saved_world) for r in ranks]
+    for r, saved in zip(ranks, parts):
+        where = f"{step_dir}/{PARTITIONS_DIR}/{partition_name(r, saved_world)}.json"
+        if saved.get("rank") != r or saved.get("world_size") != saved_world or saved.get("stage") != stage:
+            raise InputError(where, f"is the ZeRO-{saved.get('stage')} partition of rank {saved.get('rank')} of {saved.get('world_size')}, "
+                             f"not of rank {r} of {saved_world} under ZeRO-{stage}", CORRUPT_FIX)
+    if saved_world != world and stage not in RESHARDABLE_STAGES:
+        raise InputError("world size", f"is {world}, but the ZeRO-{stage} checkpoint {step_dir} was written by {saved_world} processes",
+                         f"launch {saved_world} processes to resume")
+    saved = parts[0]  # this process's own, or (re-cut) the first: the engine counters agree on every rank
+    state = saved["optimizer"] if saved_world == world else resharded_state([p["optimizer"] for p in parts], optimizer)
+    where = f"{step_dir}/{PARTITIONS_DIR}/{partition_name(saved['rank'], saved_world)}.json"
     # the tensors a fresh optimizer has (its fp32 partitions; Adam's moments come at the first step)
     now, _ = flatten_state({k: v for k, v in optimizer.state_dict().items() if k not in (_SCALER_KEY, _SLICES_KEY)})
     _, skeleton = flatten_state({k: v for k, v in state.items() if k != _SCALER_KEY})

@@ -230,7 +230,7 @@ def _train(accelerator: Accelerator, recipe: PretrainRecipe, backend: BackendCon
         scheduler.load_state_dict(states["scheduler"])
     model, optimizer = prepare(accelerator, backend, model, optimizer)
     if checkpoint is not None and "optimizer_partitions" in meta:
-        load_partition(checkpoint, model)  # each process its own ZeRO partition (checkpoint_deepspeed.py)
+        load_partition(checkpoint, model, meta["optimizer_partitions"]["world_size"])  # its ZeRO partition (checkpoint_deepspeed.py)
 
     o = recipe.optim
     if recipe.data.streaming:

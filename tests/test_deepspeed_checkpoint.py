@@ -1,17 +1,21 @@
 """DeepSpeed ZeRO checkpoints without pickle (pretrain/checkpoint_deepspeed.py): each process's
-optimizer partition as safetensors + JSON, an exact resume at the same world size, clear
-refusals of every other resume before compute, and a teardown that leaves no gloo thread."""
+optimizer partition as safetensors + JSON, an exact resume at the same world size, ZeRO-2
+partitions re-cut for another, clear refusals of every other resume before compute, and a
+teardown that leaves no gloo thread."""
 
 import contextlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from launch import accelerate_launch  # tests/launch.py
+from launch import accelerate_launch, free_port  # tests/launch.py
 from test_backends import _no_pickles
 
 from cosmofm.data_cards import InputError
@@ -54,6 +58,12 @@ print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), "rows": rows, "be
 """
 
 
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env.pop("COSMOFM_DEBUG", None)
+    return env
+
+
 def _rows(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
@@ -64,10 +74,8 @@ def zero_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero")
     script = out / "script.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
     cmd = accelerate_launch(2) + [str(script), str(out), str(STEPS), str(SAVE_AT), ",".join(RUNS)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=out)
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     results = sorted((json.loads(line.removeprefix("RESULT ")) for line in done.stdout.splitlines() if line.startswith("RESULT ")),
                      key=lambda r: r["rank"])
@@ -122,6 +130,32 @@ def test_each_rank_writes_its_partition_without_pickle(zero_runs, name):
 
 
 @pytest.mark.slow
+def test_zero2_partitions_of_two_processes_resume_on_one(zero_runs, tmp_path):
+    """ZeRO-1/2 partitions are re-cut for another process count (`resharded_state`): the 2-process
+    ZeRO-2 checkpoint of step 2 resumed by one process follows the 2-process curve (measured: bit
+    for bit at steps 3 and 4; the stated tolerance allows another reduction order) and writes a
+    1-process partition. Measured by hand with the CLI: 1 -> 2 processes likewise."""
+    out, results = zero_runs
+    run = tmp_path / "run"
+    shutil.copytree(out / "zero2", run, ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
+    reference = [r["loss"] for r in _rows(results[0]["rows"]["zero2"][0])]
+    sets = [f"optim.max_steps={STEPS}", f"run.save_every={SAVE_AT}", "run.progress=false", "run.trackers=[]", "data.mock_cards=[sdss-like]",
+            "data.mock_counts=[64]", "model.objectives=[masked]"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()), "-m", "cosmofm.cli",
+           "pretrain", "--config", "tiny", *(a for kv in sets for a in ("--set", kv)), "--backend", "zero2", "--resume-from", str(SAVE_AT),
+           "--output", str(run)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    resumed = [r["loss"] for r in _rows((run / "metrics.jsonl").read_text())]
+    assert len(resumed) == STEPS and resumed[:SAVE_AT] == reference[:SAVE_AT]
+    np.testing.assert_allclose(resumed, reference, rtol=1e-6, atol=0)
+    meta = json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())["metadata"]
+    assert meta["optimizer_partitions"]["world_size"] == 1
+    assert sorted(p.name for p in (run / "checkpoints" / f"step_{STEPS:08d}" / "optimizer").iterdir()) == [
+        f"{partition_name(0, 1)}.json", f"{partition_name(0, 1)}.safetensors"]
+
+
+@pytest.mark.slow
 def test_no_gloo_thread_survives_the_teardown_after_zero(zero_runs):
     """DeepSpeed's engine, ZeRO optimizers and ZeRO-3 parameters keep its groups alive after the
     run; close_process_group drops every reference, so both ranks exit with no gloo thread."""
@@ -152,8 +186,10 @@ def test_a_zero_checkpoint_resumes_only_as_it_was_written(tmp_path):
     step = _checkpoint(tmp_path, ZERO2_META, partitions=2)
     meta = {**ZERO2_META, "step": 2}
     check_partitioned_resume(meta, step, load_backend("zero2"), 2)  # the same stage and world size: accepted
-    with pytest.raises(InputError) as other_size:
-        check_partitioned_resume(meta, step, load_backend("zero2"), 1)
+    check_partitioned_resume(meta, step, load_backend("zero2"), 1)  # ZeRO-1/2 partitions are re-cut for another count
+    zero3 = {**meta, "backend": "zero3", "optimizer_partitions": {**meta["optimizer_partitions"], "stage": 3}}
+    with pytest.raises(InputError) as other_size:  # ZeRO-3's per-parameter partitions are not
+        check_partitioned_resume(zero3, step, load_backend("zero3"), 1)
     assert other_size.value.field == "world size" and "launch 2 processes" in other_size.value.fix
     with pytest.raises(InputError, match="is ZeRO-3, but the checkpoint of step 2 holds ZeRO-2 partitions of 2 processes"):
         check_partitioned_resume(meta, step, load_backend("zero3"), 2)
