@@ -24,7 +24,11 @@ InputError; blank voxels masked) and tiled over channels, rows and columns by
   its registered Task's `find_in_tile(model, values, ivar, header)`, through `HeadFinder`,
   which holds the speed options (`head_block`: the network on training-size blocks of a
   large tile; `prefilter`: only blocks with smooth-and-clip candidates; `bf16`), each
-  tested against the plain call (tests/test_detect_speed.py).
+  tested against the plain call (tests/test_detect_speed.py). With a purity cut
+  (`reliability`, the model's or given) the head also runs on the sign-flipped blocks
+  and, after the tiles, one cut over the whole cube keeps the detections above the lowest
+  threshold at which the flipped cube's (noise) detections are at most a (1 - reliability)
+  share (`detection3d_post.reliability_cut`), as the sofia finder's reliability pass.
 
 Catalogue (one row per source, in tile order): the SDC2 columns with units, id, ra, dec
 [deg], hi_size [arcsec], line_flux_integral [Jy Hz], central_freq [Hz], pa, i [deg], w20
@@ -116,24 +120,34 @@ class HeadFinder:
         tested against). prefilter: a SofiaConfig (`prefilter_config`) or None (every block
         runs); kernel_rms: its kernels' clip rms over the whole cube (`cube_kernel_rms`).
     bf16: bfloat16 autocast in the forward (`find_in_tile(bf16=True)`).
-    Counts in `stats` (blocks, blocks_run, seconds_prefilter, seconds_network): this
-    process's only (forked workers keep theirs)."""
+    negatives: also run the network on the sign-flipped block (HI lines are emission only,
+        so every detection there is noise or an artefact), where the prefilter's negative
+        mask fires (the positive one's mirror, so both signs see the same noise); rows get
+        a `sign` column (+1, -1) for the purity cut over the whole cube
+        (`detection3d_post.reliability_cut`, done by `detect_cube`).
+    Counts in `stats` (blocks, blocks_run, blocks_run_negative, seconds_prefilter,
+    seconds_network): this process's only (forked workers keep theirs)."""
 
     __name__ = "detection3d model"
 
-    def __init__(self, model, block=HEAD_BLOCK, block_overlap=HEAD_BLOCK_OVERLAP, prefilter=None, kernel_rms=None, bf16: bool = False):
+    def __init__(self, model, block=HEAD_BLOCK, block_overlap=HEAD_BLOCK_OVERLAP, prefilter=None, kernel_rms=None, bf16: bool = False,
+                 negatives: bool = False):
         from cosmofm.heads.base import task_class
 
         self.model = model.eval()
         self.task = task_class(model.task_type)(model.head_config)
         self.block = None if block is None else tuple(int(b) for b in block)
         self.block_overlap = tuple(int(b) for b in block_overlap) if isinstance(block_overlap, (tuple, list)) else (int(block_overlap),) * 3
-        self.prefilter, self.kernel_rms, self.bf16 = prefilter, kernel_rms, bool(bf16)
-        self.stats = {"blocks": 0, "blocks_run": 0, "seconds_prefilter": 0.0, "seconds_network": 0.0}
+        self.prefilter, self.kernel_rms, self.bf16, self.negatives = prefilter, kernel_rms, bool(bf16), bool(negatives)
+        self.stats = {"blocks": 0, "blocks_run": 0, "blocks_run_negative": 0, "seconds_prefilter": 0.0, "seconds_network": 0.0}
         self.threads = None  # torch threads to use where it runs (set by detect_cube for worker processes)
 
     def candidates(self, values: np.ndarray, ivar: np.ndarray | None) -> np.ndarray:
-        """(C, H, W) bool: voxels of the prefilter's positive smooth-and-clip mask
+        """(C, H, W) bool: voxels of the prefilter's positive smooth-and-clip mask."""
+        return self.masks(values, ivar)[0]
+
+    def masks(self, values: np.ndarray, ivar: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(C, H, W) bool each: the prefilter's positive and negative smooth-and-clip masks
         (`sofia_baseline.smooth_and_clip`; the S/N from the whole cube's noise per channel,
         or the tile's own rms per channel without ivar)."""
         from cosmofm.heads.sofia_baseline import _robust_rms, smooth_and_clip
@@ -144,8 +158,7 @@ class HeadFinder:
         if noise is None:
             noise = _robust_rms(clean.reshape(len(clean), -1), axis=1)
         inv = np.where(np.isfinite(noise) & (noise > 0), 1.0 / np.where(noise > 0, noise, 1.0), 0.0).astype(np.float32)
-        pos, _ = smooth_and_clip(clean * inv[:, None, None], self.prefilter, None if valid.all() else valid, self.kernel_rms)
-        return pos
+        return smooth_and_clip(clean * inv[:, None, None], self.prefilter, None if valid.all() else valid, self.kernel_rms)
 
     def __call__(self, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header) -> Table:
         import torch
@@ -157,10 +170,11 @@ class HeadFinder:
 
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
-        if self.block is None and self.prefilter is None:
+        if self.block is None and self.prefilter is None and not self.negatives:
             return self.task.find_in_tile(self.model, values, ivar, header, bf16=self.bf16)
         t0 = time.perf_counter()
-        mask = self.candidates(values, ivar) if self.prefilter is not None else None
+        signs = (1, -1) if self.negatives else (1,)
+        masks = self.masks(values, ivar) if self.prefilter is not None else (None, None)
         self.stats["seconds_prefilter"] += time.perf_counter() - t0
         shape = values.shape
         plan = TilePlan(shape, self.block or shape, self.block_overlap if self.block else 0)
@@ -168,25 +182,29 @@ class HeadFinder:
         parts = []
         for b in plan:
             self.stats["blocks"] += 1
-            if mask is not None:
-                grown = tuple(slice(max(0, int(lo) - o // 2) if np.isfinite(lo) else 0, min(n, int(hi) + o // 2) if np.isfinite(hi) else n)
-                              for (lo, hi), o, n in zip(b.core, self.block_overlap if self.block else (0, 0, 0), shape))
-                if not mask[grown].any():
+            grown = tuple(slice(max(0, int(lo) - o // 2) if np.isfinite(lo) else 0, min(n, int(hi) + o // 2) if np.isfinite(hi) else n)
+                          for (lo, hi), o, n in zip(b.core, self.block_overlap if self.block else (0, 0, 0), shape))
+            for sign, mask in zip(signs, masks):
+                if mask is not None and not mask[grown].any():
                     continue
-            self.stats["blocks_run"] += 1
-            t0 = time.perf_counter()
-            w = tile_wcs.deepcopy()
-            w.wcs.crpix = np.asarray(w.wcs.crpix) - np.array(b.origin[::-1], float)  # (x, y, spectral) = (col, row, chan)
-            w.wcs.set()
-            found = self.task.find_in_tile(self.model, values[b.read], None if ivar is None else ivar[b.read], tile_header(header, *b.origin, b.shape),
-                                           bf16=self.bf16, wcs=w, columns=True)
-            self.stats["seconds_network"] += time.perf_counter() - t0
-            for ax, name in enumerate(("CHAN", "ROW", "COL")):
-                found[name] = np.asarray(found[name], np.float64) + b.origin[ax]
-            keep = b.holds(np.column_stack([found[n] for n in ("CHAN", "ROW", "COL")]))
-            parts.append({k: np.asarray(v)[keep] for k, v in found.items()})
+                self.stats["blocks_run" if sign > 0 else "blocks_run_negative"] += 1
+                t0 = time.perf_counter()
+                w = tile_wcs.deepcopy()
+                w.wcs.crpix = np.asarray(w.wcs.crpix) - np.array(b.origin[::-1], float)  # (x, y, spectral) = (col, row, chan)
+                w.wcs.set()
+                block = values[b.read] if sign > 0 else -values[b.read]
+                found = self.task.find_in_tile(self.model, block, None if ivar is None else ivar[b.read], tile_header(header, *b.origin, b.shape),
+                                               bf16=self.bf16, wcs=w, columns=True)
+                self.stats["seconds_network"] += time.perf_counter() - t0
+                for ax, name in enumerate(("CHAN", "ROW", "COL")):
+                    found[name] = np.asarray(found[name], np.float64) + b.origin[ax]
+                keep = b.holds(np.column_stack([found[n] for n in ("CHAN", "ROW", "COL")]))
+                parts.append({**{k: np.asarray(v)[keep] for k, v in found.items()}, "sign": np.full(int(keep.sum()), sign, np.int64)})
         # one Table per tile; every block skipped: the empty catalogue with the head's columns
-        return _table({c.name: np.concatenate([p[c.name] for p in parts]) if parts else np.zeros(0) for c in _COLUMNS})
+        table = _table({c.name: np.concatenate([p[c.name] for p in parts]) if parts else np.zeros(0) for c in _COLUMNS})
+        if self.negatives:
+            table["sign"] = np.concatenate([p["sign"] for p in parts]) if parts else np.zeros(0, np.int64)
+        return table
 
 
 def _blanked(values: np.ndarray, ivar: np.ndarray | None):
@@ -249,7 +267,8 @@ def _finish(table: Table, tile, values, ivar):
 
 def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, workers: int | None = None,
                 progress: bool = True, overwrite: bool = False, card=None, rest_frequency=None, config=None,
-                head_block=None, prefilter: float | None = None, bf16: bool = False, head_threads: int | None = None) -> dict:
+                head_block=None, prefilter: float | None = None, bf16: bool = False, head_threads: int | None = None,
+                reliability: float | None = None) -> dict:
     """Find the HI sources of a spectral cube; write their SDC2 catalogue to `output`.
 
     model: a fine-tuned detection3d model, or None for a classical `method` ("sofia",
@@ -263,11 +282,16 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         (None: on the whole tile; `HEAD_BLOCK` is the bench's training tile), only those with
         candidate emission at the `prefilter` clip level (rms; None: all), under bfloat16 autocast.
         head_threads: torch threads in each worker (None: the cores over the workers).
+    reliability: the model's purity cut (`Detection3DHeadConfig.reliability`; None: the
+        model's own, 0: off): the head runs on the sign-flipped cube too (`HeadFinder(negatives=True)`)
+        and the catalogue keeps the detections above the lowest threshold whose purity,
+        estimated from the flipped cube's detections, reaches it (`detection3d_post.reliability_cut`).
 
     Returns the tiler's summary plus "method", "notes" (the header conversions applied)
     and "noise_s" (the passes over the cube before the tiles: its noise per channel and,
     for sofia, each kernel's clip rms); for sofia also "n_candidates" (the tiles' S+C
-    candidates, positive and negative) and "reliability_s" (the cut over all of them).
+    candidates, positive and negative) and "reliability_s" (the cut over all of them);
+    for a model with a reliability cut "reliability" (`reliability_cut`'s summary).
     """
 
     from cosmofm.data_cards.readers.mosaic import open_survey_cube
@@ -278,6 +302,8 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         raise InputError("method", f"{method!r} given with a model", "give either --model or --method")
     if model is not None and config is not None:
         raise InputError("config", "a SoFiA config given with a model", "leave out --sofia-defaults (config) with --model")
+    if model is None and reliability is not None:
+        raise InputError("reliability", "given without a model", "give --model (the sofia finder's reliability cut is part of its config)")
     method = "model" if model is not None else (method or "sofia")
     if method == "model" and model is None:
         raise InputError("method", "'model' needs a model", "give --model PATH, or --method sofia")
@@ -305,7 +331,13 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             t0 = time.perf_counter()
             kernel_rms = cube_kernel_rms(cube, pre)  # the whole cube's clip levels, as sofia's
             noise_s += time.perf_counter() - t0
-        finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16)
+        rel = float(getattr(model.head_config, "reliability", 0.0)) if reliability is None else float(reliability)
+        if not 0 <= rel < 1:
+            raise InputError("reliability", f"is {reliability!r}", "give a purity in [0, 1), e.g. 0.9 (0 = off)")
+        finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16,
+                            negatives=rel > 0)
+        if rel > 0:
+            template["sign"] = np.zeros(0, np.int64)
         device = next(model.parameters()).device
         processes = device.type == "cpu"
         if processes:  # forked workers share the cores: each gets its part (torch's threads would be all of them)
@@ -314,7 +346,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             finder.threads = head_threads or max(1, cores() // max(1, min(n_workers(workers), len(plan))))
         target = Path(output)
         merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
-        if merge > 0:
+        if merge > 0 or rel > 0:
             target = Path(output).parent / f".{Path(output).name}.candidates{Path(output).suffix}"
     else:
         from cosmofm.heads.sofia_baseline import CANDIDATE_COLUMNS, SOFIA_TUNED
@@ -336,14 +368,21 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=_finish, keywords=keywords,
                             workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if target != Path(output) else overwrite,
                             inputs=[path])
-        if method == "model" and merge > 0:
-            from cosmofm.heads.detection3d_post import merge_catalogue
+        if method == "model" and (merge > 0 or rel > 0):
+            from cosmofm.heads.detection3d_post import merge_catalogue, reliability_cut
 
             hdr = cube.tile_header((slice(0, 1),) * 3)
             beam = float(np.sqrt(hdr["BMAJ"] * hdr["BMIN"]) * 3600.0)
             t0 = time.perf_counter()
             summary["n_candidates"] = summary["n_sources"]
-            summary["n_sources"] = _reliability_pass(target, Path(output), None, cut=lambda t: merge_catalogue(t, beam, merge))
+            if rel > 0:
+                def cut(table):
+                    out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold)
+                    return out
+            else:
+                def cut(table):
+                    return merge_catalogue(table, beam, merge)
+            summary["n_sources"] = _reliability_pass(target, Path(output), None, cut=cut)
             summary["output"] = str(output)
             summary["merge_s"] = time.perf_counter() - t0
         elif method != "model":

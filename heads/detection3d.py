@@ -36,7 +36,12 @@ major axis (the PA) is measured on the cube from the velocity gradient around th
 (`detection3d_post.receding_direction`, `pa_from="moment"`): the regressed direction did
 not learn it. The threshold (and the merge factor) are chosen on held-out data for the
 best SDC2 score at purity >= 0.9 (`Detection3DTask.calibrate` on tiles,
-`calibrate_catalogues` on whole cubes), in the forward's `detections`. `Detection3DTask.find_in_tile`
+`calibrate_catalogues` on whole cubes), in the forward's `detections`. That purity holds
+at the calibration cubes' source density only: the noise's false detections come per
+volume, so on emptier sky they are a larger share. With `reliability` > 0, `cosmofm detect`
+runs the head on the sign-flipped cube too (every detection there is noise: HI lines are
+emission) and raises the threshold, per cube, until those are at most a (1 - reliability)
+share of the catalogue (`detection3d_post.reliability_cut`, SoFiA-2's reliability idea). `Detection3DTask.find_in_tile`
 (the tile-finder contract of the field-inference plumbing) turns them into an astropy Table
 with CHAN, ROW, COL in the tile frame and the SDC2 property columns with units and
 uncertainties, read through the tile header's WCS (FREQ, or VRAD/VOPT with RESTFRQ).
@@ -95,6 +100,11 @@ class Detection3DHeadConfig(TaskHeadConfig):
             (`factor` x the SDC2 match window of its regressed size and width) are merged
             into it, per tile and over the whole catalogue (`detection3d_post.merge_duplicates`,
             `merge_catalogue`); 0 = off (the old local-maximum box only).
+        reliability (`float`, 0.0): `cosmofm detect` also runs the head on the sign-flipped
+            cube and keeps the detections above the lowest threshold (>= `threshold`) at which
+            the catalogue's purity, estimated from the flipped cube's detections (noise only:
+            HI lines are emission), is at least this (`detection3d_post.reliability_cut`);
+            0 = off. The threshold then adapts to the cube's source density.
         pa_from (`str`, "moment"): where the PA's receding side comes from: "moment" (the
             velocity gradient in the cube around the detection, `detection3d_post.receding_direction`)
             or "regressed" (the head's ux, uy maps).
@@ -113,6 +123,7 @@ class Detection3DHeadConfig(TaskHeadConfig):
     beam_fwhm_pix: float = 0.0
     smoothing: list = field(default_factory=lambda: [[1, 1], [7, 3], [21, 5]])
     merge_factor: float = 1.0
+    reliability: float = 0.0
     pa_from: str = "moment"
     card: str = ""
 
@@ -137,6 +148,8 @@ class Detection3DHeadConfig(TaskHeadConfig):
         self.smoothing = [list(p) for p in k]
         if isinstance(self.merge_factor, bool) or not (isinstance(self.merge_factor, (int, float)) and 0 <= self.merge_factor <= 10):
             raise InputError("task.merge_factor", f"is {self.merge_factor!r}", "give a number in [0, 10] (1 = the SDC2 match window, 0 = off)")
+        if isinstance(self.reliability, bool) or not (isinstance(self.reliability, (int, float)) and 0 <= self.reliability < 1):
+            raise InputError("task.reliability", f"is {self.reliability!r}", "give a purity in [0, 1), e.g. 0.9 (0 = off)")
         if self.pa_from not in ("moment", "regressed"):
             raise InputError("task.pa_from", f"is {self.pa_from!r}", "give 'moment' (the cube's velocity gradient) or 'regressed'")
 

@@ -158,4 +158,72 @@ def receding_direction(snr: torch.Tensor, det: torch.Tensor, channel_sign: torch
     return torch.as_tensor(out, dtype=det.dtype, device=det.device)
 
 
-__all__ = ["merge_catalogue", "merge_duplicates", "merge_keep", "receding_direction"]
+def _logit(p):
+    p = np.clip(np.asarray(p, np.float64), 1e-12, 1.0 - 1e-12)
+    return np.log(p / (1.0 - p))
+
+
+def expected_false(t, negative, floor: float) -> np.ndarray:
+    """The expected number of noise detections with objectness >= `t` (scalar or array, each
+    >= `floor`), from the `negative` scores (the sign-flipped cube's detections, decoded at
+    `floor`): peaks over a threshold, with the excess of logit(score) over logit(floor)
+    exponential (the tail of the maxima of a noise field), its scale the negatives' mean
+    excess (maximum likelihood): N x exp(-(logit t - logit floor) / scale). A fitted tail,
+    not the raw count N(>=t): a cube holds a handful of noise detections, all close to the
+    floor, and the raw count is 0 above the highest one, which would let any positive
+    above it through."""
+    neg = np.asarray(negative, np.float64).reshape(-1)
+    neg = neg[neg >= floor]
+    t = np.asarray(t, np.float64)
+    if not len(neg):
+        return np.zeros_like(t)
+    x0 = float(_logit(floor))
+    scale = max(float(np.mean(_logit(neg) - x0)), 1e-6)
+    return len(neg) * np.exp(-np.maximum(_logit(t) - x0, 0.0) / scale)
+
+
+def purity_threshold(positive, negative, min_purity: float, floor: float) -> tuple[float, float]:
+    """(t, estimated purity): the lowest objectness threshold t >= `floor` (one of the
+    `positive` scores) at which the positive detections at or above t have an estimated
+    purity 1 - F(t) / P(>=t) >= `min_purity`, F the expected number of noise detections
+    above t (`expected_false`, from the `negative` scores: the sign-flipped cube's detections,
+    the false ones the noise gives in the same volume, decoded at `floor`). None reaches it:
+    (inf, nan), the empty catalogue (a cube of noise). Benjamini & Hochberg's step-up rule
+    with the flipped cube as the null; SoFiA-2's reliability R = (P - N) / P, cumulative in
+    the one parameter the head ranks its detections by."""
+    if not 0 <= min_purity <= 1:
+        raise InputError("min_purity", f"is {min_purity!r}", "give a purity in [0, 1], e.g. 0.9")
+    if not 0 < floor < 1:
+        raise InputError("floor", f"is {floor!r}", "give the objectness threshold the detections were decoded at, in (0, 1)")
+    pos = np.sort(np.asarray(positive, np.float64).reshape(-1))
+    pos = pos[pos >= floor]
+    ts = np.unique(pos)  # ascending: the lowest threshold that reaches the purity
+    n_pos = len(pos) - np.searchsorted(pos, ts, side="left")
+    purity = 1.0 - expected_false(ts, negative, floor) / np.maximum(n_pos, 1)
+    ok = np.nonzero(purity >= min_purity - 1e-12)[0]
+    return (float(ts[ok[0]]), float(purity[ok[0]])) if len(ok) else (math.inf, math.nan)
+
+
+def reliability_cut(table: Table, beam_arcsec: float, merge_factor: float, min_purity: float, floor: float) -> tuple[Table, dict]:
+    """A detect catalogue of both signs (`sign` +1 / -1: `finetune.detect.HeadFinder(negatives=True)`)
+    -> (the positive rows at or above `purity_threshold`, each sign merged first by
+    `merge_catalogue`; `sign` dropped, and a summary: threshold, estimated purity, counts).
+    The threshold adapts to the cube: where sources are dense the noise's few false
+    detections hardly move it; on empty sky, where they are most of the catalogue, it rises
+    until they are a (1 - min_purity) share (the same false-detection density per volume,
+    a different source density)."""
+    if "sign" not in table.colnames:
+        raise InputError("catalogue", "has no sign column", "run the head with negatives (HeadFinder(negatives=True), cosmofm detect --reliability)")
+    sign = np.asarray(table["sign"])
+    pos = merge_catalogue(table[sign > 0], beam_arcsec, merge_factor)
+    neg = merge_catalogue(table[sign < 0], beam_arcsec, merge_factor)
+    t, purity = purity_threshold(pos["score"], neg["score"], min_purity, floor)
+    out = pos[np.asarray(pos["score"], np.float64) >= t]
+    out.remove_column("sign")
+    info = {"threshold": t, "estimated_purity": purity, "n_positive": len(pos), "n_negative": len(neg),
+            "n_negative_above": int((np.asarray(neg["score"], np.float64) >= t).sum()), "n_kept": len(out),
+            "negative_scores": sorted(float(v) for v in neg["score"]), "positive_scores": sorted(float(v) for v in pos["score"])}
+    return out, info
+
+
+__all__ = ["expected_false", "merge_catalogue", "merge_duplicates", "merge_keep", "purity_threshold", "receding_direction", "reliability_cut"]

@@ -341,6 +341,8 @@ def _cmd_detect(args):
         kwargs["prefilter"] = args.prefilter
     if args.bf16:
         kwargs["bf16"] = True
+    if args.reliability is not None:
+        kwargs["reliability"] = args.reliability
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
                           card=args.card, **kwargs)
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles) -> {summary['output']}")
@@ -539,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--head-block", help="--model: run the network on blocks CHANNELS,ROWS,COLS of each tile (e.g. 64,32,32, its training tile; default: the whole tile)")
     dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; default: all)")
     dt.add_argument("--bf16", action="store_true", help="--model: bfloat16 autocast (faster on CPUs with AVX512-BF16; catalogue within a tolerance of float32)")
+    dt.add_argument("--reliability", type=float, help="--model: run the head on the sign-flipped cube too and keep the detections above the lowest threshold whose purity, estimated from it, reaches this (e.g. 0.9; 0 = off; default: the model's own)")
     dt.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     dt.set_defaults(func=_cmd_detect)
 

@@ -2,7 +2,10 @@
 issue 21), each against the readable path: the network on blocks inside a large tile gives
 the catalogue of tiles of the block's size exactly; the prefilter skips blocks of noise,
 runs the ones holding emission and drops nothing else; bfloat16 autocast stays within a
-stated tolerance of float32; the separable local-maximum box equals `max_pool3d`'s.
+stated tolerance of float32; the separable local-maximum box equals `max_pool3d`'s. The
+purity cut: the negatives are the sign-flipped cube's detections, its threshold rises
+with the noise's share (`detection3d_post.purity_threshold`), and `detect_cube` keeps the
+positive rows above it.
 
 A tiny untrained model whose objectness bias is raised so that it fires everywhere: its
 detections are arbitrary but deterministic, which is what an exactness test needs."""
@@ -169,3 +172,47 @@ def test_cli_speed_flags_reach_the_head(cubes, model, tmp_path):
     z, y, x = SOURCE
     d = np.hypot(np.asarray(fast["ROW"]) - y, np.asarray(fast["COL"]) - x)
     assert np.any((d < 12) & (np.abs(np.asarray(fast["CHAN"]) - z) < 12))
+
+
+def test_negatives_are_the_flipped_cubes_detections(cubes, model):
+    from cosmofm.data_cards.readers.mosaic import open_survey_cube
+
+    cube = open_survey_cube(cubes[0], None, None)
+    region = tuple(slice(0, n) for n in SHAPE)
+    values, ivar = cube.read(region)
+    header = cube.tile_header(region)
+    kw = dict(block=(32, 64, 64), block_overlap=(8, 8, 8), prefilter=prefilter_config(4.0))
+    finder = HeadFinder(model, negatives=True, **kw)
+    both = finder(values, ivar, header)
+    sign = np.asarray(both["sign"])
+    assert finder.stats["blocks_run_negative"] >= 1 and (sign < 0).any() and (sign > 0).any()
+    # the negative mask is the flipped cube's positive one, and the network sees the flipped block
+    assert _rows(both[sign < 0]) == _rows(HeadFinder(model, **kw)(-values, ivar, header))
+    assert _rows(both[sign > 0]) == _rows(HeadFinder(model, **kw)(values, ivar, header))
+
+
+def test_purity_threshold_scales_with_the_noise_share_not_the_source_count():
+    from cosmofm.heads.detection3d_post import expected_false, purity_threshold
+
+    noise = [0.22, 0.25]  # the flipped cube's detections, decoded at 0.2: the same volume's false ones
+    assert purity_threshold(np.linspace(0.2, 0.9, 30), noise, 0.9, 0.2)[0] == 0.2  # dense: 2 expected false in 30
+    assert purity_threshold([0.21, 0.3, 0.8], noise, 0.9, 0.2)[0] == 0.3  # sparse: the same noise, a higher threshold
+    assert purity_threshold([0.26], noise, 0.9, 0.2)[0] == math.inf  # above the top negative, still inside the noise's tail
+    assert purity_threshold([0.3, 0.4], [], 0.9, 0.2) == (0.3, 1.0)
+    # the fitted tail follows the counts of many negatives drawn from it
+    x0 = math.log(0.2 / 0.8)
+    neg = 1 / (1 + np.exp(-(x0 + np.random.default_rng(0).exponential(0.3, 2000))))
+    t = 1 / (1 + math.exp(-(x0 + 0.6)))
+    assert abs(float(expected_false(t, neg, 0.2)) - (neg >= t).sum()) < 3 * math.sqrt(2000 * math.exp(-2))
+
+
+def test_reliability_cut_keeps_the_positive_rows_above_the_threshold(cubes, model, tmp_path):
+    _, noise_only = cubes
+    _, plain = _run(noise_only, tmp_path / "plain.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=SHAPE)
+    s, cut = _run(noise_only, tmp_path / "cut.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=SHAPE, reliability=0.9)
+    rel = s["reliability"]
+    assert s["head_stats"]["blocks_run_negative"] == 1 and rel["n_negative"] >= 4 and len(plain) >= 4  # the block, both signs
+    assert "sign" not in cut.colnames and len(cut) == rel["n_kept"]
+    kept = plain[np.asarray(plain["score"]) >= rel["threshold"]]
+    assert _rows(cut) == _rows(kept) and len(cut) < len(plain)  # pure noise: the flipped cube's twins push the threshold up
+    assert rel["n_negative_above"] <= 0.1 * max(len(cut), 1)

@@ -18,6 +18,13 @@ at purity >= `--min-purity` (`Detection3DTask.calibrate_catalogues`); with 0 of 
 it with `--overlap`, only the blocks the `--prefilter` smooth-and-clip marks, bfloat16
 autocast unless `--no-bf16`), so the options' cost in score is measured on one network.
 
+`--reliability R` adds the arm `head_fast_rel` (with `--fast`; else `head_rel`): the same
+model and settings with the purity cut from the sign-flipped cube at R
+(`Detection3DHeadConfig.reliability`, `detection3d_post.reliability_cut`), so its cost on
+dense cubes is measured beside the arm without it. `--save-model` saves the model again after
+the calibration, with its threshold, merge factor and (with `--reliability`) its cut: the
+folder `cosmofm detect --model` then uses as calibrated.
+
 `--compare-before` adds the arm `head_before`: the same weights decoded as before the
 purity / PA work (no merging of duplicates, `merge_factor` 0; the regressed PA direction,
 `pa_from` "regressed"; the threshold chosen on the tiles for the best score, no purity
@@ -192,7 +199,16 @@ def calibrate(model, task, card, args, work: Path, before: bool = False) -> dict
     return {"on": f"{len(tiles)} tiles", **fitted}
 
 
-POST_BEFORE = {"merge_factor": 0.0, "pa_from": "regressed"}  # the decoding before the purity / PA work
+POST_BEFORE = {"merge_factor": 0.0, "pa_from": "regressed", "reliability": 0.0}  # the decoding before the purity / PA work
+
+
+def save_model(model, folder, record: dict) -> None:
+    """The model (its head config as it is now) and its training record, with a manifest."""
+    from cosmofm.pretrain.checkpoint import write_manifest
+
+    model.save_pretrained(folder)
+    atomic_write_bytes(Path(folder) / "train_record.json", json.dumps(record, default=float).encode())
+    write_manifest(folder)
 
 
 def main(argv=None) -> dict:
@@ -223,6 +239,8 @@ def main(argv=None) -> dict:
     p.add_argument("--fast", action="store_true", help="add the arm head_fast: the same model with cosmofm detect's speed options")
     p.add_argument("--prefilter", type=float, default=5.0, help="head_fast: the prefilter's clip [rms] (finetune.detect.HeadFinder); 0 = off")
     p.add_argument("--no-bf16", action="store_true", help="head_fast: float32 instead of bfloat16 autocast")
+    p.add_argument("--reliability", type=float, default=0.0,
+                   help="add the arm head_fast_rel (head_rel without --fast): the purity cut from the sign-flipped cube at this purity; 0 = none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
@@ -240,14 +258,11 @@ def main(argv=None) -> dict:
         task = Detection3DTask(model.head_config)
         record = Path(args.model) / "train_record.json"
         result["train"] = {"loaded": str(args.model), **(json.loads(record.read_text()) if record.is_file() else {})}
+        model._set_task(reliability=0.0)  # the calibration's catalogues are uncut; the arms set their own
     else:
         model, task, result["train"] = train(card, args)
     if args.save_model:
-        from cosmofm.pretrain.checkpoint import write_manifest
-
-        model.save_pretrained(args.save_model)
-        atomic_write_bytes(Path(args.save_model) / "train_record.json", json.dumps(result["train"], default=float).encode())
-        write_manifest(args.save_model)
+        save_model(model, args.save_model, result["train"])
     result["load_after_training"] = load_info()
     work = Path(tempfile.mkdtemp(prefix="detect_quality_"))
     post = {name: getattr(model.head_config, name) for name in POST_BEFORE}
@@ -257,9 +272,14 @@ def main(argv=None) -> dict:
         heads["head_before"] = {**POST_BEFORE, "threshold": calibrate(model, task, card, args, work, before=True)["threshold"]}
         model._set_task(**post)
     result["calibration"] = calibrate(model, task, card, args, work)
-    heads["head"] = {name: getattr(model.head_config, name) for name in ("merge_factor", "pa_from", "threshold")}
+    heads["head"] = {name: getattr(model.head_config, name) for name in ("merge_factor", "pa_from", "threshold", "reliability")}
     if args.fast:
         heads["head_fast"] = dict(heads["head"])
+    if args.reliability:
+        heads["head_fast_rel" if args.fast else "head_rel"] = {**heads["head"], "reliability": args.reliability}
+    if args.save_model:  # again, calibrated (with the purity cut when asked for): what cosmofm detect --model uses
+        model._set_task(**{**heads["head"], "reliability": args.reliability})
+        save_model(model, args.save_model, {**result["train"], "calibration": result["calibration"]})
     result["head_settings"] = heads
     arms_run = (*heads, "sofia", "sofia_defaults")
     cubes = []
@@ -271,6 +291,9 @@ def main(argv=None) -> dict:
         if args.fast:  # the whole cube as one tile, the network on --tile blocks of it, prefiltered, bf16
             arms["head_fast"] = {"model": model, "tile": (args.channels, args.size, args.size), "overlap": tuple(args.overlap),
                                  "head_block": tuple(args.tile), "prefilter": args.prefilter or None, "bf16": not args.no_bf16}
+        for name in heads:
+            if name.endswith("_rel"):
+                arms[name] = dict(arms[name[: -len("_rel")]])
         arms.update({"sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}})
         for name, kwargs in arms.items():
             if name in heads:
@@ -302,8 +325,9 @@ def main(argv=None) -> dict:
     totals["score_ratio_head_over_best_baseline"] = totals["head"]["score"] / best if best else float("nan")
     for m in heads:  # throughput against the baseline in the same run (shared CPUs: the ratio is the figure)
         totals[f"voxels_per_s_ratio_{m}_over_sofia"] = totals[m]["voxels_per_s"] / totals["sofia"]["voxels_per_s"]
-    if "head_fast" in totals:
-        totals["score_ratio_head_fast_over_best_baseline"] = totals["head_fast"]["score"] / best if best else float("nan")
+    for m in ("head_fast", "head_rel", "head_fast_rel"):
+        if m in totals:
+            totals[f"score_ratio_{m}_over_best_baseline"] = totals[m]["score"] / best if best else float("nan")
     result["totals"] = totals
     result["load_end"] = load_info()
     out = Path(args.out)

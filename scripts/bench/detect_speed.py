@@ -21,7 +21,8 @@ CPU time (`cpu_s`, user + system of the child and its workers) beside the wall t
 load from other jobs stretches the wall time, much less the CPU time.
 
 `--method head --model DIR` runs the detection3d model instead (`HeadFinder`: `--head-block`,
-`--prefilter CLIP`, `--bf16`; `--threads` torch threads per worker); `--name` the report's file.
+`--prefilter CLIP`, `--bf16`, `--reliability R`: the purity cut from the sign-flipped cube,
+default the model's own; `--threads` torch threads per worker); `--name` the report's file.
 
 Targets (issue 21): under 2 minutes and under 3 GB peak RSS on the 2-core CPU. The
 machine's load is recorded before and after: other jobs on the cores make it slower.
@@ -119,6 +120,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefilter", type=float, default=None, help="head: the prefilter's clip level [rms] (finetune.detect.HeadFinder)")
     ap.add_argument("--head-block", default="64,32,32", help="head: the network's block inside each tile ('none': the whole tile)")
     ap.add_argument("--bf16", action="store_true", help="head: bfloat16 autocast")
+    ap.add_argument("--reliability", type=float, default=None, help="head: the purity cut from the sign-flipped cube (default: the model's own; 0 = off)")
     ap.add_argument("--threads", type=int, default=1, help="head: torch threads per worker (the parent keeps its own, so --workers stays as given)")
     ap.add_argument("--name", default="detect_speed.json", help="the report's file name in --out")
     args = ap.parse_args(argv)
@@ -137,7 +139,8 @@ def main(argv=None) -> dict:
     extra: dict = {}
     if args.method == "head":
         block = None if args.head_block == "none" else [int(v) for v in args.head_block.split(",")]
-        extra = {"model": args.model, "head_block": block, "prefilter": args.prefilter, "bf16": args.bf16, "head_threads": args.threads}
+        extra = {"model": args.model, "head_block": block, "prefilter": args.prefilter, "bf16": args.bf16, "head_threads": args.threads,
+                 "reliability": args.reliability}
         report["head_options"] = dict(extra)
     with tempfile.TemporaryDirectory(prefix="detect_speed.") as tmp:
         cube = Path(args.cube) if args.cube else Path(tmp) / "cube.fits"
@@ -158,7 +161,8 @@ def main(argv=None) -> dict:
         report.update({"detect_s": total, "tiles_s": summary["seconds"], "noise_s": summary["noise_s"], "child_wall_s": run["wall_s"],
                        "voxels": voxels, "voxels_per_s": voxels / total,
                        "n_tiles": summary["n_tiles"], "n_sources": summary["n_sources"], "n_candidates": summary.get("n_candidates"),
-                       "reliability_s": summary.get("reliability_s"), "head_stats": summary.get("head_stats"), "merge_s": summary.get("merge_s"), **run})
+                       "reliability_s": summary.get("reliability_s"), "head_stats": summary.get("head_stats"), "merge_s": summary.get("merge_s"),
+                       "head_reliability": summary.get("reliability"), **run})
         truth = Table.read(cube, hdu="TRUTH")
         in_cube = truth[(truth["central_freq"] > 0)]
         score = score_catalogue(read_catalogue(catalogue, "catalogue"), in_cube)
