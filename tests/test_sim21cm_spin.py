@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cosmofm.data_cards import InputError
-from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, lightcone, power_spectrum
+from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, lightcone, power_spectrum, spin
 from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, k_grid
 from cosmofm.data_cards.mocks.sim21cm.heating import (
     NU_ALPHA, T_CMB0, Y_HE, cmb_heating_rate, history, hubble_rate_s, lya_heating_energy, lyman_series_emissivity,
@@ -65,6 +65,24 @@ def test_cell_temperature_follows_21cmfasts_density_dependence():
         assert abs(fitted - (2 / 3 + (0.43 - 2 / 3) * g)) < 0.02, (z, fitted)
     fitted, _ = slope(SimParams(L_X=42.0), 9.0)  # hot gas: mostly heat gained late (before: 1.18)
     assert 0.3 < fitted < 0.8, fitted
+
+
+def test_lyman_alpha_heating_takes_each_cells_delta_e(monkeypatch):
+    """L_X = 38 (corner0), z = 9.9, Ly-alpha the main heating: 21cmFAST takes each photon's Delta E at the cell's tau_GP
+    (proportional to 1 + delta) and T_K, so voids gain less per baryon than 1 / (1 + delta) and stay colder than the mean (21cmFAST,
+    128 Mpc / 64^3: its voids' median T_K 0.95 of the box's); the mean's Delta E left them as warm as the mean."""
+    p = SimParams(HII_EFF_FACTOR=10.0, ION_Tvir_MIN=4.0, L_X=38.0, NU_X_THRESH=200.0, OMm=0.2)
+    cosmo = cosmology(p)
+    delta0 = gaussian_field(np.random.default_rng(0), (16, 16, 16), 4.0, cosmo.power, cell_average=True)
+    delta = cosmo.growth(9.9) * delta0
+
+    def void_over_mean():
+        t_k = spin_fields(delta0, 4.0, np.full(16, 9.9), p, cosmo, delta).t_k
+        return float(t_k[delta < -0.2].mean() / t_k.mean())
+
+    assert void_over_mean() < 0.94
+    monkeypatch.setattr(spin, "LYA_PER_CELL", 0)
+    assert void_over_mean() > 0.97
 
 
 def test_spin_temperature_tends_to_the_cmb_without_sources():

@@ -66,7 +66,8 @@ Furlanetto & Cen 2011, MNRAS 411, 955, sec. 2) in a simplified form:
   We ship that table subsampled (lya_heating_table.npz: every 3rd T_K and T_S node from 1 K to
   1000 K, every 2nd tau_GP node from 10^3.4 to 10^7; interpolation differs from the full table by
   <= 1.4 % of its largest |Delta E|, 99 % of points within 7 % of its median |Delta E|), and
-  evaluate it at the mean-density T_S of the global history (`spin` couplings).
+  evaluate it at the mean-density T_S of the global history (`spin` couplings); `spin` re-evaluates
+  it per cell density and T_K from the stored t_s, tau_gp and continuum share (`History`).
 - CMB heating (USE_CMB_HEATING, on by default): 21cmFAST's `get_Ts_fast` form, which it credits to
   Meiksin (2021): eps_CMB = (3/4) (T_CMB / T_21) A_10 f_H (h / lambda_21)^2 / m_p (1 + 2 T_K / T_21)
   erg/s per baryon, dT/dt = 2 eps_CMB / (3 k_B (1 + x_e)). As coded it is the 21cm photon's recoil
@@ -292,6 +293,8 @@ class History:
         q_lya, q_cmb: (G,) Lyman-alpha (continuum + injected) and CMB heating of the mean gas, K per unit u.
         lya_heat_shell: (G, S) Lyman-alpha heating (K per unit u) from each fluctuating shell's J_alpha
             at the mean emissivity, with the global Delta E.
+        q_lya_cont: (G,) the continuum photons' part of q_lya (the rest, injected photons, cools).
+        t_s, tau_gp: (G,) T_S (K) and Gunn-Peterson depth of the mean gas that set its Delta E per photon.
     """
 
     z: np.ndarray
@@ -309,6 +312,9 @@ class History:
     q_lya: np.ndarray
     q_cmb: np.ndarray
     lya_heat_shell: np.ndarray
+    q_lya_cont: np.ndarray
+    t_s: np.ndarray
+    tau_gp: np.ndarray
 
     def at(self, name: str, z) -> np.ndarray:
         """A (G,) attribute interpolated linearly in ln(1+z) to redshifts z."""
@@ -448,6 +454,7 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     lya_x_coef = C_CM * n_h0 * (1 + z) ** 3 / (4 * np.pi * hubble_rate_s(cosmo, z) * NU_ALPHA)  # times (1 - x_e)
     j_star, j_cont, j_inj = alpha.sum(axis=1), alpha_cont.sum(axis=1), alpha_inj.sum(axis=1)
     x_e, t_k, e_cont, e_inj, j_alpha = np.empty(N_U), np.empty(N_U), np.zeros(N_U), np.zeros(N_U), np.empty(N_U)
+    t_s_mean, tau_gp_mean = np.empty(N_U), np.empty(N_U)
     x_e[0], t_k[0] = X_E_INIT, T_K_INIT
     compton = 8 * SIGMA_T * A_RAD * t_cmb**4 / (3 * M_E * C_CM) / hub  # per unit u, times x_e / (1 + f_He + x_e)
     for g in range(N_U - 1):
@@ -465,12 +472,14 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
         t_s = mean_spin_temperature(z[g], tk, xe, j_alpha[g], n_h0, hub[g])
         tau_gp = TAU_GP_COEF * n_h * (1 - xe) / hub[g]
         e_cont[g], e_inj[g] = lya_heating_energy(tk, t_s, tau_gp)
+        t_s_mean[g], tau_gp_mean[g] = t_s, tau_gp
         q += lya_heating_coef(z[g], xe, n_h0) * (j_cont[g] * e_cont[g] + j_inj[g] * e_inj[g])
         q += 2 * cmb_heating_rate(z[g], tk) / (3 * K_B * (1 + xe) * hub[g])
         # the energy shared with the newly freed electrons (21cmFAST's dspec_dzp)
         q -= (x_e[g + 1] - xe) / du * tk / (1 + xe)
         t_k[g + 1] = tk - du * ((2 + c) * tk - c * t_cmb[g] - q)
     e_cont[-1], e_inj[-1] = e_cont[-2], e_inj[-2]
+    t_s_mean[-1], tau_gp_mean[-1] = t_s_mean[-2], tau_gp_mean[-2]
     kk, ww = x_e_nodes(x_e)
     rows = np.arange(N_U)
     heat, lya_xr = ((1 - ww)[:, None] * t[rows, :, kk] + ww[:, None] * t[rows, :, kk + 1] for t in (heat_x, lya_x))  # (G, R)
@@ -482,7 +491,8 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     phi = np.exp(ln_phi)
     heat_coef = 2 * (1 - x_e) / (3 * K_B * (1 + F_HE + x_e) * hub)
     lya_coef = lya_heating_coef(z, x_e, n_h0)
-    q_lya = lya_coef * (j_cont * e_cont + j_inj * e_inj)
+    q_lya_cont = lya_coef * j_cont * e_cont
+    q_lya = q_lya_cont + lya_coef * j_inj * e_inj
     q_cmb = 2 * cmb_heating_rate(z, t_k) / (3 * K_B * (1 + x_e) * hub)  # with the Euler T_K; ~1e-9 K, docstring
     source = at_step_end(c * t_cmb + heat_coef * heat.sum(axis=1) + q_lya + q_cmb + q_spec, du)
     t_k = phi * (t_k[0] + cumulative((source / phi)[:, None], du)[:, 0])
@@ -497,7 +507,7 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     radii = np.asarray(shell_radii, dtype=float)
     z_src = cosmo.redshift_at_distance(d[:, None] + radii[None, :])
     return History(z, u, t_k, x_e, j_alpha, q_hii, phi, heat_coef, radii, heat_s, alpha_s, z_src, q_lya, q_cmb,
-                   lya_coef[:, None] * lya_s)
+                   lya_coef[:, None] * lya_s, q_lya_cont, t_s_mean, tau_gp_mean)
 
 
 def at_step_end(rate: np.ndarray, du: float) -> np.ndarray:

@@ -52,8 +52,14 @@ A cell's T_K follows 21cmFAST's per-cell evolution (get_Ts_fast, init_first_Ts) 
 - heat gained at z' is compressed only from then on, ((1 + delta(z)) / (1 + delta(z')))^(2/3), not by
   (1 + delta(z))^(2/3) as the starting gas (d ln T_K / d delta 1.09 vs 0.50 at z = 12.8 for L_X = 40.3);
 - Lyman-alpha heating per baryon divides the cell's photons by its own baryons, Ndot_alpha / (N_b (1 + delta))
-  (21cmFAST's eps_Lya_cont / eps_Lya_inj): dense cells gain less (it is most of the heating at L_X ~ 38).
-The last two act on the mean history's heating (tabulated on N_DELTA values of delta_0). The shells'
+  (21cmFAST's eps_Lya_cont / eps_Lya_inj): dense cells gain less (it is most of the heating at L_X ~ 38);
+- and each photon leaves the cell's own Delta E (`Energy_Lya_heating` at the cell's T_K, T_S and
+  taugp(zp, delta, x_e), `_lya_per_cell_density`): the continuum photons' Delta E grows ~(1 + delta)^0.6 with
+  tau_GP, so a void gains ~(1 + delta)^-0.4 per baryon, not (1 + delta)^-1, and the injected photons cool hotter
+  gas more. With the mean's Delta E, corner0's (L_X = 38) voids ran 1.3 K hotter than 21cmFAST's at z = 9.9 (T_K
+  fell with density there, 21cmFAST's rises) and Delta^2_21 was 1.5-1.7x 21cmFAST's; the cell's T_K in it comes
+  from LYA_PER_CELL fixed-point passes over the table (passes 3 and 4 agree to 1e-3 K), T_S scaled with T_K.
+The last three act on the mean history's heating (tabulated on N_DELTA values of delta_0). The shells'
 fluctuating heating, whose rates grow ~e-fold per dz ~ 0.6, is taken as gained recently and not
 compressed at all (with the (1 + delta(z))^(2/3) of the whole, lh5's T_K power at z = 12.8 ran
 1.3-2.6x 21cmFAST's, rising with k; uncompressed 1.0-1.3x).
@@ -75,7 +81,7 @@ from cosmofm.data_cards.mocks.sim21cm.cosmology import DELTA_C, L_FACTOR, Cosmol
 from cosmofm.data_cards.mocks.sim21cm.density import TophatSmoother, tophat_smoother
 from cosmofm.data_cards.mocks.sim21cm.heating import (
     A_10, C_CM, DZ_SOURCE, H_P, K_B, LAMBDA_21, M_E, M_P, RHO_CRIT_CGS, T_CMB0, T_K_INIT, TAU_GP_COEF, Y_HE, Z_MAX, History,
-    at_step_end, cumulative, history, hubble_rate_s,
+    at_step_end, cumulative, history, hubble_rate_s, lya_heating_energy,
 )
 from cosmofm.data_cards.mocks.sim21cm.params import SimParams
 
@@ -87,6 +93,7 @@ MAX_DVDR = 0.2  # largest |dv_r/dr| / H (21cmFAST)
 SHELL_RATIO = 1.5  # ratio of successive filter radii of the fluctuating shells
 N_DELTA = 96  # tabulated smoothed densities per shell
 C_AD_START = 0.58 - 0.006 * (Z_MAX - 10.0)  # 21cmFAST's cT_approx(Z_HEAT_MAX): the starting T_K (1 + c delta), docstring
+LYA_PER_CELL = 3  # fixed-point passes of the Ly-alpha heating's per-cell Delta E (`_lya_per_cell_density`); 0: the mean's
 CHUNK_CELLS = 1 << 16  # cells per block of the per-cell spin temperature (cache-sized arrays)
 Z_LOW = 5.0  # the history is computed down to min(Z_LOW, lowest slice)
 # Spin de-excitation rate coefficients (cm^3/s) against T_K (K) as FOB06 tabulates them:
@@ -285,16 +292,48 @@ def _add_cell_heating(d_mean, delta0, hist: History, cosmo: Cosmology, at_slices
     compress = np.cbrt(one_plus) ** 2
     heated = hist.t_k / hist.phi - T_K_INIT  # cumulative(source / phi): the mean's heating, `heating._history`
     lya = cumulative(at_step_end(hist.q_lya, du) / hist.phi, du)
-    inc_lya = np.diff(lya)[:, None]
-    inc_other = np.diff(heated)[:, None] - inc_lya
-    one_plus, compress = (0.5 * (a[1:] + a[:-1]) for a in (one_plus, compress))  # at the trapezoid's mid-steps
-    summed = np.cumsum((inc_other + inc_lya / one_plus) / compress, axis=0)
-    cell = np.concatenate([np.zeros((1, N_DELTA)), summed]) - heated[:, None]
+    inc_other = np.diff(heated)[:, None] - np.diff(lya)[:, None]
+    mid_one_plus, mid_compress = (0.5 * (a[1:] + a[:-1]) for a in (one_plus, compress))  # at the trapezoid's mid-steps
+
+    def cell_heating(inc_lya):  # (G, N_DELTA) the cell's heating less the mean's, over phi
+        summed = np.cumsum((inc_other + inc_lya / mid_one_plus) / mid_compress, axis=0)
+        return np.concatenate([np.zeros((1, N_DELTA)), summed]) - heated[:, None]
+
+    cell = cell_heating(np.diff(lya)[:, None])
+    if LYA_PER_CELL:  # Delta E per photon at the cell's own tau_GP and T_K (fixed point: its T_K depends on it)
+        start_excess = _start_excess(cosmo.growth(Z_MAX) * grid)
+        for _ in range(LYA_PER_CELL):
+            t_k = np.clip((hist.t_k[:, None] + hist.phi[:, None] * (cell + T_K_INIT * start_excess)) * compress, 1.0, None)
+            q_cell = _lya_per_cell_density(hist, one_plus, t_k)
+            cell = cell_heating(np.diff(cumulative(at_step_end(q_cell, du) / hist.phi[:, None], du), axis=0))
     table = at_slices(hist.phi[:, None] * cell).ravel()  # (D * N_DELTA,)
     for sl in blocks:
         j0, w = _table_position(delta0[sl], lo, step)
         flat = slice_base[sl] + j0
         d_mean[sl] += (1 - w) * table[flat] + w * table[flat + 1]
+
+
+def _lya_per_cell_density(hist: History, one_plus: np.ndarray, t_k: np.ndarray) -> np.ndarray:
+    """(G, N_DELTA) Lyman-alpha heating, K per unit u before the division by its baryons, of gas of density
+    1 + delta (one_plus) and temperature t_k (G, N_DELTA): 21cmFAST's get_Ts_fast takes Delta E
+    (`Energy_Lya_heating`) at the cell's T_K, T_S and taugp(zp, delta, x_e), (1 + delta) times the mean's tau_GP;
+    the history's continuum and injected heating are scaled by the ratio of the cell's Delta E to the mean's.
+    T_S is the mean's times t_k / T_K (the gas is coupled wherever Ly-alpha heats it)."""
+    t_s = hist.t_s[:, None] * t_k / hist.t_k[:, None]  # T_S follows T_K in the coupled gas
+    e_c, e_i = lya_heating_energy(t_k, t_s, hist.tau_gp[:, None] * one_plus)
+    mean_c, mean_i = lya_heating_energy(hist.t_k, hist.t_s, hist.tau_gp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r_c = np.where(mean_c[:, None] != 0, e_c / mean_c[:, None], 1.0)
+        r_i = np.where(mean_i[:, None] != 0, e_i / mean_i[:, None], 1.0)
+    q_cont = hist.q_lya_cont[:, None]
+    return q_cont * r_c + (hist.q_lya[:, None] - q_cont) * r_i
+
+
+def _start_excess(delta_start) -> np.ndarray:
+    """21cmFAST's initial T_K fluctuation at Z_MAX, (1 + C_AD_START delta_s) / (1 + delta_s)^2/3 - 1, before the
+    (1 + delta)^2/3 every cell's starting gas gets (module docstring)."""
+    start = np.clip(1 + delta_start, 0.05, None)
+    return (1 + C_AD_START * delta_start) / np.cbrt(start) ** 2 - 1
 
 
 def _table_position(values: np.ndarray, lo: float, step: float) -> tuple[np.ndarray, np.ndarray]:
@@ -312,9 +351,7 @@ def _cell_spin(d_mean, d_tk, d_ja, density, delta_start, t_k, j_alpha, x_e, n_h,
     one_plus = np.clip(1 + density, 0.05, None)
     cbrt = np.cbrt(one_plus)
     adiabatic = cbrt * cbrt  # (1 + delta)^2/3
-    start = np.clip(1 + delta_start, 0.05, None)
-    start_excess = (1 + C_AD_START * delta_start) / np.cbrt(start) ** 2 - 1  # 21cmFAST's initial T_K fluctuation
-    t_k = np.clip((t_k + d_mean + t_start * start_excess) * adiabatic + d_tk, 1.0, None)
+    t_k = np.clip((t_k + d_mean + t_start * _start_excess(delta_start)) * adiabatic + d_tk, 1.0, None)
     j_alpha = np.clip(j_alpha + d_ja, 0.0, None)
     n_cell = n_h * one_plus
     tau_gp = (TAU_GP_COEF * (1 - x_e) / hub) * n_cell
