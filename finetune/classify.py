@@ -109,7 +109,8 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     redshift range for whole batches, thousands of spectra/s), "template" (the full
     template fit of that class, heads.template_fit.refine_redshifts, ~50 spectra/s) or
     "network": the model's redshift network (heads/redshift_net.py, trained with
-    FinetuneConfig.redshift_net_steps; no class needed) when it carries one, else the head's
+    FinetuneConfig.redshift_net_steps; no class needed, its errors calibrated for the
+    predicted class's family) when it carries one, else the head's
     own regression (poor for galaxies and QSOs). With a fit, Z_NETWORK
     keeps the network's. `mc_samples` > 0: EPISTEMIC, the mutual information [nats] of
     that many Monte-Carlo-dropout passes of the head. With a fitted out-of-set detector:
@@ -206,7 +207,7 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
                 "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
         predicted = names[probs.argmax(1)]
         if redshift == "network" and clf.redshift_net is not None:  # p(z) from the spectrum, not the head's regression
-            net = clf.network_redshifts(batch)
+            net = clf.network_redshifts(batch, classes=predicted)
             part["z"], part["z_err"] = net.z, net.z_err
         if redshift == "scan":  # on the collated arrays, all batches of the piece at once (below)
             part["collated"], part["candidates"] = collated, redshift_candidates(probs, names)

@@ -24,7 +24,9 @@ rest-frame templates at every shift is the classical cross-correlation redshift 
 Davis 1979, AJ 84, 1511; heads/redshift_scan.py), here with learned features and kernels.
 
 Two correlation paths: `correlate_direct` (conv1d, the readable reference) and
-`correlate_fft` (torch.fft, used by forward; tested against the reference).
+`correlate_fft` (torch.fft, used by forward; tested against the reference). CPU inference
+takes heads/redshift_net_cpu.py (`RedshiftNet.cpu_kernels`; the same logits, ~1.7x faster
+per core), also tested against the reference.
 Decoding (`decode`): the mean of p inside its peak, a 1-sigma error from the peak's width
 (scaled on validation), and the CDF at the true z (PIT, `RedshiftNet.pit`). Training:
 `train_redshift_net` (AdamW, best validation checkpoint, then `calibrate`: temperature and
@@ -36,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,10 @@ class RedshiftNetConfig:
             log(1+z), so the shift symmetry stays.
         error_scale (`float`, 1.0): factor on the peak's width that makes z_err match the scatter
             (`heads.metrics.redshift_error_scale`); fitted on validation.
+        family_calibration (`dict`, {}): {family: {"temperature": t, "error_scale": s}} fitted per
+            family (STAR, GALAXY, QSO: `heads.template_fit.class_family`) on validation when its
+            classes are known; `decode` uses a family's values for rows given that family's class
+            (in `cosmofm classify`, the predicted class), the global ones otherwise.
     """
 
     log_lambda_start: float = math.log10(3600.0)
@@ -95,6 +101,7 @@ class RedshiftNetConfig:
     temperature: float = 1.0
     peak_offset_bins: float = 0.0
     error_scale: float = 1.0
+    family_calibration: dict = field(default_factory=dict)
     type: str = "redshift-net"
 
     def __post_init__(self):
@@ -177,6 +184,50 @@ def spectra_on_grid(samples, cfg: RedshiftNetConfig) -> tuple[np.ndarray, np.nda
     return flux, ivar
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of x is finite: its sum is (one cheap pass; NaN and inf propagate),
+    or, when the sum is not (also when finite values overflow it), the elementwise test."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def checked_spectra(flux, ivar, cfg: RedshiftNetConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """flux and ivar (N, L) as float32 tensors, checked: shapes on the config's grid, ivar finite
+    and >= 0 (InputError naming the field otherwise)."""
+    flux, ivar = torch.as_tensor(flux, dtype=torch.float32), torch.as_tensor(ivar, dtype=torch.float32)
+    if flux.ndim != 2 or ivar.shape != flux.shape or flux.shape[1] != cfg.n_pixels:
+        raise InputError("flux/ivar", f"shapes {tuple(flux.shape)} and {tuple(ivar.shape)}",
+                         f"give (N, {cfg.n_pixels}) arrays on the grid log10(lambda) = {cfg.log_lambda_start:.5f} + {cfg.log_lambda_step} i")
+    if not all_finite(ivar) or (len(ivar) and float(ivar.min()) < 0):
+        raise InputError("ivar", "holds NaN, infinite or negative values", "set ivar = 0 for masked pixels")
+    return flux, ivar
+
+
+def row_nanmedian(v: torch.Tensor) -> torch.Tensor:
+    """(N, 1) lower median of each row's non-NaN values (NaN if none)."""
+    return v.nanmedian(1, keepdim=True).values
+
+
+def binned(flux: torch.Tensor, ivar: torch.Tensor, cfg: RedshiftNetConfig, median=row_nanmedian) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, g, valid) (N, B) of checked flux and ivar (`checked_spectra`): the normalised binned
+    flux, its S/N weight and whether the bin holds any weight (`normalise`). `median`: how the
+    rows' lower median of |f| is taken (`row_nanmedian`, or the CPU path's)."""
+    fi = flux * ivar
+    if not all_finite(fi):  # NaN behind zero weight stays out
+        f = torch.where(ivar > 0, flux, 0.0)
+        if not all_finite(f):
+            raise InputError("flux", "NaN or infinite where ivar > 0", "set ivar = 0 where the flux is not finite")
+        fi = f * ivar
+    n, b = len(flux), cfg.n_bins
+    w_bin = ivar.view(n, b, cfg.bin_pixels).sum(-1)  # (N, B)
+    valid = w_bin > 0
+    f_bin = torch.where(valid, fi.view(n, b, cfg.bin_pixels).sum(-1) / w_bin.clamp(min=1e-30), 0.0)
+    scale = median(torch.where(valid, f_bin.abs(), torch.nan))  # (N, 1)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    x = (f_bin / scale).clamp(-FLUX_CLIP, FLUX_CLIP)
+    snr = w_bin.sqrt() * scale
+    return x, snr / (1 + snr), valid
+
+
 def normalise(flux: torch.Tensor, ivar: torch.Tensor, cfg: RedshiftNetConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(channels (N, 3, B), valid (N, 1, B)) of flux and ivar (N, L) on the config's grid.
 
@@ -184,24 +235,7 @@ def normalise(flux: torch.Tensor, ivar: torch.Tensor, cfg: RedshiftNetConfig) ->
     robust per-spectrum scale, unchanged by a shift). Channels: f / scale, that times g, and
     g = s / (1 + s) with s = sqrt(ivar) x scale the S/N of a typical pixel: the network sees how
     far to trust each bin, as a chi-square does, in a bounded form."""
-    flux, ivar = torch.as_tensor(flux, dtype=torch.float32), torch.as_tensor(ivar, dtype=torch.float32)
-    if flux.ndim != 2 or ivar.shape != flux.shape or flux.shape[1] != cfg.n_pixels:
-        raise InputError("flux/ivar", f"shapes {tuple(flux.shape)} and {tuple(ivar.shape)}",
-                         f"give (N, {cfg.n_pixels}) arrays on the grid log10(lambda) = {cfg.log_lambda_start:.5f} + {cfg.log_lambda_step} i")
-    if not torch.isfinite(ivar).all() or (ivar < 0).any():
-        raise InputError("ivar", "holds NaN, infinite or negative values", "set ivar = 0 for masked pixels")
-    f = torch.where(ivar > 0, flux, 0.0)  # NaN behind zero weight stays out
-    if not torch.isfinite(f).all():
-        raise InputError("flux", "NaN or infinite where ivar > 0", "set ivar = 0 where the flux is not finite")
-    n, b = len(flux), cfg.n_bins
-    w_bin = ivar.view(n, b, cfg.bin_pixels).sum(-1)  # (N, B)
-    valid = w_bin > 0
-    f_bin = torch.where(valid, (f * ivar).view(n, b, cfg.bin_pixels).sum(-1) / w_bin.clamp(min=1e-30), 0.0)
-    scale = torch.where(valid, f_bin.abs(), torch.nan).nanmedian(1, keepdim=True).values  # (N, 1)
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    x = (f_bin / scale).clamp(-FLUX_CLIP, FLUX_CLIP)
-    snr = w_bin.sqrt() * scale
-    g = snr / (1 + snr)
+    x, g, valid = binned(*checked_spectra(flux, ivar, cfg), cfg)
     return torch.stack([x, x * g, g], 1), valid[:, None].float()
 
 
@@ -264,16 +298,29 @@ class RedshiftNet(nn.Module):
         self.kernels = nn.Parameter(torch.randn(cfg.n_templates, cfg.xcorr_channels, cfg.n_kernel) / math.sqrt(cfg.n_bins * cfg.xcorr_channels))
         self.prior = nn.Parameter(torch.zeros(cfg.prior_knots)) if cfg.prior_knots > 0 else None
         self.n_fft = fft_length(cfg.n_kernel)
+        self.cpu_kernels = True  # CPU inference through heads/redshift_net_cpu.py (`forward`)
+
+    def _cached(self, name: str, tensors: tuple[torch.Tensor, ...], compute) -> torch.Tensor:
+        """compute() kept while `tensors` are unchanged (their storage and version counters)."""
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        cache = self.__dict__.setdefault("_fft_cache", {})
+        if cache.get(name, (None,))[0] != key:
+            with torch.no_grad():
+                cache[name] = (key, compute())
+        return cache[name][1]
 
     def _kernels_fft(self) -> torch.Tensor:
         """Conjugated rfft of the kernels (G, C, F); cached while they are unchanged (their version counter) and no gradient is wanted."""
         if torch.is_grad_enabled() and self.kernels.requires_grad:
             return torch.fft.rfft(self.kernels, self.n_fft).conj()
-        key = (self.kernels.data_ptr(), self.kernels._version)
-        if getattr(self, "_fft_cache", (None,))[0] != key:
-            with torch.no_grad():
-                self._fft_cache = (key, torch.fft.rfft(self.kernels, self.n_fft).conj_physical())
-        return self._fft_cache[1]
+        return self._cached("kernels", (self.kernels,), lambda: torch.fft.rfft(self.kernels, self.n_fft).conj_physical())
+
+    def _folded_fft(self) -> torch.Tensor:
+        """The kernels' transforms with the last pointwise layer folded in (redshift_net_cpu.folded_kernels), cached."""
+        from cosmofm.heads.redshift_net_cpu import folded_kernels
+
+        last = self.features[-1]
+        return self._cached("folded", (self.kernels, last.weight, last.bias), lambda: folded_kernels(self))
 
     def feature_maps(self, flux, ivar, reference: bool = False) -> torch.Tensor:
         """(N, xcorr_channels, B) features, zero on masked bins (so they add nothing to a correlation).
@@ -296,13 +343,24 @@ class RedshiftNet(nn.Module):
         """(N, n_z) logits from features: per-group correlations, log-sum-exp over groups, + prior."""
         per_group = (correlate_direct(features, self.kernels) if reference
                      else correlate_fft(features, self._kernels_fft(), self.n_fft, self.cfg.n_z))  # (N, G, n_z)
-        logits = per_group[:, 0] if per_group.shape[1] == 1 else per_group.logsumexp(1)
-        if self.prior is not None:
-            logits = logits + F.interpolate(self.prior[None, None], size=self.cfg.n_z, mode="linear", align_corners=True)[0, 0]
-        return logits
+        return self._with_prior(per_group[:, 0] if per_group.shape[1] == 1 else per_group.logsumexp(1))
+
+    def _with_prior(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.prior is None:
+            return logits
+        return logits + F.interpolate(self.prior[None, None], size=self.cfg.n_z, mode="linear", align_corners=True)[0, 0]
 
     def forward(self, flux, ivar, z=None, reference: bool = False) -> RedshiftNetOutput:
-        logits = self.scores(self.feature_maps(flux, ivar, reference), reference)
+        """Logits (and the loss against z). `reference`: the readable path (conv1d correlation);
+        else the FFT, and for CPU inference the fast path of heads/redshift_net_cpu.py
+        (`cpu_kernels`, on by default; the same logits to float32 rounding)."""
+        from cosmofm.heads import redshift_net_cpu
+
+        flux, ivar = checked_spectra(flux, ivar, self.cfg)
+        if not reference and redshift_net_cpu.takes_fast_path(self, flux):
+            logits = self._with_prior(redshift_net_cpu.logits(self, flux, ivar))
+        else:
+            logits = self.scores(self.feature_maps(flux, ivar, reference), reference)
         loss = None if z is None else -(soft_targets(z, self.cfg).to(logits.device) * logits.log_softmax(-1)).sum(-1).mean()
         return RedshiftNetOutput(logits, loss)
 
@@ -310,9 +368,10 @@ class RedshiftNet(nn.Module):
     def batched_logits(self, flux, ivar, batch_size: int = 512) -> torch.Tensor:
         return torch.cat([self(flux[i:i + batch_size], ivar[i:i + batch_size]).logits for i in range(0, len(flux), batch_size)])
 
-    def predict(self, flux, ivar, batch_size: int = 512) -> RedshiftPrediction:
-        """z, z_err and p(z) of spectra, batch by batch, calibrated (`decode`)."""
-        return RedshiftPrediction(*decode(self.batched_logits(flux, ivar, batch_size), self.cfg))
+    def predict(self, flux, ivar, batch_size: int = 512, classes=None) -> RedshiftPrediction:
+        """z, z_err and p(z) of spectra, batch by batch, calibrated (`decode`; `classes`: each
+        spectrum's class or family, for the per-family calibration)."""
+        return RedshiftPrediction(*decode(self.batched_logits(flux, ivar, batch_size), self.cfg, classes))
 
     def pit(self, pred: RedshiftPrediction, z_true) -> np.ndarray:
         """CDF of each p(z) at its true redshift (uniform on [0, 1] when calibrated): p's bins away
@@ -334,22 +393,36 @@ def soft_targets(z, cfg: RedshiftNetConfig) -> torch.Tensor:
     return (t / t.sum(1, keepdim=True).clamp(min=1e-300)).float()
 
 
-def decode(logits: torch.Tensor, cfg: RedshiftNetConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def calibration_values(cfg: RedshiftNetConfig, key: str, classes=None) -> float | torch.Tensor:
+    """cfg's `key` ("temperature" or "error_scale"): the global value, or per row (N,) float64 the
+    value fitted for each class's family (`family_calibration`; the global one for a family
+    without its own)."""
+    from cosmofm.heads.template_fit import class_family
+
+    base = getattr(cfg, key)
+    if classes is None or not cfg.family_calibration:
+        return base
+    return torch.tensor([cfg.family_calibration.get(class_family(str(c)), {}).get(key, base) for c in classes], dtype=torch.float64)
+
+
+def decode(logits: torch.Tensor, cfg: RedshiftNetConfig, classes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(z, z_err, probs) from logits (N, n_z). The peak: the mean bin of p (raw logits) within
     peak_half_width bins of its maximum (on validation mocks 7 % lower NMAD than a parabola
     through log p); z_err: p's standard deviation there x error_scale (soft targets make the
-    peak about target_sigma_bins wide, wider than the scatter); probs: softmax(logits / temperature)."""
+    peak about target_sigma_bins wide, wider than the scatter); probs: softmax(logits / temperature).
+    `classes` (N,): the per-family temperature and error scale (`calibration_values`)."""
     logits = logits.detach().cpu().double()
     i = logits.argmax(1)
     window = (i[:, None] + torch.arange(-cfg.peak_half_width, cfg.peak_half_width + 1)).clamp(0, cfg.n_z - 1)  # (N, W)
     p = (logits.gather(1, window) - logits.gather(1, i[:, None])).exp()  # (N, W), 1 at the peak
     p = p / p.sum(1, keepdim=True)
     position = (p * window).sum(1) - cfg.peak_offset_bins
-    sigma = ((p * (window - position[:, None]) ** 2).sum(1)).sqrt() * cfg.error_scale  # in bins
+    sigma = ((p * (window - position[:, None]) ** 2).sum(1)).sqrt() * calibration_values(cfg, "error_scale", classes)  # in bins
     log1pz = (cfg.shift_range[0] + position) * cfg.bin_step
     z = 10**log1pz - 1
     z_err = (1 + z) * math.log(10) * cfg.bin_step * sigma
-    return z.numpy(), z_err.numpy(), (logits / cfg.temperature).softmax(-1).numpy()
+    temperature = calibration_values(cfg, "temperature", classes)
+    return z.numpy(), z_err.numpy(), (logits / (temperature if isinstance(temperature, float) else temperature[:, None])).softmax(-1).numpy()
 
 
 def save_redshift_net(model: RedshiftNet, directory) -> Path:
@@ -376,19 +449,36 @@ def load_redshift_net(directory) -> RedshiftNet:
     return model.eval()
 
 
-def calibrate(model: RedshiftNet, val_arrays: dict) -> RedshiftNet:
+def calibrate(model: RedshiftNet, val_arrays: dict, min_family: int = 50) -> RedshiftNet:
     """Fit on validation spectra: the temperature (tails of p(z); Guo et al. 2017's temperature
-    scaling, by grid search, against targets 0.5 bins wide), the peak offset and the error scale."""
+    scaling, by grid search, against targets 0.5 bins wide), the peak offset and the error scale;
+    with the spectra's classes (val_arrays["cls"]) also the temperature and error scale of each
+    family with >= `min_family` spectra (`family_calibration`: one scale left QSOs over-confident)."""
+    from cosmofm.heads.template_fit import class_family
+
     logits = model.batched_logits(val_arrays["flux"], val_arrays["ivar"])
     targets = soft_targets(val_arrays["z"], RedshiftNetConfig(**{**model.cfg.to_dict(), "target_sigma_bins": 0.5}))
-    grid = np.geomspace(0.25, 4.0, 41)
-    model.cfg.temperature = float(grid[np.argmin([float(-(targets * (logits / t).log_softmax(-1)).sum(-1).mean()) for t in grid])])
-    model.cfg.error_scale, model.cfg.peak_offset_bins = 1.0, 0.0
     z_true = np.asarray(val_arrays["z"], dtype=np.float64)
+
+    def temperature(rows: np.ndarray) -> float:
+        t, lg = targets[torch.from_numpy(rows)], logits[torch.from_numpy(rows)]
+        grid = np.geomspace(0.25, 4.0, 41)
+        return float(grid[np.argmin([float(-(t * (lg / temp).log_softmax(-1)).sum(-1).mean()) for temp in grid])])
+
+    every = np.ones(len(z_true), bool)
+    model.cfg.temperature = temperature(every)
+    model.cfg.error_scale, model.cfg.peak_offset_bins, model.cfg.family_calibration = 1.0, 0.0, {}
     z, _, _ = decode(logits, model.cfg)
     model.cfg.peak_offset_bins = float(np.median((np.log10(1 + z) - np.log10(1 + z_true)) / model.cfg.bin_step))
     z, z_err, _ = decode(logits, model.cfg)
-    model.cfg.error_scale = redshift_error_scale(z_true, z, z_err)
+    model.cfg.error_scale = redshift_error_scale(z_true, z, z_err)  # z_err at scale 1 here
+    if "cls" in val_arrays:
+        families = np.array([class_family(str(c)) for c in val_arrays["cls"]])
+        for family in sorted(set(families)):
+            rows = families == family
+            if rows.sum() >= min_family:
+                model.cfg.family_calibration[family] = {"temperature": temperature(rows),
+                                                        "error_scale": redshift_error_scale(z_true[rows], z[rows], z_err[rows])}
     return model
 
 

@@ -10,8 +10,9 @@ import torch
 from cosmofm.data_cards.errors import InputError
 from cosmofm.heads.metrics import redshift_metrics
 from cosmofm.heads.photoz_metrics import pit_ks
-from cosmofm.heads.redshift_net import (RedshiftNet, RedshiftNetConfig, correlate_direct, load_redshift_net, save_redshift_net,
-                                        train_redshift_net)
+from cosmofm.heads import redshift_net_cpu
+from cosmofm.heads.redshift_net import (RedshiftNet, RedshiftNetConfig, calibrate, correlate_direct, decode, load_redshift_net, row_nanmedian,
+                                        save_redshift_net, train_redshift_net)
 
 # a tiny grid: 1024 pixels of 1e-4 dex from 10^3.6 A, z 0 .. 0.5 in 4-pixel bins
 TINY = dict(log_lambda_start=3.6, n_pixels=1024, bin_pixels=4, z_min=0.0, z_max=0.5, channels=8, xcorr_channels=4, n_templates=2)
@@ -70,6 +71,32 @@ def test_fft_path_matches_direct_reference():
         assert torch.allclose(model(flux, ivar).logits, model(flux, ivar, reference=True).logits, atol=1e-4, rtol=1e-4)
 
 
+def test_cpu_kernels_match_the_reference_path():
+    """heads/redshift_net_cpu.py (CPU inference: chunks, channels-last convolutions, the pointwise
+    layer folded into the kernels' transforms, numpy's median) gives the reference logits."""
+    torch.manual_seed(3)
+    model = RedshiftNet(RedshiftNetConfig(**TINY, prior_knots=4)).eval()
+    with torch.no_grad():
+        model.prior.normal_()
+    flux, ivar, _ = synthetic(7, model.cfg, seed=6)
+    ivar[2, :300] = 0
+    flux[2, :300] = np.nan  # NaN behind zero weight: the path that cleans the flux
+    ivar[4] = 0  # nothing usable: scale 1, every bin masked
+    flux, ivar = torch.from_numpy(flux), torch.from_numpy(ivar)
+    with torch.no_grad():
+        reference = model(flux, ivar, reference=True).logits
+        assert redshift_net_cpu.takes_fast_path(model, flux)
+        for chunk in (3, 16):  # two chunks and a partial one; one chunk
+            assert torch.allclose(model._with_prior(redshift_net_cpu.logits(model, flux, ivar, chunk)), reference, atol=1e-4, rtol=1e-4)
+        model.cpu_kernels = False  # the FFT path alone
+        assert not redshift_net_cpu.takes_fast_path(model, flux)
+        assert torch.allclose(model(flux, ivar).logits, reference, atol=1e-4, rtol=1e-4)
+    assert not redshift_net_cpu.takes_fast_path(model.train(), flux)  # training: gradients wanted
+    values = torch.rand(5, 12)
+    values[0, :5] = values[1] = values[2, 3] = torch.nan  # 7 values left (odd), none, 11 (even: the lower median)
+    np.testing.assert_array_equal(redshift_net_cpu.lower_nanmedian(values).numpy(), row_nanmedian(values).numpy())
+
+
 def test_prior_breaks_equivariance_and_is_off_by_default():
     assert RedshiftNetConfig().prior_knots == 0
     torch.manual_seed(0)
@@ -120,6 +147,19 @@ def test_tiny_net_learns_redshifts_of_synthetic_lines():
     assert np.all(pred.z_err > 0) and np.allclose(pred.probs.sum(1), 1)
     pit = model.pit(pred, test_z)
     assert np.all((pit >= 0) & (pit <= 1)) and pit_ks(pit) < 0.15
+    # per family: a "QSO" half of the validation set with 3x the noise gets its own, larger error
+    # scale; decode uses it for rows of that family (by class name) and the global one for others
+    noisy_flux, noisy_ivar, noisy_z = synthetic(100, cfg, seed=13, noise=0.9)
+    val = {"flux": np.concatenate([val_flux[:100], noisy_flux]), "ivar": np.concatenate([val_ivar[:100], noisy_ivar]),
+           "z": np.concatenate([val_z[:100], noisy_z]), "cls": np.array(["STAR_K"] * 100 + ["QSO"] * 100)}
+    families = calibrate(model, val, min_family=50).cfg.family_calibration
+    assert set(families) == {"STAR", "QSO"} and families["QSO"]["error_scale"] > 1.3 * families["STAR"]["error_scale"]
+    logits = model.batched_logits(test_flux[:4], test_ivar[:4])
+    _, err_qso, _ = decode(logits, model.cfg, ["QSO"] * 4)
+    _, err_galaxy, _ = decode(logits, model.cfg, ["GALAXY_SB"] * 4)  # no fit of its own: the global scale
+    _, err_global, _ = decode(logits, model.cfg)
+    np.testing.assert_allclose(err_galaxy, err_global)
+    np.testing.assert_allclose(err_qso / err_global, families["QSO"]["error_scale"] / model.cfg.error_scale)
 
 
 def test_bad_input_raises_input_error():

@@ -3,13 +3,17 @@
 On 2,000 test mocks of the `sdss-like-survey` card (seed 112), per family (STAR, GALAXY,
 QSO) and overall: catastrophic fraction (|dz|/(1+z) > 0.0033) and NMAD of the network and
 of the scan given the TRUE class as its only candidate (the scan's best case); the
-network's PIT (KS distance from uniform, 10-bin histogram, a PNG); spectra/s of both with
-1 and 2 threads; the same spectra with 2x the noise (ivar / 4 and the extra noise added).
+network's PIT (KS distance from uniform, 10-bin histogram, a PNG) with one error scale and
+temperature for every spectrum and with those fitted per family on validation (given the
+true family here; `cosmofm classify` gives the predicted class); spectra/s of both with 1 and
+2 threads (the network with and without its CPU kernels, heads/redshift_net_cpu.py); the same
+spectra with 2x the noise (ivar / 4 and the extra noise added).
 
 Data are generated once and cached in --work as seed<S>.npz (flux, ivar, z, cls, wave):
 seeds 100-109 train, 111 validation, 112 test. One network per --seeds value is trained
 into work/net-seed<K> (`train_redshift_net`; reused when present) with its training
-history; the report gives each seed's figures and their mean and spread.
+history, and calibrated again on validation with the classes (per family) before testing;
+the report gives each seed's figures and their mean and spread.
 Run: `python -m cosmofm.bench.redshift_net --out DIR --work /tmp/znet`.
 """
 
@@ -82,18 +86,20 @@ def per_family(z_true: np.ndarray, z: np.ndarray, families: np.ndarray) -> dict:
     return out
 
 
-def evaluate(checkpoint: Path, data: dict) -> dict:
-    """Network (from `checkpoint`) and scan metrics on one set of spectra."""
+def evaluate(checkpoint: Path, data: dict, val: dict) -> dict:
+    """Network (from `checkpoint`, calibrated on `val` per family) and scan metrics on one set of spectra."""
     import torch
 
     from cosmofm.heads.photoz_metrics import pit_histogram, pit_ks
-    from cosmofm.heads.redshift_net import load_redshift_net
+    from cosmofm.heads.redshift_net import calibrate, load_redshift_net
     from cosmofm.heads.redshift_scan import RedshiftScanner
+    from cosmofm.heads.template_fit import class_family
 
-    families = np.array([c.split("_")[0] for c in data["cls"]])
-    model = load_redshift_net(checkpoint)
-    pred = model.predict(data["flux"], data["ivar"])
-    pit = model.pit(pred, data["z"])
+    families = np.array([class_family(c) for c in data["cls"]])
+    model = calibrate(load_redshift_net(checkpoint), val)
+    one_scale = model.predict(data["flux"], data["ivar"])  # one temperature and error scale
+    pred = model.predict(data["flux"], data["ivar"], classes=data["cls"])  # per family (the same z)
+    pit, pit_one = model.pit(pred, data["z"]), model.pit(one_scale, data["z"])
     scanner = RedshiftScanner()
     fits = [scanner.fit(data["wave"], data["flux"][i:i + 256], data["ivar"][i:i + 256], list(data["cls"][i:i + 256])) for i in range(0, len(data["z"]), 256)]
     z_scan, z_err_scan = (np.concatenate(parts) for parts in zip(*fits))
@@ -102,13 +108,16 @@ def evaluate(checkpoint: Path, data: dict) -> dict:
     net, scan = per_family(data["z"], pred.z, families), per_family(data["z"], z_scan, families)
     for f in ("ALL",) + FAMILIES:
         rows = np.ones(len(pit), bool) if f == "ALL" else families == f
-        net[f].update(pit_ks=pit_ks(pit[rows]), pit_histogram=pit_histogram(pit[rows]), median_z_err=float(np.median(pred.z_err[rows])))
+        net[f].update(pit_ks=pit_ks(pit[rows]), pit_histogram=pit_histogram(pit[rows]), median_z_err=float(np.median(pred.z_err[rows])),
+                      pit_ks_one_scale=pit_ks(pit_one[rows]), pit_histogram_one_scale=pit_histogram(pit_one[rows]))
         scan[f].update(pit_ks_gaussian=pit_ks(np.nan_to_num(pit_scan[rows], nan=0.5)), median_z_err=float(np.nanmedian(z_err_scan[rows])))
+    net["calibration"] = {k: getattr(model.cfg, k) for k in ("temperature", "error_scale", "peak_offset_bins", "family_calibration")}
     return {"network": net, "scan_true_class": scan, "_pit": pit}
 
 
 def throughput(work: Path, threads: int, n: int = 2000) -> dict:
-    """spectra/s of network and scan in a fresh process with `threads` threads (OMP_NUM_THREADS and torch's)."""
+    """spectra/s of network (with and without its CPU kernels) and scan in a fresh process with
+    `threads` threads (OMP_NUM_THREADS and torch's), and the CPU seconds each took."""
     code = f"""
 import json, time, numpy as np, torch
 torch.set_num_threads({threads})
@@ -118,21 +127,26 @@ from cosmofm.heads.redshift_scan import RedshiftScanner
 d = cached_set(__import__('pathlib').Path({str(work)!r}), {TEST_SEED}, {n})
 model, scanner = load_redshift_net({str(work)!r}), RedshiftScanner()
 model.predict(d["flux"][:256], d["ivar"][:256]); scanner.fit(d["wave"], d["flux"][:256], d["ivar"][:256], list(d["cls"][:256]))
-out = {{}}
-for name, fn in [("network", lambda i: model.predict(d["flux"][i:i + 256], d["ivar"][i:i + 256])),
-                 ("scan_true_class", lambda i: scanner.fit(d["wave"], d["flux"][i:i + 256], d["ivar"][i:i + 256], list(d["cls"][i:i + 256])))]:
-    best = float("inf")
-    for _ in range(2):
-        t0 = time.perf_counter()
+def reference(i):  # the FFT path without the CPU kernels
+    model.cpu_kernels = False
+    try:
+        return model.predict(d["flux"][i:i + 256], d["ivar"][i:i + 256])
+    finally:
+        model.cpu_kernels = True
+out, cpu = {{}}, {{}}
+for _ in range(2):  # interleaved, best of two
+    for name, fn in [("network", lambda i: model.predict(d["flux"][i:i + 256], d["ivar"][i:i + 256])), ("network_without_cpu_kernels", reference),
+                     ("scan_true_class", lambda i: scanner.fit(d["wave"], d["flux"][i:i + 256], d["ivar"][i:i + 256], list(d["cls"][i:i + 256])))]:
+        t0, c0 = time.perf_counter(), time.process_time()
         for i in range(0, len(d["z"]), 256):
             fn(i)
-        best = min(best, time.perf_counter() - t0)
-    out[name] = len(d["z"]) / best
-print(json.dumps(out))
+        out[name] = max(out.get(name, 0), len(d["z"]) / (time.perf_counter() - t0))
+        cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - c0)
+print(json.dumps({{"spectra_per_s": out, "cpu_seconds": cpu}}))
 """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return {"threads": threads, "batch": 256, "spectra": n, "spectra_per_s": json.loads(result.stdout.strip().splitlines()[-1])}
+    return {"threads": threads, "batch": 256, "spectra": n, "load_average": os.getloadavg(), **json.loads(result.stdout.strip().splitlines()[-1])}
 
 
 def pit_png(pit: np.ndarray, path: Path) -> None:
@@ -158,13 +172,13 @@ def run(out: Path, work: Path, n_test: int = 2000, steps: int = 3000, n_per_seed
 
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    test = cached_set(work, TEST_SEED, n_test)
+    test, val = cached_set(work, TEST_SEED, n_test), cached_set(work, VAL_SEED, 1000)
     result = {"machine": machine_info(), "test": {"card": "sdss-like-survey", "seed": TEST_SEED, "n": len(test["z"])}, "seeds": {}}
     for seed in seeds:
         checkpoint = work / f"net-seed{seed}"
         if not (checkpoint / "redshift_net.safetensors").is_file():
             train(work, steps, n_per_seed, seed, config, checkpoint)
-        clean, shifted = evaluate(checkpoint, test), evaluate(checkpoint, noisier(test))
+        clean, shifted = evaluate(checkpoint, test, val), evaluate(checkpoint, noisier(test), val)
         pit = clean.pop("_pit")
         shifted.pop("_pit")
         if seed == seeds[0]:
@@ -186,7 +200,7 @@ def seed_summary(per_seed: dict) -> dict:
         out[cond] = {}
         for f in ("ALL",) + FAMILIES:
             row = {k: [float(np.mean([r["network"][f][k] for r in runs])), float(np.std([r["network"][f][k] for r in runs]))]
-                   for k in ("redshift_catastrophic_fraction", "redshift_nmad", "pit_ks")}
+                   for k in ("redshift_catastrophic_fraction", "redshift_nmad", "pit_ks", "pit_ks_one_scale")}
             row.update({f"scan_{k}": runs[0]["scan_true_class"][f][k] for k in ("redshift_catastrophic_fraction", "redshift_nmad")})
             out[cond][f] = row
     return out
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None):
         for f, r in rows.items():
             print(f"{name:9s} {f:6s} net cat {r['redshift_catastrophic_fraction'][0]:.4f}+-{r['redshift_catastrophic_fraction'][1]:.4f}"
                   f" nmad {r['redshift_nmad'][0]:.2e}+-{r['redshift_nmad'][1]:.1e} | scan cat {r['scan_redshift_catastrophic_fraction']:.4f}"
-                  f" nmad {r['scan_redshift_nmad']:.2e} | PIT KS {r['pit_ks'][0]:.3f}")
+                  f" nmad {r['scan_redshift_nmad']:.2e} | PIT KS {r['pit_ks'][0]:.3f} (one scale {r['pit_ks_one_scale'][0]:.3f})")
     print(json.dumps(result["throughput"]))
 
 
