@@ -172,7 +172,8 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     model, history = run.model, run.epoch_losses
 
     if cfg.redshift_net_steps and redshifts is not None:
-        train_redshift_network(model, card, samples, splits, redshifts.numpy(), cfg.redshift_net_steps, cfg.seed)
+        classes = np.asarray(head.class_names)[labels.numpy()]  # the per-family calibration of its errors
+        train_redshift_network(model, card, samples, splits, redshifts.numpy(), cfg.redshift_net_steps, cfg.seed, classes)
     metrics, arrays = calibrate_and_evaluate(model, samples, splits, labels.numpy(), None if redshifts is None else redshifts.numpy(), cfg.alpha,
                                               cfg.mc_samples, cfg.ood_rate)
     result = {"model": model, "metrics": metrics, "history": history, "splits": {k: v.tolist() for k, v in splits.items()}}
@@ -220,10 +221,11 @@ class TiltedSpectra(Sequence):
 
 
 def train_redshift_network(model: CosmoFMForSpectralClassification, card, samples: Sequence[Sample], splits: dict, redshifts, steps: int,
-                           seed: int) -> None:
+                           seed: int, classes=None) -> None:
     """Train a redshift network on the card's grid (`RedshiftNetConfig.for_card`) on the training
     block, keep its best state on the calibration block and calibrate it there
-    (`train_redshift_net`), and carry it in `model` (`set_redshift_net`)."""
+    (`train_redshift_net`; with the samples' `classes`, also per family), and carry it in
+    `model` (`set_redshift_net`)."""
     from cosmofm.heads.redshift_net import RedshiftNetConfig, spectra_on_grid, train_redshift_net
 
     cfg = RedshiftNetConfig.for_card(card)
@@ -231,6 +233,8 @@ def train_redshift_network(model: CosmoFMForSpectralClassification, card, sample
     for name in ("train", "calibration"):
         flux, ivar = spectra_on_grid([samples[int(i)] for i in splits[name]], cfg)
         blocks[name] = {"flux": flux, "ivar": ivar, "z": np.asarray(redshifts)[splits[name]]}
+        if classes is not None:
+            blocks[name]["cls"] = np.asarray(classes)[splits[name]]
     with torch.random.fork_rng():  # the classifier's random stream is not the network's business
         net, _ = train_redshift_net(blocks["train"], blocks["calibration"], cfg, steps, seed, log=lambda line: None)
     model.set_redshift_net(net)
