@@ -12,6 +12,7 @@ from cosmofm.data_cards.mocks.sim21cm import SimParams, coeval_box, cosmology, l
 from cosmofm.data_cards.mocks.sim21cm.density import gaussian_field, k_grid
 from cosmofm.data_cards.mocks.sim21cm.heating import (
     NU_ALPHA, T_CMB0, Y_HE, cmb_heating_rate, history, hubble_rate_s, lya_heating_energy, lyman_series_emissivity,
+    xray_optical_depth,
 )
 from cosmofm.data_cards.mocks.sim21cm.reionization import LIGHTCONE_Z, ionized_fraction
 from cosmofm.data_cards.mocks.sim21cm.spin import box_history, spin_fields, spin_temperature, xray_ionised_fraction
@@ -201,6 +202,22 @@ def test_lyman_alpha_heating_warms_weakly_x_ray_heated_gas_as_21cmfast():
     # 21cmFAST 4.1.1 (docs/bench/validate_21cm.json, corner0 seed 1): mean T_K of the neutral gas
     for z, t_21cmfast in ((15.1, 5.32), (12.8, 4.62), (10.8, 5.64), (9.0, 8.69)):
         assert float(hist.at("t_k", z)) == pytest.approx(t_21cmfast, rel=0.18), (z, float(hist.at("t_k", z)))
+
+
+def test_xray_optical_depth_sees_the_pre_ionised_gas_as_21cmfast_taux():
+    """Filling factor 1 - zeta f_coll / (1 - x_e), floor 1e-4, cross-section (1 - x_e) sigma + x_e sigma_HeII (tauX)."""
+    column, sig, he2 = np.full(4, 1e20), np.full((4, 3), 1e-20), np.full((4, 3), 3e-21)
+    q = np.array([0.0, 0.2, 0.5, 0.9])
+
+    def expected(neutral, cross):
+        dtau = (column * neutral)[:, None] * cross
+        return np.cumsum(dtau, axis=0) - 0.5 * dtau  # to each shell's centre
+
+    np.testing.assert_allclose(xray_optical_depth(column, q, 0.0, sig, he2), expected(1 - q, sig))  # x_e = 0: 1 - zeta f_coll
+    # x_e = 0.4: the shell with zeta f_coll = 0.9 >= 1 - x_e is ionised (the floor), the others thinner
+    tau = xray_optical_depth(column, q, 0.4, sig, he2)
+    np.testing.assert_allclose(tau, expected(np.array([1.0, 1 - 0.2 / 0.6, 1 - 0.5 / 0.6, 1e-4]), 0.6 * sig + 0.4 * he2))
+    assert tau[-1, 0] < 0.7 * xray_optical_depth(column, q, 0.0, sig, he2)[-1, 0]
 
 
 def test_x_ray_pre_ionisation_lowers_the_barrier_and_the_neutral_fraction():

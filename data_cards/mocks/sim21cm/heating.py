@@ -75,9 +75,13 @@ Furlanetto & Cen 2011, MNRAS 411, 955, sec. 2) in a simplified form:
   nothing (the T_S-dependent heating of Venumadhav et al. 2018, PRD 98, 103513, ~K, is not what
   21cmFAST 4.1.1 computes).
 
-Simplifications against 21cmFAST: the opacity uses the mean neutral fraction (1 - Q) with
-Q = min(1, zeta f_coll) the analytic global ionised volume (X-ray pre-ionisation left out
-of tau); HeII absorption is left out; x_e (and with it f_heat, n_ion, n_Lya) is global, not per
+The opacity is 21cmFAST's tauX (heating_helper_progs.c): along the path the HI filling factor
+1 - zeta f_coll(z'') / (1 - x_e) (floor 1e-4; the analytic global f_coll at the emission
+redshift, the mean x_e at the receiving step), the cross-section per H atom
+(1 - x_e) (sigma_HI + f_He sigma_HeI) + x_e f_He sigma_HeII. Before, the filling factor was
+1 - min(1, zeta f_coll) and x_e was left out of tau: late, with x_e ~ 0.3-0.5 (L_X = 42,
+E_0 = 200 eV), the X-ray-ionised gas stayed too opaque and our x_e grew too slowly.
+Simplifications against 21cmFAST: x_e (and with it f_heat, n_ion, n_Lya) is global, not per
 cell; the Lyman-alpha heating per photon Delta E is the global history's (its fluctuations follow
 those of J_alpha only, not of the cell's T_K, T_S and density); only H-H and e-H collisions couple.
 The attenuation is 21cmFAST's: photons arrive only where tau < 1 (MFC11), here the smooth
@@ -144,10 +148,11 @@ CLUMPING_FACTOR = 2.0  # 21cmFAST's default: multiplies the case-A recombination
 
 
 def verner_sigma(energy_ev, species: str) -> np.ndarray:
-    """Photo-ionisation cross-section in cm^2 of HI or HeI (Verner et al. 1996 analytic fits); 0 below threshold."""
+    """Photo-ionisation cross-section in cm^2 of HI, HeI or HeII (Verner et al. 1996 analytic fits); 0 below threshold."""
     e_th, e0, s0, ya, p, yw, y0, y1 = {
         "HI": (13.6, 0.4298, 5.475e4, 32.88, 2.963, 0.0, 0.0, 0.0),
         "HeI": (24.59, 13.61, 949.2, 1.469, 3.188, 2.039, 0.4434, 2.136),
+        "HeII": (54.42, 1.720, 1.369e4, 32.88, 2.963, 0.0, 0.0, 0.0),
     }[species]
     e = np.asarray(energy_ev, dtype=float)
     x = e / e0 - y0
@@ -386,6 +391,20 @@ def history(params: SimParams, z_low: float, shell_edges=(0.0,), shell_radii=())
     return _history(params, round(float(z_low), 6), *key)
 
 
+def xray_optical_depth(column, q_src, x_e: float, sigma_h, sigma_he2) -> np.ndarray:
+    """(R, E) X-ray optical depth from the receiver out to each shell's centre, 21cmFAST's tauX (heating_helper_progs.c).
+
+    column: (R,) H atoms per cm^2 in each shell; q_src: (R,) zeta f_coll at its retarded redshift; x_e: the mean
+    X-ray ionised fraction at the receiver; sigma_h, sigma_he2: (R, E) sigma_HI + f_He sigma_HeI and f_He sigma_HeII
+    per H atom. The HI filling factor is 1 - zeta f_coll / (1 - x_e), floored at 1e-4 (21cmFAST's post-reionisation
+    floor), the cross-section (1 - x_e) sigma_h + x_e sigma_he2.
+    """
+    q_src = np.asarray(q_src, dtype=float)
+    neutral = np.where(q_src > 1e-20, np.maximum(1 - q_src / max(1 - x_e, 1e-6), 1e-4), 1.0)
+    dtau = (np.asarray(column) * neutral)[:, None] * ((1 - x_e) * np.asarray(sigma_h) + x_e * np.asarray(sigma_he2))
+    return np.cumsum(dtau, axis=0) - 0.5 * dtau
+
+
 @functools.lru_cache(maxsize=8)
 def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_radii: tuple[float, ...]) -> History:
     cosmo = cosmology(p)
@@ -403,7 +422,6 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     rho_b = p.OMb * RHO_CRIT_CGS * h2  # g / comoving cm^3
     sfrd_msun = F_STAR * rho_b / MSUN_G * YR_S * rate  # Msun / yr / cm^3
     sfrd_baryon = F_STAR * rho_b / M_P * rate  # stellar baryons / s / cm^3
-    q_tab = np.clip(p.HII_EFF_FACTOR * fcoll, 0.0, 1.0)
     # radial shells (comoving Mpc) and their retarded redshifts
     d = cosmo.comoving_distance(z)
     r_far = float(cosmo.comoving_distance(Z_MAX) - d[-1]) + 1.0
@@ -420,7 +438,7 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     boost = source_density_boost(cosmo, p.ION_Tvir_MIN, zs, s2_fine[None, :])
     sfr = np.where(live, np.interp(zs, zt, sfrd_msun), 0.0) * boost
     sfr_b = np.where(live, np.interp(zs, zt, sfrd_baryon), 0.0) * boost
-    neutral = 1 - np.interp(zs, zt, q_tab)
+    q_src = p.HII_EFF_FACTOR * np.interp(zs, zt, fcoll)  # zeta f_coll at each shell's retarded redshift, (G, R)
     # X-rays: observed energies E at the centre, emitted at E (1+z'')/(1+z)
     energy = np.geomspace(10.0, E_X_MAX, N_E)
     dln_e = math.log(energy[1] / energy[0])
@@ -429,16 +447,24 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     lne_tab = np.linspace(math.log(5.0), math.log(1e6), 2000)
     e_tab = np.exp(lne_tab)
     sig_tab = np.log(verner_sigma(e_tab, "HI") + F_HE * verner_sigma(e_tab, "HeI") + 1e-60)
-    sigma_src = np.exp(np.interp(np.log(e_src), lne_tab, sig_tab))
-    dtau = (n_h0 * (1 + zs) ** 2 * neutral * dr * MPC_CM)[:, :, None] * sigma_src
-    tau = np.cumsum(dtau, axis=1) - 0.5 * dtau
+    sigma_src = np.exp(np.interp(np.log(e_src), lne_tab, sig_tab))  # per H atom: HI and HeI
+    sigma_he2 = np.exp(np.interp(np.log(e_src), lne_tab, np.log(F_HE * verner_sigma(e_tab, "HeII") + 1e-60)))
+    column = n_h0 * (1 + zs) ** 2 * dr * MPC_CM  # H atoms per cm^2 in each shell, (G, R)
     window = np.clip(np.log(e_src / p.NU_X_THRESH) / dln_e + 0.5, 0.0, 1.0) * (e_src <= E_X_MAX)  # soft E_0 edge
     photons = x_ray_norm(p) * e_src ** (-p.X_RAY_SPEC_INDEX - 1) / EV_ERG * window  # photons/s/eV per Msun/yr
     # flux per observed eV: dR (1+z)^3/(1+z'') n(E'') dE''/dE = dR (1+z)^2 n(E'')
-    reach = 1 / (1 + tau**8)  # 21cmFAST's cut at tau = 1 (MFC11), softened so heating is smooth in the parameters
-    flux = ((1 + z[:, None]) ** 2 * dr * MPC_CM * sfr)[:, :, None] * photons * reach
-    # per x_e node of the electron tables: heat (erg/s), ionisations and Ly-alpha photons (/s) per neutral H, (G, R, X)
-    heat_x, ion_x, lya_x = (np.tensordot(flux, w, axes=(2, 0)) for w in _grid_weights())
+    flux = ((1 + z[:, None]) ** 2 * dr * MPC_CM * sfr)[:, :, None] * photons  # before attenuation, (G, R, E)
+    # per x_e node of the electron tables: heat (erg/s), ionisations and Ly-alpha photons (/s) per neutral H, (G, R, X),
+    # row g filled by `attenuate` at that step's x_e
+    weights = _grid_weights()
+    heat_x, ion_x, lya_x = (np.empty((N_U, N_R, w.shape[1])) for w in weights)
+
+    def attenuate(g: int, xe: float) -> None:
+        """Row g of the X-ray tables at the mean x_e of step g; photons arrive where tau < 1 (MFC11), softened as
+        1 / (1 + tau^8) so heating is smooth in the parameters."""
+        row = flux[g] / (1 + xray_optical_depth(column[g], q_src[g], xe, sigma_src[g], sigma_he2[g]) ** 8)
+        for table, w in zip((heat_x, ion_x, lya_x), weights):
+            table[g] = row @ w
     # Lyman series: shell contributions to J_alpha at the mean emissivity
     reached = np.asarray(F_REC)[None, None, :] * lyman_series_emissivity(stretch)  # (G, R, n) photons / Hz per nucleon
     per_recycled = (1 + z[:, None]) ** 2 / (4 * np.pi) * dr * MPC_CM * sfr_b
@@ -449,7 +475,6 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     hub = hubble_rate_s(cosmo, z)
     t_cmb = T_CMB0 * (1 + z)
     q_hii = np.clip(p.HII_EFF_FACTOR * np.interp(z, zt, fcoll), 0.0, 1.0)
-    heat_xt, ion_xt, lya_xt = heat_x.sum(axis=1), ion_x.sum(axis=1), lya_x.sum(axis=1)  # (G, X)
     # X-ray-excited Ly-alpha (21cmFAST's dxlya_dt): J = c n_HI (photons per neutral H per s) / (4 pi H nu_alpha)
     lya_x_coef = C_CM * n_h0 * (1 + z) ** 3 / (4 * np.pi * hubble_rate_s(cosmo, z) * NU_ALPHA)  # times (1 - x_e)
     j_star, j_cont, j_inj = alpha.sum(axis=1), alpha_cont.sum(axis=1), alpha_inj.sum(axis=1)
@@ -460,8 +485,10 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
     for g in range(N_U - 1):
         xe, tk = x_e[g], t_k[g]
         n_h = n_h0 * (1 + z[g]) ** 3
+        attenuate(g, xe)
         k, w = x_e_nodes(xe)
-        heat_g, ion_g, lya_g = ((1 - w) * t[g, k] + w * t[g, k + 1] for t in (heat_xt, ion_xt, lya_xt))
+        totals = (table[g].sum(axis=0) for table in (heat_x, ion_x, lya_x))  # (X,) over the shells
+        heat_g, ion_g, lya_g = ((1 - w) * t[k] + w * t[k + 1] for t in totals)
         j_alpha[g] = j_star[g] + lya_x_coef[g] * (1 - xe) * lya_g
         # X-ray ionisation, and case-A recombination with 21cmFAST's clumping factor (its get_Ts_fast)
         ion = (1 - xe) * ion_g - CLUMPING_FACTOR * alpha_a(tk) * xe**2 * n_h
@@ -478,6 +505,7 @@ def _history(p: SimParams, z_low: float, shell_edges: tuple[float, ...], shell_r
         # the energy shared with the newly freed electrons (21cmFAST's dspec_dzp)
         q -= (x_e[g + 1] - xe) / du * tk / (1 + xe)
         t_k[g + 1] = tk - du * ((2 + c) * tk - c * t_cmb[g] - q)
+    attenuate(N_U - 1, x_e[-1])
     e_cont[-1], e_inj[-1] = e_cont[-2], e_inj[-2]
     t_s_mean[-1], tau_gp_mean[-1] = t_s_mean[-2], tau_gp_mean[-2]
     kk, ww = x_e_nodes(x_e)
