@@ -29,6 +29,10 @@ the stamp's noise, measured the same way: what the data allow the head's estimat
 head's error beyond it is its fractions'. Flux statistics are also binned by true r
 magnitude (`MAG_EDGES`, the mocks' range) and separation. Writes `deblend_quality.json`
 and `deblend_panels.png` to `--out`.
+
+`--train-seed` sets the head's initialisation and batch order (the blends stay the same);
+`--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
+seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`.
 """
 
 from __future__ import annotations
@@ -272,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--train-seed", type=int, default=0,
+                    help="seed of the head's initialisation and batch order (the training blends stay universe 1000)")
     ap.add_argument("--train-budget-s", type=float, default=None, help="stop training after this many seconds (schedule follows)")
     ap.add_argument("--fraction-flux-weight", type=float, default=None,
                     help="the head's fraction_flux_weight (default: the head's; 0 = cross-entropy fraction loss alone)")
@@ -279,7 +285,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--backbone", default=None, help="a pretrained backbone release (default: fresh, demo shape)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores contend with 2)")
     ap.add_argument("--workers", type=int, default=2, help="processes making the mocks")
+    ap.add_argument("--seed-summary", nargs="+", default=None, metavar="JSON",
+                    help="instead of a run: mean +- std over the training seeds of these runs' JSON, to --out/deblend_quality_seeds.json")
     args = ap.parse_args(argv)
+    if args.seed_summary:
+        return write_seed_summary([Path(p) for p in args.seed_summary], Path(args.out))
     if TRAIN_SEED in args.seeds:
         raise InputError("--seeds", f"include the training universe {TRAIN_SEED}", "use other test seeds")
     torch.set_num_threads(args.threads)
@@ -295,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["mock_s"] = time.perf_counter() - t0
     print(f"mocks: {len(train)} train, {len(test)} test ({report['mock_s']:.0f} s)", flush=True)
 
-    model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, 0, args.backbone,
+    model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
                                              budget_s=args.train_budget_s,
                                              **({} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}))
     tune = train[: args.n_tune]
@@ -345,6 +355,49 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "deblend_quality.json", json.dumps(report, indent=1, default=float).encode())
     print(json.dumps(report["headline"], indent=1, default=float))
+    return report
+
+
+def seed_columns(row: dict) -> dict:
+    """A headline row's scalar columns, its binned ones flattened ("blended_mape_vs_mag 19-20")."""
+    flat = {}
+    for k, v in row.items():
+        flat.update({f"{k} {b}": x for b, x in v.items()} if isinstance(v, dict) else {k: v})
+    return flat
+
+
+def summarise_seeds(reports: dict[str, dict]) -> dict:
+    """Mean and sample std (`seed_summary`) over training seeds of every headline row and column
+    of `reports` (name -> a run's JSON, all of one config), beside each run's seed, steps and load."""
+    from cosmofm.bench import seed_summary
+    from cosmofm.data_cards.errors import InputError
+
+    runs, meta = {}, []
+    for name, rep in reports.items():
+        seed = rep["args"].get("train_seed", 0)  # runs before --train-seed trained with seed 0
+        if any(m["train_seed"] == seed for m in meta):
+            raise InputError(name, f"repeats training seed {seed}", "give one run per --train-seed")
+        runs.update({f"{row}/1.0/{seed}": {"test": seed_columns(cols)} for row, cols in rep["headline"].items()})
+        meta.append({"run": name, "train_seed": seed, "steps": rep["training"]["steps"], "train_s": rep["training"]["train_s"],
+                     "loadavg_start": rep["machine"]["loadavg_start"], "loadavg_end": rep["machine"]["loadavg_end"]})
+    first = next(iter(reports.values()))
+    summary = {}
+    for row in first["headline"]:  # per row, the columns finite in every run (an oracle has no speed)
+        done = [v["test"] for k, v in runs.items() if k.startswith(f"{row}/")]
+        cols = [c for c in done[0] if all(c in d and d[c] is not None and np.isfinite(d[c]) for d in done)]
+        e = seed_summary(runs, [row], cols)[f"{row}/1.0"]
+        summary[row] = {m.removeprefix("test_"): v for m, v in e.items()}
+    return {"args": {k: v for k, v in first["args"].items() if k not in ("out", "train_seed")}, "runs": meta, "summary": summary}
+
+
+def write_seed_summary(paths: Sequence[Path], out: Path) -> dict:
+    """`summarise_seeds` of the runs' JSON at `paths`, written to out/deblend_quality_seeds.json."""
+    from cosmofm.bench import write_report
+
+    report = write_report(out, "deblend_quality_seeds.json", summarise_seeds({str(p): json.loads(p.read_text()) for p in paths}))
+    for row, e in report["summary"].items():
+        cols = ("f1", "blended_bias", "blended_nmad", "blended_mape", "isolated_mape", "stamps_per_s")
+        print(f"{row} ({e['seeds']} seeds): " + ", ".join(f"{c} {e[c][0]:.4g} +- {e[c][1]:.2g}" for c in cols if c in e))
     return report
 
 

@@ -1,0 +1,48 @@
+"""The deblending bench's training seed (`--train-seed`: the head's initialisation and batch
+order) and its mean +- std over seeds (`summarise_seeds`, through `seed_summary`)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, summarise_seeds, train_head
+from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.schema import load_card
+
+CARD = dataclasses.replace(load_card("lsst-like"), stamp_size=64)
+
+
+def test_one_training_seed_repeats_and_two_differ():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train = _blends(CARD, 4, TRAIN_SEED, 1)
+        runs = [train_head(CARD, train, 2, 2, 1e-3, seed, None, log_every=100) for seed in (1, 1, 2)]
+    finally:
+        torch.set_num_threads(threads)
+    (a, info_a), (b, info_b), (c, info_c) = runs
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and info_a["losses_last"] == info_b["losses_last"]
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa) and info_a["losses_last"] != info_c["losses_last"]
+
+
+def _report(seed, f1, mape_bright, rate):
+    row = {"f1": f1, "blended_mape_vs_mag": {"0-19": mape_bright, "19-20": 2 * mape_bright}, "stamps_per_s": rate}
+    return {"args": {"out": f"/tmp/{seed}", "train_seed": seed, "steps": 1500}, "headline": {"head": row, "sep aperture": dict(row, f1=0.7)},
+            "training": {"steps": 1500, "train_s": 700.0 + seed}, "machine": {"loadavg_start": [1.0] * 3, "loadavg_end": [2.0] * 3}}
+
+
+def test_the_seed_summary_flattens_binned_columns_and_refuses_a_repeated_seed():
+    reports = {"a.json": _report(0, 0.9, 10.0, 40.0), "b.json": _report(1, 0.8, 14.0, 44.0)}
+    out = summarise_seeds(reports)
+    head = out["summary"]["head"]
+    assert head["seeds"] == 2 and head["f1"] == pytest.approx([0.85, 0.0707107])
+    assert head["blended_mape_vs_mag 19-20"] == pytest.approx([24.0, 5.656854])
+    assert out["summary"]["sep aperture"]["f1"] == [0.7, 0.0]  # a deterministic baseline: no spread
+    reports["b.json"]["headline"]["head"]["stamps_per_s"] = float("nan")  # a column missing in one run is left out
+    assert "stamps_per_s" not in summarise_seeds(reports)["summary"]["head"]
+    assert [r["train_seed"] for r in out["runs"]] == [0, 1] and "train_seed" not in out["args"]
+    reports["c.json"] = _report(1, 0.7, 9.0, 41.0)
+    with pytest.raises(InputError, match="c.json.*seed 1"):
+        summarise_seeds(reports)
