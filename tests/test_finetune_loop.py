@@ -70,11 +70,13 @@ def test_sampler_cuts_seeded_permutations_and_shards_them():
 
 
 def test_gradient_accumulation_equals_the_whole_batch(spectra):
-    """2 micro-batches of 4 accumulated == one batch of 8 (dropout off)."""
+    """2 micro-batches of 4 accumulated == one batch of 8 (dropout off), to float32 summation
+    order: measured up to 1.2e-6 in one weight of 4096 on an Intel Xeon with AMX (0 on the AMD
+    EPYC before), far below one AdamW step (lr 3e-3), which a lost or doubled micro-batch moves."""
     whole, accumulated = run(spectra), run(spectra, grad_accum=2)
     np.testing.assert_allclose(accumulated.step_losses, whole.step_losses, rtol=1e-6)
     for name, value in weights(whole).items():
-        torch.testing.assert_close(weights(accumulated)[name], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(weights(accumulated)[name], value, rtol=0, atol=5e-6)
 
 
 def test_a_crashed_run_resumes_bit_for_bit(spectra, tmp_path):
