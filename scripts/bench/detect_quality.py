@@ -5,7 +5,9 @@
     ... --save-model runs/det3d, then ... --model runs/det3d: train once, evaluate again
 
 Training: `--n-train` labelled tiles (`Detection3DTask.labelled_mocks`, survey-cube
-seeds 0, 1, ...: the quadrants of (C, 2H, 2W) cubes) train the head on a fresh backbone
+seeds 0, 1, ...: the quadrants of (C, 2H, 2W) cubes, each cube at a random place in the
+950-1150 MHz band; a `--train-sparse-share` of them from sparse sky, the 1 GB survey
+cube's density above log M_HI 9, universe seed 5) train the head on a fresh backbone
 of the demo's shape (`--backbone` gives a pretrained one instead) for `--steps` optimizer
 steps with the shared fine-tune loop (strategy full). The objectness threshold and the merge factor are chosen
 on `--calibration-cubes` held-out cubes of the test cubes' kind (seeds 2,000,000 + k:
@@ -78,6 +80,11 @@ from cosmofm.heads.sofia_baseline import SofiaConfig
 TEST_SEED_BASE = 1_000_000  # test cubes; training cubes use seeds 0 .. n_train / 4
 CALIBRATION_SEED_BASE = 2_000_000  # threshold calibration cubes
 SNR_DETECTABLE = 4.0
+# --train-sparse-share's tiles: the 1 GB survey cube's sky (`write_large_survey_cube`: the HI mass function's
+# number above log M_HI 9, 240 galaxies in 1024 channels x 0.159 deg^2 at 950-981 MHz), per channel of the tile
+SPARSE_DENSITY_PER_CHANNEL = 240 / 0.1586 / 1024  # galaxies per deg^2 per 30 kHz channel
+SPARSE_LOG_MHI_MIN = 9.0
+SPARSE_TRAIN_SEED = 5  # labelled_mocks universe seed of the sparse tiles (0: dense training, 1: calibration tiles)
 
 
 def load_info() -> dict:
@@ -166,8 +173,13 @@ def train(card, args) -> tuple:
     from cosmofm.finetune.strategies import Strategy
     from cosmofm.pretrain.recipe import PretrainRecipe
 
-    samples = Detection3DTask.labelled_mocks(card, args.n_train, 0, tile=tuple(args.tile), density=args.train_density,
-                                             log_mhi_min=args.log_mhi_min)
+    n_sparse = round(args.n_train * args.train_sparse_share)
+    samples = Detection3DTask.labelled_mocks(card, args.n_train - n_sparse, 0, tile=tuple(args.tile), density=args.train_density,
+                                             log_mhi_min=args.log_mhi_min) if n_sparse < args.n_train else []
+    if n_sparse:  # sparse sky (universe seed SPARSE_TRAIN_SEED: other cubes than the dense ones and the calibration tiles)
+        density = SPARSE_DENSITY_PER_CHANNEL * args.tile[0]
+        samples += Detection3DTask.labelled_mocks(card, n_sparse, SPARSE_TRAIN_SEED, tile=tuple(args.tile), density=density,
+                                                  log_mhi_min=SPARSE_LOG_MHI_MIN)
     head = Detection3DHeadConfig.from_card(card)
     task = Detection3DTask(head)
     backbone_config = None if args.backbone else {**PretrainRecipe.load(args.backbone_recipe).model, "survey_names": [card.name]}
@@ -177,7 +189,8 @@ def train(card, args) -> tuple:
                      seed=args.train_seed, progress=args.progress)
     t0 = time.perf_counter()
     run = finetune_loop(model, samples, task.targets, Strategy("full"), cfg)
-    info = {"n_tiles": len(samples), "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)), "steps": run.steps,
+    info = {"n_tiles": len(samples), "n_sparse_tiles": n_sparse, "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)),
+            "steps": run.steps,
             "seconds": time.perf_counter() - t0, "final_loss": run.step_losses[-1] if run.step_losses else None,
             "first_loss": run.step_losses[0] if run.step_losses else None}
     return run.model.eval(), task, info
@@ -225,6 +238,8 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--density", type=float, default=10000.0, help="test galaxies per deg^2 (log M_HI >= --log-mhi-min)")
     p.add_argument("--train-density", type=float, default=10000.0)
+    p.add_argument("--train-sparse-share", type=float, default=0.0,
+                   help="share of the training tiles cut from sparse sky (the 1 GB survey cube's density, log M_HI >= 9); 0 = none")
     p.add_argument("--log-mhi-min", type=float, default=9.5)
     p.add_argument("--frequency-start", type=float, default=1050e6, help="test cubes: centre of channel 0 [Hz] (the band is 950-1150 MHz)")
     p.add_argument("--tile", type=int, nargs=3, default=[64, 32, 32], help="training and inference tile (C, H, W)")
@@ -244,6 +259,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    if not 0.0 <= args.train_sparse_share <= 1.0:
+        p.error(f"--train-sparse-share is {args.train_sparse_share}; give a share in [0, 1], e.g. 0.5")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.train_seed)

@@ -20,7 +20,9 @@ one worker, one torch thread):
 
 Scored by `heads.sdc2_score.score_catalogue` against the cube's TRUTH (completeness,
 purity, SDC2 score; false detections sorted as `detect_quality.false_positive_kinds`),
-with each arm's seconds (load average recorded). Writes OUT/--name.
+with each arm's seconds (load average recorded); the head arms also give the objectness of
+their true and false detections, and head_fast_rel the flipped cube's (`reliability`'s
+negative_scores). Writes OUT/--name.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import astropy.units as u
+import numpy as np
 import torch
 from astropy.io import fits
 from astropy.table import Table
@@ -47,6 +50,16 @@ from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
 from cosmofm.heads.sofia_baseline import SofiaConfig
 
 KEYS = ("score", "n_candidates", "n_match", "completeness", "purity", "completeness_snr4", "false_kinds", "seconds")
+
+
+def objectness(cat: Table, score) -> dict:
+    """The head's objectness ("score" column) of the catalogue's true and false detections, sorted; {} for other finders."""
+    if "score" not in cat.colnames:
+        return {}
+    values = np.asarray(cat["score"], np.float64)
+    true = np.zeros(len(cat), bool)
+    true[score.candidate_index] = True
+    return {"objectness_true": sorted(values[true].tolist()), "objectness_false": sorted(values[~true].tolist())}
 
 
 def main(argv=None) -> dict:
@@ -93,7 +106,8 @@ def main(argv=None) -> dict:
                 seconds = time.perf_counter() - t0
                 cat = read_catalogue(work / f"{name}.fits", "catalogue")
                 extra = {k: run[k] for k in ("head_stats", "reliability") if k in run}
-                entry[name] = {**summary(score_catalogue(cat, truth, beam), bright, cat, truth, beam), "seconds": seconds, **extra}
+                score = score_catalogue(cat, truth, beam)
+                entry[name] = {**summary(score, bright, cat, truth, beam), "seconds": seconds, **extra, **objectness(cat, score)}
             path.unlink()
             cubes.append(entry)
             print(json.dumps({"seed": seed, "n_truth": len(truth)} | {m: {k: entry[m].get(k) for k in KEYS} for m in arms}, default=float), flush=True)
