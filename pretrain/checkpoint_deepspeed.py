@@ -217,6 +217,9 @@ def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None 
     rank, world = _world()
     saved_world = world if saved_world is None else int(saved_world)
     stage = int(engine.zero_optimization_stage())
+    if saved_world != world and stage not in RESHARDABLE_STAGES:  # before any partition is read
+        raise InputError("world size", f"is {world}, but the ZeRO-{stage} checkpoint {step_dir} was written by {saved_world} processes",
+                         f"launch {saved_world} processes to resume")
     ranks = [rank] if saved_world == world else range(saved_world)
     parts = [read_partition(step_dir, r, saved_world) for r in ranks]
     for r, saved in zip(ranks, parts):
@@ -224,9 +227,6 @@ def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None 
         if saved.get("rank") != r or saved.get("world_size") != saved_world or saved.get("stage") != stage:
             raise InputError(where, f"is the ZeRO-{saved.get('stage')} partition of rank {saved.get('rank')} of {saved.get('world_size')}, "
                              f"not of rank {r} of {saved_world} under ZeRO-{stage}", CORRUPT_FIX)
-    if saved_world != world and stage not in RESHARDABLE_STAGES:
-        raise InputError("world size", f"is {world}, but the ZeRO-{stage} checkpoint {step_dir} was written by {saved_world} processes",
-                         f"launch {saved_world} processes to resume")
     saved = parts[0]  # this process's own, or (re-cut) the first: the engine counters agree on every rank
     state = saved["optimizer"] if saved_world == world else resharded_state([p["optimizer"] for p in parts], optimizer)
     where = f"{step_dir}/{PARTITIONS_DIR}/{partition_name(saved['rank'], saved_world)}.json"
