@@ -23,10 +23,12 @@ stage. On another process count, ZeRO-1 and ZeRO-2 partitions are re-cut (`resha
 a group's partitions, in rank order and without the last one's padding, are the group's flat
 buffer, which DeepSpeed's own `flatten_dense_tensors_aligned` pads for the new count and its
 `get_data_parallel_partitions` splits, as its elastic loader does with its pickles. ZeRO-3
-partitions each parameter on its own and DeepSpeed no longer reshards them outside its
-(pickle-based) universal checkpoints, so ZeRO-3 resumes on the same count only.
-`check_partitioned_resume` refuses any other combination before compute is spent; the
-checkpoint's model.safetensors is whole and loads at any size.
+partitions each parameter on its own (`resharded_zero3_state`): a process's flat group is
+each of its parameters' partitions in turn, ceil(numel / world) elements, the last rank's
+padded; DeepSpeed re-splits them only through its pickle-based universal checkpoints, so the
+pieces are joined per parameter here and cut again for the new count, in the order of this
+launch's groups. `check_partitioned_resume` refuses any other combination before compute is
+spent; the checkpoint's model.safetensors is whole and loads at any size.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ PARTITION_FORMAT = "cosmofm-zero-partition-1"
 LAYOUT = "deepspeed-zero"  # the metadata's optimizer_partitions.layout
 _SCALER_KEY, _SLICES_KEY = "loss_scaler", "param_slice_mappings"  # deepspeed.checkpoint.constants
 _FP32_KEY, _BASE_KEY, _PADDING_KEY, _COUNT_KEY = "single_partition_of_fp32_groups", "base_optimizer_state", "group_paddings", "partition_count"
-RESHARDABLE_STAGES = (1, 2)  # ZeRO stages whose partitions resume on another process count
+_FP32_Z3_KEY, _BASE_Z3_KEY = "fp32_flat_groups", "optimizer_state_dict"  # ZeRO-3's names of the same two entries
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
 
 
@@ -113,11 +115,11 @@ def write_partition(tmp: str | os.PathLike, engine) -> Path:
     return folder / f"{partition_name(rank, world)}.safetensors"
 
 
-def check_partitioned_resume(meta: dict, step_dir: str | os.PathLike, backend, world_size: int) -> None:
-    """Before any compute: the checkpoint's optimizer layout against the backend and world size
-    of this launch. A DeepSpeed checkpoint resumes under the same ZeRO stage on as many
-    processes, with every partition file in its manifest; torch's layout (DDP, FSDP2) does
-    not go into ZeRO, nor ZeRO's partitions into torch's optimizer."""
+def check_partitioned_resume(meta: dict, step_dir: str | os.PathLike, backend) -> None:
+    """Before any compute: the checkpoint's optimizer layout against the backend of this launch.
+    A DeepSpeed checkpoint resumes under the same ZeRO stage on any process count (its
+    partitions re-cut), with every partition file in its manifest; torch's layout (DDP, FSDP2)
+    does not go into ZeRO, nor ZeRO's partitions into torch's optimizer."""
     parts, step = meta.get("optimizer_partitions"), meta.get("step")
     deepspeed = backend.kind == "deepspeed"
     if parts is None:
@@ -131,18 +133,11 @@ def check_partitioned_resume(meta: dict, step_dir: str | os.PathLike, backend, w
     saved = f"ZeRO-{parts.get('stage')} partitions of {parts.get('world_size')} processes"
     if not deepspeed:
         raise InputError("--backend", f"{backend.name} cannot continue the checkpoint of step {step}: its optimizer state is "
-                         f"DeepSpeed's {saved}", f"resume with --backend {meta.get('backend')} on {parts.get('world_size')} processes, "
-                         "or start again with --overwrite")
+                         f"DeepSpeed's {saved}", f"resume with --backend {meta.get('backend')}, or start again with --overwrite")
     stage = (backend.deepspeed.get("zero_optimization") or {}).get("stage")
     if stage != parts.get("stage"):
         raise InputError("--backend", f"is ZeRO-{stage}, but the checkpoint of step {step} holds {saved}",
                          f"resume with --backend {meta.get('backend')} (ZeRO-{parts.get('stage')})")
-    if world_size != parts.get("world_size") and stage not in RESHARDABLE_STAGES:
-        raise InputError("world size", f"this launch has {world_size} processes, but the checkpoint of step {step} holds {saved}: "
-                         "ZeRO-3 partitions each parameter by the process count, and only DeepSpeed's pickle-based universal "
-                         "checkpoints re-split them", f"launch {parts.get('world_size')} processes to resume; to go on with {world_size}, "
-                         "start again with --overwrite (the checkpoint's model.safetensors is whole and loads at any size; the optimizer "
-                         "starts afresh)")
     files = read_json(Path(step_dir) / MANIFEST_NAME, "manifest")["files"]  # verified by the caller's load
     for rank in range(int(parts.get("world_size"))):
         for suffix in (".safetensors", ".json"):
@@ -207,6 +202,59 @@ def resharded_state(saved: list[dict], optimizer) -> dict:
     return state
 
 
+def _param_pieces(flats: list[torch.Tensor], sizes: list[int]) -> list[torch.Tensor]:
+    """One process's ZeRO-3 flat groups (in order) as the partition of each parameter, in order."""
+    joined = torch.cat([f.reshape(-1) for f in flats])
+    if joined.numel() != sum(sizes):
+        raise InputError("optimizer partitions", f"hold {joined.numel()} elements per process, but this model's parameters "
+                         f"cut for that process count need {sum(sizes)}", "resume with the model and recipe the run was saved with")
+    return list(torch.split(joined, sizes))
+
+
+def _recut_zero3(optimizer, saved_flats: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """This process's flat groups of this launch's ZeRO-3 optimizer from every saved process's
+    flat groups (rank order): each parameter's pieces joined, cut to its numel, padded to a
+    multiple of this launch's count and split as DeepSpeed's `_partition_param` does."""
+    numels = [[int(p.ds_numel) for p in group] for group in optimizer.fp16_groups]
+    old_world, world, rank = len(saved_flats), torch.distributed.get_world_size(), torch.distributed.get_rank()
+    old_sizes = [-(-n // old_world) for group in numels for n in group]
+    pieces = [_param_pieces(flats, old_sizes) for flats in saved_flats]  # [saved rank][parameter]
+    whole = iter(torch.cat([ranks[i] for ranks in pieces]) for i in range(len(old_sizes)))
+    groups = []
+    for group in numels:
+        parts = []
+        for n in group:
+            size = -(-n // world)
+            full = torch.zeros(size * world, dtype=pieces[0][0].dtype)
+            full[:n] = next(whole)[:n]
+            parts.append(full[rank * size:(rank + 1) * size])
+        groups.append(torch.cat(parts))
+    return groups
+
+
+def resharded_zero3_state(saved: list[dict], optimizer) -> dict:
+    """ZeRO-3: every saved process's optimizer state (rank order) re-cut into this process's flat
+    groups (`_recut_zero3`), the fp32 master weights and Adam's moments alike; the step counts
+    and hyperparameters, equal on every rank, are the first process's."""
+    if any(count != torch.distributed.get_world_size() for count in optimizer.sub_group_partition_counts):
+        raise InputError("deepspeed.zero_optimization", "partitions parameters over a sub-group of the processes (ZeRO++ hpZ or "
+                         "MiCS), whose checkpoints do not re-split", "resume on the saved process count")
+    first, groups = saved[0], len(optimizer.fp16_groups)
+    if len(first[_FP32_Z3_KEY]) != groups:
+        raise InputError("deepspeed.zero_optimization.sub_group_size", f"cuts this model into {groups} sub-groups on this "
+                         f"process count, but the checkpoint holds {len(first[_FP32_Z3_KEY])}", "resume on the saved process count, "
+                         "or raise sub_group_size above the model's parameter count")
+    base = first[_BASE_Z3_KEY]
+    state = {**first, _FP32_Z3_KEY: _recut_zero3(optimizer, [s[_FP32_Z3_KEY] for s in saved]), _COUNT_KEY: optimizer.partition_count}
+    ids = [param_id for group in base["param_groups"] for param_id in group["params"]]  # one flat fp32 group each
+    if not all(i in base["state"] for i in ids):  # saved before the first step: no moments yet
+        return state
+    moments = [k for k, v in base["state"][ids[0]].items() if torch.is_tensor(v) and v.dim()]
+    recut = {k: _recut_zero3(optimizer, [[s[_BASE_Z3_KEY]["state"][i][k] for i in ids] for s in saved]) for k in moments}
+    state[_BASE_Z3_KEY] = {**base, "state": {i: {**base["state"][i], **{k: recut[k][g] for k in moments}} for g, i in enumerate(ids)}}
+    return state
+
+
 def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None = None) -> None:
     """On every process, after accelerator.prepare: its partition back into the engine's ZeRO
     optimizer (and the engine's step counters). `saved_world`: the process count the checkpoint
@@ -217,9 +265,6 @@ def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None 
     rank, world = _world()
     saved_world = world if saved_world is None else int(saved_world)
     stage = int(engine.zero_optimization_stage())
-    if saved_world != world and stage not in RESHARDABLE_STAGES:  # before any partition is read
-        raise InputError("world size", f"is {world}, but the ZeRO-{stage} checkpoint {step_dir} was written by {saved_world} processes",
-                         f"launch {saved_world} processes to resume")
     ranks = [rank] if saved_world == world else range(saved_world)
     parts = [read_partition(step_dir, r, saved_world) for r in ranks]
     for r, saved in zip(ranks, parts):
@@ -228,7 +273,8 @@ def load_partition(step_dir: str | os.PathLike, engine, saved_world: int | None 
             raise InputError(where, f"is the ZeRO-{saved.get('stage')} partition of rank {saved.get('rank')} of {saved.get('world_size')}, "
                              f"not of rank {r} of {saved_world} under ZeRO-{stage}", CORRUPT_FIX)
     saved = parts[0]  # this process's own, or (re-cut) the first: the engine counters agree on every rank
-    state = saved["optimizer"] if saved_world == world else resharded_state([p["optimizer"] for p in parts], optimizer)
+    reshard = resharded_zero3_state if stage == 3 else resharded_state
+    state = saved["optimizer"] if saved_world == world else reshard([p["optimizer"] for p in parts], optimizer)
     where = f"{step_dir}/{PARTITIONS_DIR}/{partition_name(saved['rank'], saved_world)}.json"
     # the tensors a fresh optimizer has (its fp32 partitions; Adam's moments come at the first step)
     now, _ = flatten_state({k: v for k, v in optimizer.state_dict().items() if k not in (_SCALER_KEY, _SLICES_KEY)})

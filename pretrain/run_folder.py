@@ -45,7 +45,7 @@ def claim_run_folder(out_dir: Path, recipe: PretrainRecipe, backend: BackendConf
             raise InputError("--resume", f"no checkpoint in {out_dir}", "start without --resume, or point --output to the run to continue")
         loaded["states"], loaded["meta"], checkpoint = found
         check_resume_layout(loaded["meta"], recipe)
-        check_partitioned_resume(loaded["meta"], checkpoint, backend, int(os.environ.get("WORLD_SIZE", "1")))  # DeepSpeed's partitions
+        check_partitioned_resume(loaded["meta"], checkpoint, backend)  # DeepSpeed's partitions
         truncate_metrics(out_dir / "metrics.jsonl", int(loaded["meta"]["step"]))
     else:
         previous = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO checkpoints without pickle (pretrain/checkpoint_deepspeed.py): each process's
 optimizer partition as safetensors + JSON, an exact resume at the same world size, ZeRO-2
-partitions re-cut for another, clear refusals of every other resume before compute, and a
+and ZeRO-3 partitions re-cut for another, clear refusals of every other resume before compute, and a
 teardown that leaves no gloo thread."""
 
 import contextlib
@@ -130,19 +130,21 @@ def test_each_rank_writes_its_partition_without_pickle(zero_runs, name):
 
 
 @pytest.mark.slow
-def test_zero2_partitions_of_two_processes_resume_on_one(zero_runs, tmp_path):
-    """ZeRO-1/2 partitions are re-cut for another process count (`resharded_state`): the 2-process
-    ZeRO-2 checkpoint of step 2 resumed by one process follows the 2-process curve (measured: bit
-    for bit at steps 3 and 4; the stated tolerance allows another reduction order) and writes a
-    1-process partition. Measured by hand with the CLI: 1 -> 2 processes likewise."""
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_partitions_of_two_processes_resume_on_one(zero_runs, name, tmp_path):
+    """ZeRO partitions are re-cut for another process count (ZeRO-1/2 `resharded_state`, ZeRO-3
+    `resharded_zero3_state`): the 2-process checkpoint of step 2 resumed by one process follows the
+    2-process curve (measured: bit for bit at steps 3 and 4; the stated tolerance allows another
+    reduction order) and writes a 1-process partition. Measured by hand with the CLI: 1 -> 2
+    processes likewise, bit for bit under ZeRO-2 and ZeRO-3."""
     out, results = zero_runs
     run = tmp_path / "run"
-    shutil.copytree(out / "zero2", run, ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
-    reference = [r["loss"] for r in _rows(results[0]["rows"]["zero2"][0])]
+    shutil.copytree(out / name, run, ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
+    reference = [r["loss"] for r in _rows(results[0]["rows"][name][0])]
     sets = [f"optim.max_steps={STEPS}", f"run.save_every={SAVE_AT}", "run.progress=false", "run.trackers=[]", "data.mock_cards=[sdss-like]",
             "data.mock_counts=[64]", "model.objectives=[masked]"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()), "-m", "cosmofm.cli",
-           "pretrain", "--config", "tiny", *(a for kv in sets for a in ("--set", kv)), "--backend", "zero2", "--resume-from", str(SAVE_AT),
+           "pretrain", "--config", "tiny", *(a for kv in sets for a in ("--set", kv)), "--backend", name, "--resume-from", str(SAVE_AT),
            "--output", str(run)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -182,24 +184,19 @@ ZERO2_META = {"backend": "zero2", "optimizer_saved": True, "global_batch": 8, "g
               "optimizer_partitions": {"layout": LAYOUT, "stage": 2, "world_size": 2}}
 
 
-def test_a_zero_checkpoint_resumes_only_as_it_was_written(tmp_path):
+def test_a_zero_checkpoint_resumes_only_under_its_own_stage(tmp_path):
     step = _checkpoint(tmp_path, ZERO2_META, partitions=2)
     meta = {**ZERO2_META, "step": 2}
-    check_partitioned_resume(meta, step, load_backend("zero2"), 2)  # the same stage and world size: accepted
-    check_partitioned_resume(meta, step, load_backend("zero2"), 1)  # ZeRO-1/2 partitions are re-cut for another count
-    zero3 = {**meta, "backend": "zero3", "optimizer_partitions": {**meta["optimizer_partitions"], "stage": 3}}
-    with pytest.raises(InputError) as other_size:  # ZeRO-3's per-parameter partitions are not
-        check_partitioned_resume(zero3, step, load_backend("zero3"), 1)
-    assert other_size.value.field == "world size" and "launch 2 processes" in other_size.value.fix
+    check_partitioned_resume(meta, step, load_backend("zero2"))  # the same stage: accepted (on any process count, re-cut)
     with pytest.raises(InputError, match="is ZeRO-3, but the checkpoint of step 2 holds ZeRO-2 partitions of 2 processes"):
-        check_partitioned_resume(meta, step, load_backend("zero3"), 2)
+        check_partitioned_resume(meta, step, load_backend("zero3"))
     with pytest.raises(InputError, match="fsdp2 cannot continue .* DeepSpeed's ZeRO-2 partitions") as other_backend:
-        check_partitioned_resume(meta, step, load_backend("fsdp2"), 2)
-    assert "--backend zero2 on 2 processes" in other_backend.value.fix
+        check_partitioned_resume(meta, step, load_backend("fsdp2"))
+    assert "--backend zero2" in other_backend.value.fix
     (step / "optimizer" / f"{partition_name(1, 2)}.json").unlink()
     write_manifest(step)  # a manifest without rank 1's skeleton
     with pytest.raises(InputError, match="rank-00001-of-00002.json.*missing from manifest.json"):
-        check_partitioned_resume(meta, step, load_backend("zero2"), 2)
+        check_partitioned_resume(meta, step, load_backend("zero2"))
 
 
 def test_deepspeed_refuses_a_torch_layout_checkpoint_before_reading_anything(tmp_path):
