@@ -57,7 +57,7 @@ from cosmofm.data_cards.errors import InputError
 
 KINDS = ("ddp", "fsdp2", "deepspeed")
 AC_PREFIX = "_checkpoint_wrapped_module."  # what checkpoint_wrapper adds to parameter names
-_FSDP_KEYS = {"reshard_after_forward", "async_checkpoint"}
+_FSDP_KEYS = {"reshard_after_forward"}
 SHARDED_KINDS = ("fsdp2",)  # checkpoints written one file per process (torch.distributed.checkpoint)
 
 
@@ -69,10 +69,10 @@ class BackendConfig:
     mixed_precision: None (the recipe's run.mixed_precision), "no", "bf16" or "fp16" (CUDA).
     activation_checkpointing: recompute each transformer block's activations in the
         backward pass (torch's checkpoint_wrapper): memory traded for about a third more compute.
-    fsdp: fully_shard options (reshard_after_forward: bool, default true) and
-        async_checkpoint (bool, default false): write checkpoints from a thread while
-        training goes on (torch.distributed.checkpoint.async_save; the state is copied to
-        memory first).
+    fsdp: fully_shard options (reshard_after_forward: bool, default true).
+    async_checkpoint: FSDP2 and DeepSpeed: write checkpoints from a thread while training goes
+        on (the state is copied to memory at the save; FSDP2 through
+        torch.distributed.checkpoint.async_save, DeepSpeed's partitions by our writer).
     deepspeed: a DeepSpeed config; "auto" entries are filled from the recipe (`resolve`).
     name: the shipped name or path it was read from.
     """
@@ -80,6 +80,7 @@ class BackendConfig:
     kind: str = "ddp"
     mixed_precision: str | None = None
     activation_checkpointing: bool = False
+    async_checkpoint: bool = False
     fsdp: dict = field(default_factory=dict)
     deepspeed: dict = field(default_factory=dict)
     name: str = "ddp"
@@ -124,6 +125,14 @@ def _check(b: BackendConfig, where: str):
         raise InputError(f"{where}: mixed_precision", f"{b.mixed_precision!r} is not supported", "use null (the recipe's), no, bf16 or fp16")
     if not isinstance(b.activation_checkpointing, bool):
         raise InputError(f"{where}: activation_checkpointing", f"must be true or false, got {b.activation_checkpointing!r}", "")
+    if not isinstance(b.async_checkpoint, bool):
+        raise InputError(f"{where}: async_checkpoint", f"must be true or false, got {b.async_checkpoint!r}", "")
+    if b.async_checkpoint and b.kind == "ddp":
+        raise InputError(f"{where}: async_checkpoint", "needs a backend whose processes each write their part (fsdp2 or "
+                         "deepspeed); DDP's checkpoint is written whole by the main process", "remove it, or use kind: fsdp2")
+    if isinstance(b.fsdp, dict) and "async_checkpoint" in b.fsdp:  # where it was before session 9
+        raise InputError(f"{where}: fsdp.async_checkpoint", "is a setting of the backend, not of fully_shard",
+                         "write async_checkpoint: true at the top level, beside kind:")
     if not isinstance(b.fsdp, dict) or set(b.fsdp) - _FSDP_KEYS or (b.fsdp and b.kind != "fsdp2"):
         raise InputError(f"{where}: fsdp", f"{b.fsdp!r} is not a set of fully_shard options of an fsdp2 backend", f"known keys: {sorted(_FSDP_KEYS)}")
     if b.kind == "deepspeed":

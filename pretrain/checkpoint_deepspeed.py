@@ -105,14 +105,16 @@ def partition_state(engine) -> dict:
             "engine": {k: int(getattr(engine, k)) for k in _ENGINE_COUNTERS}, "optimizer": state}
 
 
-def write_partition(tmp: str | os.PathLike, engine) -> Path:
-    """On every process: its partition into `tmp/optimizer/rank-R-of-W.{safetensors,json}` (the
-    hidden folder of a sharded save, which the main process then publishes with a manifest)."""
-    rank, world = _world()
+def write_partition(tmp: str | os.PathLike, state: dict) -> Path:
+    """On every process: its partition (`partition_state`) into
+    `tmp/optimizer/rank-R-of-W.{safetensors,json}` (the hidden folder of a sharded save, which
+    the main process then publishes with a manifest). Touches no engine, so a thread may write
+    a copy taken at the save while training goes on."""
     folder = Path(tmp) / PARTITIONS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_state(folder, partition_name(rank, world), partition_state(engine))
-    return folder / f"{partition_name(rank, world)}.safetensors"
+    name = partition_name(state["rank"], state["world_size"])
+    write_state(folder, name, state)
+    return folder / f"{name}.safetensors"
 
 
 def check_partitioned_resume(meta: dict, step_dir: str | os.PathLike, backend) -> None:

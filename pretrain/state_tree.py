@@ -172,6 +172,14 @@ def flatten_state(obj) -> tuple[dict[str, torch.Tensor], dict]:
     return flattener.tensors, {"format": SKELETON_FORMAT, "root": root}
 
 
+def copied_state(obj):
+    """A copy of a nested state (as `flatten_state` accepts) whose tensors share no memory with
+    the input's: what a thread may write while training goes on changing the input. Live
+    tensors (parameters, views with a graph) are copied too, which `copy.deepcopy` refuses."""
+    tensors, skeleton = flatten_state(obj)
+    return unflatten_state({name: t.clone() for name, t in tensors.items()}, skeleton)
+
+
 class _Referencer(_Flattener):
     """Names tensors as `_Flattener` does but keeps them as they are (a DTensor stays a DTensor,
     on its device): for a writer that reads each process's shards itself (DCP)."""

@@ -81,7 +81,7 @@ from cosmofm.pretrain.checkpoint import (
     step_name,
     write_sharded_state,
 )
-from cosmofm.pretrain.checkpoint_deepspeed import load_partition, partitions_metadata, widened_model_state, write_partition
+from cosmofm.pretrain.checkpoint_deepspeed import load_partition, partition_state, partitions_metadata, widened_model_state, write_partition
 from cosmofm.pretrain.checkpoint_signal import SaveOnSignal
 from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 from cosmofm.pretrain.corpus import load_corpus
@@ -91,6 +91,7 @@ from cosmofm.pretrain.observe import FlopCount, Observer, means_by_modality, mod
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.streaming import build_plan, data_position, resume_position, streaming_loader
 from cosmofm.pretrain.run_folder import OBSERVE_NAME, TRACKER_PROJECT, claim_run_folder, truncate_metrics
+from cosmofm.pretrain.state_tree import copied_state
 
 
 
@@ -486,12 +487,12 @@ def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step:
     """A checkpoint of a training job: model, optimizer, scheduler and every rank's RNG state,
     after checking that the weights are finite.
 
-    FSDP2: every process writes its shards (`_save_sharded`); with `fsdp.async_checkpoint`
-    the writing goes on in a thread and the returned `PendingSave` must be waited for before
-    the next save. DDP: the main process writes the whole state (`checkpoint.save_checkpoint`).
-    DeepSpeed: the model gathered onto the main process, and every process's ZeRO optimizer
-    partition as safetensors + JSON (`checkpoint_deepspeed.write_partition`; DeepSpeed's own
-    save would pickle it), resumable on as many processes."""
+    FSDP2: every process writes its shards (`_save_sharded`). DeepSpeed: the model gathered
+    onto the main process, and every process's ZeRO optimizer partition as safetensors + JSON
+    (`checkpoint_deepspeed.write_partition`; DeepSpeed's own save would pickle it). With the
+    backend's `async_checkpoint` both write from a thread and the returned `PendingSave` must be
+    waited for before the next save. DDP: the main process writes the whole state
+    (`checkpoint.save_checkpoint`)."""
     check_finite_weights(accelerator, model, step, fix)
     # every rank's RNG state, so dropout and friends continue exactly after a resume
     rng = accelerator.gather_for_metrics([capture_rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [capture_rng_state()]
@@ -499,7 +500,7 @@ def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step:
         return _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step, meta, keep_last, backend, rng)
     model_state = full_model_state(accelerator, backend, model)  # ZeRO-3: a collective, every rank takes part
     if "optimizer_partitions" in meta:
-        return _save_partitioned(accelerator, model, scheduler, run_dir, step, meta, keep_last, model_state, rng)
+        return _save_partitioned(accelerator, model, scheduler, run_dir, step, meta, keep_last, model_state, rng, backend.async_checkpoint)
     optim_state = full_optimizer_state(accelerator, backend, model, optimizer)
     if accelerator.is_main_process:
         states = {"model": model_state, **({"optimizer": optim_state} if optim_state is not None else {}),
@@ -509,19 +510,37 @@ def save_training_state(accelerator, model, optimizer, scheduler, run_dir, step:
     return None
 
 
-def _save_partitioned(accelerator, engine, scheduler, run_dir, step: int, meta: dict, keep_last: int, model_state, rng: list) -> None:
+def _save_partitioned(accelerator, engine, scheduler, run_dir, step: int, meta: dict, keep_last: int, model_state, rng: list,
+                      asynchronous: bool = False) -> PendingSave | None:
     """DeepSpeed: every process writes its ZeRO partition into the hidden step folder; then the
-    main process adds the gathered model, scheduler, RNG and manifest and renames it into place."""
-    if accelerator.is_main_process:
+    main process adds the gathered model, scheduler, RNG and manifest and renames it into place.
+    `asynchronous`: the states are copied now and written by a thread, which waits on a gloo
+    group of its own (`checkpoint_group`) for every process's partition before publishing."""
+    main = accelerator.is_main_process
+    if main:
         begin_sharded_save(run_dir, step)
     accelerator.wait_for_everyone()  # the folder is empty and there before anyone writes
     tmp = sharded_save_dir(run_dir, step)
-    write_partition(tmp, engine)
-    accelerator.wait_for_everyone()  # every partition written
-    if accelerator.is_main_process:
-        whole = {"model": model_state, "scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}}
-        publish_sharded_checkpoint(tmp, step, whole, {}, meta, keep_last)
+    partition = partition_state(engine)  # ZeRO-3: a collective, in the training thread
+    whole = {"model": model_state, "scheduler": scheduler.state_dict(), "rng": {f"rank{i}": r for i, r in enumerate(rng)}} if main else None
+    group = checkpoint_group("deepspeed-partitions") if asynchronous else None
+    if asynchronous:  # copies: training goes on changing the weights (ZeRO-1/2 hands out its own), moments and scheduler
+        partition, whole = copied_state(partition), copied_state(whole)
+
+    def finish():
+        write_partition(tmp, partition)
+        if group is not None:
+            torch.distributed.barrier(group=group)  # every partition written
+        elif not asynchronous:
+            accelerator.wait_for_everyone()
+        if main:
+            publish_sharded_checkpoint(tmp, step, whole, {}, meta, keep_last)
+
+    if asynchronous:
+        return PendingSave([], finish)
+    finish()
     accelerator.wait_for_everyone()
+    return None
 
 
 def _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step: int, meta: dict, keep_last: int, backend: BackendConfig,
@@ -532,7 +551,7 @@ def _save_sharded(accelerator, model, optimizer, scheduler, run_dir, step: int, 
         begin_sharded_save(run_dir, step)
     accelerator.wait_for_everyone()  # the folder is empty and there before anyone writes
     tmp = sharded_save_dir(run_dir, step)
-    asynchronous = bool(backend.fsdp.get("async_checkpoint", False))
+    asynchronous = backend.async_checkpoint
     skeletons, futures = {}, []
     for key, state in sharded_states(model, optimizer).items():
         skeletons[key], future = write_sharded_state(tmp, key, state, checkpoint_group(key) if asynchronous else None, asynchronous)

@@ -103,6 +103,13 @@ def test_a_bad_backend_file_is_refused(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(InputError, match="bad"):
             _recipe(tmp_path, f"run.backend={path}")
+    # writing from a thread needs processes that each write their part; and the key's old place names its new one
+    for raw, fix in (({"kind": "ddp", "async_checkpoint": True}, "kind: fsdp2"), ({"kind": "fsdp2", "fsdp": {"async_checkpoint": True}}, "top level")):
+        path = tmp_path / "async.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(InputError, match="async_checkpoint") as refused:
+            _recipe(tmp_path, f"run.backend={path}")
+        assert fix in refused.value.fix
 
 
 def test_a_world_size_that_does_not_divide_the_global_batch_is_refused_before_compute(tmp_path, monkeypatch, capsys):

@@ -253,6 +253,23 @@ def test_rng_round_trip(tmp_path):
         restore_rng_state({"python": random.getstate()})
 
 
+def test_a_copied_state_keeps_the_values_of_the_moment_it_was_taken():
+    """`copied_state`, what an asynchronous save writes from a thread: parameters and views with a
+    graph (which copy.deepcopy refuses) are copied, and later in-place updates do not reach the copy."""
+    from cosmofm.pretrain.state_tree import copied_state
+
+    layer = torch.nn.Linear(3, 2)
+    state = {"weights": [layer.weight, layer.weight * 2], "rng": capture_rng_state(), "lr": 1e-3, "half": torch.ones(2, dtype=torch.bfloat16)}
+    before = [layer.weight.detach().clone(), layer.weight.detach() * 2]
+    copy = copied_state(state)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+        state["half"].mul_(3)
+    assert all(torch.equal(c, b) for c, b in zip(copy["weights"], before))
+    assert torch.equal(copy["half"], torch.ones(2, dtype=torch.bfloat16)) and copy["lr"] == 1e-3
+    restore_rng_state(copy["rng"])  # the RNG state survives the copy intact
+
+
 def test_cuda_rng_states_are_restored_per_device(monkeypatch):
     # No GPU here: fake the torch.cuda calls to check the bookkeeping.
     state = capture_rng_state()

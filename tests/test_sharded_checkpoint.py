@@ -209,10 +209,10 @@ def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_async_save_writes_the_same_checkpoint(two, tmp_path):
-    """With fsdp.async_checkpoint the shards are written by a thread while training goes on; the
-    state was copied at the save, so the checkpoint equals the synchronous run's bit for bit."""
+    """With the backend's async_checkpoint the shards are written by a thread while training goes
+    on; the state was copied at the save, so the checkpoint equals the synchronous run's bit for bit."""
     backend = tmp_path / "fsdp2-async.yaml"
-    backend.write_text("kind: fsdp2\nfsdp:\n  async_checkpoint: true\n")
+    backend.write_text("kind: fsdp2\nasync_checkpoint: true\n")
     run = tmp_path / "async"
     _launch(2, run, "--backend", str(backend))
     assert _losses(run) == _losses(two)
