@@ -58,6 +58,7 @@ from cosmofm.data_cards.errors import InputError
 KINDS = ("ddp", "fsdp2", "deepspeed")
 AC_PREFIX = "_checkpoint_wrapped_module."  # what checkpoint_wrapper adds to parameter names
 _FSDP_KEYS = {"reshard_after_forward"}
+_COMPILE_KEYS = {"backend", "mode", "dynamic", "fullgraph"}  # torch.compile's own arguments
 SHARDED_KINDS = ("fsdp2",)  # checkpoints written one file per process (torch.distributed.checkpoint)
 
 
@@ -69,6 +70,10 @@ class BackendConfig:
     mixed_precision: None (the recipe's run.mixed_precision), "no", "bf16" or "fp16" (CUDA).
     activation_checkpointing: recompute each transformer block's activations in the
         backward pass (torch's checkpoint_wrapper): memory traded for about a third more compute.
+    torch_compile: false, true (torch.compile's defaults: inductor) or a mapping of
+        torch.compile's arguments (backend, mode, dynamic, fullgraph): each transformer block
+        compiled on its own, after activation checkpointing and before FSDP2 sharding, as
+        torchtitan does; tokenizers and heads stay eager.
     fsdp: fully_shard options (reshard_after_forward: bool, default true).
     async_checkpoint: FSDP2 and DeepSpeed: write checkpoints from a thread while training goes
         on (the state is copied to memory at the save; FSDP2 through
@@ -80,6 +85,7 @@ class BackendConfig:
     kind: str = "ddp"
     mixed_precision: str | None = None
     activation_checkpointing: bool = False
+    torch_compile: bool | dict = False
     async_checkpoint: bool = False
     fsdp: dict = field(default_factory=dict)
     deepspeed: dict = field(default_factory=dict)
@@ -125,6 +131,10 @@ def _check(b: BackendConfig, where: str):
         raise InputError(f"{where}: mixed_precision", f"{b.mixed_precision!r} is not supported", "use null (the recipe's), no, bf16 or fp16")
     if not isinstance(b.activation_checkpointing, bool):
         raise InputError(f"{where}: activation_checkpointing", f"must be true or false, got {b.activation_checkpointing!r}", "")
+    compile_options = b.torch_compile if isinstance(b.torch_compile, dict) else {}
+    if not isinstance(b.torch_compile, (bool, dict)) or set(compile_options) - _COMPILE_KEYS:
+        raise InputError(f"{where}: torch_compile", f"{b.torch_compile!r} is not true, false or a mapping of torch.compile's arguments",
+                         f"write true, or a mapping with keys among {sorted(_COMPILE_KEYS)}")
     if not isinstance(b.async_checkpoint, bool):
         raise InputError(f"{where}: async_checkpoint", f"must be true or false, got {b.async_checkpoint!r}", "")
     if b.async_checkpoint and b.kind == "ddp":
@@ -210,14 +220,18 @@ def deepspeed_plugin(backend: BackendConfig):
 
 
 def apply(model: torch.nn.Module, backend: BackendConfig) -> torch.nn.Module:
-    """Activation checkpointing, then FSDP2 sharding, applied to the model's transformer blocks
-    (`base_model.encoder.layers`) and, for FSDP2, to the whole model."""
+    """Activation checkpointing, torch.compile, then FSDP2 sharding, applied to the model's
+    transformer blocks (`base_model.encoder.layers`) and, for FSDP2, to the whole model."""
     blocks = model.base_model.encoder.layers
     if backend.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
         for i, block in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(block)  # non-reentrant; dropout masks replayed (RNG state kept)
+    if backend.torch_compile:
+        options = backend.torch_compile if isinstance(backend.torch_compile, dict) else {}
+        for block in blocks:
+            block.compile(**options)  # in place: parameter names and checkpoints stay those of the eager model
     if backend.kind == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

@@ -103,6 +103,9 @@ def test_a_bad_backend_file_is_refused(tmp_path):
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(InputError, match="bad"):
             _recipe(tmp_path, f"run.backend={path}")
+    with pytest.raises(InputError, match="torch_compile.*mapping of torch.compile's arguments"):
+        (tmp_path / "compile.yaml").write_text("kind: ddp\ntorch_compile: {backend: inductor, speed: max}\n")
+        _recipe(tmp_path, f"run.backend={tmp_path / 'compile.yaml'}")
     # writing from a thread needs processes that each write their part; and the key's old place names its new one
     for raw, fix in (({"kind": "ddp", "async_checkpoint": True}, "kind: fsdp2"), ({"kind": "fsdp2", "fsdp": {"async_checkpoint": True}}, "top level")):
         path = tmp_path / "async.yaml"
@@ -140,20 +143,28 @@ def test_deepspeed_refuses_a_corpus_that_mixes_modalities(tmp_path, monkeypatch)
 
 # -- activation checkpointing: recomputation, same numbers ---------------------------------
 
-def test_activation_checkpointing_leaves_training_unchanged(tmp_path):
+def test_activation_checkpointing_and_compile_leave_training_unchanged(tmp_path):
+    """Recomputed blocks (dropout masks replayed), and those blocks compiled as well (torch.compile
+    through dynamo with the aot_eager backend, which traces and partitions the graphs as inductor
+    does but skips its C++ compile: measured with inductor by hand, the same losses to the last bit)."""
     from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
 
-    ac = tmp_path / "ac.yaml"
-    ac.write_text("kind: ddp\nactivation_checkpointing: true\n")
     common = ["optim.max_steps=3", "run.save_every=3", "model.hidden_dropout_prob=0.1"]  # dropout: masks replayed in the recomputation
     plain = pretrain(PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path / 'plain'}", *common]))
-    wrapped = pretrain(PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path / 'ac'}", f"run.backend={ac}", *common]))
-    assert wrapped["losses"] == plain["losses"]
-    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("plain", "ac"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ckpt = load_file(tmp_path / "ac" / "checkpoints" / "step_00000003" / "model.safetensors")
-    assert not any("_checkpoint_wrapped_module" in k for k in ckpt)  # the plain model's names
-    assert yaml.safe_load((tmp_path / "ac" / "backend.yaml").read_text())["activation_checkpointing"] is True
+    variants = {"ac": "activation_checkpointing: true\n", "compiled": "activation_checkpointing: true\ntorch_compile: {backend: aot_eager}\n"}
+    for name, options in variants.items():
+        (tmp_path / f"{name}.yaml").write_text("kind: ddp\n" + options)
+        counters.clear()
+        run = pretrain(PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path / name}", f"run.backend={tmp_path / name}.yaml", *common]))
+        assert run["losses"] == plain["losses"], name
+        assert (counters["stats"]["unique_graphs"] > 0) == (name == "compiled")  # dynamo traced the blocks, and only when asked
+        a, b = (load_file(tmp_path / r / "model" / "model.safetensors") for r in ("plain", name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        ckpt = load_file(tmp_path / name / "checkpoints" / "step_00000003" / "model.safetensors")
+        assert not any("_checkpoint_wrapped_module" in k or "_orig_mod" in k for k in ckpt)  # the plain model's names
+    saved = yaml.safe_load((tmp_path / "compiled" / "backend.yaml").read_text())
+    assert saved["activation_checkpointing"] is True and saved["torch_compile"] == {"backend": "aot_eager"}
 
 
 # -- closing the process group ---------------------------------------------------------------
