@@ -113,8 +113,9 @@ def band_names(header: fits.Header, n: int) -> list[str]:
     return [str(header.get(f"BAND{k}", k)) for k in range(n)]
 
 
-def model_finder(model, expect_task: str):
-    """(finder, device) of a fine-tuned task model: its registered Task's `find_in_tile`."""
+def model_finder(model, expect_task: str, **options):
+    """(finder, device) of a fine-tuned task model: its registered Task's `find_in_tile`, given
+    `options` (e.g. bf16=True)."""
     from cosmofm.finetune.task_predict import load_task_model
     from cosmofm.heads.base import task_class
 
@@ -127,7 +128,7 @@ def model_finder(model, expect_task: str):
         import torch
 
         with torch.no_grad():
-            return task.find_in_tile(model, values, ivar, header)
+            return task.find_in_tile(model, values, ivar, header, **options)
 
     finder.__name__ = f"{model.task_type} model"
     return finder, next(model.parameters()).device
@@ -150,7 +151,8 @@ def catalogue_template(bands: list[str], units: list[str]) -> Table:
 
 def deblend_image(path, output, model=None, method: str | None = None, tile: int | tuple = 512, overlap: int | tuple = 64,
                   workers: int | None = None, write_stamps: bool = False, progress: bool = True, overwrite: bool = False,
-                  bands=None, fwhm_pixels: float | None = None, contrast: float | None = None, thresh: float | None = None) -> dict:
+                  bands=None, fwhm_pixels: float | None = None, contrast: float | None = None, thresh: float | None = None,
+                  bf16: bool = False) -> dict:
     """Detect and deblend the sources of a multi-band FITS mosaic; write their catalogue.
 
     path: the mosaic (format: `data_cards.readers.mosaic`). output: .fits or .parquet.
@@ -163,6 +165,7 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     apertures (default the mosaic's PSFFWHM, else 4.5). contrast: sep deblend_cont /
     photutils contrast (default the baseline's tuned value). thresh: detection threshold
     in sigma of the detection image (default the baseline's 1.5, tuned on stamps).
+    bf16: a model's backbone and decoder under bfloat16 autocast (`deblend_samples`).
 
     Returns the tiler's summary plus "method", "bands" and "flags" (the mosaic's problems).
     """
@@ -176,8 +179,10 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     method = "model" if model is not None else (method or "sep")
     if method == "model" and model is None:
         raise InputError("method", "'model' needs a model", "give --model PATH, or --method sep / photutils")
+    if bf16 and method != "model":
+        raise InputError("bf16", f"runs a model's network in bfloat16, but the deblender is {method}", "give --model, or drop --bf16")
     if method == "model":
-        finder, device = model_finder(model, "deblending")
+        finder, device = model_finder(model, "deblending", **({"bf16": True} if bf16 else {}))
         processes = device.type == "cpu"
     else:
         finder, processes = ClassicalDeblender(method, fwhm_pixels, contrast, thresh), True
@@ -187,7 +192,7 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     psf = fwhm_pixels if fwhm_pixels is not None else (mosaic.psf_fwhm / mosaic.pixscale if mosaic.psf_fwhm and mosaic.pixscale else DEFAULT_FWHM_PIXELS)
     always = (FLAG_BITS["no_wcs"] if mosaic.wcs is None else 0) | (FLAG_BITS["ivar_estimated"] if any(b.ivar_hdu is None for b in mosaic.bands) else 0)
     finish = _Finish(mosaic, names, psf, always, write_stamps)
-    keywords = {"METHOD": (method, "deblender"), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
+    keywords = {"METHOD": (method, "deblender"), **({"BF16": (True, "network under bfloat16 autocast")} if bf16 else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
                 "NOWCS": (mosaic.wcs is None, "no celestial WCS: RA/DEC NaN"), "INPUT": Path(path).name[:68]}
     for code in mosaic.flags:
         keywords[INPUT_FLAG_KEYWORDS[code]] = (True, FLAG_CODES[code][:47])

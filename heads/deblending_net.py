@@ -104,7 +104,10 @@ class PixelDecoder(nn.Module):
         for stage in self.up:
             x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
         x = self.fuse(torch.cat([x, self.pixel(pixels)], dim=1))
-        o = self.out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
+        with torch.autocast(x.device.type, enabled=False):  # the per-pixel outputs in float32 under a bf16 autocast (no ties in the heatmap)
+            x = x.float()
+            o = self.out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
+            correction = self.correction(x)[:, :, : shape[0], : shape[1]]
         n, b, e, (h, w) = o.shape[0], self.n_bands, self.embed_size, shape
         i = 3
         background = o[:, i:i + b]
@@ -114,7 +117,6 @@ class PixelDecoder(nn.Module):
         source_embedding = o[:, i:i + e]
         i += e
         amplitude = o[:, i:i + b]
-        correction = self.correction(x)[:, :, : shape[0], : shape[1]]
         return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], correction)
 
 

@@ -35,7 +35,7 @@ functions (NMAD, outlier fraction, bias, PIT, coverage) live in `heads/photoz_me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch

@@ -115,6 +115,8 @@ def test_stamps_isolate_each_source(field, tmp_path):
         np.testing.assert_allclose(WCS(s.header, naxis=2).all_pix2world(0, 0, 0), w.all_pix2world(s.header["COL0"], s.header["ROW0"], 0), atol=1e-10)
     with pytest.raises(InputError, match="stamps need a FITS"):
         deblend_image(path, tmp_path / "s.parquet", write_stamps=True, progress=False)
+    with pytest.raises(InputError, match="bf16: runs a model's network in bfloat16, but the deblender is sep"):
+        deblend_image(path, tmp_path / "b.fits", bf16=True, progress=False)
 
 
 def test_photutils_finds_the_same_sources(field, tmp_path):
@@ -255,3 +257,8 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
         stamps = [h for h in hdul[2:]]
         assert len(fits_cat) > 0 and len(stamps) == len(fits_cat)
         assert all(h.name == f"SRC{h.header['ID']}" and h.data.shape[0] == 2 and np.abs(h.data).sum() > 0 for h in stamps)
+    # bf16: the network under bfloat16 autocast in the tiler's workers, recorded in the header (its
+    # numbers: test_deblending_head.py; here the untrained heatmap's noise-level peaks move with rounding)
+    _deblend(path, tmp_path / "m16.fits", model=model, tile=128, overlap=32, bf16=True)
+    assert fits.getheader(tmp_path / "m16.fits", 0)["BF16"] is True and "BF16" not in fits.getheader(tmp_path / "m.fits", 0)
+    assert not np.array_equal(Table.read(tmp_path / "m16.fits")["X"], fits_cat["X"])  # the autocast reached the workers

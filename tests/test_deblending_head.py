@@ -161,6 +161,18 @@ def test_known_positions_mode_returns_exactly_the_given_sources(blends):
         deblend_stamp(model, blends[0].values, blends[0].ivar, positions=np.zeros((17, 2)))
 
 
+def test_bf16_runs_the_network_in_bfloat16_and_the_flux_split_in_float32(blends):
+    """`bf16=True`: the backbone and decoder under bfloat16 autocast, the fractions and flux sums
+    in float32, so the fluxes move by rounding only (measured: <= 0.1 % on these blends)."""
+    model = _model().eval()
+    given = [blend_truth_arrays(b)[1] for b in blends]
+    plain, fast = (deblend_samples(model, blends, positions=given, bf16=bf16) for bf16 in (False, True))
+    for a, b in zip(plain, fast):
+        assert not np.array_equal(a.fluxes["head"], b.fluxes["head"])  # the autocast did run
+        np.testing.assert_allclose(b.fluxes["head"], a.fluxes["head"], rtol=0.01)
+        assert np.array_equal(a.segmentation, b.segmentation)
+
+
 def test_save_pretrained_from_pretrained_round_trip(blends, tmp_path):
     model = _model(seed=3).eval()
     model.save_pretrained(tmp_path / "deblend")
