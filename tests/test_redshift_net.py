@@ -67,13 +67,16 @@ def test_fft_path_matches_direct_reference():
         by_hand = (features[2] * kernel).sum()
         assert torch.allclose(correlate_direct(features, model.kernels)[2, g, m], by_hand, atol=1e-4)
     assert torch.allclose(fast, reference, atol=1e-4, rtol=1e-4)
+    model.cpu_bf16 = False  # float32 throughout (bfloat16 convolutions: test_cpu_kernels_match_the_reference_path)
     with torch.no_grad():  # and the whole forward: fast feature layers too
         assert torch.allclose(model(flux, ivar).logits, model(flux, ivar, reference=True).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_cpu_kernels_match_the_reference_path():
-    """heads/redshift_net_cpu.py (CPU inference: chunks, channels-last convolutions, the pointwise
-    layer folded into the kernels' transforms, numpy's median) gives the reference logits."""
+    """heads/redshift_net_cpu.py (CPU inference: blocks and chunks, channels-last convolutions, the
+    pointwise layer folded into the kernels' transforms, numpy's median) gives the reference
+    logits: to float32 rounding in float32, within 1 % of each row's logit range (and the same
+    argmax) with bfloat16 convolutions, the default where the CPU has them natively."""
     torch.manual_seed(3)
     model = RedshiftNet(RedshiftNetConfig(**TINY, prior_knots=4)).eval()
     with torch.no_grad():
@@ -86,8 +89,17 @@ def test_cpu_kernels_match_the_reference_path():
     with torch.no_grad():
         reference = model(flux, ivar, reference=True).logits
         assert redshift_net_cpu.takes_fast_path(model, flux)
-        for chunk in (3, 16):  # two chunks and a partial one; one chunk
-            assert torch.allclose(model._with_prior(redshift_net_cpu.logits(model, flux, ivar, chunk)), reference, atol=1e-4, rtol=1e-4)
+        for chunk, block in ((3, 16), (16, 256), (2, 4)):  # chunks, partial ones; blocks of several chunks, a partial one
+            fast = model._with_prior(redshift_net_cpu.logits(model, flux, ivar, chunk, block, bf16=False))
+            assert torch.allclose(fast, reference, atol=1e-4, rtol=1e-4)
+        bf16 = model._with_prior(redshift_net_cpu.logits(model, flux, ivar, bf16=True))
+        spread = reference.amax(1, keepdim=True) - reference.amin(1, keepdim=True)
+        assert ((bf16 - reference).abs() <= 0.01 * spread).all() and torch.equal(bf16.argmax(1), reference.argmax(1))
+        assert not torch.allclose(bf16, reference, atol=1e-6, rtol=0)  # bfloat16 was used
+        model.cpu_bf16 = None  # the default: bfloat16 where native (redshift_net_cpu.native_bf16)
+        assert torch.allclose(model(flux, ivar).logits, bf16 if redshift_net_cpu.native_bf16() else fast, atol=1e-6, rtol=1e-6)
+        model.cpu_bf16 = False
+        assert torch.allclose(model(flux, ivar).logits, fast, atol=1e-6, rtol=1e-6)
         model.cpu_kernels = False  # the FFT path alone
         assert not redshift_net_cpu.takes_fast_path(model, flux)
         assert torch.allclose(model(flux, ivar).logits, reference, atol=1e-4, rtol=1e-4)
