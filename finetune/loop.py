@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -55,6 +55,9 @@ class LoopConfig:
         warmup_fraction (`float`, 0.05): fraction of the optimizer steps spent warming up.
         weight_decay (`float`, 0.01): AdamW weight decay on matrices.
         grad_accum (`int`, 1): micro-batches per optimizer batch (memory, not maths).
+        max_grad_norm (`float`, 0.0): clip the gradient's global norm to this before each
+            optimizer step (pretraining's `optim.grad_clip`), so one outlier batch cannot knock
+            the weights and inflate AdamW's second moments for the rest of the run; 0 = off.
         mixed_precision (`str`, "no"): "no" or "bf16" (autocast from the Accelerator).
         seed (`int`, 0): the data order (model init and dropout: seed before building the model).
         output_dir (`str | None`): where checkpoints and tracker logs go.
@@ -74,6 +77,7 @@ class LoopConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
     grad_accum: int = 1
+    max_grad_norm: float = 0.0
     mixed_precision: str = "no"
     seed: int = 0
     output_dir: str | None = None
@@ -94,6 +98,8 @@ class LoopConfig:
             raise InputError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}", "e.g. 0.05")
         if (self.checkpoint_every or self.resume) and not self.output_dir:
             raise InputError("checkpoint_every / resume", "need an output_dir", "give output_dir for the checkpoints")
+        if not (isinstance(self.max_grad_norm, (int, float)) and math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise InputError("max_grad_norm", f"is {self.max_grad_norm!r}", "give a norm >= 0, e.g. 1.0 (0 = no clipping)")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError("max_steps", f"is {self.max_steps}", "give >= 1, or None for all epochs")
 
@@ -101,14 +107,16 @@ class LoopConfig:
 @dataclass
 class LoopResult:
     """The fine-tuned model (strategy finished: LoRA merged), the mean training loss of
-    each whole epoch, the loss of each optimizer step, the steps taken in all, and whether
-    this is the main process (the one that saves what follows from the run)."""
+    each whole epoch, the loss of each optimizer step, the steps taken in all, whether
+    this is the main process (the one that saves what follows from the run), and the
+    optimizer steps (1-based, this run's) whose gradient `max_grad_norm` clipped."""
 
     model: torch.nn.Module
     epoch_losses: list[float]
     step_losses: list[float]
     steps: int
     main_process: bool = True
+    clipped_steps: list[int] = field(default_factory=list)
 
 
 class EpochBatchSampler:
@@ -207,7 +215,7 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
         eval_frozen_layers(accelerator.unwrap_model(model), strategy)
         fix = f"lower lr, or check the data; checkpoints are in {cfg.output_dir}" if cfg.checkpoint_every else "lower lr, or check the data"
         epoch_losses, step_losses, epoch_total = list(meta["epoch_losses"]), list(meta["step_losses"]), float(meta["epoch_total"])
-        step, step_total = start, 0.0
+        step, step_total, clipped = start, 0.0, []
         bar = tqdm(total=sampler.stop_step, initial=start, desc=cfg.desc, disable=not (cfg.progress and accelerator.is_main_process))
         for batch, batch_targets, index, n_batch in loader:
             device = accelerator.device
@@ -219,6 +227,9 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
                     raise InputError("targets", "gave the model no loss", "return the forward's target arguments from targets(samples)")
                 share = len(index) * accelerator.num_processes * cfg.grad_accum / n_batch  # 1 with one process, no accumulation
                 accelerator.backward(value if share == 1 else value * share)
+                if cfg.max_grad_norm and accelerator.sync_gradients:
+                    if float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) > cfg.max_grad_norm:
+                        clipped.append(step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_total += float(value.detach()) * len(index)
@@ -247,7 +258,7 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
         bar.close()
         accelerator.end_training()
     return LoopResult(finish_strategy(accelerator.unwrap_model(model), strategy), epoch_losses, step_losses, step,
-                      accelerator.is_main_process)
+                      accelerator.is_main_process, clipped)
 
 
 def _claim(cfg: LoopConfig, held: contextlib.ExitStack, loaded: dict) -> str | None:

@@ -9,7 +9,9 @@ seeds 0, 1, ...: the quadrants of (C, 2H, 2W) cubes, each cube at a random place
 950-1150 MHz band; a `--train-sparse-share` of them from sparse sky, the 1 GB survey
 cube's density above log M_HI 9, universe seed 5) train the head on a fresh backbone
 of the demo's shape (`--backbone` gives a pretrained one instead) for `--steps` optimizer
-steps with the shared fine-tune loop (strategy full). The objectness threshold and the merge factor are chosen
+steps with the shared fine-tune loop (strategy full), each step's gradient norm clipped at
+`--max-grad-norm` (one outlier source's NLL once gave a step ~1,000x the usual norm and ruined
+the run; the record keeps the loss curve and the clipped steps). The objectness threshold and the merge factor are chosen
 on `--calibration-cubes` held-out cubes of the test cubes' kind (seeds 2,000,000 + k:
 neither training nor test) through the same `cosmofm detect` path, for the best SDC2 score
 at purity >= `--min-purity` (`Detection3DTask.calibrate_catalogues`); with 0 of them, on
@@ -131,6 +133,26 @@ def false_positive_kinds(score, cat: Table, truth: Table, beam: float) -> dict:
     return out
 
 
+def objectness(cat: Table, score) -> dict:
+    """The head's objectness ("score" column) of the catalogue's true and false detections, sorted; {} for other finders."""
+    if "score" not in cat.colnames:
+        return {}
+    values = np.asarray(cat["score"], np.float64)
+    true = np.zeros(len(cat), bool)
+    true[score.candidate_index] = True
+    return {"objectness_true": sorted(values[true].tolist()), "objectness_false": sorted(values[~true].tolist())}
+
+
+def loss_curve(step_losses, window: int = 100) -> dict:
+    """The training loss in `window`-step means, and its spikes (steps above 3x the median of the
+    `window` steps before): enough to tell divergence or a stall from convergence."""
+    x = np.asarray(step_losses, np.float64)
+    means = [float(x[i:i + window].mean()) for i in range(0, len(x), window)]
+    spikes = [i for i in range(window, len(x)) if x[i] > 3 * np.median(x[i - window:i])]
+    return {"window": window, "means": means, "n_spikes": len(spikes), "spike_steps": spikes[:20],
+            "max": float(x.max()) if len(x) else None, "max_step": int(x.argmax()) if len(x) else None}
+
+
 def summary(score, truth_bright: np.ndarray, cat: Table | None = None, truth: Table | None = None, beam: float = 7.0) -> dict:
     d = score.as_dict()
     d.pop("binned", None)
@@ -164,7 +186,44 @@ def calibrate_on_cubes(model, task, card, args, work: Path) -> dict:
             cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, tile=tuple(args.tile), overlap=tuple(args.overlap))
         pairs.append((cat, truth))
         path.unlink()
-    return task.calibrate_catalogues(model, pairs, beam, args.min_purity)
+    chosen = task.calibrate_catalogues(model, pairs, beam, args.min_purity)
+    return {**chosen, "diagnostics": calibration_diagnostics(pairs, beam, model.head_config.merge_factor)}
+
+
+def calibration_diagnostics(pairs, beam: float, merge_factor: float) -> dict:
+    """What the threshold was chosen from: on the calibration cubes' floor catalogues merged at
+    the chosen factor, the objectness of the true and false detections (`objectness`; counts in
+    bins of 0.025 and the ten highest) and the SDC2 score and purity at every threshold of the
+    search (`Detection3DTask._choose_threshold`'s grid)."""
+    from cosmofm.heads.detection3d_post import merge_catalogue
+
+    merged = [(merge_catalogue(cat, beam, merge_factor), truth) for cat, truth in pairs]
+    split = [objectness(cat, score_catalogue(cat, truth, beam)) for cat, truth in merged]
+    sweep = []
+    for t in np.arange(0.05, 0.901, 0.05):
+        scores = [score_catalogue(cat[np.asarray(cat["score"]) >= t], truth, beam) for cat, truth in merged]
+        n_cand = sum(x.n_candidates for x in scores)
+        sweep.append({"threshold": round(float(t), 2), "score": sum(x.total for x in scores), "n_candidates": n_cand,
+                      "n_match": sum(x.n_match for x in scores),
+                      "purity": sum(x.n_match for x in scores) / n_cand if n_cand else float("nan")})
+    bins = np.round(np.arange(0.05, 1.0001, 0.025), 3)
+    out = {"merge_factor": merge_factor, "objectness_bins": bins.tolist()}
+    for kind in ("objectness_true", "objectness_false"):
+        v = np.sort([x for d in split for x in d.get(kind, [])])
+        out[kind] = {"n": len(v), "counts": np.histogram(v, bins)[0].tolist(), "top10": v[::-1][:10].round(4).tolist()}
+    return {**out, "sweep": sweep}
+
+
+def training_tiles(card, args) -> tuple[list, int]:
+    """The `--n-train` labelled tiles (module docstring), dense first, and how many are from sparse sky."""
+    n_sparse = round(args.n_train * args.train_sparse_share)
+    samples = Detection3DTask.labelled_mocks(card, args.n_train - n_sparse, 0, tile=tuple(args.tile), density=args.train_density,
+                                             log_mhi_min=args.log_mhi_min) if n_sparse < args.n_train else []
+    if n_sparse:  # sparse sky (universe seed SPARSE_TRAIN_SEED: other cubes than the dense ones and the calibration tiles)
+        density = SPARSE_DENSITY_PER_CHANNEL * args.tile[0]
+        samples += Detection3DTask.labelled_mocks(card, n_sparse, SPARSE_TRAIN_SEED, tile=tuple(args.tile), density=density,
+                                                  log_mhi_min=SPARSE_LOG_MHI_MIN)
+    return samples, n_sparse
 
 
 def train(card, args) -> tuple:
@@ -173,26 +232,24 @@ def train(card, args) -> tuple:
     from cosmofm.finetune.strategies import Strategy
     from cosmofm.pretrain.recipe import PretrainRecipe
 
-    n_sparse = round(args.n_train * args.train_sparse_share)
-    samples = Detection3DTask.labelled_mocks(card, args.n_train - n_sparse, 0, tile=tuple(args.tile), density=args.train_density,
-                                             log_mhi_min=args.log_mhi_min) if n_sparse < args.n_train else []
-    if n_sparse:  # sparse sky (universe seed SPARSE_TRAIN_SEED: other cubes than the dense ones and the calibration tiles)
-        density = SPARSE_DENSITY_PER_CHANNEL * args.tile[0]
-        samples += Detection3DTask.labelled_mocks(card, n_sparse, SPARSE_TRAIN_SEED, tile=tuple(args.tile), density=density,
-                                                  log_mhi_min=SPARSE_LOG_MHI_MIN)
+    samples, n_sparse = training_tiles(card, args)
     head = Detection3DHeadConfig.from_card(card)
     task = Detection3DTask(head)
     backbone_config = None if args.backbone else {**PretrainRecipe.load(args.backbone_recipe).model, "survey_names": [card.name]}
     model = build_task_model("detection3d", head, args.train_seed, args.backbone, backbone_config)
     steps_per_epoch = math.ceil(len(samples) / args.batch_size)
     cfg = LoopConfig(epochs=math.ceil(args.steps / steps_per_epoch), batch_size=args.batch_size, lr=args.lr, max_steps=args.steps,
-                     seed=args.train_seed, progress=args.progress)
+                     seed=args.train_seed, progress=args.progress, max_grad_norm=args.max_grad_norm)
     t0 = time.perf_counter()
     run = finetune_loop(model, samples, task.targets, Strategy("full"), cfg)
     info = {"n_tiles": len(samples), "n_sparse_tiles": n_sparse, "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)),
+            "n_tiles_without_target": int(sum(not any(r["snr"] >= head.target_min_snr for r in s.meta["labels"]["sources"])
+                                              for s in samples)),
             "steps": run.steps,
             "seconds": time.perf_counter() - t0, "final_loss": run.step_losses[-1] if run.step_losses else None,
-            "first_loss": run.step_losses[0] if run.step_losses else None}
+            "first_loss": run.step_losses[0] if run.step_losses else None, "loss_curve": loss_curve(run.step_losses),
+            "clipped_steps": run.clipped_steps,
+            "step_losses": [round(float(v), 4) for v in run.step_losses]}
     return run.model.eval(), task, info
 
 
@@ -246,6 +303,8 @@ def main(argv=None) -> dict:
     p.add_argument("--overlap", type=int, nargs=3, default=[16, 8, 8])
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-grad-norm", type=float, default=100.0,
+                   help="clip each step's gradient norm to this (LoopConfig.max_grad_norm; ordinary steps: 10-30); 0 = off, as before 2026-12-06")
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--backbone", default=None, help="a pretrained release; default a fresh backbone of --backbone-recipe's shape")
     p.add_argument("--backbone-recipe", default="demo")
@@ -347,6 +406,7 @@ def main(argv=None) -> dict:
             totals[f"score_ratio_{m}_over_best_baseline"] = totals[m]["score"] / best if best else float("nan")
     result["totals"] = totals
     result["load_end"] = load_info()
+    result["train"].pop("step_losses", None)  # every step's loss: in the model folder's train_record.json only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "detect_quality.json", json.dumps(result, indent=2, default=float).encode())

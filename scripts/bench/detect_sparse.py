@@ -35,12 +35,11 @@ import time
 from pathlib import Path
 
 import astropy.units as u
-import numpy as np
 import torch
 from astropy.io import fits
 from astropy.table import Table
 
-from cosmofm.bench.detect_quality import detectable, load_info, summary
+from cosmofm.bench.detect_quality import detectable, load_info, objectness, summary
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.io.atomic import atomic_write_bytes
 from cosmofm.data_cards.mocks.cube_survey import write_large_survey_cube
@@ -50,16 +49,6 @@ from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
 from cosmofm.heads.sofia_baseline import SofiaConfig
 
 KEYS = ("score", "n_candidates", "n_match", "completeness", "purity", "completeness_snr4", "false_kinds", "seconds")
-
-
-def objectness(cat: Table, score) -> dict:
-    """The head's objectness ("score" column) of the catalogue's true and false detections, sorted; {} for other finders."""
-    if "score" not in cat.colnames:
-        return {}
-    values = np.asarray(cat["score"], np.float64)
-    true = np.zeros(len(cat), bool)
-    true[score.candidate_index] = True
-    return {"objectness_true": sorted(values[true].tolist()), "objectness_false": sorted(values[~true].tolist())}
 
 
 def main(argv=None) -> dict:
@@ -120,7 +109,8 @@ def main(argv=None) -> dict:
         nt, nb = sum(c["n_truth"] for c in cubes), sum(c["n_truth_snr4"] for c in cubes)
         totals[m] = {"score": sum(c[m]["score"] for c in cubes), "n_candidates": nc, "n_match": nm, "n_false": nc - nm,
                      "purity": nm / nc if nc else float("nan"), "completeness": nm / nt if nt else float("nan"),
-                     "completeness_snr4": sum(c[m]["completeness_snr4"] * c["n_truth_snr4"] for c in cubes) / nb if nb else float("nan"),
+                     "completeness_snr4": sum(c[m]["completeness_snr4"] * c["n_truth_snr4"] for c in cubes if c["n_truth_snr4"]) / nb
+                     if nb else float("nan"),  # a cube without bright sources has nan there
                      "false_kinds": {k: sum(c[m]["false_kinds"][k] for c in cubes) for k in cubes[0][m]["false_kinds"]},
                      "seconds": sum(c[m]["seconds"] for c in cubes)}
     result["totals"] = totals
