@@ -77,12 +77,12 @@ def mock_folder(card, folder: Path, n: int, seed: int, indices=None, workers: in
     return [ds[i] for i in range(len(ds))]
 
 
-def pretrained_backbone(work: Path, max_steps: int, name: str = "pretrain", overrides: tuple[str, ...] = ()) -> str:
-    """The release folder of a `spectra-small` backbone pretrained for max_steps into
+def pretrained_backbone(work: Path, max_steps: int, name: str = "pretrain", overrides: tuple[str, ...] = (), recipe: str = RECIPE) -> str:
+    """The release folder of a `spectra-small` (or `recipe`) backbone pretrained for max_steps into
     work/<name>-<max_steps> (cached), the recipe changed by `overrides`."""
     out = work / f"{name}-{max_steps}"
     if not (out / "model" / "config.json").exists():
-        recipe = PretrainRecipe.load(RECIPE, [f"run.output_dir={out}", f"optim.max_steps={max_steps}", f"run.save_every={max_steps}",
+        recipe = PretrainRecipe.load(recipe, [f"run.output_dir={out}", f"optim.max_steps={max_steps}", f"run.save_every={max_steps}",
                                               "run.progress=true", *overrides])
         t0 = time.perf_counter()
         # an interrupted earlier bench run: continue from its checkpoint, or start it again

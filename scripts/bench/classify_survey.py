@@ -20,14 +20,18 @@ columns, S/N 2-100). Stages, cached under --work so a rerun reuses data and back
 6. the fair classical baseline (heads/classical_classifier.py, templates the generator did
    not make) head to head with the network on the first N_BASELINE test spectra, per-class
    recall with bootstrap errors;
-7. stages 3-6 again from the demo's multi-modal backbone (the project's shared checkpoint,
-   pretrained on basic mocks of four modalities; `--arms`), at the same epochs.
+7. stages 3-6 again from the demo's multi-modal backbone (pretrained on basic mocks of four
+   modalities; `--arms demo-multimodal`), or from the shared one (recipe `shared`: the same
+   four modalities and shape with the spectral stem, 1/sigma pixel weights and survey
+   spectra, pretrained into WORK once; `--arms shared-multimodal`), at the same epochs.
 
 Targets (issue 17): in distribution macro recall >= 0.95, every class >= 0.90, ECE <= 0.02,
 coverage within 0.01 of nominal; under each shift macro recall drops <= 0.03, ECE <= 0.05;
 out-of-set AUROC >= 0.95 at <= 2 % false flags; macro recall >= the classical baseline's.
 Run: `python -m cosmofm.bench.classify_survey --out docs/bench --work DIR`; with
 `--pixel-weight ivar_local --name classify_survey_localweight` for the local pixel weight.
+The report is written after every fine-tune; with --resume, a rerun with the same settings,
+--out and --name keeps the runs already there and does only the missing (arm, seed) pairs.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from cosmofm.heads.calibration import coverage, expected_calibration_error, soft
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.metrics import classification_metrics
 from cosmofm.pretrain.configuration_cosmofm import PIXEL_WEIGHTS
+from cosmofm.pretrain.recipe import PretrainRecipe
 
 CARD = "sdss-like-survey"
 RECIPE = "spectra-small"
@@ -59,7 +64,9 @@ SPLIT = {"calibration_fraction": 0.1, "test_fraction": 0.15}
 TRAIN = {"batch_size": 64, "lr": 2e-3, **SPLIT}
 N_BASELINE = 2000  # test spectra the classical baseline also classifies (issue 17: >= 2,000)
 N_OUT_OF_SET, OUT_OF_SET_SEED = 1000, 7  # out-of-set mocks, 200 of each kind
-ARMS = ("survey-spectra", "demo-multimodal")  # which backbone the fine-tunes start from (`backbones`)
+ARMS = ("survey-spectra", "demo-multimodal", "shared-multimodal")  # which backbone the fine-tunes start from (`backbones`)
+DEFAULT_ARMS = ARMS[:2]
+SHARED_RECIPE = "shared"  # the shared multi-modal backbone's recipe (pretrain/recipes/shared.yaml)
 # Settings the training mocks never had: card fields replaced on the survey card. The
 # redshift shift keeps galaxies' Halpha on the grid (z < 0.58), so their BPT classes stay decidable.
 SHIFTS = {
@@ -111,28 +118,62 @@ def shifted_tests(card, work: Path, n: int, test_index: np.ndarray) -> dict[str,
 
 def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: int, pixel_weight: str = PIXEL_WEIGHT) -> dict[str, str]:
     """Release folder of each arm's backbone: ARMS[0] the spectra-only backbone pretrained on
-    survey mocks (with `pixel_weight`), ARMS[1] the demo's multi-modal backbone (the project's shared checkpoint)."""
+    survey mocks (with `pixel_weight`), ARMS[1] the demo's multi-modal backbone, ARMS[2] the
+    shared multi-modal one (recipe SHARED_RECIPE, its own steps and corpus)."""
     from cosmofm.bench.photoz_quality import demo_backbone
 
-    make = {ARMS[0]: lambda: survey_backbone(work, card, pretrain_steps, n_corpus, pixel_weight), ARMS[1]: lambda: str(demo_backbone(work))}
+    make = {ARMS[0]: lambda: survey_backbone(work, card, pretrain_steps, n_corpus, pixel_weight), ARMS[1]: lambda: str(demo_backbone(work)),
+            ARMS[2]: lambda: pretrained_backbone(work, PretrainRecipe.load(SHARED_RECIPE).optim.max_steps, name="pretrain-shared", recipe=SHARED_RECIPE)}
     return {arm: make[arm]() for arm in arms}
 
 
+def pretraining_record(model_dir: str, tail: int = 50) -> dict:
+    """Cost and losses of a backbone the bench pretrained (its run folder's bench_pretrain.json
+    and metrics.jsonl): seconds, steps, and each modality's masked-modelling loss averaged
+    over the first and the last `tail` steps."""
+    run = Path(model_dir).parent
+    record = json.loads((run / "bench_pretrain.json").read_text()) if (run / "bench_pretrain.json").is_file() else {}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()] if (run / "metrics.jsonl").is_file() else []
+    for key, part in (("per_modality_loss_first", rows[:tail]), ("per_modality_loss_last", rows[-tail:])):
+        names = sorted({m for r in part for m in r.get("per_modality_loss", {})})
+        record[key] = {m: float(np.mean([r["per_modality_loss"][m] for r in part if m in r["per_modality_loss"]])) for m in names}
+    return record
+
+
 def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str],
-        tilts: dict | None = None, pixel_weight: str = PIXEL_WEIGHT, name: str = "classify_survey") -> dict:
-    """The whole bench; the report is written to out/<name>.json."""
+        tilts: dict | None = None, pixel_weight: str = PIXEL_WEIGHT, name: str = "classify_survey", resume: bool = False) -> dict:
+    """The whole bench; the report is written to out/<name>.json (after every fine-tune). `resume`:
+    keep the runs of an earlier out/<name>.json made with the same settings, run only the missing ones."""
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
               "pixel_weight": pixel_weight, "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "shifts": SHIFTS,
               "runs": []}
+    settings = ("card", "n_samples", "labelled_seed", "pixel_weight", "pretrain_steps", "pretrain_corpus", "finetune_epochs", "tilts")
+    earlier = json.loads((out / f"{name}.json").read_text()) if resume and (out / f"{name}.json").is_file() else {}
+    if all(earlier.get(k) == json.loads(json.dumps(report[k], default=float)) for k in settings):  # same settings: keep its runs
+        report["runs"] = earlier.get("runs", [])
+        report["pretraining"] = earlier.get("pretraining", {})
+    elif earlier:
+        print(f"--resume: {out / name}.json was made with other settings ({', '.join(settings)}); starting afresh", flush=True)
     for arm, backbone in backbones(work, card, arms, pretrain_steps, n_corpus, pixel_weight).items():
-        weight = pixel_weight if arm == ARMS[0] else PIXEL_WEIGHT  # the demo's backbone keeps its own
+        weight = pixel_weight if arm == ARMS[0] else PIXEL_WEIGHT  # the multi-modal backbones keep their own
+        if arm == ARMS[2]:
+            report.setdefault("pretraining", {})[arm] = {"recipe": SHARED_RECIPE, **pretraining_record(backbone)}
         for seed in seeds:
+            if any((r["arm"], r["seed"]) == (arm, seed) for r in report["runs"]):
+                continue  # done by an earlier run with the same settings
             report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts, weight))
-    report["summary"] = {arm: summary([r for r in report["runs"] if r["arm"] == arm]) for arm in arms}
-    report["targets"] = targets(report["summary"][arms[0]])
+            _write(report, out, name, arms)
+    return _write(report, out, name, arms)
+
+
+def _write(report: dict, out: Path, name: str, arms: list[str]) -> dict:
+    """Summaries (every arm with runs) and targets (of arms[0]) of `report`, written to out/<name>.json."""
+    done = [a for a in ARMS if any(r["arm"] == a for r in report["runs"])]
+    report["summary"] = {arm: summary([r for r in report["runs"] if r["arm"] == arm]) for arm in done}
+    report["targets"] = targets(report["summary"][arms[0]]) if arms[0] in report["summary"] else {}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2, default=float))
     return report
@@ -282,8 +323,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--corpus", type=int, default=8000, help="unlabelled survey mocks to pretrain on")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS,
-                   help="backbones to fine-tune from: the spectra-only one pretrained on survey mocks, the demo's multi-modal one")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS,
+                   help="backbones to fine-tune from: the spectra-only one pretrained on survey mocks, the demo's multi-modal one, "
+                        "the shared multi-modal one (recipe shared, pretrained into WORK once)")
     p.add_argument("--tilt-rms", type=float, default=0.0,
                    help="smooth random tilts of the training spectra up to this rms in ln flux (FinetuneConfig.tilt_rms); 0 = none")
     p.add_argument("--tilt-ivar-rms", type=float, default=0.0,
@@ -291,10 +333,12 @@ def main(argv: list[str] | None = None):
     p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
                    help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
     p.add_argument("--name", default="classify_survey", help="the report is written to OUT/NAME.json")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs of OUT/NAME.json if made with the same settings; fine-tune only the missing (arm, seed) pairs")
     args = p.parse_args(argv)
     out = Path(args.out)
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name)
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name, args.resume)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
