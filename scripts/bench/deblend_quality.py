@@ -55,8 +55,10 @@ MAG_EDGES = (0.0, 19.0, 20.0, 21.0, 22.0, 30.0)  # true r magnitude bins: the te
 ORACLES = ("oracle (true fractions)", "oracle (isolated + own noise)")
 
 
-def _blends(card, n: int, seed: int, workers: int):
-    """(Sample, BlendTruth) pairs of universe `seed`: the Task's mocks, truth rebuilt from the attached arrays."""
+def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
+    """(Sample, BlendTruth) pairs of universe `seed`: the Task's mocks, truth rebuilt from the attached arrays
+    for the first `n_truth` blends (None: all) and None for the rest, whose float32 isolated
+    images (~0.4 MB a blend) only the scoring and tuning read: training needs the Samples alone."""
     from cosmofm.data_cards.mocks.blends import BlendTruth
     from cosmofm.data_cards.mocks.images import card_model
     from cosmofm.heads.deblending import DeblendingTask, blend_truth_arrays
@@ -64,7 +66,10 @@ def _blends(card, n: int, seed: int, workers: int):
     samples = DeblendingTask.labelled_mocks(card, n, seed, workers=workers, stamp_size=None, **SETTINGS)
     sigma = card_model(card).sky_sigma[None, :, None, None]  # as mock_blend's footprints
     out = []
-    for s in samples:
+    for i, s in enumerate(samples):
+        if n_truth is not None and i >= n_truth:
+            out.append((s, None))
+            continue
         iso, centres, flux = blend_truth_arrays(s)
         snr = np.sqrt(np.sum((iso / sigma) ** 2, axis=1))
         foot = snr >= 3.0
@@ -300,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report: dict = {"card": card.name, "stamp_size": args.stamp_size, "fwhm_pixels": fwhm, "settings": SETTINGS, "args": vars(args),
                     "machine": {**machine_info(), "loadavg_start": os.getloadavg()}, "reference_band": bands[ref]}
     t0 = time.perf_counter()
-    train = _blends(card, args.n_train, TRAIN_SEED, args.workers)
+    train = _blends(card, args.n_train, TRAIN_SEED, args.workers, n_truth=args.n_tune)  # truth only where tuned on
     test = [b for seed in args.seeds for b in _blends(card, args.n_test, seed, args.workers)]
     report["mock_s"] = time.perf_counter() - t0
     print(f"mocks: {len(train)} train, {len(test)} test ({report['mock_s']:.0f} s)", flush=True)
