@@ -182,7 +182,7 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     if bf16 and method != "model":
         raise InputError("bf16", f"runs a model's network in bfloat16, but the deblender is {method}", "give --model, or drop --bf16")
     if method == "model":
-        finder, device = model_finder(model, "deblending", **({"bf16": True} if bf16 else {}))
+        finder, device = model_finder(model, "deblending", bf16=bf16)
         processes = device.type == "cpu"
     else:
         finder, processes = ClassicalDeblender(method, fwhm_pixels, contrast, thresh), True

@@ -131,8 +131,7 @@ def _check(b: BackendConfig, where: str):
         raise InputError(f"{where}: mixed_precision", f"{b.mixed_precision!r} is not supported", "use null (the recipe's), no, bf16 or fp16")
     if not isinstance(b.activation_checkpointing, bool):
         raise InputError(f"{where}: activation_checkpointing", f"must be true or false, got {b.activation_checkpointing!r}", "")
-    compile_options = b.torch_compile if isinstance(b.torch_compile, dict) else {}
-    if not isinstance(b.torch_compile, (bool, dict)) or set(compile_options) - _COMPILE_KEYS:
+    if not isinstance(b.torch_compile, (bool, dict)) or set(compile_options(b)) - _COMPILE_KEYS:
         raise InputError(f"{where}: torch_compile", f"{b.torch_compile!r} is not true, false or a mapping of torch.compile's arguments",
                          f"write true, or a mapping with keys among {sorted(_COMPILE_KEYS)}")
     if not isinstance(b.async_checkpoint, bool):
@@ -156,6 +155,11 @@ def _check(b: BackendConfig, where: str):
                              "state the checkpoints (safetensors + JSON) do not hold", "offload the optimizer to cpu, or not at all")
     elif b.deepspeed:
         raise InputError(f"{where}: deepspeed", f"is a DeepSpeed config, but kind is {b.kind}", "set kind: deepspeed or remove it")
+
+
+def compile_options(backend: BackendConfig) -> dict:
+    """torch.compile's arguments of `torch_compile` (true: its defaults)."""
+    return backend.torch_compile if isinstance(backend.torch_compile, dict) else {}
 
 
 def mixed_precision(backend: BackendConfig, recipe) -> str:
@@ -229,9 +233,8 @@ def apply(model: torch.nn.Module, backend: BackendConfig) -> torch.nn.Module:
         for i, block in enumerate(blocks):
             blocks[i] = checkpoint_wrapper(block)  # non-reentrant; dropout masks replayed (RNG state kept)
     if backend.torch_compile:
-        options = backend.torch_compile if isinstance(backend.torch_compile, dict) else {}
         for block in blocks:
-            block.compile(**options)  # in place: parameter names and checkpoints stay those of the eager model
+            block.compile(**compile_options(backend))  # in place: parameter names and checkpoints stay those of the eager model
     if backend.kind == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 

@@ -529,10 +529,10 @@ def _save_partitioned(accelerator, engine, scheduler, run_dir, step: int, meta: 
 
     def finish():
         write_partition(tmp, partition)
-        if group is not None:
-            torch.distributed.barrier(group=group)  # every partition written
-        elif not asynchronous:
-            accelerator.wait_for_everyone()
+        if not asynchronous:
+            accelerator.wait_for_everyone()  # every partition written
+        elif group is not None:  # in the writing thread: the same wait on a group of its own
+            torch.distributed.barrier(group=group)
         if main:
             publish_sharded_checkpoint(tmp, step, whole, {}, meta, keep_last)
 
