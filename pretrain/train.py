@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs, broadcast, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -131,6 +131,13 @@ def new_accelerator(mixed_precision: str = "no", grad_accum: int = 1, trackers=(
     # state. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if deepspeed_plugin is None and PartialState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED:
+        # A DeepSpeed job marks the process state as DeepSpeed's (the PartialState's type and
+        # ACCELERATE_USE_DEEPSPEED), and a later job without it would fail to start
+        # ("no attribute 'mixed_precision'"): that job gets a fresh PartialState, which keeps
+        # the torch process group already formed.
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        PartialState._reset_state()
     # a batch without, say, cubes leaves the cube tokenizer unused
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     if deepspeed_plugin is not None and not cuda:

@@ -11,6 +11,7 @@ from cosmofm.data_cards import load_card  # noqa: E402
 from cosmofm.data_cards.mocks.generators import mock_samples  # noqa: E402
 
 CARD_NAMES = ["sdss-like", "lsst-like", "ska-hi-like", "lightcone-21cm"]
+MIXED_STEPS = 4  # mixed_backend_runs: steps of each run, checkpoints every 2
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,18 @@ def tiny_config():
         cube_patch_size=[16, 16, 16], field_patch_size=[16, 16, 16], coord_frequencies=6, projection_dim=16,
         survey_names=CARD_NAMES,
     )
+
+
+@pytest.fixture(scope="session")
+def mixed_backend_runs(tmp_path_factory):
+    """DDP and FSDP2, in fp32 and under bf16 autocast, on 2 CPU processes (gloo; one launch) with
+    the tiny recipe's corpus of all four modalities: MIXED_STEPS steps, checkpoints at steps 2 and
+    4. (folder holding one run folder per name, each rank's `launch_runs` result.) Shared by
+    tests/test_backends.py and tests/test_sharded_checkpoint.py."""
+    from launch import launch_runs  # tests/launch.py
+
+    out = tmp_path_factory.mktemp("mixed-backends")
+    sets = [f"optim.max_steps={MIXED_STEPS}", "run.save_every=2", "run.keep_last=2"]
+    runs = [{"name": name, "backend": name.partition("-")[0], "sets": sets + (["run.mixed_precision=bf16"] if name.endswith("bf16") else [])}
+            for name in ("ddp", "fsdp2", "ddp-bf16", "fsdp2-bf16")]
+    return out, launch_runs(out, runs)

@@ -4,7 +4,7 @@ CPU processes (gloo) FSDP2 and DeepSpeed ZeRO loss curves equal to DDP's, sharde
 checkpoints (more in test_sharded_checkpoint.py) and an exact FSDP2 resume (slow)."""
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +14,8 @@ import pytest
 import torch
 import yaml
 
-from launch import accelerate_launch  # tests/launch.py
+from conftest import MIXED_STEPS
+from launch import accelerate_launch, launch_env  # tests/launch.py
 
 from cosmofm.cli import main
 from cosmofm.data_cards import InputError
@@ -22,26 +23,17 @@ from cosmofm.pretrain.backend import backend_names, load_backend
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import pretrain
 
-STEPS = 5
+STEPS = MIXED_STEPS  # the runs of conftest's mixed_backend_runs: 4 steps, checkpoints at 2 and 4
 RTOL = 1e-5  # losses vs DDP's; measured over 5 steps: FSDP2, ZeRO-1, ZeRO-2 and ZeRO-3 all bit-equal to DDP
 WEIGHTS = dict(rtol=1e-4, atol=1e-6)  # final weights vs DDP's; measured: FSDP2 <= 2e-5 relative (a tensor's norm), 4e-7 absolute
 BF16_RTOL = 1e-3  # bf16 runs vs bf16 DDP; measured over 5 steps: FSDP2 3e-7, ZeRO-3 7e-5 (bf16 weights vs autocast over fp32)
-UNUSED_DECAY = STEPS * 3e-3 * 0.05  # tiny's lr * weight decay per step: see test_deepspeed_zero_loss_curve_equals_ddp
-# ZeRO reduces gradients in arrival order and needs every process to use the same parameters:
-# a one-modality corpus (see check_modalities)
-SPECTRA_ONLY = ["--set", "data.mock_cards=[sdss-like]", "--set", "data.mock_counts=[64]", "--set", "model.objectives=[masked]"]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
-    return env
 
 
 def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --multi_gpu --num_processes 2 -m cosmofm.cli pretrain --config tiny ARGS` on CPU."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m cosmofm.cli pretrain --config tiny ARGS` on CPU
+    (the CLI's own path; the runs the tests compare come from conftest's mixed_backend_runs, one launch)."""
     cmd = accelerate_launch(2) + ["-m", "cosmofm.cli", "pretrain", "--config", "tiny", "--set", f"optim.max_steps={STEPS}", *args, "--output", str(out)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
 
@@ -190,7 +182,7 @@ print(json.dumps([before, after, dist.is_initialized(), barrier.__defaults__[0]]
 def test_closing_the_process_group_joins_its_threads_after_fsdp2(tmp_path):
     """FSDP2's device meshes and late-imported defaults keep a destroyed group alive (and gloo's
     threads running into interpreter shutdown); close_process_group drops them, so none is left."""
-    done = subprocess.run([sys.executable, "-c", CLOSE_SCRIPT], env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", CLOSE_SCRIPT], env=launch_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     before, after, initialized, default = json.loads(done.stdout.strip().splitlines()[-1])
     assert before == ["gloo_tcp_loop", "pt_gloo_runloop", "pt_gloo_runloop"]  # the group's threads, running
@@ -218,113 +210,73 @@ def _no_pickles(run: Path):
             assert path.suffix in (".safetensors", ".json") or path.name == "latest", path
 
 
-@pytest.fixture(scope="module")
-def ddp_mixed(tmp_path_factory) -> Path:
-    """The reference: DDP on the tiny recipe's corpus of all four modalities."""
-    run = tmp_path_factory.mktemp("ddp-mixed")
-    _launch(run, "--backend", "ddp")
-    return run
-
-
-@pytest.fixture(scope="module")
-def ddp_spectra(tmp_path_factory) -> Path:
-    """The reference for ZeRO: DDP on spectra alone."""
-    run = tmp_path_factory.mktemp("ddp-spectra")
-    _launch(run, "--backend", "ddp", *SPECTRA_ONLY)
-    return run
+def _resumed_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run folder, to resume (a resume rewrites its folder)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
+    return copy
 
 
 @pytest.mark.slow
-def test_fsdp2_loss_curve_equals_ddp_and_saves_full_state(ddp_mixed, tmp_path):
+def test_fsdp2_loss_curve_equals_ddp_and_saves_full_state(mixed_backend_runs):
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    _launch(tmp_path / "fsdp2", "--backend", "fsdp2")
-    ddp, fsdp2 = _losses(ddp_mixed), _losses(tmp_path / "fsdp2")
+    out, _ = mixed_backend_runs
+    ddp, fsdp2 = _losses(out / "ddp"), _losses(out / "fsdp2")
     assert len(ddp) == STEPS
     np.testing.assert_allclose(fsdp2, ddp, rtol=RTOL)
     # the checkpoint: one shard file per process (torch.distributed.checkpoint), no pickle anywhere
     from cosmofm.pretrain.checkpoint import load_checkpoint
 
-    ckpt = tmp_path / "fsdp2" / "checkpoints" / f"step_{STEPS:08d}"
-    _no_pickles(tmp_path / "fsdp2")
+    ckpt = out / "fsdp2" / "checkpoints" / f"step_{STEPS:08d}"
+    _no_pickles(out / "fsdp2")
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["metadata"]["backend"], state["metadata"]["world_size"], state["metadata"]["optimizer_saved"]) == ("fsdp2", 2, True)
     assert state["sharded"] == ["model", "optimizer"] and len(list((ckpt / "model").glob("shard-*.safetensors"))) == 2
-    full, reference = load_checkpoint(ckpt)[0]["model"], load_file(ddp_mixed / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
+    full, reference = load_checkpoint(ckpt)[0]["model"], load_file(out / "ddp" / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
     assert full.keys() == reference.keys()
     for k in full:
         torch.testing.assert_close(full[k], reference[k], **WEIGHTS)
     # the release: one consolidated model.safetensors that AutoModel loads, equal to the checkpoint's backbone
-    model = AutoModel.from_pretrained(tmp_path / "fsdp2" / "model")
+    model = AutoModel.from_pretrained(out / "fsdp2" / "model")
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[f"cosmofm.{k}"]), k
 
 
 @pytest.mark.slow
-def test_a_resumed_fsdp2_run_continues_exactly(tmp_path):
-    run = tmp_path / "fsdp2"
-    args = ["--backend", "fsdp2", "--set", "optim.max_steps=6", "--set", "run.save_every=3"]
-    first = _launch(run, *args)
-    reference = _metrics(run)
-    again = _launch(run, *args, "--resume-from", "3")  # the run again from its step-3 checkpoint
-    resumed = _metrics(run)
+def test_a_resumed_fsdp2_run_continues_exactly(mixed_backend_runs, tmp_path):
+    """The CLI under `accelerate launch` resumes the 2-process FSDP2 run from its step-2 checkpoint."""
+    out, results = mixed_backend_runs
+    run = _resumed_copy(out / "fsdp2", tmp_path)
+    again = _launch(run, "--backend", "fsdp2", "--set", "run.save_every=2", "--set", "run.keep_last=2", "--resume-from", "2")
+    reference, resumed = _metrics(out / "fsdp2"), _metrics(run)
     # every rank joined its gloo threads before exiting (backend.close_process_group): left running
     # into interpreter shutdown, they aborted a rank after a complete run, rarely (issue 19)
-    for done in (first, again):
-        assert "communication threads still alive" not in done.stderr, done.stderr[-3000:]
-    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert "communication threads still alive" not in again.stderr, again.stderr[-3000:]
+    assert all(r["after"] == [] and "gloo_tcp_loop" in r["before"] for r in results)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]  # bit for bit
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
 
 
 @pytest.mark.slow
-def test_a_ddp_checkpoint_resumes_under_fsdp2(tmp_path):
+def test_a_ddp_checkpoint_resumes_under_fsdp2(mixed_backend_runs, tmp_path):
     """The checkpoint format is the same for both: a DDP run continued under FSDP2 follows the DDP curve."""
-    ddp = tmp_path / "ddp"
-    _launch(ddp, "--backend", "ddp", "--set", "optim.max_steps=6", "--set", "run.save_every=3")
-    ddp_losses = _losses(ddp)
-    _launch(ddp, "--backend", "fsdp2", "--set", "optim.max_steps=6", "--set", "run.save_every=3", "--resume-from", "3")
-    np.testing.assert_allclose(_losses(ddp), ddp_losses, rtol=RTOL)
+    out, _ = mixed_backend_runs
+    run = _resumed_copy(out / "ddp", tmp_path)
+    _launch(run, "--backend", "fsdp2", "--set", "run.save_every=2", "--resume-from", "2")
+    assert _losses(run)[:2] == _losses(out / "ddp")[:2]
+    np.testing.assert_allclose(_losses(run), _losses(out / "ddp"), rtol=RTOL)
+    assert json.loads((run / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())["metadata"]["backend"] == "fsdp2"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_zero_loss_curve_equals_ddp(stage, ddp_spectra, tmp_path, capsys):
-    run = tmp_path / f"zero{stage}"
-    _launch(run, "--backend", f"zero{stage}", *SPECTRA_ONLY)
-    np.testing.assert_allclose(_losses(run), _losses(ddp_spectra), rtol=RTOL)
-    from safetensors.torch import load_file
-
-    a, b = load_file(run / "model" / "model.safetensors"), load_file(ddp_spectra / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        # ZeRO steps the parameters no process used (the image, cube and field tokenizers of a
-        # spectra-only corpus) as if their gradient were zero, so weight decay shrinks them by
-        # lr * wd a step; torch's AdamW under DDP skips them. Measured: 3.7e-4 relative after 5 steps.
-        unused = any(f"tokenizers.{m}." in k for m in ("image", "cube", "field"))
-        torch.testing.assert_close(a[k], b[k], **(dict(rtol=1.1 * UNUSED_DECAY, atol=0) if unused else WEIGHTS))
-    _no_pickles(run)
-    # the release (DeepSpeed's 16-bit state gathered in memory, written by us as safetensors) loads
-    # with AutoModel bit for bit equal to the checkpoint's model
-    from transformers import AutoModel
-
-    ckpt = load_file(run / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors")
-    released = AutoModel.from_pretrained(run / "model").state_dict()
-    assert released and all(torch.equal(v, ckpt[f"cosmofm.{k}"]) for k, v in released.items())
-    # its checkpoint holds ZeRO's optimizer partitions, which DDP's optimizer cannot take: resuming under DDP is refused
-    assert main(["pretrain", "--config", "tiny", "--backend", "ddp", *SPECTRA_ONLY, "--output", str(run), "--resume"]) == 2
-    assert f"its optimizer state is DeepSpeed's ZeRO-{stage} partitions of 2 processes" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
-def test_bf16_under_sharding_backends_follows_bf16_ddp(backend, tmp_path):
-    """bf16 autocast (FSDP2: fp32 weights and reductions; ZeRO: DeepSpeed's bf16 weights and fp32
-    master copy, with torch's autocast) against DDP under the same autocast. (bf16 itself moves
-    this objective's first loss by ~2 % from fp32: log chi-square of bf16 reconstructions.)"""
-    corpus = [] if backend == "fsdp2" else SPECTRA_ONLY
-    for name in ("ddp", backend):
-        _launch(tmp_path / name, "--backend", name, "--set", "run.mixed_precision=bf16", *corpus)
-    np.testing.assert_allclose(_losses(tmp_path / backend), _losses(tmp_path / "ddp"), rtol=BF16_RTOL)
-    assert yaml.safe_load((tmp_path / backend / "backend.yaml").read_text())["mixed_precision"] == "bf16"
+def test_bf16_under_fsdp2_follows_bf16_ddp(mixed_backend_runs):
+    """bf16 autocast under FSDP2 (fp32 weights and reductions) against DDP under the same autocast.
+    (bf16 itself moves this objective's first loss by ~2 % from fp32: log chi-square of bf16
+    reconstructions.) ZeRO-3's bf16: tests/test_deepspeed_checkpoint.py."""
+    out, _ = mixed_backend_runs
+    np.testing.assert_allclose(_losses(out / "fsdp2-bf16"), _losses(out / "ddp-bf16"), rtol=BF16_RTOL)
+    assert abs(_losses(out / "fsdp2-bf16")[0] / _losses(out / "fsdp2")[0] - 1) > 1e-4  # autocast did run
+    assert yaml.safe_load((out / "fsdp2-bf16" / "backend.yaml").read_text())["mixed_precision"] == "bf16"

@@ -4,24 +4,23 @@ onto another process count (2 -> 1, 1 -> 2) that follows the uninterrupted loss 
 consolidated `model.safetensors` that `AutoModel` loads bit for bit, asynchronous saves, and
 clear errors for a checkpoint of another model or with a shard missing or damaged.
 
-Each launch trains the tiny recipe for 4 steps on CPU (gloo); about a minute and a half in all.
+Each run trains the tiny recipe for 4 steps on CPU (gloo); two launches here, beside the shared reference.
 """
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from launch import accelerate_launch, free_port  # tests/launch.py
+from conftest import MIXED_STEPS
+from launch import launch_runs  # tests/launch.py
 
 from cosmofm.data_cards import InputError
 from cosmofm.pretrain.checkpoint import consolidate_model, load_checkpoint, reference_state
@@ -30,29 +29,10 @@ from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.state_tree import flatten_state, skeleton_tensors
 from cosmofm.pretrain.train import pretrain
 
-STEPS = 4
-ARGS = ["--config", "tiny", "--set", f"optim.max_steps={STEPS}", "--set", "run.save_every=2", "--set", "run.keep_last=2"]
+STEPS = MIXED_STEPS  # conftest's mixed_backend_runs, whose FSDP2 run is the reference here
 # A resume on another process count reduces in another order. Measured over the two steps
 # after the resume: 2 -> 1 equal at step 3, 1.1e-7 relative at step 4; 1 -> 2 likewise.
 RESUME_RTOL = 1e-6
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
-    return env
-
-
-def _launch(n: int, out: Path, *args: str) -> None:
-    """`cosmofm pretrain` on n CPU processes; FSDP2 on one process needs torchrun (a process
-    group of one), since `accelerate launch --multi_gpu` wants two."""
-    if n == 1:
-        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port())]
-    else:
-        start = accelerate_launch(n)
-    cmd = start + ["-m", "cosmofm.cli", "pretrain", *ARGS, *args, "--output", str(out)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
 def _losses(run: Path) -> list[float]:
@@ -81,11 +61,36 @@ def assert_no_pickle_anywhere(root: Path):
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> Path:
-    """The reference: FSDP2 on 2 processes, checkpoints at steps 2 and 4."""
-    run = tmp_path_factory.mktemp("fsdp2-two") / "run"
-    _launch(2, run, "--backend", "fsdp2")
-    return run
+def two(mixed_backend_runs) -> Path:
+    """The reference: FSDP2 on 2 processes, checkpoints at steps 2 and 4 (conftest's mixed_backend_runs)."""
+    out, _ = mixed_backend_runs
+    return out / "fsdp2"
+
+
+SETS = [f"optim.max_steps={STEPS}", "run.save_every=2", "run.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(two, tmp_path_factory) -> Path:
+    """One launch of 1 process (torchrun: FSDP2 needs a process group): the 2-process run resumed
+    from step 2 ("two-on-one", a copy), and a 1-process run of its own ("one")."""
+    out = tmp_path_factory.mktemp("fsdp2-one")
+    shutil.copytree(two, out / "two-on-one", ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
+    launch_runs(out, [{"name": "two-on-one", "backend": "fsdp2", "sets": SETS, "resume_from": 2, "fresh": False},
+                      {"name": "one", "backend": "fsdp2", "sets": SETS}], num_processes=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(one_process, tmp_path_factory) -> Path:
+    """One launch of 2 processes: the 1-process run resumed from step 2 ("one-on-two", a copy), and
+    the reference run again with the backend's async_checkpoint ("async")."""
+    out = tmp_path_factory.mktemp("fsdp2-two")
+    shutil.copytree(one_process / "one", out / "one-on-two", ignore=shutil.ignore_patterns(".cosmofm-run.lock"))
+    (out / "fsdp2-async.yaml").write_text("kind: fsdp2\nasync_checkpoint: true\n")
+    launch_runs(out, [{"name": "one-on-two", "backend": "fsdp2", "sets": SETS, "resume_from": 2, "fresh": False},
+                      {"name": "async", "backend": str(out / "fsdp2-async.yaml"), "sets": SETS}])
+    return out
 
 
 def _resumed_copy(run: Path, tmp_path: Path) -> Path:
@@ -185,10 +190,9 @@ def test_consolidated_model_loads_bit_exactly_with_automodel(two, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_on_one_process(two, tmp_path):
-    run = _resumed_copy(two, tmp_path)
+def test_two_process_checkpoint_resumes_on_one_process(two, one_process):
+    run = one_process / "two-on-one"
     reference = _losses(two)
-    _launch(1, run, "--backend", "fsdp2", "--resume-from", "2")
     resumed = _losses(run)
     assert resumed[:2] == reference[:2] and len(resumed) == STEPS
     np.testing.assert_allclose(resumed, reference, rtol=RESUME_RTOL, atol=0)
@@ -197,25 +201,22 @@ def test_two_process_checkpoint_resumes_on_one_process(two, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_process_checkpoint_resumes_on_two_processes(tmp_path):
-    one = tmp_path / "one"
-    _launch(1, one, "--backend", "fsdp2")
-    reference = _losses(one)
-    run = _resumed_copy(one, tmp_path)
-    _launch(2, run, "--backend", "fsdp2", "--resume-from", "2")
-    np.testing.assert_allclose(_losses(run), reference, rtol=RESUME_RTOL, atol=0)
-    assert _losses(run)[:2] == reference[:2]
+def test_one_process_checkpoint_resumes_on_two_processes(one_process, two_processes):
+    reference = _losses(one_process / "one")
+    resumed = _losses(two_processes / "one-on-two")
+    np.testing.assert_allclose(resumed, reference, rtol=RESUME_RTOL, atol=0)
+    assert resumed[:2] == reference[:2] and len(resumed) == STEPS
+    meta = json.loads((two_processes / "one-on-two" / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())["metadata"]
+    assert meta["world_size"] == 2
 
 
 @pytest.mark.slow
-def test_async_save_writes_the_same_checkpoint(two, tmp_path):
+def test_async_save_writes_the_same_checkpoint(two, two_processes):
     """With the backend's async_checkpoint the shards are written by a thread while training goes
     on; the state was copied at the save, so the checkpoint equals the synchronous run's bit for bit."""
-    backend = tmp_path / "fsdp2-async.yaml"
-    backend.write_text("kind: fsdp2\nasync_checkpoint: true\n")
-    run = tmp_path / "async"
-    _launch(2, run, "--backend", str(backend))
+    run = two_processes / "async"
     assert _losses(run) == _losses(two)
+    assert yaml.safe_load((run / "backend.yaml").read_text())["async_checkpoint"] is True
     a, b = (load_checkpoint(r / "checkpoints" / f"step_{STEPS:08d}")[0] for r in (run, two))
     for key in ("model",):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])

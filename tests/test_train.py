@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from launch import accelerate_launch  # tests/launch.py
+from conftest import MIXED_STEPS
 
 from cosmofm.pretrain.recipe import PretrainRecipe
 from cosmofm.pretrain.train import pretrain
@@ -109,7 +109,7 @@ def _run(args, env, **kw):
 @pytest.mark.slow
 def test_resume_after_kill_continues_exactly(tmp_path):
     """Kill -9 a run after its step-10 checkpoint; the resumed loss curve equals an uninterrupted one."""
-    common = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=120", "--set", "run.save_every=10", "--set", "run.keep_last=3"]
+    common = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=60", "--set", "run.save_every=10", "--set", "run.keep_last=3"]
     reference, broken = tmp_path / "reference", tmp_path / "broken"
     ref = _run(common + ["--output", str(reference)], _env())
     assert ref.wait(timeout=600) == 0, ref.stdout.read()
@@ -125,36 +125,33 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(_metrics(broken))
-    assert killed_at < 120 and not (broken / "model").exists(), "the run finished before it was killed"
+    assert killed_at < 60 and not (broken / "model").exists(), "the run finished before it was killed"
 
     resumed = _run(common + ["--output", str(broken), "--resume"], _env())
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     a, b = _metrics(reference), _metrics(broken)
-    assert [r["step"] for r in b] == list(range(1, 121))
+    assert [r["step"] for r in b] == list(range(1, 61))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # step for step, bit for bit
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo) == one process, same global batch."""
-    args = ["pretrain", "--config", "tiny", "--set", "optim.max_steps=8", "--set", "run.save_every=4"]
-    single = subprocess.run(CLI + args + ["--output", str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr
-    launch = accelerate_launch(2) + ["-m", "cosmofm.cli"]
-    double = subprocess.run(launch + args + ["--output", str(tmp_path / "two")], env=_env(), capture_output=True, text=True, timeout=600)
-    assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
-    assert "world_size" in (tmp_path / "two" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text()
-    state = json.loads((tmp_path / "two" / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+def test_two_processes_match_one_process(mixed_backend_runs, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 on CPU (gloo; conftest's DDP run) == one process, same global batch."""
+    out, _ = mixed_backend_runs
+    pretrain(PretrainRecipe.load("tiny", [f"run.output_dir={tmp_path / 'one'}", f"optim.max_steps={MIXED_STEPS}", "run.save_every=2",
+                                          "run.progress=false", "run.trackers=[]"]))
+    state = json.loads((out / "ddp" / "checkpoints" / f"step_{MIXED_STEPS:08d}" / "trainer_state.json").read_text())
     assert state["metadata"]["world_size"] == 2
     one = [r["loss"] for r in _metrics(tmp_path / "one")]
-    two = [r["loss"] for r in _metrics(tmp_path / "two")]
+    two = [r["loss"] for r in _metrics(out / "ddp")]
+    assert len(one) == MIXED_STEPS
     np.testing.assert_allclose(two, one, rtol=2e-4)
     # and the parameters agree at the end
     from safetensors.torch import load_file
 
     w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
-    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    w2 = load_file(out / "ddp" / "model" / "model.safetensors")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5)
 
