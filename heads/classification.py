@@ -9,9 +9,10 @@ embedding (`CosmoFMOutput.pooled`) with two outputs:
 - the mean and log-variance of log(1 + z), trained with the Gaussian negative
   log-likelihood (Nix & Weigend 1994; Kendall & Gal 2017, aleatoric term), so every
   redshift comes with a 1-sigma error;
-- an out-of-set score (`ood_score`): the Mahalanobis distance of the features the head
-  reads (the pooled embedding next to the hidden layer) to the nearest class
-  (heads/out_of_set.py, Lee et al. 2018), fitted after training on the training block;
+- an out-of-set score (`ood_score`): the Mahalanobis distance of features to the nearest
+  class (heads/out_of_set.py, Lee et al. 2018; `ood_features`: the mean of the last
+  block's tokens before the backbone's final norm, or for older models the pooled
+  embedding next to the hidden layer), fitted after training on the training block;
   a spectrum scoring above `ood_threshold` belongs to none of the classes, and its
   conformal set is empty (issue 17).
 
@@ -24,6 +25,7 @@ restores the calibrated model exactly.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -36,7 +38,7 @@ from transformers import AutoModelForSequenceClassification
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
-from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OutOfSetDetector, flag_threshold
+from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OOD_FEATURES, OutOfSetDetector, block_output, flag_threshold, masked_token_mean
 from cosmofm.heads.pooling import POOLINGS, PooledHead
 from cosmofm.heads.redshift_net import RedshiftNet, RedshiftNetConfig, RedshiftPrediction, spectra_on_grid
 from cosmofm.pretrain.data import CosmoFMBatch
@@ -77,6 +79,11 @@ class ClassificationHeadConfig(TaskHeadConfig):
             of set (its conformal set empty); None = the detector does not flag.
         ood_false_flag_rate (`float | None`): the in-set false-flag rate the threshold was set
             for, on the calibration block (heads.out_of_set.flag_threshold).
+        ood_features (`str`, "backbone"): what the detector reads (`features`): "backbone" = the
+            mean over valid tokens of the last transformer block's output before the
+            backbone's final norm (flags more carbon and M stars, heads.out_of_set);
+            "head" = the pooled embedding next to the hidden layer (configs saved before
+            the field existed).
         redshift_net (`dict | None`): the settings (`RedshiftNetConfig.to_dict`) of a redshift
             network (heads/redshift_net.py) that measures z from the spectrum itself, p(z) by
             cross-correlating learned rest-frame kernels; its weights are `redshift_net.*`.
@@ -101,6 +108,7 @@ class ClassificationHeadConfig(TaskHeadConfig):
     ood_fitted: bool = False
     ood_threshold: float | None = None
     ood_false_flag_rate: float | None = None
+    ood_features: str = "backbone"
     redshift_net: dict | None = None
 
     TYPE: ClassVar[str] = TASK_TYPE
@@ -123,6 +131,8 @@ class ClassificationHeadConfig(TaskHeadConfig):
                              "fit the detector with model.set_out_of_set, which adds the buffers")
         if self.ood_threshold is not None and not self.ood_fitted:
             raise InputError("task.ood_threshold", "is set, but the detector was not fitted (ood_fitted false)", "fit it with model.set_out_of_set")
+        if self.ood_features not in OOD_FEATURES:
+            raise InputError("task.ood_features", f"is {self.ood_features!r}", f"use one of {OOD_FEATURES}")
         if self.ood_false_flag_rate is not None and not 0 < self.ood_false_flag_rate < 1:
             raise InputError("task.ood_false_flag_rate", f"must be in (0, 1), got {self.ood_false_flag_rate}", "e.g. 0.015")
 
@@ -143,8 +153,9 @@ class ClassificationHeadConfig(TaskHeadConfig):
     def from_dict(cls, d: dict | None) -> "ClassificationHeadConfig":
         if isinstance(d, dict):
             # configs saved before attention pooling existed used the mean; those saved before
-            # the out-of-set detector have no buffers for it in their weights
-            d = {"pooling": "mean", "ood_buffers": False, **d}
+            # the out-of-set detector have no buffers for it in their weights; those saved
+            # before `ood_features` fitted it on the head's features
+            d = {"pooling": "mean", "ood_buffers": False, "ood_features": "head", **d}
         return super().from_dict(d)
 
     @property
@@ -165,8 +176,8 @@ class SpectralClassificationOutput(TaskOutput):
     mc_logits: (S, N, C) logits of S Monte-Carlo-dropout passes of the head (only with mc_samples > 0).
     ood_score: (N,) squared Mahalanobis distance of `features` to the nearest class (float64;
         None until the detector is fitted); above `config.task["ood_threshold"]` = out of set.
-    features: (N, P + H) what the detector reads: the pooled embedding (N, P) next to the head's
-        hidden layer (N, H), the input of the class and redshift layers.
+    features: what the detector reads (`ood_features`): (N, D) the mean of the last block's tokens
+        before the final norm, or (N, P + H) the pooled embedding next to the head's hidden layer.
     backbone: the backbone's CosmoFMOutput.
     """
 
@@ -224,12 +235,15 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
 
     @property
     def ood_feature_size(self) -> int:
-        """Width of `features`, what the out-of-set detector reads: the pooled embedding and the
-        hidden layer side by side. Lee et al. (2018) use the penultimate layer; on our mocks
+        """Width of `features`, what the out-of-set detector reads: with ood_features "backbone"
+        the backbone's width (heads/out_of_set.py says why); with "head" the pooled embedding
+        and the hidden layer side by side. Lee et al. (2018) use the penultimate layer; on our mocks
         (issue 17: 32- and 64-wide classifiers, 5 out-of-set kinds) the two together gave the
         best AUROC of the three (0.898 / 0.907 against 0.891 / 0.866 hidden alone and 0.825 /
         0.895 pooled alone): which of the two sees sky fibres or white dwarfs better changed
         from model to model; the AUROC of the pair was never below either's."""
+        if self.head_config.ood_features == "backbone":
+            return self.config.hidden_size
         return self.head.norm.normalized_shape[0] + self.head_config.hidden_size
 
     def set_out_of_set(self, features, labels, calibration_features, rate: float = DEFAULT_FALSE_FLAG_RATE) -> dict:
@@ -282,10 +296,15 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         """Class logits and redshift; `mc_samples` > 0 adds that many passes of the head with
         its dropout on (Monte-Carlo dropout, Gal & Ghahramani 2016, on the head only: the
         backbone runs once, so S passes cost S small MLPs, not S models)."""
-        out = self.cosmofm(batch)
+        from_backbone = self.head_config.ood_features == "backbone"
+        with block_output(self.cosmofm.layer_groups()[-2]) if from_backbone else nullcontext() as last_block:  # [-2]: the last block
+            out = self.cosmofm(batch)
         pooled = self.head.pool_tokens(out)  # no dropout before here: pooled once, also for the MC passes
         logits, z, hidden = self.head(pooled)
-        features = torch.cat([pooled, hidden], dim=-1)  # (N, P + H)
+        if from_backbone:
+            features = masked_token_mean(last_block["output"], out.attention_mask)  # (N, D), before the final norm
+        else:
+            features = torch.cat([pooled, hidden], dim=-1)  # (N, P + H)
         ood_score = self.ood(features) if self.ood is not None and self.head_config.ood_fitted else None
         mc_logits = None
         if mc_samples > 0:
@@ -368,7 +387,7 @@ class ClassificationTask(Task):
             CatalogueColumn("CLASS", None, "predicted class (the most probable)"),
             *(CatalogueColumn(f"P_{c}", "", f"temperature-scaled probability of {c}") for c in head.class_names),
             CatalogueColumn("CONFORMAL_SET", None, "'|'-joined classes of the split-conformal prediction set; empty when OUT_OF_SET or LOW_COVERAGE"),
-            CatalogueColumn("OOD_SCORE", "", "squared Mahalanobis distance of the head's input features to the nearest class (heads.out_of_set)"),
+            CatalogueColumn("OOD_SCORE", "", "squared Mahalanobis distance of the model's features to the nearest class (heads.out_of_set)"),
             CatalogueColumn("OUT_OF_SET", None, "OOD_SCORE above the fitted threshold: like none of the classes"),
             CatalogueColumn("LOW_COVERAGE", None, "pixels with ivar > 0 cover too little of the card's log-wavelength range for a class decision"),
             CatalogueColumn("Z", "", "redshift (scan, template fit or network)"),

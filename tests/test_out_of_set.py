@@ -122,7 +122,7 @@ def test_detector_is_saved_and_loaded_with_the_model(fitted, tmp_path):
     # an unfitted detector: buffers zeros / identity, no score, nothing flagged
     head = ClassificationHeadConfig.from_card(load_card("sdss-like"), hidden_size=16)
     fresh = CosmoFMForSpectralClassification.from_backbone_config(CosmoFMConfig(survey_names=["sdss-like"], **TINY), head)
-    size = 32 * (1 + 4) + 16  # attention-pooled embedding (mean + 4 queries) and the hidden layer
+    size = 32  # the backbone's width: the last block's token mean (ood_features "backbone", the default)
     assert fresh.ood_feature_size == size and torch.equal(fresh.ood.precision, torch.eye(size)) and not fresh.ood.means.any()
     assert fresh(batch).ood_score is None and fresh.out_of_set(None) is None
 
@@ -192,3 +192,37 @@ def test_configs_and_releases_from_before_the_detector_load_with_it_off(fitted, 
     assert not loaded.head_config.ood_active and loaded(batch).ood_score is not None and loaded.out_of_set(loaded(batch).ood_score) is None
     with pytest.raises(InputError, match="task.ood_threshold"):
         ClassificationHeadConfig.from_card(sdss, ood_threshold=3.0)
+
+
+def test_backbone_features_are_the_last_blocks_tokens_before_the_final_norm(fitted, sdss, tmp_path):
+    """ood_features "backbone" (the default) reads the mean of the last block's tokens before the
+    final norm; a model fitted on the head's features and saved before the field existed
+    loads with "head" and scores exactly as it did."""
+    model, samples, _ = fitted
+    batch = collate_samples(samples[:6], ["sdss-like"])
+    with torch.no_grad():
+        out = model(batch)
+        tokens, valid = model.cosmofm.embeddings(batch)[:2]
+        for layer in model.cosmofm.encoder.layers:
+            tokens = layer(tokens, None)  # spectra of one card: no padding, no mask
+    keep = valid.unsqueeze(-1).float()
+    torch.testing.assert_close(out.features, (tokens * keep).sum(1) / keep.sum(1))
+    torch.testing.assert_close(out.backbone.pooled, (model.cosmofm.encoder.ln_f(tokens) * keep).sum(1) / keep.sum(1))  # what the norm changes
+    assert out.features.shape == (6, 32) and not torch.allclose(out.features, out.backbone.pooled, atol=1e-2)
+    with pytest.raises(InputError, match="task.ood_features"):
+        ClassificationHeadConfig.from_card(sdss, ood_features="layer2")
+    torch.manual_seed(0)
+    head = ClassificationHeadConfig.from_card(sdss, hidden_size=16, ood_features="head")
+    old = CosmoFMForSpectralClassification.from_backbone_config(CosmoFMConfig(survey_names=["sdss-like"], **TINY), head).eval()
+    feats = predict(old, samples[:40], features=True)["features"]
+    assert feats.shape == (40, 32 * (1 + 4) + 16)  # attention-pooled embedding (mean + 4 queries) and the hidden layer
+    old.set_out_of_set(feats, labels_from_samples(samples[:40], head)[0], feats[:30], rate=0.1)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["task"]["ood_features"]  # a config.json written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_manifest(tmp_path)
+    loaded = cosmofm.from_pretrained(tmp_path).eval()
+    assert loaded.head_config.ood_features == "head" and loaded.head_config.ood_active
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).ood_score, old(batch).ood_score)
