@@ -207,7 +207,7 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
                 "epistemic": ensemble_prediction(out.mc_logits, clf.head_config.temperature).epistemic if out.mc_logits is not None else None}
         predicted = names[probs.argmax(1)]
         if redshift == "network" and clf.redshift_net is not None:  # p(z) from the spectrum, not the head's regression
-            net = clf.network_redshifts(batch, classes=predicted)
+            net = clf.network_redshifts(batch, classes=predicted, probs=False)  # the catalogue writes no p(z)
             part["z"], part["z_err"] = net.z, net.z_err
         if redshift == "scan":  # on the collated arrays, all batches of the piece at once (below)
             part["collated"], part["candidates"] = collated, redshift_candidates(probs, names)

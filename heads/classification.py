@@ -278,14 +278,15 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         self.redshift_net = net.to(next(self.head.parameters()).device)
         self._set_task(redshift_net=net.cfg.to_dict())
 
-    def network_redshifts(self, samples: Sequence[Sample], classes=None) -> RedshiftPrediction:
+    def network_redshifts(self, samples: Sequence[Sample], classes=None, probs: bool = True) -> RedshiftPrediction:
         """z, z_err and p(z) of spectrum Samples from the redshift network (`set_redshift_net`);
-        `classes` (predicted, one per sample): z_err and p(z) calibrated for their families."""
+        `classes` (predicted, one per sample): z_err and p(z) calibrated for their families;
+        without `probs` no p(z) (`heads.redshift_net.decode`)."""
         if self.redshift_net is None:
             raise InputError("redshift", "this model carries no redshift network", "use the scan (redshift: scan), or train one with redshift_net_steps")
         flux, ivar = spectra_on_grid(samples, self.redshift_net.cfg)
         device = self.redshift_net.kernels.device
-        return self.redshift_net.predict(torch.from_numpy(flux).to(device), torch.from_numpy(ivar).to(device), classes=classes)
+        return self.redshift_net.predict(torch.from_numpy(flux).to(device), torch.from_numpy(ivar).to(device), classes=classes, probs=probs)
 
     def set_redshift_error_scale(self, scale: float) -> None:
         """Store the factor on the redshift scan's errors (saved with the config)."""

@@ -164,24 +164,45 @@ class RedshiftNetConfig:
         return cls(**d)
 
 
+def on_network_grid(wavelength, cfg: RedshiftNetConfig) -> bool:
+    """Whether a spectrum's pixels `wavelength` [Angstrom] are the network's input grid: at least
+    n_pixels of them, the first and the n_pixels-th on the grid's ends (to 1e-8 dex)."""
+    if len(wavelength) < cfg.n_pixels:
+        return False
+    ends = np.log10(np.asarray(wavelength)[[0, cfg.n_pixels - 1]].astype(np.float64))
+    grid_ends = cfg.log_lambda_start, cfg.log_lambda_start + (cfg.n_pixels - 1) * cfg.log_lambda_step
+    return bool(np.all(np.abs(ends - grid_ends) < 1e-8))
+
+
 def spectra_on_grid(samples, cfg: RedshiftNetConfig) -> tuple[np.ndarray, np.ndarray]:
     """(flux, ivar) (N, n_pixels) float32 of spectrum Samples on the network's input grid: copied
-    when a sample's pixels are that grid (the card's mocks), else resampled in log wavelength
+    when a sample's pixels are that grid (`on_network_grid`; checked once per wavelength array,
+    which a survey file's samples share), in one stacked copy when every sample's are (the
+    card's mocks, a survey file's rows), else resampled in log wavelength
     (`heads.template_fit.resample_log`: a survey file's own grid; pixels it does not cover get
-    ivar = 0). Flux behind ivar = 0 is set to 0."""
+    ivar = 0). Flux behind ivar = 0 (after the float32 cast) is set to 0."""
     from cosmofm.heads.template_fit import resample_log
 
-    grid = cfg.log_lambda_start + np.arange(cfg.n_pixels) * cfg.log_lambda_step
-    flux, ivar = np.zeros((2, len(samples), cfg.n_pixels), np.float32)
-    for k, sample in enumerate(samples):
-        wave, f, w = (np.asarray(a, dtype=np.float64) for a in (sample.coords["wavelength"], sample.values, sample.ivar))
-        lw = np.log10(wave[[0, min(cfg.n_pixels, wave.size) - 1]])
-        if wave.size >= cfg.n_pixels and abs(lw[0] - grid[0]) < 1e-8 and abs(lw[1] - grid[-1]) < 1e-8:
-            f, w = f[:cfg.n_pixels], w[:cfg.n_pixels]
-        else:
-            f, w = resample_log(wave, np.nan_to_num(f), w, grid)
-        ivar[k] = w
-        flux[k] = np.where(w > 0, f, 0.0)
+    samples, n = list(samples), cfg.n_pixels  # each read once
+    flux, ivar = np.zeros((2, len(samples), n), np.float32)
+    checked: dict[int, bool] = {}  # id of a wavelength array -> on the grid (the samples keep the arrays alive)
+    for sample in samples:
+        wave = sample.coords["wavelength"]
+        if id(wave) not in checked:
+            checked[id(wave)] = on_network_grid(wave, cfg)
+    on_grid = [checked[id(s.coords["wavelength"])] for s in samples]
+    if samples and all(on_grid):  # the common case: one stacked copy
+        np.stack([s.values[:n] for s in samples], out=flux)
+        np.stack([s.ivar[:n] for s in samples], out=ivar)
+    else:
+        grid = cfg.log_lambda_start + np.arange(n) * cfg.log_lambda_step
+        for k, sample in enumerate(samples):
+            if on_grid[k]:
+                flux[k], ivar[k] = sample.values[:n], sample.ivar[:n]
+            else:
+                wave, f, w = (np.asarray(a, dtype=np.float64) for a in (sample.coords["wavelength"], sample.values, sample.ivar))
+                flux[k], ivar[k] = resample_log(wave, np.nan_to_num(f), w, grid)
+    np.copyto(flux, 0.0, where=~(ivar > 0))
     return flux, ivar
 
 
@@ -279,7 +300,7 @@ class RedshiftNetOutput:
 class RedshiftPrediction:
     z: np.ndarray  # (N,) mean of p(z) inside its peak
     z_err: np.ndarray  # (N,) 1-sigma: the peak's width x error_scale
-    probs: np.ndarray  # (N, n_z) p over the z bins (`RedshiftNetConfig.z_edges`)
+    probs: np.ndarray | None  # (N, n_z) p over the z bins (`RedshiftNetConfig.z_edges`); None when not asked for
 
 
 class RedshiftNet(nn.Module):
@@ -370,10 +391,10 @@ class RedshiftNet(nn.Module):
     def batched_logits(self, flux, ivar, batch_size: int = 512) -> torch.Tensor:
         return torch.cat([self(flux[i:i + batch_size], ivar[i:i + batch_size]).logits for i in range(0, len(flux), batch_size)])
 
-    def predict(self, flux, ivar, batch_size: int = 512, classes=None) -> RedshiftPrediction:
+    def predict(self, flux, ivar, batch_size: int = 512, classes=None, probs: bool = True) -> RedshiftPrediction:
         """z, z_err and p(z) of spectra, batch by batch, calibrated (`decode`; `classes`: each
-        spectrum's class or family, for the per-family calibration)."""
-        return RedshiftPrediction(*decode(self.batched_logits(flux, ivar, batch_size), self.cfg, classes))
+        spectrum's class or family, for the per-family calibration; without `probs` no p(z))."""
+        return RedshiftPrediction(*decode(self.batched_logits(flux, ivar, batch_size), self.cfg, classes, probs))
 
     def pit(self, pred: RedshiftPrediction, z_true) -> np.ndarray:
         """CDF of each p(z) at its true redshift (uniform on [0, 1] when calibrated): p's bins away
@@ -407,24 +428,29 @@ def calibration_values(cfg: RedshiftNetConfig, key: str, classes=None) -> float 
     return torch.tensor([cfg.family_calibration.get(class_family(str(c)), {}).get(key, base) for c in classes], dtype=torch.float64)
 
 
-def decode(logits: torch.Tensor, cfg: RedshiftNetConfig, classes=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode(logits: torch.Tensor, cfg: RedshiftNetConfig, classes=None, probs: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(z, z_err, probs) from logits (N, n_z). The peak: the mean bin of p (raw logits) within
     peak_half_width bins of its maximum (on validation mocks 7 % lower NMAD than a parabola
     through log p); z_err: p's standard deviation there x error_scale (soft targets make the
-    peak about target_sigma_bins wide, wider than the scatter); probs: softmax(logits / temperature).
-    `classes` (N,): the per-family temperature and error scale (`calibration_values`)."""
-    logits = logits.detach().cpu().double()
+    peak about target_sigma_bins wide, wider than the scatter); probs: softmax(logits / temperature),
+    or None without `probs` (z and z_err read only the peak's window: a catalogue skips the
+    float64 softmax over every bin). `classes` (N,): the per-family temperature and error scale
+    (`calibration_values`)."""
+    logits = logits.detach().cpu()
     i = logits.argmax(1)
     window = (i[:, None] + torch.arange(-cfg.peak_half_width, cfg.peak_half_width + 1)).clamp(0, cfg.n_z - 1)  # (N, W)
-    p = (logits.gather(1, window) - logits.gather(1, i[:, None])).exp()  # (N, W), 1 at the peak
+    p = (logits.gather(1, window).double() - logits.gather(1, i[:, None]).double()).exp()  # (N, W), 1 at the peak
     p = p / p.sum(1, keepdim=True)
     position = (p * window).sum(1) - cfg.peak_offset_bins
     sigma = ((p * (window - position[:, None]) ** 2).sum(1)).sqrt() * calibration_values(cfg, "error_scale", classes)  # in bins
     log1pz = (cfg.shift_range[0] + position) * cfg.bin_step
     z = 10**log1pz - 1
     z_err = (1 + z) * math.log(10) * cfg.bin_step * sigma
+    if not probs:
+        return z.numpy(), z_err.numpy(), None
     temperature = calibration_values(cfg, "temperature", classes)
-    return z.numpy(), z_err.numpy(), (logits / (temperature if isinstance(temperature, float) else temperature[:, None])).softmax(-1).numpy()
+    scaled = logits.double() / (temperature if isinstance(temperature, float) else temperature[:, None])
+    return z.numpy(), z_err.numpy(), scaled.softmax(-1).numpy()
 
 
 def save_redshift_net(model: RedshiftNet, directory) -> Path:

@@ -193,6 +193,50 @@ def test_bad_input_raises_input_error():
         assert math.isfinite(float(model(flux, ivar).logits.sum()))
 
 
+def test_spectra_on_grid_stacks_a_batch_and_decode_skips_probs_with_the_same_redshifts():
+    """A batch on the grid (a file's rows share one wavelength array) is one stacked copy equal
+    to each sample's own (flux behind zero weight, NaN included, set to 0); in a batch with a
+    sample off the grid only that one is resampled. decode without p(z) gives the same z and
+    z_err (only the peak's window in float64) as with it, and as from float64 logits."""
+    from cosmofm.data_cards import load_card
+    from cosmofm.data_cards.mocks.spectra import mock_spectrum
+    from cosmofm.data_cards.sample import Sample
+    from cosmofm.heads.redshift_net import spectra_on_grid
+
+    card = load_card("sdss-like")
+    cfg = RedshiftNetConfig.for_card(card)
+    mocks = [mock_spectrum(card, i, 3) for i in range(4)]
+    wave = mocks[0].coords["wavelength"]
+    batch = [Sample("spectrum", m.values, m.ivar, {"wavelength": wave}, m.meta) for m in mocks]
+    batch[1].values[7], batch[1].ivar[7] = np.nan, 0.0
+    flux, ivar = spectra_on_grid(batch, cfg)
+    for k, m in enumerate(batch):
+        np.testing.assert_array_equal(ivar[k], m.ivar[:cfg.n_pixels])
+        np.testing.assert_array_equal(flux[k], np.where(m.ivar > 0, m.values, 0)[:cfg.n_pixels])
+    off = Sample("spectrum", mocks[0].values[17:3017], mocks[0].ivar[17:3017], {"wavelength": wave[17:3017]}, mocks[0].meta)
+    mixed_flux, mixed_ivar = spectra_on_grid(batch[:2] + [off] + batch[2:], cfg)
+    alone = spectra_on_grid([off], cfg)
+    np.testing.assert_array_equal(mixed_flux, np.concatenate([flux[:2], alone[0], flux[2:]]))
+    np.testing.assert_array_equal(mixed_ivar, np.concatenate([ivar[:2], alone[1], ivar[2:]]))
+    assert spectra_on_grid([], cfg)[0].shape == (0, cfg.n_pixels)
+
+    torch.manual_seed(5)
+    tiny = RedshiftNetConfig(**TINY, temperature=0.7, error_scale=0.2, family_calibration={"QSO": {"temperature": 2.0, "error_scale": 0.5}})
+    logits = 4 * torch.randn(6, tiny.n_z)
+    logits[0, :2] = 50.0  # a peak at the grid's edge: the window is clamped
+    classes = ["QSO", "STAR_K", "GALAXY", "QSO", "STAR_A0", "QSO"]
+    z, z_err, probs = decode(logits, tiny, classes)
+    z2, z_err2, none = decode(logits, tiny, classes, probs=False)
+    assert none is None and probs.shape == (6, tiny.n_z) and np.allclose(probs.sum(1), 1)
+    np.testing.assert_array_equal(z2, z)
+    np.testing.assert_array_equal(z_err2, z_err)
+    z64, z_err64, _ = decode(logits.double(), tiny, classes)  # the whole of p(z) in float64, as before
+    np.testing.assert_array_equal(z64, z)
+    np.testing.assert_array_equal(z_err64, z_err)
+    _, z_err_star, _ = decode(logits, tiny, ["STAR_K"] * 6, probs=False)  # no fit of its own: the global scale
+    np.testing.assert_allclose(z_err[[0, 3, 5]] / z_err_star[[0, 3, 5]], 0.5 / 0.2)  # the QSO rows took their family's
+
+
 def test_spectra_on_grid_copies_the_cards_grid_and_resamples_another():
     """Mocks on the card's grid are copied as they are; a spectrum on a shifted, shorter
     1e-4-dex grid (an SDSS file's own) lands on the same pixels, the rest masked."""
