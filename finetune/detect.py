@@ -39,6 +39,7 @@ gives them. `cosmofm score` reads it as written.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -126,7 +127,8 @@ class HeadFinder:
         a `sign` column (+1, -1) for the purity cut over the whole cube
         (`detection3d_post.reliability_cut`, done by `detect_cube`).
     Counts in `stats` (blocks, blocks_run, blocks_run_negative, seconds_prefilter,
-    seconds_network): this process's only (forked workers keep theirs)."""
+    seconds_network): this process's only (forked workers keep theirs); the flipped blocks
+    run over every worker, which the purity cut's noise prior scales by: `negative_blocks_run()`."""
 
     __name__ = "detection3d model"
 
@@ -141,6 +143,11 @@ class HeadFinder:
         self.prefilter, self.kernel_rms, self.bf16, self.negatives = prefilter, kernel_rms, bool(bf16), bool(negatives)
         self.stats = {"blocks": 0, "blocks_run": 0, "blocks_run_negative": 0, "seconds_prefilter": 0.0, "seconds_network": 0.0}
         self.threads = None  # torch threads to use where it runs (set by detect_cube for worker processes)
+        self._negative_blocks = multiprocessing.Value("q", 0)  # shared memory: forked workers add to it too
+
+    def negative_blocks_run(self) -> int:
+        """The sign-flipped blocks the network ran on, summed over this process and its forked workers."""
+        return int(self._negative_blocks.value)
 
     def candidates(self, values: np.ndarray, ivar: np.ndarray | None) -> np.ndarray:
         """(C, H, W) bool: voxels of the prefilter's positive smooth-and-clip mask."""
@@ -188,6 +195,9 @@ class HeadFinder:
                 if mask is not None and not mask[grown].any():
                     continue
                 self.stats["blocks_run" if sign > 0 else "blocks_run_negative"] += 1
+                if sign < 0:
+                    with self._negative_blocks.get_lock():
+                        self._negative_blocks.value += 1
                 t0 = time.perf_counter()
                 w = tile_wcs.deepcopy()
                 w.wcs.crpix = np.asarray(w.wcs.crpix) - np.array(b.origin[::-1], float)  # (x, y, spectral) = (col, row, chan)
@@ -285,7 +295,9 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     reliability: the model's purity cut (`Detection3DHeadConfig.reliability`; None: the
         model's own, 0: off): the head runs on the sign-flipped cube too (`HeadFinder(negatives=True)`)
         and the catalogue keeps the detections above the lowest threshold whose purity,
-        estimated from the flipped cube's detections, reaches it (`detection3d_post.reliability_cut`).
+        estimated from the flipped cube's detections, reaches it (`detection3d_post.reliability_cut`),
+        with the model's `noise_prior` (its count part only where this run's prefilter and
+        head_block are the ones it was measured with).
 
     Returns the tiler's summary plus "method", "notes" (the header conversions applied)
     and "noise_s" (the passes over the cube before the tiles: its noise per channel and,
@@ -376,8 +388,13 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             t0 = time.perf_counter()
             summary["n_candidates"] = summary["n_sources"]
             if rel > 0:
+                prior = dict(getattr(model.head_config, "noise_prior", {}) or {})
+                same = prior and prior.get("prefilter") == (None if prefilter is None else float(prefilter)) \
+                    and list(prior.get("head_block") or []) == list(head_block or [])
+                blocks = finder.negative_blocks_run() if same else None  # the count prior holds for the blocks it was measured on
+
                 def cut(table):
-                    out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold)
+                    out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold, prior or None, blocks)
                     return out
             else:
                 def cut(table):
@@ -396,6 +413,41 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             target.unlink(missing_ok=True)
     extra = {"head_stats": dict(finder.stats)} if isinstance(finder, HeadFinder) else {}
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
+
+
+def calibrate_noise_prior(model, cubes, *, tile, overlap, head_block=HEAD_BLOCK, prefilter: float | None = PREFILTER_CLIP,
+                          bf16: bool = False, floor: float = 0.05) -> dict:
+    """The purity cut's noise prior (`Detection3DHeadConfig.noise_prior`) from held-out cube
+    files `cubes` (the calibration cubes): each run as `detect_cube` runs it with the cut
+    (the model's merge factor, these speed options) but decoded at `floor`, their
+    sign-flipped detections and flipped blocks run pooled into `detection3d_post.fit_noise_prior`
+    at the model's (calibrated) threshold; stored in `model`'s head config with the prefilter
+    and head_block (a run with others uses the prior's tail scale only) and returned."""
+    import tempfile
+
+    from cosmofm.heads.detection3d_post import fit_noise_prior
+
+    head = model.head_config
+    saved = {"threshold": head.threshold, "reliability": head.reliability, "noise_prior": dict(head.noise_prior)}
+    if not 0 < floor <= head.threshold:
+        raise InputError("floor", f"is {floor!r}, the threshold {head.threshold}", "decode the negatives at a floor in (0, threshold]")
+    scores, blocks = [], 0
+    try:
+        model._set_task(threshold=floor, reliability=0.5, noise_prior={})
+        with tempfile.TemporaryDirectory(prefix="noise_prior_") as work:
+            for path in cubes:
+                run = detect_cube(path, Path(work) / "flipped.fits", model=model, tile=tile, overlap=overlap, head_block=head_block,
+                                  prefilter=prefilter, bf16=bf16, workers=1, progress=False, overwrite=True)
+                scores += run["reliability"]["negative_scores"]
+                blocks += run["head_stats"]["blocks_run_negative"]
+    finally:
+        model._set_task(**saved)
+    prior = fit_noise_prior(scores, max(blocks, 1), head.threshold, floor)
+    if prior:
+        prior.update({"prefilter": None if prefilter is None else float(prefilter), "head_block": None if head_block is None else list(head_block),
+                      "floor": float(floor), "n_negatives": len(scores)})
+    model._set_task(noise_prior=prior)
+    return prior
 
 
 def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
@@ -433,4 +485,4 @@ def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
     return len(table)
 
 
-__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "HEAD_BLOCK", "HEAD_BLOCK_OVERLAP", "PREFILTER_CLIP", "HeadFinder", "SofiaFinder", "prefilter_config", "catalogue_template", "cube_kernel_rms", "detect_cube"]
+__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "HEAD_BLOCK", "HEAD_BLOCK_OVERLAP", "PREFILTER_CLIP", "HeadFinder", "SofiaFinder", "prefilter_config", "calibrate_noise_prior", "catalogue_template", "cube_kernel_rms", "detect_cube"]

@@ -105,6 +105,11 @@ class Detection3DHeadConfig(TaskHeadConfig):
             the catalogue's purity, estimated from the flipped cube's detections (noise only:
             HI lines are emission), is at least this (`detection3d_post.reliability_cut`);
             0 = off. The threshold then adapts to the cube's source density.
+        noise_prior (`dict`, {}): the purity cut's prior on the noise tail, learnt on the
+            calibration cubes' sign-flipped detections (`finetune.detect.calibrate_noise_prior`,
+            `detection3d_post.fit_noise_prior`: per_block, tail_scale, threshold, ..., and the
+            prefilter and head_block it was measured with); a cube's own flipped detections are
+            blended with it (`detection3d_post.noise_tail`). {} = none: the cube's own alone.
         pa_from (`str`, "moment"): where the PA's receding side comes from: "moment" (the
             velocity gradient in the cube around the detection, `detection3d_post.receding_direction`)
             or "regressed" (the head's ux, uy maps).
@@ -124,6 +129,7 @@ class Detection3DHeadConfig(TaskHeadConfig):
     smoothing: list = field(default_factory=lambda: [[1, 1], [7, 3], [21, 5]])
     merge_factor: float = 1.0
     reliability: float = 0.0
+    noise_prior: dict = field(default_factory=dict)
     pa_from: str = "moment"
     card: str = ""
 
@@ -150,6 +156,14 @@ class Detection3DHeadConfig(TaskHeadConfig):
             raise InputError("task.merge_factor", f"is {self.merge_factor!r}", "give a number in [0, 10] (1 = the SDC2 match window, 0 = off)")
         if isinstance(self.reliability, bool) or not (isinstance(self.reliability, (int, float)) and 0 <= self.reliability < 1):
             raise InputError("task.reliability", f"is {self.reliability!r}", "give a purity in [0, 1), e.g. 0.9 (0 = off)")
+        prior = self.noise_prior
+        bad = not isinstance(prior, dict) or bool(prior) and (
+            any(isinstance(prior.get(k), bool) or not isinstance(prior.get(k), (int, float)) or not math.isfinite(prior[k])
+                for k in ("per_block", "tail_scale", "threshold"))
+            or not (prior["per_block"] >= 0 and prior["tail_scale"] > 0 and 0 < prior["threshold"] < 1))
+        if bad:
+            raise InputError("task.noise_prior", f"is {prior!r}", "give {} or detection3d_post.fit_noise_prior's dict (per_block >= 0, "
+                             "tail_scale > 0, threshold in (0, 1)); recalibrate with detect_quality --reliability")
         if self.pa_from not in ("moment", "regressed"):
             raise InputError("task.pa_from", f"is {self.pa_from!r}", "give 'moment' (the cube's velocity gradient) or 'regressed'")
 

@@ -163,31 +163,100 @@ def _logit(p):
     return np.log(p / (1.0 - p))
 
 
-def expected_false(t, negative, floor: float) -> np.ndarray:
+# The noise prior (session 10). A sparse cube's flipped copy holds a handful of detections
+# (0-9 on a 512 x 256^2 cube, 0-3 in most), too few to fit the tail's scale: with 1-2 of them
+# just above the floor the fitted scale is tiny and a positive a little above them passes as
+# "far in the tail". So the cube's own negatives are blended with a prior learnt on the
+# calibration cubes (`fit_noise_prior`, stored in `Detection3DHeadConfig.noise_prior` at
+# calibration, as the threshold is): conjugate Gamma priors worth PRIOR_WEIGHT pseudo-detections,
+# on the exponential's rate (the scale: (sum of excesses + k x prior scale) / (n + k)) and on
+# the Poisson rate of noise detections per flipped block run (the count: (n + k) x mu0 /
+# (mu0 + k), mu0 the prior's count for this cube's flipped blocks run). SDC2 charges a false
+# detection 1 and pays a true one at most 1 (~0.5-0.7 for the faint ones a sparse cube holds),
+# so a prior that errs towards more noise costs less than one that errs towards less.
+PRIOR_WEIGHT = 3.0
+PRIOR_MIN_TAIL = 10  # the calibration's tail fit uses at least this many flipped detections
+
+
+def fit_noise_prior(negative, blocks: int, threshold: float, floor: float, min_tail: int = PRIOR_MIN_TAIL) -> dict:
+    """The noise prior of the purity cut from held-out cubes' sign-flipped detections, pooled:
+    `negative` their scores decoded at `floor` (<= `threshold`, the calibrated one), `blocks`
+    the flipped blocks run to find them. Two held-out 256 x 128^2 cubes hold 0-2 flipped
+    detections above a calibrated threshold of 0.15-0.20 but 60-90 above the floor 0.05, so
+    the tail is fitted above a level u: the threshold where at least `min_tail` lie above it,
+    else the (min_tail + 1)-th highest score (not below `floor`): a peaks-over-threshold fit on
+    the top order statistics, scale = their mean excess of logit(score) over logit(u), and the
+    expected count above the threshold n_u exp(-(logit t - logit u) / scale), per block run.
+    On those cubes the tail above 0.05-0.10 is heavier than higher up (mean excess 0.30-0.50
+    above 0.05-0.10, 0.07-0.20 above 0.15-0.20 on sparse cubes), so the prior errs towards
+    more noise. {} when there is no flipped detection at all (no prior: the cube's own fit)."""
+    if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 1:
+        raise InputError("blocks", f"is {blocks!r}", "give the number of flipped blocks run (HeadFinder.negative_blocks_run()), >= 1")
+    if not 0 < floor <= threshold < 1:
+        raise InputError("floor / threshold", f"are {floor!r} / {threshold!r}", "decode the negatives at a floor <= the threshold, both in (0, 1)")
+    neg = np.sort(np.asarray(negative, np.float64).reshape(-1))[::-1]
+    neg = neg[neg >= floor]
+    if not len(neg):
+        return {}
+    if (neg >= threshold).sum() >= min_tail:
+        level = threshold
+    else:
+        level = max(floor, float(neg[min_tail])) if len(neg) > min_tail else floor
+    tail = neg[neg >= level] if level == floor else neg[neg > level]
+    x_u = float(_logit(level))
+    scale = max(float(np.mean(_logit(tail) - x_u)), 1e-6)
+    count = len(tail) * math.exp(-max(float(_logit(threshold)) - x_u, 0.0) / scale)
+    return {"per_block": count / blocks, "tail_scale": scale, "threshold": float(threshold), "level": float(level),
+            "n_tail": int(len(tail)), "blocks": int(blocks)}
+
+
+def noise_tail(negative, floor: float, prior: dict | None = None, blocks: int | None = None,
+               weight: float = PRIOR_WEIGHT) -> tuple[float, float]:
+    """(expected number of noise detections above `floor`, the exponential scale of their
+    logit excess) for one cube: from its `negative` scores alone (count n, scale their mean
+    excess: the rule without a prior), or blended with `prior` (`fit_noise_prior`'s dict; the
+    count part only with `blocks`, this cube's flipped blocks run) as the comment above says."""
+    neg = np.asarray(negative, np.float64).reshape(-1)
+    neg = neg[neg >= floor]
+    x0 = float(_logit(floor))
+    excess = float(np.sum(_logit(neg) - x0)) if len(neg) else 0.0
+    n = len(neg)
+    scale0 = float((prior or {}).get("tail_scale", 0.0))
+    if scale0 <= 0:
+        return float(n), (max(excess / n, 1e-6) if n else 0.0)
+    scale = (excess + weight * scale0) / (n + weight)
+    count = float(n)
+    if blocks and prior.get("per_block", 0.0) > 0:  # the prior's count at its threshold, moved to this floor along its tail
+        mu0 = prior["per_block"] * blocks * math.exp(-(x0 - float(_logit(prior["threshold"]))) / scale0)
+        count = (n + weight) * mu0 / (mu0 + weight)
+    return count, scale
+
+
+def expected_false(t, negative, floor: float, prior: dict | None = None, blocks: int | None = None) -> np.ndarray:
     """The expected number of noise detections with objectness >= `t` (scalar or array, each
     >= `floor`), from the `negative` scores (the sign-flipped cube's detections, decoded at
     `floor`): peaks over a threshold, with the excess of logit(score) over logit(floor)
-    exponential (the tail of the maxima of a noise field), its scale the negatives' mean
-    excess (maximum likelihood): N x exp(-(logit t - logit floor) / scale). A fitted tail,
+    exponential (the tail of the maxima of a noise field): N x exp(-(logit t - logit floor) / scale),
+    N and the scale from `noise_tail` (the negatives' count and mean excess, the maximum
+    likelihood fit, blended with the calibration's `prior` when given). A fitted tail,
     not the raw count N(>=t): a cube holds a handful of noise detections, all close to the
     floor, and the raw count is 0 above the highest one, which would let any positive
     above it through."""
-    neg = np.asarray(negative, np.float64).reshape(-1)
-    neg = neg[neg >= floor]
     t = np.asarray(t, np.float64)
-    if not len(neg):
+    count, scale = noise_tail(negative, floor, prior, blocks)
+    if count <= 0:
         return np.zeros_like(t)
-    x0 = float(_logit(floor))
-    scale = max(float(np.mean(_logit(neg) - x0)), 1e-6)
-    return len(neg) * np.exp(-np.maximum(_logit(t) - x0, 0.0) / scale)
+    return count * np.exp(-np.maximum(_logit(t) - float(_logit(floor)), 0.0) / scale)
 
 
-def purity_threshold(positive, negative, min_purity: float, floor: float) -> tuple[float, float]:
+def purity_threshold(positive, negative, min_purity: float, floor: float, prior: dict | None = None,
+                     blocks: int | None = None) -> tuple[float, float]:
     """(t, estimated purity): the lowest objectness threshold t >= `floor` (one of the
     `positive` scores) at which the positive detections at or above t have an estimated
     purity 1 - F(t) / P(>=t) >= `min_purity`, F the expected number of noise detections
     above t (`expected_false`, from the `negative` scores: the sign-flipped cube's detections,
-    the false ones the noise gives in the same volume, decoded at `floor`). None reaches it:
+    the false ones the noise gives in the same volume, decoded at `floor`; with the
+    calibration's `prior` and this cube's `blocks` flipped blocks run when given). None reaches it:
     (inf, nan), the empty catalogue (a cube of noise). Benjamini & Hochberg's step-up rule
     with the flipped cube as the null; SoFiA-2's reliability R = (P - N) / P, cumulative in
     the one parameter the head ranks its detections by."""
@@ -199,31 +268,37 @@ def purity_threshold(positive, negative, min_purity: float, floor: float) -> tup
     pos = pos[pos >= floor]
     ts = np.unique(pos)  # ascending: the lowest threshold that reaches the purity
     n_pos = len(pos) - np.searchsorted(pos, ts, side="left")
-    purity = 1.0 - expected_false(ts, negative, floor) / np.maximum(n_pos, 1)
+    purity = 1.0 - expected_false(ts, negative, floor, prior, blocks) / np.maximum(n_pos, 1)
     ok = np.nonzero(purity >= min_purity - 1e-12)[0]
     return (float(ts[ok[0]]), float(purity[ok[0]])) if len(ok) else (math.inf, math.nan)
 
 
-def reliability_cut(table: Table, beam_arcsec: float, merge_factor: float, min_purity: float, floor: float) -> tuple[Table, dict]:
+def reliability_cut(table: Table, beam_arcsec: float, merge_factor: float, min_purity: float, floor: float,
+                    prior: dict | None = None, blocks: int | None = None) -> tuple[Table, dict]:
     """A detect catalogue of both signs (`sign` +1 / -1: `finetune.detect.HeadFinder(negatives=True)`)
     -> (the positive rows at or above `purity_threshold`, each sign merged first by
-    `merge_catalogue`; `sign` dropped, and a summary: threshold, estimated purity, counts).
+    `merge_catalogue`; `sign` dropped, and a summary: threshold, estimated purity, counts,
+    the noise tail used and the threshold the cube's own negatives alone would give).
     The threshold adapts to the cube: where sources are dense the noise's few false
     detections hardly move it; on empty sky, where they are most of the catalogue, it rises
     until they are a (1 - min_purity) share (the same false-detection density per volume,
-    a different source density)."""
+    a different source density). `prior`, `blocks`: the calibration's noise prior and this
+    cube's flipped blocks run (`noise_tail`); None: the cube's own negatives only."""
     if "sign" not in table.colnames:
         raise InputError("catalogue", "has no sign column", "run the head with negatives (HeadFinder(negatives=True), cosmofm detect --reliability)")
     sign = np.asarray(table["sign"])
     pos = merge_catalogue(table[sign > 0], beam_arcsec, merge_factor)
     neg = merge_catalogue(table[sign < 0], beam_arcsec, merge_factor)
-    t, purity = purity_threshold(pos["score"], neg["score"], min_purity, floor)
+    t, purity = purity_threshold(pos["score"], neg["score"], min_purity, floor, prior, blocks)
     out = pos[np.asarray(pos["score"], np.float64) >= t]
     out.remove_column("sign")
+    count, scale = noise_tail(neg["score"], floor, prior, blocks)
     info = {"threshold": t, "estimated_purity": purity, "n_positive": len(pos), "n_negative": len(neg),
             "n_negative_above": int((np.asarray(neg["score"], np.float64) >= t).sum()), "n_kept": len(out),
+            "noise_count": count, "noise_scale": scale, "prior": dict(prior or {}), "blocks_run_negative": blocks,
+            "threshold_without_prior": purity_threshold(pos["score"], neg["score"], min_purity, floor)[0] if prior else t,
             "negative_scores": sorted(float(v) for v in neg["score"]), "positive_scores": sorted(float(v) for v in pos["score"])}
     return out, info
 
 
-__all__ = ["expected_false", "merge_catalogue", "merge_duplicates", "merge_keep", "purity_threshold", "receding_direction", "reliability_cut"]
+__all__ = ["PRIOR_WEIGHT", "expected_false", "fit_noise_prior", "merge_catalogue", "merge_duplicates", "merge_keep", "noise_tail", "purity_threshold", "receding_direction", "reliability_cut"]

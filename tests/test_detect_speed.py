@@ -206,6 +206,29 @@ def test_purity_threshold_scales_with_the_noise_share_not_the_source_count():
     assert abs(float(expected_false(t, neg, 0.2)) - (neg >= t).sum()) < 3 * math.sqrt(2000 * math.exp(-2))
 
 
+def test_noise_prior_from_calibration_rejects_a_lone_positive_at_noise_level():
+    from cosmofm.heads.detection3d_post import expected_false, fit_noise_prior, purity_threshold
+
+    # calibration: 400 flipped blocks, flipped detections decoded at 0.05 with an exponential logit excess
+    # (scale 0.3, 0.1 per block above the calibrated threshold 0.2): the prior recovers both from the tail
+    x_t, scale = math.log(0.2 / 0.8), 0.3
+    rng = np.random.default_rng(1)
+    cal = 1 / (1 + np.exp(-(x_t + rng.exponential(scale, 40))))
+    low = 1 / (1 + np.exp(-(x_t - rng.uniform(0, 1.2, 200))))  # below the threshold: not part of the tail above it
+    prior = fit_noise_prior(np.concatenate([cal, low]), 400, 0.2, 0.05)
+    assert prior["level"] == 0.2 and abs(prior["tail_scale"] - scale) < 0.12 and abs(prior["per_block"] - 0.1) < 1e-9
+    # a sparse cube: 100 flipped blocks run, its flipped copy holds 2 detections just above the floor
+    neg = [0.201, 0.205]
+    lone = 1 / (1 + math.exp(-(x_t + 0.5)))  # inside the noise's tail: the prior expects 10 x exp(-0.5 / 0.3) = 1.9 above it
+    assert purity_threshold([lone], neg, 0.9, 0.2)[0] == lone  # the cube's own 2 negatives: a tiny scale lets it through
+    assert purity_threshold([lone], neg, 0.9, 0.2, prior, 100)[0] == math.inf  # with the prior: rejected
+    clear = 1 / (1 + math.exp(-(x_t + 3.0)))
+    assert purity_threshold([lone, clear], neg, 0.9, 0.2, prior, 100)[0] == clear  # a clear one is kept
+    # no flipped detection at all: the prior still expects noise (the rule without it: none)
+    assert float(expected_false(lone, [], 0.2, prior, 100)) > 0.5 and float(expected_false(lone, [], 0.2)) == 0.0
+    assert fit_noise_prior([], 100, 0.2, 0.05) == {}
+
+
 def test_reliability_cut_keeps_the_positive_rows_above_the_threshold(cubes, model, tmp_path):
     _, noise_only = cubes
     _, plain = _run(noise_only, tmp_path / "plain.fits", model, tile=SHAPE, overlap=(8, 8, 8), head_block=SHAPE)

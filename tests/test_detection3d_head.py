@@ -348,3 +348,25 @@ def test_cube_calibration_prefers_merging_a_duplicate_to_raising_the_threshold(c
     task = Detection3DTask(model.head_config)
     fitted = task.calibrate_catalogues(model, [(cat, truth)], 7.0, 0.9, merge_factors=(0.0,))  # no merging: the threshold must climb
     assert fitted["threshold"] == 0.65 and fitted["sdc2_score_calibration"] == pytest.approx(2.0)
+
+
+def test_detect_quality_strategies_train_what_they_name(card, tmp_path):
+    """scripts/bench/detect_quality.py --strategy goes through the shared fine-tune strategies on a
+    pretrained backbone: frozen leaves every backbone weight as loaded, lora changes only the
+    attention layers its adapters sit on (merged)."""
+    from argparse import Namespace
+
+    from cosmofm.bench.detect_quality import train
+    from cosmofm.pretrain import CosmoFMModel
+
+    torch.manual_seed(0)
+    backbone = CosmoFMModel(CosmoFMConfig(**TINY))
+    backbone.save_pretrained(tmp_path / "bb")
+    write_manifest(tmp_path / "bb")
+    args = Namespace(n_train=2, train_sparse_share=0.0, tile=[32, 16, 16], train_density=10000.0, log_mhi_min=9.5, backbone=str(tmp_path / "bb"),
+                     backbone_recipe="demo", train_seed=0, batch_size=2, steps=1, lr=1e-2, progress=False, max_grad_norm=100.0)
+    frozen, lora = (train(card, Namespace(**vars(args), strategy=s))[2] for s in ("frozen", "lora"))
+    assert frozen["trainable"]["backbone"] == 0 and frozen["changed"]["backbone_tensors"] == []
+    assert frozen["changed"]["head_values"] == frozen["trainable"]["head"] > 0
+    assert lora["changed"]["backbone_tensors"] and all(".attn.qkv.weight" in n or ".attn.proj.weight" in n for n in lora["changed"]["backbone_tensors"])
+    assert 0 < lora["trainable"]["backbone"] < sum(p.numel() for p in backbone.parameters()) / 2

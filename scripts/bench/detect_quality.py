@@ -9,7 +9,9 @@ seeds 0, 1, ...: the quadrants of (C, 2H, 2W) cubes, each cube at a random place
 950-1150 MHz band; a `--train-sparse-share` of them from sparse sky, the 1 GB survey
 cube's density above log M_HI 9, universe seed 5) train the head on a fresh backbone
 of the demo's shape (`--backbone` gives a pretrained one instead) for `--steps` optimizer
-steps with the shared fine-tune loop (strategy full), each step's gradient norm clipped at
+steps with the shared fine-tune loop and its strategies (`--strategy`: full, the default, trains
+every weight, the backbone at `backbone_lr_scale` x `--lr`; frozen only the head; lora the head
+and peft LoRA adapters, merged after training: `finetune.strategies`), each step's gradient norm clipped at
 `--max-grad-norm` (one outlier source's NLL once gave a step ~1,000x the usual norm and ruined
 the run; the record keeps the loss curve and the clipped steps). The objectness threshold and the merge factor are chosen
 on `--calibration-cubes` held-out cubes of the test cubes' kind (seeds 2,000,000 + k:
@@ -185,8 +187,15 @@ def calibrate_on_cubes(model, task, card, args, work: Path) -> dict:
         with torch.no_grad():
             cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, tile=tuple(args.tile), overlap=tuple(args.overlap))
         pairs.append((cat, truth))
-        path.unlink()
     chosen = task.calibrate_catalogues(model, pairs, beam, args.min_purity)
+    if args.reliability and args.fast:  # the purity cut's noise prior: the same cubes' flipped detections, head_fast's options
+        from cosmofm.finetune.detect import calibrate_noise_prior
+
+        chosen["noise_prior"] = calibrate_noise_prior(model, [work / f"cube-{CALIBRATION_SEED_BASE + k}.fits" for k in range(args.calibration_cubes)],
+                                                      tile=(args.channels, args.size, args.size), overlap=tuple(args.overlap),
+                                                      head_block=tuple(args.tile), prefilter=args.prefilter or None, bf16=not args.no_bf16)
+    for k in range(args.calibration_cubes):
+        (work / f"cube-{CALIBRATION_SEED_BASE + k}.fits").unlink()
     return {**chosen, "diagnostics": calibration_diagnostics(pairs, beam, model.head_config.merge_factor)}
 
 
@@ -226,6 +235,40 @@ def training_tiles(card, args) -> tuple[list, int]:
     return samples, n_sparse
 
 
+def changed_parameters(model, before: dict) -> dict:
+    """Which of `model`'s weights differ from `before` (its state dict's tensors, copied before
+    training), split into backbone and head: what the strategy really trained (LoRA's adapters,
+    merged, change their layers' whole weight matrices)."""
+    prefix = model.base_model_prefix + "."
+    out = {"backbone_tensors": [], "backbone_values": 0, "head_tensors": 0, "head_values": 0}
+    for name, value in model.state_dict().items():
+        if name in before and not torch.equal(before[name], value):
+            part = "backbone" if name.startswith(prefix) else "head"
+            if part == "backbone":
+                out["backbone_tensors"].append(name[len(prefix):])
+            else:
+                out["head_tensors"] += 1
+            out[f"{part}_values"] += int((before[name] != value).sum())
+    return out
+
+
+def trainable_counts(model, strategy) -> dict:
+    """The parameters `strategy` trains in `model` (`apply_strategy` on a copy): backbone (with
+    LoRA: its adapters) and head, as numbers of values."""
+    import copy
+
+    from cosmofm.finetune.strategies import apply_strategy
+
+    probe = copy.deepcopy(model)
+    apply_strategy(probe, strategy, 1.0, 0.0)
+    prefix = probe.base_model_prefix + "."
+    out = {"backbone": 0, "head": 0}
+    for name, param in probe.named_parameters():
+        if param.requires_grad:
+            out["backbone" if name.startswith(prefix) else "head"] += param.numel()
+    return out
+
+
 def train(card, args) -> tuple:
     from cosmofm.finetune.loop import LoopConfig, finetune_loop
     from cosmofm.finetune.run import build_task_model
@@ -240,15 +283,20 @@ def train(card, args) -> tuple:
     steps_per_epoch = math.ceil(len(samples) / args.batch_size)
     cfg = LoopConfig(epochs=math.ceil(args.steps / steps_per_epoch), batch_size=args.batch_size, lr=args.lr, max_steps=args.steps,
                      seed=args.train_seed, progress=args.progress, max_grad_norm=args.max_grad_norm)
+    strategy = Strategy(args.strategy)
+    trainable = trainable_counts(model, strategy)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
-    run = finetune_loop(model, samples, task.targets, Strategy("full"), cfg)
+    run = finetune_loop(model, samples, task.targets, strategy, cfg)
     info = {"n_tiles": len(samples), "n_sparse_tiles": n_sparse, "n_sources": int(sum(s.meta["labels"]["n_sources"] for s in samples)),
             "n_tiles_without_target": int(sum(not any(r["snr"] >= head.target_min_snr for r in s.meta["labels"]["sources"])
                                               for s in samples)),
             "steps": run.steps,
             "seconds": time.perf_counter() - t0, "final_loss": run.step_losses[-1] if run.step_losses else None,
             "first_loss": run.step_losses[0] if run.step_losses else None, "loss_curve": loss_curve(run.step_losses),
-            "clipped_steps": run.clipped_steps,
+            "clipped_steps": run.clipped_steps, "backbone": args.backbone or f"fresh ({args.backbone_recipe} recipe's shape)",
+            "strategy": {**vars(strategy), "backbone_lr": args.lr * strategy.backbone_lr_scale if args.strategy == "full" else None},
+            "trainable": trainable, "changed": changed_parameters(run.model, before),
             "step_losses": [round(float(v), 4) for v in run.step_losses]}
     return run.model.eval(), task, info
 
@@ -308,6 +356,8 @@ def main(argv=None) -> dict:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--backbone", default=None, help="a pretrained release; default a fresh backbone of --backbone-recipe's shape")
     p.add_argument("--backbone-recipe", default="demo")
+    p.add_argument("--strategy", default="full", choices=("full", "frozen", "lora"),
+                   help="what trains (finetune.strategies): full (all, the backbone at backbone_lr_scale 0.3 x --lr), frozen (the head), lora (head + adapters)")
     p.add_argument("--save-model", default=None, help="save the trained model (and its training record) to this folder")
     p.add_argument("--model", default=None, help="a model saved by --save-model: skip the training (its record is reported)")
     p.add_argument("--fast", action="store_true", help="add the arm head_fast: the same model with cosmofm detect's speed options")
@@ -337,6 +387,7 @@ def main(argv=None) -> dict:
         model._set_task(reliability=0.0)  # the calibration's catalogues are uncut; the arms set their own
     else:
         model, task, result["train"] = train(card, args)
+        print(json.dumps({k: result["train"][k] for k in ("backbone", "strategy", "trainable", "changed")}), flush=True)
     if args.save_model:
         save_model(model, args.save_model, result["train"])
     result["load_after_training"] = load_info()

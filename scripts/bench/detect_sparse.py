@@ -15,7 +15,9 @@ one worker, one torch thread):
   its threshold and merge factor; its purity cut off), with the speed options of the
   1 GB run (`--head-block`, `--prefilter`, bfloat16);
 * head_fast_rel: the same with the purity cut from the sign-flipped cube at `--reliability`
-  (`Detection3DHeadConfig.reliability`, `detection3d_post.reliability_cut`);
+  (`Detection3DHeadConfig.reliability`, `detection3d_post.reliability_cut`), with the
+  model's noise prior where it has one (`Detection3DHeadConfig.noise_prior`; its summary
+  also gives `threshold_without_prior`, the cut from the cube's own flipped detections alone);
 * sofia, sofia_defaults: the SoFiA-style finder, `SOFIA_TUNED` and SoFiA's defaults.
 
 Scored by `heads.sdc2_score.score_catalogue` against the cube's TRUTH (completeness,
@@ -48,6 +50,7 @@ from cosmofm.finetune.detect import detect_cube
 from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
 from cosmofm.heads.sofia_baseline import SofiaConfig
 
+ARMS = ("head_fast", "head_fast_rel", "sofia", "sofia_defaults")
 KEYS = ("score", "n_candidates", "n_match", "completeness", "purity", "completeness_snr4", "false_kinds", "seconds")
 
 
@@ -65,6 +68,7 @@ def main(argv=None) -> dict:
     p.add_argument("--prefilter", type=float, default=5.0)
     p.add_argument("--reliability", type=float, default=0.9, help="head_fast_rel's purity cut")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="the arms to run (the SoFiA-style ones do not depend on --model)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -79,6 +83,7 @@ def main(argv=None) -> dict:
             "prefilter": args.prefilter or None, "bf16": True, "head_threads": args.threads}
     arms = {"head_fast": {**fast, "reliability": 0.0}, "head_fast_rel": {**fast, "reliability": args.reliability},
             "sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}}
+    arms = {name: kwargs for name, kwargs in arms.items() if name in args.arms}
     work = Path(tempfile.mkdtemp(prefix="detect_sparse_"))
     cubes = []
     try:
