@@ -97,6 +97,23 @@ def test_forward_loss_and_output_shapes_with_targets(blends):
     assert out.n_sources.tolist() == [s.meta["labels"]["n_objects"] for s in blends]
 
 
+def test_targets_of_a_batch_are_each_blends_own_padded_to_the_most_objects(blends):
+    """blend_targets builds one blend at a time with K from the truth metadata: each row equals
+    that blend's targets alone, padded (NaN, zero fractions) with the background plane at K."""
+    head = DeblendingHeadConfig.from_card(CARD)
+    batch = blend_targets(blends, head)
+    counts = [s.meta["labels"]["n_objects"] for s in blends]
+    k = batch["centres"].shape[1]
+    assert k == max(counts) and min(counts) < k  # the fixture mixes object counts, so padding is exercised
+    for i, s in enumerate(blends):
+        alone, m = blend_targets([s], head), counts[i]
+        for key in ("centres", "fluxes", "total_flux"):
+            assert torch.equal(batch[key][i, :m], alone[key][0]) and batch[key][i, m:].isnan().all()
+        assert torch.equal(batch["fractions"][i, :m], alone["fractions"][0, :m])
+        assert torch.equal(batch["fractions"][i, k], alone["fractions"][0, m]) and not batch["fractions"][i, m:k].any()
+        assert torch.equal(batch["noiseless"][i], alone["noiseless"][0])
+
+
 def test_flux_correction_scales_the_sources_and_keeps_the_image_flux():
     """The per-source flux correction (deblending_net.flux_correction) starts at exactly 1 (the
     fresh head measures fraction x image, as the test below checks); once it is not 1, each

@@ -5,16 +5,19 @@ r"""Value of pretraining for the deblending head (issue 20): the shared backbone
 
 Arms, each fine-tuned through the shared path (`finetune.run.finetune_task`, the same one
 `cosmofm finetune --task deblending` runs) for the same number of optimizer steps:
-- `scratch`: the head on a fresh backbone of the demo recipe's shape, everything trained;
-- `frozen`, `lora`, `full`: the head on the project's one multi-modal backbone, the demo
-  recipe's checkpoint (`photoz_quality.demo_backbone`: spectra, images, HI cubes and 21cm
-  chunks of mock universe 0, pretrained once into WORK/pretrain), or `--backbone`.
+- `scratch`: the head on a fresh backbone of the pretrained one's shape (its config.json:
+  width, depth, patch sizes, survey table), everything trained;
+- `frozen`, `lora`, `full`: the head on the project's one multi-modal backbone, `--backbone`
+  (e.g. the recipe `shared` release), else the demo recipe's checkpoint
+  (`photoz_quality.demo_backbone`: spectra, images, HI cubes and 21cm chunks of mock
+  universe 0, pretrained once into WORK/pretrain).
 Label fractions (`--fractions`) take the first fraction of the training block
 (`TaskFinetuneConfig.label_fraction`). Training blends come from universe 1000; the test
 blends from universes `--test-universes` (default 1, 2, 3: not universe 0, whose objects
-the backbone saw unlabelled). Each run's heatmap threshold is tuned by detection F1 on
-`--n-tune` training blends, as in `deblend_quality`, and the run is scored with the same
-BTK metrics (`deblend_quality.summarise`) in the r band.
+the demo backbone saw unlabelled; the `shared` recipe's corpus is universe 101, its
+mock_seed). Each run's heatmap threshold is tuned by detection F1 on `--n-tune` training
+blends, as in `deblend_quality`, and the run is scored with the same BTK metrics
+(`deblend_quality.summarise`) in the r band.
 
 Results go to OUT/deblend_pretraining.json after every run (a rerun with the same --out
 skips finished runs), with mean and spread over seeds per arm and fraction.
@@ -88,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cosmofm.bench.pretrain_throughput import machine_info
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.schema import load_card
-    from cosmofm.pretrain.recipe import PretrainRecipe
+    from cosmofm.pretrain.configuration_cosmofm import CosmoFMConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/bench")
@@ -121,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train = _blends(card, args.n_train, TRAIN_SEED, args.workers)
     test = [b for u in args.test_universes for b in _blends(card, args.n_test, u, args.workers)]
     backbone = args.backbone or str(demo_backbone(Path(args.work)))
-    shape = {**PretrainRecipe.load("demo").model, "survey_names": [card.name]}
+    shape = CosmoFMConfig.from_pretrained(backbone).to_dict()  # scratch: a fresh copy of the backbone's own shape
     for fraction in args.fractions:
         for seed in args.seeds:
             for arm in args.arms:
