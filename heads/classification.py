@@ -38,11 +38,11 @@ from transformers import AutoModelForSequenceClassification
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
-from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OOD_FEATURES, OutOfSetDetector, block_output, flag_threshold, masked_token_mean
+from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OOD_FEATURES, OutOfSetDetector, block_output, flag_threshold
 from cosmofm.heads.pooling import POOLINGS, PooledHead
 from cosmofm.heads.redshift_net import RedshiftNet, RedshiftNetConfig, RedshiftPrediction, spectra_on_grid
 from cosmofm.pretrain.data import CosmoFMBatch
-from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
+from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput, masked_token_mean
 
 TASK_TYPE = "spectral-classification"
 LOGVAR_RANGE = (-14.0, 4.0)  # clamp on log sigma^2 of log(1+z): sigma in ~[1e-3, 7.4]
@@ -298,7 +298,7 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         its dropout on (Monte-Carlo dropout, Gal & Ghahramani 2016, on the head only: the
         backbone runs once, so S passes cost S small MLPs, not S models)."""
         from_backbone = self.head_config.ood_features == "backbone"
-        with block_output(self.cosmofm.layer_groups()[-2]) if from_backbone else nullcontext() as last_block:  # [-2]: the last block
+        with block_output(self.cosmofm.encoder.layers[-1]) if from_backbone else nullcontext() as last_block:
             out = self.cosmofm(batch)
         pooled = self.head.pool_tokens(out)  # no dropout before here: pooled once, also for the MC passes
         logits, z, hidden = self.head(pooled)

@@ -31,7 +31,7 @@ score here asks the features instead.
   everywhere is skipped before the network anyway (`finetune.classify.classifiable`).
 - Which features (`OOD_FEATURES`, the classifier's `ood_features`): "backbone", the mean
   over valid tokens of the backbone's last transformer block *before* its final LayerNorm
-  (`block_output`, `masked_token_mean`), is the default since session 10; "head", the
+  (`block_output`, `pretrain.modeling_cosmofm.masked_token_mean`), is the default since session 10; "head", the
   pooled embedding next to the head's hidden layer, is what older models carry. Measured
   on the shared backbone's three fine-tunes (sdss-like-survey, 2,100 in-set test spectra,
   1,000 out-of-set mocks of seed 7, fitted on the training block, thresholded at 1.5 % on
@@ -82,11 +82,6 @@ def block_output(module: nn.Module):
     finally:
         handle.remove()
 
-
-def masked_token_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(N, D) mean of tokens (N, T, D) over the valid ones (N, T) bool."""
-    keep = valid.unsqueeze(-1).to(tokens.dtype)
-    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def shrunk_covariance(centred: np.ndarray) -> tuple[np.ndarray, float]:
@@ -266,7 +261,6 @@ __all__ = [
     "flag_threshold",
     "log_wavelength_coverage",
     "mahalanobis_score",
-    "masked_token_mean",
     "out_of_set_metrics",
     "pixel_log_widths",
     "shrunk_covariance",

@@ -30,6 +30,13 @@ from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.tokenizers import TOKENIZERS, TokenGroup
 
 
+def masked_token_mean(tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(N, D) mean of tokens (N, T, D) over the valid ones (N, T) bool: the backbone's pooled
+    embedding (of its last, normed tokens), and any other layer's token mean."""
+    keep = valid.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
 @dataclass
 class CosmoFMOutput(ModelOutput):
     """What the backbone returns; every head and objective consumes this.
@@ -230,11 +237,9 @@ class CosmoFMModel(CosmoFMPreTrainedModel):
         # Padding is known from the groups' shapes, without reading the mask back from the device.
         padded = sum(len(g.rows) for g in groups) < len(batch) or any(g.content.shape[1] < tokens.shape[1] for g in groups)
         hidden = self.encoder(tokens, attention_mask if padded else None)  # (N, T, D)
-        keep = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
         return CosmoFMOutput(
             last_hidden_state=hidden,
-            pooled=pooled,
+            pooled=masked_token_mean(hidden, attention_mask),
             attention_mask=attention_mask,
             token_coords=coords,
             token_mask=token_mask,

@@ -25,27 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from cosmofm.bench.classify_quality import mock_folder
-from cosmofm.bench.classify_survey import CARD, LABELLED_SEED, N_OUT_OF_SET, SPLIT, _recalls, _spread, detector_scores, out_of_set_scores
+from cosmofm.bench import write_report
+from cosmofm.bench.classify_survey import CARD, LABELLED_SEED, SPLIT, _recalls, _spread, detector_scores, out_of_set_mocks, out_of_set_scores
 from cosmofm.bench.pretrain_throughput import machine_info
-from cosmofm.data_cards.io.hf_io import SampleDataset, write_dataset
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import FinetuneConfig
 from cosmofm.finetune.classify import load_classifier, predict
 from cosmofm.finetune.run import split_indices
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE, OOD_FEATURES
-
-
-def out_of_set_set(card, folders: list[Path], seed: int, n: int = N_OUT_OF_SET) -> list:
-    """The n out-of-set mocks of `seed`: read from the first of `folders` that holds them, else made into the last."""
-    from cosmofm.data_cards.mocks.out_of_set import OOS_CLASSES, generate_out_of_set
-
-    name = f"out-of-set-{n}-seed{seed}"
-    folder = next((f / name for f in folders if (f / name / "dataset_info.json").exists()), folders[-1] / name)
-    if not (folder / "dataset_info.json").exists():
-        write_dataset(generate_out_of_set(card, n, seed, OOS_CLASSES), folder, [card])
-    ds = SampleDataset(folder)
-    return [ds[i] for i in range(len(ds))]
 
 
 def with_features(model, features: str, train: list, train_labels: np.ndarray, calibration: list, rate: float = DEFAULT_FALSE_FLAG_RATE):
@@ -66,7 +54,7 @@ def run(models: list[str], work: Path, cache: Path, oos_seeds: list[int], n: int
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
     splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
     block = {name: [samples[int(i)] for i in index] for name, index in splits.items()}
-    sets = {seed: out_of_set_set(card, [work, cache], seed) for seed in oos_seeds}
+    sets = {seed: out_of_set_mocks(card, work, seed, cache) for seed in oos_seeds}
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "out_of_set_seeds": oos_seeds,
               "false_flag_rate_target": DEFAULT_FALSE_FLAG_RATE, "models": models, "runs": []}
     for path in models:
@@ -113,10 +101,7 @@ def main(argv: list[str] | None = None):
     args = p.parse_args(argv)
     work = Path(args.work)
     report = run(args.models, work, Path(args.cache) if args.cache else work, args.oos_seeds, args.n)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2, default=float))
-    return report
+    return write_report(args.out, f"{args.name}.json", report)
 
 
 if __name__ == "__main__":

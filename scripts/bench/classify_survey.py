@@ -206,13 +206,15 @@ def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: st
     return row
 
 
-def out_of_set_mocks(card, work: Path) -> list:
-    """N_OUT_OF_SET spectra of objects outside the 13 classes, cycling through the kinds (cached)."""
+def out_of_set_mocks(card, work: Path, seed: int = OUT_OF_SET_SEED, cache: Path | None = None) -> list:
+    """N_OUT_OF_SET spectra of objects outside the 13 classes, cycling through the kinds: read
+    from `work` when made there before, else made into `cache` (default `work`) or read from it."""
     from cosmofm.data_cards.mocks.out_of_set import OOS_CLASSES, generate_out_of_set
 
-    folder = work / f"out-of-set-{N_OUT_OF_SET}-seed{OUT_OF_SET_SEED}"
+    name = f"out-of-set-{N_OUT_OF_SET}-seed{seed}"
+    folder = work / name if (work / name / "dataset_info.json").exists() else (cache or work) / name
     if not (folder / "dataset_info.json").exists():
-        write_dataset(generate_out_of_set(card, N_OUT_OF_SET, OUT_OF_SET_SEED, OOS_CLASSES), folder, [card])
+        write_dataset(generate_out_of_set(card, N_OUT_OF_SET, seed, OOS_CLASSES), folder, [card])
     ds = SampleDataset(folder)
     return [ds[i] for i in range(len(ds))]
 
