@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launch import sharded_dataset  # tests/launch.py
+from launch import launch_env, sharded_dataset  # tests/launch.py
 
 from cosmofm.cli import main
 from cosmofm.data_cards.errors import InputError
@@ -138,17 +138,11 @@ def test_resume_if_possible_conflicts_with_explicit_choices(tmp_path, capsys):
 # -- a live elastic restart --------------------------------------------------------------
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
-    return env
-
-
 def _torchrun(out: Path, data: list[str]) -> subprocess.Popen:
     """`cosmofm launch torchrun` (not a dry run): torchrun --standalone, 2 gloo processes, 1 restart."""
     cmd = CLI + ["launch", "torchrun", *data, "--set", f"optim.max_steps={STEPS}", "--set", f"run.save_every={SAVE_EVERY}",
                  "--gpus-per-node", "2", "--max-restarts", "1", "--output", str(out)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(cmd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -243,7 +237,7 @@ def test_sbatch_script_waits_for_a_checkpoint_on_usr1_then_requeues_and_the_requ
 
     _fake_slurm(tmp_path / "bin")
     run, log, steps = tmp_path / "run", tmp_path / "slurm.log", 100  # ~10 steps/s: the script looks for a new checkpoint each second
-    env = dict(_env(), PATH=os.pathsep.join([str(tmp_path / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]]),
+    env = dict(launch_env(), PATH=os.pathsep.join([str(tmp_path / "bin"), str(Path(sys.executable).parent), os.environ["PATH"]]),
                SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_JOB_NODELIST="node1", COSMOFM_GPUS_PER_NODE="1", COSMOFM_MAX_RESTARTS="0",
                COSMOFM_RDZV_PORT=str(free_port()), COSMOFM_RUN_DIR=str(run), COSMOFM_SAVE_GRACE="60", FAKE_SLURM_LOG=str(log))
     job = ["bash", str(launch_file("slurm.sbatch")), *TINY, "--set", f"optim.max_steps={steps}", "--set", "run.save_every=10", "--output", str(run)]

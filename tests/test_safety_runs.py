@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launch import launch_env  # tests/launch.py
+
 from cosmofm.cli import main
 from cosmofm.data_cards.errors import InputError
 from cosmofm.pretrain.checkpoint import run_lock
@@ -42,12 +44,6 @@ def _one_error_line(capsys) -> str:
 
 def _steps(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
-    return env
 
 
 # --- a second run into a run folder ------------------------------------------------
@@ -100,7 +96,7 @@ def test_a_running_run_locks_its_folder_and_a_kill_releases_it(tmp_path, capsys)
     the lock dies with its holder, so a SIGKILLed run leaves none behind."""
     run = tmp_path / "run"
     args = ["pretrain", "--config", "tiny", "--output", str(run), *SMALL, "--set", "optim.max_steps=100000", "--set", "run.save_every=2"]
-    first = subprocess.Popen(CLI + args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(CLI + args, env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not ((run / "checkpoints" / "latest").exists() and len(_metrics(run)) >= 3):
@@ -132,7 +128,7 @@ def test_every_process_of_a_refused_multi_process_run_stops(tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "cosmofm.cli"]
     done = subprocess.run(launch + ["pretrain", "--config", "tiny", "--output", str(run), *SMALL, "--set", "optim.max_steps=2"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert (done.stdout + done.stderr).count("holds an earlier run") == 2, done.stderr[-3000:]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import accelerate_launch  # tests/launch.py
+from launch import accelerate_launch, launch_env  # tests/launch.py
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -24,12 +24,6 @@ STEPS = 10
 def _cmd(run: Path, *extra: str) -> list[str]:
     return accelerate_launch(2) + ["-m", "cosmofm.cli", "pretrain", "--config", "tiny", "--backend", "fsdp2",
                                    "--set", f"optim.max_steps={STEPS}", "--set", "run.save_every=100", "--output", str(run), *extra]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    env.pop("COSMOFM_DEBUG", None)
-    return env
 
 
 def _rows(run: Path) -> list[dict]:
@@ -69,7 +63,7 @@ def _rank_pid(launcher: int, rank: int) -> int:
 def _signal_one_rank(run: Path, extra: list[str], rows_before: int, signum: int, rank: int = 1):
     """Start a 2-process run, and once metrics.jsonl has more than `rows_before` rows, send `signum`
     to the worker of `rank` alone; wait for the run. (its result, the rows logged when the signal went)"""
-    proc = subprocess.Popen(_cmd(run, *extra), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(_cmd(run, *extra), env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics, deadline = run / "metrics.jsonl", time.time() + 400
     try:
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > rows_before):
