@@ -57,6 +57,7 @@ any head can carry one.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -72,16 +73,23 @@ OOD_FEATURES = ("backbone", "head")  # what the detector reads: the last block's
 
 @contextmanager
 def block_output(module: nn.Module):
-    """Within the block, `kept["output"]` is what `module` returned on its last call (a
-    forward hook, removed on exit): the tokens of a transformer block that the backbone's
-    output no longer shows, e.g. the last block's before the final norm."""
+    """Within the block, `kept["output"]` is what `module` returned on its last call from
+    this thread (a forward hook, removed on exit): the tokens of a transformer block that the
+    backbone's output no longer shows, e.g. the last block's before the final norm. Only this
+    thread's calls count: worker threads share one model (classify where processes cannot
+    fork), and every hook sees every thread's forward."""
     kept: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda _module, _inputs, output: kept.__setitem__("output", output))
+    owner = threading.get_ident()
+
+    def keep(_module, _inputs, output):
+        if threading.get_ident() == owner:
+            kept["output"] = output
+
+    handle = module.register_forward_hook(keep)
     try:
         yield kept
     finally:
         handle.remove()
-
 
 
 def shrunk_covariance(centred: np.ndarray) -> tuple[np.ndarray, float]:

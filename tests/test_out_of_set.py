@@ -226,3 +226,34 @@ def test_backbone_features_are_the_last_blocks_tokens_before_the_final_norm(fitt
     assert loaded.head_config.ood_features == "head" and loaded.head_config.ood_active
     with torch.no_grad():
         assert torch.equal(loaded(batch).ood_score, old(batch).ood_score)
+
+
+def test_block_output_keeps_only_its_own_threads_calls(fitted, sdss):
+    """Worker threads share one model (classify where processes cannot fork): a forward in
+    another thread must not overwrite the tokens this thread's detector reads. Before the
+    fix the hook kept whichever thread's forward ran last, and the out-of-set flags of a
+    threaded classify could differ from a sequential one's."""
+    import threading
+
+    from cosmofm.heads.out_of_set import block_output
+
+    model, samples, _ = fitted
+    layer = model.cosmofm.encoder.layers[-1]
+    mine, theirs = torch.randn(2, 5, 32), torch.randn(3, 7, 32)
+    with torch.no_grad(), block_output(layer) as kept:
+        expected = layer(mine, None)
+        other = threading.Thread(target=lambda: layer(theirs, None))
+        other.start()
+        other.join()
+        assert torch.equal(kept["output"], expected)  # the other thread's (3, 7, 32) tokens are not kept
+    batch = collate_samples(samples[:4], ["sdss-like"])
+    with torch.no_grad():
+        alone = model(batch).ood_score
+        scores = {}
+        runs = [threading.Thread(target=lambda k=k: scores.__setitem__(k, model(batch).ood_score)) for k in range(4)]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+    for k in range(4):
+        torch.testing.assert_close(scores[k], alone)
