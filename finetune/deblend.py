@@ -113,13 +113,15 @@ def band_names(header: fits.Header, n: int) -> list[str]:
     return [str(header.get(f"BAND{k}", k)) for k in range(n)]
 
 
-def model_finder(model, expect_task: str, **options):
+def model_finder(model, expect_task: str, device=None, **options):
     """(finder, device) of a fine-tuned task model: its registered Task's `find_in_tile`, given
-    `options` (e.g. bf16=True)."""
+    `options` (e.g. bf16=True); `device`: move the model there first (None: where it is)."""
     from cosmofm.finetune.task_predict import load_task_model
     from cosmofm.heads.base import task_class
 
     model = load_task_model(model, expect_task=expect_task).eval()
+    if device is not None:
+        model.to(device)
     task = task_class(model.task_type)(model.head_config)
     if not hasattr(task, "find_in_tile"):
         raise InputError(f"task {model.task_type!r}", "has no find_in_tile", "this task's head cannot run on tiles yet")
@@ -168,11 +170,15 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     bf16: a model's backbone and decoder under bfloat16 autocast (`deblend_samples`).
 
     Returns the tiler's summary plus "method", "bands" and "flags" (the mosaic's problems).
+    Launched (accelerate launch / torchrun) the tiles are shared by the processes and rank 0
+    writes the one catalogue (`finetune.tiling_dist`); each rank measures the mosaic's sky
+    levels itself (a strided sample, the same numbers on every rank).
     """
     from pathlib import Path
 
     from cosmofm.data_cards.readers.mosaic import FLAG_CODES, open_mosaic
     from cosmofm.finetune.tiling import TilePlan, run_tiled
+    from cosmofm.finetune.tiling_dist import launched_ranks
 
     if model is not None and method not in (None, "model"):
         raise InputError("method", f"{method!r} given with a model", "give either --model or --method")
@@ -181,8 +187,9 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         raise InputError("method", "'model' needs a model", "give --model PATH, or --method sep / photutils")
     if bf16 and method != "model":
         raise InputError("bf16", f"runs a model's network in bfloat16, but the deblender is {method}", "give --model, or drop --bf16")
+    ranks = launched_ranks()  # None: one process; launched: the rank's device (cuda:LOCAL_RANK, or cpu) runs the model
     if method == "model":
-        finder, device = model_finder(model, "deblending", bf16=bf16)
+        finder, device = model_finder(model, "deblending", None if ranks is None else ranks.device, bf16=bf16)
         processes = device.type == "cpu"
     else:
         finder, processes = ClassicalDeblender(method, fwhm_pixels, contrast, thresh), True

@@ -127,8 +127,9 @@ class HeadFinder:
         a `sign` column (+1, -1) for the purity cut over the whole cube
         (`detection3d_post.reliability_cut`, done by `detect_cube`).
     Counts in `stats` (blocks, blocks_run, blocks_run_negative, seconds_prefilter,
-    seconds_network): this process's only (forked workers keep theirs); the flipped blocks
-    run over every worker, which the purity cut's noise prior scales by: `negative_blocks_run()`."""
+    seconds_network): this process's only (forked workers keep theirs; launched, `detect_cube`
+    sums them over the ranks); the flipped blocks run over every worker, which the purity
+    cut's noise prior scales by: `negative_blocks_run()` (launched: summed over the ranks too)."""
 
     __name__ = "detection3d model"
 
@@ -304,11 +305,18 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     for sofia, each kernel's clip rms); for sofia also "n_candidates" (the tiles' S+C
     candidates, positive and negative) and "reliability_s" (the cut over all of them);
     for a model with a reliability cut "reliability" (`reliability_cut`'s summary).
+
+    Launched (accelerate launch / torchrun: `finetune.tiling_dist`) every rank runs its share
+    of the tiles (the network on the rank's device); the passes over the whole cube (noise,
+    clip rms) run on rank 0 and go to every rank, the flipped blocks and `head_stats` are
+    summed over the ranks, the cut / merge over the catalogue runs on rank 0, and every rank
+    returns the same summary: the one-process catalogue, written once.
     """
 
     from cosmofm.data_cards.readers.mosaic import open_survey_cube
     from cosmofm.finetune.predict import check_output
     from cosmofm.finetune.tiling import TilePlan, run_tiled
+    from cosmofm.finetune.tiling_dist import from_main, launched_ranks, on_main
 
     if model is not None and method not in (None, "model"):
         raise InputError("method", f"{method!r} given with a model", "give either --model or --method")
@@ -326,13 +334,16 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         raise InputError(str(path), "has no beam (BMAJ/BMIN)", "add the beam FWHM in degrees as BMAJ / BMIN to the header")
     plan = TilePlan(cube.shape, tile, overlap)
     check_output(Path(output), [Path(path)], [Path(path)], overwrite)
+    ranks = launched_ranks()  # None: one process; launched: the passes over the whole cube run on rank 0 (finetune.tiling_dist)
     t0 = time.perf_counter()
+    if ranks is not None:
+        cube._noise = from_main(ranks, lambda: cube.noise)  # rank 0's pass, sent to every rank (SurveyCube.noise keeps it)
     noise = cube.noise  # one pass over the cube, here: forked workers inherit it instead of each measuring it again
     noise_s = time.perf_counter() - t0
     if not np.any(np.isfinite(noise) & (noise > 0)):
         raise InputError(str(path), "has no channel with a finite, non-zero noise (all blank or constant)", "give a cube with data")
     template = catalogue_template()
-    merge = 0.0
+    merge = rel = 0.0
     if method == "model":
         from cosmofm.finetune.task_predict import load_task_model
 
@@ -341,7 +352,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         if prefilter is not None:
             pre = prefilter_config(prefilter)
             t0 = time.perf_counter()
-            kernel_rms = cube_kernel_rms(cube, pre)  # the whole cube's clip levels, as sofia's
+            kernel_rms = from_main(ranks, lambda: cube_kernel_rms(cube, pre))  # the whole cube's clip levels, as sofia's
             noise_s += time.perf_counter() - t0
         rel = float(getattr(model.head_config, "reliability", 0.0)) if reliability is None else float(reliability)
         if not 0 <= rel < 1:
@@ -350,12 +361,15 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
                             negatives=rel > 0)
         if rel > 0:
             template["sign"] = np.zeros(0, np.int64)
+        if ranks is not None:
+            model.to(ranks.device)  # the rank's GPU (cuda:LOCAL_RANK with nccl), or the CPU (gloo)
         device = next(model.parameters()).device
         processes = device.type == "cpu"
-        if processes:  # forked workers share the cores: each gets its part (torch's threads would be all of them)
+        if processes:  # forked workers share the cores (a launched rank's: its share of the node's): each gets its part
             from cosmofm.data_cards.workers import cores, n_workers
 
-            finder.threads = head_threads or max(1, cores() // max(1, min(n_workers(workers), len(plan))))
+            budget, n = (cores(), min(n_workers(workers), len(plan))) if ranks is None else (ranks.cores, ranks.workers(workers, len(ranks.tiles(plan))))
+            finder.threads = head_threads or max(1, budget // max(1, n))
         target = Path(output)
         merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
         if merge > 0 or rel > 0:
@@ -365,7 +379,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
 
         config = config or SOFIA_TUNED
         t0 = time.perf_counter()
-        kernel_rms = cube_kernel_rms(cube, config)  # the whole cube's clip levels, as the noise
+        kernel_rms = from_main(ranks, lambda: cube_kernel_rms(cube, config))  # the whole cube's clip levels, as the noise
         noise_s += time.perf_counter() - t0
         finder, processes = SofiaFinder(config, kernel_rms=kernel_rms, candidates=True), True
         for name in CANDIDATE_COLUMNS:
@@ -380,39 +394,51 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=_finish, keywords=keywords,
                             workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if target != Path(output) else overwrite,
                             inputs=[path])
-        if method == "model" and (merge > 0 or rel > 0):
-            from cosmofm.heads.detection3d_post import merge_catalogue, reliability_cut
-
-            hdr = cube.tile_header((slice(0, 1),) * 3)
-            beam = float(np.sqrt(hdr["BMAJ"] * hdr["BMIN"]) * 3600.0)
-            t0 = time.perf_counter()
-            summary["n_candidates"] = summary["n_sources"]
-            if rel > 0:
-                prior = dict(getattr(model.head_config, "noise_prior", {}) or {})
-                same = prior and prior.get("prefilter") == (None if prefilter is None else float(prefilter)) \
-                    and list(prior.get("head_block") or []) == list(head_block or [])
-                blocks = finder.negative_blocks_run() if same else None  # the count prior holds for the blocks it was measured on
-
-                def cut(table):
-                    out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold, prior or None, blocks)
-                    return out
-            else:
-                def cut(table):
-                    return merge_catalogue(table, beam, merge)
-            summary["n_sources"] = _reliability_pass(target, Path(output), None, cut=cut)
-            summary["output"] = str(output)
-            summary["merge_s"] = time.perf_counter() - t0
-        elif method != "model":
-            t0 = time.perf_counter()
-            summary["n_candidates"] = summary["n_sources"]
-            summary["n_sources"] = _reliability_pass(target, Path(output), config)
-            summary["output"] = str(output)
-            summary["reliability_s"] = time.perf_counter() - t0
+        negatives = finder.negative_blocks_run() if isinstance(finder, HeadFinder) else 0
+        if ranks is not None and isinstance(finder, HeadFinder):  # each rank counted its own blocks
+            finder.stats, negatives = ranks.sum(finder.stats), ranks.sum(negatives)
+        summary = on_main(ranks, _whole_cube_pass, summary, method, cube, model, merge, rel, prefilter, head_block, negatives, config, target, Path(output))
+        if ranks is not None:
+            summary["rank"] = ranks.rank  # rank 0's summary, this rank's place in the launch
     finally:
-        if target != Path(output):
+        if target != Path(output) and (ranks is None or ranks.main):
             target.unlink(missing_ok=True)
     extra = {"head_stats": dict(finder.stats)} if isinstance(finder, HeadFinder) else {}
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
+
+
+def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, head_block, negatives: int, config, target: Path, output: Path) -> dict:
+    """After the tiles: the head's merge / purity cut, or sofia's reliability cut, over the whole
+    catalogue (`_reliability_pass`) from the tiles' `target` into `output`; the summary updated."""
+    if method == "model" and (merge > 0 or rel > 0):
+        from cosmofm.heads.detection3d_post import merge_catalogue, reliability_cut
+
+        hdr = cube.tile_header((slice(0, 1),) * 3)
+        beam = float(np.sqrt(hdr["BMAJ"] * hdr["BMIN"]) * 3600.0)
+        t0 = time.perf_counter()
+        summary["n_candidates"] = summary["n_sources"]
+        if rel > 0:
+            prior = dict(getattr(model.head_config, "noise_prior", {}) or {})
+            same = prior and prior.get("prefilter") == (None if prefilter is None else float(prefilter)) \
+                and list(prior.get("head_block") or []) == list(head_block or [])
+            blocks = negatives if same else None  # the count prior holds for the blocks it was measured on
+
+            def cut(table):
+                out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold, prior or None, blocks)
+                return out
+        else:
+            def cut(table):
+                return merge_catalogue(table, beam, merge)
+        summary["n_sources"] = _reliability_pass(target, output, None, cut=cut)
+        summary["output"] = str(output)
+        summary["merge_s"] = time.perf_counter() - t0
+    elif method != "model":
+        t0 = time.perf_counter()
+        summary["n_candidates"] = summary["n_sources"]
+        summary["n_sources"] = _reliability_pass(target, output, config)
+        summary["output"] = str(output)
+        summary["reliability_s"] = time.perf_counter() - t0
+    return summary
 
 
 def calibrate_noise_prior(model, cubes, *, tile, overlap, head_block=HEAD_BLOCK, prefilter: float | None = PREFILTER_CLIP,

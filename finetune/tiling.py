@@ -29,6 +29,9 @@ processes and writes one catalogue:
    tiles per worker in flight, results in tile order), and each tile's rows go to the
    catalogue as soon as it is done (`CatalogueWriter`: spooled, then written atomically).
    Peak memory is one tile and its temporaries per worker, whatever the image size.
+6. Launched as several processes (accelerate launch / torchrun, e.g. one per GPU, on one
+   node or several), each runs every world-th tile and rank 0 writes the same catalogue
+   (`finetune.tiling_dist`); one process without a launcher forms no process group.
 
 Catalogue (.fits): an empty primary HDU carrying the run's keywords (method, tile plan,
 skipped tiles, input flags), the catalogue BinTable, then optionally one ImageHDU per
@@ -181,11 +184,15 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
     inputs: the input file(s), which `output` may not replace.
 
     Returns {"output", "n_sources", "n_tiles", "n_skipped_tiles", "skipped", "seconds"};
-    InputError when no tile had a usable pixel.
+    InputError when no tile had a usable pixel. Launched (accelerate launch / torchrun:
+    `tiling_dist.launched`), each rank runs its share of the tiles, rank 0 writes the one
+    catalogue, and every rank returns the same summary plus "rank", "world_size" and
+    "tiles_per_rank" (`finetune.tiling_dist`).
     """
-    from cosmofm.data_cards.io.catalogue import CatalogueWriter, catalogue_format
+    from cosmofm.data_cards.io.catalogue import catalogue_format
     from cosmofm.data_cards.workers import in_parallel, keep_freed_memory, n_workers
     from cosmofm.finetune.predict import check_output
+    from cosmofm.finetune.tiling_dist import launched_ranks
 
     output = Path(output)
     fmt = catalogue_format(output)
@@ -195,7 +202,10 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
         raise InputError(str(output), "per-source stamps need a FITS catalogue", "write the catalogue as .fits, or leave out --write-stamps")
     if tuple(plan.shape) != tuple(source.shape):
         raise InputError("plan", f"is for shape {plan.shape}, the input is {source.shape}", "build the plan from the source's shape")
-    workers = min(n_workers(workers), len(plan))
+    ranks = launched_ranks()  # None: one process, no launcher (no process group is formed)
+    tiles = iter(plan) if ranks is None else ranks.tiles(plan)
+    n_run = len(plan) if ranks is None else len(tiles)
+    workers = min(n_workers(workers), len(plan)) if ranks is None else ranks.workers(workers, n_run)
     if workers < 1:
         raise InputError("workers", f"must be >= 1, got {workers}", "e.g. --workers 2")
     t0 = time.perf_counter()
@@ -204,7 +214,7 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
         """One tile in a worker: read, find, shift, keep the core, world columns, finish."""
         values, ivar = source.read(tile.read)
         if ivar is not None and not np.any(ivar > 0):
-            return {"skipped": "tile_all_masked", "table": None, "stamps": None}
+            return {"index": tile.index, "skipped": "tile_all_masked", "table": None, "stamps": None}
         table = finder(values, ivar, source.tile_header(tile.read))
         table = _checked(table, source.axes, finder)
         table[TILE_ROW] = np.arange(len(table))
@@ -218,49 +228,80 @@ def run_tiled(source: TileSource, finder: TileFinder, output, plan: TilePlan, *,
             table, cut = finish(table, tile, values, ivar)
         del table[TILE_ROW]
         table.meta.clear()  # a finder's segmentation map / stamps stay in the worker
-        return {"skipped": None, "table": table, "stamps": cut if stamps else None}
+        return {"index": tile.index, "skipped": None, "table": table, "stamps": cut if stamps else None}
 
-    order = list(template.colnames)
+    results = in_parallel(process, tiles, workers, processes=processes, initializer=keep_freed_memory,
+                          progress=progress and (ranks is None or ranks.main), desc=verb, unit="tile", total=n_run)
+    if ranks is not None:  # launched: this rank's share of the tiles, then rank 0 merges (finetune.tiling_dist)
+        from cosmofm.finetune.tiling_dist import run_shard
+
+        shard = run_shard(ranks, results, output, fmt, plan, template, id_column, stamps, keywords, files, overwrite)
+        return {"output": str(output), "n_sources": shard.pop("n_sources"), "n_tiles": len(plan), "n_skipped_tiles": sum(shard["skipped"].values()),
+                **shard, "seconds": time.perf_counter() - t0}
     part = output.parent / f".{output.name}.{uuid.uuid4().hex[:12]}"
     catalogue_path = Path(f"{part}.catalogue.fits") if fmt == "fits" else output
     stamp_path = Path(f"{part}.stamps") if stamps else None
-    skipped: Counter = Counter()
-    n_sources = 0
     try:
-        stamp_file = open(stamp_path, "wb") if stamp_path else None
-        try:
-            with CatalogueWriter(catalogue_path, order=order, overwrite=True if fmt == "fits" else overwrite) as catalogue:
-                catalogue.add(template[:0])  # every column with its unit, even when nothing is found
-                for result in in_parallel(process, iter(plan), workers, processes=processes, initializer=keep_freed_memory,
-                                          progress=progress, desc=verb, unit="tile", total=len(plan)):
-                    if result["skipped"]:
-                        skipped[result["skipped"]] += 1
-                        continue
-                    table = result["table"]
-                    table[id_column] = np.arange(n_sources, n_sources + len(table), dtype=np.int64)
-                    if stamp_file is not None and result["stamps"] is not None:
-                        for sid, stamp in zip(table[id_column], result["stamps"]):
-                            if stamp is not None:
-                                _write_extension(stamp_file, stamp[0], stamp[1], f"SRC{sid}", int(sid))
-                    n_sources += len(table)
-                    catalogue.add(table)
-                if sum(skipped.values()) == len(plan):
-                    raise InputError(str(files[0]) if files else "input", f"nothing usable: all {len(plan)} tiles have no pixel with ivar > 0",
-                                     "give an image or cube with finite, unmasked pixels")
-        finally:
-            if stamp_file is not None:
-                stamp_file.close()
+        spooled = _spool(results, catalogue_path, stamp_path, template, id_column, True if fmt == "fits" else overwrite, len(plan), files)
+        skipped, n_sources = spooled["skipped"], spooled["n_sources"]
         if fmt == "fits":
-            header = {"NTILES": (len(plan), "tiles run"), "NSKIPTIL": (sum(skipped.values()), "tiles skipped: no usable pixel"),
-                      "TILE": (",".join(map(str, plan.tile)), "tile size [pixels], array order"),
-                      "OVERLAP": (",".join(map(str, plan.overlap)), "tile overlap [pixels], array order"), "NSOURCES": n_sources, **(keywords or {})}
-            _assemble_fits(output, catalogue_path, stamp_path, header)
+            _assemble_fits(output, catalogue_path, stamp_path, _primary_keywords(plan, sum(skipped.values()), n_sources, keywords))
     finally:
         for p in (catalogue_path if fmt == "fits" else None, stamp_path):
             if p is not None:
                 p.unlink(missing_ok=True)
     return {"output": str(output), "n_sources": n_sources, "n_tiles": len(plan), "n_skipped_tiles": sum(skipped.values()),
             "skipped": dict(skipped), "seconds": time.perf_counter() - t0}
+
+
+def _spool(results, catalogue_path: Path, stamp_path: Path | None, template: Table, id_column: str, overwrite: bool,
+           whole: int | None = None, files=()) -> dict:
+    """The tiles' results, as they come, into a catalogue (ids 0.. in their order) and a stamp
+    file; InputError when all `whole` tiles were skipped (None: the caller checks, over ranks).
+    Returns n_sources, skipped (Counter), tiles (results read), rows ([tile index, its rows]
+    per tile run) and stamps ([id, byte offset, header bytes, bytes] per stamp written)."""
+    from cosmofm.data_cards.io.catalogue import CatalogueWriter
+
+    skipped: Counter = Counter()
+    n_sources, n_tiles, rows, index = 0, 0, [], []
+    stamp_file = open(stamp_path, "wb") if stamp_path else None
+    try:
+        with CatalogueWriter(catalogue_path, order=list(template.colnames), overwrite=overwrite) as catalogue:
+            catalogue.add(template[:0])  # every column with its unit, even when nothing is found
+            for result in results:
+                n_tiles += 1
+                if result["skipped"]:
+                    skipped[result["skipped"]] += 1
+                    continue
+                table = result["table"]
+                table[id_column] = np.arange(n_sources, n_sources + len(table), dtype=np.int64)
+                if stamp_file is not None and result["stamps"] is not None:
+                    for sid, stamp in zip(table[id_column], result["stamps"]):
+                        if stamp is not None:
+                            at = stamp_file.tell()
+                            head = _write_extension(stamp_file, stamp[0], stamp[1], f"SRC{sid}", int(sid))
+                            index.append([int(sid), at, head, stamp_file.tell() - at])
+                n_sources += len(table)
+                rows.append([result["index"], len(table)])
+                catalogue.add(table)
+            if whole is not None and sum(skipped.values()) == whole:
+                raise _nothing_usable(files, whole)
+    finally:
+        if stamp_file is not None:
+            stamp_file.close()
+    return {"n_sources": n_sources, "skipped": skipped, "tiles": n_tiles, "rows": rows, "stamps": index}
+
+
+def _nothing_usable(files, n: int) -> InputError:
+    return InputError(str(files[0]) if files else "input", f"nothing usable: all {n} tiles have no pixel with ivar > 0",
+                      "give an image or cube with finite, unmasked pixels")
+
+
+def _primary_keywords(plan: TilePlan, n_skipped: int, n_sources: int, keywords: dict | None) -> dict:
+    """The catalogue's primary-header keywords: the tile plan, skipped tiles, sources, then the verb's."""
+    return {"NTILES": (len(plan), "tiles run"), "NSKIPTIL": (n_skipped, "tiles skipped: no usable pixel"),
+            "TILE": (",".join(map(str, plan.tile)), "tile size [pixels], array order"),
+            "OVERLAP": (",".join(map(str, plan.overlap)), "tile overlap [pixels], array order"), "NSOURCES": n_sources, **(keywords or {})}
 
 
 def _checked(table, axes: Sequence[str], finder) -> Table:
@@ -277,15 +318,18 @@ def _checked(table, axes: Sequence[str], finder) -> Table:
 # ---------------------------------------------------------------------------- FITS assembly
 
 
-def _write_extension(f, data: np.ndarray, header: fits.Header | None, extname: str, source_id: int) -> None:
-    """Append one float32 ImageHDU (header + big-endian data, padded to 2880 bytes) to an open file."""
+def _write_extension(f, data: np.ndarray, header: fits.Header | None, extname: str, source_id: int) -> int:
+    """Append one float32 ImageHDU (header + big-endian data, padded to 2880 bytes) to an open
+    file; returns the header's bytes."""
     data = np.asarray(data, np.float32)
     hdu = fits.ImageHDU(data=data, header=header, name=extname)
     hdu.header["ID"] = (source_id, "catalogue row of this source")
-    f.write(hdu.header.tostring().encode("ascii"))
+    head = hdu.header.tostring().encode("ascii")
+    f.write(head)
     raw = np.ascontiguousarray(data, dtype=">f4").tobytes()
     f.write(raw)
     f.write(b"\0" * (-len(raw) % 2880))
+    return len(head)
 
 
 def _assemble_fits(output: Path, catalogue: Path, stamps: Path | None, keywords: dict) -> None:

@@ -319,8 +319,10 @@ def _cmd_deblend(args):
                             overlap=cli_shape(args.overlap, 2, "overlap"), workers=args.workers, write_stamps=args.write_stamps,
                             overwrite=args.overwrite, bands=args.bands.split(",") if args.bands else None, fwhm_pixels=args.fwhm_pixels,
                             thresh=args.thresh, bf16=args.bf16)
+    if summary.get("rank", 0):  # launched: rank 0 wrote the catalogue and reports it
+        return
     print(f"deblended {summary['n_sources']} sources ({summary['method']}, bands {','.join(summary['bands'])}, "
-          f"{summary['n_tiles']} tiles) -> {summary['output']}")
+          f"{summary['n_tiles']} tiles{_per_rank(summary)}) -> {summary['output']}")
     if summary["flags"] or summary["n_skipped_tiles"]:
         print("input problems: " + "; ".join([*summary["flags"].values()] + ([f"{summary['n_skipped_tiles']} tiles without a usable pixel"]
                                                                               if summary["n_skipped_tiles"] else [])), file=sys.stderr)
@@ -345,9 +347,19 @@ def _cmd_detect(args):
         kwargs["reliability"] = args.reliability
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
                           card=args.card, **kwargs)
-    print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles) -> {summary['output']}")
+    if summary.get("rank", 0):  # launched: rank 0 wrote the catalogue and reports it
+        return
+    print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles{_per_rank(summary)}) -> {summary['output']}")
     for note in summary["notes"] + ([f"{summary['n_skipped_tiles']} tiles without a usable voxel"] if summary["n_skipped_tiles"] else []):
         print(f"note: {note}", file=sys.stderr)
+
+
+def _per_rank(summary: dict) -> str:  # ", 5+4 over 2 processes" when launched (finetune.tiling_dist)
+    return f", {'+'.join(map(str, summary['tiles_per_rank']))} over {summary['world_size']} processes" if "tiles_per_rank" in summary else ""
+
+
+LAUNCHED_TILES = ("Several processes share the tiles when started by a launcher, one per GPU: accelerate launch --num_processes N -m cosmofm.cli "
+                  "%s (or torchrun --nproc_per_node N [--nnodes K]; the output folder shared); rank 0 writes the one-process catalogue.")
 
 
 def _cmd_bench(args):
@@ -515,14 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--output", help="also write the score summary as JSON here")
     sc.set_defaults(func=_cmd_score)
 
-    db = sub.add_parser("deblend", help="detect and deblend the sources of a multi-band FITS mosaic, tile by tile; write a catalogue")
+    db = sub.add_parser("deblend", help="detect and deblend the sources of a multi-band FITS mosaic, tile by tile; write a catalogue",
+                        description=LAUNCHED_TILES % "deblend IMAGE.fits --output CAT.fits")
     db.add_argument("image", help="the mosaic FITS (one ImageHDU per band, EXTNAME = band; optional IVAR_<band>)")
     db.add_argument("--output", required=True, help="catalogue (.fits, or .parquet without stamps)")
     db.add_argument("--model", help="a fine-tuned deblending model folder or repo id (default: a classical --method)")
     db.add_argument("--method", choices=["sep", "photutils"], help="classical deblender when no --model (default sep)")
     db.add_argument("--tile", default="512", help="tile size in pixels: N, or ROWS,COLS")
     db.add_argument("--overlap", default="64", help="tile overlap in pixels (over twice the largest source radius)")
-    db.add_argument("--workers", type=int, help="worker processes (default one per core)")
+    db.add_argument("--workers", type=int, help="worker processes (default one per core; launched: per process, its share of the cores)")
     db.add_argument("--write-stamps", action="store_true", help="add one isolated cut-out ImageHDU per source (EXTNAME SRC<ID>)")
     db.add_argument("--bands", help="comma-separated bands to use (default all)")
     db.add_argument("--fwhm-pixels", type=float, help="PSF FWHM in pixels for the classical apertures (default: the mosaic's PSFFWHM, else 4.5)")
@@ -531,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     db.set_defaults(func=_cmd_deblend)
 
-    dt = sub.add_parser("detect", help="find HI sources in a spectral cube, tile by tile; write an SDC2 catalogue (cosmofm score reads it)")
+    dt = sub.add_parser("detect", help="find HI sources in a spectral cube, tile by tile; write an SDC2 catalogue (cosmofm score reads it)",
+                        description=LAUNCHED_TILES % "detect CUBE.fits --model M --output CAT.fits")
     dt.add_argument("cube", help="the cube FITS (RA, Dec and a FREQ or VRAD/VOPT axis with RESTFRQ; BMAJ/BMIN)")
     dt.add_argument("--output", required=True, help="catalogue (.fits or .parquet)")
     dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method)")
@@ -539,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--sofia-defaults", action="store_true", help="sofia with SoFiA's default settings (default: SOFIA_TUNED, tuned on training survey cubes)")
     dt.add_argument("--tile", help="tile size: N or CHANNELS,ROWS,COLS (default 256,256,256)")
     dt.add_argument("--overlap", help="tile overlap: N or CHANNELS,ROWS,COLS (default 64,24,24)")
-    dt.add_argument("--workers", type=int, help="worker processes (default one per core)")
+    dt.add_argument("--workers", type=int, help="worker processes (default one per core; launched: per process, its share of the cores)")
     dt.add_argument("--card", help="data card of the cube (default from the header: ska-hi-like)")
     dt.add_argument("--head-block", help="--model: run the network on blocks CHANNELS,ROWS,COLS of each tile (e.g. 64,32,32, its training tile; default: the whole tile)")
     dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; default: all)")
