@@ -469,7 +469,9 @@ class Detection3DTask(Task):
         if not 0 <= min_purity <= 1:
             raise InputError("min_purity", f"is {min_purity!r}", "give a purity in [0, 1], e.g. 0.9")
         tried = []
-        for t in np.arange(0.05, 0.901, 0.05):
+        # Steps of 0.01: the objectness of true detections spans ~0.05-0.3 on survey cubes, and
+        # 0.05 steps jumped from purity 0.65 (0.10) to 0.97 (0.15) past the best setting.
+        for t in np.round(np.arange(0.05, 0.9001, 0.01), 2):
             if t < self.head.threshold - 1e-9:
                 continue
             for f in merge_factors or (None,):
@@ -480,6 +482,14 @@ class Detection3DTask(Task):
                     "purity_reached": False}
         pure = [x for x in tried if x[3] >= min_purity] or tried
         best_t, best_f, best_s, best_p = max(pure, key=lambda x: x[2])
+        # the thresholds next to it that keep the same catalogues (no calibration candidate in
+        # between): take the middle of that run, not its lowest end, for a margin on both sides
+        run = [x for x in tried if x[1] == best_f]
+        at = next(k for k, x in enumerate(run) if x[0] == best_t)
+        hi = at
+        while hi + 1 < len(run) and run[hi + 1][2] == best_s and run[hi + 1][3] == best_p:
+            hi += 1
+        best_t = run[(at + hi) // 2][0]
         model._set_task(threshold=round(best_t, 2), **({} if best_f is None else {"merge_factor": best_f}))
         self.head = model.head_config
         return {"threshold": self.head.threshold, "merge_factor": self.head.merge_factor, "sdc2_score_calibration": best_s,
