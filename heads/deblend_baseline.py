@@ -17,7 +17,14 @@ What a survey user runs without a learned model (the comparison of COIN, Boucaud
   is SExtractor's clipped mode estimate from astropy (`_clipped_background`), so this
   pipeline runs without sep.
 
-Both return a `DeblendCatalog` (positions in pixels, per-band fluxes and errors by
+- **scarlet2** (Sampson et al. 2024, arXiv:2405.14960; optional, extra `scarlet`: it
+  brings jax): the model-fitting deblender of Rubin's lineage, run as its 0.5.1 tutorials
+  run multi-band galaxy scenes (`scarlet2_deblend`): one non-parametric source per given
+  centre (true centres, or sep's detections as its docs suggest, scarlet2 0.5.1 having no
+  detector), the stamp's PSF per band (`mock_psf`), 1,000 Adam steps; fluxes = the sum of
+  each source's model ("model") and the image split by the models' ratios ("reweighted").
+
+All return a `DeblendCatalog` (positions in pixels, per-band fluxes and errors by
 method, the segmentation map), scored by `heads.deblending_metrics`. `python -m
 cosmofm.heads.deblend_baseline --n 200` tunes both on training blends and prints the
 metrics and stamps per second on held-out 64 x 64 lsst-like blends.
@@ -35,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cosmofm.data_cards.errors import InputError
+from cosmofm.data_cards.mocks.blends import footprint_segmentation
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads import deblending_metrics as dm
 
@@ -45,11 +53,11 @@ APERTURE_FWHM = 1.0  # circular aperture radius, in units of the worst band's PS
 CONT_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)  # deblend_cont / contrast values tried
 
 
-def _require(module: str):
+def _require(module: str, extra: str = "deblend"):
     try:
         return __import__(module)
     except ImportError as err:
-        raise ImportError(f"the {module} deblending baseline needs `{module}`: pip install -c constraints.txt -e '.[deblend]'") from err
+        raise ImportError(f"the {module} deblending baseline needs `{module}`: pip install -c constraints.txt -e '.[{extra}]'") from err
 
 
 @dataclass
@@ -279,6 +287,121 @@ def _methods(pipeline: str) -> tuple[str, ...]:
     return ("aperture", "kron", "isophotal") if pipeline == "sep" else ("segment", "kron")
 
 
+# ---------------------------------------------------------------------------- scarlet2
+
+SCARLET_STEPS = 1000  # Adam steps: the max_iter of every scarlet2 0.5.1 tutorial (its e_rel 1e-4 stops few of these fits earlier)
+SCARLET_E_REL = 1e-4
+PSF_SIZE = 41  # pixels of the PSF images handed to scarlet2 (odd: centred on a pixel; 9 FWHM of the worst lsst-like band)
+
+
+def mock_psf(card, size: int = PSF_SIZE) -> np.ndarray:
+    """(B, size, size) float32 images of an image card's PSF per band as its mocks draw it
+    (`psf_profile` with the pixel response, GalSim's drawImage), centred on the central pixel
+    and normalised to sum 1 in each band: scarlet2's `Observation(psf=...)`."""
+    if size < 3 or size % 2 == 0:
+        raise InputError("PSF size", f"is {size}", "give an odd number of pixels >= 3 (scarlet2 centres a PSF on a pixel)")
+    from cosmofm.data_cards.mocks.images import psf_profile
+
+    p = float(card.pixel_scale.to_value("arcsec"))
+    img = np.stack([psf_profile(card, b).drawImage(nx=size, ny=size, scale=p).array for b in range(len(card.bands))])
+    return (img / img.sum(axis=(1, 2), keepdims=True)).astype(np.float32)
+
+
+def _sample_psf(sample: Sample) -> np.ndarray:
+    """`mock_psf` of the card a mock Sample names (cached per card): an InputError when it names none."""
+    from cosmofm.data_cards.schema import load_card
+
+    name = getattr(sample, "card", None)
+    if not name:
+        raise InputError(f"{sample.meta.get('id', '?')}: card", "is missing, so its PSF is unknown", "pass psf=(B, h, w) images")
+    if name not in _PSF_CACHE:
+        _PSF_CACHE[name] = mock_psf(load_card(name))
+    return _PSF_CACHE[name]
+
+
+_PSF_CACHE: dict[str, np.ndarray] = {}
+
+
+def model_catalogue(models: np.ndarray, model_fluxes: np.ndarray, values: np.ndarray, ivar: np.ndarray, positions: np.ndarray,
+                    bands: list[str], method: str = "scarlet2", seg_nsigma: float = 3.0) -> DeblendCatalog:
+    """A `DeblendCatalog` from a model-fitting deblender's per-source models of one stamp.
+
+    models (K, B, H, W): each source's model as observed (PSF-convolved, on the stamp's pixels);
+    model_fluxes (K, B): each model's total flux. Fluxes "model" = model_fluxes; "reweighted"
+    = the image split by the models' ratios model_k / sum_j model_j (scarlet's flux-conserving
+    measurement; `deblending_metrics.fraction_fluxes`); the errors of both = the pixel noise of
+    the source's share, sqrt(sum ratio^2 / ivar). Segmentation: the source whose model has the
+    highest S/N where that S/N (quadrature over bands, in sky sigma) >= seg_nsigma, as the mocks'
+    truth footprints."""
+    models = np.asarray(models, np.float64)
+    k, (nb, h, w) = len(models), values.shape
+    if models.shape[1:] != values.shape or np.shape(model_fluxes) != (k, nb) or np.shape(positions) != (k, 2):
+        raise InputError("models", f"have shape {models.shape}, fluxes {np.shape(model_fluxes)}, positions {np.shape(positions)}",
+                         f"one {values.shape} model, one flux per band and one [row, col] per source")
+    sigma = dm.sky_sigma(ivar)
+    fraction_flux, error = dm.fraction_fluxes(values, ivar, models, 1e-6 * sigma)  # eps only against 0 / 0
+    seg = footprint_segmentation(np.clip(models, 0, None), sigma, seg_nsigma)[1]
+    fluxes = {"model": np.asarray(model_fluxes, np.float64), "reweighted": fraction_flux}
+    return DeblendCatalog(np.asarray(positions, np.float64), fluxes, {m: error.copy() for m in fluxes}, seg, method, list(bands))
+
+
+def scarlet2_deblend(sample: Sample, positions: np.ndarray | None = None, psf: np.ndarray | None = None, fwhm_pixels: float = 4.5,
+                     deblend_cont: float = 0.001, max_iter: int = SCARLET_STEPS, e_rel: float = SCARLET_E_REL) -> DeblendCatalog:
+    """scarlet2 (0.5.1) on one multi-band stamp, as its tutorials model multi-band galaxy scenes.
+
+    One `Source` per centre: `positions` (K, 2) [row, col] pixels (known-positions mode), or
+    None: sep's detections (`sep_deblend` with `deblend_cont`; scarlet2 0.5.1 has no detector and
+    its docs point to SEP or photutils). Observation: the stamp, weights = ivar (0 where bad), the
+    PSF per band (`psf` (B, h, w), default the mock card's, `mock_psf`); model frame
+    `Frame.from_observations` (a Gaussian model PSF of 0.7 pixels). Each source starts from
+    `init.from_gaussian_moments` (else, when the moments fail, `pixel_spectrum` +
+    `compact_morphology`), spectrum clipped positive; its spectrum (positive, step 0.05 x |x|) and
+    non-parametric morphology (unit interval, step 1e-3 x |x|) are fitted by `Scene.fit`'s Adam for
+    `max_iter` steps (stopping earlier when every parameter changes by < e_rel). Fluxes: `model_catalogue`."""
+    sc2 = _require("scarlet2", extra="scarlet")
+    import contextlib
+    import functools
+    import io
+
+    import jax.numpy as jnp
+    from numpyro.distributions import constraints
+
+    values, ivar, bad, names = _stamp(sample)
+    if positions is None:
+        positions = sep_deblend(sample, deblend_cont=deblend_cont, fwhm_pixels=fwhm_pixels).positions
+    positions = np.asarray(positions, np.float64).reshape(-1, 2)
+    nb, h, w = values.shape
+    outside = ~((positions >= -0.5) & (positions < np.array([h, w]) - 0.5)).all(axis=1)
+    if outside.any():
+        raise InputError("positions", f"{positions[outside].tolist()} lie outside the {h} x {w} stamp", "give [row, col] pixels inside it")
+    psf = _sample_psf(sample) if psf is None else np.asarray(psf, np.float32)
+    if psf.ndim != 3 or len(psf) != nb or psf.shape[1] % 2 == 0 or psf.shape[2] % 2 == 0:
+        raise InputError("psf", f"has shape {psf.shape}", f"give ({nb}, h, w) images with h and w odd, one per band")
+    if not len(positions):
+        return model_catalogue(np.zeros((0, nb, h, w)), np.zeros((0, nb)), values, ivar, positions, names)
+    sc2.set_validation(False)  # its automatic checks print a report per call
+    obs = sc2.Observation(values.astype(np.float32), weights=ivar.astype(np.float32), psf=psf, channels=names)
+    frame = sc2.Frame.from_observations(obs)
+    obs.match(frame)
+    with contextlib.redirect_stdout(io.StringIO()), sc2.Scene(frame) as scene:  # the init fallbacks print
+        for centre in jnp.asarray(positions, jnp.float32):
+            try:
+                spectrum, morph = sc2.init.from_gaussian_moments(obs, centre)
+            except ValueError:
+                spectrum, morph = sc2.init.pixel_spectrum(obs, centre), sc2.init.compact_morphology()
+            sc2.Source(centre, jnp.maximum(spectrum, 1e-6), morph)
+    spec_step = functools.partial(sc2.relative_step, factor=0.05)
+    morph_step = functools.partial(sc2.relative_step, factor=1e-3)
+    with sc2.Parameters(scene):
+        for i, src in enumerate(scene.sources):
+            sc2.Parameter(src.spectrum, name=f"spectrum:{i}", constraint=constraints.positive, stepsize=spec_step)
+            sc2.Parameter(src.morphology, name=f"morph:{i}", constraint=constraints.unit_interval, stepsize=morph_step)
+    fitted = scene.fit(obs, max_iter=max_iter, e_rel=e_rel, progress_bar=False)
+    flux = np.array([np.asarray(sc2.measure.flux(src), np.float64) for src in fitted.sources])
+    models = np.stack([np.asarray(obs.render(fitted.evaluate_source(src)), np.float64) for src in fitted.sources])
+    return _flag_empty_bands(model_catalogue(models, flux, values, ivar, positions, names), bad)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     import dataclasses
 
@@ -327,4 +450,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["CONT_GRID", "DeblendCatalog", "PIPELINES", "detection_image", "fwhm_in_pixels", "photutils_deblend", "score", "sep_deblend", "tune_contrast"]
+__all__ = ["CONT_GRID", "DeblendCatalog", "PIPELINES", "detection_image", "fwhm_in_pixels", "mock_psf", "model_catalogue", "photutils_deblend",
+           "scarlet2_deblend", "score", "sep_deblend", "tune_contrast"]

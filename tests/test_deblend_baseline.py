@@ -172,3 +172,44 @@ def test_baseline_bad_input(card64):
     masked = dataclasses.replace(sample, ivar=np.zeros_like(sample.ivar))
     with pytest.raises(InputError, match="ivar"):
         db.sep_deblend(masked)
+
+
+def test_scarlet2_handoff_without_scarlet2(card64, monkeypatch):
+    """What the scarlet2 baseline computes itself, without scarlet2 (not a test dependency: it
+    brings jax; the bench runs the real fits): the mock's PSF handed to it, the catalogue made
+    from its per-source models, and the error naming the extra when it is missing."""
+    import sys
+
+    from cosmofm.data_cards.errors import InputError
+    from cosmofm.data_cards.mocks.images import mock_image
+    from cosmofm.heads import deblend_baseline as db
+
+    psf = db.mock_psf(card64)  # (B, 41, 41): normalised, centred on the central pixel, as wide as the card says
+    assert psf.shape == (6, 41, 41) and np.allclose(psf.sum((1, 2)), 1, atol=1e-5)
+    y = np.arange(41)
+    np.testing.assert_allclose((psf.sum(2) * y).sum(1), 20, atol=1e-3)
+    np.testing.assert_allclose((psf.sum(1) * y).sum(1), 20, atol=1e-3)
+    width = 2 * np.sqrt((psf >= psf.max((1, 2), keepdims=True) / 2).sum((1, 2)) / np.pi)  # half-maximum area -> diameter
+    fwhm = np.array([(b.psf_fwhm / card64.pixel_scale).decompose().value for b in card64.bands])
+    assert np.all(np.abs(width / fwhm - 1) < 0.2) and width[0] > width[-1], (width, fwhm)
+    with pytest.raises(InputError, match="odd"):
+        db.mock_psf(card64, size=40)
+
+    # two Gaussian sources as exact models of a noiseless stamp: the image splits back into them
+    rows, cols = np.indices((32, 32))
+    centres = np.array([[12.0, 12.0], [16.0, 21.0]])
+    shape = [np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * 2.0**2)) for r, c in centres]
+    models = np.stack([np.stack([100.0 * shape[0], 50.0 * shape[0]]), np.stack([30.0 * shape[1], 90.0 * shape[1]])])  # (K, B, H, W)
+    values, ivar = models.sum(0), np.full((2, 32, 32), 4.0)
+    totals = models.sum((2, 3))
+    cat = db.model_catalogue(models, 1.02 * totals, values, ivar, centres, ["g", "r"])
+    np.testing.assert_allclose(cat.fluxes["reweighted"], totals, rtol=1e-6)
+    np.testing.assert_allclose(cat.fluxes["model"], 1.02 * totals)  # the models' own sums pass through
+    assert np.all(cat.flux_errors["model"] > 0) and np.all(cat.flux_errors["model"] < np.sqrt((1 / ivar[0]).sum()))
+    assert cat.segmentation[12, 12] == 1 and cat.segmentation[16, 21] == 2 and cat.segmentation[0, 31] == 0
+    with pytest.raises(InputError, match="models"):
+        db.model_catalogue(models[:1], totals, values, ivar, centres, ["g", "r"])
+
+    monkeypatch.setitem(sys.modules, "scarlet2", None)  # as where it is not installed
+    with pytest.raises(ImportError, match=r"\.\[scarlet\]"):
+        db.scarlet2_deblend(mock_image(card64, 0, 20))

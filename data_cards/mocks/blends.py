@@ -60,6 +60,19 @@ def _range(name: str, value, minimum: float, integer: bool = False) -> tuple[flo
     return lo, hi
 
 
+def footprint_segmentation(images: np.ndarray, sky_sigma: np.ndarray, nsigma: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """(footprints (K, H, W) bool, segmentation (H, W) int32) of K noiseless (B, H, W) images: source k's
+    footprint is where its S/N, the quadrature sum over bands of image / sky_sigma (B,), is >= nsigma;
+    the segmentation labels each pixel k + 1 for the source of highest S/N there, 0 outside every footprint."""
+    images = np.asarray(images, np.float64)
+    k, (h, w) = len(images), images.shape[-2:]
+    if not k:
+        return np.zeros((0, h, w), bool), np.zeros((h, w), np.int32)
+    snr = np.sqrt(np.sum((images / np.asarray(sky_sigma, np.float64)[None, :, None, None]) ** 2, axis=1))  # (K, H, W)
+    foot = snr >= nsigma
+    return foot, np.where(foot.any(0), np.argmax(snr, 0) + 1, 0).astype(np.int32)
+
+
 def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[int, int] = (2, 4),
                separation: float | tuple[float, float] = (0.5, 2.5), delta_mag: float | tuple[float, float] = (0.0, 2.5),
                *, reference_band: str | None = None, noise: bool = True, seg_nsigma: float = 3.0,
@@ -134,10 +147,7 @@ def mock_blend(card: ImageCard, seed: int, index: int, n_objects: int | tuple[in
     isolated = render(card, sources)
     values, ivar = observe_stamp(model, isolated.sum(axis=0), object_rng(seed, index, 5), noise)
 
-    sigma = model.sky_sigma[None, :, None, None]
-    snr = np.sqrt(np.sum((isolated / sigma) ** 2, axis=1))  # (N, H, W)
-    footprints = snr >= seg_nsigma
-    segmentation = np.where(footprints.any(axis=0), np.argmax(snr, axis=0) + 1, 0).astype(np.int32)
+    footprints, segmentation = footprint_segmentation(isolated, model.sky_sigma, seg_nsigma)
     positions = np.array([[s.dec, s.ra] for s in sources])
     truth = BlendTruth(
         isolated=isolated.astype(np.float32), flux_njy=np.array([s.flux_njy for s in sources]), positions=positions,

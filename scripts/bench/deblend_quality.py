@@ -30,6 +30,15 @@ head's error beyond it is its fractions'. Flux statistics are also binned by tru
 magnitude (`MAG_EDGES`, the mocks' range) and separation. Writes `deblend_quality.json`
 and `deblend_panels.png` to `--out`.
 
+`--baselines sep photutils scarlet2` adds scarlet2 (`scarlet2_deblend`; the extra `scarlet`,
+which brings jax: run it from a venv that has it), in `--scarlet2-modes`: "known" (true
+centres; rows "scarlet2_known_positions ...") and "detection" (sep's detections; rows
+"scarlet2 ..."), fluxes "model" and "reweighted", with its seconds per blend; `--no-head`
+skips training and scoring the head (and the figure) for a baselines-only run, e.g.
+
+    python -m cosmofm.bench.deblend_quality --out OUT --no-head --n-train 60 --n-test 50 --seeds 0 1 2 \
+        --baselines sep photutils scarlet2
+
 `--train-seed` sets the head's initialisation and batch order (the blends stay the same);
 `--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
 seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`.
@@ -61,22 +70,52 @@ def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
     images (~0.4 MB a blend) only the scoring and tuning read: training needs the Samples alone."""
     from cosmofm.data_cards.mocks.blends import BlendTruth
     from cosmofm.data_cards.mocks.images import card_model
+    from cosmofm.data_cards.mocks.blends import footprint_segmentation
     from cosmofm.heads.deblending import DeblendingTask, blend_truth_arrays
 
     samples = DeblendingTask.labelled_mocks(card, n, seed, workers=workers, stamp_size=None, **SETTINGS)
-    sigma = card_model(card).sky_sigma[None, :, None, None]  # as mock_blend's footprints
+    sigma = card_model(card).sky_sigma  # as mock_blend's footprints
     out = []
     for i, s in enumerate(samples):
         if n_truth is not None and i >= n_truth:
             out.append((s, None))
             continue
         iso, centres, flux = blend_truth_arrays(s)
-        snr = np.sqrt(np.sum((iso / sigma) ** 2, axis=1))
-        foot = snr >= 3.0
-        seg = np.where(foot.any(0), np.argmax(snr, 0) + 1, 0).astype(np.int32)
+        foot, seg = footprint_segmentation(iso, sigma, 3.0)
         n_obj = len(centres)
         out.append((s, BlendTruth(iso, flux, np.zeros((n_obj, 2)), centres, seg, foot, [str(i) for i in range(n_obj)],
                                   list(s.meta["truth"]["filters"]))))
+    return out
+
+
+def scarlet2_results(blends, fwhm: float, bands: Sequence[str], ref: int, modes: Sequence[str], sep_cont: float,
+                     steps: int) -> dict:
+    """scarlet2's rows on the test blends: per mode ("known": true centres, "detection": sep's
+    detections at contrast `sep_cont`), the metrics of its "model" and "reweighted" fluxes,
+    stamps per second and the median / first seconds per blend (each fit compiles anew)."""
+    import jax
+    import scarlet2
+
+    from cosmofm.heads.deblend_baseline import scarlet2_deblend
+
+    out = {}
+    for mode in modes:
+        cats, times = [], []
+        for i, (s, t) in enumerate(blends):
+            t0 = time.perf_counter()
+            cats.append(scarlet2_deblend(s, positions=t.pixel_positions if mode == "known" else None, fwhm_pixels=fwhm,
+                                         deblend_cont=sep_cont, max_iter=steps))
+            times.append(time.perf_counter() - t0)
+            if i % 10 == 9:
+                print(f"scarlet2 ({mode}): {i + 1} / {len(blends)} blends, {np.median(times):.1f} s per blend", flush=True)
+        row = {"stamps_per_s": len(times) / sum(times), "seconds_per_blend_median": float(np.median(times)),
+               "seconds_first_blend": times[0], "max_iter": steps, "positions": "true centres" if mode == "known" else f"sep, contrast {sep_cont}",
+               "versions": {"scarlet2": scarlet2.__version__, "jax": jax.__version__}}
+        for m in ("model", "reweighted"):
+            res = summarise(cats, blends, fwhm, m, bands, ref)
+            res.pop("_points")
+            row[m] = res
+        out["scarlet2_known_positions" if mode == "known" else "scarlet2"] = row
     return out
 
 
@@ -156,6 +195,35 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
                           "train_s": time.perf_counter() - t0, "steps": len(losses), "steps_asked": steps,
                           "budget_s": budget_s,
                           "loss_per_tenth": [float(np.mean(x)) for x in np.array_split(np.asarray(losses), 10)], "batch_size": batch_size, "lr": lr}
+
+
+def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict):
+    """Train the head (`train_head`), tune its peak threshold on `tune` and score it on `test`
+    in detection mode, with true centres and with true centres without its outskirts
+    correction; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
+    from cosmofm.heads.deblending import deblend_samples
+
+    samples = [s for s, _ in test]
+    model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
+                                             budget_s=args.train_budget_s,
+                                             **({} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}))
+    model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
+    report["head_peak_threshold"] = model.head_config.peak_threshold
+    head_cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32), samples)
+    res = summarise(head_cats, test, fwhm, "head", bands, ref)
+    results["_points"]["head"] = res.pop("_points")
+    results["head"] = {"stamps_per_s": rate, **res}
+    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
+    res = summarise(known, test, fwhm, "head", bands, ref)
+    results["_points"]["head (true centres)"] = res.pop("_points")
+    results["head_known_positions"] = {"stamps_per_s": rate_k, **res}
+    model.head_config.flux_correction = False  # ablation: the same fractions without the outskirts correction
+    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
+    model.head_config.flux_correction = True
+    res = summarise(known, test, fwhm, "head", bands, ref)
+    res.pop("_points")
+    results["head_known_positions_no_correction"] = {"stamps_per_s": rate_k, **res}
+    return model, head_cats
 
 
 def tune_threshold(model, blends, fwhm: float) -> float:
@@ -268,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
     from cosmofm.data_cards.schema import load_card
-    from cosmofm.heads.deblend_baseline import PIPELINES, fwhm_in_pixels, reference_band, tune_contrast
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblend_baseline import PIPELINES, SCARLET_STEPS, fwhm_in_pixels, reference_band, tune_contrast
+    from cosmofm.heads.deblending import DeblendingHeadConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="docs/bench")
@@ -290,6 +358,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--backbone", default=None, help="a pretrained backbone release (default: fresh, demo shape)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores contend with 2)")
     ap.add_argument("--workers", type=int, default=2, help="processes making the mocks")
+    ap.add_argument("--baselines", nargs="+", default=["sep", "photutils"], choices=["sep", "photutils", "scarlet2"],
+                    help="classical baselines to run (scarlet2 needs the extra `scarlet`, i.e. jax)")
+    ap.add_argument("--scarlet2-modes", nargs="+", default=["known"], choices=["known", "detection"],
+                    help="scarlet2 at the true centres and / or at sep's detections")
+    ap.add_argument("--scarlet2-steps", type=int, default=None, help="scarlet2's Adam steps (default SCARLET_STEPS, its tutorials' 1000)")
+    ap.add_argument("--no-head", dest="head", action="store_false", help="baselines only: no head trained or scored, no figure")
     ap.add_argument("--seed-summary", nargs="+", default=None, metavar="JSON",
                     help="instead of a run: mean +- std over the training seeds of these runs' JSON, to --out/deblend_quality_seeds.json")
     args = ap.parse_args(argv)
@@ -310,36 +384,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["mock_s"] = time.perf_counter() - t0
     print(f"mocks: {len(train)} train, {len(test)} test ({report['mock_s']:.0f} s)", flush=True)
 
-    model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
-                                             budget_s=args.train_budget_s,
-                                             **({} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}))
     tune = train[: args.n_tune]
-    model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
-    report["head_peak_threshold"] = model.head_config.peak_threshold
     samples = [s for s, _ in test]
     results: dict = {"_points": {}}
-    head_cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32), samples)
-    res = summarise(head_cats, test, fwhm, "head", bands, ref)
-    results["_points"]["head"] = res.pop("_points")
-    results["head"] = {"stamps_per_s": rate, **res}
-    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
-    res = summarise(known, test, fwhm, "head", bands, ref)
-    results["_points"]["head (true centres)"] = res.pop("_points")
-    results["head_known_positions"] = {"stamps_per_s": rate_k, **res}
-    model.head_config.flux_correction = False  # ablation: the same fractions without the outskirts correction
-    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
-    model.head_config.flux_correction = True
-    res = summarise(known, test, fwhm, "head", bands, ref)
-    res.pop("_points")
-    results["head_known_positions_no_correction"] = {"stamps_per_s": rate_k, **res}
-    for name, cats in oracle_catalogues(card, test, model.head_config.background_level).items():
+    if args.head:
+        model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results)
+        background_level = model.head_config.background_level
+    else:
+        background_level = DeblendingHeadConfig.from_card(card).background_level
+    for name, cats in oracle_catalogues(card, test, background_level).items():
         res = summarise(cats, test, fwhm, "oracle", bands, ref)
         pts = res.pop("_points")
         if name == ORACLES[0]:
             results["_points"]["oracle (true fractions)"] = pts
         results[name] = {"stamps_per_s": float("nan"), **res}
+    contrasts = {}
     for name, (fn, arg) in PIPELINES.items():
-        c = tune_contrast(name, tune, fwhm)
+        if name not in args.baselines:
+            continue
+        c = contrasts[name] = tune_contrast(name, tune, fwhm)
         cats, rate = _rate(lambda xs: [fn(s, **{arg: c}, fwhm_pixels=fwhm) for s in xs], samples)
         methods = ("aperture", "kron", "isophotal") if name == "sep" else ("segment", "kron")
         results[name] = {arg: c, "stamps_per_s": rate}
@@ -350,9 +413,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 results["_points"][f"{name} {m}"] = pts
             results[name][m] = res
         print(f"{name}: contrast {c}, {rate:.1f} stamps/s", flush=True)
-    print(f"head: {results['head']['stamps_per_s']:.1f} stamps/s, threshold {report['head_peak_threshold']}", flush=True)
+    if "scarlet2" in args.baselines:
+        sep_cont = contrasts["sep"] if "sep" in contrasts else tune_contrast("sep", tune, fwhm)
+        results.update(scarlet2_results(test, fwhm, bands, ref, args.scarlet2_modes, sep_cont, args.scarlet2_steps or SCARLET_STEPS))
     out = Path(args.out)
-    figure(out / "deblend_panels.png", test, head_cats, model, results, ref)
+    if args.head:
+        print(f"head: {results['head']['stamps_per_s']:.1f} stamps/s, threshold {report['head_peak_threshold']}", flush=True)
+        figure(out / "deblend_panels.png", test, head_cats, model, results, ref)
     results.pop("_points")
     report.update(results)
     report["machine"]["loadavg_end"] = os.getloadavg()
