@@ -357,6 +357,12 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         rel = float(getattr(model.head_config, "reliability", 0.0)) if reliability is None else float(reliability)
         if not 0 <= rel < 1:
             raise InputError("reliability", f"is {reliability!r}", "give a purity in [0, 1), e.g. 0.9 (0 = off)")
+        merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
+        if merge > 0:
+            # The merge over the whole catalogue (the scorer's window in world units) replaces the
+            # per-tile one (pixel units, a little wider): a catalogue is then the floor catalogue
+            # thresholded and merged, which is what `calibrate_catalogues` chose the threshold on.
+            model._set_task(merge_factor=0.0)
         finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16,
                             negatives=rel > 0)
         if rel > 0:
@@ -371,7 +377,6 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             budget, n = (cores(), min(n_workers(workers), len(plan))) if ranks is None else (ranks.cores, ranks.workers(workers, len(ranks.tiles(plan))))
             finder.threads = head_threads or max(1, budget // max(1, n))
         target = Path(output)
-        merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
         if merge > 0 or rel > 0:
             target = Path(output).parent / f".{Path(output).name}.candidates{Path(output).suffix}"
     else:
@@ -401,6 +406,8 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         if ranks is not None:
             summary["rank"] = ranks.rank  # rank 0's summary, this rank's place in the launch
     finally:
+        if merge > 0:
+            model._set_task(merge_factor=merge)  # the caller's model as it was
         if target != Path(output) and (ranks is None or ranks.main):
             target.unlink(missing_ok=True)
     extra = {"head_stats": dict(finder.stats)} if isinstance(finder, HeadFinder) else {}

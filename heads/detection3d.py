@@ -30,8 +30,9 @@ Post-processing (`CosmoFMForDetection3D.decode`): 3D local maxima of the objectn
 `threshold` in a (channels x pixels^2) `nms_window` (~ a typical line width x the beam),
 at most `max_detections` per tile (`detection3d_data.peaks`); then every detection inside a
 stronger one's SDC2 match window (its regressed size and width, x `merge_factor`) is merged
-into it (`detection3d_post.merge_duplicates`; `cosmofm detect` merges once more over the
-whole catalogue, for the duplicates that tile edges make), and the receding side of the
+into it (`detection3d_post.merge_duplicates`; `cosmofm detect` merges over the whole
+catalogue instead, in the scorer's window, which also takes the duplicates that tile edges
+make, `detection3d_post.merge_catalogue`), and the receding side of the
 major axis (the PA) is measured on the cube from the velocity gradient around the detection
 (`detection3d_post.receding_direction`, `pa_from="moment"`): the regressed direction did
 not learn it. The threshold (and the merge factor) are chosen on held-out data for the
@@ -98,8 +99,9 @@ class Detection3DHeadConfig(TaskHeadConfig):
             is smoothed with for the skip branch's input channels (`noise_normalised`).
         merge_factor (`float`, 1.0): detections inside a stronger one's source window
             (`factor` x the SDC2 match window of its regressed size and width) are merged
-            into it, per tile and over the whole catalogue (`detection3d_post.merge_duplicates`,
-            `merge_catalogue`); 0 = off (the old local-maximum box only).
+            into it: per tile in the model's decode (`detection3d_post.merge_duplicates`), over
+            the whole catalogue in `cosmofm detect` (`merge_catalogue`, in place of the per-tile
+            one); 0 = off (the old local-maximum box only).
         reliability (`float`, 0.0): `cosmofm detect` also runs the head on the sign-flipped
             cube and keeps the detections above the lowest threshold (>= `threshold`) at which
             the catalogue's purity, estimated from the flipped cube's detections (noise only:
