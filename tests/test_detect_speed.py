@@ -239,3 +239,24 @@ def test_reliability_cut_keeps_the_positive_rows_above_the_threshold(cubes, mode
     kept = plain[np.asarray(plain["score"]) >= rel["threshold"]]
     assert _rows(cut) == _rows(kept) and len(cut) < len(plain)  # pure noise: the flipped cube's twins push the threshold up
     assert rel["n_negative_above"] <= 0.1 * max(len(cut), 1)
+
+
+def test_a_catalogue_is_the_floor_catalogue_thresholded_and_merged(cubes, model, card, tmp_path):
+    """What `calibrate_catalogues` chooses the threshold and merge factor on: the catalogue
+    decoded at the floor without merging, cut at t and merged over the whole cube
+    (`merge_catalogue`). `cosmofm detect` at (t, f) must write exactly that catalogue (it
+    merged per tile too before, with a wider window, and removed more than calibration saw)."""
+    from cosmofm.heads.detection3d_post import merge_catalogue
+
+    floor = model.head_config.threshold
+    _, every = _run(cubes[0], tmp_path / "floor.fits", model, tile=(32, 32, 32), overlap=(8, 8, 8))
+    t = float(np.quantile(np.asarray(every["score"]), 0.3))
+    try:
+        model._set_task(threshold=t, merge_factor=3.0)  # a wide window: the tiny head's sizes are small
+        _, cut = _run(cubes[0], tmp_path / "cut.fits", model, tile=(32, 32, 32), overlap=(8, 8, 8))
+    finally:
+        model._set_task(threshold=floor, merge_factor=0.0)
+    expected = merge_catalogue(every[np.asarray(every["score"]) >= t], float(card.beam_fwhm.to_value(u.arcsec)), 3.0)
+    kept = np.asarray(every["score"]) >= t
+    assert kept.sum() > len(expected) > 10 and len(cut) == len(expected)  # the merge removed rows of those above t
+    assert _rows(cut) == _rows(expected)
