@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description=LAUNCHED_TILES % "detect CUBE.fits --model M --output CAT.fits")
     dt.add_argument("cube", help="the cube FITS (RA, Dec and a FREQ or VRAD/VOPT axis with RESTFRQ; BMAJ/BMIN)")
     dt.add_argument("--output", required=True, help="catalogue (.fits or .parquet)")
-    dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method)")
+    dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method); the benchmarked "
+                    "settings, purity >= 0.9 at the calibrated threshold: --head-block 64,32,32 --prefilter 5 --bf16")
     dt.add_argument("--method", choices=["sofia"], help="classical finder when no --model (default sofia)")
     dt.add_argument("--sofia-defaults", action="store_true", help="sofia with SoFiA's default settings (default: SOFIA_TUNED, tuned on training survey cubes)")
     dt.add_argument("--tile", help="tile size: N or CHANNELS,ROWS,COLS (default 256,256,256)")
