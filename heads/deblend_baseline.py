@@ -334,7 +334,7 @@ def model_catalogue(models: np.ndarray, model_fluxes: np.ndarray, values: np.nda
     highest S/N where that S/N (quadrature over bands, in sky sigma) >= seg_nsigma, as the mocks'
     truth footprints."""
     models = np.asarray(models, np.float64)
-    k, (nb, h, w) = len(models), values.shape
+    k, nb = len(models), values.shape[0]
     if models.shape[1:] != values.shape or np.shape(model_fluxes) != (k, nb) or np.shape(positions) != (k, 2):
         raise InputError("models", f"have shape {models.shape}, fluxes {np.shape(model_fluxes)}, positions {np.shape(positions)}",
                          f"one {values.shape} model, one flux per band and one [row, col] per source")
