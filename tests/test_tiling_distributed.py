@@ -79,8 +79,8 @@ import torch.distributed as dist
 
 def _same_catalogue(got, want, rtol: float = 0.0):
     """Every column, row for row (NaN where NaN), units; the primary keywords; the stamps.
-    rtol: float columns within it (a network's sums may round differently in a process with
-    another number of torch threads: 1 ulp of ra seen in CI), else exactly equal."""
+    rtol: float columns within it (a network's float32 sums round differently in a process with
+    another number of torch threads: 1 ulp of ra and 3e-7 of hi_size seen in CI), else exactly equal."""
     with fits.open(got) as g, fits.open(want) as w:
         assert len(g) == len(w)
         assert dict(g[0].header) == dict(w[0].header)
@@ -146,7 +146,7 @@ def test_launched_processes_share_the_tiles_and_write_the_one_process_catalogue(
     assert [r["rank"] for r in ranks] == [0, 1]
 
     for name, tiles in (("sofia", [5, 4]), ("head", [5, 4]), ("sep", [8, 8])):
-        rows, stamps = _same_catalogue(tmp_path / f"{name}.fits", ref / f"{name}.fits", rtol=1e-9 if name == "head" else 0.0)
+        rows, stamps = _same_catalogue(tmp_path / f"{name}.fits", ref / f"{name}.fits", rtol=1e-5 if name == "head" else 0.0)
         for r in ranks:  # every rank: the same summary, its own rank, each rank's share of the tiles
             s = r["summaries"][name]
             assert s["rank"] == r["rank"] and s["world_size"] == 2 and s["tiles_per_rank"] == tiles
