@@ -260,6 +260,7 @@ def _merge(outcomes: list, output: Path, fmt: str, plan, template, id_column: st
     world = len(outcomes)
     parts = [read_catalogue(o["catalogue"]) for o in outcomes]  # the catalogue's rows in memory (the cube never is)
     rows = [dict(o["rows"]) for o in outcomes]  # tile index -> its rows, per rank
+    owner_of = {tile: r for r, ran in enumerate(rows) for tile in ran}  # the rank that ran each tile (skipped tiles: none)
     index = [iter(o["stamp_index"] or ()) for o in outcomes]
     pending = [next(i, None) for i in index]
     at = [0] * world
@@ -272,11 +273,9 @@ def _merge(outcomes: list, output: Path, fmt: str, plan, template, id_column: st
         with CatalogueWriter(catalogue_path, order=list(template.colnames), overwrite=True if fmt == "fits" else overwrite) as catalogue, \
                 (open(stamp_path, "wb") if stamp_path else contextlib.nullcontext()) as stamp_out:
             catalogue.add(template[:0])
-            for tile in range(len(plan)):
-                owner = tile % world
-                k = rows[owner].get(tile)
-                if k is None:  # skipped: no usable pixel
-                    continue
+            for tile in sorted(owner_of):  # plan order
+                owner = owner_of[tile]
+                k = rows[owner][tile]
                 piece = parts[owner][at[owner]: at[owner] + k]
                 local = np.asarray(piece[id_column], np.int64).copy()
                 piece[id_column] = np.arange(n, n + k, dtype=np.int64)
