@@ -68,9 +68,8 @@ def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
     """(Sample, BlendTruth) pairs of universe `seed`: the Task's mocks, truth rebuilt from the attached arrays
     for the first `n_truth` blends (None: all) and None for the rest, whose float32 isolated
     images (~0.4 MB a blend) only the scoring and tuning read: training needs the Samples alone."""
-    from cosmofm.data_cards.mocks.blends import BlendTruth
+    from cosmofm.data_cards.mocks.blends import BlendTruth, footprint_segmentation
     from cosmofm.data_cards.mocks.images import card_model
-    from cosmofm.data_cards.mocks.blends import footprint_segmentation
     from cosmofm.heads.deblending import DeblendingTask, blend_truth_arrays
 
     samples = DeblendingTask.labelled_mocks(card, n, seed, workers=workers, stamp_size=None, **SETTINGS)
