@@ -95,6 +95,7 @@ class SofiaFinder:
 # (clip 4.75: 3, with 24 % of a sparse cube's blocks run on noise instead of 6 %).
 PREFILTER_SPATIAL = (0.0, 3.0)  # Gaussian FWHM [pixels]; 0 = none
 PREFILTER_WIDTHS = (0, 3, 7, 15, 31)  # boxcars [channels]
+MODEL_DEFAULT = "model"  # detect_cube's head_block / prefilter / bf16: the model's recorded option
 PREFILTER_CLIP = 5.0  # [rms of each smoothed cube], the benchmarks' `--prefilter 5` (off unless asked for)
 HEAD_BLOCK = (64, 32, 32)  # the bench's training tile (scripts/bench/detect_quality.py --tile)
 HEAD_BLOCK_OVERLAP = (16, 8, 8)
@@ -278,7 +279,7 @@ def _finish(table: Table, tile, values, ivar):
 
 def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, workers: int | None = None,
                 progress: bool = True, overwrite: bool = False, card=None, rest_frequency=None, config=None,
-                head_block=None, prefilter: float | None = None, bf16: bool = False, head_threads: int | None = None,
+                head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf16=MODEL_DEFAULT, head_threads: int | None = None,
                 reliability: float | None = None) -> dict:
     """Find the HI sources of a spectral cube; write their SDC2 catalogue to `output`.
 
@@ -288,10 +289,11 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     card / rest_frequency: the cube's data card (default from the header: ska-hi-like)
         and the rest frequency for a velocity axis without RESTFRQ. config: SofiaConfig
         (default `SOFIA_TUNED`; `SofiaConfig()` for SoFiA's defaults).
-    head_block, prefilter, bf16: the model's speed options (`HeadFinder`): run the network
-        on blocks of `head_block` (C, H, W) voxels overlapping by `overlap` inside each tile
-        (None: on the whole tile; `HEAD_BLOCK` is the bench's training tile), only those with
-        candidate emission at the `prefilter` clip level (rms; None: all), under bfloat16 autocast.
+    head_block, prefilter, bf16: how the network runs (`HeadFinder`): on blocks of
+        `head_block` (C, H, W) voxels overlapping by `overlap` inside each tile (None: on the
+        whole tile; `HEAD_BLOCK` is the bench's training tile), only those with candidate
+        emission at the `prefilter` clip level (rms; None: all), under bfloat16 autocast.
+        `MODEL_DEFAULT` (the default): the model's recorded option (`model_inference`).
         head_threads: torch threads in each worker (None: the cores over the workers).
     reliability: the model's purity cut (`Detection3DHeadConfig.reliability`; None: the
         model's own, 0: off): the head runs on the sign-flipped cube too (`HeadFinder(negatives=True)`)
@@ -348,6 +350,9 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         from cosmofm.finetune.task_predict import load_task_model
 
         model = load_task_model(model, expect_task="detection3d")
+        if ranks is not None:
+            model.to(ranks.device)  # the rank's GPU (cuda:LOCAL_RANK with nccl), or the CPU (gloo)
+        head_block, prefilter, bf16 = model_inference(model, head_block, prefilter, bf16)
         pre = None
         if prefilter is not None:
             pre = prefilter_config(prefilter)
@@ -367,8 +372,6 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
                             negatives=rel > 0)
         if rel > 0:
             template["sign"] = np.zeros(0, np.int64)
-        if ranks is not None:
-            model.to(ranks.device)  # the rank's GPU (cuda:LOCAL_RANK with nccl), or the CPU (gloo)
         device = next(model.parameters()).device
         processes = device.type == "cpu"
         if processes:  # forked workers share the cores (a launched rank's: its share of the node's): each gets its part
@@ -410,8 +413,28 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
             model._set_task(merge_factor=merge)  # the caller's model as it was
         if target != Path(output) and (ranks is None or ranks.main):
             target.unlink(missing_ok=True)
-    extra = {"head_stats": dict(finder.stats)} if isinstance(finder, HeadFinder) else {}
+    extra = {"head_stats": dict(finder.stats), "head_options": {"head_block": None if head_block is None else list(head_block),
+                                                                "prefilter": prefilter, "bf16": bool(bf16)}} if isinstance(finder, HeadFinder) else {}
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
+
+
+def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf16=MODEL_DEFAULT) -> tuple:
+    """(head_block, prefilter, bf16) for a run: each given option as given, each left at
+    `MODEL_DEFAULT` from the model's `Detection3DHeadConfig.inference` (absent: whole tile,
+    every block, float32). A recorded bf16 applies only where the model's device computes
+    bfloat16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): elsewhere autocast emulates it
+    at several times float32's cost, for a catalogue that float32 gives within a tolerance."""
+    from cosmofm.heads.redshift_net_cpu import native_bf16
+
+    recorded = getattr(model.head_config, "inference", {}) or {}
+    if head_block is MODEL_DEFAULT:
+        head_block = recorded.get("head_block")
+    if prefilter is MODEL_DEFAULT:
+        prefilter = recorded.get("prefilter")
+    if bf16 is MODEL_DEFAULT:
+        device = next(model.parameters()).device
+        bf16 = bool(recorded.get("bf16", False)) and (device.type == "cuda" or device.type == "cpu" and native_bf16())
+    return (None if head_block is None else tuple(head_block)), prefilter, bool(bf16)
 
 
 def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, head_block, negatives: int, config, target: Path, output: Path) -> dict:

@@ -112,6 +112,12 @@ class Detection3DHeadConfig(TaskHeadConfig):
             `detection3d_post.fit_noise_prior`: per_block, tail_scale, threshold, ..., and the
             prefilter and head_block it was measured with); a cube's own flipped detections are
             blended with it (`detection3d_post.noise_tail`). {} = none: the cube's own alone.
+        inference (`dict`, {}): the options `cosmofm detect` runs the head with unless told
+            otherwise, the ones its threshold and noise prior were calibrated with:
+            "head_block" ([C, H, W]: the network on blocks of each tile; null: the whole
+            tile), "prefilter" (rms: only blocks with smooth-and-clip candidates; null: all),
+            "bf16" (bfloat16 autocast where the device computes it natively). Fine-tuning
+            records the training tile as head_block (`Detection3DTask.prepare`).
         pa_from (`str`, "moment"): where the PA's receding side comes from: "moment" (the
             velocity gradient in the cube around the detection, `detection3d_post.receding_direction`)
             or "regressed" (the head's ux, uy maps).
@@ -132,6 +138,7 @@ class Detection3DHeadConfig(TaskHeadConfig):
     merge_factor: float = 1.0
     reliability: float = 0.0
     noise_prior: dict = field(default_factory=dict)
+    inference: dict = field(default_factory=dict)
     pa_from: str = "moment"
     card: str = ""
 
@@ -166,6 +173,7 @@ class Detection3DHeadConfig(TaskHeadConfig):
         if bad:
             raise InputError("task.noise_prior", f"is {prior!r}", "give {} or detection3d_post.fit_noise_prior's dict (per_block >= 0, "
                              "tail_scale > 0, threshold in (0, 1)); recalibrate with detect_quality --reliability")
+        self.inference = _checked_inference(self.inference)
         if self.pa_from not in ("moment", "regressed"):
             raise InputError("task.pa_from", f"is {self.pa_from!r}", "give 'moment' (the cube's velocity gradient) or 'regressed'")
 
@@ -175,6 +183,23 @@ class Detection3DHeadConfig(TaskHeadConfig):
         if "beam_fwhm_pix" not in kwargs and getattr(card, "beam_fwhm", None) is not None:
             kwargs = {"beam_fwhm_pix": float((card.beam_fwhm / card.pixel_scale).to_value(u.dimensionless_unscaled)), **kwargs}
         return super().from_card(card, **kwargs)
+
+
+def _checked_inference(options) -> dict:
+    """`Detection3DHeadConfig.inference`, checked: head_block None or 3 whole numbers >= 1,
+    prefilter None or > 0, bf16 a bool; nothing else."""
+    fix = 'give {"head_block": [C, H, W] or null, "prefilter": rms > 0 or null, "bf16": true/false}, any of them'
+    if not isinstance(options, dict) or set(options) - {"head_block", "prefilter", "bf16"}:
+        raise InputError("task.inference", f"is {options!r}", fix)
+    block, clip, bf16 = options.get("head_block"), options.get("prefilter"), options.get("bf16", False)
+    if block is not None and (not isinstance(block, (list, tuple)) or len(block) != 3
+                              or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in block)):
+        raise InputError("task.inference.head_block", f"is {block!r}", fix)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        raise InputError("task.inference.prefilter", f"is {clip!r}", fix)
+    if not isinstance(bf16, bool):
+        raise InputError("task.inference.bf16", f"is {bf16!r}", fix)
+    return {**options, **({"head_block": list(block)} if block is not None else {})}
 
 
 @dataclass
@@ -408,6 +433,14 @@ class Detection3DTask(Task):
 
     def targets(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
         return data.targets_from_samples(samples)
+
+    def prepare(self, model: CosmoFMForDetection3D, samples: Sequence[Sample]) -> None:
+        """Record the training tiles' shape as the head_block `cosmofm detect` runs the network
+        on (`Detection3DHeadConfig.inference`, unless set): the objectness it learnt, and the
+        threshold calibrated on tiles of that size, hold for inputs of that size."""
+        shapes = {tuple(s.values.shape) for s in samples}
+        if len(shapes) == 1 and "head_block" not in model.head_config.inference:
+            model._set_task(inference={**model.head_config.inference, "head_block": list(shapes.pop())})
 
     def metrics(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """SDC2 score, completeness, purity and median property errors on the test tiles

@@ -213,9 +213,9 @@ def _cmd_detect(args):
     if args.head_block is not None:
         kwargs["head_block"] = None if args.head_block == "none" else cli_shape(args.head_block, 3, "head-block")
     if args.prefilter is not None:
-        kwargs["prefilter"] = args.prefilter
-    if args.bf16:
-        kwargs["bf16"] = True
+        kwargs["prefilter"] = args.prefilter or None  # 0: every block
+    if args.bf16 is not None:
+        kwargs["bf16"] = args.bf16
     if args.reliability is not None:
         kwargs["reliability"] = args.reliability
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
@@ -223,6 +223,10 @@ def _cmd_detect(args):
     if summary.get("rank", 0):  # launched: rank 0 wrote the catalogue and reports it
         return
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles{_per_rank(summary)}) -> {summary['output']}")
+    if "head_options" in summary:
+        o = summary["head_options"]
+        print(f"head: {'blocks of ' + 'x'.join(map(str, o['head_block'])) if o['head_block'] else 'whole tiles'}, "
+              f"{'prefilter ' + format(o['prefilter'], 'g') + ' rms' if o['prefilter'] else 'every block'}, {'bf16' if o['bf16'] else 'float32'}")
     for note in summary["notes"] + ([f"{summary['n_skipped_tiles']} tiles without a usable voxel"] if summary["n_skipped_tiles"] else []):
         print(f"note: {note}", file=sys.stderr)
 
@@ -421,17 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description=LAUNCHED_TILES % "detect CUBE.fits --model M --output CAT.fits")
     dt.add_argument("cube", help="the cube FITS (RA, Dec and a FREQ or VRAD/VOPT axis with RESTFRQ; BMAJ/BMIN)")
     dt.add_argument("--output", required=True, help="catalogue (.fits or .parquet)")
-    dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method); the benchmarked "
-                    "settings, purity >= 0.9 at the calibrated threshold: --head-block 64,32,32 --prefilter 5 --bf16")
+    dt.add_argument("--model", help="a fine-tuned detection3d model folder or repo id (default: the classical --method); it runs with the "
+                    "options its threshold was calibrated with (its config's task.inference), unless the three below say otherwise")
     dt.add_argument("--method", choices=["sofia"], help="classical finder when no --model (default sofia)")
     dt.add_argument("--sofia-defaults", action="store_true", help="sofia with SoFiA's default settings (default: SOFIA_TUNED, tuned on training survey cubes)")
     dt.add_argument("--tile", help="tile size: N or CHANNELS,ROWS,COLS (default 256,256,256)")
     dt.add_argument("--overlap", help="tile overlap: N or CHANNELS,ROWS,COLS (default 64,24,24)")
     dt.add_argument("--workers", type=int, help="worker processes (default one per core; launched: per process, its share of the cores)")
     dt.add_argument("--card", help="data card of the cube (default from the header: ska-hi-like)")
-    dt.add_argument("--head-block", help="--model: run the network on blocks CHANNELS,ROWS,COLS of each tile (e.g. 64,32,32, its training tile; default: the whole tile)")
-    dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; default: all)")
-    dt.add_argument("--bf16", action="store_true", help="--model: bfloat16 autocast (faster on CPUs with AVX512-BF16; catalogue within a tolerance of float32)")
+    dt.add_argument("--head-block", help="--model: run the network on blocks CHANNELS,ROWS,COLS of each tile (e.g. 64,32,32; none: the whole tile; default: the model's, its training tile)")
+    dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; 0: every block; default: the model's)")
+    dt.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="--model: bfloat16 autocast or not (default: the model's, where the CPU or GPU computes bf16 natively; catalogue within a tolerance of float32)")
     dt.add_argument("--reliability", type=float, help="--model: run the head on the sign-flipped cube too and keep the detections above the lowest threshold whose purity, estimated from it, reaches this (e.g. 0.9; 0 = off; default: the model's own)")
     dt.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     dt.set_defaults(func=_cmd_detect)

@@ -158,20 +158,43 @@ def test_separable_local_maximum_box_equals_max_pool3d():
         torch.testing.assert_close(got, want[t][want[t] > 0].sort(descending=True).values)
 
 
-def test_cli_speed_flags_reach_the_head(cubes, model, tmp_path):
+def test_cli_speed_flags_reach_the_head_and_the_model_runs_its_recorded_ones_by_default(cubes, model, tmp_path, capsys):
+    import copy
+
     from cosmofm.cli import main as cli_main
+    from cosmofm.finetune.detect import model_inference
+    from cosmofm.heads.redshift_net_cpu import native_bf16
     from cosmofm.pretrain.checkpoint import write_manifest
 
-    model.save_pretrained(tmp_path / "det")
+    recorded = copy.deepcopy(model)
+    recorded._set_task(inference={"head_block": [32, 32, 32], "prefilter": 5.0, "bf16": True})
+    recorded.save_pretrained(tmp_path / "det")
     write_manifest(tmp_path / "det")
-    out = tmp_path / "fast.fits"
-    assert cli_main(["detect", str(cubes[0]), "--output", str(out), "--model", str(tmp_path / "det"), "--tile", "64", "--overlap", "8",
-                     "--workers", "1", "--head-block", "32,32,32", "--prefilter", "5", "--bf16"]) == 0
-    fast = Table.read(out)
+    run = ["detect", str(cubes[0]), "--model", str(tmp_path / "det"), "--tile", "64", "--overlap", "8", "--workers", "1"]
+    assert cli_main([*run, "--output", str(tmp_path / "fast.fits"), "--head-block", "32,32,32", "--prefilter", "5", "--bf16"]) == 0
+    fast = Table.read(tmp_path / "fast.fits")
     assert 0 < len(fast) <= 8 * 14  # at most 8 per block run, and the noise blocks were skipped (27 x ~6 without the prefilter)
     z, y, x = SOURCE
     d = np.hypot(np.asarray(fast["ROW"]) - y, np.asarray(fast["COL"]) - x)
     assert np.any((d < 12) & (np.abs(np.asarray(fast["CHAN"]) - z) < 12))
+    capsys.readouterr()
+    # no flags: the options the model recorded (bf16 only where the CPU computes it natively)
+    assert cli_main([*run, "--output", str(tmp_path / "default.fits")]) == 0
+    bf16 = native_bf16()
+    assert f"head: blocks of 32x32x32, prefilter 5 rms, {'bf16' if bf16 else 'float32'}" in capsys.readouterr().out
+    default = Table.read(tmp_path / "default.fits")
+    if bf16:
+        assert _rows(default) == _rows(fast)
+    assert model_inference(recorded) == ((32, 32, 32), 5.0, bf16)
+    assert model_inference(recorded, head_block=None, prefilter=None, bf16=False) == (None, None, False)
+    assert model_inference(model) == (None, None, False)  # nothing recorded: the whole tile, every block, float32
+    s = detect_cube(cubes[0], tmp_path / "whole.fits", model=str(tmp_path / "det"), tile=64, overlap=8, workers=1, progress=False,
+                    head_block=None, prefilter=None, bf16=False)
+    assert s["head_options"] == {"head_block": None, "prefilter": None, "bf16": False}
+    with pytest.raises(InputError, match="task.inference.head_block"):
+        Detection3DHeadConfig(inference={"head_block": [32, 32]})
+    with pytest.raises(InputError, match="task.inference"):
+        Detection3DHeadConfig(inference={"tile": 64})
 
 
 def test_negatives_are_the_flipped_cubes_detections(cubes, model):

@@ -264,7 +264,9 @@ def test_the_shipped_recipe_runs_with_tiny_overrides_and_makes_a_release(tmp_pat
     details = results["details"]
     assert details["n_test"] == 2 and "sdc2_score" in details and "completeness" in details and details["n_truth"] >= 1
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and (tmp_path / "run" / "finetune_recipe.yaml").is_file()
-    assert type(from_pretrained(result["model_dir"], expect_task="detection3d")) is CosmoFMForDetection3D
+    release = from_pretrained(result["model_dir"], expect_task="detection3d")
+    assert type(release) is CosmoFMForDetection3D
+    assert release.head_config.inference == {"head_block": [16, 16, 16]}  # cosmofm detect runs it on blocks of its training tiles
 
 
 # ---------------------------------------------------------------------------- post-processing: merging and the receding side

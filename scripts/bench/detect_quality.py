@@ -18,6 +18,9 @@ on `--calibration-cubes` held-out cubes of the test cubes' kind (seeds 2,000,000
 neither training nor test) through the same `cosmofm detect` path, for the best SDC2 score
 at purity >= `--min-purity` (`Detection3DTask.calibrate_catalogues`); with 0 of them, on
 `--n-calibration` tiles of other cubes (universe seed 1, `Detection3DTask.calibrate`).
+With `--fast` the cubes go through head_fast's options (below), else the plain tiles, and the
+model records them (`Detection3DHeadConfig.inference`): `cosmofm detect --model` on a saved
+model runs the path its threshold was calibrated on.
 
 `--fast` adds the arm `head_fast`: the same model through `cosmofm detect`'s speed options
 (`finetune.detect.HeadFinder`: the cube read as one tile, the network on `--tile` blocks of
@@ -176,24 +179,40 @@ def test_cube(card, args, seed: int, work: Path) -> tuple[Path, Table, np.ndarra
     return path, truth, bright
 
 
+def plain_options(args) -> dict:
+    """detect_cube's options for the arm `head`: tiles of --tile, the network on each whole tile, float32."""
+    return {"tile": tuple(args.tile), "overlap": tuple(args.overlap), "head_block": None, "prefilter": None, "bf16": False}
+
+
+def fast_options(args) -> dict:
+    """detect_cube's options for the arm `head_fast`: the whole cube as one tile, the network on
+    --tile blocks of it, only those the --prefilter marks, bfloat16 unless --no-bf16."""
+    return {"tile": (args.channels, args.size, args.size), "overlap": tuple(args.overlap), "head_block": tuple(args.tile),
+            "prefilter": args.prefilter or None, "bf16": not args.no_bf16}
+
+
 def calibrate_on_cubes(model, task, card, args, work: Path) -> dict:
     """The threshold chosen on `--calibration-cubes` held-out cubes (`Detection3DTask.calibrate_catalogues`):
     one `cosmofm detect` pass per cube at the head's floor threshold, then the sweep on the catalogues."""
     beam = float(card.beam_fwhm.to_value(u.arcsec))
     model._set_task(merge_factor=0.0)  # the catalogues un-merged: calibrate_catalogues chooses the factor
+    # On the path the model will run: head_fast's with --fast, else the plain tiles; recorded
+    # in the model (`Detection3DHeadConfig.inference`) as what `cosmofm detect --model` runs.
+    options = fast_options(args) if args.fast else plain_options(args)
     pairs = []
     for k in range(args.calibration_cubes):
         path, truth, _ = test_cube(card, args, CALIBRATION_SEED_BASE + k, work)
         with torch.no_grad():
-            cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, tile=tuple(args.tile), overlap=tuple(args.overlap))
+            cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, **options)
         pairs.append((cat, truth))
     chosen = task.calibrate_catalogues(model, pairs, beam, args.min_purity)
+    model._set_task(inference={"head_block": list(args.tile), "prefilter": options["prefilter"], "bf16": options["bf16"]})
+    chosen["inference"] = dict(model.head_config.inference)
     if args.reliability and args.fast:  # the purity cut's noise prior: the same cubes' flipped detections, head_fast's options
         from cosmofm.finetune.detect import calibrate_noise_prior
 
         chosen["noise_prior"] = calibrate_noise_prior(model, [work / f"cube-{CALIBRATION_SEED_BASE + k}.fits" for k in range(args.calibration_cubes)],
-                                                      tile=(args.channels, args.size, args.size), overlap=tuple(args.overlap),
-                                                      head_block=tuple(args.tile), prefilter=args.prefilter or None, bf16=not args.no_bf16)
+                                                      **fast_options(args))
     for k in range(args.calibration_cubes):
         (work / f"cube-{CALIBRATION_SEED_BASE + k}.fits").unlink()
     return {**chosen, "diagnostics": calibration_diagnostics(pairs, beam, model.head_config.merge_factor)}
@@ -414,10 +433,9 @@ def main(argv=None) -> dict:
         path, truth, bright = test_cube(card, args, TEST_SEED_BASE + seed, work)
         entry = {"seed": TEST_SEED_BASE + seed, "shape": [args.channels, args.size, args.size], "n_truth": len(truth),
                  "voxels": args.channels * args.size**2}
-        arms = {name: {"model": model, "tile": tuple(args.tile), "overlap": tuple(args.overlap)} for name in heads}
-        if args.fast:  # the whole cube as one tile, the network on --tile blocks of it, prefiltered, bf16
-            arms["head_fast"] = {"model": model, "tile": (args.channels, args.size, args.size), "overlap": tuple(args.overlap),
-                                 "head_block": tuple(args.tile), "prefilter": args.prefilter or None, "bf16": not args.no_bf16}
+        arms = {name: {"model": model, **plain_options(args)} for name in heads}
+        if args.fast:
+            arms["head_fast"] = {"model": model, **fast_options(args)}
         for name in heads:
             if name.endswith("_rel"):
                 arms[name] = dict(arms[name[: -len("_rel")]])
