@@ -66,7 +66,7 @@ def cores() -> int:
         match = re.match(r"\s*\+?(\d+)", os.environ.get(name, ""))
         if match and int(match.group(1)) > 0:
             return min(int(match.group(1)), os.cpu_count() or 1)
-    return _physical_cores()
+    return physical_cores()
 
 
 def n_workers(requested: int | None = None) -> int:
@@ -226,7 +226,7 @@ class _RemoteTraceback(Exception):
         return "\n" + self.args[0]
 
 
-def _physical_cores() -> int:
+def physical_cores() -> int:
     """Physical cores among the CPUs this process may run on (hyperthread siblings count once)."""
     try:
         cpus = os.sched_getaffinity(0)
@@ -259,4 +259,4 @@ def _run_in_worker(chunk: list) -> tuple:
     return _run_chunk(_WORKER_FN, chunk, True)
 
 
-__all__ = ["MAX_WORKERS", "can_fork", "cores", "in_parallel", "keep_freed_memory", "n_workers"]
+__all__ = ["MAX_WORKERS", "can_fork", "cores", "in_parallel", "keep_freed_memory", "n_workers", "physical_cores"]

@@ -89,11 +89,10 @@ class Ranks:
 
     @property
     def cores(self) -> int:
-        """This rank's cores: torch's threads, at most the node's cores over its ranks."""
-        from cosmofm.data_cards.workers import cores
+        """This rank's cores: torch's threads, at most the node's physical cores over its ranks."""
+        from cosmofm.data_cards.workers import cores, physical_cores
 
-        node = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(cores(), node // max(1, self.local_world)))
+        return max(1, min(cores(), physical_cores() // max(1, self.local_world)))
 
     def workers(self, requested: int | None, n_tiles: int) -> int:
         """Workers for this rank's `n_tiles` tiles: `requested`, else one per core of the rank's share."""

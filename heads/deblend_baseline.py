@@ -283,7 +283,8 @@ def tune_contrast(pipeline: str, blends: Sequence[tuple[Sample, object]], fwhm_p
     return best
 
 
-def _methods(pipeline: str) -> tuple[str, ...]:
+def flux_methods(pipeline: str) -> tuple[str, ...]:
+    """The flux estimators a classical pipeline's catalogue carries (sep or photutils)."""
     return ("aperture", "kron", "isophotal") if pipeline == "sep" else ("segment", "kron")
 
 
@@ -432,11 +433,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cats = [fn(s, **{arg: c}, fwhm_pixels=fwhm) for s, _ in test]
         rate = len(test) / (time.perf_counter() - t0)
         out = {arg: c, "stamps_per_s": rate}
-        scores = [score(k, t, fwhm, _methods(name)[0]) for k, (_, t) in zip(cats, test)]
+        scores = [score(k, t, fwhm, flux_methods(name)[0]) for k, (_, t) in zip(cats, test)]
         ious = np.concatenate([dm.matched_iou(t.footprints, k.segmentation, sc["true_index"], sc["pred_index"])[sc["matched"]]
                                for k, (_, t), sc in zip(cats, test, scores)])
         out["segmentation_iou_matched_mean"] = float(np.mean(ious)) if ious.size else float("nan")
-        for m in _methods(name):
+        for m in flux_methods(name):
             met = dm.deblending_metrics([score(k, t, fwhm, m) for k, (_, t) in zip(cats, test)], bands, ref)
             out[m] = {"detection": met["detection"], "flux_blended": met["flux_blended"], "flux_all": met["flux_all"][bands[ref]],
                       "flux_blended_vs_mag": met["flux_blended_vs_mag"], "flux_vs_separation": met["flux_vs_separation"],

@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
     from cosmofm.data_cards.schema import load_card
-    from cosmofm.heads.deblend_baseline import PIPELINES, SCARLET_STEPS, fwhm_in_pixels, reference_band, tune_contrast
+    from cosmofm.heads.deblend_baseline import PIPELINES, SCARLET_STEPS, flux_methods, fwhm_in_pixels, reference_band, tune_contrast
     from cosmofm.heads.deblending import DeblendingHeadConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -403,9 +403,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             continue
         c = contrasts[name] = tune_contrast(name, tune, fwhm)
         cats, rate = _rate(lambda xs: [fn(s, **{arg: c}, fwhm_pixels=fwhm) for s in xs], samples)
-        methods = ("aperture", "kron", "isophotal") if name == "sep" else ("segment", "kron")
         results[name] = {arg: c, "stamps_per_s": rate}
-        for m in methods:
+        for m in flux_methods(name):
             res = summarise(cats, test, fwhm, m, bands, ref)
             pts = res.pop("_points")
             if m == {"sep": "isophotal", "photutils": "segment"}[name]:  # the figure's flux estimator of each
