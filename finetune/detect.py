@@ -135,14 +135,14 @@ class HeadFinder:
     __name__ = "detection3d model"
 
     def __init__(self, model, block=HEAD_BLOCK, block_overlap=HEAD_BLOCK_OVERLAP, prefilter=None, kernel_rms=None, bf16: bool = False,
-                 negatives: bool = False):
+                 negatives: bool = False, merge: bool = True):
         from cosmofm.heads.base import task_class
 
         self.model = model.eval()
         self.task = task_class(model.task_type)(model.head_config)
         self.block = None if block is None else tuple(int(b) for b in block)
         self.block_overlap = tuple(int(b) for b in block_overlap) if isinstance(block_overlap, (tuple, list)) else (int(block_overlap),) * 3
-        self.prefilter, self.kernel_rms, self.bf16, self.negatives = prefilter, kernel_rms, bool(bf16), bool(negatives)
+        self.prefilter, self.kernel_rms, self.bf16, self.negatives, self.merge = prefilter, kernel_rms, bool(bf16), bool(negatives), bool(merge)
         self.stats = {"blocks": 0, "blocks_run": 0, "blocks_run_negative": 0, "seconds_prefilter": 0.0, "seconds_network": 0.0}
         self.threads = None  # torch threads to use where it runs (set by detect_cube for worker processes)
         self._negative_blocks = multiprocessing.Value("q", 0)  # shared memory: forked workers add to it too
@@ -180,7 +180,7 @@ class HeadFinder:
         if self.threads and torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         if self.block is None and self.prefilter is None and not self.negatives:
-            return self.task.find_in_tile(self.model, values, ivar, header, bf16=self.bf16)
+            return self.task.find_in_tile(self.model, values, ivar, header, bf16=self.bf16, merge=self.merge)
         t0 = time.perf_counter()
         signs = (1, -1) if self.negatives else (1,)
         masks = self.masks(values, ivar) if self.prefilter is not None else (None, None)
@@ -206,7 +206,7 @@ class HeadFinder:
                 w.wcs.set()
                 block = values[b.read] if sign > 0 else -values[b.read]
                 found = self.task.find_in_tile(self.model, block, None if ivar is None else ivar[b.read], tile_header(header, *b.origin, b.shape),
-                                               bf16=self.bf16, wcs=w, columns=True)
+                                               bf16=self.bf16, wcs=w, columns=True, merge=self.merge)
                 self.stats["seconds_network"] += time.perf_counter() - t0
                 for ax, name in enumerate(("CHAN", "ROW", "COL")):
                     found[name] = np.asarray(found[name], np.float64) + b.origin[ax]
@@ -363,13 +363,11 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         if not 0 <= rel < 1:
             raise InputError("reliability", f"is {reliability!r}", "give a purity in [0, 1), e.g. 0.9 (0 = off)")
         merge = float(getattr(model.head_config, "merge_factor", 0.0))  # the head's duplicates across tiles: one merge over the cube
-        if merge > 0:
-            # The merge over the whole catalogue (the scorer's window in world units) replaces the
-            # per-tile one (pixel units, a little wider): a catalogue is then the floor catalogue
-            # thresholded and merged, which is what `calibrate_catalogues` chose the threshold on.
-            model._set_task(merge_factor=0.0)
+        # The merge over the whole catalogue (the scorer's window in world units) replaces the
+        # per-tile one (pixel units, a little wider): a catalogue is then the floor catalogue
+        # thresholded and merged, which is what `calibrate_catalogues` chose the threshold on.
         finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16,
-                            negatives=rel > 0)
+                            negatives=rel > 0, merge=False)
         if rel > 0:
             template["sign"] = np.zeros(0, np.int64)
         device = next(model.parameters()).device
@@ -409,8 +407,6 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         if ranks is not None:
             summary["rank"] = ranks.rank  # rank 0's summary, this rank's place in the launch
     finally:
-        if merge > 0:
-            model._set_task(merge_factor=merge)  # the caller's model as it was
         if target != Path(output) and (ranks is None or ranks.main):
             target.unlink(missing_ok=True)
     extra = {"head_stats": dict(finder.stats), "head_options": {"head_block": None if head_block is None else list(head_block),

@@ -324,9 +324,10 @@ class CosmoFMForDetection3D(CosmoFMForTask):
         return groups, out
 
     def forward(self, batch: CosmoFMBatch, sources: torch.Tensor | None = None, tile: torch.Tensor | None = None,
-                return_maps: bool = False) -> Detection3DOutput:
+                return_maps: bool = False, merge: bool = True) -> Detection3DOutput:
         """`sources` (N, K, len(SOURCE_FIELDS)): the truth (Detection3DTask.targets) for the
-        loss; `tile` (N, len(TILE_FIELDS)) travels with the targets for the metrics, unused here."""
+        loss; `tile` (N, len(TILE_FIELDS)) travels with the targets for the metrics, unused here.
+        `merge`: merge each tile's duplicates (`decode`); False where the caller merges a whole catalogue."""
         head = self.head_config
         groups, out = self.maps(batch)
         n = len(batch)
@@ -337,7 +338,7 @@ class CosmoFMForDetection3D(CosmoFMForTask):
         for g, (rows, logits, props) in zip(batch.groups, groups):
             with torch.no_grad():
                 if decode:
-                    detections[rows.to(detections.device)] = self.decode(g, logits.detach(), props.detach())
+                    detections[rows.to(detections.device)] = self.decode(g, logits.detach(), props.detach(), merge)
             if sources is None:
                 continue
             src = sources[rows.to(sources.device)].to(logits.device).float()
@@ -362,15 +363,17 @@ class CosmoFMForDetection3D(CosmoFMForTask):
             heatmap, properties = groups[0][1], groups[0][2]
         return Detection3DOutput(loss=loss, detections=detections, heatmap=heatmap, properties=properties, backbone=out)
 
-    def decode(self, group, logits: torch.Tensor, props: torch.Tensor) -> torch.Tensor:
+    def decode(self, group, logits: torch.Tensor, props: torch.Tensor, merge: bool = True) -> torch.Tensor:
         """(n, max_detections, len(DETECTION_FIELDS)) detections of one group of tiles: the
-        objectness peaks (`detection3d_data.peaks`), duplicates merged in source units and,
-        with `pa_from="moment"`, the receding direction from the cube (`detection3d_post`)."""
+        objectness peaks (`detection3d_data.peaks`), duplicates merged in source units (unless
+        `merge` is False) and, with `pa_from="moment"`, the receding direction from the cube
+        (`detection3d_post`)."""
         from cosmofm.heads import detection3d_post as post
 
         head = self.head_config
         det = data.peaks(logits, props, head.threshold, head.nms_window, head.max_detections)
-        det = post.merge_duplicates(det, head.beam_fwhm_pix, head.merge_factor)
+        if merge:
+            det = post.merge_duplicates(det, head.beam_fwhm_pix, head.merge_factor)
         if head.pa_from == "moment" and bool((det[..., 0] > 0).any()):
             snr = torch.nan_to_num(group.values.float(), nan=0.0, posinf=0.0, neginf=0.0) * group.ivar.float().clamp(min=0).sqrt()
             freq = group.coords.get("frequency")
@@ -542,7 +545,7 @@ class Detection3DTask(Task):
         return {"TILE": tile_idx, **{c.name: cols[c.name] for c in self.catalogue_columns}}
 
     def find_in_tile(self, model: CosmoFMForDetection3D, values: np.ndarray, ivar: np.ndarray | None, header: fits.Header,
-                     *, bf16: bool = False, wcs=None, columns: bool = False) -> Table | dict:
+                     *, bf16: bool = False, wcs=None, columns: bool = False, merge: bool = True) -> Table | dict:
         """The tile finder (field-inference contract): (C, H, W) float32 Jy/beam `values`,
         `ivar` (same shape, 0 = masked) or None (noise measured per channel: 1.4826 x the
         median |value|), the tile's 3D FITS header -> a Table with CHAN, ROW, COL (0-based,
@@ -553,7 +556,8 @@ class Detection3DTask(Task):
         differs from float32's within the tolerance `tests/test_detect_speed.py` states.
         For a caller that cuts a tile into blocks (`finetune.detect.HeadFinder`): `wcs`, this
         header's `sofia_baseline._frequency_wcs` (it costs ~20 ms to build from a header), and
-        `columns=True`: the plain column dict instead of the Table (one Table per tile, not per block)."""
+        `columns=True`: the plain column dict instead of the Table (one Table per tile, not per
+        block); `merge=False`: the tile's duplicates kept, for one merge over the whole catalogue."""
         from cosmofm.heads.sofia_baseline import _frequency_wcs
         from cosmofm.pretrain.data import collate_samples
 
@@ -582,7 +586,7 @@ class Detection3DTask(Task):
         model.eval()
         device = next(model.parameters()).device
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-            det = model(collate_samples([sample], model.config.survey_names).to(device)).detections[0].float().cpu().numpy()
+            det = model(collate_samples([sample], model.config.survey_names).to(device), merge=merge).detections[0].float().cpu().numpy()
         det = det[det[:, 0] > 0]
 
         def freq_at(chan):
