@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from cosmofm.data_cards.sample import Sample
-from cosmofm.finetune.classify import predict, redshift_method
+from cosmofm.finetune.classify import predict, untemplated_classes
 from cosmofm.heads.metrics import classification_metrics, pull_width, redshift_error_scale, redshift_metrics
 from cosmofm.heads.calibration import (
     ConformalClassifier,
@@ -98,7 +98,7 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
         net = model.network_redshifts([samples[int(i)] for i in splits["test"]])
         metrics.update({f"redshift_net_{k.removeprefix('redshift_')}": v for k, v in redshift_metrics(z_true, net.z).items()})
         arrays.update(z_true=z_true, z_net=net.z, z_net_err=net.z_err)
-    if redshifts is not None and redshift_method(model) == "scan":  # the redshifts `classify` writes by default
+    if redshifts is not None and not untemplated_classes(model):  # the scan's redshifts (`classify --redshift scan`) get calibrated errors
         scan_metrics, scan_arrays = calibrate_scan_redshifts(model, samples, splits, redshifts, p_cal, p_test)
         metrics.update(scan_metrics)
         arrays.update(scan_arrays)

@@ -156,7 +156,7 @@ def _cmd_classify(args):
 
     summary = classify(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card,
                        redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows, overwrite=args.overwrite)
-    print(f"classified {summary['n_classified']} spectra ({summary['n_rows']} rows) -> {summary['output']}")
+    print(f"classified {summary['n_classified']} spectra ({summary['n_rows']} rows; redshifts: {summary['redshift']}) -> {summary['output']}")
     if summary["flags"]:
         print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
 
@@ -382,11 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("classify", help="classify spectra in survey files with a fine-tuned model; write a catalogue")
     _predict_path_arguments(c, "classification model")
     c.add_argument("--redshift", choices=REDSHIFT_METHODS, default=None,
-                   help="where Z comes from, for the predicted class: scan (default when the templates know the model's classes: "
-                        "eigenspectra scanned over the class's redshift range, thousands of spectra/s), template (the full "
-                        "template fit, ~50 spectra/s) or network (the model's redshift network when it carries one, trained with "
+                   help="where Z comes from: network (default when the model carries a redshift network, trained with "
                         "redshift_net_steps: p(z) from the spectrum alone, fewer catastrophic redshifts than the scan on survey-grade "
-                        "mocks but ~10 %% more CPU per run; else the head's own regression, poor for galaxies and QSOs)")
+                        "mocks for ~15 %% more CPU per run; without one, the head's own regression, poor for galaxies and QSOs), "
+                        "scan (the default otherwise: the predicted class's eigenspectra scanned over its redshift range, thousands "
+                        "of spectra/s) or template (the full template fit of the predicted class, ~50 spectra/s)")
     c.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                    help="N Monte-Carlo-dropout passes of the head: adds EPISTEMIC (mutual information, nats)")
     c.set_defaults(func=_cmd_classify)

@@ -382,10 +382,12 @@ def test_cli_distils_into_a_recipe_shaped_student(finetuned, tmp_path):
     assert cli_main(["finetune", "--recipe", "spectra-fast", "--backbone", finetuned["model_dir"], "--output", str(tmp_path / "x")]) == 2
 
 
-def test_redshift_method_follows_the_templates_classes():
+def test_redshift_method_follows_the_templates_classes_and_the_network():
     """The scan needs templates of every class the model predicts: a survey's own label
-    schema falls back to the network's redshift, and asking for a fit then is an error."""
+    schema falls back to the network's redshift, and asking for a fit then is an error. A
+    model that carries a redshift network uses it by default; the scan stays an option."""
     from cosmofm.finetune.classify import redshift_method
+    from cosmofm.heads.redshift_net import RedshiftNet, RedshiftNetConfig
 
     backbone = CosmoFMConfig(survey_names=["sdss-like"], **TINY)
     mock_classes = CosmoFMForSpectralClassification.from_backbone_config(backbone, ClassificationHeadConfig(class_names=list(CLASSES)))
@@ -394,6 +396,8 @@ def test_redshift_method_follows_the_templates_classes():
     assert redshift_method(own) == "network" and redshift_method(own, "network") == "network"
     with pytest.raises(InputError, match=r"'scan' needs templates for every class; \['CV', 'WD'\]"):
         redshift_method(own, "scan")
+    mock_classes.set_redshift_net(RedshiftNet(RedshiftNetConfig()))
+    assert redshift_method(mock_classes) == "network" and redshift_method(mock_classes, "scan") == "scan"
 
 
 def test_redshift_error_scale_matches_the_scatter():
@@ -422,7 +426,7 @@ def test_redshift_candidates_add_a_likely_runner_up_of_the_same_family():
 
 def test_redshift_network_trained_saved_and_used_by_classify(labelled, sdss, tmp_path):
     """redshift_net_steps trains a redshift network into the classifier; the release carries it
-    (config + weights) and `classify --redshift network` writes its z, not the head's."""
+    (config + weights) and `classify` writes its z by default, not the head's."""
     from cosmofm.data_cards.io.fits_io import write_fits
     from cosmofm.finetune.classify import load_classifier
 
@@ -443,7 +447,7 @@ def test_redshift_network_trained_saved_and_used_by_classify(labelled, sdss, tmp
     expected = loaded.network_redshifts(spectra)
     write_fits(spectra, tmp_path / "in.fits", sdss)
     out = tmp_path / "z.fits"
-    classify([tmp_path / "in.fits"], r["model_dir"], out, redshift="network", progress=False)
+    assert classify([tmp_path / "in.fits"], r["model_dir"], out, progress=False)["redshift"] == "network"
     np.testing.assert_allclose(read_catalogue(out)["Z"], expected.z, rtol=1e-5, atol=1e-7)
     head_z = predict(loaded, spectra)["redshift"]
     assert not np.allclose(expected.z, head_z, atol=1e-3)
