@@ -353,6 +353,26 @@ def test_cube_calibration_prefers_merging_a_duplicate_to_raising_the_threshold(c
     assert fitted["threshold"] == 0.66 and fitted["sdc2_score_calibration"] == pytest.approx(2.0)  # the middle of 0.63-0.70
 
 
+def test_cube_calibration_keeps_a_binomial_margin_above_the_purity_floor(card):
+    from astropy.table import Table
+
+    n = 9
+    truth = Table({"ra": 10.0 + 0.05 * np.arange(n), "dec": np.zeros(n), "central_freq": np.full(n, 1.1e9), "line_flux_integral": np.ones(n),
+                   "hi_size": np.full(n, 10.0), "w20": np.full(n, 200.0), "pa": np.full(n, 30.0), "i": np.full(n, 50.0)})
+    cat = Table({c: np.append(np.asarray(truth[c]), np.asarray(truth[c][:1])) for c in truth.colnames})
+    cat["dec"][-1] += 0.02  # noise: 72 arcsec from anything
+    cat["score"] = [0.8] * 5 + [0.4] * 4 + [0.6]  # the false row outscores four true ones
+    model = _model(card)
+    # all ten rows: purity 0.90 exactly, but 0.90 - sqrt(0.9 x 0.1 / 10) = 0.81 clears 0.8, not 0.9
+    fitted = Detection3DTask(model.head_config).calibrate_catalogues(model, [(cat, truth)], 7.0, 0.9, merge_factors=(0.0,))
+    assert fitted["threshold"] > 0.6 and fitted["purity_calibration"] == 1.0 and fitted["sdc2_score_calibration"] == pytest.approx(5.0)
+    model._set_task(threshold=0.05)
+    fitted = Detection3DTask(model.head_config).calibrate_catalogues(model, [(cat, truth)], 7.0, 0.8, merge_factors=(0.0,))
+    assert fitted["threshold"] <= 0.4 and fitted["purity_calibration"] == pytest.approx(0.9)
+    assert fitted["purity_bound_calibration"] == pytest.approx(0.9 - 0.3 / math.sqrt(10))
+    assert fitted["sdc2_score_calibration"] == pytest.approx(8.0)
+
+
 def test_detect_quality_strategies_train_what_they_name(card, tmp_path):
     """scripts/bench/detect_quality.py --strategy goes through the shared fine-tune strategies on a
     pretrained backbone: frozen leaves every backbone weight as loaded, lora changes only the
