@@ -352,7 +352,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         model = load_task_model(model, expect_task="detection3d")
         if ranks is not None:
             model.to(ranks.device)  # the rank's GPU (cuda:LOCAL_RANK with nccl), or the CPU (gloo)
-        head_block, prefilter, bf16 = model_inference(model, head_block, prefilter, bf16)
+        head_block, block_overlap, prefilter, bf16 = model_inference(model, head_block, prefilter, bf16)
         pre = None
         if prefilter is not None:
             pre = prefilter_config(prefilter)
@@ -366,7 +366,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         # The merge over the whole catalogue (the scorer's window in world units) replaces the
         # per-tile one (pixel units, a little wider): a catalogue is then the floor catalogue
         # thresholded and merged, which is what `calibrate_catalogues` chose the threshold on.
-        finder = HeadFinder(model, head_block, plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16,
+        finder = HeadFinder(model, head_block, block_overlap or plan.overlap, prefilter=pre, kernel_rms=kernel_rms if pre is not None else None, bf16=bf16,
                             negatives=rel > 0, merge=False)
         if rel > 0:
             template["sign"] = np.zeros(0, np.int64)
@@ -410,27 +410,31 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         if target != Path(output) and (ranks is None or ranks.main):
             target.unlink(missing_ok=True)
     extra = {"head_stats": dict(finder.stats), "head_options": {"head_block": None if head_block is None else list(head_block),
+                                                                "block_overlap": list(finder.block_overlap) if head_block is not None else None,
                                                                 "prefilter": prefilter, "bf16": bool(bf16)}} if isinstance(finder, HeadFinder) else {}
     return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
 
 
 def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf16=MODEL_DEFAULT) -> tuple:
-    """(head_block, prefilter, bf16) for a run: each given option as given, each left at
-    `MODEL_DEFAULT` from the model's `Detection3DHeadConfig.inference` (absent: whole tile,
-    every block, float32). A recorded bf16 applies only where the model's device computes
+    """(head_block, block_overlap, prefilter, bf16) for a run: each given option as given, each
+    left at `MODEL_DEFAULT` from the model's `Detection3DHeadConfig.inference` (absent: whole
+    tile, every block, float32). block_overlap: the recorded one with the recorded head_block,
+    else None (the blocks overlap as the tiles do). A recorded bf16 applies only where the model's device computes
     bfloat16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): elsewhere autocast emulates it
     at several times float32's cost, for a catalogue that float32 gives within a tolerance."""
     from cosmofm.heads.redshift_net_cpu import native_bf16
 
     recorded = getattr(model.head_config, "inference", {}) or {}
+    block_overlap = None
     if head_block is MODEL_DEFAULT:
-        head_block = recorded.get("head_block")
+        head_block, block_overlap = recorded.get("head_block"), recorded.get("block_overlap")
     if prefilter is MODEL_DEFAULT:
         prefilter = recorded.get("prefilter")
     if bf16 is MODEL_DEFAULT:
         device = next(model.parameters()).device
         bf16 = bool(recorded.get("bf16", False)) and (device.type == "cuda" or device.type == "cpu" and native_bf16())
-    return (None if head_block is None else tuple(head_block)), prefilter, bool(bf16)
+    as_shape = lambda x: None if x is None else tuple(x)  # noqa: E731
+    return as_shape(head_block), as_shape(block_overlap) if head_block is not None else None, prefilter, bool(bf16)
 
 
 def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, head_block, negatives: int, config, target: Path, output: Path) -> dict:

@@ -115,9 +115,10 @@ class Detection3DHeadConfig(TaskHeadConfig):
         inference (`dict`, {}): the options `cosmofm detect` runs the head with unless told
             otherwise, the ones its threshold and noise prior were calibrated with:
             "head_block" ([C, H, W]: the network on blocks of each tile; null: the whole
-            tile), "prefilter" (rms: only blocks with smooth-and-clip candidates; null: all),
-            "bf16" (bfloat16 autocast where the device computes it natively). Fine-tuning
-            records the training tile as head_block (`Detection3DTask.prepare`).
+            tile), "block_overlap" ([C, H, W]: how far those blocks overlap), "prefilter"
+            (rms: only blocks with smooth-and-clip candidates; null: all), "bf16" (bfloat16
+            autocast where the device computes it natively). Fine-tuning records the training
+            tile as head_block, overlapping by a quarter (`Detection3DTask.prepare`).
         pa_from (`str`, "moment"): where the PA's receding side comes from: "moment" (the
             velocity gradient in the cube around the detection, `detection3d_post.receding_direction`)
             or "regressed" (the head's ux, uy maps).
@@ -187,19 +188,24 @@ class Detection3DHeadConfig(TaskHeadConfig):
 
 def _checked_inference(options) -> dict:
     """`Detection3DHeadConfig.inference`, checked: head_block None or 3 whole numbers >= 1,
-    prefilter None or > 0, bf16 a bool; nothing else."""
-    fix = 'give {"head_block": [C, H, W] or null, "prefilter": rms > 0 or null, "bf16": true/false}, any of them'
-    if not isinstance(options, dict) or set(options) - {"head_block", "prefilter", "bf16"}:
+    block_overlap None or 3 whole numbers >= 0 below them, prefilter None or > 0, bf16 a bool;
+    nothing else."""
+    fix = ('give {"head_block": [C, H, W] or null, "block_overlap": [C, H, W] below head_block, "prefilter": rms > 0 or null, '
+           '"bf16": true/false}, any of them')
+    if not isinstance(options, dict) or set(options) - {"head_block", "block_overlap", "prefilter", "bf16"}:
         raise InputError("task.inference", f"is {options!r}", fix)
-    block, clip, bf16 = options.get("head_block"), options.get("prefilter"), options.get("bf16", False)
-    if block is not None and (not isinstance(block, (list, tuple)) or len(block) != 3
-                              or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in block)):
-        raise InputError("task.inference.head_block", f"is {block!r}", fix)
+    block, overlap, clip, bf16 = options.get("head_block"), options.get("block_overlap"), options.get("prefilter"), options.get("bf16", False)
+    for name, shape, low in (("head_block", block, 1), ("block_overlap", overlap, 0)):
+        if shape is not None and (not isinstance(shape, (list, tuple)) or len(shape) != 3
+                                  or any(isinstance(k, bool) or not isinstance(k, int) or k < low for k in shape)):
+            raise InputError(f"task.inference.{name}", f"is {shape!r}", fix)
+    if overlap is not None and (block is None or any(o >= b for o, b in zip(overlap, block))):
+        raise InputError("task.inference.block_overlap", f"is {overlap!r} for head_block {block!r}", fix)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         raise InputError("task.inference.prefilter", f"is {clip!r}", fix)
     if not isinstance(bf16, bool):
         raise InputError("task.inference.bf16", f"is {bf16!r}", fix)
-    return {**options, **({"head_block": list(block)} if block is not None else {})}
+    return {**options, **{k: list(v) for k, v in (("head_block", block), ("block_overlap", overlap)) if v is not None}}
 
 
 @dataclass
@@ -443,7 +449,8 @@ class Detection3DTask(Task):
         threshold calibrated on tiles of that size, hold for inputs of that size."""
         shapes = {tuple(s.values.shape) for s in samples}
         if len(shapes) == 1 and "head_block" not in model.head_config.inference:
-            model._set_task(inference={**model.head_config.inference, "head_block": list(shapes.pop())})
+            block = shapes.pop()  # overlapping by a quarter, as the bench's 16 x 8 x 8 for 64 x 32 x 32
+            model._set_task(inference={**model.head_config.inference, "head_block": list(block), "block_overlap": [b // 4 for b in block]})
 
     def metrics(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """SDC2 score, completeness, purity and median property errors on the test tiles

@@ -225,7 +225,8 @@ def _cmd_detect(args):
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles{_per_rank(summary)}) -> {summary['output']}")
     if "head_options" in summary:
         o = summary["head_options"]
-        print(f"head: {'blocks of ' + 'x'.join(map(str, o['head_block'])) if o['head_block'] else 'whole tiles'}, "
+        blocks = f"blocks of {'x'.join(map(str, o['head_block']))} overlapping {'x'.join(map(str, o['block_overlap']))}" if o["head_block"] else "whole tiles"
+        print(f"head: {blocks}, "
               f"{'prefilter ' + format(o['prefilter'], 'g') + ' rms' if o['prefilter'] else 'every block'}, {'bf16' if o['bf16'] else 'float32'}")
     for note in summary["notes"] + ([f"{summary['n_skipped_tiles']} tiles without a usable voxel"] if summary["n_skipped_tiles"] else []):
         print(f"note: {note}", file=sys.stderr)

@@ -167,34 +167,39 @@ def test_cli_speed_flags_reach_the_head_and_the_model_runs_its_recorded_ones_by_
     from cosmofm.pretrain.checkpoint import write_manifest
 
     recorded = copy.deepcopy(model)
-    recorded._set_task(inference={"head_block": [32, 32, 32], "prefilter": 5.0, "bf16": True})
+    recorded._set_task(inference={"head_block": [32, 32, 32], "block_overlap": [8, 8, 8], "prefilter": 5.0, "bf16": True})
     recorded.save_pretrained(tmp_path / "det")
     write_manifest(tmp_path / "det")
-    run = ["detect", str(cubes[0]), "--model", str(tmp_path / "det"), "--tile", "64", "--overlap", "8", "--workers", "1"]
-    assert cli_main([*run, "--output", str(tmp_path / "fast.fits"), "--head-block", "32,32,32", "--prefilter", "5", "--bf16"]) == 0
+    run = ["detect", str(cubes[0]), "--model", str(tmp_path / "det"), "--workers", "1"]
+    assert cli_main([*run, "--output", str(tmp_path / "fast.fits"), "--tile", "64", "--overlap", "8", "--head-block", "32,32,32",
+                     "--prefilter", "5", "--bf16"]) == 0
     fast = Table.read(tmp_path / "fast.fits")
     assert 0 < len(fast) <= 8 * 14  # at most 8 per block run, and the noise blocks were skipped (27 x ~6 without the prefilter)
     z, y, x = SOURCE
     d = np.hypot(np.asarray(fast["ROW"]) - y, np.asarray(fast["COL"]) - x)
     assert np.any((d < 12) & (np.abs(np.asarray(fast["CHAN"]) - z) < 12))
     capsys.readouterr()
-    # no flags: the options the model recorded (bf16 only where the CPU computes it natively)
+    # no flags: the options the model recorded (bf16 only where the CPU computes it natively), its
+    # blocks overlapping as recorded, not as the default tiles (64 x 24 x 24, more than a block holds)
     assert cli_main([*run, "--output", str(tmp_path / "default.fits")]) == 0
     bf16 = native_bf16()
-    assert f"head: blocks of 32x32x32, prefilter 5 rms, {'bf16' if bf16 else 'float32'}" in capsys.readouterr().out
+    assert f"head: blocks of 32x32x32 overlapping 8x8x8, prefilter 5 rms, {'bf16' if bf16 else 'float32'}" in capsys.readouterr().out
     default = Table.read(tmp_path / "default.fits")
     if bf16:
         assert _rows(default) == _rows(fast)
-    assert model_inference(recorded) == ((32, 32, 32), 5.0, bf16)
-    assert model_inference(recorded, head_block=None, prefilter=None, bf16=False) == (None, None, False)
-    assert model_inference(model) == (None, None, False)  # nothing recorded: the whole tile, every block, float32
+    assert model_inference(recorded) == ((32, 32, 32), (8, 8, 8), 5.0, bf16)
+    assert model_inference(recorded, head_block=None, prefilter=None, bf16=False) == (None, None, None, False)
+    assert model_inference(recorded, head_block=(16, 16, 16)) == ((16, 16, 16), None, 5.0, bf16)  # given blocks overlap as the tiles
+    assert model_inference(model) == (None, None, None, False)  # nothing recorded: the whole tile, every block, float32
     s = detect_cube(cubes[0], tmp_path / "whole.fits", model=str(tmp_path / "det"), tile=64, overlap=8, workers=1, progress=False,
                     head_block=None, prefilter=None, bf16=False)
-    assert s["head_options"] == {"head_block": None, "prefilter": None, "bf16": False}
+    assert s["head_options"] == {"head_block": None, "block_overlap": None, "prefilter": None, "bf16": False}
     with pytest.raises(InputError, match="task.inference.head_block"):
         Detection3DHeadConfig(inference={"head_block": [32, 32]})
     with pytest.raises(InputError, match="task.inference"):
         Detection3DHeadConfig(inference={"tile": 64})
+    with pytest.raises(InputError, match="task.inference.block_overlap"):
+        Detection3DHeadConfig(inference={"head_block": [32, 32, 32], "block_overlap": [32, 8, 8]})
 
 
 def test_negatives_are_the_flipped_cubes_detections(cubes, model):

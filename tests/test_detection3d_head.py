@@ -266,7 +266,8 @@ def test_the_shipped_recipe_runs_with_tiny_overrides_and_makes_a_release(tmp_pat
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and (tmp_path / "run" / "finetune_recipe.yaml").is_file()
     release = from_pretrained(result["model_dir"], expect_task="detection3d")
     assert type(release) is CosmoFMForDetection3D
-    assert release.head_config.inference == {"head_block": [16, 16, 16]}  # cosmofm detect runs it on blocks of its training tiles
+    # cosmofm detect runs it on blocks of its training tiles
+    assert release.head_config.inference == {"head_block": [16, 16, 16], "block_overlap": [4, 4, 4]}
 
 
 # ---------------------------------------------------------------------------- post-processing: merging and the receding side

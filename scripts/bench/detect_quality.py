@@ -206,7 +206,8 @@ def calibrate_on_cubes(model, task, card, args, work: Path) -> dict:
             cat, _ = run_detect(path, work / f"calibration-{k}.fits", model=model, **options)
         pairs.append((cat, truth))
     chosen = task.calibrate_catalogues(model, pairs, beam, args.min_purity)
-    model._set_task(inference={"head_block": list(args.tile), "prefilter": options["prefilter"], "bf16": options["bf16"]})
+    model._set_task(inference={"head_block": list(args.tile), "block_overlap": list(args.overlap), "prefilter": options["prefilter"],
+                               "bf16": options["bf16"]})
     chosen["inference"] = dict(model.head_config.inference)
     if args.reliability and args.fast:  # the purity cut's noise prior: the same cubes' flipped detections, head_fast's options
         from cosmofm.finetune.detect import calibrate_noise_prior
