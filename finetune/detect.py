@@ -51,6 +51,7 @@ from cosmofm.data_cards.errors import InputError
 
 DEFAULT_TILE = (256, 256, 256)  # channels, rows, columns: ~0.7 GB of SoFiA temporaries per worker
 DEFAULT_OVERLAP = (64, 24, 24)  # half: 32 channels (~290 km/s at 1 GHz, 30 kHz) and 12 px (34 arcsec at 2.8"/px): a large HI disk
+MODEL_DEFAULT = "model"  # detect_cube's head_block / prefilter / bf16: the model's recorded option
 EXTRA_COLUMNS = ("snr", "reliability")
 
 
@@ -95,7 +96,6 @@ class SofiaFinder:
 # (clip 4.75: 3, with 24 % of a sparse cube's blocks run on noise instead of 6 %).
 PREFILTER_SPATIAL = (0.0, 3.0)  # Gaussian FWHM [pixels]; 0 = none
 PREFILTER_WIDTHS = (0, 3, 7, 15, 31)  # boxcars [channels]
-MODEL_DEFAULT = "model"  # detect_cube's head_block / prefilter / bf16: the model's recorded option
 PREFILTER_CLIP = 5.0  # [rms of each smoothed cube], the benchmarks' `--prefilter 5` (off unless asked for)
 HEAD_BLOCK = (64, 32, 32)  # the bench's training tile (scripts/bench/detect_quality.py --tile)
 HEAD_BLOCK_OVERLAP = (16, 8, 8)
@@ -433,8 +433,7 @@ def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf
     if bf16 is MODEL_DEFAULT:
         device = next(model.parameters()).device
         bf16 = bool(recorded.get("bf16", False)) and (device.type == "cuda" or device.type == "cpu" and native_bf16())
-    as_shape = lambda x: None if x is None else tuple(x)  # noqa: E731
-    return as_shape(head_block), as_shape(block_overlap) if head_block is not None else None, prefilter, bool(bf16)
+    return (None if head_block is None else tuple(head_block)), (None if block_overlap is None else tuple(block_overlap)), prefilter, bool(bf16)
 
 
 def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, head_block, negatives: int, config, target: Path, output: Path) -> dict:

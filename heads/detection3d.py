@@ -67,6 +67,7 @@ from torch.nn import functional as F
 
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
+from cosmofm.heads import detection3d_calibration as calibration
 from cosmofm.heads import detection3d_data as data
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
 from cosmofm.pretrain.data import CosmoFMBatch
@@ -470,80 +471,20 @@ class Detection3DTask(Task):
 
     def calibrate(self, model: CosmoFMForDetection3D, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor],
                   min_purity: float = 0.9) -> dict[str, float]:
-        """Choose the objectness threshold on a held-out split of tiles: of 0.05, 0.10, ..., 0.90
-        (at or above the threshold the outputs were decoded with), the one maximising the SDC2
-        score of its tiles among those whose purity clears `min_purity` by its binomial one-sigma
-        error (`_choose_threshold`; the best score when none does), stored in `model`'s head
-        config. SDC2 charges 1 per false detection and
-        gives at most 1 per true one, so the best threshold depends on the data's mix of
-        faint and bright sources: it is fitted, not fixed."""
-        det = outputs["detections"]
-
-        def evaluate(t):
-            d = det.clone()
-            d[d[..., 0] < t] = 0.0
-            s = data.pixel_frame_score(d, targets["sources"], targets["tile"])
-            return s["score"], s["purity"], s["n_candidates"]
-
-        return self._choose_threshold(model, evaluate, min_purity)
+        """Choose the objectness threshold on a held-out split of tiles, stored in `model`'s head
+        config (`detection3d_calibration.calibrate_tiles`: the best SDC2 score whose purity
+        clears `min_purity` by its binomial error)."""
+        fitted = calibration.calibrate_tiles(model, outputs, targets, min_purity)
+        self.head = model.head_config
+        return fitted
 
     def calibrate_catalogues(self, model: CosmoFMForDetection3D, pairs: Sequence[tuple[Table, Table]], beam_arcsec: float,
                              min_purity: float = 0.9, merge_factors: Sequence[float] = (0.0, 0.5, 1.0, 1.5, 2.0)) -> dict[str, float]:
-        """As `calibrate`, on whole cubes, for the threshold and the `merge_factor` together:
-        `pairs` of (the catalogue `cosmofm detect` wrote for a held-out cube with this model
-        at its floor threshold and `merge_factor` 0, the cube's truth), each candidate setting
-        applied to the catalogue (rows at or above the threshold, then
-        `detection3d_post.merge_catalogue`) and scored by `heads.sdc2_score.score_catalogue`,
-        summed over the cubes. Thresholding afterwards is the same as decoding at that
-        threshold (a detection is only merged away by a stronger one), and the cube-wide merge
-        covers the per-tile one. Cube level is what the benchmark measures (tile edges, the
-        cross-tile merge), which tile-level calibration does not see."""
-        from cosmofm.heads.detection3d_post import merge_catalogue
-        from cosmofm.heads.sdc2_score import score_catalogue
-
-        def evaluate(t, f):
-            scores = [score_catalogue(merge_catalogue(cat[np.asarray(cat["score"]) >= t], beam_arcsec, f), truth, beam_arcsec)
-                      for cat, truth in pairs]
-            n_cand = sum(x.n_candidates for x in scores)
-            return sum(x.total for x in scores), (sum(x.n_match for x in scores) / n_cand if n_cand else 1.0), n_cand
-
-        return self._choose_threshold(model, evaluate, min_purity, merge_factors)
-
-    def _choose_threshold(self, model, evaluate, min_purity: float, merge_factors=None) -> dict[str, float]:
-        """The best (threshold, merge factor) by `evaluate(t[, f]) -> (score, purity, candidates)`
-        among those whose purity less its binomial error sqrt(p (1 - p) / candidates) is at
-        least min_purity (else among all), set in `model`'s head config. The best score sits
-        where purity just reaches the floor, so without the margin held-out data land below it
-        about half the time (session 12: purity 0.90 on two calibration cubes, 0.88 on three
-        held-out ones); one sigma is ~0.025 for the ~150 candidates of two survey cubes."""
-        if not 0 <= min_purity <= 1:
-            raise InputError("min_purity", f"is {min_purity!r}", "give a purity in [0, 1], e.g. 0.9")
-        tried = []
-        # Steps of 0.01: the objectness of true detections spans ~0.05-0.3 on survey cubes, and
-        # 0.05 steps jumped from purity 0.65 (0.10) to 0.97 (0.15) past the best setting.
-        for t in np.round(np.arange(0.05, 0.9001, 0.01), 2):
-            if t < self.head.threshold - 1e-9:
-                continue
-            for f in merge_factors or (None,):
-                s, p, n = evaluate(float(t)) if f is None else evaluate(float(t), float(f))
-                tried.append((float(t), f, float(s), float(p), float(p) - math.sqrt(p * (1 - p) / n) if n else float(p)))
-        if not tried:  # decoded above 0.9 already: nothing to choose
-            return {"threshold": self.head.threshold, "sdc2_score_calibration": float("nan"), "purity_calibration": float("nan"),
-                    "purity_reached": False}
-        pure = [x for x in tried if x[4] >= min_purity] or tried
-        best_t, best_f, best_s, best_p, best_bound = max(pure, key=lambda x: x[2])
-        # the thresholds next to it that keep the same catalogues (no calibration candidate in
-        # between): take the middle of that run, not its lowest end, for a margin on both sides
-        run = [x for x in tried if x[1] == best_f]
-        at = next(k for k, x in enumerate(run) if x[0] == best_t)
-        hi = at
-        while hi + 1 < len(run) and run[hi + 1][2] == best_s and run[hi + 1][3] == best_p:
-            hi += 1
-        best_t = run[(at + hi) // 2][0]
-        model._set_task(threshold=round(best_t, 2), **({} if best_f is None else {"merge_factor": best_f}))
+        """As `calibrate`, on whole held-out cubes' catalogues, for the threshold and the
+        `merge_factor` together (`detection3d_calibration.calibrate_catalogues`)."""
+        fitted = calibration.calibrate_catalogues(model, pairs, beam_arcsec, min_purity, merge_factors)
         self.head = model.head_config
-        return {"threshold": self.head.threshold, "merge_factor": self.head.merge_factor, "sdc2_score_calibration": best_s,
-                "purity_calibration": best_p, "purity_bound_calibration": best_bound, "purity_reached": best_bound >= min_purity}
+        return fitted
 
     def catalogue_rows(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
         """One row per detection of the batch, in the pixel frame's units where no tile scales

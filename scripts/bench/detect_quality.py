@@ -223,7 +223,7 @@ def calibration_diagnostics(pairs, beam: float, merge_factor: float) -> dict:
     """What the threshold was chosen from: on the calibration cubes' floor catalogues merged at
     the chosen factor, the objectness of the true and false detections (`objectness`; counts in
     bins of 0.025 and the ten highest) and the SDC2 score and purity at every threshold of the
-    search (`Detection3DTask._choose_threshold`'s grid)."""
+    search (`detection3d_calibration.choose_threshold`'s grid)."""
     from cosmofm.heads.detection3d_post import merge_catalogue
 
     merged = [(merge_catalogue(cat, beam, merge_factor), truth) for cat, truth in pairs]
