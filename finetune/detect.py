@@ -403,7 +403,8 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         negatives = finder.negative_blocks_run() if isinstance(finder, HeadFinder) else 0
         if ranks is not None and isinstance(finder, HeadFinder):  # each rank counted its own blocks
             finder.stats, negatives = ranks.sum(finder.stats), ranks.sum(negatives)
-        summary = on_main(ranks, _whole_cube_pass, summary, method, cube, model, merge, rel, prefilter, head_block, negatives, config, target, Path(output))
+        blocks = None if head_block is None or not isinstance(finder, HeadFinder) else (head_block, finder.block_overlap)
+        summary = on_main(ranks, _whole_cube_pass, summary, method, cube, model, merge, rel, prefilter, blocks, negatives, config, target, Path(output))
         if ranks is not None:
             summary["rank"] = ranks.rank  # rank 0's summary, this rank's place in the launch
     finally:
@@ -436,9 +437,10 @@ def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf
     return (None if head_block is None else tuple(head_block)), (None if block_overlap is None else tuple(block_overlap)), prefilter, bool(bf16)
 
 
-def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, head_block, negatives: int, config, target: Path, output: Path) -> dict:
+def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, blocks, negatives: int, config, target: Path, output: Path) -> dict:
     """After the tiles: the head's merge / purity cut, or sofia's reliability cut, over the whole
-    catalogue (`_reliability_pass`) from the tiles' `target` into `output`; the summary updated."""
+    catalogue (`_reliability_pass`) from the tiles' `target` into `output`; the summary updated.
+    blocks: the head's (head_block, block_overlap) this run, None for whole tiles."""
     if method == "model" and (merge > 0 or rel > 0):
         from cosmofm.heads.detection3d_post import merge_catalogue, reliability_cut
 
@@ -448,12 +450,16 @@ def _whole_cube_pass(summary: dict, method, cube, model, merge, rel, prefilter, 
         summary["n_candidates"] = summary["n_sources"]
         if rel > 0:
             prior = dict(getattr(model.head_config, "noise_prior", {}) or {})
+            head_block, block_overlap = blocks or (None, None)
+            # the count prior holds for the blocks it was measured on: the same prefilter, size and
+            # overlap (a prior saved before the overlap was recorded is taken to share it)
             same = prior and prior.get("prefilter") == (None if prefilter is None else float(prefilter)) \
-                and list(prior.get("head_block") or []) == list(head_block or [])
-            blocks = negatives if same else None  # the count prior holds for the blocks it was measured on
+                and list(prior.get("head_block") or []) == list(head_block or []) \
+                and ("block_overlap" not in prior or list(prior["block_overlap"] or []) == list(block_overlap or []))
+            n_blocks = negatives if same else None
 
             def cut(table):
-                out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold, prior or None, blocks)
+                out, summary["reliability"] = reliability_cut(table, beam, merge, rel, model.head_config.threshold, prior or None, n_blocks)
                 return out
         else:
             def cut(table):
@@ -476,8 +482,8 @@ def calibrate_noise_prior(model, cubes, *, tile, overlap, head_block=HEAD_BLOCK,
     files `cubes` (the calibration cubes): each run as `detect_cube` runs it with the cut
     (the model's merge factor, these speed options) but decoded at `floor`, their
     sign-flipped detections and flipped blocks run pooled into `detection3d_post.fit_noise_prior`
-    at the model's (calibrated) threshold; stored in `model`'s head config with the prefilter
-    and head_block (a run with others uses the prior's tail scale only) and returned."""
+    at the model's (calibrated) threshold; stored in `model`'s head config with the prefilter,
+    head_block and block overlap (a run with others uses the prior's tail scale only) and returned."""
     import tempfile
 
     from cosmofm.heads.detection3d_post import fit_noise_prior
@@ -486,7 +492,7 @@ def calibrate_noise_prior(model, cubes, *, tile, overlap, head_block=HEAD_BLOCK,
     saved = {"threshold": head.threshold, "reliability": head.reliability, "noise_prior": dict(head.noise_prior)}
     if not 0 < floor <= head.threshold:
         raise InputError("floor", f"is {floor!r}, the threshold {head.threshold}", "decode the negatives at a floor in (0, threshold]")
-    scores, blocks = [], 0
+    scores, blocks, block_overlap = [], 0, None
     try:
         model._set_task(threshold=floor, reliability=0.5, noise_prior={})
         with tempfile.TemporaryDirectory(prefix="noise_prior_") as work:
@@ -494,12 +500,14 @@ def calibrate_noise_prior(model, cubes, *, tile, overlap, head_block=HEAD_BLOCK,
                 run = detect_cube(path, Path(work) / "flipped.fits", model=model, tile=tile, overlap=overlap, head_block=head_block,
                                   prefilter=prefilter, bf16=bf16, workers=1, progress=False, overwrite=True)
                 scores += run["reliability"]["negative_scores"]
+                block_overlap = run["head_options"]["block_overlap"]  # as the finder cut the blocks
                 blocks += run["head_stats"]["blocks_run_negative"]
     finally:
         model._set_task(**saved)
     prior = fit_noise_prior(scores, max(blocks, 1), head.threshold, floor)
     if prior:
         prior.update({"prefilter": None if prefilter is None else float(prefilter), "head_block": None if head_block is None else list(head_block),
+                      "block_overlap": block_overlap,
                       "floor": float(floor), "n_negatives": len(scores)})
     model._set_task(noise_prior=prior)
     return prior

@@ -269,6 +269,30 @@ def test_reliability_cut_keeps_the_positive_rows_above_the_threshold(cubes, mode
     assert rel["n_negative_above"] <= 0.1 * max(len(cut), 1)
 
 
+def test_the_noise_prior_counts_only_on_the_blocks_it_was_measured_on(cubes, model, tmp_path):
+    """The prior's count part is a number of false detections per flipped block: it holds for
+    blocks of the calibration's size, overlap and prefilter; with other blocks the cut uses the
+    prior's tail scale only (`blocks_run_negative` None)."""
+    import copy
+
+    from cosmofm.finetune.detect import calibrate_noise_prior
+
+    _, noise_only = cubes
+    m = copy.deepcopy(model)
+    m._set_task(threshold=0.3, reliability=0.9)
+    blocks = dict(tile=SHAPE, overlap=(8, 8, 8), head_block=(32, 64, 64), prefilter=None)
+    prior = calibrate_noise_prior(m, [noise_only], **blocks, floor=0.05)
+    assert prior["block_overlap"] == [8, 8, 8] and prior["head_block"] == [32, 64, 64] and prior["n_negatives"] >= 1
+
+    def counted(**kw):
+        s, _ = _run(noise_only, tmp_path / "cut.fits", m, overwrite=True, **{**blocks, **kw})
+        return s["reliability"]["blocks_run_negative"]
+
+    assert counted() == 3  # 64 channels in blocks of 32 overlapping by 8: three blocks
+    assert counted(overlap=(16, 8, 8)) is None  # the same block size, another overlap
+    assert counted(head_block=(64, 32, 32)) is None
+
+
 def test_a_catalogue_is_the_floor_catalogue_thresholded_and_merged(cubes, model, card, tmp_path):
     """What `calibrate_catalogues` chooses the threshold and merge factor on: the catalogue
     decoded at the floor without merging, cut at t and merged over the whole cube
