@@ -201,7 +201,7 @@ def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: st
         row["shifts"][name] = scores
     test = [samples[int(i)] for i in test_index]
     row["out_of_set"] = out_of_set_scores(model, test, out_of_set_mocks(card, work))
-    row["head_to_head"] = head_to_head(model, test[:N_BASELINE], classical_baseline(work, test[:N_BASELINE]))
+    row["head_to_head"] = head_to_head(model, test[:N_BASELINE], classical_baseline(work, test[:N_BASELINE], n))
     print(json.dumps({k: row[k] for k in ("arm", "seed", "test")}, default=float), flush=True)
     return row
 
@@ -245,12 +245,13 @@ def out_of_set_scores(model, test: list, out_of_set: list) -> dict:
             "unclassifiable": int((~finite).sum())}
 
 
-def classical_baseline(work: Path, subset: list) -> dict:
+def classical_baseline(work: Path, subset: list, n: int) -> dict:
     """The fair classical classifier (heads/classical_classifier.py: BaSeL stars, BC03-MILES
-    galaxies, QSO basis) on the first N_BASELINE test spectra, run once and cached."""
+    galaxies, QSO basis) on the first N_BASELINE test spectra of the `n` labelled mocks, run once
+    and cached (per n: another n splits off another test block)."""
     from cosmofm.heads.classical_classifier import classify_samples
 
-    path = work / f"classical-baseline-{len(subset)}.json"
+    path = work / f"classical-baseline-n{n}-{len(subset)}.json"
     if not path.is_file():
         r = classify_samples(subset, workers=2)
         path.write_text(json.dumps({"classes": r["classes"].tolist(), "z": r["z"].tolist(), "spectra_per_s": r["spectra_per_s"]}))
