@@ -277,10 +277,40 @@ def _finish(table: Table, tile, values, ivar):
     return table, None
 
 
+NOISE_MODES = ("auto", "channel", "local")
+
+
+def field_noise(cube, mode: str, ranks=None) -> dict:
+    """Measure the noise pattern across the field of `cube` (`readers.cube_noise`) and, for
+    mode "local" or "auto" with a spread above SPREAD_TO_APPLY, set it on the cube (its reads
+    are then divided by it). Returns {"mode", "spread", "applied"}."""
+    from cosmofm.data_cards.readers.cube_noise import SPREAD_TO_APPLY, NoisePattern, measure_noise_pattern
+    from cosmofm.finetune.tiling_dist import from_main
+
+    if mode not in NOISE_MODES:
+        raise InputError("noise", f"is {mode!r}", f"use one of {', '.join(NOISE_MODES)}")
+    if mode == "channel":
+        return {"mode": mode, "spread": None, "applied": False}
+    pattern = NoisePattern(from_main(ranks, lambda: measure_noise_pattern(cube).cells), tuple(cube.shape[1:]))
+    applied = mode == "local" or pattern.spread > SPREAD_TO_APPLY
+    cube.noise_pattern = pattern if applied else None
+    return {"mode": mode, "spread": pattern.spread, "applied": applied}
+
+
+def _rescaled_fluxes(finish, pattern):
+    """`finish`, then the fluxes measured on the pattern-divided cube multiplied back by the pattern at each source."""
+    def run(table: Table, tile, values, ivar):
+        table, cut = finish(table, tile, values, ivar)
+        if len(table):
+            table["line_flux_integral"] = table["line_flux_integral"] * pattern.at(np.asarray(table["ROW"]), np.asarray(table["COL"]))
+        return table, cut
+    return run
+
+
 def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAULT_TILE, overlap=DEFAULT_OVERLAP, workers: int | None = None,
                 progress: bool = True, overwrite: bool = False, card=None, rest_frequency=None, config=None,
                 head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf16=MODEL_DEFAULT, head_threads: int | None = None,
-                reliability: float | None = None) -> dict:
+                reliability: float | None = None, noise: str = "auto") -> dict:
     """Find the HI sources of a spectral cube; write their SDC2 catalogue to `output`.
 
     model: a fine-tuned detection3d model, or None for a classical `method` ("sofia",
@@ -301,10 +331,15 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
         estimated from the flipped cube's detections, reaches it (`detection3d_post.reliability_cut`),
         with the model's `noise_prior` (its count part only where this run's prefilter and
         head_block are the ones it was measured with).
+    noise: "channel" (the noise per channel over the whole cube, as SoFiA-2's default),
+        "local" (also its pattern across the field divided out, `readers.cube_noise`: a
+        primary-beam corrected cube; fluxes are scaled back at each source) or "auto"
+        (local where the measured pattern's p90 / p10 exceeds `SPREAD_TO_APPLY`).
 
-    Returns the tiler's summary plus "method", "notes" (the header conversions applied)
-    and "noise_s" (the passes over the cube before the tiles: its noise per channel and,
-    for sofia, each kernel's clip rms); for sofia also "n_candidates" (the tiles' S+C
+    Returns the tiler's summary plus "method", "notes" (the header conversions applied),
+    "noise_pattern" (its spread and whether it was divided out) and "noise_s" (the passes
+    over the cube before the tiles: its noise per channel and pattern and, for sofia, each
+    kernel's clip rms); for sofia also "n_candidates" (the tiles' S+C
     candidates, positive and negative) and "reliability_s" (the cut over all of them);
     for a model with a reliability cut "reliability" (`reliability_cut`'s summary).
 
@@ -340,10 +375,11 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     t0 = time.perf_counter()
     if ranks is not None:
         cube._noise = from_main(ranks, lambda: cube.noise)  # rank 0's pass, sent to every rank (SurveyCube.noise keeps it)
-    noise = cube.noise  # one pass over the cube, here: forked workers inherit it instead of each measuring it again
-    noise_s = time.perf_counter() - t0
-    if not np.any(np.isfinite(noise) & (noise > 0)):
+    channel_noise = cube.noise  # one pass over the cube, here: forked workers inherit it instead of each measuring it again
+    if not np.any(np.isfinite(channel_noise) & (channel_noise > 0)):
         raise InputError(str(path), "has no channel with a finite, non-zero noise (all blank or constant)", "give a cube with data")
+    pattern_info = field_noise(cube, noise, ranks)
+    noise_s = time.perf_counter() - t0
     template = catalogue_template()
     merge = rel = 0.0
     if method == "model":
@@ -397,7 +433,8 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     for k, note in enumerate(cube.notes[:9]):
         keywords[f"NOTE{k}"] = note[:68]
     try:
-        summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=_finish, keywords=keywords,
+        finish = _finish if cube.noise_pattern is None else _rescaled_fluxes(_finish, cube.noise_pattern)
+        summary = run_tiled(cube, finder, target, plan, template=template, id_column="id", finish=finish, keywords=keywords,
                             workers=workers, processes=processes, progress=progress, verb="detect", overwrite=True if target != Path(output) else overwrite,
                             inputs=[path])
         negatives = finder.negative_blocks_run() if isinstance(finder, HeadFinder) else 0
@@ -413,7 +450,7 @@ def detect_cube(path, output, model=None, method: str | None = None, tile=DEFAUL
     extra = {"head_stats": dict(finder.stats), "head_options": {"head_block": None if head_block is None else list(head_block),
                                                                 "block_overlap": list(finder.block_overlap) if head_block is not None else None,
                                                                 "prefilter": prefilter, "bf16": bool(bf16)}} if isinstance(finder, HeadFinder) else {}
-    return {**summary, "method": method, "notes": list(cube.notes), "noise_s": noise_s, **extra}
+    return {**summary, "method": method, "notes": list(cube.notes), "noise_pattern": pattern_info, "noise_s": noise_s, **extra}
 
 
 def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf16=MODEL_DEFAULT) -> tuple:
@@ -548,4 +585,4 @@ def _reliability_pass(candidates: Path, output: Path, config, cut=None) -> int:
     return len(table)
 
 
-__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "HEAD_BLOCK", "HEAD_BLOCK_OVERLAP", "PREFILTER_CLIP", "HeadFinder", "SofiaFinder", "prefilter_config", "calibrate_noise_prior", "catalogue_template", "cube_kernel_rms", "detect_cube"]
+__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "HEAD_BLOCK", "HEAD_BLOCK_OVERLAP", "NOISE_MODES", "PREFILTER_CLIP", "HeadFinder", "field_noise", "SofiaFinder", "prefilter_config", "calibrate_noise_prior", "catalogue_template", "cube_kernel_rms", "detect_cube"]

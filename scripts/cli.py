@@ -219,7 +219,7 @@ def _cmd_detect(args):
     if args.reliability is not None:
         kwargs["reliability"] = args.reliability
     summary = detect_cube(args.cube, args.output, model=args.model, method=args.method, workers=args.workers, overwrite=args.overwrite,
-                          card=args.card, **kwargs)
+                          card=args.card, noise=args.noise, **kwargs)
     if summary.get("rank", 0):  # launched: rank 0 wrote the catalogue and reports it
         return
     print(f"detected {summary['n_sources']} sources ({summary['method']}, {summary['n_tiles']} tiles{_per_rank(summary)}) -> {summary['output']}")
@@ -228,6 +228,9 @@ def _cmd_detect(args):
         blocks = f"blocks of {'x'.join(map(str, o['head_block']))} overlapping {'x'.join(map(str, o['block_overlap']))}" if o["head_block"] else "whole tiles"
         print(f"head: {blocks}, "
               f"{'prefilter ' + format(o['prefilter'], 'g') + ' rms' if o['prefilter'] else 'every block'}, {'bf16' if o['bf16'] else 'float32'}")
+    pattern = summary["noise_pattern"]
+    if pattern["spread"] is not None:
+        print(f"noise across the field: p90/p10 {pattern['spread']:.2f}, {'divided out (local noise scaling)' if pattern['applied'] else 'per channel only'}")
     for note in summary["notes"] + ([f"{summary['n_skipped_tiles']} tiles without a usable voxel"] if summary["n_skipped_tiles"] else []):
         print(f"note: {note}", file=sys.stderr)
 
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--prefilter", type=float, help="--model: run only blocks with a smooth-and-clip voxel above this many rms (e.g. 5; 0: every block; default: the model's)")
     dt.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="--model: bfloat16 autocast or not (default: the model's, where the CPU or GPU computes bf16 natively; catalogue within a tolerance of float32)")
     dt.add_argument("--reliability", type=float, help="--model: run the head on the sign-flipped cube too and keep the detections above the lowest threshold whose purity, estimated from it, reaches this (e.g. 0.9; 0 = off; default: the model's own)")
+    dt.add_argument("--noise", choices=["auto", "channel", "local"], default="auto",
+                    help="noise scaling: per channel over the whole cube, or also across the field (a primary-beam corrected cube: "
+                         "its pattern divided out, fluxes scaled back); auto (default): local where the noise varies across the field")
     dt.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     dt.set_defaults(func=_cmd_detect)
 

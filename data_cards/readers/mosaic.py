@@ -37,7 +37,8 @@ type in the tile header, with RESTFRQ (the card's when the file has none, noted)
 tile finder's channels become frequencies through wcslib (`spectral_wcs`). The noise per
 channel is measured once over the whole cube (`SurveyCube.noise`) and handed to every
 tile as its ivar, so each tile is normalised alike, as SoFiA-2 scales noise per channel
-over the whole cube by default.
+over the whole cube by default; noise that also varies across the field (a primary-beam
+corrected cube) is divided out by a `noise_pattern` (readers/cube_noise.py).
 """
 
 from __future__ import annotations
@@ -336,6 +337,8 @@ class SurveyCube:
     flags: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     axes: tuple[str, ...] = ("CHAN", "ROW", "COL")
+    # the field's relative noise (readers.cube_noise.NoisePattern), when set: read() divides by it
+    noise_pattern: object = None
 
     def __post_init__(self):
         self._file = _LazyFile(self.path)
@@ -382,8 +385,11 @@ class SurveyCube:
     def read(self, region: tuple[slice, slice, slice]) -> tuple[np.ndarray, np.ndarray]:
         """(values float32 (c, h, w) in Jy/beam, ivar): 1 / noise^2 of each channel (the
         whole cube's, `noise`; a zero-copy broadcast view when the region has no blank),
-        0 at blank (NaN) voxels, whose values are 0."""
+        0 at blank (NaN) voxels, whose values are 0. With a `noise_pattern` the values are
+        divided by it (local noise scaling: uniform noise per channel over the field)."""
         block = self._raw(region)
+        if self.noise_pattern is not None:
+            block = block / self.noise_pattern.region(region[1], region[2])[None]
         noise = self.noise[region[0]]
         ivar_c = np.where(np.isfinite(noise) & (noise > 0), 1.0 / np.where(noise > 0, noise, 1.0) ** 2, 0.0).astype(np.float32)
         finite = np.isfinite(block)
