@@ -45,7 +45,9 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
     calibration block (all stored in the model), test on the test block. `alpha` None:
     chosen from the calibration block (`default_alpha`). The test block's conformal
     coverage and set size are those of the sets `classify` writes: empty for spectra flagged
-    out of set ("ood_false_flag_rate" of the in-set test block, against "ood_target_rate").
+    out of set ("ood_false_flag_rate" of the in-set test block, against "ood_target_rate"),
+    which the conformal threshold counts as misses on the calibration block, so the sets
+    cover 1 - alpha with them emptied.
 
     With mc_samples > 0 the test block is also scored by the Monte-Carlo-dropout ensemble
     of the head (metrics under "mc_dropout": accuracy, ECE of the mean probabilities at
@@ -60,7 +62,8 @@ def calibrate_and_evaluate(model: CosmoFMForSpectralClassification, samples: Seq
     temperature = fit_temperature(cal["logits"], y_cal)
     p_cal_raw, p_cal = softmax(cal["logits"]), softmax(cal["logits"], temperature)
     alpha = default_alpha(p_cal, y_cal) if alpha is None else alpha
-    conformal = ConformalClassifier.fit(p_cal, y_cal, alpha)
+    # the sets `classify` writes are empty for spectra flagged out of set: count those as misses
+    conformal = ConformalClassifier.fit(p_cal, y_cal, alpha, uncovered=ood["calibration_flagged"])
     model.set_calibration(temperature, conformal.alpha, conformal.threshold)
 
     p_raw, p_test = softmax(test["logits"]), softmax(test["logits"], temperature)

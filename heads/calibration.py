@@ -132,15 +132,21 @@ class ConformalClassifier:
     threshold: float  # a class enters the set when 1 - p <= threshold
 
     @classmethod
-    def fit(cls, probs, labels, alpha: float = 0.1) -> "ConformalClassifier":
+    def fit(cls, probs, labels, alpha: float = 0.1, uncovered=None) -> "ConformalClassifier":
+        """The threshold at level alpha from calibration `probs` and `labels`. `uncovered`
+        (N,) bool: calibration objects whose set will be empty whatever the threshold (flagged
+        out of set): counted as misses, so the sets with those emptied still cover 1 - alpha.
+        Where they alone exceed alpha the threshold is 1 (every class in every other set)."""
         probs, labels = _as_numpy(probs), _as_numpy(labels)
         _check(probs, labels)
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         n = len(labels)
         scores = 1.0 - probs[np.arange(n), labels]
+        if uncovered is not None:
+            scores = np.where(np.asarray(uncovered, bool), np.inf, scores)
         level = min(1.0, np.ceil((n + 1) * (1 - alpha)) / n)  # finite-sample correction
-        return cls(alpha, float(np.quantile(scores, level, method="higher")))
+        return cls(alpha, float(min(1.0, np.quantile(scores, level, method="higher"))))
 
     def predict_sets(self, probs) -> np.ndarray:
         """(N, C) boolean membership; never empty (the top class is always kept)."""

@@ -253,7 +253,8 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         at false-flag `rate` (heads.out_of_set.flag_threshold). Buffers and config are saved
         with the model; a head loaded from before the detector existed gets its buffers here.
         A calibration block too small to resolve `rate` (fewer than 1 / rate - 1 spectra)
-        leaves the threshold None: scores, but no flags. Returns {"threshold", "shrinkage"}."""
+        leaves the threshold None: scores, but no flags. Returns {"threshold", "shrinkage",
+        "calibration_flagged"}: the last, (M,) bool, the calibration spectra it flags."""
         if self.ood is None:
             ref = next(self.head.parameters())
             self.ood = OutOfSetDetector(self.head_config.n_classes, self.ood_feature_size).to(ref.device)
@@ -263,7 +264,8 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         threshold = flag_threshold(scores.cpu().numpy(), rate)
         threshold = threshold if np.isfinite(threshold) else None  # inf is not JSON
         self._set_task(ood_fitted=True, ood_threshold=threshold, ood_false_flag_rate=float(rate))
-        return {"threshold": threshold, **fit}
+        flagged = scores.cpu().numpy() > threshold if threshold is not None else np.zeros(len(scores), bool)
+        return {"threshold": threshold, **fit, "calibration_flagged": flagged}
 
     def out_of_set(self, ood_score: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
         """(N,) bool: scores above the fitted threshold; None when the detector does not flag."""

@@ -50,6 +50,21 @@ def test_conformal_coverage_is_nominal(alpha):
     assert sets.sum(axis=1).min() >= 1
 
 
+def test_conformal_sets_emptied_for_flagged_objects_still_cover_nominally():
+    """A detector empties the sets of 3 % of the objects (at random here): counted as misses on
+    the calibration block, the other sets widen so that all of them together cover 1 - alpha."""
+    logits, labels = _calibrated_logits(40000, seed=3)
+    probs = softmax(logits)
+    flagged = np.random.default_rng(4).random(40000) < 0.03
+    cal, test = slice(0, 20000), slice(20000, None)
+    for uncovered, expected in ((None, 0.9 - 0.03 * 0.9), (flagged[cal], 0.9)):
+        sets = ConformalClassifier.fit(probs[cal], labels[cal], alpha=0.1, uncovered=uncovered).predict_sets(probs[test])
+        sets[flagged[test]] = False
+        assert coverage(sets, labels[test]) == pytest.approx(expected, abs=0.01)
+    # flags alone beyond alpha: every class in every other set, not an infinite threshold
+    assert ConformalClassifier.fit(probs[cal], labels[cal], alpha=0.02, uncovered=flagged[cal]).threshold == 1.0
+
+
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="labels"):
         expected_calibration_error(np.full((3, 2), 0.5), np.array([0, 1]))
