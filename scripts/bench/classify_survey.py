@@ -146,18 +146,20 @@ def pretraining_record(model_dir: str, tail: int = 50) -> dict:
 
 
 def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_steps: int, n_corpus: int, arms: list[str],
-        tilts: dict | None = None, pixel_weight: str = PIXEL_WEIGHT, name: str = "classify_survey", resume: bool = False) -> dict:
+        tilts: dict | None = None, pixel_weight: str = PIXEL_WEIGHT, name: str = "classify_survey", resume: bool = False,
+        label_fraction: float = 1.0) -> dict:
     """The whole bench; the report is written to out/<name>.json (after every fine-tune). `resume`:
     keep the runs of an earlier out/<name>.json made with the same settings, run only the missing ones."""
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
     samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
-              "pixel_weight": pixel_weight, "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "shifts": SHIFTS,
+              "pixel_weight": pixel_weight, "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "label_fraction": label_fraction, "shifts": SHIFTS,
               "runs": []}
-    settings = ("card", "n_samples", "labelled_seed", "pixel_weight", "pretrain_steps", "pretrain_corpus", "finetune_epochs", "tilts")
+    settings = ("card", "n_samples", "labelled_seed", "pixel_weight", "pretrain_steps", "pretrain_corpus", "finetune_epochs", "tilts", "label_fraction")
     earlier = json.loads((out / f"{name}.json").read_text()) if resume and (out / f"{name}.json").is_file() else {}
-    if all(earlier.get(k) == json.loads(json.dumps(report[k], default=float)) for k in settings):  # same settings: keep its runs
+    before_option = {"label_fraction": 1.0}  # settings a report written before their option existed ran at
+    if all(earlier.get(k, before_option.get(k)) == json.loads(json.dumps(report[k], default=float)) for k in settings):  # same settings: keep its runs
         report["runs"] = earlier.get("runs", [])
         report["pretraining"] = earlier.get("pretraining", {})
     elif earlier:
@@ -169,7 +171,7 @@ def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_s
         for seed in seeds:
             if any((r["arm"], r["seed"]) == (arm, seed) for r in report["runs"]):
                 continue  # done by an earlier run with the same settings
-            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts, weight))
+            report["runs"].append(finetune_and_score(samples, card, work, n, arm, backbone, seed, epochs, tilts, weight, label_fraction))
             _write(report, out, name, arms)
     return _write(report, out, name, arms)
 
@@ -185,15 +187,18 @@ def _write(report: dict, out: Path, name: str, arms: list[str]) -> dict:
 
 
 def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None,
-                       pixel_weight: str = PIXEL_WEIGHT) -> dict:
+                       pixel_weight: str = PIXEL_WEIGHT, label_fraction: float = 1.0) -> dict:
     """One full fine-tune from `backbone`, scored in distribution and under every shift. `tilts`:
-    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ...}; None = none)."""
+    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ...}; None = none).
+    label_fraction: the share of the training block whose labels are used (the first ones; the
+    calibration and test blocks are the same whatever it is)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
-    slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items()))
+    slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items())) \
+        + (f"-labels{label_fraction:g}" if label_fraction < 1 else "")
     # A fresh backbone trains at the head's learning rate (a pretrained one at 0.3 x it, the strategy's default)
     scratch = {"backbone_lr_scale": 1.0} if backbone is None else {}
     cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True,
-                         **TRAIN, **tilts, **scratch)
+                         label_fraction=label_fraction, **TRAIN, **tilts, **scratch)
     fresh = {**PretrainRecipe.load(SHARED_RECIPE).model, "survey_names": [card.name]} if backbone is None else None
     t0 = time.perf_counter()
     result = finetune_classification(samples, card, cfg, backbone=backbone, backbone_config=fresh)
@@ -343,13 +348,15 @@ def main(argv: list[str] | None = None):
                    help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
     p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
                    help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="share of the training block's labels the fine-tunes use (label efficiency; raise --epochs to keep the steps)")
     p.add_argument("--name", default="classify_survey", help="the report is written to OUT/NAME.json")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs of OUT/NAME.json if made with the same settings; fine-tune only the missing (arm, seed) pairs")
     args = p.parse_args(argv)
     out = Path(args.out)
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name, args.resume)
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name, args.resume, args.label_fraction)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
