@@ -170,13 +170,30 @@ def summary(score, truth_bright: np.ndarray, cat: Table | None = None, truth: Ta
     return d
 
 
-def test_cube(card, args, seed: int, work: Path) -> tuple[Path, Table, np.ndarray]:
-    """A held-out survey cube written to FITS in `work`: (path, truth, expected S/N >= 4 rows)."""
-    cube, header, truth = mock_survey_cube(card, args.channels, args.size, density=args.density, seed=seed,
-                                           log_mhi_min=args.log_mhi_min, frequency_start=args.frequency_start, as_sample=False)
+def test_cube(card, args, seed: int, work: Path, density: float | None = None, **sky) -> tuple[Path, Table, np.ndarray]:
+    """A held-out survey cube written to FITS in `work`: (path, truth, expected S/N >= 4 rows).
+    density: galaxies per deg^2 (default args.density); sky: more `mock_survey_cube` options."""
+    cube, header, truth = mock_survey_cube(card, args.channels, args.size, density=args.density if density is None else density, seed=seed,
+                                           log_mhi_min=args.log_mhi_min, frequency_start=args.frequency_start, as_sample=False, **sky)
     bright = detectable(truth, header, float(card.noise_per_channel))
     path = write_survey_cube_fits(work / f"cube-{seed}.fits", cube, header, truth)
     return path, truth, bright
+
+
+def arm_totals(cubes: list[dict], m: str) -> dict:
+    """One finder's figures over the test cubes (each cube's entry: "n_truth", "voxels" and, under
+    `m`, `summary`'s dict with "seconds"): score summed, completeness and purity pooled, S/N >= 4
+    completeness weighted by its sources, false kinds summed, voxels/s, median property errors."""
+    ns = sum(c[m]["n_match"] for c in cubes)
+    nc = sum(c[m]["n_candidates"] for c in cubes)
+    nt = sum(c["n_truth"] for c in cubes)
+    nb = sum(c[m]["n_truth_snr4"] for c in cubes)
+    return {"score": sum(c[m]["score"] for c in cubes), "completeness": ns / nt if nt else float("nan"),
+            "purity": ns / nc if nc else float("nan"), "n_candidates": nc, "n_match": ns, "n_truth": nt, "n_truth_snr4": nb,
+            "completeness_snr4": sum(c[m]["completeness_snr4"] * c[m]["n_truth_snr4"] for c in cubes) / nb if nb else float("nan"),
+            "false_kinds": {k: sum(c[m]["false_kinds"][k] for c in cubes) for k in cubes[0][m]["false_kinds"]},
+            "voxels_per_s": sum(c["voxels"] for c in cubes) / sum(c[m]["seconds"] for c in cubes),
+            "median_errors": {k: float(np.nanmedian([c[m]["median_errors"][k] for c in cubes])) for k in cubes[0][m]["median_errors"]}}
 
 
 def plain_options(args) -> dict:
@@ -454,18 +471,7 @@ def main(argv=None) -> dict:
               "completeness_snr4", "false_kinds", "voxels_per_s") if k in entry[m]} for m in arms_run}), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     result["cubes"] = cubes
-    totals = {}
-    for m in arms_run:
-        ns = sum(c[m]["n_match"] for c in cubes)
-        nc = sum(c[m]["n_candidates"] for c in cubes)
-        nt = sum(c["n_truth"] for c in cubes)
-        nb = sum(c[m]["n_truth_snr4"] for c in cubes)
-        totals[m] = {"score": sum(c[m]["score"] for c in cubes), "completeness": ns / nt if nt else float("nan"),
-                     "purity": ns / nc if nc else float("nan"), "n_candidates": nc, "n_match": ns, "n_truth": nt, "n_truth_snr4": nb,
-                     "completeness_snr4": sum(c[m]["completeness_snr4"] * c[m]["n_truth_snr4"] for c in cubes) / nb if nb else float("nan"),
-                     "false_kinds": {k: sum(c[m]["false_kinds"][k] for c in cubes) for k in cubes[0][m]["false_kinds"]},
-                     "voxels_per_s": sum(c["voxels"] for c in cubes) / sum(c[m]["seconds"] for c in cubes),
-                     "median_errors": {k: float(np.nanmedian([c[m]["median_errors"][k] for c in cubes])) for k in cubes[0][m]["median_errors"]}}
+    totals = {m: arm_totals(cubes, m) for m in arms_run}
     best = max(totals["sofia"]["score"], totals["sofia_defaults"]["score"])
     totals["score_ratio_head_over_sofia"] = totals["head"]["score"] / totals["sofia"]["score"] if totals["sofia"]["score"] else float("nan")
     totals["score_ratio_head_over_best_baseline"] = totals["head"]["score"] / best if best else float("nan")

@@ -38,12 +38,11 @@ import astropy.units as u
 import numpy as np
 import torch
 
-from cosmofm.bench.detect_quality import TEST_SEED_BASE, detectable, load_info, summary
+from cosmofm.bench.detect_quality import TEST_SEED_BASE, arm_totals, load_info, summary, test_cube
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.io.atomic import atomic_write_bytes
 from cosmofm.data_cards.mocks.cube_sky import PrimaryBeam
-from cosmofm.data_cards.mocks.cubes import mock_survey_cube, write_survey_cube_fits
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.detect import detect_cube
 from cosmofm.heads.sdc2_score import read_catalogue, score_catalogue
@@ -75,13 +74,10 @@ def shifted_card(card, change: dict):
 
 
 def shifted_cube(card, change: dict, args, seed: int, work: Path):
-    """A test cube under the shift, written to FITS: (path, truth, S/N >= 4 rows, scoring beam [arcsec])."""
+    """A test cube under the shift, written to FITS (detect_quality's `test_cube`): (path, truth,
+    S/N >= 4 rows at the shifted noise, scoring beam [arcsec])."""
     sky = shifted_card(card, change)
-    density = args.density * change.get("density_scale", 1.0)
-    cube, header, truth = mock_survey_cube(sky, args.channels, args.size, density=density, seed=seed, log_mhi_min=args.log_mhi_min,
-                                           frequency_start=args.frequency_start, as_sample=False, **change.get("cube", {}))
-    bright = detectable(truth, header, float(sky.noise_per_channel))
-    path = write_survey_cube_fits(work / f"cube-{seed}.fits", cube, header, truth)
+    path, truth, bright = test_cube(sky, args, seed, work, density=args.density * change.get("density_scale", 1.0), **change.get("cube", {}))
     return path, truth, bright, float(sky.beam_fwhm.to_value(u.arcsec))
 
 
@@ -98,7 +94,7 @@ def run_shift(name: str, change: dict, models: dict, card, args, work: Path) -> 
     cubes = []
     for seed in args.seeds:
         path, truth, bright, beam = shifted_cube(card, change, args, TEST_SEED_BASE + seed, work)
-        entry = {"seed": TEST_SEED_BASE + seed, "n_truth": len(truth), "n_truth_snr4": int(bright.sum())}
+        entry = {"seed": TEST_SEED_BASE + seed, "n_truth": len(truth), "n_truth_snr4": int(bright.sum()), "voxels": args.channels * args.size**2}
         arms = {m: {"model": model} for m, model in models.items()}
         arms.update({"sofia": {"method": "sofia"}, "sofia_defaults": {"method": "sofia", "config": SofiaConfig()}})
         for arm, kwargs in arms.items():
@@ -118,16 +114,8 @@ def run_shift(name: str, change: dict, models: dict, card, args, work: Path) -> 
         path.unlink()
         cubes.append(entry)
         print(json.dumps({"shift": name, "seed": entry["seed"], **{a: round(entry[a]["score"], 1) if "score" in entry[a] else "refused" for a in arms}}), flush=True)
-    totals = {}
-    for arm in (*models, *FINDERS):
-        if any("refused" in c[arm] for c in cubes):
-            totals[arm] = {"refused": next(c[arm]["refused"] for c in cubes if "refused" in c[arm])}
-            continue
-        nm, nc = sum(c[arm]["n_match"] for c in cubes), sum(c[arm]["n_candidates"] for c in cubes)
-        nb = sum(c[arm]["n_truth_snr4"] for c in cubes)
-        totals[arm] = {"score": sum(c[arm]["score"] for c in cubes), "purity": nm / nc if nc else float("nan"), "n_candidates": nc,
-                       "n_match": nm, "completeness_snr4": sum(c[arm]["completeness_snr4"] * c[arm]["n_truth_snr4"] for c in cubes) / nb if nb else float("nan"),
-                       "false_kinds": {k: sum(c[arm]["false_kinds"][k] for c in cubes) for k in cubes[0][arm]["false_kinds"]}}
+    refused = {arm: next((c[arm]["refused"] for c in cubes if "refused" in c[arm]), None) for arm in (*models, *FINDERS)}
+    totals = {arm: {"refused": why} if why else arm_totals(cubes, arm) for arm, why in refused.items()}
     return {"change": json.loads(json.dumps(change, default=str)), "cubes": cubes, "totals": totals, "summary": shift_summary(totals, models)}
 
 
