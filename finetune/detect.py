@@ -51,6 +51,8 @@ from cosmofm.data_cards.errors import InputError
 
 DEFAULT_TILE = (256, 256, 256)  # channels, rows, columns: ~0.7 GB of SoFiA temporaries per worker
 DEFAULT_OVERLAP = (64, 24, 24)  # half: 32 channels (~290 km/s at 1 GHz, 30 kHz) and 12 px (34 arcsec at 2.8"/px): a large HI disk
+
+
 class _ModelDefault:
     """The sentinel of detect_cube's head_block / prefilter / bf16: the model's recorded option
     (its own type, so no value a caller passes, None included, can be taken for it)."""

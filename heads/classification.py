@@ -260,12 +260,12 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
             self.ood = OutOfSetDetector(self.head_config.n_classes, self.ood_feature_size).to(ref.device)
             self._set_task(ood_buffers=True)
         fit = self.ood.fit(features, labels)
-        scores = self.ood(torch.as_tensor(calibration_features, device=self.ood.means.device))
-        threshold = flag_threshold(scores.cpu().numpy(), rate)
+        scores = self.ood(torch.as_tensor(calibration_features, device=self.ood.means.device)).cpu().numpy()
+        threshold = flag_threshold(scores, rate)
         threshold = threshold if np.isfinite(threshold) else None  # inf is not JSON
         self._set_task(ood_fitted=True, ood_threshold=threshold, ood_false_flag_rate=float(rate))
-        flagged = scores.cpu().numpy() > threshold if threshold is not None else np.zeros(len(scores), bool)
-        return {"threshold": threshold, **fit, "calibration_flagged": flagged}
+        flagged = self.out_of_set(scores)
+        return {"threshold": threshold, **fit, "calibration_flagged": np.zeros(len(scores), bool) if flagged is None else flagged}
 
     def out_of_set(self, ood_score: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
         """(N,) bool: scores above the fitted threshold; None when the detector does not flag."""

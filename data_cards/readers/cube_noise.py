@@ -79,18 +79,11 @@ def measure_noise_pattern(cube, cells: int = PATTERN_CELLS, channels: int = PATT
         return NoisePattern(np.ones((gy, gx)), (h, w))
     picked = usable[np.unique(np.linspace(0, usable.size - 1, min(channels, usable.size)).round().astype(int))]
     step = max(1, math.ceil(math.sqrt(h * w / 262144)))  # at most ~260,000 pixels of each channel
-    ys, xs = np.arange(0, h, step), np.arange(0, w, step)
-    cell_y, cell_x = ys * gy // h, xs * gx // w
-    samples = [[[] for _ in range(gx)] for _ in range(gy)]
-    for ch in picked:
-        plane = np.abs(cube._raw((slice(ch, ch + 1), slice(0, h), slice(0, w)))[0, ::step, ::step]) / noise[ch]
-        for i in range(gy):
-            rows = plane[cell_y == i]
-            for j in range(gx):
-                samples[i][j].append(rows[:, cell_x == j].ravel())
+    planes = np.stack([np.abs(cube._raw((slice(ch, ch + 1), slice(0, h), slice(0, w)))[0, ::step, ::step]) / noise[ch] for ch in picked])
+    cell_y, cell_x = np.arange(0, h, step) * gy // h, np.arange(0, w, step) * gx // w  # the cell of each sampled row / column
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-blank cell: NaN, filled below
-        grid = np.array([[1.4826 * np.nanmedian(np.concatenate(samples[i][j])) for j in range(gx)] for i in range(gy)])
+        grid = np.array([[1.4826 * np.nanmedian(planes[:, cell_y == i][:, :, cell_x == j]) for j in range(gx)] for i in range(gy)])
     if not np.isfinite(grid).any():
         return NoisePattern(np.ones((gy, gx)), (h, w))
     grid = np.where(np.isfinite(grid) & (grid > 0), grid, np.nanmedian(grid))
