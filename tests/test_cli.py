@@ -82,23 +82,28 @@ def test_demo_end_to_end_short(tmp_path, monkeypatch):
 
     report = run_demo(output=tmp_path, steps=8, n_labelled=120)
     assert report["reload_identical"] is True
-    # the classifier step: a release, and a catalogue of the 4MOST-like ESO file (200 rows)
+    # the classifier steps: a release each, and a catalogue of the same 4MOST-like ESO file (200 rows),
+    # from a classifier of another instrument (sdss-like) and one of the file's own card (4most-lrs)
     from cosmofm.data_cards.io.catalogue import read_catalogue
-
-    assert (Path(report["classification"]["output_dir"]) / "model" / "model.safetensors").exists()
-    rows = read_catalogue(report["classification"]["catalogue"])
-    assert len(rows) == 200
-    # the reported accuracy is the catalogue's CLASS against the truth of the objects written to the file
     from cosmofm.data_cards.mocks.generators import mock_samples
     from cosmofm.data_cards.schema import load_card
-    from cosmofm.demo import HELD_OUT_SEED
+    from cosmofm.demo import ESO_FILE_CARD, HELD_OUT_SEED
 
-    truth = {s.id: s.meta["labels"]["spectral_class"] for s in mock_samples(load_card("4most-lrs"), 200, seed=HELD_OUT_SEED + 2)}
-    print("ESO file accuracy", report["classification"]["eso_file_accuracy"])
-    assert report["classification"]["eso_file_accuracy"] == np.mean([str(c) == truth[str(o)] for o, c in zip(rows["OBJECT"], rows["CLASS"])])
-    # the count it prints (24 calibration spectra set no threshold at 1.5 %: then no OUT_OF_SET column and 0)
-    flagged = np.asarray(rows["OUT_OF_SET"], dtype=bool) if "OUT_OF_SET" in rows.colnames else np.zeros(0, bool)
-    assert report["classification"]["eso_file_out_of_set"] == int(flagged.sum())
+    truth = {s.id: s.meta["labels"]["spectral_class"] for s in mock_samples(load_card(ESO_FILE_CARD), 200, seed=HELD_OUT_SEED + 2)}
+    runs = [report["classification"], report["classification_own_card"]]
+    assert [r["card"] for r in runs] == ["sdss-like", ESO_FILE_CARD] and runs[0]["catalogue"] != runs[1]["catalogue"]
+    for run in runs:
+        assert (Path(run["output_dir"]) / "model" / "model.safetensors").exists()
+        rows = read_catalogue(run["catalogue"])
+        assert len(rows) == 200
+        # the reported accuracy is the catalogue's CLASS against the truth of the objects written to the file
+        print(run["card"], "ESO file accuracy", run["eso_file_accuracy"])
+        correct = np.array([str(c) == truth[str(o)] for o, c in zip(rows["OBJECT"], rows["CLASS"])])
+        assert run["eso_file_accuracy"] == np.mean(correct)
+        # the count it prints (24 calibration spectra set no threshold at 1.5 %: then no OUT_OF_SET column and 0)
+        flagged = np.asarray(rows["OUT_OF_SET"], dtype=bool) if "OUT_OF_SET" in rows.colnames else np.zeros(200, bool)
+        assert run["eso_file_out_of_set"] == int(flagged.sum())
+        np.testing.assert_equal(run["eso_file_accuracy_not_flagged"], np.mean(correct[~flagged]) if (~flagged).any() else np.nan)
     assert (tmp_path / "loss_curve.png").stat().st_size > 10_000
     assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
     # published to the local-directory hub under the output folder, loaded back by repo id
