@@ -365,13 +365,15 @@ def sky_residual_ivar(wave: np.ndarray, ivar: np.ndarray, resolving_power: float
 
 
 
-def test_stars(folder: str) -> list:
-    """The stars of the classify_survey test block (the last TEST_FRACTION of the labelled mocks, by index)."""
+def test_stars(folder: str, whole: bool = False) -> list:
+    """The stars of the classify_survey test block (the last TEST_FRACTION of the labelled mocks,
+    by index); `whole`: every star of the folder (a shift set of classify_survey: the test
+    block's objects, in its order, observed again under a shift)."""
     from cosmofm.data_cards.io.hf_io import SampleDataset
 
     ds = SampleDataset(folder)
     n = len(ds)
-    test = (ds[i] for i in range(n - round(TEST_FRACTION * n), n))
+    test = (ds[i] for i in range(0 if whole else n - round(TEST_FRACTION * n), n))
     return [s for s in test if s.meta["labels"]["spectral_class"].startswith("STAR")]
 
 
@@ -418,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--labelled", required=True, help="the bench's labelled datasets folder (WORK/labelled-sdss-like-survey-14000-seed21)")
     p.add_argument("--models", nargs="*", default=[], help="fine-tuned classifier folders to score on the same stars")
     p.add_argument("--every", type=int, default=1, help="fit every k-th star of the test block (1 = all)")
+    p.add_argument("--whole", action="store_true", help="--labelled is a shift set of classify_survey: fit all its stars, not its last block")
     p.add_argument("--no-sky-variance", action="store_true",
                    help="use the spectra's ivar as they are (default: add the sky-subtraction residual's variance, sky_residual_ivar)")
     p.add_argument("--out", default="docs/bench")
@@ -425,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    stars = test_stars(args.labelled)[:: args.every]
+    stars = test_stars(args.labelled, args.whole)[:: args.every]
     truth = np.array([s.meta["labels"]["spectral_class"] for s in stars])
     grid = PriorGrid()
     fit = StarFit(stars[0].coords["wavelength"], load_card("sdss-like-survey").resolving_power, grid)
@@ -441,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     correct = named == truth
     params = star_parameters(stars)
     ceiling = {c: float(np.mean(correct[truth == c])) for c in grid.classes if np.any(truth == c)}
-    report = {"machine": machine_info(), "labelled": args.labelled, "n_stars": len(stars), "every": args.every,
+    report = {"machine": machine_info(), "labelled": args.labelled, "whole": args.whole, "n_stars": len(stars), "every": args.every,
               "fit_seconds": fit_seconds, "grid": {"teff_nodes": int(fit.teff.size), "teff_step_K": grid.teff_step,
                                                    "teff_half_range_K": grid.teff_half_range, "feh_edges": list(grid.feh_edges),
                                                    "ebv_edges": list(grid.ebv_edges), "logg_edges": {str(k): v for k, v in grid.logg_edges.items()},
