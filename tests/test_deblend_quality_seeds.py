@@ -47,3 +47,25 @@ def test_the_seed_summary_flattens_binned_columns_and_refuses_a_repeated_seed():
     reports["c.json"] = _report(1, 0.7, 9.0, 41.0)
     with pytest.raises(InputError, match="c.json.*seed 1"):
         summarise_seeds(reports)
+
+
+def test_head_settings_reach_the_trained_head_and_bad_ones_are_refused():
+    import argparse
+
+    from cosmofm.bench.deblend_quality import head_settings
+
+    args = argparse.Namespace(fraction_flux_weight=0.5, head_setting=["background_logit=constant", "embed_size=16"])
+    settings = head_settings(args)
+    assert settings == {"fraction_flux_weight": 0.5, "background_logit": "constant", "embed_size": 16}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _ = train_head(CARD, _blends(CARD, 2, TRAIN_SEED, 1, n_truth=0), 1, 2, 1e-3, 0, None, log_every=100, **settings)
+    finally:
+        torch.set_num_threads(threads)
+    assert (model.head_config.background_logit, model.head_config.embed_size) == ("constant", 16)
+    assert model.decoder.background.shape == (6,)  # one learned logit per band
+    with pytest.raises(InputError, match="--head-setting"):
+        head_settings(argparse.Namespace(fraction_flux_weight=None, head_setting=["embed_size"]))
+    with pytest.raises(InputError, match="task.background_logit"):
+        train_head(CARD, [], 1, 1, 1e-3, 0, None, background_logit="sky")

@@ -204,8 +204,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
 
     samples = [s for s, _ in test]
     model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
-                                             budget_s=args.train_budget_s,
-                                             **({} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}))
+                                             budget_s=args.train_budget_s, **head_settings(args))
     model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
     report["head_peak_threshold"] = model.head_config.peak_threshold
     head_cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32), samples)
@@ -223,6 +222,22 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     res.pop("_points")
     results["head_known_positions_no_correction"] = {"stamps_per_s": rate_k, **res}
     return model, head_cats
+
+
+def head_settings(args) -> dict:
+    """DeblendingHeadConfig fields from `--fraction-flux-weight` and `--head-setting KEY=VALUE`."""
+    from cosmofm.data_cards.errors import InputError
+
+    settings = {} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}
+    for item in args.head_setting:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError("--head-setting", f"{item!r} has no '='", "give KEY=VALUE, e.g. background_logit=constant")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
 
 
 def tune_threshold(model, blends, fwhm: float) -> float:
@@ -353,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--train-budget-s", type=float, default=None, help="stop training after this many seconds (schedule follows)")
     ap.add_argument("--fraction-flux-weight", type=float, default=None,
                     help="the head's fraction_flux_weight (default: the head's; 0 = cross-entropy fraction loss alone)")
+    ap.add_argument("--head-setting", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="DeblendingHeadConfig fields for the head (e.g. background_logit=constant); values read as JSON, else text")
+    ap.add_argument("--save-model", default=None, metavar="DIR", help="save the trained head there as a release (save_release), for reuse")
     ap.add_argument("--n-tune", type=int, default=60, help="training blends the thresholds / contrasts are tuned on")
     ap.add_argument("--backbone", default=None, help="a pretrained backbone release (default: fresh, demo shape)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores contend with 2)")
@@ -388,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results: dict = {"_points": {}}
     if args.head:
         model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results)
+        if args.save_model:
+            from cosmofm.pretrain.checkpoint import save_release
+
+            report["saved_model"] = str(save_release(model, args.save_model))
         background_level = model.head_config.background_level
     else:
         background_level = DeblendingHeadConfig.from_card(card).background_level
