@@ -83,13 +83,6 @@ class DeblendingHeadConfig(TaskHeadConfig):
             (the flux-weighted L1 fraction error; 0 = the cross-entropy alone, as before).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
-        source_profile (`str`, "elliptical"): the profile term of the fraction logits
-            (`deblending_net.elliptical_distance`): "elliptical" (a learned ellipticity and
-            Sersic-like exponent per source) or "isotropic" (round exponentials; heads saved
-            with schema_version 1 have it).
-        background_logit (`str`, "pixel"): the background's logit in the fraction softmax:
-            "pixel" (the decoder's, per pixel and band; version 1 heads have it) or "constant"
-            (one learned value per band, so a source's outskirts follow its profile term).
         card (`str`, ""): the data card the head was trained on (provenance).
     """
 
@@ -111,14 +104,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
     offset_weight: float = 1.0
     fraction_flux_weight: float = 1.0
     flux_correction: bool = True
-    source_profile: str = "elliptical"
-    background_logit: str = "pixel"
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
-    SCHEMA_VERSION: ClassVar[int] = 2  # 2: source_profile (version 1 heads are isotropic)
-    SOURCE_PROFILES: ClassVar[tuple[str, ...]] = ("elliptical", "isotropic")
-    BACKGROUND_LOGITS: ClassVar[tuple[str, ...]] = ("pixel", "constant")
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,18 +120,6 @@ class DeblendingHeadConfig(TaskHeadConfig):
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
             raise InputError("task.bands", f"{len(self.bands)} names for {self.n_bands} bands", "one name per band")
-        if self.source_profile not in self.SOURCE_PROFILES:
-            raise InputError("task.source_profile", f"is {self.source_profile!r}", f"one of {list(self.SOURCE_PROFILES)}")
-        if self.background_logit not in self.BACKGROUND_LOGITS:
-            raise InputError("task.background_logit", f"is {self.background_logit!r}", f"one of {list(self.BACKGROUND_LOGITS)}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "DeblendingHeadConfig":
-        """As `TaskHeadConfig.from_dict`; a version 1 head (saved before `source_profile`
-        existed) has round exponential profiles, so it loads as "isotropic"."""
-        if isinstance(d, Mapping) and d.get("schema_version", 1) == 1:
-            d = {"source_profile": "isotropic", "background_logit": "pixel", **d}
-        return super().from_dict(d)
 
     @classmethod
     def from_card(cls, card, **kwargs) -> "DeblendingHeadConfig":
@@ -224,8 +200,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         if not h.n_bands:
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
-        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size, elliptical=h.source_profile == "elliptical",
-                                        pixel_background=h.background_logit == "pixel")
+        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,

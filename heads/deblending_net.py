@@ -20,18 +20,15 @@ Dense head on the image tokens (one token per band per 8 x 8 patch):
 
 Flux split (`source_fractions`): the fraction of pixel p, band b given to source k is a
 softmax over (sources + background) of
-    logit_kb(p) = <u_b(p), v_k> / sqrt(E) + a_kb - (r_k(p) / s_k) ** beta_k,
-(u: pixel embedding, v, a, s, and the profile's ellipticity e_k and exponent beta_k: read
-at centre c_k; r_k the elliptical radius, `elliptical_distance`; an "isotropic" head, as
-saved before session 14, has e = 0 and beta = 1, r = |p - c_k|). Per-band isolated images are
+    logit_kb(p) = <u_b(p), v_k> / sqrt(E) + a_kb - |p - c_k| / s_k,
+(u: pixel embedding, v, a, s: read at centre c_k). Per-band isolated images are
 fraction x observed image, so the per-band fluxes of all sources and the background add
 up to the image (the SExtractor isophotal / scarlet flux-conserving spirit): nothing is
 created or lost, photometry is unbiased where the fractions are right, and the
 background channel keeps the noise of empty sky out of the sources. The distance term
-is the prior that a source's light falls off from its centre (the log of a Sersic-like
-profile, exp(-(r / s) ** beta), elliptical because the mocks' disks are seen at every
-inclination), so an untrained head (e = 0, beta = 1: an exponential) already splits flux
-sensibly; the embeddings learn what the profile misses (knots, colour gradients). Why not a decoder per source (scarlet-like models): fractions of
+is the prior that a source's light falls off from its centre (an exponential profile in
+log), so an untrained head already splits flux sensibly; the embeddings learn shapes,
+colours and overlaps. Why not a decoder per source (scarlet-like models): fractions of
 an observed image need no flux calibration and cannot hallucinate flux.
 """
 
@@ -46,8 +43,6 @@ from torch.nn import functional as F
 
 FOCAL_ALPHA, FOCAL_BETA = 2.0, 4.0  # CenterNet's focal-loss exponents
 CORRECTION_MAX_LOG = 0.5  # flux corrections stay within exp(+-0.5) = x0.61 .. x1.65
-PROFILE_MAX_ELLIPTICITY = 0.95  # |e| < 0.95: axis ratios down to 0.16 (edge-on disks, C/A >= 0.1, through the PSF)
-PROFILE_MAX_LOG_EXPONENT = math.log(4.0)  # beta in [1/4, 4]: de Vaucouleurs' r^(1/4) .. cores steeper than a Gaussian
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -85,30 +80,24 @@ class DenseOutputs:
     amplitude: torch.Tensor  # (n, B, H, W): read at a centre
     size: torch.Tensor  # (n, H, W) raw size, read at a centre (softplus -> pixels)
     correction: torch.Tensor | None = None  # (n, B, H, W) raw per-band flux correction, read at a centre
-    profile: torch.Tensor | None = None  # (n, 3, H, W) raw ellipticity (2) and profile exponent, read at a centre; None: isotropic
 
 
 class PixelDecoder(nn.Module):
     """Token features (n, C, gh, gw) + normalised pixels (n, 2B + 1, H8, W8) -> DenseOutputs."""
 
-    def __init__(self, channels: int, n_bands: int, embed_size: int, elliptical: bool = True, pixel_background: bool = True):
+    def __init__(self, channels: int, n_bands: int, embed_size: int):
         super().__init__()
         c, f = channels, max(channels // 2, 16)
         self.n_bands, self.embed_size = n_bands, embed_size
-        # the background's logit: per pixel from the features, or one learned value per band (`source_fractions`)
-        self.background = None if pixel_background else nn.Parameter(torch.zeros(n_bands))
         self.up = nn.ModuleList([_conv(c, c), _conv(c, f), _conv(f, f)])  # x2 each: 8x
         self.pixel = nn.Sequential(_conv(2 * n_bands + 1, f), _conv(f, f))
         self.fuse = nn.Sequential(_conv(2 * f, f), _conv(f, f))
-        self.out = nn.Conv2d(f, 3 + n_bands * (1 + embed_size + pixel_background) + embed_size + 1, 1)
+        self.out = nn.Conv2d(f, 3 + n_bands * (2 + embed_size) + embed_size + 1, 1)
         self.correction = nn.Conv2d(f, n_bands, 1)  # the outskirts' flux the fractions miss (`flux_correction`)
-        self.profile = nn.Conv2d(f, 3, 1) if elliptical else None  # each source's profile shape (`elliptical_distance`)
         with torch.no_grad():  # CenterNet's prior: the heatmap starts at p = 0.01 everywhere
             self.out.bias[0].fill_(-math.log(99.0))
-            for layer in (self.correction, self.profile):  # untrained: plain fraction x image, round exponential profiles
-                if layer is not None:
-                    layer.weight.zero_()
-                    layer.bias.zero_()
+            self.correction.weight.zero_()  # an untrained head measures plain fraction x image
+            self.correction.bias.zero_()
 
     def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, shape: tuple[int, int]) -> DenseOutputs:
         x = tokens
@@ -119,20 +108,16 @@ class PixelDecoder(nn.Module):
             x = x.float()
             o = self.out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
             correction = self.correction(x)[:, :, : shape[0], : shape[1]]
-            profile = None if self.profile is None else self.profile(x)[:, :, : shape[0], : shape[1]]
         n, b, e, (h, w) = o.shape[0], self.n_bands, self.embed_size, shape
         i = 3
-        if self.background is None:
-            background = o[:, i:i + b]
-            i += b
-        else:
-            background = self.background.view(1, b, 1, 1).expand(n, b, h, w)
+        background = o[:, i:i + b]
+        i += b
         pixel_embedding = o[:, i:i + b * e].reshape(n, b, e, h, w)
         i += b * e
         source_embedding = o[:, i:i + e]
         i += e
         amplitude = o[:, i:i + b]
-        return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], correction, profile)
+        return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], correction)
 
 
 def normalised_pixels(values: torch.Tensor, ivar: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -157,29 +142,6 @@ def read_at(field: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return out[:, :, 0].transpose(1, 2)  # (n, K, C)
 
 
-def elliptical_distance(dr: torch.Tensor, dc: torch.Tensor, size: torch.Tensor, profile: torch.Tensor | None) -> torch.Tensor:
-    """(n, K, H, W) the profile term (r / s) ** beta of the fraction logits, for pixel offsets
-    dr (n, K, H, 1), dc (n, K, 1, W) from each centre and sizes s (n, K) [pixels].
-
-    profile (n, K, 3) raw, read at the centres: an ellipticity e = (e1, e2) of modulus below
-    `PROFILE_MAX_ELLIPTICITY` and the exponent beta = exp(log 4 tanh(raw)). The elliptical
-    radius r^2 = [(1 - e1) dr^2 - 2 e2 dr dc + (1 + e1) dc^2] / sqrt(1 - |e|^2) keeps the
-    ellipse's area that of the circle of the same s (the quadratic form has determinant 1).
-    None, or a zero profile: r = |p - c|, beta = 1 (the isotropic exponential of older heads).
-    Why: iso_k / sum_j iso_j is a softmax of log iso_k, and the log of a Sersic profile is
-    -(r / r_e) ** (1 / n) up to constants; an isotropic exponential cannot follow an inclined
-    disk, so the embeddings had to learn every orientation."""
-    if profile is None:
-        return torch.sqrt(dr**2 + dc**2 + 1e-6) / size[..., None, None]
-    raw = profile[..., :2]
-    norm = raw.norm(dim=-1, keepdim=True)
-    e = raw * torch.where(norm > 1e-6, PROFILE_MAX_ELLIPTICITY * torch.tanh(norm) / norm.clamp(min=1e-6), PROFILE_MAX_ELLIPTICITY)
-    e1, e2 = e[..., 0, None, None], e[..., 1, None, None]
-    r2 = ((1 - e1) * dr**2 - 2 * e2 * dr * dc + (1 + e1) * dc**2) / torch.sqrt(1 - e1**2 - e2**2)
-    beta = torch.exp(PROFILE_MAX_LOG_EXPONENT * torch.tanh(profile[..., 2]))[..., None, None]
-    return (torch.sqrt(r2 + 1e-6) / size[..., None, None]) ** beta
-
-
 def source_fractions(dense: DenseOutputs, centres: torch.Tensor, present: torch.Tensor, min_size: float) -> torch.Tensor:
     """(n, K + 1, B, H, W) fractions of each pixel and band: sources 0..K-1 (absent ones get
     0), background last; they sum to 1 over the first axis. centres (n, K, 2), present (n, K)."""
@@ -191,9 +153,8 @@ def source_fractions(dense: DenseOutputs, centres: torch.Tensor, present: torch.
     rows = torch.arange(h, device=centres.device, dtype=sim.dtype).view(1, 1, h, 1)
     cols = torch.arange(w, device=centres.device, dtype=sim.dtype).view(1, 1, 1, w)
     c = torch.nan_to_num(centres, nan=-1e4).to(sim.dtype)
-    profile = None if dense.profile is None else read_at(dense.profile, centres)  # (n, K, 3)
-    dist = elliptical_distance(rows - c[..., 0, None, None], cols - c[..., 1, None, None], size, profile)  # (n, K, H, W)
-    logits = sim + amp[..., None, None] - dist.unsqueeze(2)
+    dist = torch.sqrt((rows - c[..., 0, None, None]) ** 2 + (cols - c[..., 1, None, None]) ** 2 + 1e-6)  # (n, K, H, W)
+    logits = sim + amp[..., None, None] - (dist / size[..., None, None]).unsqueeze(2)
     logits = logits.masked_fill(~present[:, :, None, None, None], float("-inf"))
     return torch.cat([logits, dense.background.unsqueeze(1)], dim=1).softmax(dim=1)
 
@@ -326,6 +287,6 @@ def group_grid(shape: tuple[int, ...], patch: int) -> tuple[int, int, int]:
 
 
 __all__ = [
-    "BandTokenGrid", "CORRECTION_MAX_LOG", "DenseOutputs", "PixelDecoder", "elliptical_distance", "find_peaks", "flux_correction", "flux_loss", "focal_loss", "fraction_flux_loss", "fraction_loss",
+    "BandTokenGrid", "CORRECTION_MAX_LOG", "DenseOutputs", "PixelDecoder", "find_peaks", "flux_correction", "flux_loss", "focal_loss", "fraction_flux_loss", "fraction_loss",
     "group_grid", "heatmap_targets", "normalised_pixels", "offset_loss", "read_at", "source_fluxes", "source_fractions",
 ]

@@ -54,18 +54,46 @@ def test_head_settings_reach_the_trained_head_and_bad_ones_are_refused():
 
     from cosmofm.bench.deblend_quality import head_settings
 
-    args = argparse.Namespace(fraction_flux_weight=0.5, head_setting=["background_logit=constant", "embed_size=16"])
+    args = argparse.Namespace(fraction_flux_weight=0.5, head_setting=["flux_correction=false", "embed_size=16"])
     settings = head_settings(args)
-    assert settings == {"fraction_flux_weight": 0.5, "background_logit": "constant", "embed_size": 16}
+    assert settings == {"fraction_flux_weight": 0.5, "flux_correction": False, "embed_size": 16}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         model, _ = train_head(CARD, _blends(CARD, 2, TRAIN_SEED, 1, n_truth=0), 1, 2, 1e-3, 0, None, log_every=100, **settings)
     finally:
         torch.set_num_threads(threads)
-    assert (model.head_config.background_logit, model.head_config.embed_size) == ("constant", 16)
-    assert model.decoder.background.shape == (6,)  # one learned logit per band
+    assert (model.head_config.flux_correction, model.head_config.embed_size, model.head_config.fraction_flux_weight) == (False, 16, 0.5)
+    assert model.decoder.out.out_channels == 3 + 6 * (2 + 16) + 16 + 1  # the per-band embeddings are 16 wide
     with pytest.raises(InputError, match="--head-setting"):
         head_settings(argparse.Namespace(fraction_flux_weight=None, head_setting=["embed_size"]))
-    with pytest.raises(InputError, match="task.background_logit"):
-        train_head(CARD, [], 1, 1, 1e-3, 0, None, background_logit="sky")
+    with pytest.raises(InputError, match="task.peak_threshold"):
+        train_head(CARD, [], 1, 1, 1e-3, 0, None, peak_threshold=2)
+
+
+def test_error_sources_head_row_is_the_benchs_own_score_of_the_same_fluxes():
+    """The "head" estimate of `error_sources` (true centres, no outskirts correction) scores
+    the fluxes the bench's no-correction row scores: the same blended and isolated figures."""
+    from cosmofm.bench.deblend_quality import error_sources, summarise
+    from cosmofm.heads.deblend_baseline import fwhm_in_pixels
+    from cosmofm.heads.deblending import deblend_samples
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        blends = _blends(CARD, 6, 0, 1)
+        model, _ = train_head(CARD, blends, 1, 2, 1e-3, 0, None, log_every=100)
+        fwhm, ref, bands = fwhm_in_pixels(CARD), 2, [b.name for b in CARD.bands]
+        found = error_sources(model, blends, fwhm, ref, batch_size=4)  # two batches, of 4 and 2 blends
+        model.head_config.flux_correction = False
+        cats = deblend_samples(model, [s for s, _ in blends], positions=[t.pixel_positions for _, t in blends])
+        scored = summarise(cats, blends, fwhm, "head", bands, ref)
+    finally:
+        torch.set_num_threads(threads)
+    assert model.head_config.flux_correction is False  # error_sources restored what it was given
+    blended = scored["flux_blended"]["r"]
+    assert found["head"]["blended"]["n"] == blended["n"] > 5
+    assert found["head"]["blended"]["mape"] == pytest.approx(blended["mape"], rel=1e-4)
+    assert found["head"]["blended"]["bias"] == pytest.approx(blended["bias"], rel=1e-4, abs=1e-6)
+    for name in ("background only", "sources only"):  # the hybrids mend one error each, so they differ from the head
+        assert found[name]["blended"]["mape"] != pytest.approx(found["head"]["blended"]["mape"], rel=1e-3)

@@ -4,7 +4,6 @@ training that learns to detect, the shipped recipe end to end, and bad input."""
 
 import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
@@ -204,51 +203,6 @@ def test_save_pretrained_from_pretrained_round_trip(blends, tmp_path):
         a, b = model(batch, positions=pos), loaded(batch, positions=pos)
     assert torch.equal(a.fluxes.nan_to_num(-1), b.fluxes.nan_to_num(-1)) and torch.isfinite(a.fluxes[:, :2]).all()
     assert torch.equal(a.heatmap, b.heatmap) and torch.equal(a.segmentation, b.segmentation)
-
-
-def test_elliptical_profile_is_round_at_zero_and_stretches_along_its_major_axis():
-    from cosmofm.heads.deblending_net import PROFILE_MAX_ELLIPTICITY, elliptical_distance
-
-    rows = torch.arange(9.0).view(1, 1, 9, 1) - 4  # offsets from a centre at (4, 4)
-    cols = torch.arange(9.0).view(1, 1, 1, 9) - 4
-    size = torch.full((1, 1), 2.0)
-    round_ = elliptical_distance(rows, cols, size, None)
-    assert torch.allclose(elliptical_distance(rows, cols, size, torch.zeros(1, 1, 3)), round_)
-    assert round_[0, 0, 4, 8] == pytest.approx(2.0, abs=1e-3)  # 4 pixels at size 2
-    # e1 > 0: rows count for less than columns, so the ellipse's major axis runs along the rows
-    raw = torch.tensor([[[3.0, 0.0, 0.0]]])  # |e| = 0.95 tanh(3)
-    ell = elliptical_distance(rows, cols, size, raw)
-    e = PROFILE_MAX_ELLIPTICITY * math.tanh(3.0)
-    assert ell[0, 0, 8, 4] == pytest.approx(2.0 * math.sqrt((1 - e) / math.sqrt(1 - e**2)), rel=1e-4)
-    assert ell[0, 0, 8, 4] < round_[0, 0, 8, 4] < ell[0, 0, 4, 8]
-    # the ellipse keeps the circle's area: the pixels within r < s number as many, within the grid's rounding
-    assert abs(int((ell < 1).sum()) - int((round_ < 1).sum())) <= 2
-    # the exponent: beta = 4 at a large raw value, so (r / s) ** 4
-    steep = elliptical_distance(rows, cols, size, torch.tensor([[[0.0, 0.0, 10.0]]]))
-    assert steep[0, 0, 4, 8] == pytest.approx(16.0, rel=1e-3) and steep[0, 0, 4, 5] == pytest.approx(0.5**4, rel=1e-2)
-
-
-def test_a_version_1_head_loads_with_isotropic_profiles_and_its_weights(blends, tmp_path):
-    """Heads saved before source_profile (schema_version 1) have no profile layer: they load
-    as "isotropic" and give the same fluxes; a new head is elliptical and saves version 2."""
-    old = _model(seed=4, source_profile="isotropic").eval()
-    assert old.decoder.profile is None and _model(seed=4).decoder.profile is not None
-    old.save_pretrained(tmp_path / "v1")
-    config = json.loads((tmp_path / "v1" / "config.json").read_text())
-    assert config["task"]["schema_version"] == 2
-    config["task"]["schema_version"] = 1
-    del config["task"]["source_profile"]
-    (tmp_path / "v1" / "config.json").write_text(json.dumps(config))
-    write_manifest(tmp_path / "v1")
-    loaded = cosmofm.from_pretrained(str(tmp_path / "v1"), expect_task="deblending").eval()
-    assert loaded.head_config.source_profile == "isotropic"
-    pos = torch.tensor([[[32.0, 32.0], [28.0, 36.0]]]).expand(6, 2, 2)
-    batch = collate_samples(blends, old.config.survey_names)
-    with torch.no_grad():
-        a, b = old(batch, positions=pos).fluxes, loaded(batch, positions=pos).fluxes
-    assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1)) and torch.isfinite(a[:, :2]).all()
-    with pytest.raises(InputError, match="task.source_profile"):
-        DeblendingHeadConfig(n_bands=6, source_profile="round")
 
 
 def test_short_training_learns_to_detect_well_separated_pairs():
