@@ -98,7 +98,7 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
         f"  published: {repo_id} (commit {published.commit[:12]}) on {hub}; model card: {folder / 'README.md'}\n"
         f"  training checkpoints: {recipe.run.output_dir}/checkpoints  (resume: cosmofm pretrain --config {recipe.run.output_dir}/recipe.yaml --resume)\n"
         f"  metrics per step: {summary['metrics']}\n  loss curve: {plot}\n"
-        f"  classifier (release, eval_results.json, figures): {classification['output_dir']}\n"
+        f"  classifiers (release, eval_results.json, figures): {classification['output_dir']}, {own_card['output_dir']}\n"
         f"  classified catalogues of a 4MOST-like ESO file: {classification['catalogue']} ({classification['card']} model), "
         f"{own_card['catalogue']} ({own_card['card']} model, the file's instrument)\n"
         f"  TensorBoard / wandb (offline) logs: {recipe.run.output_dir}\n  report: {output / 'demo_report.json'}\n"
@@ -145,8 +145,9 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     z_true = np.array([truth[str(o)]["redshift"] for o in rows["OBJECT"]])
     z_scores = {key: redshift_metrics(z_true, np.ma.filled(rows[key], np.nan))["redshift_catastrophic_fraction"] for key in ("Z", "Z_NETWORK")}
     own = "the file's own instrument" if card_name == ESO_FILE_CARD else f"an instrument the {card.name} model never saw"
+    unflagged = f"{kept:.3f} of those not flagged" if (~flagged).any() else "every spectrum flagged"
     print(f"      classified {len(rows)} spectra of a 4MOST-like ESO file ({own}): accuracy {accuracy:.3f} (chance {1 / 13:.3f}), "
-          f"{kept:.3f} of those not flagged; catastrophic redshifts {z_scores['Z']:.3f} (scan of the predicted class; the network's own {z_scores['Z_NETWORK']:.3f})")
+          f"{unflagged}; catastrophic redshifts {z_scores['Z']:.3f} (scan of the predicted class; the network's own {z_scores['Z_NETWORK']:.3f})")
     detector = (f"the detector was set for {m['ood_target_rate']:.1%} false flags, test block {m['ood_false_flag_rate']:.1%}"
                 if m["ood_threshold"] is not None else f"no threshold: {m['n_calibration']} calibration spectra cannot resolve {m['ood_target_rate']:.1%}")
     print(f"      out-of-set flags: {summary['n_out_of_set']} of {len(rows)} spectra (OUT_OF_SET; {detector}), low coverage: {summary['n_low_coverage']}")
