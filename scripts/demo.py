@@ -4,11 +4,12 @@ Generates mocks of all four modalities (spectra, images, HI cubes, 21cm lightcon
 pretrains a small backbone, shows the loss falling, saves a safetensors release,
 reloads it with `AutoModel.from_pretrained`, checks it on held-out mocks, and
 publishes the release (weights, generated model card with the held-out metrics, data
-cards, recipe, manifest) to a hub, then loads it back by repo id. Last, it fine-tunes the
-spectral classifier twice on that backbone and classifies the same 4MOST-like ESO file with
-each: once on mocks of another instrument (sdss-like: the file should be flagged out of
-set) and once on mocks of the file's own card (4most-lrs: what a survey team would do). The hub is a
+cards, recipe, manifest) to a hub, then loads it back by repo id. The hub is a
 local-directory hub under the output folder unless `hub_endpoint` names another.
+Last, it fine-tunes the spectral classifier twice on that backbone and classifies the
+same 4MOST-like ESO file with each: once on mocks of another instrument (sdss-like: the
+file should be flagged out of set), once on mocks of the file's own card (4most-lrs:
+what a survey team would do).
 """
 
 from __future__ import annotations
