@@ -86,8 +86,9 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
     folder = pull(repo_id, revision=published.commit, hub_endpoint=hub)
     print(f"      loaded by repo id with {' and '.join(loaded)}; embeddings identical: {hub_same}")
     print(f"      (cosmofm pull {repo_id} --revision {published.commit} --hub-endpoint {hub})")
-    classification = finetune_and_classify(output, summary["model_dir"], n_labelled=n_labelled)
-    own_card = finetune_and_classify(output, summary["model_dir"], n_labelled=n_labelled, card_name=ESO_FILE_CARD, step="[6/6]")
+    eso_file, truth = write_eso_file(output)  # one file, classified by both classifiers
+    classification = finetune_and_classify(output, summary["model_dir"], eso_file, truth, n_labelled=n_labelled)
+    own_card = finetune_and_classify(output, summary["model_dir"], eso_file, truth, n_labelled=n_labelled, card_name=ESO_FILE_CARD, step="[6/6]")
     report = {"loss_first": first, "loss_last": last, "held_out": report, "held_out_untrained": untrained, "reload_identical": bool(same),
               "hub": {"endpoint": hub, "repo_id": repo_id, "revision": published.revision, "commit": published.commit,
                       "local_folder": str(folder), "reload_identical": bool(hub_same)},
@@ -111,15 +112,24 @@ def run_demo(output: str | Path = "outputs/demo", steps: int | None = None, hub_
 ESO_FILE_CARD = "4most-lrs"  # the instrument of the demo's ESO Phase 3 file
 
 
-def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 1200, n_new: int = 200,
+def write_eso_file(output: Path, n_new: int = 200) -> tuple[Path, dict]:
+    """A 4MOST-like ESO Phase 3 file of `n_new` new objects (mocks of `ESO_FILE_CARD`) in
+    `output`, and each object's labels by its id (the truth the demo scores against)."""
+    from cosmofm.data_cards.io.survey_files import write_eso_sdp
+
+    new = mock_samples(load_card(ESO_FILE_CARD), n_new, seed=HELD_OUT_SEED + 2)
+    eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
+    return eso, {s.id: s.meta["labels"] for s in new}
+
+
+def finetune_and_classify(output: Path, backbone_dir: str, eso_file: Path, truth: dict, n_labelled: int = 1200,
                           card_name: str = "sdss-like", step: str = "[5/6]") -> dict:
     """Fine-tune the spectral classification head on labelled mocks of `card_name`, then
-    classify a 4MOST-like ESO Phase 3 file of new objects, as a user would, and score it;
-    print how many spectra of the file were flagged out of set (issue 17) and low coverage.
-    The file is the same for every card: a classifier of another instrument should flag it,
-    one fine-tuned on the file's own card (`ESO_FILE_CARD`) should classify it."""
+    classify the 4MOST-like ESO Phase 3 file `eso_file` (`write_eso_file`; `truth`: its
+    objects' labels by id), as a user would, and score it; print how many spectra of the file
+    were flagged out of set (issue 17) and low coverage. A classifier of another instrument
+    should flag the file, one fine-tuned on its own card (`ESO_FILE_CARD`) should classify it."""
     from cosmofm.data_cards.io.catalogue import read_catalogue
-    from cosmofm.data_cards.io.survey_files import write_eso_sdp
     from cosmofm.finetune.classification import FinetuneConfig, finetune_classification
     from cosmofm.finetune.classify import classify
     from cosmofm.heads.metrics import redshift_metrics
@@ -133,12 +143,9 @@ def finetune_and_classify(output: Path, backbone_dir: str, n_labelled: int = 120
     m = result["metrics"]
     print(f"      test block: accuracy {m['accuracy']:.3f}, macro recall {m['macro_recall']:.3f}, ECE {m['ece_after']:.3f} "
           f"(before temperature {m['ece_before']:.3f}), conformal coverage {m['conformal_coverage']:.3f} (nominal {1 - m['conformal_alpha']:.2f})")
-    new = mock_samples(load_card(ESO_FILE_CARD), n_new, seed=HELD_OUT_SEED + 2)
-    eso = write_eso_sdp(new, output / "ADP.demo-4most-lrs.fits", objects=[s.id for s in new])
     catalogue = output / ("classified.fits" if card_name == "sdss-like" else f"classified-{card_name}.fits")
-    summary = classify([str(eso)], result["model_dir"], catalogue, progress=False, overwrite=True)  # the demo's own file
+    summary = classify([str(eso_file)], result["model_dir"], catalogue, progress=False, overwrite=True)  # the demo's own file
     rows = read_catalogue(catalogue)
-    truth = {s.id: s.meta["labels"] for s in new}
     correct = np.array([str(c) == truth[str(o)]["spectral_class"] for o, c in zip(rows["OBJECT"], rows["CLASS"])])
     flagged = np.asarray(rows["OUT_OF_SET"], dtype=bool) if "OUT_OF_SET" in rows.colnames else np.zeros(len(rows), bool)
     accuracy = float(np.mean(correct))
