@@ -471,6 +471,16 @@ def stamp_sample(head: DeblendingHeadConfig, values: np.ndarray, ivar: np.ndarra
     return Sample("image", values, ivar, coords, {"card": head.card, "id": "stamp"})
 
 
+def padded_positions(positions: Sequence[np.ndarray]) -> torch.Tensor:
+    """(N, K, 2) float32 [row, col] centres of N samples' (K_i, 2) arrays, NaN-padded to the
+    most (at least 1): the `positions` argument of `CosmoFMForDeblending.forward`."""
+    points = [np.reshape(np.asarray(p, np.float32), (-1, 2)) for p in positions]
+    out = torch.full((len(points), max([1, *(len(p) for p in points)]), 2), float("nan"))
+    for j, p in enumerate(points):
+        out[j, : len(p)] = torch.from_numpy(p)
+    return out
+
+
 @torch.no_grad()
 def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], positions: Sequence[np.ndarray] | None = None,
                     batch_size: int = 64, bf16: bool = False) -> list[DeblendCatalog]:
@@ -489,14 +499,7 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
     for idx in by_shape.values():
         for start in range(0, len(idx), batch_size):
             part = idx[start:start + batch_size]
-            pos = None
-            if positions is not None:
-                k = max(1, max(len(np.reshape(positions[i], (-1, 2))) for i in part))
-                pos = torch.full((len(part), k, 2), float("nan"))
-                for j, i in enumerate(part):
-                    p = torch.as_tensor(np.reshape(positions[i], (-1, 2)), dtype=torch.float32)
-                    pos[j, : len(p)] = p
-                pos = pos.to(device)
+            pos = None if positions is None else padded_positions([positions[i] for i in part]).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
                 o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos)
             for j, i in enumerate(part):
@@ -522,5 +525,5 @@ def deblend_stamp(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndar
 
 __all__ = [
     "CosmoFMForDeblending", "DeblendingHeadConfig", "DeblendingOutput", "DeblendingTask", "blend_targets",
-    "blend_truth_arrays", "deblend_samples", "deblend_stamp", "source_flags", "stamp_sample",
+    "blend_truth_arrays", "deblend_samples", "deblend_stamp", "padded_positions", "source_flags", "stamp_sample",
 ]

@@ -235,6 +235,7 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
     not: `flux_stats` of the relative error against the true total flux, the median |error|
     and the share of the MAPE from the worst tenth of the sources (the tail)."""
     from cosmofm.heads import deblending_metrics as dm
+    from cosmofm.heads.deblending import padded_positions
     from cosmofm.pretrain.data import collate_samples
 
     keep, model.head_config.flux_correction = model.head_config.flux_correction, False
@@ -243,10 +244,7 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
     try:
         for start in range(0, len(blends), batch_size):
             part = blends[start:start + batch_size]
-            k_max = max(len(t.pixel_positions) for _, t in part)
-            pos = torch.full((len(part), k_max, 2), float("nan"))
-            for j, (_, t) in enumerate(part):
-                pos[j, : len(t.pixel_positions)] = torch.as_tensor(np.asarray(t.pixel_positions, np.float32))
+            pos = padded_positions([t.pixel_positions for _, t in part])
             with torch.no_grad():
                 fractions = model(collate_samples([s for s, _ in part], model.config.survey_names), positions=pos).fractions
             for (s, t), fr in zip(part, fractions):
@@ -263,9 +261,7 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
                 truth = np.asarray(t.flux_njy, np.float64)[:, ref]
                 for name, frac in (("head", f_src), ("background only", t_split * (1 - f_bg)), ("sources only", f_split * (1 - t_bg))):
                     rel[name].append(((frac * image).sum((-2, -1)) - truth) / truth)
-                centres = np.asarray(t.pixel_positions, np.float64)
-                dist = np.sqrt(((centres[:, None] - centres[None]) ** 2).sum(-1)) + np.diag(np.full(k, np.inf))
-                blended.append(dist.min(1) < dm.BLENDED_FWHM * fwhm)
+                blended.append(dm.nearest_neighbour_distance(t.pixel_positions) / fwhm < dm.BLENDED_FWHM)  # as score_stamp
     finally:
         model.head_config.flux_correction = keep
     blended = np.concatenate(blended)
