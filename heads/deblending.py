@@ -81,6 +81,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
         fraction_weight, flux_weight, offset_weight (`float`, 1.0 / 2.0 / 1.0): loss weights.
         fraction_flux_weight (`float`, 1.0): weight of `deblending_net.fraction_flux_loss`
             (the flux-weighted L1 fraction error; 0 = the cross-entropy alone, as before).
+        refine_steps (`int`, 0): steps of `deblending_net.SplitRefiner` after the first split
+            (0: none; one refiner, its weights shared by the steps).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
@@ -103,6 +105,7 @@ class DeblendingHeadConfig(TaskHeadConfig):
     flux_weight: float = 2.0
     offset_weight: float = 1.0
     fraction_flux_weight: float = 1.0
+    refine_steps: int = 0
     flux_correction: bool = True
     card: str = ""
 
@@ -116,6 +119,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
         for name in ("pixel_scale", "fwhm_pixels", "heatmap_sigma", "min_size", "background_level"):
             if not getattr(self, name) > 0:
                 raise InputError(f"task.{name}", f"must be > 0, got {getattr(self, name)!r}", "e.g. the default")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise InputError("task.refine_steps", f"is {self.refine_steps!r}, not a whole number >= 0", "0 (no refinement) or e.g. 1")
         if not 0 < self.peak_threshold < 1:
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
@@ -201,6 +206,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
         self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
+        self.refiner = net.SplitRefiner(h.n_bands) if h.refine_steps else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
@@ -245,7 +251,10 @@ class CosmoFMForDeblending(CosmoFMForTask):
         keep = present.any(0).nonzero().flatten()  # the slots some sample uses (detections come sorted, present first)
         use, present = use[:, keep], present[:, keep]
         with torch.autocast(values.device.type, enabled=False):
-            fr = net.source_fractions(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
+            logits = net.split_logits(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
+            for _ in range(h.refine_steps):
+                logits = self.refiner(logits, values * (ivar > 0), tg.scale.float(), use, present)
+            fr = logits.softmax(dim=1)
         flux, err = net.source_fluxes(fr, values, ivar)
         # the sources' fluxes corrected for the outskirts their fractions miss; the background keeps the rest
         corr = net.flux_correction(dense, use).masked_fill(~present.unsqueeze(-1), 1.0)  # (n, K, B)

@@ -61,7 +61,8 @@ def test_config_registration_from_card_and_bad_values():
     assert DeblendingHeadConfig.from_dict(head.to_dict()) == head
     assert head.slots((64, 64)) == 16 and head.slots((40, 56)) == 16 and head.slots((128, 128)) == 64
     for bad, match in [(dict(max_sources=0), "task.max_sources"), (dict(peak_threshold=1.5), "task.peak_threshold"),
-                       (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands")]:
+                       (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands"),
+                       (dict(refine_steps=-1), "task.refine_steps"), (dict(refine_steps=True), "task.refine_steps")]:
         with pytest.raises(InputError, match=match):
             DeblendingHeadConfig(**bad)
 
@@ -137,6 +138,56 @@ def test_flux_correction_scales_the_sources_and_keeps_the_image_flux():
     assert np.allclose(total.numpy(), image, rtol=1e-5, atol=1e-3 * np.abs(sample.values).max())
     var = np.where(good, 1 / np.where(good, sample.ivar, 1), 0)
     assert np.allclose(o.flux_errors[0, :3].double().numpy(), np.sqrt((fr[:3] ** 2 * var[None]).sum((2, 3))) * scale, rtol=1e-4)
+
+
+def test_split_refiner_changes_each_present_sources_logits_in_its_window_only():
+    """SplitRefiner adds its output to each present source's logits in the window around
+    its rounded centre, clipped at the stamp's edges; absent sources and the background
+    keep theirs. With a zero last layer but for a per-band bias c, the change is exactly c
+    there and 0 elsewhere; the fresh refiner (all zero) changes nothing."""
+    from cosmofm.heads.deblending_net import SplitRefiner
+
+    torch.manual_seed(0)
+    n, k, b, h, w = 2, 3, 2, 40, 48
+    refiner = SplitRefiner(b, channels=8, window=16)
+    logits = torch.randn(n, k + 1, b, h, w)
+    present = torch.tensor([[True, True, False], [True, False, False]])
+    logits[:, :k] = logits[:, :k].masked_fill(~present[:, :, None, None, None], float("-inf"))
+    centres = torch.tensor([[[3.4, 45.6], [20.0, 20.0], [float("nan")] * 2], [[38.7, 1.2], [float("nan")] * 2, [float("nan")] * 2]])
+    values, scale = torch.randn(n, b, h, w), torch.ones(n)
+    assert torch.equal(refiner(logits, values, scale, centres, present), logits)
+    with torch.no_grad():
+        refiner.out.bias.copy_(torch.tensor([0.5, -1.0]))
+    got = refiner(logits, values, scale, centres, present)
+    for i in range(n):
+        for j in range(k):
+            window = torch.zeros(h, w)
+            if present[i, j]:
+                r, c = int(round(centres[i, j, 0].item())), int(round(centres[i, j, 1].item()))
+                window[max(r - 8, 0):r + 8, max(c - 8, 0):c + 8] = 1
+            for band, bias in enumerate([0.5, -1.0]):
+                expect = logits[i, j, band] + bias * window
+                assert torch.equal(torch.isinf(got[i, j, band]), torch.isinf(expect))
+                assert torch.allclose(got[i, j, band].nan_to_num(neginf=0), expect.nan_to_num(neginf=0), atol=1e-6)
+    assert torch.equal(got[:, k], logits[:, k])
+
+
+def test_refined_head_starts_as_the_plain_split_and_its_refiner_learns(blends):
+    """refine_steps=1 adds a refiner whose fresh output is the plain split's (same weights
+    otherwise, same fractions); the training loss reaches its weights."""
+    plain, refined = _model(refine_steps=0).eval(), _model(refine_steps=1).eval()
+    assert plain.refiner is None and refined.refiner is not None
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("refiner.") for key in missing)
+    batch = collate_samples(list(blends), plain.config.survey_names)
+    targets = DeblendingTask(plain.head_config).targets(blends)
+    with torch.no_grad():
+        a, r = plain(batch, **targets), refined(batch, **targets)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.fractions, r.fractions))
+    assert torch.allclose(a.loss, r.loss, atol=1e-5)
+    refined.train()
+    refined(batch, **targets).loss.backward()
+    assert refined.refiner.out.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
