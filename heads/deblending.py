@@ -81,8 +81,10 @@ class DeblendingHeadConfig(TaskHeadConfig):
         fraction_weight, flux_weight, offset_weight (`float`, 1.0 / 2.0 / 1.0): loss weights.
         fraction_flux_weight (`float`, 1.0): weight of `deblending_net.fraction_flux_loss`
             (the flux-weighted L1 fraction error; 0 = the cross-entropy alone, as before).
-        refine_steps (`int`, 0): steps of `deblending_net.SplitRefiner` after the first split
-            (0: none; one refiner, its weights shared by the steps).
+        refine_steps (`int`, 1): steps of `deblending_net.SplitRefiner` after the first split
+            (one refiner, its weights shared by the steps; 0: none, the split of heads saved
+            before schema version 2). One step cut the blended flux scatter by a quarter
+            (docs/benchmarks.md, deblending, session 15).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
@@ -105,11 +107,20 @@ class DeblendingHeadConfig(TaskHeadConfig):
     flux_weight: float = 2.0
     offset_weight: float = 1.0
     fraction_flux_weight: float = 1.0
-    refine_steps: int = 0
+    refine_steps: int = 1
     flux_correction: bool = True
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
+    SCHEMA_VERSION: ClassVar[int] = 2  # 2 added refine_steps
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "DeblendingHeadConfig":
+        """As `TaskHeadConfig.from_dict`; a version-1 head (saved before the split refiner)
+        gets refine_steps=0, the split it was trained with."""
+        if isinstance(d, Mapping) and d.get("schema_version", 1) == 1:
+            d = {**d, "refine_steps": 0}
+        return super().from_dict(d)
 
     def __post_init__(self):
         super().__post_init__()

@@ -59,6 +59,9 @@ def test_config_registration_from_card_and_bad_values():
     assert head.fwhm_pixels == pytest.approx(4.5) and head.pixel_scale == pytest.approx(0.2)
     assert task_model_class("deblending") is CosmoFMForDeblending and task_class("deblending") is DeblendingTask
     assert DeblendingHeadConfig.from_dict(head.to_dict()) == head
+    assert head.refine_steps == 1 and head.to_dict()["schema_version"] == 2
+    old = {k: v for k, v in head.to_dict().items() if k != "refine_steps"} | {"schema_version": 1}
+    assert DeblendingHeadConfig.from_dict(old).refine_steps == 0  # a head saved before the refiner keeps its split
     assert head.slots((64, 64)) == 16 and head.slots((40, 56)) == 16 and head.slots((128, 128)) == 64
     for bad, match in [(dict(max_sources=0), "task.max_sources"), (dict(peak_threshold=1.5), "task.peak_threshold"),
                        (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands"),
