@@ -116,10 +116,10 @@ class DeblendingHeadConfig(TaskHeadConfig):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None) -> "DeblendingHeadConfig":
-        """As `TaskHeadConfig.from_dict`; a version-1 head (saved before the split refiner)
-        gets refine_steps=0, the split it was trained with."""
+        """As `TaskHeadConfig.from_dict`; a version-1 head without refine_steps (saved before
+        the split refiner) gets 0, the split it was trained with."""
         if isinstance(d, Mapping) and d.get("schema_version", 1) == 1:
-            d = {**d, "refine_steps": 0}
+            d = {"refine_steps": 0, **d}
         return super().from_dict(d)
 
     def __post_init__(self):

@@ -62,6 +62,7 @@ def test_config_registration_from_card_and_bad_values():
     assert head.refine_steps == 1 and head.to_dict()["schema_version"] == 2
     old = {k: v for k, v in head.to_dict().items() if k != "refine_steps"} | {"schema_version": 1}
     assert DeblendingHeadConfig.from_dict(old).refine_steps == 0  # a head saved before the refiner keeps its split
+    assert DeblendingHeadConfig.from_dict(old | {"refine_steps": 2}).refine_steps == 2  # a stated value is kept
     assert head.slots((64, 64)) == 16 and head.slots((40, 56)) == 16 and head.slots((128, 128)) == 64
     for bad, match in [(dict(max_sources=0), "task.max_sources"), (dict(peak_threshold=1.5), "task.peak_threshold"),
                        (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands"),
