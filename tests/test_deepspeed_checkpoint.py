@@ -186,17 +186,37 @@ def test_bf16_under_zero3_follows_bf16_ddp(zero_runs):
 @pytest.mark.slow
 def test_an_async_save_writes_the_synchronous_checkpoint(zero_runs):
     """With the backend's async_checkpoint each process's partition is copied at the save and
-    written by a thread while training goes on; the files equal the synchronous run's bit for bit
-    (and its resume continues exactly: test_a_resumed_zero_run_continues_exactly[zero2async])."""
+    written by a thread while training goes on. The first save equals the synchronous run's bit
+    for bit (the runs are the same up to there); so does its resume
+    (test_a_resumed_zero_run_continues_exactly[zero2async]). After it the two runs' weights may
+    part by float round-off while the writer thread works (seen under load: 1e-9 at step 4, same
+    losses), so the last save is checked against its own run's final weights bit for bit and
+    against the synchronous run's partitions to round-off; a partition left at step 2 would
+    differ from them by far more."""
     out, _ = zero_runs
-    for step in (SAVE_AT, STEPS):
-        sync, both = (out / run / "checkpoints" / f"step_{step:08d}" for run in ("zero2", "zero2async"))
+    checkpoint = lambda run, step: out / run / "checkpoints" / f"step_{step:08d}"  # noqa: E731
+    for step, same in ((SAVE_AT, torch.equal), (STEPS, _equal_to_round_off)):
         for rank in (0, 1):
-            a, b = (load_file(d / "optimizer" / f"{partition_name(rank, 2)}.safetensors") for d in (sync, both))
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (step, rank)
-        a, b = (load_file(d / "model.safetensors") for d in (sync, both))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), step
+            a, b = (load_file(checkpoint(run, step) / "optimizer" / f"{partition_name(rank, 2)}.safetensors") for run in ("zero2", "zero2async"))
+            assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a), (step, rank)
+    a, b = (load_file(checkpoint(run, SAVE_AT) / "model.safetensors") for run in ("zero2", "zero2async"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    final = load_file(out / "zero2async" / "model" / "model.safetensors")  # the backbone, without the "cosmofm." prefix
+    last = load_file(checkpoint("zero2async", STEPS) / "model.safetensors")
+    backbone = {k.removeprefix("cosmofm."): v for k, v in last.items() if k.startswith("cosmofm.")}
+    assert backbone.keys() == final.keys() and all(torch.equal(backbone[k], final[k]) for k in final)
+    for rank in (0, 1):  # the last save moved on from the first
+        a, b = (load_file(checkpoint("zero2async", step) / "optimizer" / f"{partition_name(rank, 2)}.safetensors") for step in (SAVE_AT, STEPS))
+        assert not all(_equal_to_round_off(a[k], b[k]) for k in a), rank
     _no_pickles(out / "zero2async")
+
+
+def _equal_to_round_off(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to 1e-6 of the tensor's largest value (round-off of a few float32 steps; a
+    weight near zero can differ in sign); integers exactly."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return a.shape == b.shape and bool((a - b).abs().max() <= 1e-6 * b.abs().max())
 
 
 @pytest.mark.slow
