@@ -151,7 +151,10 @@ def catalogue_template(bands: list[str], units: list[str]) -> Table:
     return t
 
 
-def deblend_image(path, output, model=None, method: str | None = None, tile: int | tuple = 512, overlap: int | tuple = 64,
+CLASSICAL_TILE, MODEL_TILE = (512, 64), (128, 32)  # default (tile, overlap) [pixels]; see deblend_image
+
+
+def deblend_image(path, output, model=None, method: str | None = None, tile: int | tuple | None = None, overlap: int | tuple | None = None,
                   workers: int | None = None, write_stamps: bool = False, progress: bool = True, overwrite: bool = False,
                   bands=None, fwhm_pixels: float | None = None, contrast: float | None = None, thresh: float | None = None,
                   bf16: bool = False) -> dict:
@@ -162,6 +165,9 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         classical `method` ("sep", default, or "photutils"); both together are refused.
     tile, overlap: pixels (one number, or (rows, cols)); overlap / 2 should exceed the
         largest source's radius, apertures included (64 px = 12.8 arcsec at 0.2"/px).
+        Default 512 / 64 for sep and photutils, 128 / 32 for a model, whose flux split holds
+        (sources + 1) x bands x tile pixels several times (4k x 4k x 6 bands in 128 px tiles:
+        851 MB peak, docs/benchmarks.md "Tiled inference").
     workers: processes (None: one per core). write_stamps: one isolated cut-out per source.
     bands: the bands to use (default all). fwhm_pixels: the PSF FWHM for the classical
     apertures (default the mosaic's PSFFWHM, else 4.5). contrast: sep deblend_cont /
@@ -193,6 +199,9 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         processes = device.type == "cpu"
     else:
         finder, processes = ClassicalDeblender(method, fwhm_pixels, contrast, thresh), True
+    default_tile, default_overlap = MODEL_TILE if method == "model" else CLASSICAL_TILE
+    tile = default_tile if tile is None else tile
+    overlap = default_overlap if overlap is None else overlap
     mosaic = open_mosaic(path, bands)
     plan = TilePlan(mosaic.shape, tile, overlap)
     names = [b.name for b in mosaic.bands]
@@ -273,4 +282,4 @@ class _Finish:
         return out
 
 
-__all__ = ["ClassicalDeblender", "DEFAULT_FWHM_PIXELS", "FLAG_BITS", "band_names", "catalogue_template", "deblend_image", "model_finder"]
+__all__ = ["CLASSICAL_TILE", "ClassicalDeblender", "DEFAULT_FWHM_PIXELS", "MODEL_TILE", "FLAG_BITS", "band_names", "catalogue_template", "deblend_image", "model_finder"]

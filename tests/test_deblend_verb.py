@@ -44,7 +44,7 @@ def field(tmp_path_factory):
 
 def test_two_tilings_give_the_same_catalogue(field, tmp_path):
     path, _ = field
-    s1, one = _deblend(path, tmp_path / "one.fits", tile=512, overlap=64)  # one tile: the whole image
+    s1, one = _deblend(path, tmp_path / "one.fits")  # sep's default 512 px tiles: one tile, the whole image
     s2, many = _deblend(path, tmp_path / "many.fits", tile=100, overlap=40)  # 4 x 4 tiles, core edges at 50, 100, 150
     s3, more = _deblend(path, tmp_path / "more.fits", tile=64, overlap=30)  # 6 x 6 tiles, core edges at 33, 67, 100, 133, 167
     assert (s1["n_tiles"], s2["n_tiles"], s3["n_tiles"]) == (1, 16, 36)
@@ -241,9 +241,9 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
     model = CosmoFMForDeblending.from_backbone_config(tiny_config, DeblendingHeadConfig(n_bands=2, bands=["g", "r"], band_wavelengths=[4800.0, 6300.0], card="lsst-like"))  # untrained
     from cosmofm.data_cards.io.catalogue import read_catalogue
 
-    summary, _ = _deblend(path, tmp_path / "m.parquet", model=model, tile=128, overlap=32)
+    summary, _ = _deblend(path, tmp_path / "m.parquet", model=model)
     cat = read_catalogue(tmp_path / "m.parquet")  # units from the Parquet field metadata
-    assert summary["method"] == "model" and summary["n_tiles"] == 4
+    assert summary["method"] == "model" and summary["n_tiles"] == 4  # a model's default tiles: 128 px, overlap 32 (sep's: 1)
     assert cat.colnames[:10] == ["ID", "RA", "DEC", "X", "Y", "FLUX_g", "FLUXERR_g", "FLUX_r", "FLUXERR_r", "FLAGS"]  # a Parquet catalogue too
     assert str(cat["FLUX_g"].unit) == "nJy" and len(cat) == summary["n_sources"]
     # --write-stamps from the model's segmentation: one isolated cut-out per source with a segment
