@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from cosmofm.bench import write_report
-from cosmofm.data_cards import InputError
 from cosmofm.bench.detect_speed import machine, run_measured
+from cosmofm.data_cards import InputError
 
 BANDS = ("g", "r", "i", "z")
 CARD = "lsst-like"  # the band wavelengths written to the mosaic's headers
