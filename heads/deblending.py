@@ -246,7 +246,8 @@ class CosmoFMForDeblending(CosmoFMForTask):
             feats = torch.nn.functional.interpolate(feats, size=(-(-hh // 8), -(-ww // 8)), mode="bilinear", align_corners=False)
         # under a bfloat16 autocast (`deblend_samples(bf16=True)`) only the backbone and the decoder's
         # hidden convolutions run in bf16: its outputs, the fractions and the flux sums stay float32
-        dense = self.decoder(feats, net.normalised_pixels(values, ivar, tg.scale.float()), (hh, ww))
+        pixels = net.normalised_pixels(values, ivar, tg.scale.float())  # padded to a multiple of 8
+        dense = self.decoder(feats, pixels, (hh, ww))
         slots = h.slots((hh, ww))
         if centres is not None:
             use = centres.float()
@@ -264,7 +265,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         with torch.autocast(values.device.type, enabled=False):
             logits = net.split_logits(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
             for _ in range(h.refine_steps):
-                logits = self.refiner(logits, values * (ivar > 0), tg.scale.float(), use, present)
+                logits = self.refiner(logits, pixels[:, :b, :hh, :ww], use, present)  # the decoder's asinh(values / scale)
             fr = logits.softmax(dim=1)
         flux, err = net.source_fluxes(fr, values, ivar)
         # the sources' fluxes corrected for the outskirts their fractions miss; the background keeps the rest

@@ -191,10 +191,10 @@ class SplitRefiner(nn.Module):
             self.out.weight.zero_()
             self.out.bias.zero_()
 
-    def forward(self, logits: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, centres: torch.Tensor,
-                present: torch.Tensor) -> torch.Tensor:
-        """logits (n, K + 1, B, H, W) -> refined logits of the same shape; values (n, B, H, W)
-        (masked pixels 0), scale (n,) the tokenizer's, centres (n, K, 2), present (n, K)."""
+    def forward(self, logits: torch.Tensor, image: torch.Tensor, centres: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """logits (n, K + 1, B, H, W) -> refined logits of the same shape; image (n, B, H, W) the
+        normalised pixels (`normalised_pixels`' first B channels: asinh(values / scale), masked
+        pixels 0), centres (n, K, 2), present (n, K)."""
         n, k1, b, h, w = logits.shape
         k, win, half = k1 - 1, self.window, self.window // 2
         if k == 0 or not present.any():
@@ -212,7 +212,7 @@ class SplitRefiner(nn.Module):
             return x.flatten(-2).gather(-1, idx.unsqueeze(1).expand(-1, x.shape[1], -1)) * inside
 
         fr = logits.softmax(dim=1)
-        image = crop(torch.asinh(values / scale.view(-1, 1, 1, 1))[sel[0]])
+        image = crop(image[sel[0]])
         own = crop(fr[sel])
         rest = crop(fr[:, :k].sum(1)[sel[0]]) - own  # the other sources' fractions (the background's excluded)
         offsets = torch.stack([((rows - c[:, 0:1]) / half)[:, :, None].expand(-1, -1, win),

@@ -158,11 +158,11 @@ def test_split_refiner_changes_each_present_sources_logits_in_its_window_only():
     present = torch.tensor([[True, True, False], [True, False, False]])
     logits[:, :k] = logits[:, :k].masked_fill(~present[:, :, None, None, None], float("-inf"))
     centres = torch.tensor([[[3.4, 45.6], [20.0, 20.0], [float("nan")] * 2], [[38.7, 1.2], [float("nan")] * 2, [float("nan")] * 2]])
-    values, scale = torch.randn(n, b, h, w), torch.ones(n)
-    assert torch.equal(refiner(logits, values, scale, centres, present), logits)
+    image = torch.randn(n, b, h, w)
+    assert torch.equal(refiner(logits, image, centres, present), logits)
     with torch.no_grad():
         refiner.out.bias.copy_(torch.tensor([0.5, -1.0]))
-    got = refiner(logits, values, scale, centres, present)
+    got = refiner(logits, image, centres, present)
     for i in range(n):
         for j in range(k):
             window = torch.zeros(h, w)
