@@ -7,18 +7,14 @@ import torch
 from cosmofm.bench import deblend_memory
 from cosmofm.data_cards import InputError
 from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig
-from cosmofm.pretrain import CosmoFMConfig
 from cosmofm.pretrain.checkpoint import write_manifest
 
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_patch_size=8, coord_frequencies=6,
-            projection_dim=16, survey_names=["lsst-like"])
 
-
-def test_a_model_deblends_the_mosaic_in_its_own_bands(tmp_path):
+def test_a_model_deblends_the_mosaic_in_its_own_bands(tiny_config, tmp_path):
     torch.manual_seed(0)
     head = DeblendingHeadConfig(n_bands=2, bands=["g", "r"], band_wavelengths=[4800.0, 6300.0], card="lsst-like",
                                 hidden_size=16, peak_threshold=1e-3)  # untrained: every heatmap pixel is 0.01
-    model = CosmoFMForDeblending.from_backbone_config(CosmoFMConfig(**TINY), head)
+    model = CosmoFMForDeblending.from_backbone_config(tiny_config, head)
     model.save_pretrained(tmp_path / "model")
     write_manifest(tmp_path / "model")
     report = deblend_memory.main(["--size", "256", "--density", "0.5", "--tile", "128", "--overlap", "32", "--workers", "1",
