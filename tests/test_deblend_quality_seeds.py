@@ -3,6 +3,7 @@ order) and its mean +- std over seeds (`summarise_seeds`, through `seed_summary`
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +98,20 @@ def test_error_sources_head_row_is_the_benchs_own_score_of_the_same_fluxes():
     assert found["head"]["blended"]["bias"] == pytest.approx(blended["bias"], rel=1e-4, abs=1e-6)
     for name in ("background only", "sources only"):  # the hybrids mend one error each, so they differ from the head
         assert found[name]["blended"]["mape"] != pytest.approx(found["head"]["blended"]["mape"], rel=1e-3)
+
+
+def test_a_saved_head_is_scored_again_without_training(tmp_path):
+    """`--save-model` then `--model`: the second run loads the head instead of training one and
+    scores the same test blends to the same figures."""
+    from cosmofm.bench.deblend_quality import main
+
+    common = ["--n-train", "6", "--n-test", "2", "--seeds", "0", "--batch-size", "2", "--workers", "1", "--baselines", "sep",
+              "--n-tune", "2"]
+    first = main(common + ["--out", str(tmp_path / "a"), "--steps", "2", "--save-model", str(tmp_path / "model")])
+    again = main(common + ["--out", str(tmp_path / "b"), "--model", str(tmp_path / "model")])
+    assert again["training"] == {"loaded": str(tmp_path / "model")} and first["training"]["steps"] == 2
+    assert again["headline"]["head"]["f1"] == first["headline"]["head"]["f1"]
+    known, known_again = first["headline"]["head_known_positions"], again["headline"]["head_known_positions"]
+    for key in ("blended_mape", "blended_nmad", "isolated_mape"):  # true centres: fluxes whatever the detections
+        assert np.isfinite(known[key]) and known_again[key] == pytest.approx(known[key])
+    assert known_again["blended_mape_by_kind"] == pytest.approx(known["blended_mape_by_kind"]) and known["blended_mape_by_kind"]

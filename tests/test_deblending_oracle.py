@@ -109,6 +109,8 @@ def test_oracle_on_mock_blends_is_near_the_truth_and_scored_like_the_head():
         assert res["flux_all"][bands[ref]]["mape"] < 4.0
         assert len(res["flux_isolated_vs_mag"]) == len(MAG_EDGES) - 1
         assert sum(b["n"] for b in res["flux_blended_vs_mag"]) == res["flux_blended"][bands[ref]]["n"]
+        kinds = res["flux_blended_by_kind"]  # galaxies and stars apart, the same blended sources
+        assert set(kinds) <= {"galaxy", "point"} and sum(v["n"] for v in kinds.values()) == res["flux_blended"][bands[ref]]["n"]
     # on a noiseless stamp the true-fractions oracle returns exactly the in-stamp fluxes less the eps share
     s, t = blends[0]
     clean = dataclasses.replace(s, values=t.isolated.sum(0).astype(np.float32))

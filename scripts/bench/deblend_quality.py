@@ -16,7 +16,8 @@ Held-out lsst-like 64 x 64 blends of 2-6 objects (`mock_blend`, universes `--see
 Reported per method (and per flux estimator of the baselines): detection precision /
 recall / F1 overall and vs separation, the per-band flux bias / NMAD / MAPE of *blended*
 sources (a true neighbour closer than 2 PSF FWHM), of *isolated* ones (none closer) and of
-all matched ones, colour bias,
+all matched ones, the blended sources' reference-band figures for galaxies and stars apart
+(`flux_blended_by_kind`, the mocks' "galaxy" / "point"), colour bias,
 and stamps per second, all measured in this process on the same stamps (torch threads
 `--threads`; the load average is recorded: the machine is shared). The head is also
 scored in known-positions mode (true centres given), which isolates its flux split from
@@ -39,7 +40,8 @@ skips training and scoring the head (and the figure) for a baselines-only run, e
     python -m cosmofm.bench.deblend_quality --out OUT --no-head --n-train 60 --n-test 50 --seeds 0 1 2 \
         --baselines sep photutils scarlet2
 
-`--train-seed` sets the head's initialisation and batch order (the blends stay the same);
+`--model DIR` scores a head saved by `--save-model` instead of training one (its peak
+threshold tuned again as above). `--train-seed` sets the head's initialisation and batch order (the blends stay the same);
 `--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
 seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`.
 """
@@ -203,8 +205,13 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     from cosmofm.heads.deblending import deblend_samples
 
     samples = [s for s, _ in test]
-    model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
-                                             budget_s=args.train_budget_s, **head_settings(args))
+    if args.model:
+        from cosmofm.finetune.task_predict import load_task_model
+
+        model, report["training"] = load_task_model(args.model, "deblending").eval(), {"loaded": str(args.model)}
+    else:
+        model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
+                                                 budget_s=args.train_budget_s, **head_settings(args))
     model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
     report["head_peak_threshold"] = model.head_config.peak_threshold
     head_cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32), samples)
@@ -328,7 +335,10 @@ def summarise(cats, blends, fwhm: float, method: str, bands: Sequence[str], ref:
     isolated = {b: dm.flux_stats((f_pred[lone, k] - f_true[lone, k]) / f_true[lone, k]) for k, b in enumerate(bands)}
     mag = dm.ab_magnitude(f_true[:, ref])
     rel_ref = (f_pred[:, ref] - f_true[:, ref]) / np.where(f_true[:, ref] > 0, f_true[:, ref], np.nan)
-    return {"flux_isolated": isolated, "flux_isolated_vs_mag": dm.binned_flux_stats(rel_ref[lone], mag[lone], MAG_EDGES), "detection": met["detection"], "detection_vs_separation": met["detection_vs_separation"],
+    kind = np.concatenate([[o.get("kind", "?") for o in s.meta["truth"]["objects"]] for s, _ in blends])
+    blended = (sep < dm.BLENDED_FWHM) & np.all(f_true > 0, axis=1) & np.isfinite(rel_ref)  # as deblending_metrics' blended
+    by_kind = {k: dm.flux_stats(rel_ref[blended & (kind == k)]) for k in sorted(set(kind))}
+    return {"flux_blended_by_kind": by_kind, "flux_isolated": isolated, "flux_isolated_vs_mag": dm.binned_flux_stats(rel_ref[lone], mag[lone], MAG_EDGES), "detection": met["detection"], "detection_vs_separation": met["detection_vs_separation"],
             "flux_blended": met["flux_blended"], "flux_all": met["flux_all"], "flux_vs_separation": met["flux_vs_separation"],
             "flux_blended_vs_mag": met["flux_blended_vs_mag"], "colour_blended": met["colour_blended"],
             "segmentation_iou_matched_mean": float(ious.mean()) if ious.size else float("nan"),
@@ -424,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--head-setting", nargs="+", default=[], metavar="KEY=VALUE",
                     help="DeblendingHeadConfig fields for the head (e.g. embed_size=16); values read as JSON, else text")
     ap.add_argument("--save-model", default=None, metavar="DIR", help="save the trained head there as a release (save_release), for reuse")
+    ap.add_argument("--model", default=None, metavar="DIR", help="score this saved head (--save-model) instead of training one")
     ap.add_argument("--n-tune", type=int, default=60, help="training blends the thresholds / contrasts are tuned on")
     ap.add_argument("--backbone", default=None, help="a pretrained backbone release (default: fresh, demo shape)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 shared cores contend with 2)")
@@ -566,6 +577,8 @@ def headline(report: dict, band: str) -> dict:
                 "blended_bias_vs_mag": {f"{b['lo']:g}-{b['hi']:g}": b["bias"] for b in r["flux_blended_vs_mag"]},
                 "isolated_mape_vs_mag": {f"{b['lo']:g}-{b['hi']:g}": b["mape"] for b in r["flux_isolated_vs_mag"]},
                 "mape_vs_separation": {f"{b['lo']:g}-{b['hi']:g}": b["mape"] for b in r["flux_vs_separation"]},
+                "blended_mape_by_kind": {k: v["mape"] for k, v in r.get("flux_blended_by_kind", {}).items()},
+                "blended_bias_by_kind": {k: v["bias"] for k, v in r.get("flux_blended_by_kind", {}).items()},
                 "iou": r["segmentation_iou_matched_mean"], "stamps_per_s": res["stamps_per_s"]}
     return rows
 
