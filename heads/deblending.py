@@ -85,6 +85,12 @@ class DeblendingHeadConfig(TaskHeadConfig):
             (one refiner, its weights shared by the steps; 0: none, the split of heads saved
             before schema version 2). One step cut the blended flux scatter by a quarter
             (docs/benchmarks.md, deblending, session 15).
+        refine_window (`int`, 32): side [pixels] of the window around each source that
+            the refiner corrects (7 FWHM of the lsst-like card's 4.5 px; its corrections stop
+            at the window's edge, so a card with larger galaxies in pixels wants a larger one).
+        elliptical (`bool`, False): the split's distance prior in each source's own
+            elliptical frame (`deblending_net.shape_metric`, read at its centre) instead of
+            a round one.
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
@@ -108,6 +114,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
     offset_weight: float = 1.0
     fraction_flux_weight: float = 1.0
     refine_steps: int = 1
+    refine_window: int = 32
+    elliptical: bool = False
     flux_correction: bool = True
     card: str = ""
 
@@ -124,7 +132,7 @@ class DeblendingHeadConfig(TaskHeadConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_counts("hidden_size", "embed_size", "max_sources")
+        self.check_counts("hidden_size", "embed_size", "max_sources", "refine_window")
         if isinstance(self.n_bands, bool) or not isinstance(self.n_bands, int) or self.n_bands < 0:
             raise InputError("task.n_bands", f"is {self.n_bands!r}", "the stamps' band count (from_card sets it)")
         for name in ("pixel_scale", "fwhm_pixels", "heatmap_sigma", "min_size", "background_level"):
@@ -132,6 +140,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
                 raise InputError(f"task.{name}", f"must be > 0, got {getattr(self, name)!r}", "e.g. the default")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError("task.refine_steps", f"is {self.refine_steps!r}, not a whole number >= 0", "0 (no refinement) or e.g. 1")
+        for name in ("elliptical", "flux_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"task.{name}", f"is {getattr(self, name)!r}, not true / false", "true or false")
         if not 0 < self.peak_threshold < 1:
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
@@ -216,8 +227,8 @@ class CosmoFMForDeblending(CosmoFMForTask):
         if not h.n_bands:
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
-        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
-        self.refiner = net.SplitRefiner(h.n_bands) if h.refine_steps else None
+        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size, elliptical=h.elliptical)
+        self.refiner = net.SplitRefiner(h.n_bands, window=h.refine_window) if h.refine_steps else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,

@@ -194,6 +194,57 @@ def test_refined_head_starts_as_the_plain_split_and_its_refiner_learns(blends):
     assert refined.refiner.out.weight.grad.abs().sum() > 0
 
 
+def test_shape_metric_is_a_unit_determinant_ellipse_and_round_at_zero():
+    """shape_metric: raw (0, 0) -> the identity; any raw -> symmetric, det 1, eigenvalues
+    exp(+-s) with s bounded by max_log; (a, 0) stretches rows by exp(a) and columns by exp(-a)."""
+    from cosmofm.heads.deblending_net import SHAPE_MAX_LOG, shape_metric
+
+    assert torch.allclose(shape_metric(torch.zeros(3, 2)), torch.eye(2).expand(3, 2, 2), atol=1e-6)
+    raw = torch.tensor([[0.3, 0.0], [0.0, -0.7], [2.0, 5.0], [-40.0, 1.0]])
+    m = shape_metric(raw)
+    assert torch.allclose(m, m.transpose(-1, -2)) and torch.allclose(torch.linalg.det(m), torch.ones(4), atol=1e-4)
+    ev = torch.linalg.eigvalsh(m)
+    s = SHAPE_MAX_LOG * torch.tanh(raw.norm(dim=-1) / SHAPE_MAX_LOG)
+    assert torch.allclose(ev[:, 1].log(), s, atol=1e-4) and torch.allclose(ev[:, 0].log(), -s, atol=1e-4)
+    assert (ev.log().abs() <= SHAPE_MAX_LOG + 1e-4).all() and s[3] > 0.99 * SHAPE_MAX_LOG  # a huge raw shape saturates at the bound
+    assert torch.allclose(m[0], torch.diag(torch.stack([s[0], -s[0]]).exp()), atol=1e-5)  # rows stretched, columns shrunk
+
+
+def test_elliptical_prior_starts_round_then_stretches_the_split_along_its_axis(blends):
+    """elliptical=True adds a zero-initialised shape field: the fresh head's fractions equal the
+    round head's given the same other weights; a shape read as (a, 0), a > 0, makes a source's
+    logits fall faster along rows than along columns; the loss reaches the shape field."""
+    from cosmofm.heads import deblending_net as net
+
+    round_, ellip = _model(refine_steps=0).eval(), _model(refine_steps=0, elliptical=True).eval()
+    assert round_.decoder.ellipse is None and ellip.decoder.ellipse is not None
+    missing = ellip.load_state_dict(round_.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["decoder.ellipse.bias", "decoder.ellipse.weight"]
+    batch = collate_samples(list(blends), round_.config.survey_names)
+    targets = DeblendingTask(round_.head_config).targets(blends)
+    with torch.no_grad():
+        a, e = round_(batch, **targets), ellip(batch, **targets)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.fractions, e.fractions))
+    n, h, w = 1, 33, 33
+    dense = net.DenseOutputs(heat=torch.zeros(n, h, w), offset=torch.zeros(n, 2, h, w), background=torch.zeros(n, 1, h, w),
+                             pixel_embedding=torch.zeros(n, 1, 2, h, w), source_embedding=torch.zeros(n, 2, h, w),
+                             amplitude=torch.zeros(n, 1, h, w), size=torch.zeros(n, h, w), ellipse=torch.zeros(n, 2, h, w))
+    dense.ellipse[:, 0] = 0.5
+    logits = net.split_logits(dense, torch.tensor([[[16.0, 16.0]]]), torch.tensor([[True]]), 1.0)[0, 0, 0]
+    assert logits[16 + 8, 16] < logits[16, 16 + 8] - 1.0  # exp(0.25) vs exp(-0.25) times the round distance
+    ellip.train()
+    ellip(batch, **targets).loss.backward()
+    assert ellip.decoder.ellipse.weight.grad.abs().sum() > 0
+
+
+def test_refine_window_sets_the_refiners_crop():
+    assert _model(refine_window=48).refiner.window == 48 and _model().refiner.window == 32
+    with pytest.raises(InputError, match="refine_window"):
+        _model(refine_window=0)
+    with pytest.raises(InputError, match="elliptical"):
+        _model(elliptical="yes")
+
+
 @pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
 def test_any_stamp_size_and_flux_conservation(shape):
     card = dataclasses.replace(CARD, stamp_size=max(shape))  # then cropped to (H, W)
