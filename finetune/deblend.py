@@ -157,7 +157,7 @@ CLASSICAL_TILE, MODEL_TILE = (512, 64), (128, 32)  # default (tile, overlap) [pi
 def deblend_image(path, output, model=None, method: str | None = None, tile: int | tuple | None = None, overlap: int | tuple | None = None,
                   workers: int | None = None, write_stamps: bool = False, progress: bool = True, overwrite: bool = False,
                   bands=None, fwhm_pixels: float | None = None, contrast: float | None = None, thresh: float | None = None,
-                  bf16: bool = False) -> dict:
+                  bf16: bool | None = None) -> dict:
     """Detect and deblend the sources of a multi-band FITS mosaic; write their catalogue.
 
     path: the mosaic (format: `data_cards.readers.mosaic`). output: .fits or .parquet.
@@ -173,7 +173,10 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     apertures (default the mosaic's PSFFWHM, else 4.5). contrast: sep deblend_cont /
     photutils contrast (default the baseline's tuned value). thresh: detection threshold
     in sigma of the detection image (default the baseline's 1.5, tuned on stamps).
-    bf16: a model's backbone and decoder under bfloat16 autocast (`deblend_samples`).
+    bf16: a model's backbone and decoder under bfloat16 autocast (`deblend_samples`; fluxes
+        within ~0.1 % of float32's, ~1.6x faster per core, docs/benchmarks.md); None (default):
+        on where the model's device computes bfloat16 natively (`native_bf16_on`: CUDA, or a
+        CPU with AVX512-BF16 / AMX), off elsewhere and for sep / photutils.
 
     Returns the tiler's summary plus "method", "bands" and "flags" (the mosaic's problems).
     Launched (accelerate launch / torchrun) the tiles are shared by the processes and rank 0
@@ -195,6 +198,12 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         raise InputError("bf16", f"runs a model's network in bfloat16, but the deblender is {method}", "give --model, or drop --bf16")
     ranks = launched_ranks()  # None: one process; launched: the rank's device (cuda:LOCAL_RANK, or cpu) runs the model
     if method == "model":
+        if bf16 is None:
+            import torch
+
+            from cosmofm.heads.redshift_net_cpu import native_bf16_on
+
+            bf16 = native_bf16_on(torch.device("cpu") if ranks is None else ranks.device)
         finder, device = model_finder(model, "deblending", None if ranks is None else ranks.device, bf16=bf16)
         processes = device.type == "cpu"
     else:
@@ -208,7 +217,7 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     psf = fwhm_pixels if fwhm_pixels is not None else (mosaic.psf_fwhm / mosaic.pixscale if mosaic.psf_fwhm and mosaic.pixscale else DEFAULT_FWHM_PIXELS)
     always = (FLAG_BITS["no_wcs"] if mosaic.wcs is None else 0) | (FLAG_BITS["ivar_estimated"] if any(b.ivar_hdu is None for b in mosaic.bands) else 0)
     finish = _Finish(mosaic, names, psf, always, write_stamps)
-    keywords = {"METHOD": (method, "deblender"), **({"BF16": (True, "network under bfloat16 autocast")} if bf16 else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
+    keywords = {"METHOD": (method, "deblender"), **({"BF16": (bool(bf16), "network under bfloat16 autocast")} if method == "model" else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
                 "NOWCS": (mosaic.wcs is None, "no celestial WCS: RA/DEC NaN"), "INPUT": Path(path).name[:68]}
     for code in mosaic.flags:
         keywords[INPUT_FLAG_KEYWORDS[code]] = (True, FLAG_CODES[code][:47])

@@ -470,7 +470,7 @@ def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf
     else None (the blocks overlap as the tiles do). A recorded bf16 applies only where the model's device computes
     bfloat16 natively (CUDA, or a CPU with AVX512-BF16 / AMX): elsewhere autocast emulates it
     at several times float32's cost, for a catalogue that float32 gives within a tolerance."""
-    from cosmofm.heads.redshift_net_cpu import native_bf16
+    from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
     recorded = getattr(model.head_config, "inference", {}) or {}
     block_overlap = None
@@ -479,8 +479,7 @@ def model_inference(model, head_block=MODEL_DEFAULT, prefilter=MODEL_DEFAULT, bf
     if prefilter is MODEL_DEFAULT:
         prefilter = recorded.get("prefilter")
     if bf16 is MODEL_DEFAULT:
-        device = next(model.parameters()).device
-        bf16 = bool(recorded.get("bf16", False)) and (device.type == "cuda" or device.type == "cpu" and native_bf16())
+        bf16 = bool(recorded.get("bf16", False)) and native_bf16_on(next(model.parameters()).device)
     return (None if head_block is None else tuple(head_block)), (None if block_overlap is None else tuple(block_overlap)), prefilter, bool(bf16)
 
 

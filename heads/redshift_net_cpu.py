@@ -59,6 +59,13 @@ def native_bf16() -> bool:
         return False
 
 
+def native_bf16_on(device) -> bool:
+    """Whether `device` (a torch.device) computes bfloat16 natively: CUDA, or a CPU with
+    AVX512-BF16 / AMX (`native_bf16`). Elsewhere autocast emulates bfloat16 at several times
+    float32's cost, so the verbs' bf16 defaults follow this."""
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16())
+
+
 def lower_nanmedian(v: torch.Tensor) -> torch.Tensor:
     """`redshift_net.row_nanmedian` by numpy's partition (NaN sorts last): (N, 1) lower median
     of each row's non-NaN values of a CPU float tensor (N, B), NaN for a row without any. One

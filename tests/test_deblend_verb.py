@@ -252,7 +252,7 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
     model.head_config.peak_threshold = 1e-3
     with torch.no_grad():
         model.decoder.out.bias[3:5] = -30.0  # the two bands' background logits
-    _, fits_cat = _deblend(path, tmp_path / "m.fits", model=model, tile=128, overlap=32, write_stamps=True)
+    _, fits_cat = _deblend(path, tmp_path / "m.fits", model=model, tile=128, overlap=32, write_stamps=True, bf16=False)
     with fits.open(tmp_path / "m.fits") as hdul:
         stamps = [h for h in hdul[2:]]
         assert len(fits_cat) > 0 and len(stamps) == len(fits_cat)
@@ -260,5 +260,10 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
     # bf16: the network under bfloat16 autocast in the tiler's workers, recorded in the header (its
     # numbers: test_deblending_head.py; here the untrained heatmap's noise-level peaks move with rounding)
     _deblend(path, tmp_path / "m16.fits", model=model, tile=128, overlap=32, bf16=True)
-    assert fits.getheader(tmp_path / "m16.fits", 0)["BF16"] is True and "BF16" not in fits.getheader(tmp_path / "m.fits", 0)
+    assert fits.getheader(tmp_path / "m16.fits", 0)["BF16"] is True and fits.getheader(tmp_path / "m.fits", 0)["BF16"] is False
     assert not np.array_equal(Table.read(tmp_path / "m16.fits")["X"], fits_cat["X"])  # the autocast reached the workers
+    # the default: bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX), float32 elsewhere
+    from cosmofm.heads.redshift_net_cpu import native_bf16
+
+    _deblend(path, tmp_path / "mdef.fits", model=model, tile=128, overlap=32)
+    assert fits.getheader(tmp_path / "mdef.fits", 0)["BF16"] is native_bf16()
