@@ -111,6 +111,9 @@ def test_a_saved_head_is_scored_again_without_training(tmp_path):
     again = main(common + ["--out", str(tmp_path / "b"), "--model", str(tmp_path / "model")])
     assert again["training"] == {"loaded": str(tmp_path / "model")} and first["training"]["steps"] == 2
     assert again["headline"]["head"]["f1"] == first["headline"]["head"]["f1"]
+    from cosmofm.heads.redshift_net_cpu import native_bf16_on
+
+    assert ("head_bf16" in again["headline"]) is native_bf16_on(torch.device("cpu"))  # the verb's default here, timed too
     known, known_again = first["headline"]["head_known_positions"], again["headline"]["head_known_positions"]
     for key in ("blended_mape", "blended_nmad", "isolated_mape"):  # true centres: fluxes whatever the detections
         assert np.isfinite(known[key]) and known_again[key] == pytest.approx(known[key])

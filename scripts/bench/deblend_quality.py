@@ -19,7 +19,9 @@ sources (a true neighbour closer than 2 PSF FWHM), of *isolated* ones (none clos
 all matched ones, the blended sources' reference-band figures for galaxies and stars apart
 (`flux_blended_by_kind`, the mocks' "galaxy" / "point"), colour bias,
 and stamps per second, all measured in this process on the same stamps (torch threads
-`--threads`; the load average is recorded: the machine is shared). The head is also
+`--threads`; the load average is recorded: the machine is shared). On a CPU that computes
+bfloat16 natively the head runs again under bf16 autocast ("head_bf16", the default of
+`cosmofm deblend --model` there), for its speed beside float32's. The head is also
 scored in known-positions mode (true centres given), which isolates its flux split from
 its detection, and so again without its outskirts correction (`flux_correction=False`).
 The noise-floor oracle splits the same stamps by the *true* fractions
@@ -203,6 +205,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     in detection mode, with true centres and with true centres without its outskirts
     correction; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
     from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
     samples = [s for s, _ in test]
     if args.model:
@@ -218,6 +221,11 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     res = summarise(head_cats, test, fwhm, "head", bands, ref)
     results["_points"]["head"] = res.pop("_points")
     results["head"] = {"stamps_per_s": rate, **res}
+    if native_bf16_on(torch.device("cpu")):  # what `cosmofm deblend` runs here by default
+        cats16, rate16 = _rate(lambda xs: deblend_samples(model, xs, batch_size=32, bf16=True), samples)
+        res = summarise(cats16, test, fwhm, "head", bands, ref)
+        res.pop("_points")
+        results["head_bf16"] = {"stamps_per_s": rate16, **res}
     known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
     res = summarise(known, test, fwhm, "head", bands, ref)
     results["_points"]["head (true centres)"] = res.pop("_points")
