@@ -194,55 +194,37 @@ def test_refined_head_starts_as_the_plain_split_and_its_refiner_learns(blends):
     assert refined.refiner.out.weight.grad.abs().sum() > 0
 
 
-def test_shape_metric_is_a_unit_determinant_ellipse_and_round_at_zero():
-    """shape_metric: raw (0, 0) -> the identity; any raw -> symmetric, det 1, eigenvalues
-    exp(+-s) with s bounded by max_log; (a, 0) stretches rows by exp(a) and columns by exp(-a)."""
-    from cosmofm.heads.deblending_net import SHAPE_MAX_LOG, shape_metric
+def test_symmetric_template_keeps_mirrored_light_and_drops_a_neighbours():
+    """min(I(p), I(2c - p)): a point-symmetric source is its own template; a neighbour's blob
+    without a mirror image is cut down to the mirror pixel's light; where the mirror pixel
+    leaves the image the pixel is kept."""
+    from cosmofm.heads.deblending_net import symmetric_template
 
-    assert torch.allclose(shape_metric(torch.zeros(3, 2)), torch.eye(2).expand(3, 2, 2), atol=1e-6)
-    raw = torch.tensor([[0.3, 0.0], [0.0, -0.7], [2.0, 5.0], [-40.0, 1.0]])
-    m = shape_metric(raw)
-    assert torch.allclose(m, m.transpose(-1, -2)) and torch.allclose(torch.linalg.det(m), torch.ones(4), atol=1e-4)
-    ev = torch.linalg.eigvalsh(m)
-    s = SHAPE_MAX_LOG * torch.tanh(raw.norm(dim=-1) / SHAPE_MAX_LOG)
-    assert torch.allclose(ev[:, 1].log(), s, atol=1e-4) and torch.allclose(ev[:, 0].log(), -s, atol=1e-4)
-    assert (ev.log().abs() <= SHAPE_MAX_LOG + 1e-4).all() and s[3] > 0.99 * SHAPE_MAX_LOG  # a huge raw shape saturates at the bound
-    assert torch.allclose(m[0], torch.diag(torch.stack([s[0], -s[0]]).exp()), atol=1e-5)  # rows stretched, columns shrunk
-
-
-def test_elliptical_prior_starts_round_then_stretches_the_split_along_its_axis(blends):
-    """elliptical=True adds a zero-initialised shape field: the fresh head's fractions equal the
-    round head's given the same other weights; a shape read as (a, 0), a > 0, makes a source's
-    logits fall faster along rows than along columns; the loss reaches the shape field."""
-    from cosmofm.heads import deblending_net as net
-
-    round_, ellip = _model(refine_steps=0).eval(), _model(refine_steps=0, elliptical=True).eval()
-    assert round_.decoder.ellipse is None and ellip.decoder.ellipse is not None
-    missing = ellip.load_state_dict(round_.state_dict(), strict=False).missing_keys
-    assert sorted(missing) == ["decoder.ellipse.bias", "decoder.ellipse.weight"]
-    batch = collate_samples(list(blends), round_.config.survey_names)
-    targets = DeblendingTask(round_.head_config).targets(blends)
-    with torch.no_grad():
-        a, e = round_(batch, **targets), ellip(batch, **targets)
-    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.fractions, e.fractions))
-    n, h, w = 1, 33, 33
-    dense = net.DenseOutputs(heat=torch.zeros(n, h, w), offset=torch.zeros(n, 2, h, w), background=torch.zeros(n, 1, h, w),
-                             pixel_embedding=torch.zeros(n, 1, 2, h, w), source_embedding=torch.zeros(n, 2, h, w),
-                             amplitude=torch.zeros(n, 1, h, w), size=torch.zeros(n, h, w), ellipse=torch.zeros(n, 2, h, w))
-    dense.ellipse[:, 0] = 0.5
-    logits = net.split_logits(dense, torch.tensor([[[16.0, 16.0]]]), torch.tensor([[True]]), 1.0)[0, 0, 0]
-    assert logits[16 + 8, 16] < logits[16, 16 + 8] - 1.0  # exp(0.25) vs exp(-0.25) times the round distance
-    ellip.train()
-    ellip(batch, **targets).loss.backward()
-    assert ellip.decoder.ellipse.weight.grad.abs().sum() > 0
+    h, w = 24, 30
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    c = torch.tensor([[11.0, 13.0]])
+    source = torch.exp(-((yy - 11) ** 2 + (xx - 13) ** 2) / 8)
+    blob = 0.7 * torch.exp(-((yy - 15) ** 2 + (xx - 17) ** 2) / 2)
+    image = torch.stack([source, source + blob])[None]  # (1, 2, H, W): band 1 carries the neighbour
+    ar = torch.arange(16, dtype=torch.float32)
+    rows, cols = c[:, 0:1] - 8 + ar, c[:, 1:2] - 8 + ar
+    t = symmetric_template(image, c, rows, cols).view(1, 2, 16, 16)
+    crop = image[0, :, 3:19, 5:21]
+    assert torch.allclose(t[0, 0], crop[0], atol=1e-6)  # symmetric: unchanged
+    assert torch.allclose(t[0, 1, 12, 12], source[15, 17], atol=1e-6) and crop[1, 12, 12] > source[15, 17] + 0.6  # the blob is cut
+    corner = symmetric_template(image, torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 0.0, 5.0]]), torch.tensor([[0.0, 4.0, 29.0]]))
+    assert torch.equal(corner[0, :, 8], image[0, :, 5, 29])  # its mirror (-3, -27) leaves the image: kept
+    assert torch.equal(corner[0, :, 3], torch.minimum(image[0, :, 0, 0], image[0, :, 2, 2]))  # (0, 0) mirrors to (2, 2)
+    assert torch.equal(corner[0, :, 4], image[0, :, 0, 4])  # (0, 4) mirrors to (2, -2), outside: kept
 
 
 def test_refine_window_sets_the_refiners_crop():
     assert _model(refine_window=48).refiner.window == 48 and _model().refiner.window == 32
+    assert _model(refine_symmetry=True).refiner.body[0][0].in_channels == 5 * 6 + 3 == _model().refiner.body[0][0].in_channels + 6
     with pytest.raises(InputError, match="refine_window"):
         _model(refine_window=0)
-    with pytest.raises(InputError, match="elliptical"):
-        _model(elliptical="yes")
+    with pytest.raises(InputError, match="refine_symmetry"):
+        _model(refine_symmetry="yes")
 
 
 @pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
