@@ -88,9 +88,6 @@ class DeblendingHeadConfig(TaskHeadConfig):
         refine_window (`int`, 32): side [pixels] of the window around each source that
             the refiner corrects (7 FWHM of the lsst-like card's 4.5 px; its corrections stop
             at the window's edge, so a card with larger galaxies in pixels wants a larger one).
-        refine_symmetry (`bool`, False): the refiner also sees each source's symmetric
-            template, min(I(p), I(2c - p)) (`deblending_net.symmetric_template`, the SDSS
-            deblender's).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
@@ -115,7 +112,6 @@ class DeblendingHeadConfig(TaskHeadConfig):
     fraction_flux_weight: float = 1.0
     refine_steps: int = 1
     refine_window: int = 32
-    refine_symmetry: bool = False
     flux_correction: bool = True
     card: str = ""
 
@@ -140,9 +136,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
                 raise InputError(f"task.{name}", f"must be > 0, got {getattr(self, name)!r}", "e.g. the default")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError("task.refine_steps", f"is {self.refine_steps!r}, not a whole number >= 0", "0 (no refinement) or e.g. 1")
-        for name in ("refine_symmetry", "flux_correction"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"task.{name}", f"is {getattr(self, name)!r}, not true / false", "true or false")
+        if not isinstance(self.flux_correction, bool):
+            raise InputError("task.flux_correction", f"is {self.flux_correction!r}, not true / false", "true or false")
         if not 0 < self.peak_threshold < 1:
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
@@ -228,7 +223,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
         self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
-        self.refiner = net.SplitRefiner(h.n_bands, window=h.refine_window, symmetry=h.refine_symmetry) if h.refine_steps else None
+        self.refiner = net.SplitRefiner(h.n_bands, window=h.refine_window) if h.refine_steps else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,

@@ -174,16 +174,15 @@ class SplitRefiner(nn.Module):
     light it gives each member, as scarlet's iterations do. So the refiner sees, per
     source and band, the image (asinh of values / scale), the light the current split
     gives the source and the light it gives the other sources, the source's log fraction,
-    with `symmetry` its symmetric template (`symmetric_template`), and the pixel's offset
-    from the centre; the background's logits stay as they are.
+    and the pixel's offset from the centre; the background's logits stay as they are.
     Its last layer starts at zero, so an untrained refiner leaves the split unchanged."""
 
-    def __init__(self, n_bands: int, channels: int = 24, window: int = 32, symmetry: bool = False):
+    def __init__(self, n_bands: int, channels: int = 24, window: int = 32):
         super().__init__()
-        self.window, self.symmetry = window, symmetry
+        self.window = window
         c = channels
-        self.body = nn.Sequential(  # per band: image, own light, others' light, log fraction (and the symmetric template); inside, offsets
-            _conv((5 if symmetry else 4) * n_bands + 3, c),
+        self.body = nn.Sequential(
+            _conv(4 * n_bands + 3, c),  # per band: image, own light, others' light, log fraction; inside, offsets
             nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2), nn.GELU()),
             nn.Sequential(nn.Conv2d(c, c, 3, padding=4, dilation=4), nn.GELU()),
             _conv(c, c))
@@ -213,43 +212,16 @@ class SplitRefiner(nn.Module):
             return x.flatten(-2).gather(-1, idx.unsqueeze(1).expand(-1, x.shape[1], -1)) * inside
 
         fr = logits.softmax(dim=1)
-        image_full, image = image, crop(image[sel[0]])
+        image = crop(image[sel[0]])
         own = crop(fr[sel])
         rest = crop(fr[:, :k].sum(1)[sel[0]]) - own  # the other sources' fractions (the background's excluded)
         offsets = torch.stack([((rows - c[:, 0:1]) / half)[:, :, None].expand(-1, -1, win),
                                ((cols - c[:, 1:2]) / half)[:, None, :].expand(-1, win, -1)], 1).flatten(-2)
-        parts = [image, own * image, rest * image, torch.log(own + 1e-3)]
-        if self.symmetry:
-            parts.append(symmetric_template(image_full[sel[0]], c.round(), rows, cols) * inside)
-        x = torch.cat([*parts, inside, offsets], dim=1)
+        x = torch.cat([image, own * image, rest * image, torch.log(own + 1e-3), inside, offsets], dim=1)
         delta = self.out(self.body(x.view(x.shape[0], x.shape[1], win, win))).flatten(-2) * inside  # (m, B, win^2)
         full = logits.new_zeros(n, k, b, h * w)
         full[sel] = full[sel].scatter_add(-1, idx.unsqueeze(1).expand(-1, b, -1), delta)  # outside pixels add 0
         return torch.cat([logits[:, :k] + full.view(n, k, b, h, w), logits[:, k:]], dim=1)
-
-
-def symmetric_template(image: torch.Tensor, centre: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The SDSS photo deblender's template of a source (Lupton et al. 2001, ASP Conf. Ser. 238; the
-    symmetry constraint of scarlet, Melchior et al. 2018), on a crop:
-    min(I(p), I(2c - p)) per band, the light that has a mirror image about the centre c; where
-    the mirror pixel leaves the image, I(p). image (m, B, H, W) (the `normalised_pixels`' asinh:
-    monotonic, so the min commutes with it), centre (m, 2) whole pixels, rows / cols (m, win)
-    the crop's image rows and columns (crop pixels outside the image read the nearest edge
-    pixel: the caller masks them) -> (m, B, win^2).
-
-    Why: galaxies and stars are close to point-symmetric, so light at p without its mirror at
-    2c - p belongs to someone else. Session 16 found the split's error concentrated on
-    galaxies (blended MAPE ~24 % against ~6 % for stars, true centres, not falling with
-    training steps): their extended light overlaps neighbours far from both centres, where
-    the split's local view cannot tell whose it is."""
-    m, b, h, w = image.shape
-    rr, rc = 2 * centre[:, 0:1] - rows, 2 * centre[:, 1:2] - cols  # the mirror pixels
-    ok = (((rows >= 0) & (rows < h) & (rr >= 0) & (rr < h))[:, :, None] & ((cols >= 0) & (cols < w) & (rc >= 0) & (rc < w))[:, None, :]).flatten(1)
-    at = lambda r, c_: (r.clamp(0, h - 1)[:, :, None] * w + c_.clamp(0, w - 1)[:, None, :]).long().flatten(1)  # noqa: E731
-    flat = image.flatten(-2)
-    own = flat.gather(-1, at(rows, cols).unsqueeze(1).expand(-1, b, -1))
-    mirror = flat.gather(-1, at(rr, rc).unsqueeze(1).expand(-1, b, -1))
-    return torch.where(ok.unsqueeze(1), torch.minimum(own, mirror), own)
 
 
 def find_peaks(heat: torch.Tensor, offset: torch.Tensor, threshold: float, max_sources: int, window: int = 3):

@@ -194,37 +194,12 @@ def test_refined_head_starts_as_the_plain_split_and_its_refiner_learns(blends):
     assert refined.refiner.out.weight.grad.abs().sum() > 0
 
 
-def test_symmetric_template_keeps_mirrored_light_and_drops_a_neighbours():
-    """min(I(p), I(2c - p)): a point-symmetric source is its own template; a neighbour's blob
-    without a mirror image is cut down to the mirror pixel's light; where the mirror pixel
-    leaves the image the pixel is kept."""
-    from cosmofm.heads.deblending_net import symmetric_template
-
-    h, w = 24, 30
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    c = torch.tensor([[11.0, 13.0]])
-    source = torch.exp(-((yy - 11) ** 2 + (xx - 13) ** 2) / 8)
-    blob = 0.7 * torch.exp(-((yy - 15) ** 2 + (xx - 17) ** 2) / 2)
-    image = torch.stack([source, source + blob])[None]  # (1, 2, H, W): band 1 carries the neighbour
-    ar = torch.arange(16, dtype=torch.float32)
-    rows, cols = c[:, 0:1] - 8 + ar, c[:, 1:2] - 8 + ar
-    t = symmetric_template(image, c, rows, cols).view(1, 2, 16, 16)
-    crop = image[0, :, 3:19, 5:21]
-    assert torch.allclose(t[0, 0], crop[0], atol=1e-6)  # symmetric: unchanged
-    assert torch.allclose(t[0, 1, 12, 12], source[15, 17], atol=1e-6) and crop[1, 12, 12] > source[15, 17] + 0.6  # the blob is cut
-    corner = symmetric_template(image, torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 0.0, 5.0]]), torch.tensor([[0.0, 4.0, 29.0]]))
-    assert torch.equal(corner[0, :, 8], image[0, :, 5, 29])  # its mirror (-3, -27) leaves the image: kept
-    assert torch.equal(corner[0, :, 3], torch.minimum(image[0, :, 0, 0], image[0, :, 2, 2]))  # (0, 0) mirrors to (2, 2)
-    assert torch.equal(corner[0, :, 4], image[0, :, 0, 4])  # (0, 4) mirrors to (2, -2), outside: kept
-
-
 def test_refine_window_sets_the_refiners_crop():
     assert _model(refine_window=48).refiner.window == 48 and _model().refiner.window == 32
-    assert _model(refine_symmetry=True).refiner.body[0][0].in_channels == 5 * 6 + 3 == _model().refiner.body[0][0].in_channels + 6
     with pytest.raises(InputError, match="refine_window"):
         _model(refine_window=0)
-    with pytest.raises(InputError, match="refine_symmetry"):
-        _model(refine_symmetry="yes")
+    with pytest.raises(InputError, match="flux_correction"):
+        _model(flux_correction="yes")
 
 
 @pytest.mark.parametrize("shape", [(40, 56), (64, 64)])
