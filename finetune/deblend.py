@@ -174,7 +174,8 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     photutils contrast (default the baseline's tuned value). thresh: detection threshold
     in sigma of the detection image (default the baseline's 1.5, tuned on stamps).
     bf16: a model's backbone and decoder under bfloat16 autocast (`deblend_samples`; fluxes
-        within ~0.1 % of float32's, ~1.6x faster per core, docs/benchmarks.md); None (default):
+        within ~0.1 % of float32's, 1.2-1.3x faster per core with AVX512-BF16, ~1.6x with AMX,
+        docs/benchmarks.md); None (default):
         on where the model's device computes bfloat16 natively (`native_bf16_on`: CUDA, or a
         CPU with AVX512-BF16 / AMX), off elsewhere and for sep / photutils.
 

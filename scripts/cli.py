@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--fwhm-pixels", type=float, help="PSF FWHM in pixels for the classical apertures (default: the mosaic's PSFFWHM, else 4.5)")
     db.add_argument("--thresh", type=float, help="classical detection threshold in sigma (default 1.5)")
     db.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                    help="--model: bfloat16 autocast of the network (~1.6x faster per core, fluxes within ~0.1 %% of float32's); "
+                    help="--model: bfloat16 autocast of the network (1.2-1.6x faster per core, fluxes within ~0.1 %% of float32's); "
                          "default: on where the device computes bfloat16 natively (CUDA, CPUs with AVX512-BF16 / AMX)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     db.set_defaults(func=_cmd_deblend)
