@@ -217,25 +217,26 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
                                                  budget_s=args.train_budget_s, **head_settings(args))
     model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
     report["head_peak_threshold"] = model.head_config.peak_threshold
-    head_cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32), samples)
-    res = summarise(head_cats, test, fwhm, "head", bands, ref)
-    results["_points"]["head"] = res.pop("_points")
-    results["head"] = {"stamps_per_s": rate, **res}
+    centres = [t.pixel_positions for _, t in test]
+
+    def scored(row: str, points: str | None = None, **options) -> list:
+        """Deblend the test stamps with `options`, time and score them into results[row]
+        (their error points kept for the figure under `points`); returns the catalogues."""
+        cats, rate = _rate(lambda xs: deblend_samples(model, xs, batch_size=32, **options), samples)
+        res = summarise(cats, test, fwhm, "head", bands, ref)
+        pts = res.pop("_points")
+        if points:
+            results["_points"][points] = pts
+        results[row] = {"stamps_per_s": rate, **res}
+        return cats
+
+    head_cats = scored("head", "head")
     if native_bf16_on(torch.device("cpu")):  # what `cosmofm deblend` runs here by default
-        cats16, rate16 = _rate(lambda xs: deblend_samples(model, xs, batch_size=32, bf16=True), samples)
-        res = summarise(cats16, test, fwhm, "head", bands, ref)
-        res.pop("_points")
-        results["head_bf16"] = {"stamps_per_s": rate16, **res}
-    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
-    res = summarise(known, test, fwhm, "head", bands, ref)
-    results["_points"]["head (true centres)"] = res.pop("_points")
-    results["head_known_positions"] = {"stamps_per_s": rate_k, **res}
+        scored("head_bf16", bf16=True)
+    scored("head_known_positions", "head (true centres)", positions=centres)
     model.head_config.flux_correction = False  # ablation: the same fractions without the outskirts correction
-    known, rate_k = _rate(lambda xs: deblend_samples(model, xs, positions=[t.pixel_positions for _, t in test], batch_size=32), samples)
+    scored("head_known_positions_no_correction", positions=centres)
     model.head_config.flux_correction = True
-    res = summarise(known, test, fwhm, "head", bands, ref)
-    res.pop("_points")
-    results["head_known_positions_no_correction"] = {"stamps_per_s": rate_k, **res}
     results["head_error_sources"] = error_sources(model, test, fwhm, ref)
     return model, head_cats
 
