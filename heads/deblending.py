@@ -88,6 +88,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
         refine_window (`int`, 32): side [pixels] of the window around each source that
             the refiner corrects (7 FWHM of the lsst-like card's 4.5 px; its corrections stop
             at the window's edge, so a card with larger galaxies in pixels wants a larger one).
+        refine_channels (`int`, 24) and refine_dilations (`list[int]`, [1, 2, 4, 1]): the
+            refiner's width and its 3 x 3 convolutions' dilations (one layer each; receptive
+            field 1 + 2 x their sum pixels: 17 by default, about half the window).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
         card (`str`, ""): the data card the head was trained on (provenance).
@@ -112,6 +115,8 @@ class DeblendingHeadConfig(TaskHeadConfig):
     fraction_flux_weight: float = 1.0
     refine_steps: int = 1
     refine_window: int = 32
+    refine_channels: int = 24
+    refine_dilations: list = field(default_factory=lambda: [1, 2, 4, 1])
     flux_correction: bool = True
     card: str = ""
 
@@ -128,7 +133,10 @@ class DeblendingHeadConfig(TaskHeadConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_counts("hidden_size", "embed_size", "max_sources", "refine_window")
+        self.check_counts("hidden_size", "embed_size", "max_sources", "refine_window", "refine_channels")
+        d = self.refine_dilations
+        if not isinstance(d, (list, tuple)) or not d or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in d):
+            raise InputError("task.refine_dilations", f"is {d!r}, not a list of whole numbers >= 1", "e.g. [1, 2, 4, 1]")
         if isinstance(self.n_bands, bool) or not isinstance(self.n_bands, int) or self.n_bands < 0:
             raise InputError("task.n_bands", f"is {self.n_bands!r}", "the stamps' band count (from_card sets it)")
         for name in ("pixel_scale", "fwhm_pixels", "heatmap_sigma", "min_size", "background_level"):
@@ -223,7 +231,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
         self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
-        self.refiner = net.SplitRefiner(h.n_bands, window=h.refine_window) if h.refine_steps else None
+        self.refiner = net.SplitRefiner(h.n_bands, h.refine_channels, h.refine_window, h.refine_dilations) if h.refine_steps else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -177,15 +178,14 @@ class SplitRefiner(nn.Module):
     and the pixel's offset from the centre; the background's logits stay as they are.
     Its last layer starts at zero, so an untrained refiner leaves the split unchanged."""
 
-    def __init__(self, n_bands: int, channels: int = 24, window: int = 32):
+    def __init__(self, n_bands: int, channels: int = 24, window: int = 32, dilations: Sequence[int] = (1, 2, 4, 1)):
         super().__init__()
         self.window = window
         c = channels
-        self.body = nn.Sequential(
-            _conv(4 * n_bands + 3, c),  # per band: image, own light, others' light, log fraction; inside, offsets
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2), nn.GELU()),
-            nn.Sequential(nn.Conv2d(c, c, 3, padding=4, dilation=4), nn.GELU()),
-            _conv(c, c))
+        inputs = [4 * n_bands + 3] + [c] * (len(dilations) - 1)  # per band: image, own light, others' light, log fraction; inside, offsets
+        # 3 x 3 convolutions with these dilations: the receptive field is 1 + 2 * sum(dilations) pixels
+        self.body = nn.Sequential(*(nn.Sequential(nn.Conv2d(cin, c, 3, padding=d, dilation=d), nn.GELU())
+                                    for cin, d in zip(inputs, dilations)))
         self.out = nn.Conv2d(c, n_bands, 1)
         with torch.no_grad():
             self.out.weight.zero_()

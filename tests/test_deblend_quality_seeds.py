@@ -118,3 +118,44 @@ def test_a_saved_head_is_scored_again_without_training(tmp_path):
     for key in ("blended_mape", "blended_nmad", "isolated_mape"):  # true centres: fluxes whatever the detections
         assert np.isfinite(known[key]) and known_again[key] == pytest.approx(known[key])
     assert known_again["blended_mape_by_kind"] == pytest.approx(known["blended_mape_by_kind"]) and known["blended_mape_by_kind"]
+    worse = main(common + ["--out", str(tmp_path / "c"), "--model", str(tmp_path / "model"), "--test-shift", "psf_scale=1.5"])
+    assert worse["test_shift"] == {"psf_scale": 1.5} and worse["fwhm_pixels"] == pytest.approx(1.5 * first["fwhm_pixels"])
+    assert worse["headline"]["head_known_positions"]["isolated_mape"] != pytest.approx(known["isolated_mape"])
+
+
+def test_a_test_shift_draws_the_same_objects_under_other_seeing_depth_and_sky():
+    """`shifted_card` + `offset_sky`: the same objects (fluxes, centres) with a wider
+    PSF, twice the sky noise and a sky residual of 0.5 sigma; unknown or bad shifts are refused."""
+    from cosmofm.bench.deblend_quality import offset_sky, shifted_card
+
+    card, offset = shifted_card(CARD, {"psf_scale": 1.5, "noise_scale": 2, "sky_offset": 0.5})
+    assert offset == 0.5 and [b.sky_noise for b in card.bands] == [2 * b.sky_noise for b in CARD.bands]
+    plain, shifted = _blends(CARD, 3, 0, 1), offset_sky(_blends(card, 3, 0, 1), card, offset)
+    sigma = np.array([b.sky_noise for b in card.bands])[:, None, None]
+    for (s0, t0), (s1, t1) in zip(plain, shifted):
+        np.testing.assert_allclose(t1.flux_njy, t0.flux_njy, rtol=1e-6)  # the same objects, so the drop is paired
+        np.testing.assert_allclose(t1.pixel_positions, t0.pixel_positions)
+        assert t1.isolated.max() < 0.7 * t0.isolated.max()  # the same light spread by a 1.5x wider PSF: peaks ~1/2.25
+        resid = (np.asarray(s1.values) - t1.isolated.sum(0)) / sigma  # noise + offset, in the shifted sky sigma
+        assert abs(np.median(resid) - 0.5) < 0.1 and 0.9 < np.median(np.abs(resid - np.median(resid))) * 1.4826 < 1.2
+    for bad, where in (({"seeing": 2}, "seeing"), ({"psf_scale": 0}, "psf_scale"), ({"sky_offset": -1}, "sky_offset")):
+        with pytest.raises(InputError, match=where):
+            shifted_card(CARD, bad)
+
+
+def test_training_blends_interleave_one_universe_per_train_shift():
+    """`--train-shifts none psf_scale=1.5`: blends alternate between universe 1000 as drawn and
+    universe 1001 under the wider PSF; the tuning blends at the front carry truth."""
+    import argparse
+
+    from cosmofm.bench.deblend_quality import shifted_card, training_blends
+
+    args = argparse.Namespace(train_shifts=["none", "psf_scale=1.5"], n_train=5, n_tune=2, workers=1)
+    train = training_blends(CARD, args)
+    wide, _ = shifted_card(CARD, {"psf_scale": 1.5})
+    assert len(train) == 5 and all(t is not None for _, t in train[:2])
+    plain, other = _blends(CARD, 3, TRAIN_SEED, 1), _blends(wide, 2, TRAIN_SEED + 1, 1)
+    for got, want in zip(train, [plain[0], other[0], plain[1], other[1], plain[2]]):
+        np.testing.assert_array_equal(got[0].values, want[0].values)
+    with pytest.raises(InputError, match="--train-shifts seeing"):
+        training_blends(CARD, argparse.Namespace(train_shifts=["seeing=2"], n_train=2, n_tune=1, workers=1))

@@ -66,7 +66,9 @@ def test_config_registration_from_card_and_bad_values():
     assert head.slots((64, 64)) == 16 and head.slots((40, 56)) == 16 and head.slots((128, 128)) == 64
     for bad, match in [(dict(max_sources=0), "task.max_sources"), (dict(peak_threshold=1.5), "task.peak_threshold"),
                        (dict(heatmap_sigma=0), "task.heatmap_sigma"), (dict(n_bands=2, bands=["g"]), "task.bands"),
-                       (dict(refine_steps=-1), "task.refine_steps"), (dict(refine_steps=True), "task.refine_steps")]:
+                       (dict(refine_steps=-1), "task.refine_steps"), (dict(refine_steps=True), "task.refine_steps"),
+                       (dict(refine_channels=0), "task.refine_channels"), (dict(refine_dilations=[]), "task.refine_dilations"),
+                       (dict(refine_dilations=[1, 0]), "task.refine_dilations"), (dict(refine_dilations=2), "task.refine_dilations")]:
         with pytest.raises(InputError, match=match):
             DeblendingHeadConfig(**bad)
 
@@ -174,6 +176,17 @@ def test_split_refiner_changes_each_present_sources_logits_in_its_window_only():
                 assert torch.equal(torch.isinf(got[i, j, band]), torch.isinf(expect))
                 assert torch.allclose(got[i, j, band].nan_to_num(neginf=0), expect.nan_to_num(neginf=0), atol=1e-6)
     assert torch.equal(got[:, k], logits[:, k])
+
+
+def test_refiner_width_and_dilations_come_from_the_config():
+    """refine_channels / refine_dilations set the refiner's layers: one 3 x 3 convolution per
+    dilation, padded to keep the window; the defaults keep the layout saved heads load into."""
+    model = _model(refine_channels=8, refine_dilations=[1, 3, 9])
+    convs = [m[0] for m in model.refiner.body]
+    assert [(c.out_channels, c.dilation, c.padding) for c in convs] == [(8, (d, d), (d, d)) for d in (1, 3, 9)]
+    default = _model().refiner
+    assert [k for k in default.state_dict()] == [f"body.{i}.0.{p}" for i in range(4) for p in ("weight", "bias")] + ["out.weight", "out.bias"]
+    assert [m[0].dilation[0] for m in default.body] == [1, 2, 4, 1] and default.body[0][0].out_channels == 24
 
 
 def test_refined_head_starts_as_the_plain_split_and_its_refiner_learns(blends):

@@ -42,6 +42,17 @@ skips training and scoring the head (and the figure) for a baselines-only run, e
     python -m cosmofm.bench.deblend_quality --out OUT --no-head --n-train 60 --n-test 50 --seeds 0 1 2 \
         --baselines sep photutils scarlet2
 
+`--test-shift KEY=VALUE ...` draws the test blends (only) with settings the head never saw
+(`shifted_card`: worse or better seeing, shallower depth, a sky-subtraction residual),
+the same objects as the unshifted test set, so the drop is paired, e.g. a saved head on
+seeing 25 % worse than its card's:
+
+    python -m cosmofm.bench.deblend_quality --out OUT --model DIR --n-train 60 --test-shift psf_scale=1.25
+
+`--train-shifts SPEC ...` trains on such settings instead (an equal share of the training
+blends per spec, `training_blends`), e.g. `--train-shifts none psf_scale=0.8 psf_scale=1.3
+noise_scale=2`: a head that has seen the seeing and depth vary, for the same shifted tests.
+
 `--model DIR` scores a head saved by `--save-model` instead of training one (its peak
 threshold tuned again as above). `--train-seed` sets the head's initialisation and batch order (the blends stay the same);
 `--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
@@ -66,6 +77,51 @@ TRAIN_SEED = 1000  # the training universe; test universes are --seeds (must dif
 THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 MAG_EDGES = (0.0, 19.0, 20.0, 21.0, 22.0, 30.0)  # true r magnitude bins: the test mocks span r ~ 16.5-23
 ORACLES = ("oracle (true fractions)", "oracle (isolated + own noise)")
+SHIFTS = ("psf_scale", "noise_scale", "sky_offset")  # keys of --test-shift and --train-shifts (`shifted_card`)
+
+
+def shifted_card(card, shift: dict, option: str = "--test-shift"):
+    """(the card blends are drawn from, the sky offset added to their pixels) for a shift
+    (`--test-shift`, one of `--train-shifts`): every band's PSF FWHM x psf_scale (seeing),
+    its sky noise x noise_scale (depth: 2 = a quarter of the exposure), and sky_offset sky
+    sigmas added to every pixel of every band (a sky-subtraction residual). Under
+    --test-shift the head, its threshold and the baselines' contrasts stay as trained and
+    tuned on the training blends, as a survey would run them."""
+    from cosmofm.data_cards.errors import InputError
+
+    for key, value in shift.items():
+        if key not in SHIFTS:
+            raise InputError(f"{option} {key}", "is not a known shift", f"use some of {list(SHIFTS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if key == "sky_offset" else value > 0):
+            raise InputError(f"{option} {key}", f"{value!r} is not a {'number >= 0' if key == 'sky_offset' else 'positive factor'}",
+                             "e.g. psf_scale=1.25 noise_scale=2 sky_offset=0.2")
+    psf, noise = shift.get("psf_scale", 1.0), shift.get("noise_scale", 1.0)
+    bands = [dataclasses.replace(b, psf_fwhm=b.psf_fwhm * psf, sky_noise=b.sky_noise * noise) for b in card.bands]
+    return dataclasses.replace(card, bands=bands), float(shift.get("sky_offset", 0.0))
+
+
+def training_blends(card, args) -> list:
+    """The training blends: universe TRAIN_SEED, or under `--train-shifts` SPEC ... an equal
+    share drawn per spec (comma-separated KEY=VALUE shifts, `shifted_card`; "none": the card
+    as it is) from universes TRAIN_SEED + 0, 1, ..., interleaved so that every batch and the
+    tuning blends (the first --n-tune, with truth) mix them."""
+    if not args.train_shifts:
+        return _blends(card, args.n_train, TRAIN_SEED, args.workers, n_truth=args.n_tune)  # truth only where tuned on
+    specs = [{} if spec == "none" else key_values("--train-shifts", spec.split(",")) for spec in args.train_shifts]
+    per = -(-args.n_train // len(specs))
+    groups = []
+    for g, shift in enumerate(specs):
+        shifted, offset = shifted_card(card, shift, "--train-shifts")
+        groups.append(offset_sky(_blends(shifted, per, TRAIN_SEED + g, args.workers, n_truth=-(-args.n_tune // len(specs))), shifted, offset))
+    return [groups[i % len(specs)][i // len(specs)] for i in range(args.n_train)]
+
+
+def offset_sky(blends, card, offset: float) -> list:
+    """The blends with `offset` x each band's sky sigma (`card`'s) added to every pixel."""
+    if not offset:
+        return blends
+    sigma = np.array([b.sky_noise for b in card.bands])[:, None, None]
+    return [(dataclasses.replace(s, values=np.asarray(s.values) + offset * sigma), t) for s, t in blends]
 
 
 def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
@@ -200,8 +256,10 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
                           "loss_per_tenth": [float(np.mean(x)) for x in np.array_split(np.asarray(losses), 10)], "batch_size": batch_size, "lr": lr}
 
 
-def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict):
-    """Train the head (`train_head`), tune its peak threshold on `tune` and score it on `test`
+def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict,
+             tune_fwhm: float | None = None):
+    """Train the head (`train_head`), tune its peak threshold on `tune` (matching radius
+    `tune_fwhm`, default `fwhm`: the test blends' own under --test-shift) and score it on `test`
     in detection mode, with true centres and with true centres without its outskirts
     correction; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
     from cosmofm.heads.deblending import deblend_samples
@@ -215,7 +273,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     else:
         model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
                                                  budget_s=args.train_budget_s, **head_settings(args))
-    model.head_config.peak_threshold = tune_threshold(model, tune, fwhm)
+    model.head_config.peak_threshold = tune_threshold(model, tune, tune_fwhm or fwhm)
     report["head_peak_threshold"] = model.head_config.peak_threshold
     centres = [t.pixel_positions for _, t in test]
 
@@ -295,18 +353,24 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
 
 def head_settings(args) -> dict:
     """DeblendingHeadConfig fields from `--fraction-flux-weight` and `--head-setting KEY=VALUE`."""
+    settings = {} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}
+    return {**settings, **key_values("--head-setting", args.head_setting)}
+
+
+def key_values(option: str, items: Sequence[str]) -> dict:
+    """{KEY: VALUE} of `option`'s KEY=VALUE items, each value read as JSON, else kept as text."""
     from cosmofm.data_cards.errors import InputError
 
-    settings = {} if args.fraction_flux_weight is None else {"fraction_flux_weight": args.fraction_flux_weight}
-    for item in args.head_setting:
+    out = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise InputError("--head-setting", f"{item!r} has no '='", "give KEY=VALUE, e.g. embed_size=16")
+            raise InputError(option, f"{item!r} has no '='", "give KEY=VALUE, e.g. embed_size=16")
         try:
-            settings[key] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            settings[key] = value
-    return settings
+            out[key] = value
+    return out
 
 
 def tune_threshold(model, blends, fwhm: float) -> float:
@@ -453,24 +517,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--scarlet2-modes", nargs="+", default=["known"], choices=["known", "detection"],
                     help="scarlet2 at the true centres and / or at sep's detections")
     ap.add_argument("--scarlet2-steps", type=int, default=None, help="scarlet2's Adam steps (default SCARLET_STEPS, its tutorials' 1000)")
+    ap.add_argument("--test-shift", nargs="+", default=[], metavar="KEY=VALUE",
+                    help=f"draw the test blends with settings never trained on ({', '.join(SHIFTS)}; `shifted_card`)")
+    ap.add_argument("--train-shifts", nargs="+", default=[], metavar="SPEC",
+                    help="train on an equal share of blends per spec (KEY=VALUE[,KEY=VALUE], or none), e.g. none psf_scale=0.8 "
+                         "psf_scale=1.3,noise_scale=2: observing conditions varied in training (`training_blends`)")
     ap.add_argument("--no-head", dest="head", action="store_false", help="baselines only: no head trained or scored, no figure")
     ap.add_argument("--seed-summary", nargs="+", default=None, metavar="JSON",
                     help="instead of a run: mean +- std over the training seeds of these runs' JSON, to --out/deblend_quality_seeds.json")
     args = ap.parse_args(argv)
     if args.seed_summary:
         return write_seed_summary([Path(p) for p in args.seed_summary], Path(args.out))
-    if TRAIN_SEED in args.seeds:
-        raise InputError("--seeds", f"include the training universe {TRAIN_SEED}", "use other test seeds")
+    used = {TRAIN_SEED + g for g in range(max(1, len(args.train_shifts)))}
+    if used & set(args.seeds):
+        raise InputError("--seeds", f"include a training universe ({sorted(used)})", "use other test seeds")
     torch.set_num_threads(args.threads)
     card = dataclasses.replace(load_card(args.card), stamp_size=args.stamp_size)
-    fwhm = fwhm_in_pixels(card)
+    shift = key_values("--test-shift", args.test_shift)
+    test_card, sky_offset = shifted_card(card, shift)
+    tune_fwhm, fwhm = fwhm_in_pixels(card), fwhm_in_pixels(test_card)  # "blended" and matching: the test blends' own PSF
     bands = [b.name for b in card.bands]
     ref = reference_band(card)
     report: dict = {"card": card.name, "stamp_size": args.stamp_size, "fwhm_pixels": fwhm, "settings": SETTINGS, "args": vars(args),
-                    "machine": {**machine_info(), "loadavg_start": os.getloadavg()}, "reference_band": bands[ref]}
+                    "test_shift": shift, "machine": {**machine_info(), "loadavg_start": os.getloadavg()}, "reference_band": bands[ref]}
     t0 = time.perf_counter()
-    train = _blends(card, args.n_train, TRAIN_SEED, args.workers, n_truth=args.n_tune)  # truth only where tuned on
-    test = [b for seed in args.seeds for b in _blends(card, args.n_test, seed, args.workers)]
+    train = training_blends(card, args)
+    test = offset_sky([b for seed in args.seeds for b in _blends(test_card, args.n_test, seed, args.workers)], test_card, sky_offset)
     report["mock_s"] = time.perf_counter() - t0
     print(f"mocks: {len(train)} train, {len(test)} test ({report['mock_s']:.0f} s)", flush=True)
 
@@ -478,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     samples = [s for s, _ in test]
     results: dict = {"_points": {}}
     if args.head:
-        model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results)
+        model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results, tune_fwhm)
         if args.save_model:
             from cosmofm.pretrain.checkpoint import save_release
 
@@ -486,7 +558,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         background_level = model.head_config.background_level
     else:
         background_level = DeblendingHeadConfig.from_card(card).background_level
-    for name, cats in oracle_catalogues(card, test, background_level).items():
+    for name, cats in oracle_catalogues(test_card, test, background_level).items():
         res = summarise(cats, test, fwhm, "oracle", bands, ref)
         pts = res.pop("_points")
         if name == ORACLES[0]:
@@ -496,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, (fn, arg) in PIPELINES.items():
         if name not in args.baselines:
             continue
-        c = contrasts[name] = tune_contrast(name, tune, fwhm)
+        c = contrasts[name] = tune_contrast(name, tune, tune_fwhm)
         cats, rate = _rate(lambda xs: [fn(s, **{arg: c}, fwhm_pixels=fwhm) for s in xs], samples)
         results[name] = {arg: c, "stamps_per_s": rate}
         for m in flux_methods(name):
@@ -507,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             results[name][m] = res
         print(f"{name}: contrast {c}, {rate:.1f} stamps/s", flush=True)
     if "scarlet2" in args.baselines:
-        sep_cont = contrasts["sep"] if "sep" in contrasts else tune_contrast("sep", tune, fwhm)
+        sep_cont = contrasts["sep"] if "sep" in contrasts else tune_contrast("sep", tune, tune_fwhm)
         results.update(scarlet2_results(test, fwhm, bands, ref, args.scarlet2_modes, sep_cont, args.scarlet2_steps or SCARLET_STEPS))
     out = Path(args.out)
     if args.head:
