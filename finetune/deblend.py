@@ -18,7 +18,10 @@ last step. Finders:
   by up to 5 sigma between tilings of one image. A mosaic with a strongly varying sky
   should be sky-subtracted first.
 * a fine-tuned deblending model: `load_task_model(model, expect_task="deblending")` and
-  its registered Task's `find_in_tile(model, values, ivar, header)`.
+  its registered Task's `find_in_tile(model, values, ivar, header)`. When the mosaic gives
+  its PSF (PSFFWHM, PIXSCALE) it is compared with the head's training card (`psf_check`):
+  PSFRATIO in the header, and beyond PSF_TOLERANCE a warning, the PSFDIFF keyword and the
+  psf_unlike_training bit on every row (a head trained at one seeing splits worse at another).
 
 Catalogue (one row per source, in tile order): ID, RA, DEC [deg] (NaN without a WCS),
 X, Y (0-based full-frame pixel column / row, numpy / astropy convention: X = 0 is the
@@ -33,6 +36,8 @@ tile frame.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from astropy.io import fits
 from astropy.table import Table
@@ -46,10 +51,16 @@ FLAG_BITS = {  # bits 1, 2, 4 as the deblending head's find_in_tile sets them
     "no_wcs": 8,  # the mosaic has no celestial WCS: RA/DEC NaN
     "ivar_estimated": 16,  # a band's ivar is a constant from the robust sky noise (no IVAR HDU)
     "band_empty": 32,  # a band without a valid pixel for this source: its flux NaN
+    "psf_unlike_training": 64,  # the mosaic's PSF FWHM differs from the head's training card's by more than PSF_TOLERANCE
 }
 FINDER_BITS = 2 | 4  # kept from a finder's own FLAGS; its edge bit is the tile's edge, recomputed here on the full image
 INPUT_FLAG_KEYWORDS = {"band_missing": "BANDMISS", "band_off_grid": "OFFGRID", "band_unusable": "BANDBAD", "ivar_estimated": "IVAREST",
-                       "no_wcs": "NOWCS", "bunit_missing": "NOBUNIT"}  # primary-header keyword (True) of each mosaic problem
+                       "no_wcs": "NOWCS", "bunit_missing": "NOBUNIT", "psf_unlike_training": "PSFDIFF"}  # primary-header keyword (True) of each mosaic problem
+# A head trained at one seeing splits blends at another worse: the lsst-like head's blended flux
+# scatter went from 0.067 to 0.16 at 0.8x and 1.25x its card's PSF FWHM (docs/benchmarks.md,
+# deblending, session 17); beyond 10 % its catalogue says so.
+PSF_TOLERANCE = 0.10
+MODEL_INPUT_CODES = {"psf_unlike_training": "PSF FWHM unlike the head's training card"}  # beside the mosaic's FLAG_CODES
 DEFAULT_FWHM_PIXELS = 4.5  # the lsst-like card's worst PSF (0.9 arcsec at 0.2 arcsec/pixel), when the mosaic gives none
 STAMP_MARGIN = 3  # pixels around a segment's bounding box in its stamp
 
@@ -133,7 +144,23 @@ def model_finder(model, expect_task: str, device=None, **options):
             return task.find_in_tile(model, values, ivar, header, **options)
 
     finder.__name__ = f"{model.task_type} model"
+    finder.head_config = model.head_config  # what it was trained on, for checks against the input
     return finder, next(model.parameters()).device
+
+
+def psf_check(head_config, mosaic) -> tuple[float | None, str | None]:
+    """(the mosaic's PSF FWHM over the head's training card's, both in pixels; a problem message
+    when they differ by more than PSF_TOLERANCE). (None, None) when the mosaic gives no PSFFWHM
+    / PIXSCALE: nothing to compare."""
+    if not (mosaic.psf_fwhm and mosaic.pixscale):
+        return None, None
+    trained = float(head_config.fwhm_pixels)
+    ratio = mosaic.psf_fwhm / mosaic.pixscale / trained
+    if abs(np.log(ratio)) <= np.log1p(PSF_TOLERANCE):
+        return ratio, None
+    return ratio, (f"the mosaic's PSF FWHM ({mosaic.psf_fwhm / mosaic.pixscale:.2f} px) is {ratio:.2f}x the one the head was trained "
+                   f"on ({trained:.2f} px, card {head_config.card or '?'}): expect its fluxes' scatter to be ~2x larger; fine-tune "
+                   "it on blends at this seeing, or use --method sep")
 
 
 def catalogue_template(bands: list[str], units: list[str]) -> Table:
@@ -217,17 +244,26 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     names = [b.name for b in mosaic.bands]
     psf = fwhm_pixels if fwhm_pixels is not None else (mosaic.psf_fwhm / mosaic.pixscale if mosaic.psf_fwhm and mosaic.pixscale else DEFAULT_FWHM_PIXELS)
     always = (FLAG_BITS["no_wcs"] if mosaic.wcs is None else 0) | (FLAG_BITS["ivar_estimated"] if any(b.ivar_hdu is None for b in mosaic.bands) else 0)
-    finish = _Finish(mosaic, names, psf, always, write_stamps)
+    problems = dict(mosaic.flags)
     keywords = {"METHOD": (method, "deblender"), **({"BF16": (bool(bf16), "network under bfloat16 autocast")} if method == "model" else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
                 "NOWCS": (mosaic.wcs is None, "no celestial WCS: RA/DEC NaN"), "INPUT": Path(path).name[:68]}
-    for code in mosaic.flags:
-        keywords[INPUT_FLAG_KEYWORDS[code]] = (True, FLAG_CODES[code][:47])
+    if method == "model":
+        ratio, problem = psf_check(finder.head_config, mosaic)
+        if ratio is not None:
+            keywords["PSFRATIO"] = (round(float(ratio), 4), "mosaic / training PSF FWHM [pixels]")
+        if problem:
+            warnings.warn(problem, stacklevel=2)
+            problems["psf_unlike_training"] = problem
+            always |= FLAG_BITS["psf_unlike_training"]
+    finish = _Finish(mosaic, names, psf, always, write_stamps)
+    for code in problems:
+        keywords[INPUT_FLAG_KEYWORDS[code]] = (True, {**FLAG_CODES, **MODEL_INPUT_CODES}[code][:47])
     for name, bit in FLAG_BITS.items():
         keywords[f"FLAGBIT{bit.bit_length() - 1}"] = (name, f"FLAGS bit value {bit}")
     summary = run_tiled(mosaic, finder, output, plan, template=catalogue_template(names, [b.unit for b in mosaic.bands]), id_column="ID",
                         finish=finish, keywords=keywords, stamps=write_stamps, workers=workers, processes=processes, progress=progress,
                         verb="deblend", overwrite=overwrite, inputs=[path])
-    return {**summary, "method": method, "bands": names, "flags": dict(mosaic.flags)}
+    return {**summary, "method": method, "bands": names, "flags": problems}
 
 
 class _Finish:
@@ -292,4 +328,4 @@ class _Finish:
         return out
 
 
-__all__ = ["CLASSICAL_TILE", "ClassicalDeblender", "DEFAULT_FWHM_PIXELS", "MODEL_TILE", "FLAG_BITS", "band_names", "catalogue_template", "deblend_image", "model_finder"]
+__all__ = ["CLASSICAL_TILE", "ClassicalDeblender", "DEFAULT_FWHM_PIXELS", "MODEL_TILE", "FLAG_BITS", "PSF_TOLERANCE", "band_names", "catalogue_template", "deblend_image", "model_finder", "psf_check"]

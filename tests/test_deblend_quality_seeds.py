@@ -48,6 +48,30 @@ def test_the_seed_summary_flattens_binned_columns_and_refuses_a_repeated_seed():
     reports["c.json"] = _report(1, 0.7, 9.0, 41.0)
     with pytest.raises(InputError, match="c.json.*seed 1"):
         summarise_seeds(reports)
+    # runs of saved heads (--model) are told apart by the head they loaded, whatever --train-seed said
+    loaded = {f"{m}.json": dict(_report(0, f1, 10.0, 40.0), training={"loaded": f"/heads/{m}"}) for m, f1 in (("s0", 0.9), ("s1", 0.7))}
+    out = summarise_seeds(loaded)
+    assert out["summary"]["head"]["f1"] == pytest.approx([0.8, 0.1414214]) and [r["train_seed"] for r in out["runs"]] == ["/heads/s0", "/heads/s1"]
+    loaded["again.json"] = dict(_report(0, 0.8, 10.0, 40.0), training={"loaded": "/heads/s1"})
+    with pytest.raises(InputError, match="again.json.*/heads/s1"):
+        summarise_seeds(loaded)
+
+
+def test_seed_summaries_of_several_test_settings_are_kept_apart(tmp_path):
+    """--seed-summary over runs of two --test-shift settings writes one summary per setting."""
+    import json
+
+    from cosmofm.bench.deblend_quality import write_seed_summary
+
+    paths = []
+    for i, (shift, seed, f1) in enumerate([({}, 0, 0.9), ({}, 1, 0.8), ({"psf_scale": 1.25}, 0, 0.6), ({"psf_scale": 1.25}, 1, 0.4)]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(dict(_report(seed, f1, 10.0, 40.0), test_shift=shift)))
+    out = write_seed_summary(paths, tmp_path, "shifts.json")
+    assert json.loads((tmp_path / "shifts.json").read_text()) == out and set(out["by_test_shift"]) == {"none", "psf_scale=1.25"}
+    assert out["by_test_shift"]["psf_scale=1.25"]["summary"]["head"]["f1"] == pytest.approx([0.5, 0.1414214])
+    assert out["by_test_shift"]["none"]["summary"]["head"]["f1"] == pytest.approx([0.85, 0.0707107])
+    assert write_seed_summary(paths[:2], tmp_path)["summary"]["head"]["seeds"] == 2  # one setting: the plain summary
 
 
 def test_head_settings_reach_the_trained_head_and_bad_ones_are_refused():

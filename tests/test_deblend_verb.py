@@ -267,3 +267,34 @@ def test_model_path_runs_the_tasks_tile_finder(field, tiny_config, tmp_path):
 
     _deblend(path, tmp_path / "mdef.fits", model=model, tile=128, overlap=32)
     assert fits.getheader(tmp_path / "mdef.fits", 0)["BF16"] is native_bf16()
+
+
+def test_a_model_meeting_another_seeing_flags_every_row(field, tiny_config, tmp_path):
+    """The mosaic's PSFFWHM against the head's training card (fwhm_pixels 4.5 at 0.2 arcsec):
+    0.92 arcsec (1.02x) passes with PSFRATIO in the header; 1.2 arcsec (1.33x) warns, sets
+    PSFDIFF and the psf_unlike_training bit on every row, and names the problem in the summary."""
+    import shutil
+
+    from cosmofm.finetune.deblend import psf_check
+    from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig
+
+    model = CosmoFMForDeblending.from_backbone_config(tiny_config, DeblendingHeadConfig(n_bands=2, bands=["g", "r"], band_wavelengths=[4800.0, 6300.0],
+                                                                                        card="lsst-like", peak_threshold=1e-3))
+    with torch.no_grad():
+        model.decoder.out.bias[3:5] = -30.0  # untrained: let the weak peaks through (as the test above)
+    bit = FLAG_BITS["psf_unlike_training"]
+    for fwhm, flagged in ((0.92, False), (1.2, True)):
+        path = tmp_path / f"psf{fwhm}.fits"
+        shutil.copy(field[0], path)
+        for band in ("g", "r"):
+            fits.setval(path, "PSFFWHM", value=fwhm, extname=band)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = deblend_image(path, tmp_path / f"cat{fwhm}.fits", model=model, workers=1, progress=False, bf16=False)
+        cat, header = Table.read(tmp_path / f"cat{fwhm}.fits"), fits.getheader(tmp_path / f"cat{fwhm}.fits", 0)
+        assert len(cat) > 0 and header["PSFRATIO"] == pytest.approx(fwhm / 0.2 / 4.5, rel=1e-3)
+        assert bool(header.get("PSFDIFF", False)) is flagged and ("psf_unlike_training" in summary["flags"]) is flagged
+        assert np.all((np.asarray(cat["FLAGS"]) & bit) == (bit if flagged else 0))
+        assert any("1.33x the one the head was trained on" in str(w.message) for w in caught) is flagged
+    mosaic = type("Mosaic", (), {"psf_fwhm": None, "pixscale": 0.2})()
+    assert psf_check(model.head_config, mosaic) == (None, None)  # no PSF given: nothing to compare

@@ -56,7 +56,8 @@ noise_scale=2`: a head that has seen the seeing and depth vary, for the same shi
 `--model DIR` scores a head saved by `--save-model` instead of training one (its peak
 threshold tuned again as above). `--train-seed` sets the head's initialisation and batch order (the blends stay the same);
 `--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
-seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`.
+seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`
+(`--name` another file), one summary per test setting when the runs' --test-shift differ.
 """
 
 from __future__ import annotations
@@ -524,10 +525,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          "psf_scale=1.3,noise_scale=2: observing conditions varied in training (`training_blends`)")
     ap.add_argument("--no-head", dest="head", action="store_false", help="baselines only: no head trained or scored, no figure")
     ap.add_argument("--seed-summary", nargs="+", default=None, metavar="JSON",
-                    help="instead of a run: mean +- std over the training seeds of these runs' JSON, to --out/deblend_quality_seeds.json")
+                    help="instead of a run: mean +- std over the training seeds of these runs' JSON (per --test-shift setting), "
+                         "to --out/deblend_quality_seeds.json (or --name)")
+    ap.add_argument("--name", default=None, help="file name of the --seed-summary JSON in --out")
     args = ap.parse_args(argv)
     if args.seed_summary:
-        return write_seed_summary([Path(p) for p in args.seed_summary], Path(args.out))
+        return write_seed_summary([Path(p) for p in args.seed_summary], Path(args.out), args.name or "deblend_quality_seeds.json")
     used = {TRAIN_SEED + g for g in range(max(1, len(args.train_shifts)))}
     if used & set(args.seeds):
         raise InputError("--seeds", f"include a training universe ({sorted(used)})", "use other test seeds")
@@ -610,12 +613,14 @@ def summarise_seeds(reports: dict[str, dict]) -> dict:
     from cosmofm.data_cards.errors import InputError
 
     runs, meta = {}, []
-    for name, rep in reports.items():
-        seed = rep["args"].get("train_seed", 0)  # runs before --train-seed trained with seed 0
+    for i, (name, rep) in enumerate(reports.items()):
+        # a run of --model is its saved head's; others are their --train-seed's (0 before the option)
+        seed = rep["training"].get("loaded", rep["args"].get("train_seed", 0))
         if any(m["train_seed"] == seed for m in meta):
-            raise InputError(name, f"repeats training seed {seed}", "give one run per --train-seed")
-        runs.update({f"{row}/1.0/{seed}": {"test": seed_columns(cols)} for row, cols in rep["headline"].items()})
-        meta.append({"run": name, "train_seed": seed, "steps": rep["training"]["steps"], "train_s": rep["training"]["train_s"],
+            raise InputError(name, f"repeats training seed {seed}", "give one run per --train-seed (per saved head with --model)")
+        runs.update({f"{row}/1.0/{i}": {"test": seed_columns(cols)} for row, cols in rep["headline"].items()})
+        meta.append({"run": name, "train_seed": seed, "steps": rep["training"].get("steps"), "train_s": rep["training"].get("train_s"),
+                     "test_shift": rep.get("test_shift", {}),
                      "loadavg_start": rep["machine"]["loadavg_start"], "loadavg_end": rep["machine"]["loadavg_end"]})
     first = next(iter(reports.values()))
     summary = {}
@@ -627,14 +632,23 @@ def summarise_seeds(reports: dict[str, dict]) -> dict:
     return {"args": {k: v for k, v in first["args"].items() if k not in ("out", "train_seed")}, "runs": meta, "summary": summary}
 
 
-def write_seed_summary(paths: Sequence[Path], out: Path) -> dict:
-    """`summarise_seeds` of the runs' JSON at `paths`, written to out/deblend_quality_seeds.json."""
+def write_seed_summary(paths: Sequence[Path], out: Path, name: str = "deblend_quality_seeds.json") -> dict:
+    """`summarise_seeds` of the runs' JSON at `paths`, written to out/`name`. Runs of several
+    test settings (--test-shift) are summarised per setting: {"by_test_shift": {"psf_scale=1.25":
+    summary, ...}}, "none" for the unshifted test blends."""
     from cosmofm.bench import write_report
 
-    report = write_report(out, "deblend_quality_seeds.json", summarise_seeds({str(p): json.loads(p.read_text()) for p in paths}))
-    for row, e in report["summary"].items():
-        cols = ("f1", "blended_bias", "blended_nmad", "blended_mape", "isolated_mape", "stamps_per_s")
-        print(f"{row} ({e['seeds']} seeds): " + ", ".join(f"{c} {e[c][0]:.4g} +- {e[c][1]:.2g}" for c in cols if c in e))
+    groups: dict[str, dict] = {}
+    for p in paths:
+        rep = json.loads(p.read_text())
+        label = ",".join(f"{k}={v:g}" for k, v in sorted(rep.get("test_shift", {}).items())) or "none"
+        groups.setdefault(label, {})[str(p)] = rep
+    summaries = {label: summarise_seeds(reports) for label, reports in groups.items()}
+    report = write_report(out, name, next(iter(summaries.values())) if len(summaries) == 1 else {"by_test_shift": summaries})
+    for label, summary in summaries.items():
+        for row, e in summary["summary"].items():
+            cols = ("f1", "blended_bias", "blended_nmad", "blended_mape", "isolated_mape", "stamps_per_s")
+            print(f"{label}: {row} ({e['seeds']} seeds): " + ", ".join(f"{c} {e[c][0]:.4g} +- {e[c][1]:.2g}" for c in cols if c in e))
     return report
 
 
