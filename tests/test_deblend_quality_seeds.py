@@ -30,7 +30,8 @@ def test_one_training_seed_repeats_and_two_differ():
 
 
 def _report(seed, f1, mape_bright, rate):
-    row = {"f1": f1, "blended_mape_vs_mag": {"0-19": mape_bright, "19-20": 2 * mape_bright}, "stamps_per_s": rate}
+    row = {"f1": f1, "blended_mape_vs_mag": {"0-19": mape_bright, "19-20": 2 * mape_bright}, "stamps_per_s": rate,
+           "blended_nmad": f1 / 10, "blended_mape": mape_bright}
     return {"args": {"out": f"/tmp/{seed}", "train_seed": seed, "steps": 1500}, "headline": {"head": row, "sep aperture": dict(row, f1=0.7)},
             "training": {"steps": 1500, "train_s": 700.0 + seed}, "machine": {"loadavg_start": [1.0] * 3, "loadavg_end": [2.0] * 3}}
 
@@ -72,6 +73,8 @@ def test_seed_summaries_of_several_test_settings_are_kept_apart(tmp_path):
     assert out["by_test_shift"]["psf_scale=1.25"]["summary"]["head"]["f1"] == pytest.approx([0.5, 0.1414214])
     assert out["by_test_shift"]["none"]["summary"]["head"]["f1"] == pytest.approx([0.85, 0.0707107])
     assert write_seed_summary(paths[:2], tmp_path)["summary"]["head"]["seeds"] == 2  # one setting: the plain summary
+    assert (tmp_path / "shifts.png").stat().st_size > 0  # two seeings (1 and 1.25): the figure against the seeing
+    assert not (tmp_path / "deblend_quality_seeds.png").exists()  # one seeing: none
 
 
 def test_head_settings_reach_the_trained_head_and_bad_ones_are_refused():

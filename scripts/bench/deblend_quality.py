@@ -57,7 +57,9 @@ noise_scale=2`: a head that has seen the seeing and depth vary, for the same shi
 threshold tuned again as above). `--train-seed` sets the head's initialisation and batch order (the blends stay the same);
 `--seed-summary A.json B.json ...` then writes the mean +- std over those runs' training
 seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`
-(`--name` another file), one summary per test setting when the runs' --test-shift differ.
+(`--name` another file), one summary per test setting when the runs' --test-shift differ,
+and beside it a figure of the blended scatter and MAPE against the seeing when two or more
+psf_scale settings are among them (`seeing_figure`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -645,11 +648,43 @@ def write_seed_summary(paths: Sequence[Path], out: Path, name: str = "deblend_qu
         groups.setdefault(label, {})[str(p)] = rep
     summaries = {label: summarise_seeds(reports) for label, reports in groups.items()}
     report = write_report(out, name, next(iter(summaries.values())) if len(summaries) == 1 else {"by_test_shift": summaries})
+    seeing = {float(label.removeprefix("psf_scale=")) if label != "none" else 1.0: e["summary"]
+              for label, e in summaries.items() if label == "none" or re.fullmatch(r"psf_scale=[0-9.]+", label)}
+    if len(seeing) >= 2:
+        seeing_figure(seeing, (out / name).with_suffix(".png"))
     for label, summary in summaries.items():
         for row, e in summary["summary"].items():
             cols = ("f1", "blended_bias", "blended_nmad", "blended_mape", "isolated_mape", "stamps_per_s")
             print(f"{label}: {row} ({e['seeds']} seeds): " + ", ".join(f"{c} {e[c][0]:.4g} +- {e[c][1]:.2g}" for c in cols if c in e))
     return report
+
+
+def seeing_figure(by_scale: dict[float, dict], path: Path) -> None:
+    """Blended NMAD and MAPE (mean +- std over seeds) against the test PSF FWHM scale, for the
+    head (detection, true centres) and sep's aperture flux: `write_seed_summary`'s runs of
+    several --test-shift psf_scale settings (1 = the card's, the "none" runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = sorted(by_scale)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, col, label in zip(axes, ("blended_nmad", "blended_mape"), ("blended NMAD (r)", "blended MAPE [%] (r)")):
+        for row, name in (("head", "head (detection)"), ("head_known_positions", "head (true centres)"), ("sep aperture", "sep aperture")):
+            pts = [(x, by_scale[x][row][col]) for x in scales if col in by_scale[x].get(row, {})]
+            if pts:
+                x, (m, e) = np.array([p[0] for p in pts]), np.array([p[1] for p in pts]).T
+                ax.errorbar(x, m, yerr=e, marker="o", ms=4, capsize=2, label=name)
+        ax.axvline(1.0, color="k", lw=0.5, ls=":")
+        ax.set(xlabel="test PSF FWHM / the training card's", ylabel=label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
 
 
 def headline(report: dict, band: str) -> dict:
