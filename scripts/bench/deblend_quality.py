@@ -428,6 +428,18 @@ def _rate(fn, items) -> tuple[list, float]:
     return out, len(items) / (time.perf_counter() - t0)
 
 
+def save_png(fig, path: Path) -> None:
+    """Lay out `fig`, write it to `path` atomically (90 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def figure(path: Path, blends, head_cats, model, results: dict, ref: int) -> None:
     """Blend / head model / residual panels of three test blends, and flux error vs separation."""
     import matplotlib
@@ -477,12 +489,7 @@ def figure(path: Path, blends, head_cats, model, results: dict, ref: int) -> Non
     axes[-1, 1].set(xlabel="separation [PSF FWHM]", ylabel="NMAD of relative flux error (r)", ylim=(0, 0.6))
     axes[-1, 1].legend(fontsize=7)
     axes[-1, 2].axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -679,12 +686,7 @@ def seeing_figure(by_scale: dict[float, dict], path: Path) -> None:
         ax.axvline(1.0, color="k", lw=0.5, ls=":")
         ax.set(xlabel="test PSF FWHM / the training card's", ylabel=label)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def headline(report: dict, band: str) -> dict:
