@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, summarise_seeds, train_head
+from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, train_head
+from cosmofm.bench.deblend_report import summarise_seeds
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.schema import load_card
 
@@ -62,7 +63,7 @@ def test_seed_summaries_of_several_test_settings_are_kept_apart(tmp_path):
     """--seed-summary over runs of two --test-shift settings writes one summary per setting."""
     import json
 
-    from cosmofm.bench.deblend_quality import write_seed_summary
+    from cosmofm.bench.deblend_report import write_seed_summary
 
     paths = []
     for i, (shift, seed, f1) in enumerate([({}, 0, 0.9), ({}, 1, 0.8), ({"psf_scale": 1.25}, 0, 0.6), ({"psf_scale": 1.25}, 1, 0.4)]):
