@@ -19,8 +19,8 @@ last step. Finders:
   should be sky-subtracted first.
 * a fine-tuned deblending model: `load_task_model(model, expect_task="deblending")` and
   its registered Task's `find_in_tile(model, values, ivar, header)`. When the mosaic gives
-  its PSF (PSFFWHM, PIXSCALE) it is compared with the head's training card (`psf_check`):
-  PSFRATIO in the header, and beyond PSF_TOLERANCE a warning, the PSFDIFF keyword and the
+  its PSF (PSFFWHM, PIXSCALE) it is compared with the seeing the head was trained on (`psf_check`):
+  PSFRATIO in the header, and beyond PSF_TOLERANCE outside it a warning, the PSFDIFF keyword and the
   psf_unlike_training bit on every row (a head trained at one seeing splits worse at another).
 
 Catalogue (one row per source, in tile order): ID, RA, DEC [deg] (NaN without a WCS),
@@ -51,7 +51,7 @@ FLAG_BITS = {  # bits 1, 2, 4 as the deblending head's find_in_tile sets them
     "no_wcs": 8,  # the mosaic has no celestial WCS: RA/DEC NaN
     "ivar_estimated": 16,  # a band's ivar is a constant from the robust sky noise (no IVAR HDU)
     "band_empty": 32,  # a band without a valid pixel for this source: its flux NaN
-    "psf_unlike_training": 64,  # the mosaic's PSF FWHM differs from the head's training card's by more than PSF_TOLERANCE
+    "psf_unlike_training": 64,  # the mosaic's PSF FWHM lies beyond PSF_TOLERANCE outside the seeing the head was trained on
 }
 FINDER_BITS = 2 | 4  # kept from a finder's own FLAGS; its edge bit is the tile's edge, recomputed here on the full image
 INPUT_FLAG_KEYWORDS = {"band_missing": "BANDMISS", "band_off_grid": "OFFGRID", "band_unusable": "BANDBAD", "ivar_estimated": "IVAREST",
@@ -60,7 +60,7 @@ INPUT_FLAG_KEYWORDS = {"band_missing": "BANDMISS", "band_off_grid": "OFFGRID", "
 # scatter went from 0.067 to 0.16 at 0.8x and 1.25x its card's PSF FWHM (docs/benchmarks.md,
 # deblending, session 17); beyond 10 % its catalogue says so.
 PSF_TOLERANCE = 0.10
-MODEL_INPUT_CODES = {"psf_unlike_training": "PSF FWHM unlike the head's training card"}  # beside the mosaic's FLAG_CODES
+MODEL_INPUT_CODES = {"psf_unlike_training": "PSF FWHM unlike the head's training seeing"}  # beside the mosaic's FLAG_CODES
 DEFAULT_FWHM_PIXELS = 4.5  # the lsst-like card's worst PSF (0.9 arcsec at 0.2 arcsec/pixel), when the mosaic gives none
 STAMP_MARGIN = 3  # pixels around a segment's bounding box in its stamp
 
@@ -149,18 +149,21 @@ def model_finder(model, expect_task: str, device=None, **options):
 
 
 def psf_check(head_config, mosaic) -> tuple[float | None, str | None]:
-    """(the mosaic's PSF FWHM over the head's training card's, both in pixels; a problem message
-    when they differ by more than PSF_TOLERANCE). (None, None) when the mosaic gives no PSFFWHM
-    / PIXSCALE: nothing to compare."""
+    """(the mosaic's PSF FWHM over the head's training card's, both in pixels, the worst band's; a
+    problem message when it lies more than PSF_TOLERANCE outside the seeing the head was trained
+    on, `trained_psf_range`: [1, 1], the card's own, unless trained across seeing). (None, None)
+    when the mosaic gives no PSFFWHM / PIXSCALE: nothing to compare."""
     if not (mosaic.psf_fwhm and mosaic.pixscale):
         return None, None
     measured, trained = mosaic.psf_fwhm / mosaic.pixscale, float(head_config.fwhm_pixels)
     ratio = measured / trained
-    if abs(np.log(ratio)) <= np.log1p(PSF_TOLERANCE):
+    low, high = head_config.trained_psf_range
+    if low / (1 + PSF_TOLERANCE) <= ratio <= high * (1 + PSF_TOLERANCE):
         return ratio, None
-    return ratio, (f"the mosaic's PSF FWHM ({measured:.2f} px) is {ratio:.2f}x the one the head was trained "
-                   f"on ({trained:.2f} px, card {head_config.card or '?'}): expect its fluxes' scatter to be ~2x larger; fine-tune "
-                   "it on blends at this seeing, or use --method sep")
+    seen = f"{trained:.2f} px" if low == high == 1 else f"{low:.2f}-{high:.2f}x its {trained:.2f} px"
+    return ratio, (f"the mosaic's PSF FWHM ({measured:.2f} px) is {ratio:.2f}x the card's, outside the seeing the head was trained "
+                   f"on ({seen}, card {head_config.card or '?'}): expect its fluxes' scatter to be ~2x larger; fine-tune "
+                   "it on blends at this seeing (mocks: psf_scales), or use --method sep")
 
 
 def catalogue_template(bands: list[str], units: list[str]) -> Table:

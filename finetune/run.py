@@ -142,9 +142,12 @@ def collect_outputs(model: CosmoFMForTask, samples: Sequence[Sample], batch_size
 
     model.eval()
     device = next(model.parameters()).device
+    task = task_class(model.task_type)(model.head_config)
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(samples), batch_size):
-        out = model(collate_samples(list(samples[start:start + batch_size]), model.config.survey_names).to(device))
+        part = list(samples[start:start + batch_size])
+        inputs = {k: v.to(device) for k, v in task.inputs(part).items()}  # how they were observed (`Task.inputs`)
+        out = model(collate_samples(part, model.config.survey_names).to(device), **inputs)
         for name, value in out.items():
             if name != "loss" and isinstance(value, torch.Tensor):
                 parts.setdefault(name, []).append(value.detach().float().cpu())

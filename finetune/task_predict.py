@@ -49,8 +49,9 @@ class TaskPredictor:
         ids, parts = [], []
         for batch in classifiable(samples, self.batch_size, 1, skipped):  # 1: one unmasked pixel is usable
             collated = collate_samples(batch, self.model.config.survey_names)
+            inputs = {k: v.to(self.device) for k, v in self.task.inputs(batch).items()}  # how they were observed (`Task.inputs`)
             with torch.no_grad():  # grad mode is per thread
-                outputs = self.model(collated.to(self.device))
+                outputs = self.model(collated.to(self.device), **inputs)
             parts.append(self.task.catalogue_rows(outputs))
             ids += [s.id for s in batch]
         return PiecePrediction(ids, {c.name: _joined(parts, c.name) for c in self.columns}, skipped)

@@ -196,6 +196,12 @@ class Task(Protocol):
         """Figures of merit (floats; per-class tables may nest) of predictions against targets."""
         ...
 
+    def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """Forward arguments that say how the samples were observed rather than what they hold
+        (deblending: each band's PSF FWHM), one row per sample, passed by evaluation and the
+        predict path; `targets` includes them too, as training needs them. Optional: none by default."""
+        return {}
+
     def prepare(self, model: CosmoFMForTask, samples: Sequence[Sample]) -> None:
         """Set up `model`'s head from the training samples before the first step (e.g. the
         photo-z photometry branch's input standardisation). Optional: a no-op by default."""

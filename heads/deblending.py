@@ -8,7 +8,10 @@ per-band flux fractions over sources + background). For up to `max_sources` sour
 image x a learned per-source outskirts correction, `deblending_net.flux_correction`; the
 background keeps the rest, so sources + background add up to the image in every band) with
 the propagated pixel-noise errors, a per-band isolated image (the fraction map x the image) and a
-segmentation map. With `positions` (known-positions mode) detection is skipped.
+segmentation map. With `positions` (known-positions mode) detection is skipped. A head with
+`psf_conditioning` is also told each band's PSF FWHM (`DeblendingTask.inputs`: from the
+mock's truth, or the mosaic's PSFFWHM), so that one head serves several seeings
+(`labelled_mocks(psf_scales=...)` trains it across them).
 
 Training targets (`heads/deblending_data.py`) come from blend Samples (`data_cards/mocks/blends.mock_blend`): the true
 centres and fluxes from `meta["truth"]["objects"]`, the noiseless blend, and the true
@@ -47,7 +50,7 @@ from cosmofm.heads import deblending_metrics as dm
 from cosmofm.heads import deblending_net as net
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
 from cosmofm.heads.deblend_baseline import DeblendCatalog
-from cosmofm.heads.deblending_data import _one_blend, blend_targets, blend_truth_arrays
+from cosmofm.heads.deblending_data import _one_blend, blend_targets, blend_truth_arrays, psf_fwhm_pixels, seeing_card
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
 
@@ -93,6 +96,17 @@ class DeblendingHeadConfig(TaskHeadConfig):
             field 1 + 2 x their sum pixels: 17 by default, about half the window).
         flux_correction (`bool`, True): apply the learned outskirts correction
             (`deblending_net.flux_correction`); False: plain fraction x image (an ablation).
+        band_fwhm_pixels (`list[float]`): each band's PSF FWHM [pixels] on the training card
+            (`from_card`); empty in heads saved before it: `fwhm_pixels` for every band.
+        psf_conditioning (`bool`, False): give the decoder and the refiner each band's PSF FWHM
+            over the card's (log, `DeblendingTask.inputs`) as constant input planes, so one head
+            can be trained across seeing and told the seeing of what it deblends. A head trained
+            at one seeing lost 2.4x in blended flux scatter at 0.8x / 1.25x it, and one trained
+            across seeing without being told it lost ~20 % at the card's own (docs/benchmarks.md,
+            deblending, session 17).
+        trained_psf_range (`list[float]`, [1, 1]): the smallest and largest PSF FWHM over the
+            card's of the training blends (`DeblendingTask.prepare` measures it);
+            `cosmofm deblend` flags mosaics outside it (`finetune.deblend.psf_check`).
         card (`str`, ""): the data card the head was trained on (provenance).
     """
 
@@ -118,6 +132,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
     refine_channels: int = 24
     refine_dilations: list = field(default_factory=lambda: [1, 2, 4, 1])
     flux_correction: bool = True
+    band_fwhm_pixels: list = field(default_factory=list)
+    psf_conditioning: bool = False
+    trained_psf_range: list = field(default_factory=lambda: [1.0, 1.0])
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
@@ -144,8 +161,17 @@ class DeblendingHeadConfig(TaskHeadConfig):
                 raise InputError(f"task.{name}", f"must be > 0, got {getattr(self, name)!r}", "e.g. the default")
         if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise InputError("task.refine_steps", f"is {self.refine_steps!r}, not a whole number >= 0", "0 (no refinement) or e.g. 1")
-        if not isinstance(self.flux_correction, bool):
-            raise InputError("task.flux_correction", f"is {self.flux_correction!r}, not true / false", "true or false")
+        for name in ("flux_correction", "psf_conditioning"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"task.{name}", f"is {getattr(self, name)!r}, not true / false", "true or false")
+        f = self.band_fwhm_pixels
+        if not isinstance(f, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in f) \
+                or (f and self.n_bands and len(f) != self.n_bands):
+            raise InputError("task.band_fwhm_pixels", f"is {f!r}", "one PSF FWHM [pixels] > 0 per band (from_card sets it)")
+        r = self.trained_psf_range
+        if not isinstance(r, (list, tuple)) or len(r) != 2 or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in r) \
+                or not 0 < r[0] <= r[1]:
+            raise InputError("task.trained_psf_range", f"is {r!r}", "[smallest, largest] PSF FWHM over the card's, e.g. [0.85, 1.35]")
         if not 0 < self.peak_threshold < 1:
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
@@ -162,8 +188,13 @@ class DeblendingHeadConfig(TaskHeadConfig):
             kwargs = {"n_bands": len(bands), "bands": [b.name for b in bands],
                       "band_wavelengths": [float(b.wavelength.to_value("Angstrom")) for b in bands],
                       "pixel_scale": float(card.pixel_scale.to_value("arcsec")), "fwhm_pixels": fwhm_in_pixels(card),
+                      "band_fwhm_pixels": [float((b.psf_fwhm / card.pixel_scale).decompose().value) for b in bands],
                       "flux_unit": str(card.flux_unit), **kwargs}
         return super().from_card(card, **kwargs)
+
+    def reference_fwhm(self) -> list[float]:
+        """Each band's PSF FWHM [pixels] on the training card (`band_fwhm_pixels`, else `fwhm_pixels`)."""
+        return [float(x) for x in self.band_fwhm_pixels] or [float(self.fwhm_pixels)] * self.n_bands
 
     def slots(self, shape: tuple[int, int]) -> int:
         """Source slots of a stamp of (H, W) pixels: max_sources per 64 x 64 pixels."""
@@ -230,18 +261,22 @@ class CosmoFMForDeblending(CosmoFMForTask):
         if not h.n_bands:
             raise InputError("task.n_bands", "is not set", "build the head config with DeblendingHeadConfig.from_card(card) or n_bands=")
         self.grid = net.BandTokenGrid(config.hidden_size, h.hidden_size)
-        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size)
-        self.refiner = net.SplitRefiner(h.n_bands, h.refine_channels, h.refine_window, h.refine_dilations) if h.refine_steps else None
+        planes = h.n_bands if h.psf_conditioning else 0  # log PSF FWHM over the card's, per band
+        self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size, planes)
+        self.refiner = net.SplitRefiner(h.n_bands, h.refine_channels, h.refine_window, h.refine_dilations, planes) if h.refine_steps else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
                 fractions: torch.Tensor | None = None, total_flux: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, noiseless: torch.Tensor | None = None) -> DeblendingOutput:
+                positions: torch.Tensor | None = None, noiseless: torch.Tensor | None = None,
+                psf_fwhm: torch.Tensor | None = None) -> DeblendingOutput:
         """Targets (from `DeblendingTask.targets`): centres (N, K, 2) true [row, col] pixels
         (NaN padding), fluxes (N, K, B) true in-stamp fluxes, fractions (N, K + 1, B, H, W)
         uint8 true fractions x 255, noiseless (N, B, H, W) the noiseless blend (for the flux loss);
         total_flux is for the metrics only. With centres the flux split uses the true centres;
-        else `positions` (N, K, 2) (known-positions mode, NaN padding); else the heatmap's peaks."""
+        else `positions` (N, K, 2) (known-positions mode, NaN padding); else the heatmap's peaks.
+        psf_fwhm (N, B): each band's PSF FWHM [pixels] (`DeblendingTask.inputs`), read by a
+        `psf_conditioning` head only; None there means the training card's."""
         h = self.head_config
         out = self.cosmofm(batch)
         gi = _image_group(batch, h)
@@ -249,7 +284,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         values, ivar = g.values.float(), g.ivar.float()
         n, b, hh, ww = values.shape
         rows = g.rows  # the group's samples in batch rows: targets and positions follow them
-        centres, fluxes, fractions, noiseless = (None if x is None else x[rows] for x in (centres, fluxes, fractions, noiseless))
+        centres, fluxes, fractions, noiseless, psf_fwhm = (None if x is None else x[rows] for x in (centres, fluxes, fractions, noiseless, psf_fwhm))
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.float32, device=values.device)
             positions = positions[rows] if positions.ndim == 3 and positions.shape[0] == n else positions
@@ -261,6 +296,11 @@ class CosmoFMForDeblending(CosmoFMForTask):
         # under a bfloat16 autocast (`deblend_samples(bf16=True)`) only the backbone and the decoder's
         # hidden convolutions run in bf16: its outputs, the fractions and the flux sums stay float32
         pixels = net.normalised_pixels(values, ivar, tg.scale.float())  # padded to a multiple of 8
+        condition = None
+        if h.psf_conditioning:
+            ref = torch.tensor(h.reference_fwhm(), device=values.device)
+            condition = torch.zeros(n, b, device=values.device) if psf_fwhm is None else torch.log(psf_fwhm.float() / ref)
+            pixels = torch.cat([pixels, net.condition_planes(condition, pixels)], dim=1)
         dense = self.decoder(feats, pixels, (hh, ww))
         slots = h.slots((hh, ww))
         if centres is not None:
@@ -279,7 +319,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         with torch.autocast(values.device.type, enabled=False):
             logits = net.split_logits(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
             for _ in range(h.refine_steps):
-                logits = self.refiner(logits, pixels[:, :b, :hh, :ww], use, present)  # the decoder's asinh(values / scale)
+                logits = self.refiner(logits, pixels[:, :b, :hh, :ww], use, present, condition)  # the decoder's asinh(values / scale)
             fr = logits.softmax(dim=1)
         flux, err = net.source_fluxes(fr, values, ivar)
         # the sources' fluxes corrected for the outskirts their fractions miss; the background keeps the rest
@@ -353,7 +393,21 @@ class DeblendingTask(Task):
         )
 
     def targets(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        return blend_targets(samples, self.head)
+        return {**blend_targets(samples, self.head), **self.inputs(samples)}
+
+    def inputs(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        """psf_fwhm (N, B): each band's PSF FWHM [pixels] of the stamps (`psf_fwhm_pixels`),
+        for a `psf_conditioning` head; nothing for the others."""
+        if not self.head.psf_conditioning:
+            return {}
+        return {"psf_fwhm": torch.from_numpy(np.stack([psf_fwhm_pixels(s, self.head) for s in samples]))}
+
+    def prepare(self, model: CosmoFMForDeblending, samples: Sequence[Sample]) -> None:
+        """Record the seeing the head is trained on: `trained_psf_range`, the smallest and
+        largest PSF FWHM of the training stamps over the card's (any band)."""
+        ref = np.asarray(self.head.reference_fwhm())
+        ratios = np.concatenate([psf_fwhm_pixels(s, self.head) / ref for s in samples]) if samples else np.ones(1)
+        model._set_task(trained_psf_range=[round(float(ratios.min()), 4), round(float(ratios.max()), 4)])
 
     def metrics(self, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """BTK metrics (`deblending_metrics.deblending_metrics`) of the detected sources against
@@ -401,15 +455,21 @@ class DeblendingTask(Task):
 
     @staticmethod
     def labelled_mocks(card, n: int, seed: int = 0, *, workers: int = 1, progress: bool = False, n_objects=(2, 6),
-                       separation=(0.5, 3.0), delta_mag=(0.0, 2.5), stamp_size: int | None = 64) -> list[Sample]:
+                       separation=(0.5, 3.0), delta_mag=(0.0, 2.5), stamp_size: int | None = 64,
+                       psf_scales: Sequence[float] = (1.0,)) -> list[Sample]:
         """Blends 0..n-1 of universe `seed` (`mock_blend`) on `card` with stamps of `stamp_size`
-        pixels (None: the card's), each with its isolated images in `meta["blend_truth"]`."""
+        pixels (None: the card's), each with its isolated images in `meta["blend_truth"]`.
+        psf_scales: blend i is observed with every band's PSF FWHM x psf_scales[i % len]
+        (`seeing_card`): a head trained across seeing (see `psf_conditioning`)."""
         from tqdm.auto import tqdm
 
         if stamp_size is not None:
             card = replace(card, stamp_size=int(stamp_size))
+        scales = list(psf_scales) if isinstance(psf_scales, (list, tuple)) else [psf_scales]
+        if not scales or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in scales):
+            raise InputError("mocks.psf_scales", f"is {psf_scales!r}", "positive factors on the card's PSF FWHM, e.g. [0.85, 1.0, 1.15, 1.35]")
         settings = {"n_objects": _pair(n_objects), "separation": _pair(separation), "delta_mag": _pair(delta_mag)}
-        make = partial(_one_blend, card, seed, settings)
+        make = partial(_one_blend, [seeing_card(card, float(x)) for x in scales], seed, settings)
         if n < 1:
             return []
         bar = tqdm(total=n, desc=f"blends {card.name}", unit="blend", disable=not progress)
@@ -423,7 +483,7 @@ class DeblendingTask(Task):
 
     def find_in_tile(self, model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header, *, bf16: bool = False) -> Any:
         """The shared tile-finder contract: float32 (B, H, W) values / ivar and the tile's FITS
-        header (PIXSCALE, BAND{k}, BUNIT) -> an astropy Table, one row per source: ROW, COL
+        header (PIXSCALE, BAND{k}, BUNIT; PSFFWHM{k} / PSFFWHM for a `psf_conditioning` head) -> an astropy Table, one row per source: ROW, COL
         (0-based pixels in the tile), FLUX_<band>, FLUXERR_<band> (the header's BUNIT, else the
         head's unit), FLAGS (1 near the edge, 2 masked pixels in its segment, 4 blended).
         `bf16`: the network under bfloat16 autocast (`deblend_samples`)."""
@@ -439,13 +499,14 @@ class DeblendingTask(Task):
         bands = bands if all(bands) and len(bands) == b else (self.head.bands if len(self.head.bands) == b else [str(k) for k in range(b)])
         unit = u.Unit(str(header.get("BUNIT", self.head.flux_unit))) if header is not None else u.Unit(self.head.flux_unit)
         scale = float(header.get("PIXSCALE", self.head.pixel_scale)) if header is not None else self.head.pixel_scale
+        psf = tile_psf_fwhm(header, b)
         good = np.isfinite(values) & np.isfinite(ivar) & (ivar > 0)
         cols = {"ROW": u.pix, "COL": u.pix, **{f"{p}_{band}": unit for band in bands for p in ("FLUX", "FLUXERR")}}
         if not good.any():
             t = Table({k: np.zeros(0) * v for k, v in cols.items()})
             t["FLAGS"] = np.zeros(0, np.int32)
             return t
-        cat = deblend_stamp(model, np.where(good, values, 0), np.where(good, ivar, 0), pixel_scale=scale, bf16=bf16)
+        cat = deblend_stamp(model, np.where(good, values, 0), np.where(good, ivar, 0), pixel_scale=scale, bf16=bf16, psf_fwhm_arcsec=psf)
         t = Table()
         t["ROW"], t["COL"] = cat.positions[:, 0] * u.pix, cat.positions[:, 1] * u.pix
         for k, band in enumerate(bands):
@@ -492,8 +553,20 @@ def source_flags(cat: DeblendCatalog, good: np.ndarray, fwhm_pixels: float, edge
     return flags
 
 
-def stamp_sample(head: DeblendingHeadConfig, values: np.ndarray, ivar: np.ndarray, pixel_scale: float | None = None) -> Sample:
-    """A Sample of bare (B, H, W) arrays on the head's bands (offsets from the stamp centre)."""
+def tile_psf_fwhm(header, n_bands: int) -> list[float] | None:
+    """Each band's PSF FWHM [arcsec] from a tile header: PSFFWHM{k} per band (0-based, as
+    `Mosaic.tile_header` writes them), else PSFFWHM for all; None when it gives none."""
+    if header is None:
+        return None
+    if all(f"PSFFWHM{k}" in header for k in range(n_bands)):
+        return [float(header[f"PSFFWHM{k}"]) for k in range(n_bands)]
+    return [float(header["PSFFWHM"])] * n_bands if header.get("PSFFWHM") else None
+
+
+def stamp_sample(head: DeblendingHeadConfig, values: np.ndarray, ivar: np.ndarray, pixel_scale: float | None = None,
+                 psf_fwhm_arcsec: Sequence[float] | None = None) -> Sample:
+    """A Sample of bare (B, H, W) arrays on the head's bands (offsets from the stamp centre);
+    `psf_fwhm_arcsec`, each band's PSF FWHM when known, goes to its meta (`psf_fwhm_pixels`)."""
     values, ivar = np.asarray(values, np.float32), np.asarray(ivar, np.float32)
     if values.ndim != 3 or ivar.shape != values.shape:
         raise InputError("values / ivar", f"have shapes {values.shape} / {ivar.shape}", "give (B, H, W) arrays of one shape")
@@ -503,7 +576,10 @@ def stamp_sample(head: DeblendingHeadConfig, values: np.ndarray, ivar: np.ndarra
     _, h, w = values.shape
     coords = {"band_wavelength": np.asarray(head.band_wavelengths, float),
               "dec_offset": (np.arange(h) - (h - 1) / 2) * p, "ra_offset": (np.arange(w) - (w - 1) / 2) * p}
-    return Sample("image", values, ivar, coords, {"card": head.card, "id": "stamp"})
+    meta = {"card": head.card, "id": "stamp"}
+    if psf_fwhm_arcsec is not None:
+        meta["psf_fwhm_arcsec"] = [float(x) for x in psf_fwhm_arcsec]
+    return Sample("image", values, ivar, coords, meta)
 
 
 def padded_positions(positions: Sequence[np.ndarray]) -> torch.Tensor:
@@ -522,10 +598,12 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
     """One `DeblendCatalog` (method "cosmofm", fluxes["head"]) per sample, batched by shape;
     `positions`: per sample a (K, 2) [row, col] array (known-positions mode). `bf16`: the
     backbone and the decoder's convolutions under bfloat16 autocast (~2x faster on CPUs with
-    AMX / AVX512-BF16), the flux split in float32 (`CosmoFMForDeblending.forward`)."""
+    AMX / AVX512-BF16), the flux split in float32 (`CosmoFMForDeblending.forward`). A
+    `psf_conditioning` head is told each stamp's PSF (`DeblendingTask.inputs`)."""
     from cosmofm.pretrain.data import collate_samples
 
     model.eval()
+    task = DeblendingTask(model.head_config)
     device = next(model.parameters()).device
     out: list[DeblendCatalog | None] = [None] * len(samples)
     by_shape: dict[tuple, list[int]] = {}
@@ -535,8 +613,9 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
         for start in range(0, len(idx), batch_size):
             part = idx[start:start + batch_size]
             pos = None if positions is None else padded_positions([positions[i] for i in part]).to(device)
+            inputs = {k: v.to(device) for k, v in task.inputs([samples[i] for i in part]).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-                o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos)
+                o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos, **inputs)
             for j, i in enumerate(part):
                 ok = _numpy(o.present[j]) > 0
                 names = model.head_config.bands or [str(b) for b in range(samples[i].values.shape[0])]
@@ -551,14 +630,16 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
 
 
 def deblend_stamp(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, positions: np.ndarray | None = None,
-                  pixel_scale: float | None = None, bf16: bool = False) -> DeblendCatalog:
+                  pixel_scale: float | None = None, bf16: bool = False, psf_fwhm_arcsec: Sequence[float] | None = None) -> DeblendCatalog:
     """Deblend one (B, H, W) stamp: detected sources, or exactly those at `positions` (K, 2)
-    [row, col] pixels; fluxes["head"] per band with errors, the segmentation map."""
-    sample = stamp_sample(model.head_config, values, ivar, pixel_scale)
+    [row, col] pixels; fluxes["head"] per band with errors, the segmentation map.
+    `psf_fwhm_arcsec`: each band's PSF FWHM, told to a `psf_conditioning` head."""
+    sample = stamp_sample(model.head_config, values, ivar, pixel_scale, psf_fwhm_arcsec)
     return deblend_samples(model, [sample], None if positions is None else [np.asarray(positions, float)], bf16=bf16)[0]
 
 
 __all__ = [
     "CosmoFMForDeblending", "DeblendingHeadConfig", "DeblendingOutput", "DeblendingTask", "blend_targets",
-    "blend_truth_arrays", "deblend_samples", "deblend_stamp", "padded_positions", "source_flags", "stamp_sample",
+    "blend_truth_arrays", "deblend_samples", "deblend_stamp", "padded_positions", "psf_fwhm_pixels", "seeing_card", "source_flags",
+    "stamp_sample", "tile_psf_fwhm",
 ]

@@ -6,6 +6,9 @@ Split from `heads/deblending.py` (the network and its `Task`), which imports fro
   Sample (attached by the Task's mocks, else rendered from its truth objects);
 * `blend_targets`: the forward's training targets of same-shaped blends (centres, in-stamp
   fluxes, per-pixel fractions as uint8, the noiseless blend);
+* `psf_fwhm_pixels`: each band's PSF FWHM of a stamp in its pixels, the observing
+  condition a `psf_conditioning` head is told (`DeblendingTask.inputs`);
+* `seeing_card`: an image card under other seeing (every band's PSF FWHM scaled);
 * `_one_blend`: one blend mock with its isolated images attached (float16 over each
   object's peak), what `DeblendingTask.labelled_mocks` makes in its workers.
 """
@@ -101,10 +104,39 @@ def blend_targets(samples: Sequence[Sample], head: DeblendingHeadConfig) -> dict
     return {"centres": centres, "fluxes": fluxes, "fractions": fractions, "total_flux": total, "noiseless": noiseless}
 
 
-def _one_blend(card, seed: int, settings: dict, index: int) -> Sample:
+def psf_fwhm_pixels(sample: Sample, head: DeblendingHeadConfig) -> np.ndarray:
+    """(B,) each band's PSF FWHM [pixels] of a stamp: `meta["psf_fwhm_arcsec"]` (a stamp
+    cut from a mosaic that gives PSFFWHM, `stamp_sample`) or a blend mock's
+    `meta["truth"]["psf"]["fwhm_arcsec"]`, over the pixel step of its `dec_offset` coords
+    [arcsec]; the head's training card's (`reference_fwhm`) when the stamp gives none."""
+    truth = sample.meta.get("truth") if isinstance(sample.meta.get("truth"), dict) else {}
+    arcsec = sample.meta.get("psf_fwhm_arcsec", (truth.get("psf") or {}).get("fwhm_arcsec"))
+    dec = np.asarray(sample.coords.get("dec_offset", []), float)
+    b = sample.values.shape[0]
+    if arcsec is None or len(dec) < 2:
+        return np.asarray(head.reference_fwhm(), np.float32)
+    arcsec = np.broadcast_to(np.asarray(arcsec, float), (b,))
+    if not (np.isfinite(arcsec).all() and (arcsec > 0).all()):
+        raise InputError(f"{sample.meta.get('id', '?')}: PSF FWHM", f"is {arcsec.tolist()} arcsec", "give a positive PSF FWHM per band")
+    return (arcsec / abs(float(dec[1] - dec[0]))).astype(np.float32)
+
+
+def seeing_card(card, psf_scale: float):
+    """`card` with every band's PSF FWHM x psf_scale (other seeing); the card itself at 1."""
+    import dataclasses
+
+    if psf_scale == 1:
+        return card
+    if not psf_scale > 0:
+        raise InputError("psf_scale", f"is {psf_scale!r}", "a positive factor on the card's PSF FWHM, e.g. 1.25")
+    return dataclasses.replace(card, bands=[dataclasses.replace(b, psf_fwhm=b.psf_fwhm * psf_scale) for b in card.bands])
+
+
+def _one_blend(cards: Sequence, seed: int, settings: dict, index: int) -> Sample:
+    """Blend `index` of universe `seed`, drawn on cards[index % len(cards)] (one per seeing)."""
     from cosmofm.data_cards.mocks.blends import mock_blend
 
-    sample, truth = mock_blend(card, seed, index, **settings)
+    sample, truth = mock_blend(cards[index % len(cards)], seed, index, **settings)
     scale = truth.isolated.reshape(len(truth.isolated), -1).max(1).clip(min=1e-30)
     sample.meta["blend_truth"] = {"isolated": (truth.isolated / scale[:, None, None, None]).astype(np.float16),
                                   "isolated_scale": scale.astype(np.float32)}

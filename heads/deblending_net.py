@@ -12,6 +12,8 @@ Dense head on the image tokens (one token per band per 8 x 8 patch):
    tokenizer's scale, asinh of the pixel S/N, the mask): the skip connection that gives
    the decoder the sub-patch detail the 8 x 8 tokens average away. The padding the
    tokenizer added (to a multiple of 8) is cropped off at the end, so any stamp size works.
+   Observing conditions (the PSF FWHM per band) join that branch as constant planes
+   (`condition_planes`), and the refiner's input likewise.
 3. Per-pixel outputs (`DenseOutputs`): a source-centre heatmap (CenterNet, Zhou et al.
    2019, arXiv:1904.07850: Gaussian targets at the true centres, penalty-reduced focal
    loss), a sub-pixel centre offset, a background logit per band, a per-band pixel
@@ -86,14 +88,15 @@ class DenseOutputs:
 
 
 class PixelDecoder(nn.Module):
-    """Token features (n, C, gh, gw) + normalised pixels (n, 2B + 1, H8, W8) -> DenseOutputs."""
+    """Token features (n, C, gh, gw) + normalised pixels (n, 2B + 1 + P, H8, W8) -> DenseOutputs;
+    P = `condition_planes`, constant planes of the observing conditions (`condition_planes`)."""
 
-    def __init__(self, channels: int, n_bands: int, embed_size: int):
+    def __init__(self, channels: int, n_bands: int, embed_size: int, condition_planes: int = 0):
         super().__init__()
         c, f = channels, max(channels // 2, 16)
         self.n_bands, self.embed_size = n_bands, embed_size
         self.up = nn.ModuleList([_conv(c, c), _conv(c, f), _conv(f, f)])  # x2 each: 8x
-        self.pixel = nn.Sequential(_conv(2 * n_bands + 1, f), _conv(f, f))
+        self.pixel = nn.Sequential(_conv(2 * n_bands + 1 + condition_planes, f), _conv(f, f))
         self.fuse = nn.Sequential(_conv(2 * f, f), _conv(f, f))
         self.out = nn.Conv2d(f, 3 + n_bands * (2 + embed_size) + embed_size + 1, 1)
         self.correction = nn.Conv2d(f, n_bands, 1)  # the outskirts' flux the fractions miss (`flux_correction`)
@@ -132,6 +135,15 @@ def normalised_pixels(values: torch.Tensor, ivar: torch.Tensor, scale: torch.Ten
     v = values * mask
     x = torch.cat([torch.asinh(v / scale.view(-1, 1, 1, 1)), torch.asinh(v * ivar.clamp(min=0).sqrt() / 3), mask.amax(1, keepdim=True)], 1)
     return F.pad(x, pad)
+
+
+def condition_planes(condition: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n, P) per-sample conditions (e.g. log PSF FWHM over the training card's, per band) ->
+    (n, P, H, W) constant planes of `like`'s (n, C, H, W) size, dtype and device: how the
+    decoder and the refiner are told the conditions (a plane per number, as CoordConv gives
+    coordinates), so that every convolution can mix them with the pixels."""
+    n, _, h, w = like.shape
+    return condition.to(like.dtype)[:, :, None, None].expand(n, condition.shape[1], h, w)
 
 
 def read_at(field: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -175,14 +187,17 @@ class SplitRefiner(nn.Module):
     light it gives each member, as scarlet's iterations do. So the refiner sees, per
     source and band, the image (asinh of values / scale), the light the current split
     gives the source and the light it gives the other sources, the source's log fraction,
-    and the pixel's offset from the centre; the background's logits stay as they are.
+    and the pixel's offset from the centre (and, with `condition_planes`, the observing
+    conditions as constant planes); the background's logits stay as they are.
     Its last layer starts at zero, so an untrained refiner leaves the split unchanged."""
 
-    def __init__(self, n_bands: int, channels: int = 24, window: int = 32, dilations: Sequence[int] = (1, 2, 4, 1)):
+    def __init__(self, n_bands: int, channels: int = 24, window: int = 32, dilations: Sequence[int] = (1, 2, 4, 1),
+                 condition_planes: int = 0):
         super().__init__()
         self.window = window
         c = channels
-        inputs = [4 * n_bands + 3] + [c] * (len(dilations) - 1)  # per band: image, own light, others' light, log fraction; inside, offsets
+        # per band: image, own light, others' light, log fraction; inside, offsets; the conditions
+        inputs = [4 * n_bands + 3 + condition_planes] + [c] * (len(dilations) - 1)
         # 3 x 3 convolutions with these dilations: the receptive field is 1 + 2 * sum(dilations) pixels
         self.body = nn.Sequential(*(nn.Sequential(nn.Conv2d(cin, c, 3, padding=d, dilation=d), nn.GELU())
                                     for cin, d in zip(inputs, dilations)))
@@ -191,10 +206,11 @@ class SplitRefiner(nn.Module):
             self.out.weight.zero_()
             self.out.bias.zero_()
 
-    def forward(self, logits: torch.Tensor, image: torch.Tensor, centres: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, image: torch.Tensor, centres: torch.Tensor, present: torch.Tensor,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         """logits (n, K + 1, B, H, W) -> refined logits of the same shape; image (n, B, H, W) the
         normalised pixels (`normalised_pixels`' first B channels: asinh(values / scale), masked
-        pixels 0), centres (n, K, 2), present (n, K)."""
+        pixels 0), centres (n, K, 2), present (n, K); condition (n, P) with `condition_planes` P."""
         n, k1, b, h, w = logits.shape
         k, win, half = k1 - 1, self.window, self.window // 2
         if k == 0 or not present.any():
@@ -218,7 +234,10 @@ class SplitRefiner(nn.Module):
         offsets = torch.stack([((rows - c[:, 0:1]) / half)[:, :, None].expand(-1, -1, win),
                                ((cols - c[:, 1:2]) / half)[:, None, :].expand(-1, win, -1)], 1).flatten(-2)
         x = torch.cat([image, own * image, rest * image, torch.log(own + 1e-3), inside, offsets], dim=1)
-        delta = self.out(self.body(x.view(x.shape[0], x.shape[1], win, win))).flatten(-2) * inside  # (m, B, win^2)
+        x = x.view(x.shape[0], x.shape[1], win, win)
+        if condition is not None:
+            x = torch.cat([x, condition_planes(condition[sel[0]], x)], dim=1)
+        delta = self.out(self.body(x)).flatten(-2) * inside  # (m, B, win^2)
         full = logits.new_zeros(n, k, b, h * w)
         full[sel] = full[sel].scatter_add(-1, idx.unsqueeze(1).expand(-1, b, -1), delta)  # outside pixels add 0
         return torch.cat([logits[:, :k] + full.view(n, k, b, h, w), logits[:, k:]], dim=1)
@@ -352,7 +371,7 @@ def group_grid(shape: tuple[int, ...], patch: int) -> tuple[int, int, int]:
 
 
 __all__ = [
-    "BandTokenGrid", "CORRECTION_MAX_LOG", "DenseOutputs", "PixelDecoder", "find_peaks", "flux_correction", "flux_loss", "focal_loss", "fraction_flux_loss", "fraction_loss",
+    "BandTokenGrid", "CORRECTION_MAX_LOG", "DenseOutputs", "condition_planes", "PixelDecoder", "find_peaks", "flux_correction", "flux_loss", "focal_loss", "fraction_flux_loss", "fraction_loss",
     "group_grid", "heatmap_targets", "normalised_pixels", "offset_loss", "read_at", "source_fluxes",
     "split_logits", "SplitRefiner",
 ]

@@ -295,6 +295,13 @@ def test_a_model_meeting_another_seeing_flags_every_row(field, tiny_config, tmp_
         assert len(cat) > 0 and header["PSFRATIO"] == pytest.approx(fwhm / 0.2 / 4.5, rel=1e-3)
         assert bool(header.get("PSFDIFF", False)) is flagged and ("psf_unlike_training" in summary["flags"]) is flagged
         assert np.all((np.asarray(cat["FLAGS"]) & bit) == (bit if flagged else 0))
-        assert any("1.33x the one the head was trained on" in str(w.message) for w in caught) is flagged
+        assert any("1.33x the card's, outside the seeing the head was trained on (4.50 px" in str(w.message) for w in caught) is flagged
     mosaic = type("Mosaic", (), {"psf_fwhm": None, "pixscale": 0.2})()
     assert psf_check(model.head_config, mosaic) == (None, None)  # no PSF given: nothing to compare
+    # a head trained across seeing (trained_psf_range, `DeblendingTask.prepare`) is flagged only outside it, with 10 % to spare
+    across = DeblendingHeadConfig(n_bands=2, bands=["g", "r"], card="lsst-like", trained_psf_range=[0.85, 1.35])
+    for ratio, flagged in ((0.76, True), (0.78, False), (1.0, False), (1.33, False), (1.48, False), (1.5, True)):
+        mosaic.psf_fwhm = ratio * 4.5 * 0.2  # arcsec
+        measured, problem = psf_check(across, mosaic)
+        assert measured == pytest.approx(ratio) and (problem is not None) is flagged, (ratio, problem)
+    assert "0.85-1.35x its 4.50 px" in psf_check(across, mosaic)[1]

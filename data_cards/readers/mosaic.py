@@ -120,6 +120,7 @@ class MosaicBand:
     saturate: float | None = None
     ivar_constant: float | None = None  # 1 / sky sigma^2 when there is no IVAR HDU
     sky: float = 0.0  # the band's global sky level (`sky_level`), in BUNIT
+    psf_fwhm: float | None = None  # arcsec, the band's PSFFWHM / SEEING / FWHM when given
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Mosaic:
         """The region's header: its 2-D WCS (CRPIX shifted) when the mosaic has one, NAXISn,
         PIXSCALE [arcsec], PSFFWHM [arcsec] when known, and per band k = 0..B-1: BAND{k},
         BUNIT{k}, WAVELEN{k} [Angstrom], SKY{k} (the band's global sky level, `sky_level`,
-        left in the values); BUNIT = the first band's unit; NBANDS = B."""
+        left in the values), PSFFWHM{k} [arcsec] when known; BUNIT = the first band's unit; NBANDS = B."""
         rows, cols = region
         h = fits.Header()
         if self.wcs is not None:
@@ -187,6 +188,8 @@ class Mosaic:
             h[f"SKY{k}"] = (b.sky, "band sky level [BUNIT], not subtracted")
             if b.wavelength is not None:
                 h[f"WAVELEN{k}"] = (b.wavelength, "Angstrom")
+            if b.psf_fwhm is not None:
+                h[f"PSFFWHM{k}"] = (b.psf_fwhm, "arcsec, this band's PSF FWHM")
         h["NOWCS"] = (self.wcs is None, "no celestial WCS: pixel positions only")
         return h
 
@@ -309,7 +312,8 @@ def _parse_mosaic(path: Path, hdul: fits.HDUList, bands) -> Mosaic:
         pixscale = pixscale if pixscale is not None else (float(hdr["PIXSCALE"]) if "PIXSCALE" in hdr else None)
         for key in ("PSFFWHM", "SEEING", "FWHM"):
             if key in hdr:
-                fwhm = max(fwhm or 0.0, float(hdr[key]))
+                band.psf_fwhm = float(hdr[key])
+                fwhm = max(fwhm or 0.0, band.psf_fwhm)
                 break
         used.append(band)
     if not used:

@@ -98,8 +98,11 @@ def shifted_card(card, shift: dict, option: str = "--test-shift"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if key == "sky_offset" else value > 0):
             raise InputError(f"{option} {key}", f"{value!r} is not a {'number >= 0' if key == 'sky_offset' else 'positive factor'}",
                              "e.g. psf_scale=1.25 noise_scale=2 sky_offset=0.2")
-    psf, noise = shift.get("psf_scale", 1.0), shift.get("noise_scale", 1.0)
-    bands = [dataclasses.replace(b, psf_fwhm=b.psf_fwhm * psf, sky_noise=b.sky_noise * noise) for b in card.bands]
+    from cosmofm.heads.deblending import seeing_card
+
+    card = seeing_card(card, float(shift.get("psf_scale", 1.0)))
+    noise = shift.get("noise_scale", 1.0)
+    bands = [dataclasses.replace(b, sky_noise=b.sky_noise * noise) for b in card.bands]
     return dataclasses.replace(card, bands=bands), float(shift.get("sky_offset", 0.0))
 
 
@@ -226,7 +229,9 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
     config = None if backbone else {**PretrainRecipe.load("demo").model, "survey_names": [card.name]}
     model = build_task_model("deblending", head, seed, backbone, config)
     samples = [s for s, _ in train]
-    targets = DeblendingTask(head).targets(samples)
+    task = DeblendingTask(head)
+    targets = task.targets(samples)
+    task.prepare(model, samples)  # records the training seeing (trained_psf_range)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     progress = [0.0]
@@ -312,9 +317,10 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
     not: `flux_stats` of the relative error against the true total flux, the median |error|
     and the share of the MAPE from the worst tenth of the sources (the tail)."""
     from cosmofm.heads import deblending_metrics as dm
-    from cosmofm.heads.deblending import padded_positions
+    from cosmofm.heads.deblending import DeblendingTask, padded_positions
     from cosmofm.pretrain.data import collate_samples
 
+    task = DeblendingTask(model.head_config)
     keep, model.head_config.flux_correction = model.head_config.flux_correction, False
     rel: dict[str, list] = {"head": [], "background only": [], "sources only": []}
     blended = []
@@ -323,7 +329,8 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
             part = blends[start:start + batch_size]
             pos = padded_positions([t.pixel_positions for _, t in part])
             with torch.no_grad():
-                fractions = model(collate_samples([s for s, _ in part], model.config.survey_names), positions=pos).fractions
+                samples = [s for s, _ in part]
+                fractions = model(collate_samples(samples, model.config.survey_names), positions=pos, **task.inputs(samples)).fractions
             for (s, t), fr in zip(part, fractions):
                 k = len(t.pixel_positions)
                 f = fr.double().numpy()[:, ref]  # (K' + 1, H, W): the first k are the given sources, background last
@@ -436,7 +443,7 @@ def figure(path: Path, blends, head_cats, model, results: dict, ref: int) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cosmofm.heads.deblending import stamp_sample
+    from cosmofm.heads.deblending import DeblendingTask
     from cosmofm.pretrain.data import collate_samples
 
     picks = [i for i, (_, t) in enumerate(blends) if len(t.pixel_positions) >= 3][:3] or [0, 1, 2]
@@ -444,7 +451,7 @@ def figure(path: Path, blends, head_cats, model, results: dict, ref: int) -> Non
     for row, i in enumerate(picks):
         s, t = blends[i]
         with torch.no_grad():
-            o = model(collate_samples([stamp_sample(model.head_config, s.values, s.ivar)], model.config.survey_names))
+            o = model(collate_samples([s], model.config.survey_names), **DeblendingTask(model.head_config).inputs([s]))
         fr = o.fractions[0]
         image = s.values[ref]
         model_img = (fr[:-1, ref].sum(0).numpy() * image)
