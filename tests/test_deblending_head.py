@@ -329,6 +329,7 @@ def test_the_shipped_recipe_end_to_end(tmp_path):
     assert details["detection"]["tp"] + details["detection"]["fn"] == sum(test_objects)  # the last 4 blends are the test block
     model = cosmofm.from_pretrained(result["model_dir"], expect_task="deblending")
     assert isinstance(model, CosmoFMForDeblending) and model.config.hidden_size == 32
+    assert model.head_config.trained_psf_range == [0.85, 1.35]  # the recipe's psf_scales, all in the training block
 
 
 def test_bad_input_is_refused_naming_the_sample(blends):
