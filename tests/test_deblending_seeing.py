@@ -175,3 +175,24 @@ def test_find_in_tile_tells_a_conditioned_head_the_tiles_seeing(blends):
     assert len(fluxes["told", 0.7]) > 0
     assert np.array_equal(fluxes["plain", 0.7], fluxes["plain", 1.05])
     assert not np.array_equal(fluxes["told", 0.7], fluxes["told", 1.05])
+
+
+def test_the_told_seeing_bench_tells_a_conditioned_head_each_seeing(tmp_path):
+    """`deblend_told_seeing`: per saved head and test seeing, the true-centre blended flux
+    figures for each seeing it is told; a conditioned head answers to what it is told, an
+    unconditioned one is run once (told the card's)."""
+    from cosmofm.bench.deblend_told_seeing import main
+    from cosmofm.pretrain.manifest import save_release
+
+    told, plain = _model(psf_conditioning=True), _model()
+    with torch.no_grad():
+        told.refiner.out.weight.normal_(0, 0.1)
+    save_release(told, tmp_path / "told")
+    save_release(plain, tmp_path / "plain")
+    report = main(["--out", str(tmp_path / "out"), "--models", str(tmp_path / "told"), str(tmp_path / "plain"), "--n", "3",
+                   "--true", "1.25", "--told", "1", "1.25"])
+    assert json.loads((tmp_path / "out" / "deblend_told_seeing.json").read_text())["heads"].keys() == report["heads"].keys()
+    rows = report["heads"][str(tmp_path / "told")]["by_true_seeing"]["1.25"]
+    assert set(rows) == {"1", "1.25"} and rows["1"]["n"] == rows["1.25"]["n"] > 0
+    assert rows["1"]["mape"] != rows["1.25"]["mape"]
+    assert set(report["heads"][str(tmp_path / "plain")]["by_true_seeing"]["1.25"]) == {"1"}
