@@ -115,10 +115,10 @@ def psf_fwhm_pixels(sample: Sample, head: DeblendingHeadConfig) -> np.ndarray:
     b = sample.values.shape[0]
     if arcsec is None or len(dec) < 2:
         return np.asarray(head.reference_fwhm(), np.float32)
-    arcsec = np.broadcast_to(np.asarray(arcsec, float), (b,))
-    if not (np.isfinite(arcsec).all() and (arcsec > 0).all()):
+    arcsec = np.asarray(arcsec, float).reshape(-1)
+    if arcsec.size not in (1, b) or not (np.isfinite(arcsec).all() and (arcsec > 0).all()):
         raise InputError(f"{sample.meta.get('id', '?')}: PSF FWHM", f"is {arcsec.tolist()} arcsec", "give a positive PSF FWHM per band")
-    return (arcsec / abs(float(dec[1] - dec[0]))).astype(np.float32)
+    return np.broadcast_to(arcsec / abs(float(dec[1] - dec[0])), (b,)).astype(np.float32)
 
 
 def seeing_card(card, psf_scale: float):

@@ -126,8 +126,12 @@ def test_a_stamps_psf_comes_from_its_tile_header_or_meta_else_the_card():
     s = stamp_sample(head, values, np.ones_like(values), pixel_scale=0.25, psf_fwhm_arcsec=tile_psf_fwhm(header, b))
     assert psf_fwhm_pixels(s, head) == pytest.approx([(0.5 + 0.1 * k) / 0.25 for k in range(b)], rel=1e-5)
     assert psf_fwhm_pixels(stamp_sample(head, values, np.ones_like(values)), head) == pytest.approx(CARD_FWHM, rel=1e-5)
-    with pytest.raises(InputError, match="PSF FWHM"):
-        psf_fwhm_pixels(stamp_sample(head, values, np.ones_like(values), psf_fwhm_arcsec=[0.0] * b), head)
+    for bad in ([0.0] * b, [0.8] * (b - 1)):  # not positive; not one per band
+        with pytest.raises(InputError, match="PSF FWHM"):
+            psf_fwhm_pixels(stamp_sample(head, values, np.ones_like(values), psf_fwhm_arcsec=bad), head)
+    one = stamp_sample(head, values, np.ones_like(values), psf_fwhm_arcsec=[0.8] * b)
+    one.meta["psf_fwhm_arcsec"] = 0.8  # one value: every band's
+    assert psf_fwhm_pixels(one, head) == pytest.approx([4.0] * b)
 
 
 def test_a_mosaic_tile_header_gives_each_bands_psf(tmp_path):
