@@ -152,8 +152,12 @@ def psf_check(head_config, mosaic) -> tuple[float | None, str | None]:
     """(the mosaic's PSF FWHM over the head's training card's, both in pixels, the worst band's; a
     problem message when it lies more than PSF_TOLERANCE outside the seeing the head was trained
     on, `trained_psf_range`: [1, 1], the card's own, unless trained across seeing). (None, None)
-    when the mosaic gives no PSFFWHM / PIXSCALE: nothing to compare."""
+    when the mosaic gives no PSFFWHM / PIXSCALE: nothing to compare, unless the head is
+    told the seeing (`psf_conditioning`): then it is told the card's, which is said."""
     if not (mosaic.psf_fwhm and mosaic.pixscale):
+        if head_config.psf_conditioning:
+            return None, ("the mosaic gives no PSFFWHM / PIXSCALE, and the head reads each band's seeing (psf_conditioning): it is "
+                          f"told its card's ({head_config.card or '?'}); add PSFFWHM [arcsec] to each band's header")
         return None, None
     measured, trained = mosaic.psf_fwhm / mosaic.pixscale, float(head_config.fwhm_pixels)
     ratio = measured / trained

@@ -298,6 +298,8 @@ def test_a_model_meeting_another_seeing_flags_every_row(field, tiny_config, tmp_
         assert any("1.33x the card's, outside the seeing the head was trained on (4.50 px" in str(w.message) for w in caught) is flagged
     mosaic = type("Mosaic", (), {"psf_fwhm": None, "pixscale": 0.2})()
     assert psf_check(model.head_config, mosaic) == (None, None)  # no PSF given: nothing to compare
+    told = DeblendingHeadConfig(n_bands=2, bands=["g", "r"], card="lsst-like", psf_conditioning=True)
+    assert "no PSFFWHM" in psf_check(told, mosaic)[1]  # ... but a head told the seeing would be told the card's
     # a head trained across seeing (trained_psf_range, `DeblendingTask.prepare`) is flagged only outside it, with 10 % to spare
     across = DeblendingHeadConfig(n_bands=2, bands=["g", "r"], card="lsst-like", trained_psf_range=[0.85, 1.35])
     for ratio, flagged in ((0.76, True), (0.78, False), (1.0, False), (1.33, False), (1.48, False), (1.5, True)):
