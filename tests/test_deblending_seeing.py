@@ -9,9 +9,8 @@ import torch
 from astropy.io import fits
 
 import cosmofm
-from cosmofm.data_cards import InputError, load_card
+from cosmofm.data_cards import InputError
 from cosmofm.heads.deblending import (
-    CosmoFMForDeblending,
     DeblendingHeadConfig,
     DeblendingTask,
     psf_fwhm_pixels,
@@ -19,26 +18,12 @@ from cosmofm.heads.deblending import (
     stamp_sample,
     tile_psf_fwhm,
 )
-from cosmofm.pretrain import CosmoFMConfig, collate_samples
+from cosmofm.pretrain import collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 
-CARD = load_card("lsst-like")
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_patch_size=8, coord_frequencies=6,
-            projection_dim=16, survey_names=[CARD.name])
+from test_deblending_head import CARD, _model, one_thread  # noqa: F401 (one_thread: the module's autouse fixture)
+
 CARD_FWHM = [float((b.psf_fwhm / CARD.pixel_scale).decompose().value) for b in CARD.bands]  # pixels, per band
-
-
-def _model(seed: int = 0, **head) -> CosmoFMForDeblending:
-    torch.manual_seed(seed)
-    return CosmoFMForDeblending.from_backbone_config(CosmoFMConfig(**TINY), DeblendingHeadConfig.from_card(CARD, hidden_size=32, **head))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
