@@ -20,21 +20,28 @@ from pathlib import Path
 from typing import Sequence
 
 
-def told_rows(model, card, true_scale: float, told: Sequence[float], n: int, seed: int) -> dict:
-    """{told: {mape, nmad, bias, n}} of `model` on blends observed at `true_scale` x the card's seeing."""
+def test_blends(card, true_scale: float, n: int, seed: int) -> tuple[list, float]:
+    """(blends 0..n-1 of universe `seed` observed at `true_scale` x the card's seeing, their worst PSF FWHM [pixels])."""
     from cosmofm.bench import deblend_quality as dq
-    from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblend_baseline import fwhm_in_pixels
 
     test_card, _ = dq.shifted_card(card, {"psf_scale": true_scale})
-    test = dq._blends(test_card, n, seed, 1)
+    return dq._blends(test_card, n, seed, 1), fwhm_in_pixels(test_card)
+
+
+def told_rows(model, card, true_scale: float, test: list, fwhm: float, told: Sequence[float]) -> dict:
+    """{told: {mape, nmad, bias, n}} of `model` on `test` blends (`test_blends`) observed at `true_scale`."""
+    from cosmofm.bench import deblend_quality as dq
+    from cosmofm.heads.deblend_baseline import reference_band
+    from cosmofm.heads.deblending import deblend_samples
+
     bands, ref = [b.name for b in card.bands], reference_band(card)
     out = {}
     for y in told:
         said = [b.psf_fwhm.to_value("arcsec") * y for b in card.bands]
         samples = [dataclasses.replace(s, meta={**s.meta, "psf_fwhm_arcsec": said}) for s, _ in test]  # what the head is told
         cats = deblend_samples(model, samples, [t.pixel_positions for _, t in test], batch_size=32)
-        flux = dq.summarise(cats, test, fwhm_in_pixels(test_card), "head", bands, ref)["flux_blended"][bands[ref]]
+        flux = dq.summarise(cats, test, fwhm, "head", bands, ref)["flux_blended"][bands[ref]]
         out[f"{y:g}"] = {"mape": flux["mape"], "nmad": flux["scatter"], "bias": flux["bias"], "n": flux["n"]}
         print(f"true {true_scale:g} told {y:g}: MAPE {flux['mape']:.1f} %, NMAD {flux['scatter']:.3f}", flush=True)
     return out
@@ -60,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(1)
     card = dataclasses.replace(load_card(args.card), stamp_size=64)
     report: dict = {"args": vars(args), "machine": {**machine_info(), "loadavg_start": os.getloadavg()}, "heads": {}}
+    tests = {x: test_blends(card, x, args.n, args.seed) for x in args.true}  # made once, scored by every head
     for path in args.models:
         model = load_task_model(path, "deblending").eval()
         told = args.told if model.head_config.psf_conditioning else [1.0]
         report["heads"][path] = {"psf_conditioning": model.head_config.psf_conditioning,
                                  "trained_psf_range": model.head_config.trained_psf_range,
-                                 "by_true_seeing": {f"{x:g}": told_rows(model, card, x, told, args.n, args.seed) for x in args.true}}
+                                 "by_true_seeing": {f"{x:g}": told_rows(model, card, x, *tests[x], told) for x in args.true}}
     report["machine"]["loadavg_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
