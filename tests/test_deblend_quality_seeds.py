@@ -105,7 +105,7 @@ def test_error_sources_head_row_is_the_benchs_own_score_of_the_same_fluxes():
     the fluxes the bench's no-correction row scores: the same blended and isolated figures."""
     from cosmofm.bench.deblend_quality import error_sources, summarise
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

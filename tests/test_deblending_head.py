@@ -16,15 +16,9 @@ from cosmofm.data_cards.mocks.images import mock_image
 from cosmofm.finetune.recipe import FinetuneRecipe, run_recipe
 from cosmofm.heads.base import task_class, task_model_class
 from cosmofm.heads.deblend_baseline import DeblendCatalog
-from cosmofm.heads.deblending import (
-    CosmoFMForDeblending,
-    DeblendingHeadConfig,
-    DeblendingTask,
-    blend_targets,
-    blend_truth_arrays,
-    deblend_samples,
-    deblend_stamp,
-)
+from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig, DeblendingTask
+from cosmofm.heads.deblending_data import blend_targets, blend_truth_arrays
+from cosmofm.heads.deblending_predict import deblend_samples, deblend_stamp
 from cosmofm.pretrain import CosmoFMConfig, collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 
@@ -228,7 +222,7 @@ def test_any_stamp_size_and_flux_conservation(shape):
     cat = deblend_stamp(model, values, ivar, positions=positions)
     assert cat.segmentation.shape == (h, w) and cat.fluxes["head"].shape == (4, 6)
     with torch.no_grad():
-        from cosmofm.heads.deblending import stamp_sample
+        from cosmofm.heads.deblending_predict import stamp_sample
         o = model(collate_samples([stamp_sample(model.head_config, values, ivar)], model.config.survey_names),
                   positions=torch.as_tensor(positions, dtype=torch.float32)[None])
     image = np.where(ivar > 0, values, 0).sum((1, 2))

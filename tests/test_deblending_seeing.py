@@ -10,14 +10,9 @@ from astropy.io import fits
 
 import cosmofm
 from cosmofm.data_cards import InputError
-from cosmofm.heads.deblending import (
-    DeblendingHeadConfig,
-    DeblendingTask,
-    psf_fwhm_pixels,
-    seeing_card,
-    stamp_sample,
-    tile_psf_fwhm,
-)
+from cosmofm.heads.deblending import DeblendingHeadConfig, DeblendingTask
+from cosmofm.heads.deblending_data import psf_fwhm_pixels, seeing_card
+from cosmofm.heads.deblending_predict import stamp_sample, tile_psf_fwhm
 from cosmofm.pretrain import collate_samples
 from cosmofm.pretrain.checkpoint import write_manifest
 

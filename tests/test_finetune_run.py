@@ -5,7 +5,6 @@ the runner registry, a task with no code in finetune/, and exact resume through 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch

@@ -5,7 +5,6 @@ wavelength or flux unit and a killed run are each reported or cleaned up; the ca
 never replaces an input or an existing file unless asked to.
 """
 
-import os
 import subprocess
 import sys
 

@@ -37,7 +37,7 @@ N_TUNE = 200  # training blends the peak threshold is tuned on
 def main(argv: Sequence[str] | None = None) -> dict:
     from cosmofm.data_cards import load_card
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/bench")

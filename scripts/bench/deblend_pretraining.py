@@ -51,7 +51,7 @@ def one_run(arm: str, fraction: float, seed: int, train, test, card, args, backb
     from cosmofm.bench.deblend_quality import summarise, tune_threshold
     from cosmofm.finetune.run import TaskFinetuneConfig, finetune_task, split_indices
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
 
     samples = [s for s, _ in train]
     cfg = TaskFinetuneConfig(strategy="full" if arm == "scratch" else arm, batch_size=args.batch_size, lr=args.lr, seed=seed,

@@ -98,7 +98,7 @@ def shifted_card(card, shift: dict, option: str = "--test-shift"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if key == "sky_offset" else value > 0):
             raise InputError(f"{option} {key}", f"{value!r} is not a {'number >= 0' if key == 'sky_offset' else 'positive factor'}",
                              "e.g. psf_scale=1.25 noise_scale=2 sky_offset=0.2")
-    from cosmofm.heads.deblending import seeing_card
+    from cosmofm.heads.deblending_data import seeing_card
 
     card = seeing_card(card, float(shift.get("psf_scale", 1.0)))
     noise = shift.get("noise_scale", 1.0)
@@ -136,7 +136,8 @@ def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
     images (~0.4 MB a blend) only the scoring and tuning read: training needs the Samples alone."""
     from cosmofm.data_cards.mocks.blends import BlendTruth, footprint_segmentation
     from cosmofm.data_cards.mocks.images import card_model
-    from cosmofm.heads.deblending import DeblendingTask, blend_truth_arrays
+    from cosmofm.heads.deblending import DeblendingTask
+    from cosmofm.heads.deblending_data import blend_truth_arrays
 
     samples = DeblendingTask.labelled_mocks(card, n, seed, workers=workers, stamp_size=None, **SETTINGS)
     sigma = card_model(card).sky_sigma  # as mock_blend's footprints
@@ -270,7 +271,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     `tune_fwhm`, default `fwhm`: the test blends' own under --test-shift) and score it on `test`
     in detection mode, with true centres and with true centres without its outskirts
     correction; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
     from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
     samples = [s for s, _ in test]
@@ -317,7 +318,8 @@ def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) ->
     not: `flux_stats` of the relative error against the true total flux, the median |error|
     and the share of the MAPE from the worst tenth of the sources (the tail)."""
     from cosmofm.heads import deblending_metrics as dm
-    from cosmofm.heads.deblending import DeblendingTask, padded_positions
+    from cosmofm.heads.deblending import DeblendingTask
+    from cosmofm.heads.deblending_predict import padded_positions
     from cosmofm.pretrain.data import collate_samples
 
     task = DeblendingTask(model.head_config)
@@ -386,7 +388,7 @@ def key_values(option: str, items: Sequence[str]) -> dict:
 def tune_threshold(model, blends, fwhm: float) -> float:
     """The heatmap threshold with the best detection F1 on training blends (larger on ties)."""
     from cosmofm.heads import deblending_metrics as dm
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
 
     best, best_f1 = THRESHOLDS[0], -1.0
     keep = model.head_config.peak_threshold

@@ -33,7 +33,7 @@ def told_rows(model, card, true_scale: float, test: list, fwhm: float, told: Seq
     """{told: {mape, nmad, bias, n}} of `model` on `test` blends (`test_blends`) observed at `true_scale`."""
     from cosmofm.bench import deblend_quality as dq
     from cosmofm.heads.deblend_baseline import reference_band
-    from cosmofm.heads.deblending import deblend_samples
+    from cosmofm.heads.deblending_predict import deblend_samples
 
     bands, ref = [b.name for b in card.bands], reference_band(card)
     out = {}
