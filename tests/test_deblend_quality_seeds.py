@@ -103,7 +103,8 @@ def test_head_settings_reach_the_trained_head_and_bad_ones_are_refused():
 def test_error_sources_head_row_is_the_benchs_own_score_of_the_same_fluxes():
     """The "head" estimate of `error_sources` (true centres, no outskirts correction) scores
     the fluxes the bench's no-correction row scores: the same blended and isolated figures."""
-    from cosmofm.bench.deblend_quality import error_sources, summarise
+    from cosmofm.bench.deblend_quality import summarise
+    from cosmofm.bench.deblend_report import error_sources
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels
     from cosmofm.heads.deblending_predict import deblend_samples
 
@@ -154,7 +155,7 @@ def test_a_saved_head_is_scored_again_without_training(tmp_path):
 def test_a_test_shift_draws_the_same_objects_under_other_seeing_depth_and_sky():
     """`shifted_card` + `offset_sky`: the same objects (fluxes, centres) with a wider
     PSF, twice the sky noise and a sky residual of 0.5 sigma; unknown or bad shifts are refused."""
-    from cosmofm.bench.deblend_quality import offset_sky, shifted_card
+    from cosmofm.bench.deblend_shifts import offset_sky, shifted_card
 
     card, offset = shifted_card(CARD, {"psf_scale": 1.5, "noise_scale": 2, "sky_offset": 0.5})
     assert offset == 0.5 and [b.sky_noise for b in card.bands] == [2 * b.sky_noise for b in CARD.bands]
@@ -176,7 +177,8 @@ def test_training_blends_interleave_one_universe_per_train_shift():
     universe 1001 under the wider PSF; the tuning blends at the front carry truth."""
     import argparse
 
-    from cosmofm.bench.deblend_quality import shifted_card, training_blends
+    from cosmofm.bench.deblend_quality import training_blends
+    from cosmofm.bench.deblend_shifts import shifted_card
 
     args = argparse.Namespace(train_shifts=["none", "psf_scale=1.5"], n_train=5, n_tune=2, workers=1)
     train = training_blends(CARD, args)

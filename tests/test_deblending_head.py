@@ -127,7 +127,7 @@ def test_flux_correction_scales_the_sources_and_keeps_the_image_flux():
     pos = torch.as_tensor(truth.pixel_positions, dtype=torch.float32)[None]
     with torch.no_grad():
         model.decoder.correction.bias.copy_(torch.linspace(-0.4, 0.6, 6))  # per band: x0.83 .. x1.31
-        o = model(batch, positions=pos)
+        o = model(batch, centres=pos)  # true centres, as in training (given positions are not corrected)
     fr = o.fractions[0].double().numpy()
     good = sample.ivar > 0
     raw = (fr[:3] * np.where(good, sample.values, 0)[None]).sum((2, 3))  # (3, B) fraction x image

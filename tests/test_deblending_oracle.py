@@ -119,7 +119,8 @@ def test_oracle_on_mock_blends_is_near_the_truth_and_scored_like_the_head():
 
 
 def test_flux_correction_off_gives_plain_fraction_times_image():
-    """The bench's ablation: `flux_correction=False` ignores a learned (non-zero) correction."""
+    """The bench's ablation: `flux_correction=False` ignores a learned (non-zero) correction;
+    sources at given positions (known-positions mode) never get it."""
     from cosmofm.data_cards.mocks.blends import mock_blend
 
     sample, truth = mock_blend(dataclasses.replace(CARD, stamp_size=48), 5, 0, n_objects=3, separation=(1.0, 2.0))
@@ -131,9 +132,11 @@ def test_flux_correction_off_gives_plain_fraction_times_image():
     pos = torch.as_tensor(truth.pixel_positions, dtype=torch.float32)[None]
     with torch.no_grad():
         model.decoder.correction.bias.fill_(0.5)  # x exp(0.5 tanh 0.5) = x1.26 when applied
-        on = model(batch, positions=pos)
+        on = model(batch, centres=pos)  # true centres, as in training: corrected
+        given = model(batch, positions=pos)  # known-positions mode: plain
         model.head_config.flux_correction = False
-        off = model(batch, positions=pos)
+        off = model(batch, centres=pos)
     raw = (off.fractions[0][:3].double().numpy() * sample.values[None]).sum((2, 3))
     assert np.allclose(off.fluxes[0, :3].double().numpy(), raw, rtol=1e-4, atol=1e-4 * np.abs(raw).max())
+    assert np.allclose(given.fluxes[0, :3].double().numpy(), raw, rtol=1e-4, atol=1e-4 * np.abs(raw).max())
     assert np.allclose(on.fluxes[0, :3].double().numpy(), raw * np.exp(0.5 * np.tanh(0.5)), rtol=1e-4, atol=1e-4 * np.abs(raw).max())

@@ -23,7 +23,8 @@ and stamps per second, all measured in this process on the same stamps (torch th
 bfloat16 natively the head runs again under bf16 autocast ("head_bf16", the default of
 `cosmofm deblend --model` there), for its speed beside float32's. The head is also
 scored in known-positions mode (true centres given), which isolates its flux split from
-its detection, and so again without its outskirts correction (`flux_correction=False`).
+its detection (sources at given positions get no outskirts correction), and in detection
+mode again without the correction ("head_no_correction", `flux_correction=False`).
 The noise-floor oracle splits the same stamps by the *true* fractions
 (`oracle_catalogues`): "oracle (true fractions)" = iso_k / (sum_j iso_j + eps_b) of the
 noiseless isolated images applied to the observed image as the head applies its own, and
@@ -43,7 +44,7 @@ skips training and scoring the head (and the figure) for a baselines-only run, e
         --baselines sep photutils scarlet2
 
 `--test-shift KEY=VALUE ...` draws the test blends (only) with settings the head never saw
-(`shifted_card`: worse or better seeing, shallower depth, a sky-subtraction residual),
+(`deblend_shifts.shifted_card`: worse or better seeing, shallower depth, a sky-subtraction residual),
 the same objects as the unshifted test set, so the drop is paired, e.g. a saved head on
 seeing 25 % worse than its card's:
 
@@ -59,7 +60,8 @@ threshold tuned again as above). `--train-seed` sets the head's initialisation a
 seeds of every headline row and column (`seed_summary`) to `--out/deblend_quality_seeds.json`
 (`--name` another file), one summary per test setting when the runs' --test-shift differ,
 and beside it a figure of the blended scatter and MAPE against the seeing when two or more
-psf_scale settings are among them (`deblend_report`: the headline rows, seed summaries and figure).
+psf_scale settings are among them (`deblend_report`: the headline rows, seed summaries and figures,
+and `error_sources`, where the head's flux error lies).
 """
 
 from __future__ import annotations
@@ -75,35 +77,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from cosmofm.bench.deblend_report import error_sources
+from cosmofm.bench.deblend_shifts import SHIFTS, offset_sky, shifted_card
+
 SETTINGS = {"n_objects": (2, 6), "separation": (0.5, 3.0), "delta_mag": (0.0, 2.5)}
 TRAIN_SEED = 1000  # the training universe; test universes are --seeds (must differ)
 THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 MAG_EDGES = (0.0, 19.0, 20.0, 21.0, 22.0, 30.0)  # true r magnitude bins: the test mocks span r ~ 16.5-23
 ORACLES = ("oracle (true fractions)", "oracle (isolated + own noise)")
-SHIFTS = ("psf_scale", "noise_scale", "sky_offset")  # keys of --test-shift and --train-shifts (`shifted_card`)
-
-
-def shifted_card(card, shift: dict, option: str = "--test-shift"):
-    """(the card blends are drawn from, the sky offset added to their pixels) for a shift
-    (`--test-shift`, one of `--train-shifts`): every band's PSF FWHM x psf_scale (seeing),
-    its sky noise x noise_scale (depth: 2 = a quarter of the exposure), and sky_offset sky
-    sigmas added to every pixel of every band (a sky-subtraction residual). Under
-    --test-shift the head, its threshold and the baselines' contrasts stay as trained and
-    tuned on the training blends, as a survey would run them."""
-    from cosmofm.data_cards.errors import InputError
-
-    for key, value in shift.items():
-        if key not in SHIFTS:
-            raise InputError(f"{option} {key}", "is not a known shift", f"use some of {list(SHIFTS)}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 if key == "sky_offset" else value > 0):
-            raise InputError(f"{option} {key}", f"{value!r} is not a {'number >= 0' if key == 'sky_offset' else 'positive factor'}",
-                             "e.g. psf_scale=1.25 noise_scale=2 sky_offset=0.2")
-    from cosmofm.heads.deblending_data import seeing_card
-
-    card = seeing_card(card, float(shift.get("psf_scale", 1.0)))
-    noise = shift.get("noise_scale", 1.0)
-    bands = [dataclasses.replace(b, sky_noise=b.sky_noise * noise) for b in card.bands]
-    return dataclasses.replace(card, bands=bands), float(shift.get("sky_offset", 0.0))
 
 
 def training_blends(card, args) -> list:
@@ -120,14 +101,6 @@ def training_blends(card, args) -> list:
         shifted, offset = shifted_card(card, shift, "--train-shifts")
         groups.append(offset_sky(_blends(shifted, per, TRAIN_SEED + g, args.workers, n_truth=-(-args.n_tune // len(specs))), shifted, offset))
     return [groups[i % len(specs)][i // len(specs)] for i in range(args.n_train)]
-
-
-def offset_sky(blends, card, offset: float) -> list:
-    """The blends with `offset` x each band's sky sigma (`card`'s) added to every pixel."""
-    if not offset:
-        return blends
-    sigma = np.array([b.sky_noise for b in card.bands])[:, None, None]
-    return [(dataclasses.replace(s, values=np.asarray(s.values) + offset * sigma), t) for s, t in blends]
 
 
 def _blends(card, n: int, seed: int, workers: int, n_truth: int | None = None):
@@ -269,8 +242,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
              tune_fwhm: float | None = None):
     """Train the head (`train_head`), tune its peak threshold on `tune` (matching radius
     `tune_fwhm`, default `fwhm`: the test blends' own under --test-shift) and score it on `test`
-    in detection mode, with true centres and with true centres without its outskirts
-    correction; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
+    in detection mode (with and without its outskirts correction) and with true centres; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
     from cosmofm.heads.deblending_predict import deblend_samples
     from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
@@ -300,67 +272,12 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     head_cats = scored("head", "head")
     if native_bf16_on(torch.device("cpu")):  # what `cosmofm deblend` runs here by default
         scored("head_bf16", bf16=True)
-    scored("head_known_positions", "head (true centres)", positions=centres)
-    model.head_config.flux_correction = False  # ablation: the same fractions without the outskirts correction
-    scored("head_known_positions_no_correction", positions=centres)
+    scored("head_known_positions", "head (true centres)", positions=centres)  # plain fractions (see flux_correction)
+    model.head_config.flux_correction = False  # ablation: the detected sources without the outskirts correction
+    scored("head_no_correction")
     model.head_config.flux_correction = True
     results["head_error_sources"] = error_sources(model, test, fwhm, ref)
     return model, head_cats
-
-
-def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) -> dict:
-    """Where the head's flux error lies, in band `ref`, at the true centres and without the
-    outskirts correction: the fluxes of its own fractions f beside two hybrids with the true
-    fractions t (iso_k / (sum_j iso_j + eps_b), eps_b as its targets):
-    "background only" = t_k / (1 - t_bg) x (1 - f_bg), its background share with the true
-    split among the sources, and "sources only" = f_k / (1 - f_bg) x (1 - t_bg), the true
-    background share with its split. Per estimate, blended (a true neighbour < 2 FWHM) and
-    not: `flux_stats` of the relative error against the true total flux, the median |error|
-    and the share of the MAPE from the worst tenth of the sources (the tail)."""
-    from cosmofm.heads import deblending_metrics as dm
-    from cosmofm.heads.deblending import DeblendingTask
-    from cosmofm.heads.deblending_predict import padded_positions
-    from cosmofm.pretrain.data import collate_samples
-
-    task = DeblendingTask(model.head_config)
-    keep, model.head_config.flux_correction = model.head_config.flux_correction, False
-    rel: dict[str, list] = {"head": [], "background only": [], "sources only": []}
-    blended = []
-    try:
-        for start in range(0, len(blends), batch_size):
-            part = blends[start:start + batch_size]
-            pos = padded_positions([t.pixel_positions for _, t in part])
-            with torch.no_grad():
-                samples = [s for s, _ in part]
-                fractions = model(collate_samples(samples, model.config.survey_names), positions=pos, **task.inputs(samples)).fractions
-            for (s, t), fr in zip(part, fractions):
-                k = len(t.pixel_positions)
-                f = fr.double().numpy()[:, ref]  # (K' + 1, H, W): the first k are the given sources, background last
-                f_src, f_bg = f[:k], f[-1]
-                ivar = np.asarray(s.ivar, np.float64)
-                image = np.where(ivar[ref] > 0, np.asarray(s.values, np.float64)[ref], 0.0)
-                iso = np.clip(np.asarray(t.isolated, np.float64)[:, ref], 0, None)
-                eps = model.head_config.background_level * dm.sky_sigma(ivar)[ref]
-                t_bg = eps / (iso.sum(0) + eps)
-                t_split = iso / np.clip(iso.sum(0), 1e-300, None)
-                f_split = f_src / np.clip(f_src.sum(0), 1e-12, None)
-                truth = np.asarray(t.flux_njy, np.float64)[:, ref]
-                for name, frac in (("head", f_src), ("background only", t_split * (1 - f_bg)), ("sources only", f_split * (1 - t_bg))):
-                    rel[name].append(((frac * image).sum((-2, -1)) - truth) / truth)
-                blended.append(dm.nearest_neighbour_distance(t.pixel_positions) / fwhm < dm.BLENDED_FWHM)  # as score_stamp
-    finally:
-        model.head_config.flux_correction = keep
-    blended = np.concatenate(blended)
-    out = {}
-    for name, parts in rel.items():
-        r = np.concatenate(parts)
-        out[name] = {}
-        for group, m in (("blended", blended), ("not blended", ~blended)):
-            a = np.sort(np.abs(r[m & np.isfinite(r)]))
-            tail = a[len(a) - max(1, len(a) // 10):]
-            out[name][group] = {**dm.flux_stats(r[m]), "median_abs": float(np.median(a)) if a.size else float("nan"),
-                                "worst_tenth_share_of_mape": float(tail.sum() / a.sum()) if a.sum() > 0 else float("nan")}
-    return out
 
 
 def head_settings(args) -> dict:
@@ -436,62 +353,8 @@ def _rate(fn, items) -> tuple[list, float]:
     return out, len(items) / (time.perf_counter() - t0)
 
 
-def figure(path: Path, blends, head_cats, model, results: dict, ref: int) -> None:
-    """Blend / head model / residual panels of three test blends, and flux error vs separation."""
-    import matplotlib
-
-    from cosmofm.bench.deblend_report import save_png
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cosmofm.heads.deblending import DeblendingTask
-    from cosmofm.pretrain.data import collate_samples
-
-    picks = [i for i, (_, t) in enumerate(blends) if len(t.pixel_positions) >= 3][:3] or [0, 1, 2]
-    fig, axes = plt.subplots(len(picks) + 1, 3, figsize=(10, 3.3 * (len(picks) + 1)))
-    for row, i in enumerate(picks):
-        s, t = blends[i]
-        with torch.no_grad():
-            o = model(collate_samples([s], model.config.survey_names), **DeblendingTask(model.head_config).inputs([s]))
-        fr = o.fractions[0]
-        image = s.values[ref]
-        model_img = (fr[:-1, ref].sum(0).numpy() * image)
-        lim = np.percentile(image, 99.5)
-        stretch = np.arcsinh(lim / (0.1 * lim))
-        for ax, img, title in zip(axes[row], (image, model_img, image - model_img), ("blend (r)", "head: sum of sources", "residual (background share)")):
-            if "resid" in title:  # its own scale: the background share is noise-level
-                r = np.percentile(np.abs(img), 99.5)
-                ax.imshow(img, origin="lower", cmap="coolwarm", vmin=-r, vmax=r)
-            else:
-                ax.imshow(np.arcsinh(img / (0.1 * lim)), origin="lower", cmap="magma", vmin=0, vmax=stretch)
-            ax.set_title(title, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row, 0].plot(t.pixel_positions[:, 1], t.pixel_positions[:, 0], "c+", ms=8, label="truth")
-        c = head_cats[i].positions
-        axes[row, 1].plot(c[:, 1], c[:, 0], "gx", ms=7, label="head")
-    ax = axes[-1, 0]
-    edges = np.array([0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0])
-    mid = 0.5 * (edges[1:] + edges[:-1])
-    for name, pts in results["_points"].items():
-        sep, rel = pts
-        ok = np.isfinite(rel) & np.isfinite(sep)
-        med = [np.median(rel[ok & (sep >= lo) & (sep < hi)]) if np.any(ok & (sep >= lo) & (sep < hi)) else np.nan for lo, hi in zip(edges[:-1], edges[1:])]
-        mad = [1.4826 * np.median(np.abs(rel[ok & (sep >= lo) & (sep < hi)] - m)) if np.isfinite(m) else np.nan
-               for (lo, hi), m in zip(zip(edges[:-1], edges[1:]), med)]
-        ax.plot(mid, med, "o-", label=name, ms=3)
-        axes[-1, 1].plot(mid, mad, "o-", label=name, ms=3)
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set(xlabel="separation to nearest neighbour [PSF FWHM]", ylabel="median (f - f_true) / f_true (r)", ylim=(-0.5, 0.5))
-    axes[-1, 1].set(xlabel="separation [PSF FWHM]", ylabel="NMAD of relative flux error (r)", ylim=(0, 0.6))
-    axes[-1, 1].legend(fontsize=7)
-    axes[-1, 2].axis("off")
-    save_png(fig, path)
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
-    from cosmofm.bench.deblend_report import headline, write_seed_summary
+    from cosmofm.bench.deblend_report import headline, panels_figure, write_seed_summary
     from cosmofm.bench.pretrain_throughput import machine_info
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
@@ -596,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(args.out)
     if args.head:
         print(f"head: {results['head']['stamps_per_s']:.1f} stamps/s, threshold {report['head_peak_threshold']}", flush=True)
-        figure(out / "deblend_panels.png", test, head_cats, model, results, ref)
+        panels_figure(out / "deblend_panels.png", test, head_cats, model, results, ref)
     results.pop("_points")
     report.update(results)
     report["machine"]["loadavg_end"] = os.getloadavg()

@@ -3,7 +3,7 @@ each told (`psf_conditioning`) the true PSF or another one, scored at the true c
 
     python -m cosmofm.bench.deblend_told_seeing --out OUT --models A B --true 0.8 1.0 1.25 --told 0.8 1.0 1.25
 
-For each saved head, test seeing X (every band's PSF FWHM x X, `deblend_quality.shifted_card`;
+For each saved head, test seeing X (every band's PSF FWHM x X, `deblend_shifts.shifted_card`;
 universe --seed, --n blends) and told seeing Y: the blended sources' r-band flux MAPE, NMAD
 and bias with the true centres given (known-positions mode, so detection plays no part).
 A head without `psf_conditioning` ignores what it is told: run it with one --told value.
@@ -23,9 +23,10 @@ from typing import Sequence
 def test_blends(card, true_scale: float, n: int, seed: int) -> tuple[list, float]:
     """(blends 0..n-1 of universe `seed` observed at `true_scale` x the card's seeing, their worst PSF FWHM [pixels])."""
     from cosmofm.bench import deblend_quality as dq
+    from cosmofm.bench.deblend_shifts import shifted_card
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels
 
-    test_card, _ = dq.shifted_card(card, {"psf_scale": true_scale})
+    test_card, _ = shifted_card(card, {"psf_scale": true_scale})
     return dq._blends(test_card, n, seed, 1), fwhm_in_pixels(test_card)
 
 
