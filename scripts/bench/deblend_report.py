@@ -42,8 +42,8 @@ def headline(report: dict, band: str) -> dict:
 
 def error_sources(model, blends, fwhm: float, ref: int, batch_size: int = 32) -> dict:
     """Where the head's flux error lies, in band `ref`, at the true centres (known-positions
-    mode, so without the outskirts correction): the fluxes of its own fractions f beside two hybrids with the true
-    fractions t (iso_k / (sum_j iso_j + eps_b), eps_b as its targets):
+    mode, so without the outskirts correction): the fluxes of its own fractions f beside two
+    hybrids with the true fractions t (iso_k / (sum_j iso_j + eps_b), eps_b as its targets):
     "background only" = t_k / (1 - t_bg) x (1 - f_bg), its background share with the true
     split among the sources, and "sources only" = f_k / (1 - f_bg) x (1 - t_bg), the true
     background share with its split. Per estimate, blended (a true neighbour < 2 FWHM) and
