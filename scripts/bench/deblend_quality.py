@@ -77,7 +77,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cosmofm.bench.deblend_report import error_sources
+from cosmofm.bench.deblend_report import error_sources, headline, panels_figure, write_seed_summary
 from cosmofm.bench.deblend_shifts import SHIFTS, offset_sky, shifted_card
 
 SETTINGS = {"n_objects": (2, 6), "separation": (0.5, 3.0), "delta_mag": (0.0, 2.5)}
@@ -242,7 +242,8 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
              tune_fwhm: float | None = None):
     """Train the head (`train_head`), tune its peak threshold on `tune` (matching radius
     `tune_fwhm`, default `fwhm`: the test blends' own under --test-shift) and score it on `test`
-    in detection mode (with and without its outskirts correction) and with true centres; rows go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
+    in detection mode (with and without its outskirts correction) and with true centres; rows
+    go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
     from cosmofm.heads.deblending_predict import deblend_samples
     from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
@@ -354,7 +355,6 @@ def _rate(fn, items) -> tuple[list, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    from cosmofm.bench.deblend_report import headline, panels_figure, write_seed_summary
     from cosmofm.bench.pretrain_throughput import machine_info
     from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
