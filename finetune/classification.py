@@ -7,9 +7,10 @@ What every task shares comes from `finetune/run.py`: the labelled samples are sp
 index into train / calibration / test blocks, the model is built on the backbone, and
 it trains in the one loop (`finetune/loop.py`) with one of the strategies of
 `finetune/strategies.py`. What classification adds: distillation from a teacher,
-optional smooth random tilts of the training spectra and of their ivar (`tilt_rms`,
-`tilt_ivar_rms`, `TiltedSpectra`: nuisances the class must not depend on, such as dust
-and flux-calibration errors larger than the training mocks carry), and an evaluation of its own: `finetune/classification_eval.py`
+augmentation of the training spectra (`finetune/spectra_augment.py`: smooth random tilts of
+the spectra and of their ivar, `tilt_rms` / `tilt_ivar_rms`, nuisances the class must not
+depend on such as dust and flux-calibration errors larger than the training mocks carry; a
+redshift stretch of galaxies and QSOs, `redshift_stretch`), and an evaluation of its own: `finetune/classification_eval.py`
 fits the temperature (Guo et al. 2017) and split-conformal threshold (alpha from the
 calibration error rate unless given) on the calibration block and the out-of-set detector
 (training block; threshold at `ood_rate` false flags on the calibration block), stores them,
@@ -34,6 +35,7 @@ from cosmofm.finetune.classify import load_classifier, predict
 from cosmofm.finetune.figures import plot_figures
 from cosmofm.finetune.loop import finetune_loop
 from cosmofm.finetune.run import TaskFinetuneConfig, build_task_model, register_runner, save_task_run, split_indices
+from cosmofm.finetune.spectra_augment import AugmentedSpectra
 from cosmofm.heads.classification import (
     TASK_TYPE,
     ClassificationHeadConfig,
@@ -42,6 +44,7 @@ from cosmofm.heads.classification import (
     labels_from_samples,
 )
 from cosmofm.heads.out_of_set import DEFAULT_FALSE_FLAG_RATE
+from cosmofm.heads.template_fit import class_family
 
 
 @dataclass
@@ -84,6 +87,15 @@ class FinetuneConfig(TaskFinetuneConfig):
             independent smooth tilt of that rms (drawn as tilt_rms's): in mocks and in
             source-noise-limited data ivar follows the spectrum's own shape, so a network can
             read the continuum (and the Teff it carries) from the noise; this takes that away.
+        redshift_stretch (`float`, 0.0): > 0 moves each training spectrum of a class in
+            `redshift_stretch_families`, every time the loop draws it, along its log-sampled
+            grid by whole pixels: (1 + z) times exp(u), u uniform in [-redshift_stretch,
+            redshift_stretch] (never below z = 0), the redshift label moved with it and the
+            pixels that enter from beyond the grid masked (`finetune.spectra_augment`). It
+            widens the redshift range each class is seen at. 0 = off. Cannot resume.
+        redshift_stretch_families (`tuple[str, ...]`, ("GALAXY", "QSO")): the class families
+            (`heads.template_fit.class_family`: the class name's first word) that are stretched;
+            stars, whose class is a temperature at z ~ 0, are not.
     """
 
     alpha: float | None = None
@@ -100,6 +112,13 @@ class FinetuneConfig(TaskFinetuneConfig):
     tilt_rms: float = 0.0
     tilt_order: int = 3
     tilt_ivar_rms: float = 0.0
+    redshift_stretch: float = 0.0
+    redshift_stretch_families: tuple[str, ...] = ("GALAXY", "QSO")
+
+    @property
+    def augments(self) -> bool:
+        """Whether the training spectra are augmented (tilts or redshift stretch): such a run cannot resume."""
+        return self.tilt_rms > 0 or self.tilt_ivar_rms > 0 or self.redshift_stretch > 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,9 +133,15 @@ class FinetuneConfig(TaskFinetuneConfig):
                 raise InputError(name, f"must be in [0, 1] (an rms in ln), got {getattr(self, name)}", "0 = off, e.g. 0.1 for tilts up to 10 % rms")
         if self.tilt_order < 1:
             raise InputError("tilt_order", f"must be >= 1, got {self.tilt_order}", "e.g. 3 (Legendre orders 1-3 in ln wavelength)")
-        if (self.tilt_rms > 0 or self.tilt_ivar_rms > 0) and self.resume:
-            raise InputError("resume", "cannot continue a run with tilts (tilt_rms / tilt_ivar_rms > 0: they follow the epochs drawn so far)",
-                             "start the run again, or fine-tune without tilts")
+        if not 0 <= self.redshift_stretch <= 0.5:
+            raise InputError("redshift_stretch", f"must be in [0, 0.5] (a range in ln(1 + z)), got {self.redshift_stretch}", "0 = off, e.g. 0.1 for (1 + z) within +-10 %")
+        if isinstance(self.redshift_stretch_families, str):
+            raise InputError("redshift_stretch_families", f"must be a list of class families, got the string {self.redshift_stretch_families!r}",
+                             "e.g. [GALAXY, QSO]")
+        self.redshift_stretch_families = tuple(self.redshift_stretch_families)
+        if self.augments and self.resume:
+            raise InputError("resume", "cannot continue a run with augmented spectra (tilt_rms / tilt_ivar_rms / redshift_stretch > 0: "
+                             "the draws follow the epochs drawn so far)", "start the run again, or fine-tune without augmentation")
 
 
 def build_model(card, cfg: FinetuneConfig, backbone=None, backbone_config: dict | None = None) -> CosmoFMForSpectralClassification:
@@ -166,8 +191,9 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
         teacher_logits = torch.as_tensor(predict(teacher, train, batch_size=256)["logits"])
         loss = _distillation_loss(teacher_logits, cfg.distill_weight, cfg.distill_temperature)
 
-    tilted = cfg.tilt_rms > 0 or cfg.tilt_ivar_rms > 0
-    seen = TiltedSpectra(train, cfg.tilt_rms, cfg.tilt_order, cfg.seed, cfg.tilt_ivar_rms) if tilted else train
+    seen = AugmentedSpectra(train, cfg.seed, cfg.tilt_rms, cfg.tilt_order, cfg.tilt_ivar_rms, cfg.redshift_stretch,
+                            [c for c in head.class_names if class_family(c) in cfg.redshift_stretch_families], head.class_label,
+                            head.redshift_label) if cfg.augments else train
     run = finetune_loop(model, seen, ClassificationTask(head).targets, cfg.tuning, replace(cfg, desc=f"finetune ({cfg.strategy})"), loss)
     model, history = run.model, run.epoch_losses
 
@@ -180,44 +206,6 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     if cfg.output_dir and run.main_process:
         result.update(save_run(model, metrics, arrays, card, cfg, history))
     return result
-
-
-def smooth_tilt(wavelength: np.ndarray, rng: np.random.Generator, rms: float, order: int = 3) -> np.ndarray:
-    """A smooth multiplicative factor exp(s) on `wavelength`: s is a sum of Legendre orders
-    1..`order` of ln(wavelength) mapped onto [-1, 1] (coefficients N(0, 1/k) at order k, so
-    the shape is mostly a slope with some curvature), scaled to an rms drawn uniformly in
-    [0, rms]. Order 0 is left out: the tokenizer normalises each spectrum's scale anyway."""
-    x = np.log(np.asarray(wavelength, dtype=np.float64))
-    t = 2 * (x - x[0]) / max(float(x[-1] - x[0]), 1e-12) - 1
-    shape = np.polynomial.legendre.legval(t, np.concatenate([[0.0], rng.normal(0, 1, order) / np.arange(1, order + 1)]))
-    return np.exp(shape / max(float(np.std(shape)), 1e-12) * rng.uniform(0, rms))
-
-
-class TiltedSpectra(Sequence):
-    """`samples` (spectra) whose item i is tilted by `smooth_tilt` each time it is read, the
-    n-th read of item i by the draw of default_rng([seed, i, n]): the loop reads each
-    training sample once for its targets and then once per epoch, so every epoch sees a
-    new tilt, and a rerun the same ones. Values are multiplied by the factor f and ivar
-    divided by f^2 (S/N kept); with `ivar_rms` > 0 ivar is also multiplied by a second,
-    independent tilt (drawn after f, so f does not depend on it)."""
-
-    def __init__(self, samples: Sequence[Sample], rms: float, order: int, seed: int, ivar_rms: float = 0.0):
-        self.samples, self.rms, self.order, self.seed, self.ivar_rms = samples, float(rms), int(order), int(seed), float(ivar_rms)
-        self.reads = np.zeros(len(samples), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> Sample:
-        s = self.samples[i]
-        if s.modality != "spectrum":
-            raise InputError(f"sample {s.id}", f"is a {s.modality}, and tilts apply to spectra", "fine-tune with tilt_rms and tilt_ivar_rms 0")
-        rng = np.random.default_rng([self.seed, int(i), int(self.reads[i])])
-        self.reads[i] += 1
-        wave = s.coords["wavelength"]
-        f = smooth_tilt(wave, rng, self.rms, self.order)
-        g = smooth_tilt(wave, rng, self.ivar_rms, self.order) if self.ivar_rms > 0 else 1.0
-        return Sample.validated(s.modality, (s.values * f).astype(s.values.dtype), (s.ivar * g / f**2).astype(s.ivar.dtype), s.coords, s.meta)
 
 
 def train_redshift_network(model: CosmoFMForSpectralClassification, card, samples: Sequence[Sample], splits: dict, redshifts, steps: int,

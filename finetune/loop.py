@@ -154,15 +154,22 @@ class _Keys:
 
 
 class _Collate:
-    """Keys -> (collated batch, the batch's targets, sample indices (n,), optimizer-batch size)."""
+    """Keys -> (collated batch, the batch's targets, sample indices (n,), optimizer-batch size).
+    With `relabel` (a samples sequence whose labels change with each read, `relabels`) the
+    batch's targets are computed from the samples as read, not taken from `targets`."""
 
-    def __init__(self, samples: Sequence[Sample], targets: Mapping[str, torch.Tensor], survey_names: Sequence[str]):
-        self.samples, self.targets, self.survey_names = samples, targets, survey_names
+    def __init__(self, samples: Sequence[Sample], targets: Mapping[str, torch.Tensor], survey_names: Sequence[str], relabel: Callable | None = None):
+        self.samples, self.targets, self.survey_names, self.relabel = samples, targets, survey_names, relabel
 
     def __call__(self, keys):
         index = torch.tensor([i for i, _ in keys])
-        batch = collate_samples([self.samples[i] for i, _ in keys], self.survey_names)
-        return batch, {k: v[index] for k, v in self.targets.items()}, index, keys[0][1]
+        read = [self.samples[i] for i, _ in keys]
+        batch = collate_samples(read, self.survey_names)
+        if self.relabel is None:
+            targets = {k: v[index] for k, v in self.targets.items()}
+        else:
+            targets = {k: torch.as_tensor(v) for k, v in self.relabel(read).items() if v is not None}
+        return batch, targets, index, keys[0][1]
 
 
 def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[Sample]], Mapping[str, torch.Tensor | None]],
@@ -170,7 +177,9 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
     """Fine-tune `model` (a CosmoFMForTask) on `samples` with `strategy`; see the module docstring.
 
     `targets(samples)` is called once, before any compute (so a missing label is an error
-    up front); its None entries are left out. `loss(output, index)`, given, replaces
+    up front); its None entries are left out. Samples whose labels change with each read
+    (an augmentation that sets `relabels = True`, e.g. a redshift stretch) get each batch's
+    targets from `targets` of the batch as read. `loss(output, index)`, given, replaces
     `output.loss` (`index`: the micro-batch's sample indices). Seeds nothing but the data
     order: seed (e.g. `accelerate.utils.set_seed`) before building the model.
     """
@@ -208,7 +217,8 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
                                     accelerator.num_processes, start, cfg.max_steps)
         # its own generator: a DataLoader draws a base seed, which must not move the global RNG (dropout)
         loader = DataLoader(_Keys(), batch_sampler=sampler, generator=torch.Generator(),
-                            collate_fn=_Collate(samples, all_targets, accelerator.unwrap_model(model).config.survey_names))
+                            collate_fn=_Collate(samples, all_targets, accelerator.unwrap_model(model).config.survey_names,
+                                                   targets if getattr(samples, "relabels", False) else None))
         if cfg.trackers:
             start_trackers(accelerator, TRACKER_PROJECT, flat_dict(asdict(cfg)), cfg.output_dir)
         model.train()

@@ -96,16 +96,42 @@ def _weight_slug(pixel_weight: str) -> str:
     return "" if pixel_weight == PIXEL_WEIGHT else f"-{pixel_weight.replace('_', '-')}"
 
 
-def block_scores(model, samples, labels: np.ndarray) -> dict:
-    """Accuracy, macro / per-class recall, ECE (calibrated) and conformal coverage of `samples`."""
-    logits = predict(model, samples, batch_size=256)["logits"]
-    probs = softmax(logits, model.head_config.temperature)
+def block_scores(model, samples, labels: np.ndarray, redshifts: np.ndarray | None = None) -> dict:
+    """Accuracy, macro / per-class recall, confusion matrix (rows true, columns predicted), ECE
+    (calibrated) and conformal coverage of `samples`; with `redshifts`, also the recall of each
+    galaxy / QSO class in redshift bins (`recall_by_redshift`)."""
+    outputs = predict(model, samples, batch_size=256)
+    probs = softmax(outputs["logits"], model.head_config.temperature)
     m = classification_metrics(probs, labels, model.class_names)
     out = {"accuracy": m["accuracy"], "macro_recall": m["macro_recall"], "per_class_recall": m["per_class_recall"],
-           "ece": expected_calibration_error(probs, labels)}
+           "confusion": m["confusion"].tolist(), "ece": expected_calibration_error(probs, labels)}
+    if outputs.get("ood_score") is not None:  # what the catalogue does with them: flags, and errors it does not flag
+        flagged = flags(model, usable_spectra(model, samples), np.asarray(outputs["ood_score"]))
+        wrong = np.argmax(probs, axis=1) != labels
+        out.update(flagged=float(flagged.mean()), wrong_unflagged=float(np.mean(wrong & ~flagged)),
+                   accuracy_unflagged=float(1 - wrong[~flagged].mean()) if (~flagged).any() else float("nan"))
+    if redshifts is not None:
+        out["recall_by_redshift"] = recall_by_redshift(np.argmax(probs, axis=1), labels, redshifts, model.class_names)
     sets = model.prediction_sets(probs)
     if sets is not None:
         out["conformal_coverage"] = coverage(sets, labels)
+    return out
+
+
+def recall_by_redshift(pred: np.ndarray, labels: np.ndarray, redshifts: np.ndarray, class_names, n_bins: int = 4) -> dict:
+    """{class: [[z_lo, z_hi, n, recall], ...]} for every galaxy and QSO class: `n_bins` bins of
+    equal width over the class's redshifts in this block (where in a shifted range it fails)."""
+    out = {}
+    for c, name in enumerate(class_names):
+        mine = labels == c
+        if name.startswith("STAR") or mine.sum() < n_bins:
+            continue
+        edges = np.linspace(redshifts[mine].min(), redshifts[mine].max() + 1e-9, n_bins + 1)
+        rows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            inside = mine & (redshifts >= lo) & (redshifts < hi)
+            rows.append([float(lo), float(hi), int(inside.sum()), float(np.mean(pred[inside] == c)) if inside.any() else float("nan")])
+        out[name] = rows
     return out
 
 
@@ -189,7 +215,7 @@ def _write(report: dict, out: Path, name: str, arms: list[str]) -> dict:
 def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None,
                        pixel_weight: str = PIXEL_WEIGHT, label_fraction: float = 1.0) -> dict:
     """One full fine-tune from `backbone`, scored in distribution and under every shift. `tilts`:
-    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ...}; None = none).
+    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ..., "redshift_stretch": ...}; None = none).
     label_fraction: the share of the training block whose labels are used (the first ones; the
     calibration and test blocks are the same whatever it is)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
@@ -206,17 +232,45 @@ def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: st
     test_index = np.asarray(result["splits"]["test"])
     keys = ("accuracy", "macro_recall", "per_class_recall", "ece_after", "conformal_alpha", "conformal_coverage")
     row = {"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0, "model_dir": str(Path(cfg.output_dir) / "model"),
-           "test": {k: metrics[k] for k in keys}, "shifts": {}}
-    for name, shifted in shifted_tests(card, work, n, test_index).items():
-        labels = labels_from_samples(shifted, model.head_config)[0].numpy()
-        scores = block_scores(model, shifted, labels)
-        scores["macro_recall_drop"] = metrics["macro_recall"] - scores["macro_recall"]
-        row["shifts"][name] = scores
+           "test": {k: metrics[k] for k in keys}}
     test = [samples[int(i)] for i in test_index]
+    row.update(shift_scores(model, card, work, n, test, test_index, metrics["macro_recall"]))
     row["out_of_set"] = out_of_set_scores(model, test, out_of_set_mocks(card, work))
     row["head_to_head"] = head_to_head(model, test[:N_BASELINE], classical_baseline(work, test[:N_BASELINE], n))
     print(json.dumps({k: row[k] for k in ("arm", "seed", "test")}, default=float), flush=True)
     return row
+
+
+def shift_scores(model, card, work: Path, n: int, test: list, test_index: np.ndarray, macro_recall: float) -> dict:
+    """{"test_flags": the flag figures of the test block, "shifts": {name: block_scores and the
+    macro recall's drop from `macro_recall`}} of `model`."""
+    labels = labels_from_samples(test, model.head_config)[0].numpy()
+    in_set = block_scores(model, test, labels)
+    out = {"test_flags": {k: in_set[k] for k in ("flagged", "wrong_unflagged", "accuracy_unflagged") if k in in_set}, "shifts": {}}
+    for name, shifted in shifted_tests(card, work, n, test_index).items():
+        labels, redshifts = (t.numpy() if t is not None else None for t in labels_from_samples(shifted, model.head_config))
+        scores = block_scores(model, shifted, labels, redshifts)
+        scores["macro_recall_drop"] = macro_recall - scores["macro_recall"]
+        out["shifts"][name] = scores
+    return out
+
+
+def rescore(out: Path, work: Path, name: str) -> dict:
+    """Score every run of out/<name>.json again under the shifts (its saved model, the cached
+    test block and shift sets) and rewrite the report: figures added to block_scores after
+    the runs were made, without fine-tuning again."""
+    from cosmofm.finetune.classify import load_classifier
+    from cosmofm.finetune.run import split_indices
+
+    report = json.loads((out / f"{name}.json").read_text())
+    card, n = load_card(report["card"]), report["n_samples"]
+    samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{report['labelled_seed']}", n, report["labelled_seed"])
+    test_index = split_indices(n, FinetuneConfig(**SPLIT))["test"]
+    test = [samples[int(i)] for i in test_index]
+    for row in report["runs"]:
+        row.update(shift_scores(load_classifier(row["model_dir"]), card, work, n, test, test_index, row["test"]["macro_recall"]))
+        print(json.dumps({"arm": row["arm"], "seed": row["seed"], "test_flags": row["test_flags"]}), flush=True)
+    return _write(report, out, name, [report["runs"][0]["arm"]])
 
 
 def out_of_set_mocks(card, work: Path, seed: int = OUT_OF_SET_SEED, cache: Path | None = None) -> list:
@@ -236,13 +290,23 @@ def detector_scores(model, samples) -> tuple[np.ndarray, np.ndarray]:
     """(score, flagged) per spectrum as `cosmofm classify` sees it: spectra with too few
     unmasked pixels are never classified (score +inf, flagged); the rest are flagged when
     the out-of-set score exceeds the model's threshold."""
-    from cosmofm.finetune.classify import min_unmasked_pixels
-
-    usable = np.array([int(np.count_nonzero(s.ivar > 0)) >= min_unmasked_pixels(model) for s in samples])
+    usable = usable_spectra(model, samples)
     scores = np.full(len(samples), np.inf)
     scores[usable] = predict(model, [s for s, ok in zip(samples, usable) if ok], batch_size=256)["ood_score"]
+    return scores, flags(model, usable, scores)
+
+
+def usable_spectra(model, samples) -> np.ndarray:
+    """Which spectra have enough unmasked pixels for `cosmofm classify` to classify them."""
+    from cosmofm.finetune.classify import min_unmasked_pixels
+
+    return np.array([int(np.count_nonzero(s.ivar > 0)) >= min_unmasked_pixels(model) for s in samples])
+
+
+def flags(model, usable: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The out-of-set flag `cosmofm classify` sets: unusable, or the score over the model's threshold."""
     threshold = model.head_config.ood_threshold  # None: the calibration block was too small to set one
-    return scores, ~usable | (scores > (np.inf if threshold is None else threshold))
+    return ~usable | (scores > (np.inf if threshold is None else threshold))
 
 
 def out_of_set_scores(model, test: list, out_of_set: list) -> dict:
@@ -303,8 +367,12 @@ def summary(runs: list[dict]) -> dict:
     """Mean and spread over seeds of each headline figure, in distribution and per shift."""
     out = {"in_distribution": {k: _spread([r["test"][k] for r in runs]) for k in ("accuracy", "macro_recall", "ece_after", "conformal_coverage")}}
     out["in_distribution"]["min_class_recall"] = _spread([min(r["test"]["per_class_recall"].values()) for r in runs])
+    flag_keys = ("flagged", "wrong_unflagged", "accuracy_unflagged")
+    if all("test_flags" in r for r in runs):  # reports made before the flag figures lack them
+        out["in_distribution"].update({k: _spread([r["test_flags"][k] for r in runs]) for k in flag_keys})
     for name in runs[0]["shifts"]:
-        out[name] = {k: _spread([r["shifts"][name][k] for r in runs]) for k in ("accuracy", "macro_recall", "macro_recall_drop", "ece")}
+        keys = ("accuracy", "macro_recall", "macro_recall_drop", "ece") + tuple(k for k in flag_keys if all(k in r["shifts"][name] for r in runs))
+        out[name] = {k: _spread([r["shifts"][name][k] for r in runs]) for k in keys}
     out["out_of_set"] = {k: _spread([r["out_of_set"][k] for r in runs]) for k in ("auroc", "false_flag_rate", "detection_rate")}
     out["out_of_set"]["per_kind"] = {k: _spread([r["out_of_set"]["detection_rate_per_kind"][k] for r in runs])
                                      for k in runs[0]["out_of_set"]["detection_rate_per_kind"]}
@@ -346,17 +414,24 @@ def main(argv: list[str] | None = None):
                    help="smooth random tilts of the training spectra up to this rms in ln flux (FinetuneConfig.tilt_rms); 0 = none")
     p.add_argument("--tilt-ivar-rms", type=float, default=0.0,
                    help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
+    p.add_argument("--redshift-stretch", type=float, default=0.0,
+                   help="move the training galaxies and QSOs along the grid, (1 + z) x exp(u), |u| <= this (FinetuneConfig.redshift_stretch); 0 = none")
     p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
                    help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
     p.add_argument("--label-fraction", type=float, default=1.0,
                    help="share of the training block's labels the fine-tunes use (label efficiency; raise --epochs to keep the steps)")
     p.add_argument("--name", default="classify_survey", help="the report is written to OUT/NAME.json")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the runs of OUT/NAME.json again under the shifts (saved models, cached sets) and rewrite it; no fine-tuning")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs of OUT/NAME.json if made with the same settings; fine-tune only the missing (arm, seed) pairs")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.rescore:
+        rescore(out, Path(args.work) if args.work else out / "work", args.name)
+        return
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms}, args.pixel_weight, args.name, args.resume, args.label_fraction)
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "redshift_stretch": args.redshift_stretch}, args.pixel_weight, args.name, args.resume, args.label_fraction)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
