@@ -219,7 +219,7 @@ def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: st
     label_fraction: the share of the training block whose labels are used (the first ones; the
     calibration and test blocks are the same whatever it is)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
-    slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{v:g}" for k, v in sorted(tilts.items())) \
+    slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{_slug_value(v)}" for k, v in sorted(tilts.items())) \
         + (f"-labels{label_fraction:g}" if label_fraction < 1 else "")
     # A fresh backbone trains at the head's learning rate (a pretrained one at 0.3 x it, the strategy's default)
     scratch = {"backbone_lr_scale": 1.0} if backbone is None else {}
@@ -271,6 +271,11 @@ def rescore(out: Path, work: Path, name: str) -> dict:
         row.update(shift_scores(load_classifier(row["model_dir"]), card, work, n, test, test_index, row["test"]["macro_recall"]))
         print(json.dumps({"arm": row["arm"], "seed": row["seed"], "test_flags": row["test_flags"]}), flush=True)
     return _write(report, out, name, [report["runs"][0]["arm"]])
+
+
+def _slug_value(value) -> str:
+    """An augmentation setting in a cache folder's name: 0.3 -> "0.3", ["QSO"] -> "QSO"."""
+    return "+".join(value) if isinstance(value, (list, tuple)) else f"{value:g}"
 
 
 def out_of_set_mocks(card, work: Path, seed: int = OUT_OF_SET_SEED, cache: Path | None = None) -> list:
@@ -416,6 +421,8 @@ def main(argv: list[str] | None = None):
                    help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
     p.add_argument("--redshift-stretch", type=float, default=0.0,
                    help="move the training galaxies and QSOs along the grid, (1 + z) x exp(u), |u| <= this (FinetuneConfig.redshift_stretch); 0 = none")
+    p.add_argument("--redshift-stretch-families", nargs="+", default=None,
+                   help="class families the stretch moves (FinetuneConfig.redshift_stretch_families; default GALAXY QSO)")
     p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
                    help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
     p.add_argument("--label-fraction", type=float, default=1.0,
@@ -431,7 +438,8 @@ def main(argv: list[str] | None = None):
         rescore(out, Path(args.work) if args.work else out / "work", args.name)
         return
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "redshift_stretch": args.redshift_stretch}, args.pixel_weight, args.name, args.resume, args.label_fraction)
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "redshift_stretch": args.redshift_stretch,
+                  "redshift_stretch_families": args.redshift_stretch_families}, args.pixel_weight, args.name, args.resume, args.label_fraction)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
