@@ -10,6 +10,7 @@ from cosmofm.data_cards.mocks.spectra import CLASSES
 from cosmofm.finetune.classification import FinetuneConfig, build_model, finetune_classification
 from cosmofm.finetune.classify import predict
 from cosmofm.finetune.spectra_augment import AugmentedSpectra, smooth_tilt
+from cosmofm.heads.template_fit import class_family
 
 TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, spectrum_patch_size=128, coord_frequencies=4, projection_dim=8)
 WAVE = np.geomspace(3600.0, 10400.0, 500)
@@ -94,11 +95,11 @@ def test_tilts_change_the_fine_tune_and_zero_leaves_it_alone(spectra, sdss):
 
 
 def _family(sample) -> str:
-    return sample.meta["labels"]["spectral_class"].split("_")[0]
+    return class_family(sample.meta["labels"]["spectral_class"])
 
 
 def test_redshift_stretch_moves_galaxies_and_qsos_by_whole_pixels_with_their_label(spectra):
-    stretched = AugmentedSpectra(spectra, 0, redshift_stretch=0.1, stretch_classes=[c for c in CLASSES if not c.startswith("STAR")])
+    stretched = AugmentedSpectra(spectra, 0, redshift_stretch=0.1, stretch_classes=[c for c in CLASSES if class_family(c) != "STAR"])
     step = np.log(spectra[0].coords["wavelength"][1] / spectra[0].coords["wavelength"][0])
     moved = 0
     for i, s in enumerate(spectra):
@@ -141,7 +142,7 @@ def test_the_loop_takes_a_stretched_batch_targets_from_the_spectra_as_read(spect
 
     model = build_model(sdss, FinetuneConfig(), backbone_config=TINY)
     task = ClassificationTask(model.head_config)
-    stretched = AugmentedSpectra(spectra, 0, redshift_stretch=0.2, stretch_classes=[c for c in CLASSES if not c.startswith("STAR")])
+    stretched = AugmentedSpectra(spectra, 0, redshift_stretch=0.2, stretch_classes=[c for c in CLASSES if class_family(c) != "STAR"])
     first = task.targets(stretched)  # the reads the loop makes for its targets up front
     keys = [(i, len(spectra)) for i in range(len(spectra))]
     _, targets, _, _ = _Collate(stretched, first, model.config.survey_names, relabel=task.targets)(keys)

@@ -55,6 +55,7 @@ from cosmofm.finetune.classify import predict
 from cosmofm.heads.calibration import coverage, expected_calibration_error, softmax
 from cosmofm.heads.classification import labels_from_samples
 from cosmofm.heads.metrics import classification_metrics
+from cosmofm.heads.template_fit import class_family
 from cosmofm.pretrain.configuration_cosmofm import PIXEL_WEIGHTS
 from cosmofm.pretrain.recipe import PretrainRecipe
 
@@ -105,13 +106,14 @@ def block_scores(model, samples, labels: np.ndarray, redshifts: np.ndarray | Non
     m = classification_metrics(probs, labels, model.class_names)
     out = {"accuracy": m["accuracy"], "macro_recall": m["macro_recall"], "per_class_recall": m["per_class_recall"],
            "confusion": m["confusion"].tolist(), "ece": expected_calibration_error(probs, labels)}
+    pred = np.argmax(probs, axis=1)
     if outputs.get("ood_score") is not None:  # what the catalogue does with them: flags, and errors it does not flag
         flagged = flags(model, usable_spectra(model, samples), np.asarray(outputs["ood_score"]))
-        wrong = np.argmax(probs, axis=1) != labels
+        wrong = pred != labels
         out.update(flagged=float(flagged.mean()), wrong_unflagged=float(np.mean(wrong & ~flagged)),
                    accuracy_unflagged=float(1 - wrong[~flagged].mean()) if (~flagged).any() else float("nan"))
     if redshifts is not None:
-        out["recall_by_redshift"] = recall_by_redshift(np.argmax(probs, axis=1), labels, redshifts, model.class_names)
+        out["recall_by_redshift"] = recall_by_redshift(pred, labels, redshifts, model.class_names)
     sets = model.prediction_sets(probs)
     if sets is not None:
         out["conformal_coverage"] = coverage(sets, labels)
@@ -124,7 +126,7 @@ def recall_by_redshift(pred: np.ndarray, labels: np.ndarray, redshifts: np.ndarr
     out = {}
     for c, name in enumerate(class_names):
         mine = labels == c
-        if name.startswith("STAR") or mine.sum() < n_bins:
+        if class_family(name) == "STAR" or mine.sum() < n_bins:
             continue
         edges = np.linspace(redshifts[mine].min(), redshifts[mine].max() + 1e-9, n_bins + 1)
         rows = []
@@ -309,9 +311,10 @@ def usable_spectra(model, samples) -> np.ndarray:
 
 
 def flags(model, usable: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """The out-of-set flag `cosmofm classify` sets: unusable, or the score over the model's threshold."""
-    threshold = model.head_config.ood_threshold  # None: the calibration block was too small to set one
-    return ~usable | (scores > (np.inf if threshold is None else threshold))
+    """The out-of-set flag `cosmofm classify` sets: unusable, or the model's own `out_of_set`
+    (None, no flags by score, when the calibration block was too small to set a threshold)."""
+    by_score = model.out_of_set(scores)
+    return ~usable if by_score is None else ~usable | by_score
 
 
 def out_of_set_scores(model, test: list, out_of_set: list) -> dict:
