@@ -180,6 +180,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
     set_seed(cfg.seed)
     model = build_model(card, cfg, backbone, backbone_config)
     head = model.head_config
+    samples = model.input_spectra(samples, training=True)  # de-reddened when the head says so (cfg.head)
     labels, redshifts = labels_from_samples(samples, head)
     train = [samples[int(i)] for i in splits["train"]]  # the first n_train samples: loop index i is samples[i]
     loss = None

@@ -11,7 +11,10 @@ spectra too masked to classify flagged and skipped (`classifiable`), and two fla
 classified spectra whose conformal set is then empty (issue 17): OUT_OF_SET (the
 out-of-set detector of heads/out_of_set.py scores them unlike every class) and
 LOW_COVERAGE (`low_coverage`: their valid pixels span too little of the card's range).
-Both are bool columns, and codes in FLAGS too, so the run's summary counts them.
+Both are bool columns, and codes in FLAGS too, so the run's summary counts them. A head
+that de-reddens (`galactic_dereddening`, data_cards/dust.py) reads each spectrum divided by
+the Milky-Way dust of its file's E(B-V); one whose file gives none is read as it is and
+flagged NO_EBV (`no_ebv`, in FLAGS only: its set is kept, the dust of high latitudes is small).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from cosmofm.data_cards.dust import DEREDDENED_KEY, DustMap
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.calibration import ensemble_prediction
@@ -47,6 +51,7 @@ def predict(model: CosmoFMForSpectralClassification, samples: Sequence[Sample], 
     model.eval()
     device = device or next(model.parameters()).device
     names = model.config.survey_names
+    samples = model.input_spectra(samples)
     logits, z, z_err, mc, ood, feats = [], [], [], [], [], []
     for chunk in _batches(samples, np.arange(len(samples)), batch_size):
         out = model(collate_samples(chunk, names).to(device), mc_samples=mc_samples)
@@ -107,7 +112,7 @@ def redshift_method(clf: CosmoFMForSpectralClassification, requested: str | None
 
 
 def classify(inputs, model, output, batch_size: int = 256, card=None, progress: bool = True, redshift: str | None = None,
-             mc_samples: int = 0, chunk_rows: int = 1024, overwrite: bool = False) -> dict:
+             mc_samples: int = 0, chunk_rows: int = 1024, overwrite: bool = False, dust_map=None) -> dict:
     """Classify every spectrum in `inputs`; write one catalogue row per object to `output` (.fits / .parquet).
 
     Each row: ID, CARD, FILE, the file's identifiers (PLATE/MJD/FIBERID, TARGETID, OBJECT,
@@ -125,7 +130,9 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
     that many Monte-Carlo-dropout passes of the head. With a fitted out-of-set detector:
     OOD_SCORE and OUT_OF_SET (the score above its threshold); always LOW_COVERAGE
     (`low_coverage`). Flagged spectra keep their class and probabilities, but get an empty
-    CONFORMAL_SET and the codes out_of_set / low_coverage in FLAGS.
+    CONFORMAL_SET and the codes out_of_set / low_coverage in FLAGS. `dust_map`: a folder of
+    SFD98 map files (data_cards.dust.DustMap) giving spectra whose files carry no E(B-V) the
+    map's value at their RA/Dec, for a head that de-reddens (else no_ebv in FLAGS).
     Objects the reader flagged and skipped, objects with fewer unmasked pixels than one
     token of the model (`min_unmasked_pixels`: all_masked, too_few_pixels), and files it
     could not use or that hold no objects (empty_file), get a row with their flags and
@@ -154,7 +161,13 @@ def classify(inputs, model, output, batch_size: int = 256, card=None, progress: 
         raise InputError("mc_samples", f"must be >= 0, got {mc_samples}", "e.g. 20, or 0 for none")
     if batch_size < 1:
         raise InputError("batch_size", f"must be >= 1, got {batch_size}", "e.g. 256 spectra per batch")
-    predictor = ClassificationPredictor(clf, batch_size, method, mc_samples)
+    dust = None
+    if dust_map is not None:
+        if not clf.head_config.galactic_dereddening:
+            raise InputError("dust_map", "was given, but this model's head does not de-redden (galactic_dereddening is off)",
+                             "leave --dust-map out, or fine-tune with head {galactic_dereddening: true}")
+        dust = DustMap(dust_map)
+    predictor = ClassificationPredictor(clf, batch_size, method, mc_samples, dust)
     summary = predict_files(inputs, predictor, output, card=card, progress=progress, chunk_rows=chunk_rows, overwrite=overwrite)
     return {"output": summary["output"], "n_rows": summary["n_rows"], "n_classified": summary["n_predicted"],
             "n_files": summary["n_files"], "n_out_of_set": summary["flags"].get(OUT_OF_SET, 0),
@@ -166,15 +179,17 @@ class ClassificationPredictor:
     probabilities, conformal sets and a redshift per spectrum of a piece, spectra with too
     few unmasked pixels skipped (`classifiable`). `redshift`: see `classify` (already
     checked by `redshift_method`); `mc_samples` > 0 runs one piece at a time (Monte-Carlo
-    dropout switches the head to training mode for its passes)."""
+    dropout switches the head to training mode for its passes); `dust_map` fills the E(B-V)
+    of spectra whose files have none (`classify`)."""
 
     verb, modality = "classify", "spectrum"
 
-    def __init__(self, clf: CosmoFMForSpectralClassification, batch_size: int = 256, redshift: str = "network", mc_samples: int = 0):
+    def __init__(self, clf: CosmoFMForSpectralClassification, batch_size: int = 256, redshift: str = "network", mc_samples: int = 0,
+                 dust_map: DustMap | None = None):
         from cosmofm.heads.classification import ClassificationTask
         from cosmofm.heads.redshift_scan import RedshiftScanner
 
-        self.clf, self.batch_size, self.redshift, self.mc_samples = clf, batch_size, redshift, mc_samples
+        self.clf, self.batch_size, self.redshift, self.mc_samples, self.dust_map = clf, batch_size, redshift, mc_samples, dust_map
         self.device = next(clf.parameters()).device
         self.workers = 1 if mc_samples else None
         self.scanner = RedshiftScanner() if redshift == "scan" else None  # shared: its template FFTs are cached
@@ -186,6 +201,8 @@ class ClassificationPredictor:
         from cosmofm.finetune.predict import PiecePrediction
 
         skipped: list = []
+        if self.dust_map is not None:
+            self.dust_map.fill(samples)
         ids, columns = _predict_columns(self.clf, samples, self.batch_size, self.redshift, self.mc_samples, self.scanner, skipped)
         return PiecePrediction(ids, columns, skipped)
 
@@ -203,13 +220,14 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     device = next(clf.parameters()).device
     names = np.array(clf.class_names)
     skipped = [] if skipped is None else skipped
+    samples = clf.input_spectra(samples)
 
     def run(batch: list[Sample]) -> dict:
         collated = collate_samples(batch, clf.config.survey_names)
         with torch.no_grad():  # grad mode is per thread
             out = clf(collated.to(device), mc_samples=mc_samples)
         probs = clf.probabilities(out.logits)
-        part = {"ids": [s.id for s in batch], "probs": probs, "low_coverage": low_coverage(batch),
+        part = {"ids": [s.id for s in batch], "probs": probs, "low_coverage": low_coverage(batch), "no_ebv": not_dereddened(clf, batch),
                 "ood_score": out.ood_score.cpu().numpy() if out.ood_score is not None else None,
                 "z": out.redshift.float().cpu().numpy() if out.redshift is not None else None,
                 "z_err": out.redshift_err.float().cpu().numpy() if out.redshift_err is not None else None,
@@ -259,6 +277,8 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     columns["LOW_COVERAGE"] = low
     skipped += [Flag(positions[k], ids[k], LOW_COVERAGE, f"{ids[k]}: valid pixels cover < {MIN_LOG_WAVELENGTH_COVERAGE:.0%} of the "
                      "card's log-wavelength range; empty conformal set", KEPT) for k in np.flatnonzero(low)]
+    skipped += [Flag(positions[k], ids[k], NO_EBV, f"{ids[k]}: no Galactic E(B-V) in the file (meta 'ebv'): classified as read, "
+                     "not de-reddened; give the dust map's E(B-V) per target", KEPT) for k in np.flatnonzero(joined("no_ebv"))]
     columns["Z"], columns["Z_ERR"] = float64("z"), float64("z_err")
     if redshift != "network":
         columns["Z_NETWORK"] = columns["Z"]
@@ -268,7 +288,16 @@ def _predict_columns(clf: CosmoFMForSpectralClassification, samples: Sequence[Sa
     return ids, columns
 
 
-OUT_OF_SET, LOW_COVERAGE = "out_of_set", "low_coverage"  # their FLAGS codes
+OUT_OF_SET, LOW_COVERAGE, NO_EBV = "out_of_set", "low_coverage", "no_ebv"  # their FLAGS codes
+
+
+def not_dereddened(clf: CosmoFMForSpectralClassification, samples: Sequence[Sample]) -> np.ndarray:
+    """(N,) bool: spectra (as `clf.input_spectra` gave them) that a de-reddening head had to
+    read as they were, their file lacking an E(B-V); all False for a head that does not de-redden."""
+    if not clf.head_config.galactic_dereddening:
+        return np.zeros(len(samples), dtype=bool)
+    return np.array([s.meta.get(DEREDDENED_KEY) is None for s in samples], dtype=bool)
+
 # Below half the card's ln(lambda) range a class decision rests on a few features: one arm
 # of a two-arm spectrograph, or the blue half without H-alpha and the red continuum. Measured
 # (issue 17) on a 32-wide classifier fine-tuned on sdss-like-survey mocks, 500 held-out

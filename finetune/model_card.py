@@ -185,6 +185,9 @@ def render_model_card(config: dict, cards: list[DataCard], eval_results: list[di
                ("surveys with their own embedding", _join(config.get("survey_names") or []) or "none"),
                ("config schema_version", config.get("schema_version")), ("transformers", config.get("transformers_version")),
                ("cosmofm", _version()), ("weights", "safetensors (no pickle)")]
+    if (config.get("task") or {}).get("galactic_dereddening"):
+        details.append(("spectra as read", "de-reddened by each one's Milky-Way E(B-V) (`meta['ebv']`: DESI FIBERMAP EBV, BOSS "
+                                            "SFD_EBV, or `cosmofm classify --dust-map`); a spectrum without one is read as is and flagged no_ebv"))
     lines += [f"| {k} | {_cell(v)} |" for k, v in details if v not in (None, "")]
     lines += [
         "",

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification
 
+from cosmofm.data_cards.dust import DereddenedSpectra
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.sample import Sample
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
@@ -88,6 +89,10 @@ class ClassificationHeadConfig(TaskHeadConfig):
             network (heads/redshift_net.py) that measures z from the spectrum itself, p(z) by
             cross-correlating learned rest-frame kernels; its weights are `redshift_net.*`.
             None = no such network (the catalogue's Z comes from the scan or the head).
+        galactic_dereddening (`bool`, False): every spectrum is de-reddened by the Milky-Way
+            E(B-V) its file records (`meta["ebv"]`, data_cards/dust.py) before the model sees
+            it, in training and prediction (`input_spectra`); training spectra must carry one,
+            predicted spectra without one are classified as read and flagged.
     """
 
     class_names: list[str] = field(default_factory=list)
@@ -110,6 +115,7 @@ class ClassificationHeadConfig(TaskHeadConfig):
     ood_false_flag_rate: float | None = None
     ood_features: str = "backbone"
     redshift_net: dict | None = None
+    galactic_dereddening: bool = False
 
     TYPE: ClassVar[str] = TASK_TYPE
 
@@ -279,6 +285,13 @@ class CosmoFMForSpectralClassification(CosmoFMForTask):
         model's redshift network; its settings go into the config, its weights into the model's."""
         self.redshift_net = net.to(next(self.head.parameters()).device)
         self._set_task(redshift_net=net.cfg.to_dict())
+
+    def input_spectra(self, samples: Sequence[Sample], training: bool = False) -> Sequence[Sample]:
+        """`samples` as this model reads them: de-reddened (lazily) when the head says
+        `galactic_dereddening`; with `training`, a spectrum without its E(B-V) is an error."""
+        if not self.head_config.galactic_dereddening:
+            return samples
+        return DereddenedSpectra(samples, require=training)
 
     def network_redshifts(self, samples: Sequence[Sample], classes=None, probs: bool = True) -> RedshiftPrediction:
         """z, z_err and p(z) of spectrum Samples from the redshift network (`set_redshift_net`);

@@ -155,7 +155,8 @@ def _cmd_classify(args):
     from cosmofm.finetune.classify import classify
 
     summary = classify(args.input, args.model, args.output, batch_size=args.batch_size, card=args.card,
-                       redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows, overwrite=args.overwrite)
+                       redshift=args.redshift, mc_samples=args.mc_dropout, chunk_rows=args.chunk_rows, overwrite=args.overwrite,
+                       dust_map=args.dust_map)
     print(f"classified {summary['n_classified']} spectra ({summary['n_rows']} rows; redshifts: {summary['redshift']}) -> {summary['output']}")
     if summary["flags"]:
         print("flagged rows (FLAGS column): " + ", ".join(f"{n} {code}" for code, n in summary["flags"].items()), file=sys.stderr)
@@ -393,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "of spectra/s) or template (the full template fit of the predicted class, ~50 spectra/s)")
     c.add_argument("--mc-dropout", type=int, default=0, metavar="N",
                    help="N Monte-Carlo-dropout passes of the head: adds EPISTEMIC (mutual information, nats)")
+    c.add_argument("--dust-map", metavar="DIR",
+                   help="folder with the SFD98 maps (SFD_dust_4096_ngp.fits, _sgp.fits; nothing is downloaded): for a model that "
+                        "de-reddens, the E(B-V) at each target's RA/Dec where its file records none")
     c.set_defaults(func=_cmd_classify)
 
     r = sub.add_parser("predict", help="run any fine-tuned task (photoz, ...) on survey files; write a catalogue")

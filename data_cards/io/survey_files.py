@@ -30,6 +30,7 @@ import numpy as np
 from astropy import constants as const
 from astropy.io import fits
 
+from cosmofm.data_cards.dust import EBV_KEY, SF11_SCALE
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.readers.common import vacuum_to_air
 from cosmofm.data_cards.sample import Sample
@@ -112,6 +113,8 @@ def write_desi_coadd(samples: Sequence[Sample], path: str | os.PathLike, targeti
         fits.Column("COADD_FIBERSTATUS", "J", array=np.zeros(n, np.int32)),
         fits.Column("TARGET_RA", "D", array=ra), fits.Column("TARGET_DEC", "D", array=dec),
         fits.Column("OBJTYPE", "3A", array=["TGT"] * n),
+        # SFD98's scale, as DESI writes it (meta holds SF11's, data_cards/dust.py); NaN: the sample has none
+        fits.Column("EBV", "E", array=[float(s.meta.get(EBV_KEY, np.nan)) / SF11_SCALE for s in samples]),
     ], name="FIBERMAP")
     exp = fits.BinTableHDU.from_columns([fits.Column("TARGETID", "K", array=np.asarray(targetids, np.int64)), fits.Column("EXPID", "J", array=np.full(n, 120000, np.int32))], name="EXP_FIBERMAP")
     hdus = [primary, fibermap, exp]

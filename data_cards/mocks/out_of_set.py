@@ -29,7 +29,7 @@ from cosmofm.data_cards.mocks import instrument, stellar
 from cosmofm.data_cards.mocks.common import object_rng
 from cosmofm.data_cards.mocks.luminosity import SURVEY_WINDOW
 from cosmofm.data_cards.mocks.spectra import R_TOP_HAT, ObjectParams, _f_lambda_r, wavelength_grid
-from cosmofm.data_cards.mocks.survey import make_sample, normalisation
+from cosmofm.data_cards.mocks.survey import dust_map_ebv, make_sample, normalisation
 from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import SpectrumCard
 
@@ -130,7 +130,8 @@ def mock_out_of_set(card: SpectrumCard, seed: int, index: int, kind: str | None 
         flux, ivar, bits = _not_astrophysical(card, obj, rng)
         meta = {"card": card.name, "id": f"{card.name}-oos-{seed}-{index}", "pair_id": f"oos-{seed}-{index}",
                 "labels": {"spectral_class": kind, "redshift": 0.0}, "and_mask_bits": int(bits),
-                "truth": {"params": {k: float(v) for k, v in obj.params.items()}}, "mock_realism": "survey", **extra}
+                "truth": {"params": {k: float(v) for k, v in obj.params.items()}}, "mock_realism": "survey",
+                "ebv": dust_map_ebv(seed, index, obj.params["ebv_mw"]), **extra}
         return Sample("spectrum", flux, ivar, {"wavelength": wavelength_grid(card)}, meta)
     obj.mags = {"r": float(rng.uniform(*SURVEY_WINDOW))}
     if kind == "OOS_MSTAR":

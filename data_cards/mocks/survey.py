@@ -8,7 +8,8 @@ one object -- with more physics drawn on a separate random stream (5):
   metallicities at their velocity dispersion, stellar dust 0.44 of the gas's, LINER-like
   lines in half the quiescent ones; nebular lines as the basic generator draws them;
 - QSOs (mocks/qso.py): the basic model plus Fe II, Balmer continuum, BALs and intergalactic H I;
-- every object: Milky-Way dust and interstellar Na D (E(B-V) drawn per sight line), then
+- every object: Milky-Way dust and interstellar Na D (E(B-V) drawn per sight line; `meta["ebv"]`
+  holds what a dust map says of it, data_cards/dust.py), then
   the survey instrument of mocks/instrument.py (sky residuals, telluric residuals,
   flux-calibration error, bad columns, S/N 2-100) on noise stream 4.
 The spectrum is renormalised to the object's r magnitude through its own observed model
@@ -30,6 +31,8 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.data_cards.schema import SpectrumCard
 
 SURVEY_STREAM = 5  # object_rng stream of the survey-only physics
+DUST_MAP_STREAM = 9  # object_rng stream of the dust map's error on E(B-V)
+DUST_MAP_ERROR = 0.16  # rms of ln(map / true E(B-V)): SFD98's quoted accuracy
 
 
 def draw_survey_extras(obj: ObjectParams, rng: np.random.Generator) -> None:
@@ -63,6 +66,13 @@ def survey_model(obj: ObjectParams, wave: np.ndarray, resolving_power: float) ->
     else:
         model = qso.qso_model(obj, wave, resolving_power)
     return model * stellar.galactic_extinction(wave, p["ebv_mw"])
+
+
+def dust_map_ebv(seed: int, index: int, ebv: float) -> float:
+    """What a dust map says of the E(B-V) of object (seed, index)'s sight line, whose dust is
+    `ebv` [mag]: off by DUST_MAP_ERROR (log-normal). Written as `meta["ebv"]`, as DESI's
+    FIBERMAP carries EBV (data_cards/dust.py); its own stream, so no other draw moves."""
+    return float(ebv * np.exp(DUST_MAP_ERROR * object_rng(seed, index, DUST_MAP_STREAM).standard_normal()))
 
 
 def survey_object(seed: int, index: int, shift: dict | None = None) -> tuple[ObjectParams, float]:
@@ -102,7 +112,7 @@ def make_sample(card: SpectrumCard, seed: int, index: int, obj: ObjectParams, no
     meta = {
         "card": card.name, "id": f"{card.name}-{seed}-{index}", "pair_id": f"obj-{seed}-{index}",
         "labels": {"spectral_class": obj.cls, "redshift": obj.z}, "and_mask_bits": int(np.bitwise_or.reduce(and_mask)),
-        "truth": truth, "mock_realism": "survey", **(extra_meta or {}),
+        "truth": truth, "mock_realism": "survey", "ebv": dust_map_ebv(seed, index, obj.params["ebv_mw"]), **(extra_meta or {}),
     }
     return Sample("spectrum", flux * norm, ivar / norm**2, {"wavelength": wave}, meta)
 

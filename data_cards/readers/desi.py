@@ -3,7 +3,8 @@
 Data model (desidatamodel, DESI_SPECTRO_REDUX/SPECPROD/healpix/.../coadd-SURVEY-PROGRAM-PIXNUM):
 
 * `FIBERMAP` (table, one row per target): TARGETID, TARGET_RA, TARGET_DEC,
-  COADD_FIBERSTATUS, OBJTYPE, ...; `EXP_FIBERMAP`, `SCORES`: not read.
+  COADD_FIBERSTATUS, OBJTYPE, EBV (SFD98 dust map, kept as `meta["ebv"]`,
+  data_cards/dust.py), ...; `EXP_FIBERMAP`, `SCORES`: not read.
 * per camera X in B, R, Z: `X_WAVELENGTH` [nwave] (Angstrom, vacuum, barycentric),
   `X_FLUX` [nspec, nwave] (BUNIT '10**-17 erg/(s cm2 Angstrom)'), `X_IVAR` [nspec, nwave],
   `X_MASK` [nspec, nwave] (0 = good; may be a compressed image), `X_RESOLUTION`
@@ -25,6 +26,7 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
+from cosmofm.data_cards.dust import EBV_KEY, recorded_ebv
 from cosmofm.data_cards.errors import InputError
 from cosmofm.data_cards.io.fits_io import parse_unit
 from cosmofm.data_cards.readers.common import (
@@ -105,7 +107,7 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
             if f"{cam}_RESOLUTION" in names:
                 rpower = _resolving_power(np.asarray(image_data(hdul[f"{cam}_RESOLUTION"], sel), dtype=np.float64), wave)
             cams.append({"name": cam.lower(), "wave": wave, "wave_unit": w_unit, "flux": flux, "ivar": ivar, "mask": mask, "flux_unit": flux_unit, "ivar_unit": ivar_unit, "R": rpower})
-        fm = {c.upper(): np.asarray(fibermap[c][sel]) for c in fibermap.columns.names if c.upper() in ("TARGETID", "TARGET_RA", "TARGET_DEC", "COADD_FIBERSTATUS", "FIBERSTATUS", "OBJTYPE")}
+        fm = {c.upper(): np.asarray(fibermap[c][sel]) for c in fibermap.columns.names if c.upper() in ("TARGETID", "TARGET_RA", "TARGET_DEC", "COADD_FIBERSTATUS", "FIBERSTATUS", "OBJTYPE", "EBV")}
         primary = hdul[0].header
         survey = {k.lower(): json_safe(primary[k]) for k in ("SURVEY", "PROGRAM", "SPGRP", "SPGRPVAL", "HPXPIXEL", "TILEID", "SPECPROD") if k in primary}
 
@@ -146,6 +148,9 @@ def read(path: Path, card=None, limit: int | None = None, keep_sky: bool = False
                 flags.add(i, sid, "fiberstatus", f"{sid}: COADD_FIBERSTATUS = {int(status[j])} (kept; masked pixels already have ivar 0)", KEPT)
         if objtype:
             meta["objtype"] = objtype
+        ebv = recorded_ebv(fm["EBV"][j]) if "EBV" in fm else None
+        if ebv is not None:
+            meta[EBV_KEY] = ebv  # SFD98 at the target, on the SF11 scale (data_cards/dust.py)
         rp = {c["name"]: c["R"][j] for c in cams if c["R"] is not None and c["R"][j] is not None}
         if rp:
             meta["resolving_power"] = rp

@@ -9,7 +9,8 @@ Data model (https://data.sdss.org/datamodel/files/BOSS_SPECTRO_REDUX/RUN2D/spect
   the vacuum wavelength in A), `ivar`, `and_mask`, `or_mask`, `wdisp` (LSF sigma in
   pixels of 1e-4 dex), `sky`, `model`.
 * HDU 2 `SPECOBJ`: the pipeline's CLASS, SUBCLASS, Z, Z_ERR, ZWARNING, PLUG_RA/PLUG_DEC...
-  kept in `meta["pipeline"]`, never in `meta["labels"]` and never used as input.
+  kept in `meta["pipeline"]`, never in `meta["labels"]` and never used as input; the
+  dust map's E(B-V) (BOSS spAll SFD_EBV, or EBV) where the row has it, as `meta["ebv"]`.
 * HDU 3 `SPZLINE` and (full files only) per-exposure HDUs: not read.
 
 Multi-object tables (`specObj`/`spAll`-style rows with PLATE, MJD, FIBERID plus vector
@@ -27,6 +28,7 @@ from pathlib import Path
 import astropy.units as u
 import numpy as np
 
+from cosmofm.data_cards.dust import EBV_KEY, recorded_ebv
 from cosmofm.data_cards.errors import InputError
 from astropy.io import fits
 
@@ -125,6 +127,9 @@ def read_spec(path: Path, card=None, mask_bits: int | None = None, limit: int | 
         meta["pipeline"] = {k.lower(): json_safe(specobj[k]) for k in _PIPELINE if k in specobj}
         if "SPECOBJID" in specobj:
             meta["specobjid"] = str(json_safe(specobj["SPECOBJID"]))
+        ebv = recorded_ebv(specobj.get("SFD_EBV", specobj.get("EBV")))
+        if ebv is not None:
+            meta[EBV_KEY] = ebv  # the spAll row's dust-map E(B-V) (data_cards/dust.py)
     if wdisp is not None:
         meta["resolving_power"] = _resolving_power(wdisp, bad)
     flags = Flags()
@@ -161,7 +166,7 @@ def read_table(path: Path, card=None, mask_bits: int | None = None, limit: int |
         ivar_unit = parse_unit(hdu.columns[ivar_col].unit, f"{where}.{ivar_col}", None)
         wave_unit = None if wave_col.upper() == "LOGLAM" else parse_unit(hdu.columns[wave_col].unit, f"{where}.{wave_col}", u.AA)
         columns = {c.upper(): c for c in data.columns.names}
-        table = {k: rows[c] for k, c in columns.items() if k in ("PLATE", "MJD", "FIBERID", "PLUG_RA", "PLUG_DEC", "RA", "DEC", "SPECOBJID", *_PIPELINE)}
+        table = {k: rows[c] for k, c in columns.items() if k in ("PLATE", "MJD", "FIBERID", "PLUG_RA", "PLUG_DEC", "RA", "DEC", "SPECOBJID", "SFD_EBV", "EBV", *_PIPELINE)}
         arrays = [(np.asarray(rows[wave_col][i], np.float64), np.asarray(rows[flux_col][i], np.float64), np.asarray(rows[ivar_col][i], np.float64), None if mask_col is None else np.asarray(rows[mask_col][i])) for i in range(n)]
 
     if wave_col.upper() == "LOGLAM":
@@ -190,6 +195,9 @@ def read_table(path: Path, card=None, mask_bits: int | None = None, limit: int |
             meta["pipeline"] = pipeline
         if "SPECOBJID" in table:
             meta["specobjid"] = str(json_safe(table["SPECOBJID"][i]))
+        ebv = recorded_ebv(table.get("SFD_EBV", table.get("EBV", [None] * n))[i])
+        if ebv is not None:
+            meta[EBV_KEY] = ebv
         bad = None if mask is None else _bad_pixels(mask[keep], mask_bits)
         s = spectrum_sample(i, sid, wave[keep], flux_c, ivar_c, card, meta, flags, bad=bad)
         id_rows.append({"id": sid, "used": s is not None, **ids})

@@ -31,7 +31,9 @@ Targets (issue 17): in distribution macro recall >= 0.95, every class >= 0.90, E
 coverage within 0.01 of nominal; under each shift macro recall drops <= 0.03, ECE <= 0.05;
 out-of-set AUROC >= 0.95 at <= 2 % false flags; macro recall >= the classical baseline's.
 Run: `python -m cosmofm.bench.classify_survey --out docs/bench --work DIR`; with
-`--pixel-weight ivar_local --name classify_survey_localweight` for the local pixel weight.
+`--pixel-weight ivar_local --name classify_survey_localweight` for the local pixel weight;
+`--galactic-dereddening` fine-tunes heads that read spectra de-reddened by the mocks' dust-map
+E(B-V) (data_cards/dust.py; caches made before the mocks wrote it need a fresh --work).
 The report is written after every fine-tune; with --resume, a rerun with the same settings,
 --out and --name keeps the runs already there and does only the missing (arm, seed) pairs.
 """
@@ -221,12 +223,13 @@ def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: st
     label_fraction: the share of the training block whose labels are used (the first ones; the
     calibration and test blocks are the same whatever it is)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
+    head = {"galactic_dereddening": True} if tilts.pop("galactic_dereddening", False) else {}  # a head setting, not FinetuneConfig's
     slug = ("" if arm == ARMS[0] else f"-{arm}") + _weight_slug(pixel_weight) + "".join(f"-{k.replace('_rms', '')}{_slug_value(v)}" for k, v in sorted(tilts.items())) \
-        + (f"-labels{label_fraction:g}" if label_fraction < 1 else "")
+        + (f"-labels{label_fraction:g}" if label_fraction < 1 else "") + ("-dereddened" if head else "")
     # A fresh backbone trains at the head's learning rate (a pretrained one at 0.3 x it, the strategy's default)
     scratch = {"backbone_lr_scale": 1.0} if backbone is None else {}
     cfg = FinetuneConfig(strategy="full", epochs=epochs, seed=seed, output_dir=str(work / f"finetune{slug}-seed{seed}"), progress=True,
-                         label_fraction=label_fraction, **TRAIN, **tilts, **scratch)
+                         label_fraction=label_fraction, head=head, **TRAIN, **tilts, **scratch)
     fresh = {**PretrainRecipe.load(SHARED_RECIPE).model, "survey_names": [card.name]} if backbone is None else None
     t0 = time.perf_counter()
     result = finetune_classification(samples, card, cfg, backbone=backbone, backbone_config=fresh)
@@ -426,6 +429,8 @@ def main(argv: list[str] | None = None):
                    help="move the training galaxies and QSOs along the grid, (1 + z) x exp(u), |u| <= this (FinetuneConfig.redshift_stretch); 0 = none")
     p.add_argument("--redshift-stretch-families", nargs="+", default=None,
                    help="class families the stretch moves (FinetuneConfig.redshift_stretch_families; default GALAXY QSO)")
+    p.add_argument("--galactic-dereddening", action="store_true",
+                   help="the head de-reddens every spectrum by its dust-map E(B-V) (meta 'ebv'; data_cards/dust.py), in training and under the shifts")
     p.add_argument("--pixel-weight", default=PIXEL_WEIGHT, choices=PIXEL_WEIGHTS,
                    help="pixel weight of the survey backbone (CosmoFMConfig.pixel_weight; ivar_local = recipe spectra-small-local)")
     p.add_argument("--label-fraction", type=float, default=1.0,
@@ -442,7 +447,9 @@ def main(argv: list[str] | None = None):
         return
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
                  {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "redshift_stretch": args.redshift_stretch,
-                  "redshift_stretch_families": args.redshift_stretch_families}, args.pixel_weight, args.name, args.resume, args.label_fraction)
+                  "redshift_stretch_families": args.redshift_stretch_families,
+                  **({"galactic_dereddening": True} if args.galactic_dereddening else {})},
+                 args.pixel_weight, args.name, args.resume, args.label_fraction)
     for name, (value, ok) in report["targets"].items():
         print(f"{'MET ' if ok else 'MISS'} {name}: {value}")
     return report
