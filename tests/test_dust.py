@@ -168,3 +168,22 @@ def test_classify_flags_spectra_whose_file_has_no_ebv_or_reads_a_dust_map(survey
     assert np.allclose([[plain[c][i] for c in names] for i in (0, 2)], unmapped, rtol=1e-4, atol=1e-8)
     assert np.max(np.abs(want - unmapped)) > 1e-3  # and E(B-V) 0.17 changes them
     assert np.allclose([mapped[c][1] for c in names], [plain[c][1] for c in names])  # the file's own E(B-V) wins
+
+
+def test_the_generators_dust_comes_off_the_flux_exactly_but_not_off_the_ivar():
+    """What classify_dust_probe rests on: behind 3x the dust and with it divided out again, a
+    star's flux is its in-distribution flux times a constant; its ivar is not, as the photon
+    noise was set by the light that arrived."""
+    from cosmofm.bench.classify_dust_probe import undusted
+
+    card, dusty = load_card("sdss-like-survey"), load_card("sdss-like-survey")
+    dusty.mock_shift = {"ebv_scale": 3.0}
+    index = next(i for i in range(50) if mock_spectrum_survey(card, 4, i).meta["labels"]["spectral_class"] == "STAR_K1"
+                 and mock_spectrum_survey(card, 4, i).meta["truth"]["params"]["ebv_mw"] > 0.03)
+    a, c = undusted(mock_spectrum_survey(card, 4, index)), undusted(mock_spectrum_survey(dusty, 4, index))
+    ok = (a.ivar > 0) & (c.ivar > 0)
+    flux_ratio, ivar_ratio = c.values[ok] / a.values[ok], c.ivar[ok] / a.ivar[ok] * (c.values[ok] / a.values[ok]) ** 2
+    w = a.coords["wavelength"][ok]
+    blue, red = w < 4500, w > 8000
+    assert abs(np.median(flux_ratio[blue]) / np.median(flux_ratio[red]) - 1) < 0.01  # colour: back exactly
+    assert np.median(ivar_ratio[blue]) / np.median(ivar_ratio[red]) < 0.97  # S/N: fewer blue photons stay fewer
