@@ -298,6 +298,7 @@ def not_dereddened(clf: CosmoFMForSpectralClassification, samples: Sequence[Samp
         return np.zeros(len(samples), dtype=bool)
     return np.array([s.meta.get(DEREDDENED_KEY) is None for s in samples], dtype=bool)
 
+
 # Below half the card's ln(lambda) range a class decision rests on a few features: one arm
 # of a two-arm spectrograph, or the blue half without H-alpha and the red continuum. Measured
 # (issue 17) on a 32-wide classifier fine-tuned on sdss-like-survey mocks, 500 held-out
