@@ -52,11 +52,8 @@ def map_ebv(sample: Sample) -> float | None:
 def recorded_ebv(value) -> float | None:
     """A file's SFD98 E(B-V) column value as `meta["ebv"]` (x SF11_SCALE): None where the file
     has none for the target (a NaN, or a negative fill value such as -1 or -9999)."""
-    try:
-        ebv = float(value)
-    except (TypeError, ValueError):
-        return None
-    return ebv * SF11_SCALE if np.isfinite(ebv) and ebv >= 0 else None
+    ebv = _finite_float(value)
+    return ebv * SF11_SCALE if ebv is not None and ebv >= 0 else None
 
 
 class DustMap:
@@ -86,7 +83,7 @@ class DustMap:
     def fill(self, samples: Sequence[Sample]) -> int:
         """Give every sample without `meta["ebv"]` but with a position the map's E(B-V) there
         (in place); returns how many were filled. A spectrum's own file value is never replaced."""
-        todo = [s for s in samples if s.meta.get(EBV_KEY) is None and _finite(s.meta.get("ra")) and _finite(s.meta.get("dec"))]
+        todo = [s for s in samples if s.meta.get(EBV_KEY) is None and None not in (_finite_float(s.meta.get("ra")), _finite_float(s.meta.get("dec")))]
         if todo:
             ebv = np.atleast_1d(self._map.ebv(np.array([float(s.meta["ra"]) for s in todo]), np.array([float(s.meta["dec"]) for s in todo])))
             for s, e in zip(todo, ebv):
@@ -94,11 +91,13 @@ class DustMap:
         return len(todo)
 
 
-def _finite(value) -> bool:
+def _finite_float(value) -> float | None:
+    """float(value), or None for a value that is missing, not a number, NaN or infinite."""
     try:
-        return bool(np.isfinite(float(value)))
+        v = float(value)
     except (TypeError, ValueError):
-        return False
+        return None
+    return v if np.isfinite(v) else None
 
 
 def transmission(wavelength: np.ndarray, ebv: float) -> np.ndarray:
@@ -128,9 +127,12 @@ def deredden(sample: Sample) -> Sample:
     if DEREDDENED_KEY in sample.meta:
         return sample
     ebv = map_ebv(sample)
-    if ebv is None:
-        return Sample(sample.modality, sample.values, sample.ivar, sample.coords, {**sample.meta, DEREDDENED_KEY: None})
-    t = transmission(sample.coords["wavelength"], ebv)
+    return divided(sample, 1.0 if ebv is None else transmission(sample.coords["wavelength"], ebv), ebv)
+
+
+def divided(sample: Sample, t, ebv: float | None) -> Sample:
+    """`sample` with the transmission `t` (per pixel, or 1) taken out, flux / t and ivar * t^2
+    (the S/N of each pixel kept), marked as de-reddened by `ebv` (None: not corrected)."""
     return Sample(sample.modality, sample.values / t, sample.ivar * t**2, sample.coords, {**sample.meta, DEREDDENED_KEY: ebv})
 
 

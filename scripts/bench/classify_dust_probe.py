@@ -29,30 +29,29 @@ import numpy as np
 import torch
 
 from cosmofm.bench.pretrain_throughput import machine_info
-from cosmofm.data_cards.dust import DEREDDENED_KEY
+from cosmofm.data_cards.dust import divided
 from cosmofm.data_cards.io.hf_io import SampleDataset
 from cosmofm.data_cards.mocks import stellar
 from cosmofm.data_cards.sample import Sample
 
-CARD, N, SEED = "sdss-like-survey", 14000, 21  # classify_survey's labelled block
-SHIFT = "shift-reddening-x3"
+N = 14000  # classify_survey's default labelled block
+SHIFT = "reddening x3"  # of classify_survey.SHIFTS
 
 
 def undusted(s: Sample) -> Sample:
     """`s` divided by the generator's whole Milky-Way dust at its true E(B-V), marked de-reddened."""
     ebv = s.meta["truth"]["params"]["ebv_mw"]
-    t = stellar.galactic_extinction(s.coords["wavelength"], ebv)
-    return Sample(s.modality, s.values / t, s.ivar * t**2, s.coords, {**s.meta, DEREDDENED_KEY: ebv})
+    return divided(s, stellar.galactic_extinction(s.coords["wavelength"], ebv), ebv)
 
 
 def probe_sets(work: Path, n_stars: int) -> tuple[dict[str, list[Sample]], np.ndarray]:
     """The five sets of the module docstring and the stars' true classes."""
-    from cosmofm.bench.classify_survey import SPLIT
+    from cosmofm.bench.classify_survey import CARD, SPLIT, labelled_folder, shift_folder
     from cosmofm.finetune.classification import FinetuneConfig
     from cosmofm.finetune.run import split_indices
 
-    base = SampleDataset(str(work / f"labelled-{CARD}-{N}-seed{SEED}"))
-    shifted = SampleDataset(str(work / f"{SHIFT}-{N}"))
+    base = SampleDataset(str(labelled_folder(work, CARD, N)))  # read lazily: only the stars probed
+    shifted = SampleDataset(str(shift_folder(work, SHIFT, N)))
     test_index = split_indices(N, FinetuneConfig(**SPLIT))["test"]
     pairs = []
     for j, i in enumerate(test_index):

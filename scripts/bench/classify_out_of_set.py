@@ -26,7 +26,7 @@ import numpy as np
 
 from cosmofm.bench.classify_quality import mock_folder
 from cosmofm.bench import write_report
-from cosmofm.bench.classify_survey import CARD, LABELLED_SEED, SPLIT, _recalls, _spread, detector_scores, out_of_set_mocks, out_of_set_scores
+from cosmofm.bench.classify_survey import CARD, LABELLED_SEED, SPLIT, _recalls, _spread, detector_scores, labelled_folder, out_of_set_mocks, out_of_set_scores
 from cosmofm.bench.pretrain_throughput import machine_info
 from cosmofm.data_cards.schema import load_card
 from cosmofm.finetune.classification import FinetuneConfig
@@ -51,7 +51,7 @@ def with_features(model, features: str, train: list, train_labels: np.ndarray, c
 
 def run(models: list[str], work: Path, cache: Path, oos_seeds: list[int], n: int) -> dict:
     card = load_card(CARD)
-    samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
+    samples = mock_folder(card, labelled_folder(work, card.name, n), n, LABELLED_SEED)
     splits = split_indices(len(samples), FinetuneConfig(**SPLIT))
     block = {name: [samples[int(i)] for i in index] for name, index in splits.items()}
     sets = {seed: out_of_set_mocks(card, work, seed, cache) for seed in oos_seeds}

@@ -139,14 +139,20 @@ def recall_by_redshift(pred: np.ndarray, labels: np.ndarray, redshifts: np.ndarr
     return out
 
 
+def labelled_folder(work: Path, card_name: str, n: int, seed: int = LABELLED_SEED) -> Path:
+    """The cached datasets folder of the n labelled mocks (seed `seed`) of card `card_name`."""
+    return work / f"labelled-{card_name}-{n}-seed{seed}"
+
+
+def shift_folder(work: Path, name: str, n: int) -> Path:
+    """The cached datasets folder of the test block of n labelled mocks under shift `name` of SHIFTS."""
+    return work / f"shift-{''.join(c if c.isalnum() else '-' for c in name)}-{n}"
+
+
 def shifted_tests(card, work: Path, n: int, test_index: np.ndarray) -> dict[str, list]:
     """The test block's objects under each shift of SHIFTS (cached datasets folders)."""
-    sets = {}
-    for name, change in SHIFTS.items():
-        shifted = dataclasses.replace(card, **change)
-        slug = "".join(c if c.isalnum() else "-" for c in name)
-        sets[name] = mock_folder(shifted, work / f"shift-{slug}-{n}", len(test_index), LABELLED_SEED, indices=test_index)
-    return sets
+    return {name: mock_folder(dataclasses.replace(card, **change), shift_folder(work, name, n), len(test_index), LABELLED_SEED, indices=test_index)
+            for name, change in SHIFTS.items()}
 
 
 def backbones(work: Path, card, arms: list[str], pretrain_steps: int, n_corpus: int, pixel_weight: str = PIXEL_WEIGHT) -> dict[str, str]:
@@ -182,7 +188,7 @@ def run(out: Path, work: Path, n: int, seeds: list[int], epochs: int, pretrain_s
     keep the runs of an earlier out/<name>.json made with the same settings, run only the missing ones."""
     card = load_card(CARD)
     work.mkdir(parents=True, exist_ok=True)
-    samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{LABELLED_SEED}", n, LABELLED_SEED)
+    samples = mock_folder(card, labelled_folder(work, card.name, n), n, LABELLED_SEED)
     report = {"machine": machine_info(), "card": CARD, "n_samples": n, "labelled_seed": LABELLED_SEED, "recipe": RECIPE,
               "pixel_weight": pixel_weight, "pretrain_steps": pretrain_steps, "pretrain_corpus": n_corpus, "finetune_epochs": epochs, "tilts": tilts or {}, "label_fraction": label_fraction, "shifts": SHIFTS,
               "runs": []}
@@ -269,7 +275,7 @@ def rescore(out: Path, work: Path, name: str) -> dict:
 
     report = json.loads((out / f"{name}.json").read_text())
     card, n = load_card(report["card"]), report["n_samples"]
-    samples = mock_folder(card, work / f"labelled-{card.name}-{n}-seed{report['labelled_seed']}", n, report["labelled_seed"])
+    samples = mock_folder(card, labelled_folder(work, card.name, n, report["labelled_seed"]), n, report["labelled_seed"])
     test_index = split_indices(n, FinetuneConfig(**SPLIT))["test"]
     test = [samples[int(i)] for i in test_index]
     for row in report["runs"]:
