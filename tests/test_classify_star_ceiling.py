@@ -1,15 +1,17 @@
 """The star-class ceiling fit (scripts/bench/classify_star_ceiling.py): its closed-form
-marginalisation against brute force, and a noiseless generator star at a grid point."""
+marginalisation against brute force, the dust map's E(B-V) cells, and a noiseless generator
+star at a grid point."""
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from cosmofm.bench.classify_star_ceiling import PriorGrid, StarFit, gls_marginal, normal_equations
+from cosmofm.bench.classify_star_ceiling import PriorGrid, StarFit, gls_marginal, map_ebv_cells, normal_equations
 from cosmofm.data_cards.mocks import instrument
 from cosmofm.data_cards.mocks.spectra import C_KMS, ObjectParams
-from cosmofm.data_cards.mocks.survey import survey_model
+from cosmofm.data_cards.mocks.survey import DUST_MAP_ERROR, survey_model
 
 
 def test_gls_marginal_equals_brute_force_integral():
@@ -44,13 +46,37 @@ def test_normal_equations_match_explicit_design():
     rng = np.random.default_rng(0)
     n, T, S, J, k = 30, 2, 3, 2, 7
     m0, mf, mg = (torch.from_numpy(rng.uniform(0.5, 1.5, (T, n))) for _ in range(3))
-    family, ext = torch.from_numpy(rng.normal(size=(n, k))), torch.from_numpy(rng.uniform(0.8, 1, (J, n)))
+    family, ext = torch.from_numpy(rng.normal(size=(n, k))), torch.from_numpy(rng.uniform(0.8, 1, (S, J, n)))
     y, w = torch.from_numpy(rng.normal(size=(S, n))), torch.from_numpy(rng.uniform(1, 2, (S, n)))
-    H, h = normal_equations(m0, mf, mg, family, y, w, ext)
-    t, s, j = 1, 2, 1
-    X = torch.cat([m0[t, :, None] * ext[j, :, None] * family, (mf[t] * ext[j])[:, None], (mg[t] * ext[j])[:, None]], 1)
-    torch.testing.assert_close(H[t, s, j], X.T @ (w[s, :, None] * X))
-    torch.testing.assert_close(h[t, s, j], X.T @ (w[s] * y[s]))
+    t, j = 1, 1
+    for shared in (True, False):  # one set of extinction cells for all stars, or each star its own (--map-ebv)
+        cells = ext[:1] if shared else ext
+        H, h = normal_equations(m0, mf, mg, family, y, w, cells)
+        for s in range(S):
+            e = cells[0 if shared else s, j]
+            X = torch.cat([m0[t, :, None] * e[:, None] * family, (mf[t] * e)[:, None], (mg[t] * e)[:, None]], 1)
+            torch.testing.assert_close(H[t, s, j], X.T @ (w[s, :, None] * X))
+            torch.testing.assert_close(h[t, s, j], X.T @ (w[s] * y[s]))
+
+
+def test_map_ebv_cells_follow_the_maps_posterior():
+    """Cells of equal mass around the closed-form posterior of a log-normal prior times the
+    map's log-normal error; a map value no prior draw comes near is refused."""
+    rng = np.random.default_rng(1)
+    mu, sd = math.log(0.86 * 0.035), 0.75  # draw_ebv's log-normal (clipping at 0.6 is negligible here)
+    draws = np.exp(rng.normal(mu, sd, 200000))
+    for map_ebv in (0.01, 0.1, 0.3):
+        cells = map_ebv_cells(map_ebv, draws)
+        post_sd = 1 / math.sqrt(1 / sd**2 + 1 / DUST_MAP_ERROR**2)
+        post_median = math.exp(post_sd**2 * (mu / sd**2 + math.log(map_ebv) / DUST_MAP_ERROR**2))
+        assert np.allclose([math.exp(m) for m, _, _ in cells], 1 / 3, atol=0.01)
+        lo, mid, hi = (mean for _, mean, _ in cells)
+        assert lo < mid < hi and abs(mid / post_median - 1) < 0.02, (map_ebv, cells, post_median)
+        assert abs(hi / lo - math.exp(2 * 1.09 * post_sd)) < 0.15 * math.exp(2 * 1.09 * post_sd)  # third-means of a log-normal: +-1.09 sd
+    with pytest.raises(ValueError, match="tail"):
+        map_ebv_cells(50.0, draws)
+    with pytest.raises(ValueError, match="positive"):
+        map_ebv_cells(float("nan"), draws)
 
 
 def test_noiseless_generator_star_gets_its_class():
@@ -74,3 +100,5 @@ def test_noiseless_generator_star_gets_its_class():
     assert fit.teff[log_ev[0].argmax()] == 5800.0
     wrong_rv = fit.log_evidence(flux[None], ivar[None], np.array([-obj.z]))  # templates shifted the wrong way fit worse
     assert log_ev[0].max() > wrong_rv[0].max() + 10
+    mapped = fit.class_posterior(fit.log_evidence(flux[None], ivar[None], np.array([obj.z]), map_ebv=np.array([ebv])))
+    assert mapped[0, 1] > 0.99, mapped

@@ -39,6 +39,12 @@ shift, in a dark sky's fixed f_lambda) is added to each pixel's variance (`sky_r
 the mocks' ivar itself says of the star (its variance follows the source's counts, so 1/ivar
 is a noise-free copy of the star's continuum x calibration beside the known sky): this is the
 ceiling of the flux, with ivar as its noise, not of everything a network is given.
+
+--map-ebv gives the fit what a survey's dust map says of each sight line (`meta["ebv"]`, the
+mocks' true E(B-V) off by survey.DUST_MAP_ERROR, log-normal): the E(B-V) cells become each
+star's own, MAP_EBV_CELLS cells of equal mass of its posterior (the generator's prior, from
+N_MAP_PRIOR_DRAWS draws of draw_ebv, times the map's error), each with its own mean and rms,
+so the ceiling is that of a classifier which reads spectra with a dust map beside them.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ import torch
 from cosmofm.bench.classify_star_errors import BINS, TEST_FRACTION, star_parameters
 from cosmofm.data_cards.mocks import instrument, stellar
 from cosmofm.data_cards.mocks.spectra import R_TOP_HAT, STAR_TEFF
+from cosmofm.data_cards.mocks.survey import DUST_MAP_ERROR
 
 TEFF_STEP, TEFF_HALF_RANGE, TEFF_RMS = 20.0, 300.0, 80.0  # K: the grid and the classes' spread (spectra.draw_object)
 FEH_STEP, FEH_RANGE = 0.2, (-2.5, 0.5)  # dex: draw_star clips [Fe/H] to this range
@@ -70,6 +77,7 @@ LOGG_EDGES = {
 }
 RV_BIN_KMS = 2.0  # stars are fitted with templates shifted to their bin's centre (<= 1 km/s off)
 N_PRIOR_DRAWS = 20000
+N_MAP_PRIOR_DRAWS, MAP_EBV_CELLS = 400000, 3  # --map-ebv: prior draws (the posterior is ~5x narrower) and cells per star
 TELLURIC_RESIDUAL = (0.0, 0.05)  # observe_survey's rng.uniform(0.0, 0.05) of the O2 bands' correction residual
 R_V = 3.1
 FAMILY = ("amplitude", "P1", "P2", "P3", "P4", "dust", "telluric")  # columns of m e x (1, ...): the calibration family
@@ -146,6 +154,27 @@ def ebv_cells(grid: PriorGrid) -> list[tuple[float, float, float]]:
     return [(math.log(m), mean, max(sd, 1e-4)) for m, mean, sd, _ in _cells(ebv, grid.ebv_edges)]
 
 
+def map_ebv_cells(map_ebv: float, draws: np.ndarray, n_cells: int = MAP_EBV_CELLS) -> list[tuple[float, float, float]]:
+    """(log mass, mean, rms) of `n_cells` cells of equal mass of the E(B-V) posterior of a star
+    whose dust map reads `map_ebv`: the generator's prior (`draws` of stellar.draw_ebv) weighted
+    by the map's log-normal error, ln(map / true) ~ N(0, DUST_MAP_ERROR)."""
+    if not (np.isfinite(map_ebv) and map_ebv > 0):
+        raise ValueError(f"map_ebv_cells: the map's E(B-V) must be a positive number, got {map_ebv!r}")
+    order = np.argsort(draws)
+    e = draws[order]
+    w = np.exp(-0.5 * ((math.log(map_ebv) - np.log(np.clip(e, 1e-6, None))) / DUST_MAP_ERROR) ** 2)
+    if w.sum() ** 2 / (w * w).sum() < 30:  # effective draws: too few to cut cells from
+        raise ValueError(f"map_ebv_cells: E(B-V) {map_ebv:.3f} is too far into the prior's tail for {draws.size} draws; raise N_MAP_PRIOR_DRAWS")
+    quantile = np.cumsum(w) / w.sum()
+    cell = np.minimum((quantile * n_cells).astype(int), n_cells - 1)
+    out = []
+    for k in range(n_cells):
+        wk, ek = w[cell == k], e[cell == k]
+        mean = float(np.sum(wk * ek) / wk.sum())
+        out.append((math.log(wk.sum() / w.sum()), mean, max(float(np.sqrt(np.sum(wk * (ek - mean) ** 2) / wk.sum())), 1e-4)))
+    return out
+
+
 def calibration_prior(wave: np.ndarray, n_draws: int = N_PRIOR_DRAWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(basis (n, 4), covariance (4, 4)) of instrument.calibration_error: its Legendre orders
     1-4 on the pixels and the covariance of their coefficients over n_draws of its own draws
@@ -212,12 +241,12 @@ def gls_marginal(H: torch.Tensor, h: torch.Tensor, ywy: torch.Tensor, mean: torc
 def normal_equations(m0: torch.Tensor, mf: torch.Tensor, mg: torch.Tensor, family: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                      ext: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(H (T, S, J, p, p), h (T, S, J, p)) of the columns [m0 e F_0 .. m0 e F_6, mf e, mg e]
-    (p = 9) for templates m0, mf, mg (T, n), stars y, w (S, n) and extinctions e (J, n), by
+    (p = 9) for templates m0, mf, mg (T, n), stars y, w (S, n) and extinctions e (1 or S, J, n), by
     one matrix product per block of the normal equations (float64: y'Wy - g'Q^-1 g cancels
     to ~1e-8 of y'Wy at S/N 100)."""
-    T, S, J, k = m0.shape[0], y.shape[0], ext.shape[0], family.shape[1]
-    v = w[:, None, :] * ext[None] ** 2  # (S, J, n)
-    wy = (w * y)[:, None, :] * ext[None]  # (S, J, n)
+    T, S, J, k = m0.shape[0], y.shape[0], ext.shape[1], family.shape[1]
+    v = w[:, None, :] * ext**2  # (S, J, n)
+    wy = (w * y)[:, None, :] * ext  # (S, J, n)
     a, b = torch.triu_indices(k, k)
     pair = family[:, a] * family[:, b]  # (n, k(k+1)/2)
 
@@ -285,13 +314,25 @@ class StarFit:
         i = torch.from_numpy(i)
         return fine[..., i].double() * (1 - frac) + fine[..., i + 1].double() * frac
 
-    def log_evidence(self, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, chunk: int = 16, progress: bool = False) -> np.ndarray:
+    def log_evidence(self, flux: np.ndarray, ivar: np.ndarray, z: np.ndarray, chunk: int = 16, progress: bool = False,
+                     map_ebv: np.ndarray | None = None) -> np.ndarray:
         """(stars, Teff nodes) ln p(y | Teff) marginalised over the cells, calibration, telluric
         residual and amplitude, for stars flux, ivar (S, n) at redshifts z (S,); `chunk` Teff
-        nodes share each star's columns of the normal equations (memory ~ chunk x 60 MB)."""
+        nodes share each star's columns of the normal equations (memory ~ chunk x 60 MB).
+        `map_ebv` (S,): each star's dust-map E(B-V), which replaces the shared E(B-V) cells by
+        the star's own (map_ebv_cells)."""
         bins = np.round(np.asarray(z) * stellar.C_KMS / RV_BIN_KMS).astype(int)
-        family, ext = torch.from_numpy(self.inst.family), torch.from_numpy(self.ext)
-        log_ebv = torch.tensor([m for m, _, _ in self.ebv], dtype=torch.float64)
+        family = torch.from_numpy(self.inst.family)
+        if map_ebv is None:
+            ebv = [self.ebv]
+            ext = torch.from_numpy(self.ext)[None]  # (1, J, n): one set of cells for every star
+        else:
+            rng = np.random.default_rng(self.grid.seed + 1)
+            draws = np.array([stellar.draw_ebv(rng) for _ in range(N_MAP_PRIOR_DRAWS)])
+            ebv = [map_ebv_cells(float(m), draws) for m in map_ebv]
+            ext = torch.from_numpy(np.stack([[stellar.galactic_extinction(self.inst.wave, e) for _, e, _ in cells] for cells in ebv]))
+        log_ebv = torch.tensor([[m for m, _, _ in cells] for cells in ebv], dtype=torch.float64)  # (1 or S, J)
+        ebv_sd = torch.tensor([[sd for _, _, sd in cells] for cells in ebv], dtype=torch.float64)
         out = np.empty((len(flux), self.teff.size))
         t0 = time.perf_counter()
         for start in range(0, self.teff.size, chunk):
@@ -305,26 +346,28 @@ class StarFit:
             step = sd * math.sqrt(3)  # the secant steps of fine_templates
             for b in np.unique(bins):
                 members = np.nonzero(bins == b)[0]
+                own = slice(None) if map_ebv is None else torch.from_numpy(members)  # the E(B-V) cells' rows of these stars
                 m0, mf, mg = self.shifted(fine, float(b * RV_BIN_KMS / stellar.C_KMS))  # (T, n) each
                 mf, mg = (mf - m0) / step[:, :1], (mg - m0) / step[:, 1:]
                 y, w = torch.from_numpy(flux[members]).double(), torch.from_numpy(ivar[members]).double()
-                H, h = normal_equations(m0, mf, mg, family, y, w, ext)
-                chi2 = self._marginal(H, h, (w * y * y).sum(-1), m0, sd)  # (T, S, J)
-                logl = (-0.5 * chi2 + log_cell[:, None, None] + log_ebv).permute(1, 0, 2)  # (S, T, J)
+                H, h = normal_equations(m0, mf, mg, family, y, w, ext[own])
+                chi2 = self._marginal(H, h, (w * y * y).sum(-1), m0, sd, ebv_sd[own], ext[own])  # (T, S, J)
+                logl = (-0.5 * chi2 + log_cell[:, None, None] + log_ebv[own]).permute(1, 0, 2)  # (S, T, J)
                 for k, i in enumerate(nodes):
                     out[members, i] = torch.logsumexp(logl[:, rows[k]:rows[k + 1]].reshape(len(members), -1), 1).numpy()
             if progress:
                 print(f"Teff nodes {nodes[-1] + 1}/{self.teff.size} ({self.teff[nodes[-1]]:.0f} K): {time.perf_counter() - t0:.0f} s", flush=True)
         return out
 
-    def _marginal(self, H, h, ywy, m0, sd) -> torch.Tensor:
-        """-2 ln L (T, S, J) from the normal equations with the family's prior scaled by each fit's amplitude."""
+    def _marginal(self, H, h, ywy, m0, sd, ebv_sd, ext) -> torch.Tensor:
+        """-2 ln L (T, S, J) from the normal equations with the family's prior scaled by each
+        fit's amplitude; ebv_sd (1 or S, J) the E(B-V) cells' rms, ext (1 or S, J, n) their extinction."""
         inst = self.inst
         T, S, J, p = h.shape
         amp = (h[..., 0] / H[..., 0, 0]).clamp_min(1e-30)  # (T, S, J): the template-only amplitude
-        cov = torch.zeros(T, 1, J, p - 1, p - 1, dtype=torch.float64)  # of the coefficients (c, d, r, offsets)
+        cov = torch.zeros(T, ebv_sd.shape[0], J, p - 1, p - 1, dtype=torch.float64)  # of the coefficients (c, d, r, offsets)
         cov[..., :6, :6] = torch.from_numpy(inst.prior_cov)
-        cov[..., 4, 4] = torch.tensor([s for _, _, s in self.ebv], dtype=torch.float64) ** 2
+        cov[..., 4, 4] = ebv_sd**2
         cov[..., 6, 6] = sd[:, None, None, 0] ** 2
         cov[..., 7, 7] = sd[:, None, None, 1] ** 2
         precision = torch.zeros(T, S, J, p, p, dtype=torch.float64)  # of b = A x coefficients
@@ -334,8 +377,8 @@ class StarFit:
         proper = torch.arange(p) > 0
         chi2 = gls_marginal(H, h, ywy[None, :, None], mean, precision, proper)
         # flat prior on the r-band flux A' = A n, n the template's r-band mean: -2 ln n
-        norm = (m0 @ (torch.from_numpy(self.ext * inst.r_band).T)).clamp_min(1e-30)  # (T, J)
-        return chi2 - 2 * torch.log(norm)[:, None, :]
+        norm = torch.einsum("tn,sjn->tsj", m0, ext * torch.from_numpy(inst.r_band)).clamp_min(1e-30)  # (T, 1 or S, J)
+        return chi2 - 2 * torch.log(norm)
 
     def class_posterior(self, log_evidence: np.ndarray) -> np.ndarray:
         """(stars, classes) posterior of grid.classes (equal class priors) from log_evidence (stars, nodes)."""
@@ -423,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--whole", action="store_true", help="--labelled is a shift set of classify_survey: fit all its stars, not its last block")
     p.add_argument("--no-sky-variance", action="store_true",
                    help="use the spectra's ivar as they are (default: add the sky-subtraction residual's variance, sky_residual_ivar)")
+    p.add_argument("--map-ebv", action="store_true",
+                   help="give the fit each star's dust-map E(B-V) (meta['ebv'], the mocks' truth off by DUST_MAP_ERROR) as a prior")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--name", default="classify_star_ceiling")
     args = p.parse_args(argv)
@@ -437,7 +482,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.no_sky_variance:
         ivar = sky_residual_ivar(stars[0].coords["wavelength"], ivar, fit.resolving_power)
     z = np.array([s.meta["labels"]["redshift"] for s in stars])
-    log_ev = fit.log_evidence(flux, ivar, z, progress=True)
+    map_ebv = None
+    if args.map_ebv:
+        if any("ebv" not in s.meta for s in stars):
+            raise SystemExit(f"--map-ebv: the spectra of {args.labelled} carry no meta['ebv']; regenerate them (classify_survey with a fresh --work)")
+        map_ebv = np.array([s.meta["ebv"] for s in stars], dtype=float)
+    log_ev = fit.log_evidence(flux, ivar, z, progress=True, map_ebv=map_ebv)
     post = fit.class_posterior(log_ev)
     fit_seconds = time.perf_counter() - t0
     named = np.array(grid.classes)[post.argmax(1)]
@@ -447,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = {"machine": machine_info(), "labelled": args.labelled, "whole": args.whole, "n_stars": len(stars), "every": args.every,
               "fit_seconds": fit_seconds, "grid": {"teff_nodes": int(fit.teff.size), "teff_step_K": grid.teff_step,
                                                    "teff_half_range_K": grid.teff_half_range, "feh_edges": list(grid.feh_edges),
-                                                   "ebv_edges": list(grid.ebv_edges), "logg_edges": {str(k): v for k, v in grid.logg_edges.items()},
+                                                   "ebv_edges": list(grid.ebv_edges) if map_ebv is None else f"per star: {MAP_EBV_CELLS} cells of its map posterior (DUST_MAP_ERROR {DUST_MAP_ERROR})",
+                                                   "logg_edges": {str(k): v for k, v in grid.logg_edges.items()},
                                                    "rv_bin_kms": RV_BIN_KMS, "class_prior": "equal", "redshift": "known (labels)",
                                                    "sky_residual": "ivar as given" if args.no_sky_variance else "variance added per pixel (sky_residual_ivar)"},
               "ceiling": {"per_class_recall": ceiling, "macro_recall": float(np.mean(list(ceiling.values()))),
