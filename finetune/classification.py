@@ -87,6 +87,11 @@ class FinetuneConfig(TaskFinetuneConfig):
             independent smooth tilt of that rms (drawn as tilt_rms's): in mocks and in
             source-noise-limited data ivar follows the spectrum's own shape, so a network can
             read the continuum (and the Teff it carries) from the noise; this takes that away.
+        extra_noise (`float`, 0.0): > 0 adds to each training spectrum, every time the loop
+            draws it, Gaussian noise of k times each pixel's own sigma (k uniform in
+            [0, extra_noise]) and divides its ivar by 1 + k^2: the same object at a lower S/N,
+            with a fresh noise draw each epoch, so the network cannot memorise one draw.
+            0 = off. Cannot resume.
         redshift_stretch (`float`, 0.0): > 0 moves each training spectrum of a class in
             `redshift_stretch_families`, every time the loop draws it, along its log-sampled
             grid by whole pixels: (1 + z) times exp(u), u uniform in [-redshift_stretch,
@@ -112,13 +117,14 @@ class FinetuneConfig(TaskFinetuneConfig):
     tilt_rms: float = 0.0
     tilt_order: int = 3
     tilt_ivar_rms: float = 0.0
+    extra_noise: float = 0.0
     redshift_stretch: float = 0.0
     redshift_stretch_families: tuple[str, ...] = ("GALAXY", "QSO")
 
     @property
     def augments(self) -> bool:
-        """Whether the training spectra are augmented (tilts or redshift stretch): such a run cannot resume."""
-        return self.tilt_rms > 0 or self.tilt_ivar_rms > 0 or self.redshift_stretch > 0
+        """Whether the training spectra are augmented (tilts, extra noise or redshift stretch): such a run cannot resume."""
+        return self.tilt_rms > 0 or self.tilt_ivar_rms > 0 or self.extra_noise > 0 or self.redshift_stretch > 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,6 +137,9 @@ class FinetuneConfig(TaskFinetuneConfig):
         for name in ("tilt_rms", "tilt_ivar_rms"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(name, f"must be in [0, 1] (an rms in ln), got {getattr(self, name)}", "0 = off, e.g. 0.1 for tilts up to 10 % rms")
+        if not 0 <= self.extra_noise <= 3:
+            raise InputError("extra_noise", f"must be in [0, 3] (noise added in units of each pixel's own sigma), got {self.extra_noise}",
+                             "0 = off, e.g. 1 for S/N down to 0.71 of each spectrum's own")
         if self.tilt_order < 1:
             raise InputError("tilt_order", f"must be >= 1, got {self.tilt_order}", "e.g. 3 (Legendre orders 1-3 in ln wavelength)")
         if not 0 <= self.redshift_stretch <= 0.5:
@@ -140,7 +149,7 @@ class FinetuneConfig(TaskFinetuneConfig):
                              "e.g. [GALAXY, QSO]")
         self.redshift_stretch_families = tuple(self.redshift_stretch_families)
         if self.augments and self.resume:
-            raise InputError("resume", "cannot continue a run with augmented spectra (tilt_rms / tilt_ivar_rms / redshift_stretch > 0: "
+            raise InputError("resume", "cannot continue a run with augmented spectra (tilt_rms / tilt_ivar_rms / extra_noise / redshift_stretch > 0: "
                              "the draws follow the epochs drawn so far)", "start the run again, or fine-tune without augmentation")
 
 
@@ -194,7 +203,7 @@ def finetune_classification(samples: Sequence[Sample], card, cfg: FinetuneConfig
 
     seen = AugmentedSpectra(train, cfg.seed, cfg.tilt_rms, cfg.tilt_order, cfg.tilt_ivar_rms, cfg.redshift_stretch,
                             [c for c in head.class_names if class_family(c) in cfg.redshift_stretch_families], head.class_label,
-                            head.redshift_label) if cfg.augments else train
+                            head.redshift_label, extra_noise=cfg.extra_noise) if cfg.augments else train
     run = finetune_loop(model, seen, ClassificationTask(head).targets, cfg.tuning, replace(cfg, desc=f"finetune ({cfg.strategy})"), loss)
     model, history = run.model, run.epoch_losses
 

@@ -1,5 +1,5 @@
 """Augmentation of the classifier's training spectra (finetune/spectra_augment.py: FinetuneConfig.tilt_rms,
-tilt_ivar_rms, redshift_stretch; issue 17)."""
+tilt_ivar_rms, extra_noise, redshift_stretch; issue 17)."""
 
 import numpy as np
 import pytest
@@ -62,13 +62,36 @@ def test_ivar_tilt_is_independent_of_the_values_tilt(spectra):
     assert np.max(np.abs(fit(t) - g)) < 1e-4  # smooth: orders <= 3 in ln wavelength (float32 ivar)
 
 
+def test_extra_noise_lowers_the_sn_by_the_drawn_factor_with_a_fresh_draw_each_read(spectra):
+    noisy = AugmentedSpectra(spectra, 0, extra_noise=1.0)
+    plain = spectra[5]
+    ok = plain.ivar > 0
+    factors = []
+    for read in range(6):
+        got = noisy[5]
+        k2 = plain.ivar[ok] / got.ivar[ok] - 1  # ivar / (1 + k^2): one k for the whole spectrum
+        assert np.ptp(k2) < 1e-4 * max(1.0, float(np.mean(k2)))
+        k = float(np.sqrt(max(np.mean(k2), 0.0)))
+        factors.append(k)
+        assert 0 <= k <= 1.0 + 1e-6
+        if k > 0.2:  # the noise added is k sigma per pixel, Gaussian
+            z = (got.values[ok] - plain.values[ok]) * np.sqrt(plain.ivar[ok]) / k
+            assert abs(np.std(z) - 1) < 0.1 and abs(np.mean(z)) < 0.1
+        assert np.array_equal(got.values[~ok], plain.values[~ok]) and np.all(got.ivar[~ok] == 0)  # masked pixels untouched
+    assert len(set(np.round(factors, 6))) == 6  # a new draw on every read
+    assert np.array_equal(AugmentedSpectra(spectra, 0, extra_noise=1.0)[5].values, AugmentedSpectra(spectra, 0, extra_noise=1.0)[5].values)
+    assert FinetuneConfig(extra_noise=0.5).augments and not FinetuneConfig().augments
+
+
 def test_bad_tilt_settings_are_input_errors():
     for kw, field in (({"tilt_rms": -0.1}, "tilt_rms"), ({"tilt_rms": 2.0}, "tilt_rms"), ({"tilt_order": 0}, "tilt_order"), ({"tilt_ivar_rms": -1.0}, "tilt_ivar_rms"),
                       ({"tilt_ivar_rms": 0.2, "resume": True, "output_dir": "x"}, "resume"),
                       ({"tilt_rms": 0.1, "resume": True, "output_dir": "x"}, "resume"),
                       ({"redshift_stretch": -0.1}, "redshift_stretch"), ({"redshift_stretch": 0.8}, "redshift_stretch"),
                       ({"redshift_stretch": 0.1, "resume": True, "output_dir": "x"}, "resume"),
-                      ({"redshift_stretch_families": "QSO"}, "redshift_stretch_families")):
+                      ({"redshift_stretch_families": "QSO"}, "redshift_stretch_families"),
+                      ({"extra_noise": -0.5}, "extra_noise"), ({"extra_noise": 4.0}, "extra_noise"),
+                      ({"extra_noise": 1.0, "resume": True, "output_dir": "x"}, "resume")):
         with pytest.raises(InputError) as err:
             FinetuneConfig(**kw)
         assert err.value.field == field
@@ -87,11 +110,12 @@ def test_the_loop_reads_each_training_spectrum_once_for_targets_then_once_per_ep
 
 def test_tilts_change_the_fine_tune_and_zero_leaves_it_alone(spectra, sdss):
     logits = {}
-    for key, rms in (("off", 0.0), ("off again", 0.0), ("on", 0.3)):
-        cfg = FinetuneConfig(strategy="full", epochs=2, batch_size=8, lr=3e-3, tilt_rms=rms)
+    for key, augment in (("off", {}), ("off again", {"tilt_rms": 0.0, "extra_noise": 0.0}), ("on", {"tilt_rms": 0.3}), ("noise", {"extra_noise": 1.0})):
+        cfg = FinetuneConfig(strategy="full", epochs=2, batch_size=8, lr=3e-3, **augment)
         logits[key] = predict(finetune_classification(spectra, sdss, cfg, backbone_config=TINY)["model"], spectra[:8])["logits"]
     assert np.array_equal(logits["off"], logits["off again"])
     assert np.max(np.abs(logits["on"] - logits["off"])) > 1e-3
+    assert np.max(np.abs(logits["noise"] - logits["off"])) > 1e-3
 
 
 def _family(sample) -> str:

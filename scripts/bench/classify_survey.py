@@ -225,7 +225,7 @@ def _write(report: dict, out: Path, name: str, arms: list[str]) -> dict:
 def finetune_and_score(samples, card, work: Path, n: int, arm: str, backbone: str, seed: int, epochs: int, tilts: dict | None = None,
                        pixel_weight: str = PIXEL_WEIGHT, label_fraction: float = 1.0) -> dict:
     """One full fine-tune from `backbone`, scored in distribution and under every shift. `tilts`:
-    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ..., "redshift_stretch": ...}; None = none).
+    FinetuneConfig's augmentation of the training spectra ({"tilt_rms": ..., "tilt_ivar_rms": ..., "extra_noise": ..., "redshift_stretch": ...}; None = none).
     label_fraction: the share of the training block whose labels are used (the first ones; the
     calibration and test blocks are the same whatever it is)."""
     tilts = {k: v for k, v in (tilts or {}).items() if v}
@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None):
                    help="smooth random tilts of the training spectra up to this rms in ln flux (FinetuneConfig.tilt_rms); 0 = none")
     p.add_argument("--tilt-ivar-rms", type=float, default=0.0,
                    help="independent smooth tilts of the training spectra's ivar (FinetuneConfig.tilt_ivar_rms); 0 = none")
+    p.add_argument("--extra-noise", type=float, default=0.0,
+                   help="add noise of up to this many times each pixel's sigma to the training spectra, redrawn every epoch (FinetuneConfig.extra_noise); 0 = none")
     p.add_argument("--redshift-stretch", type=float, default=0.0,
                    help="move the training galaxies and QSOs along the grid, (1 + z) x exp(u), |u| <= this (FinetuneConfig.redshift_stretch); 0 = none")
     p.add_argument("--redshift-stretch-families", nargs="+", default=None,
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None):
         rescore(out, Path(args.work) if args.work else out / "work", args.name)
         return
     report = run(out, Path(args.work) if args.work else out / "work", args.n, args.seeds, args.epochs, args.pretrain_steps, args.corpus, args.arms,
-                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "redshift_stretch": args.redshift_stretch,
+                 {"tilt_rms": args.tilt_rms, "tilt_ivar_rms": args.tilt_ivar_rms, "extra_noise": args.extra_noise, "redshift_stretch": args.redshift_stretch,
                   "redshift_stretch_families": args.redshift_stretch_families,
                   **({"galactic_dereddening": True} if args.galactic_dereddening else {})},
                  args.pixel_weight, args.name, args.resume, args.label_fraction)
