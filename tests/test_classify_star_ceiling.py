@@ -64,7 +64,7 @@ def test_map_ebv_cells_follow_the_maps_posterior():
     map's log-normal error; a map value no prior draw comes near is refused."""
     rng = np.random.default_rng(1)
     mu, sd = math.log(0.86 * 0.035), 0.75  # draw_ebv's log-normal (clipping at 0.6 is negligible here)
-    draws = np.exp(rng.normal(mu, sd, 200000))
+    draws = np.sort(np.exp(rng.normal(mu, sd, 200000)))
     for map_ebv in (0.01, 0.1, 0.3):
         cells = map_ebv_cells(map_ebv, draws)
         post_sd = 1 / math.sqrt(1 / sd**2 + 1 / DUST_MAP_ERROR**2)
@@ -77,6 +77,8 @@ def test_map_ebv_cells_follow_the_maps_posterior():
         map_ebv_cells(50.0, draws)
     with pytest.raises(ValueError, match="positive"):
         map_ebv_cells(float("nan"), draws)
+    with pytest.raises(ValueError, match="sorted"):
+        map_ebv_cells(0.1, draws[::-1])
 
 
 def test_noiseless_generator_star_gets_its_class():

@@ -111,16 +111,20 @@ class PriorGrid:
         return out
 
 
-def _cells(values: np.ndarray, edges) -> list[tuple[float, float, float, np.ndarray]]:
-    """(prior mass, mean, rms, member mask) of the draws in each cell of `edges` (empty cells dropped)."""
+def _cells(values: np.ndarray, edges, weights: np.ndarray | None = None) -> list[tuple[float, float, float, np.ndarray]]:
+    """(prior mass, mean, rms, member mask) of the draws in each cell of `edges` (empty cells
+    dropped), each draw counted with its `weights` (default: equal)."""
     edges = np.asarray(edges, dtype=float)
+    weights = np.ones(values.size) if weights is None else weights
     index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, edges.size - 2)
     inside = (values >= edges[0]) & (values <= edges[-1])
     out = []
     for i in range(edges.size - 1):
         member = inside & (index == i)
         if member.any():
-            out.append((member.mean(), float(values[member].mean()), float(values[member].std()), member))
+            w, v = weights[member], values[member]
+            mean = float(np.sum(w * v) / w.sum())
+            out.append((float(w.sum() / weights.sum()), mean, float(np.sqrt(np.sum(w * (v - mean) ** 2) / w.sum())), member))
     return out
 
 
@@ -156,23 +160,19 @@ def ebv_cells(grid: PriorGrid) -> list[tuple[float, float, float]]:
 
 def map_ebv_cells(map_ebv: float, draws: np.ndarray, n_cells: int = MAP_EBV_CELLS) -> list[tuple[float, float, float]]:
     """(log mass, mean, rms) of `n_cells` cells of equal mass of the E(B-V) posterior of a star
-    whose dust map reads `map_ebv`: the generator's prior (`draws` of stellar.draw_ebv) weighted
-    by the map's log-normal error, ln(map / true) ~ N(0, DUST_MAP_ERROR)."""
+    whose dust map reads `map_ebv`: the generator's prior (`draws` of stellar.draw_ebv, sorted
+    ascending, so the many stars of a fit share one sort) weighted by the map's log-normal error,
+    ln(map / true) ~ N(0, DUST_MAP_ERROR)."""
     if not (np.isfinite(map_ebv) and map_ebv > 0):
         raise ValueError(f"map_ebv_cells: the map's E(B-V) must be a positive number, got {map_ebv!r}")
-    order = np.argsort(draws)
-    e = draws[order]
-    w = np.exp(-0.5 * ((math.log(map_ebv) - np.log(np.clip(e, 1e-6, None))) / DUST_MAP_ERROR) ** 2)
+    if np.any(np.diff(draws) < 0):
+        raise ValueError("map_ebv_cells: the prior draws must be sorted ascending (np.sort them once)")
+    w = np.exp(-0.5 * ((math.log(map_ebv) - np.log(np.clip(draws, 1e-6, None))) / DUST_MAP_ERROR) ** 2)
     if w.sum() ** 2 / (w * w).sum() < 30:  # effective draws: too few to cut cells from
         raise ValueError(f"map_ebv_cells: E(B-V) {map_ebv:.3f} is too far into the prior's tail for {draws.size} draws; raise N_MAP_PRIOR_DRAWS")
     quantile = np.cumsum(w) / w.sum()
-    cell = np.minimum((quantile * n_cells).astype(int), n_cells - 1)
-    out = []
-    for k in range(n_cells):
-        wk, ek = w[cell == k], e[cell == k]
-        mean = float(np.sum(wk * ek) / wk.sum())
-        out.append((math.log(wk.sum() / w.sum()), mean, max(float(np.sqrt(np.sum(wk * (ek - mean) ** 2) / wk.sum())), 1e-4)))
-    return out
+    inner = draws[np.searchsorted(quantile, np.arange(1, n_cells) / n_cells)]  # the first draw of each cell after the first
+    return [(math.log(m), mean, max(sd, 1e-4)) for m, mean, sd, _ in _cells(draws, [draws[0], *inner, draws[-1]], w)]
 
 
 def calibration_prior(wave: np.ndarray, n_draws: int = N_PRIOR_DRAWS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +328,7 @@ class StarFit:
             ext = torch.from_numpy(self.ext)[None]  # (1, J, n): one set of cells for every star
         else:
             rng = np.random.default_rng(self.grid.seed + 1)
-            draws = np.array([stellar.draw_ebv(rng) for _ in range(N_MAP_PRIOR_DRAWS)])
+            draws = np.sort([stellar.draw_ebv(rng) for _ in range(N_MAP_PRIOR_DRAWS)])
             ebv = [map_ebv_cells(float(m), draws) for m in map_ebv]
             ext = torch.from_numpy(np.stack([[stellar.galactic_extinction(self.inst.wave, e) for _, e, _ in cells] for cells in ebv]))
         log_ebv = torch.tensor([[m for m, _, _ in cells] for cells in ebv], dtype=torch.float64)  # (1 or S, J)
