@@ -191,7 +191,7 @@ CLASSICAL_TILE, MODEL_TILE = (512, 64), (128, 32)  # default (tile, overlap) [pi
 def deblend_image(path, output, model=None, method: str | None = None, tile: int | tuple | None = None, overlap: int | tuple | None = None,
                   workers: int | None = None, write_stamps: bool = False, progress: bool = True, overwrite: bool = False,
                   bands=None, fwhm_pixels: float | None = None, contrast: float | None = None, thresh: float | None = None,
-                  bf16: bool | None = None) -> dict:
+                  bf16: bool | None = None, student: bool = False) -> dict:
     """Detect and deblend the sources of a multi-band FITS mosaic; write their catalogue.
 
     path: the mosaic (format: `data_cards.readers.mosaic`). output: .fits or .parquet.
@@ -212,6 +212,9 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         docs/benchmarks.md); None (default):
         on where the model's device computes bfloat16 natively (`native_bf16_on`: CUDA, or a
         CPU with AVX512-BF16 / AMX), off elsewhere and for sep / photutils.
+    student: a model's fast path, its distilled convolutional student in place of the
+        backbone and decoder (`heads/deblending_student.py`; speed and flux figures beside the
+        head's in docs/benchmarks.md, deblending); the model must carry one.
 
     Returns the tiler's summary plus "method", "bands" and "flags" (the mosaic's problems).
     Launched (accelerate launch / torchrun) the tiles are shared by the processes and rank 0
@@ -231,6 +234,8 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
         raise InputError("method", "'model' needs a model", "give --model PATH, or --method sep / photutils")
     if bf16 and method != "model":
         raise InputError("bf16", f"runs a model's network in bfloat16, but the deblender is {method}", "give --model, or drop --bf16")
+    if student and method != "model":
+        raise InputError("student", f"runs a model's distilled student, but the deblender is {method}", "give --model, or drop --student")
     ranks = launched_ranks()  # None: one process; launched: the rank's device (cuda:LOCAL_RANK, or cpu) runs the model
     if method == "model":
         if bf16 is None:
@@ -239,7 +244,9 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
             from cosmofm.heads.redshift_net_cpu import native_bf16_on
 
             bf16 = native_bf16_on(torch.device("cpu") if ranks is None else ranks.device)
-        finder, device = model_finder(model, "deblending", None if ranks is None else ranks.device, bf16=bf16)
+        finder, device = model_finder(model, "deblending", None if ranks is None else ranks.device, bf16=bf16, student=student)
+        if student and not finder.head_config.student_widths:
+            raise InputError("student", "the model has no distilled student", "drop --student, or distil one (scripts/bench/deblend_student.py)")
         processes = device.type == "cpu"
     else:
         finder, processes = ClassicalDeblender(method, fwhm_pixels, contrast, thresh), True
@@ -252,7 +259,7 @@ def deblend_image(path, output, model=None, method: str | None = None, tile: int
     psf = fwhm_pixels if fwhm_pixels is not None else (mosaic.psf_fwhm / mosaic.pixscale if mosaic.psf_fwhm and mosaic.pixscale else DEFAULT_FWHM_PIXELS)
     always = (FLAG_BITS["no_wcs"] if mosaic.wcs is None else 0) | (FLAG_BITS["ivar_estimated"] if any(b.ivar_hdu is None for b in mosaic.bands) else 0)
     problems = dict(mosaic.flags)
-    keywords = {"METHOD": (method, "deblender"), **({"BF16": (bool(bf16), "network under bfloat16 autocast")} if method == "model" else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
+    keywords = {"METHOD": (method, "deblender"), **({"BF16": (bool(bf16), "network under bfloat16 autocast"), "STUDENT": (bool(student), "distilled fast path")} if method == "model" else {}), "BANDS": ",".join(names), "PSFPIX": (float(psf), "PSF FWHM [pixels] of the apertures and flags"),
                 "NOWCS": (mosaic.wcs is None, "no celestial WCS: RA/DEC NaN"), "INPUT": Path(path).name[:68]}
     if method == "model":
         ratio, problem = psf_check(finder.head_config, mosaic)

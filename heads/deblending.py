@@ -51,8 +51,10 @@ from cosmofm.heads import deblending_metrics as dm
 from cosmofm.heads import deblending_net as net
 from cosmofm.heads.base import CatalogueColumn, CosmoFMForTask, Task, TaskHeadConfig, TaskOutput, register_task
 from cosmofm.heads.deblending_data import _one_blend, blend_targets, psf_fwhm_pixels, seeing_card
+from cosmofm.heads.deblending_student import PixelStudent, distillation_loss
 from cosmofm.pretrain.data import CosmoFMBatch
 from cosmofm.pretrain.modeling_cosmofm import CosmoFMOutput
+from cosmofm.pretrain.tokenizers import sample_scale
 
 TASK_TYPE = "deblending"
 SLOT_AREA = 64 * 64  # max_sources counts per this many pixels
@@ -111,6 +113,13 @@ class DeblendingHeadConfig(TaskHeadConfig):
         trained_psf_range (`list[float]`, [1, 1]): the smallest and largest PSF FWHM over the
             card's of the training blends (`DeblendingTask.prepare` measures it);
             `cosmofm deblend` flags mosaics outside it (`finetune.deblend.psf_check`).
+        student_widths (`list[int]`, []): channels per level of the fast path's
+            `deblending_student.PixelStudent`, which computes the decoder's outputs from the
+            pixels alone (no backbone); [] = no student. `forward(student=True)` uses it.
+        distill_weight (`float`, 1.0): weight of `deblending_student.distillation_loss` (the
+            student's outputs against the head's) beside the task loss when a student trains.
+        student_peak_threshold (`float`, 0): the student's own `peak_threshold` (tuned as the
+            head's); 0 = the head's.
         card (`str`, ""): the data card the head was trained on (provenance).
     """
 
@@ -139,6 +148,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
     band_fwhm_pixels: list = field(default_factory=list)
     psf_conditioning: bool = False
     trained_psf_range: list = field(default_factory=lambda: [1.0, 1.0])
+    student_widths: list = field(default_factory=list)
+    distill_weight: float = 1.0
+    student_peak_threshold: float = 0.0
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
@@ -180,6 +192,13 @@ class DeblendingHeadConfig(TaskHeadConfig):
             raise InputError("task.peak_threshold", f"must be in (0, 1), got {self.peak_threshold!r}", "e.g. 0.3")
         if self.bands and self.n_bands and len(self.bands) != self.n_bands:
             raise InputError("task.bands", f"{len(self.bands)} names for {self.n_bands} bands", "one name per band")
+        w = self.student_widths
+        if not isinstance(w, (list, tuple)) or len(w) == 1 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in w):
+            raise InputError("task.student_widths", f"is {w!r}", "[] (no student) or two or more channel counts, e.g. [16, 32, 48, 64]")
+        if not (self.student_peak_threshold == 0 or 0 < self.student_peak_threshold < 1):
+            raise InputError("task.student_peak_threshold", f"is {self.student_peak_threshold!r}", "0 (the head's peak_threshold) or in (0, 1)")
+        if not self.distill_weight >= 0:
+            raise InputError("task.distill_weight", f"must be >= 0, got {self.distill_weight!r}", "e.g. 1.0")
 
     @classmethod
     def from_card(cls, card, **kwargs) -> "DeblendingHeadConfig":
@@ -268,12 +287,13 @@ class CosmoFMForDeblending(CosmoFMForTask):
         planes = h.n_bands if h.psf_conditioning else 0  # log PSF FWHM over the card's, per band
         self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size, planes)
         self.refiner = net.SplitRefiner(h.n_bands, h.refine_channels, h.refine_window, h.refine_dilations, planes) if h.refine_steps else None
+        self.student = PixelStudent(h.n_bands, h.embed_size, h.student_widths, planes) if h.student_widths else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
                 fractions: torch.Tensor | None = None, total_flux: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, noiseless: torch.Tensor | None = None,
-                psf_fwhm: torch.Tensor | None = None) -> DeblendingOutput:
+                psf_fwhm: torch.Tensor | None = None, student: bool = False) -> DeblendingOutput:
         """Targets (from `DeblendingTask.targets`): centres (N, K, 2) true [row, col] pixels
         (NaN padding), fluxes (N, K, B) true in-stamp fluxes, fractions (N, K + 1, B, H, W)
         uint8 true fractions x 255, noiseless (N, B, H, W) the noiseless blend (for the flux loss);
@@ -282,9 +302,8 @@ class CosmoFMForDeblending(CosmoFMForTask):
         psf_fwhm (N, B): each band's PSF FWHM [pixels] (`DeblendingTask.inputs`), read by a
         `psf_conditioning` head only; None there means the training card's."""
         h = self.head_config
-        out = self.cosmofm(batch)
         gi = _image_group(batch, h)
-        g, tg = batch.groups[gi], out.token_groups[gi]
+        g = batch.groups[gi]
         values, ivar = g.values.float(), g.ivar.float()
         n, b, hh, ww = values.shape
         rows = g.rows  # the group's samples in batch rows: targets and positions follow them
@@ -292,20 +311,29 @@ class CosmoFMForDeblending(CosmoFMForTask):
         if positions is not None:
             positions = torch.as_tensor(positions, dtype=torch.float32, device=values.device)
             positions = positions[rows] if positions.ndim == 3 and positions.shape[0] == n else positions
-        patch = self.config.image_patch_size
-        tokens = out.last_hidden_state[rows]
-        feats = self.grid(tokens, tg.valid, net.group_grid((b, hh, ww), patch))
-        if patch != 8:
-            feats = torch.nn.functional.interpolate(feats, size=(-(-hh // 8), -(-ww // 8)), mode="bilinear", align_corners=False)
+        if student and self.student is None:
+            raise InputError("student", "this head has no student", "distil one (scripts/bench/deblend_student.py) or deblend without --student")
+        training = centres is not None and fractions is not None and fluxes is not None
+        out = None  # the student's path needs the backbone only for its teacher's outputs, in training
+        if not student or (training and h.distill_weight):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not student):
+                out = self.cosmofm(batch)
+        # the tokenizer's per-sample scale (`TokenGroup.scale`), computed the same way without it
+        scale = out.token_groups[gi].scale.float() if out is not None else sample_scale(values, (ivar > 0).float())
         # under a bfloat16 autocast (`deblend_samples(bf16=True)`) only the backbone and the decoder's
         # hidden convolutions run in bf16: its outputs, the fractions and the flux sums stay float32
-        pixels = net.normalised_pixels(values, ivar, tg.scale.float())  # padded to a multiple of 8
+        pixels = net.normalised_pixels(values, ivar, scale)  # padded to a multiple of 8
         condition = None
         if h.psf_conditioning:
             ref = torch.tensor(h.reference_fwhm(), device=values.device)
             condition = torch.zeros(n, b, device=values.device) if psf_fwhm is None else torch.log(psf_fwhm.float() / ref)
             pixels = torch.cat([pixels, net.condition_planes(condition, pixels)], dim=1)
-        dense = self.decoder(feats, pixels, (hh, ww))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not student):  # a teacher is frozen
+            teacher = None if out is None else self._decode(out, gi, pixels, (hh, ww))
+        if student:
+            dense = self.student(pixels, (hh, ww))
+        else:
+            dense = teacher
         slots = h.slots((hh, ww))
         if centres is not None:
             use = centres.float()
@@ -316,7 +344,8 @@ class CosmoFMForDeblending(CosmoFMForTask):
             if use.shape[1] > slots:
                 raise InputError("positions", f"{use.shape[1]} sources for {slots} slots of a {hh} x {ww} stamp", "raise max_sources")
         else:
-            use, _, _ = net.find_peaks(dense.heat, dense.offset, h.peak_threshold, slots)
+            threshold = h.student_peak_threshold if student and h.student_peak_threshold else h.peak_threshold
+            use, _, _ = net.find_peaks(dense.heat, dense.offset, threshold, slots)
         present = torch.isfinite(use).all(-1)
         keep = present.any(0).nonzero().flatten()  # the slots some sample uses (detections come sorted, present first)
         use, present = use[:, keep], present[:, keep]
@@ -336,7 +365,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         flux = torch.cat([src, (image_flux - src.sum(1)).unsqueeze(1)], dim=1)
         err = torch.cat([err[:, :-1] * corr, err[:, -1:]], dim=1)
         loss = None
-        if centres is not None and fractions is not None and fluxes is not None:
+        if training:
             target_heat, pos = net.heatmap_targets(centres.float(), (hh, ww), h.heatmap_sigma)
             target = fractions.float() / 255.0
             target = torch.cat([target[:, keep], target[:, -1:]], dim=1)
@@ -353,10 +382,12 @@ class CosmoFMForDeblending(CosmoFMForTask):
                     + h.flux_weight * net.flux_loss(fit, fit_err, fluxes.float()[:, keep]))
             if h.fraction_flux_weight:
                 loss = loss + h.fraction_flux_weight * net.fraction_flux_loss(fr[:, :-1], target[:, :-1], image, fluxes.float()[:, keep], err[:, :-1])
+            if student and h.distill_weight:
+                loss = loss + h.distill_weight * distillation_loss(dense, teacher)
         heat = torch.sigmoid(dense.heat)
         scores = net.read_at(heat.unsqueeze(1), use)[..., 0] * present
         seg = fr.mean(2)  # (n, K + 1, H, W)
-        label = seg.argmax(1)
+        label = seg.max(1).indices  # the first largest, as argmax, at a quarter of its time on CPU
         segmentation = torch.where(label == seg.shape[1] - 1, torch.zeros_like(label), label + 1)
         nan = float("nan")
         order = torch.argsort(rows)  # back to batch order
@@ -368,6 +399,16 @@ class CosmoFMForDeblending(CosmoFMForTask):
             flux_errors=pick(_pad_slots(err[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
             background_flux=pick(flux[:, -1]), segmentation=pick(segmentation), heatmap=pick(heat),
             fractions=[fr[i] for i in order.tolist()], backbone=out)
+
+    def _decode(self, out: CosmoFMOutput, gi: int, pixels: torch.Tensor, shape: tuple[int, int]) -> net.DenseOutputs:
+        """The readable path's per-pixel outputs: the image group `gi`'s band tokens on their
+        grid (`BandTokenGrid`), decoded with the normalised `pixels` (`PixelDecoder`)."""
+        tg, patch = out.token_groups[gi], self.config.image_patch_size
+        b = self.head_config.n_bands
+        feats = self.grid(out.last_hidden_state[tg.rows], tg.valid, net.group_grid((b, *shape), patch))
+        if patch != 8:
+            feats = torch.nn.functional.interpolate(feats, size=(-(-shape[0] // 8), -(-shape[1] // 8)), mode="bilinear", align_corners=False)
+        return self.decoder(feats, pixels, shape)
 
 
 def _numpy(x):
@@ -487,12 +528,13 @@ class DeblendingTask(Task):
         bar.close()
         return out
 
-    def find_in_tile(self, model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header, *, bf16: bool = False) -> Any:
+    def find_in_tile(self, model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header, *, bf16: bool = False,
+                     student: bool = False) -> Any:
         """The shared tile-finder contract (`deblending_predict.sources_in_tile`): float32
         (B, H, W) values / ivar and the tile's FITS header -> an astropy Table, one row per source."""
         from cosmofm.heads.deblending_predict import sources_in_tile  # it imports this module
 
-        return sources_in_tile(model, values, ivar, header, bf16=bf16)
+        return sources_in_tile(model, values, ivar, header, bf16=bf16, student=student)
 
 
 def _dominant(frac: torch.Tensor) -> np.ndarray:

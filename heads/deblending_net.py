@@ -98,32 +98,45 @@ class PixelDecoder(nn.Module):
         self.up = nn.ModuleList([_conv(c, c), _conv(c, f), _conv(f, f)])  # x2 each: 8x
         self.pixel = nn.Sequential(_conv(2 * n_bands + 1 + condition_planes, f), _conv(f, f))
         self.fuse = nn.Sequential(_conv(2 * f, f), _conv(f, f))
-        self.out = nn.Conv2d(f, 3 + n_bands * (2 + embed_size) + embed_size + 1, 1)
-        self.correction = nn.Conv2d(f, n_bands, 1)  # the outskirts' flux the fractions miss (`flux_correction`)
-        with torch.no_grad():  # CenterNet's prior: the heatmap starts at p = 0.01 everywhere
-            self.out.bias[0].fill_(-math.log(99.0))
-            self.correction.weight.zero_()  # an untrained head measures plain fraction x image
-            self.correction.bias.zero_()
+        self.out, self.correction = output_convs(f, n_bands, embed_size)
 
     def forward(self, tokens: torch.Tensor, pixels: torch.Tensor, shape: tuple[int, int]) -> DenseOutputs:
         x = tokens
         for stage in self.up:
             x = stage(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
         x = self.fuse(torch.cat([x, self.pixel(pixels)], dim=1))
-        with torch.autocast(x.device.type, enabled=False):  # the per-pixel outputs in float32 under a bf16 autocast (no ties in the heatmap)
-            x = x.float()
-            o = self.out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
-            correction = self.correction(x)[:, :, : shape[0], : shape[1]]
-        n, b, e, (h, w) = o.shape[0], self.n_bands, self.embed_size, shape
-        i = 3
-        background = o[:, i:i + b]
-        i += b
-        pixel_embedding = o[:, i:i + b * e].reshape(n, b, e, h, w)
-        i += b * e
-        source_embedding = o[:, i:i + e]
-        i += e
-        amplitude = o[:, i:i + b]
-        return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], correction)
+        return dense_outputs(x, self.out, self.correction, self.n_bands, self.embed_size, shape)
+
+
+def output_convs(channels: int, n_bands: int, embed_size: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+    """The 1 x 1 convolutions from `channels` features to the packed per-pixel outputs
+    (`dense_outputs`) and to the per-band outskirts correction, at their untrained priors."""
+    out = nn.Conv2d(channels, 3 + n_bands * (2 + embed_size) + embed_size + 1, 1)
+    correction = nn.Conv2d(channels, n_bands, 1)  # the outskirts' flux the fractions miss (`flux_correction`)
+    with torch.no_grad():  # CenterNet's prior: the heatmap starts at p = 0.01 everywhere
+        out.bias[0].fill_(-math.log(99.0))
+        correction.weight.zero_()  # an untrained head measures plain fraction x image
+        correction.bias.zero_()
+    return out, correction
+
+
+def dense_outputs(x: torch.Tensor, out: nn.Conv2d, correction: nn.Conv2d, n_bands: int, embed_size: int,
+                  shape: tuple[int, int]) -> DenseOutputs:
+    """Features x (n, C, H8, W8) -> `DenseOutputs` cropped to shape (H, W), through `output_convs`."""
+    with torch.autocast(x.device.type, enabled=False):  # the per-pixel outputs in float32 under a bf16 autocast (no ties in the heatmap)
+        x = x.float()
+        o = out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
+        corr = correction(x)[:, :, : shape[0], : shape[1]]
+    n, b, e, (h, w) = o.shape[0], n_bands, embed_size, shape
+    i = 3
+    background = o[:, i:i + b]
+    i += b
+    pixel_embedding = o[:, i:i + b * e].reshape(n, b, e, h, w)
+    i += b * e
+    source_embedding = o[:, i:i + e]
+    i += e
+    amplitude = o[:, i:i + b]
+    return DenseOutputs(o[:, 0], o[:, 1:3], background, pixel_embedding, source_embedding, amplitude, o[:, i + b], corr)
 
 
 def normalised_pixels(values: torch.Tensor, ivar: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

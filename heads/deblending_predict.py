@@ -23,13 +23,14 @@ from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig,
 FLAG_EDGE, FLAG_MASKED, FLAG_BLENDED = 1, 2, 4  # FLAGS bits
 
 
-def sources_in_tile(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header, *, bf16: bool = False):
+def sources_in_tile(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, header, *, bf16: bool = False,
+                    student: bool = False):
     """The shared tile-finder contract (`DeblendingTask.find_in_tile`): float32 (B, H, W)
     values / ivar and the tile's FITS header (PIXSCALE, BAND{k}, BUNIT; PSFFWHM{k} / PSFFWHM
     for a `psf_conditioning` head) -> an astropy Table, one row per source: ROW, COL (0-based
     pixels in the tile), FLUX_<band>, FLUXERR_<band> (the header's BUNIT, else the head's
     unit), FLAGS (1 near the edge, 2 masked pixels in its segment, 4 blended). `bf16`: the
-    network under bfloat16 autocast (`deblend_samples`)."""
+    network under bfloat16 autocast (`deblend_samples`); `student`: the head's fast path."""
     from astropy import units as u
     from astropy.table import Table
 
@@ -50,7 +51,8 @@ def sources_in_tile(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.nd
         t = Table({k: np.zeros(0) * v for k, v in cols.items()})
         t["FLAGS"] = np.zeros(0, np.int32)
         return t
-    cat = deblend_stamp(model, np.where(good, values, 0), np.where(good, ivar, 0), pixel_scale=scale, bf16=bf16, psf_fwhm_arcsec=psf)
+    cat = deblend_stamp(model, np.where(good, values, 0), np.where(good, ivar, 0), pixel_scale=scale, bf16=bf16, psf_fwhm_arcsec=psf,
+                       student=student)
     t = Table()
     t["ROW"], t["COL"] = cat.positions[:, 0] * u.pix, cat.positions[:, 1] * u.pix
     for k, band in enumerate(bands):
@@ -120,12 +122,13 @@ def padded_positions(positions: Sequence[np.ndarray]) -> torch.Tensor:
 
 @torch.no_grad()
 def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], positions: Sequence[np.ndarray] | None = None,
-                    batch_size: int = 64, bf16: bool = False) -> list[DeblendCatalog]:
+                    batch_size: int = 64, bf16: bool = False, student: bool = False) -> list[DeblendCatalog]:
     """One `DeblendCatalog` (method "cosmofm", fluxes["head"]) per sample, batched by shape;
     `positions`: per sample a (K, 2) [row, col] array (known-positions mode). `bf16`: the
     backbone and the decoder's convolutions under bfloat16 autocast (~2x faster on CPUs with
     AMX / AVX512-BF16), the flux split in float32 (`CosmoFMForDeblending.forward`). A
-    `psf_conditioning` head is told each stamp's PSF (`DeblendingTask.inputs`)."""
+    `psf_conditioning` head is told each stamp's PSF (`DeblendingTask.inputs`). `student`: the
+    fast path (`heads/deblending_student.py`) in place of the backbone and decoder."""
     from cosmofm.pretrain.data import collate_samples
 
     model.eval()
@@ -141,7 +144,7 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
             pos = None if positions is None else padded_positions([positions[i] for i in part]).to(device)
             inputs = {k: v.to(device) for k, v in task.inputs([samples[i] for i in part]).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16)):
-                o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos, **inputs)
+                o = model(collate_samples([samples[i] for i in part], model.config.survey_names).to(device), positions=pos, student=student, **inputs)
             for j, i in enumerate(part):
                 ok = _numpy(o.present[j]) > 0
                 names = model.head_config.bands or [str(b) for b in range(samples[i].values.shape[0])]
@@ -156,12 +159,15 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
 
 
 def deblend_stamp(model: CosmoFMForDeblending, values: np.ndarray, ivar: np.ndarray, positions: np.ndarray | None = None,
-                  pixel_scale: float | None = None, bf16: bool = False, psf_fwhm_arcsec: Sequence[float] | None = None) -> DeblendCatalog:
+                  pixel_scale: float | None = None, bf16: bool = False, psf_fwhm_arcsec: Sequence[float] | None = None,
+                  student: bool = False) -> DeblendCatalog:
     """Deblend one (B, H, W) stamp: detected sources, or exactly those at `positions` (K, 2)
     [row, col] pixels; fluxes["head"] per band with errors, the segmentation map.
-    `psf_fwhm_arcsec`: each band's PSF FWHM, told to a `psf_conditioning` head."""
+    `psf_fwhm_arcsec`: each band's PSF FWHM, told to a `psf_conditioning` head. `student`:
+    the fast path (`deblend_samples`)."""
     sample = stamp_sample(model.head_config, values, ivar, pixel_scale, psf_fwhm_arcsec)
-    return deblend_samples(model, [sample], None if positions is None else [np.asarray(positions, float)], bf16=bf16)[0]
+    return deblend_samples(model, [sample], None if positions is None else [np.asarray(positions, float)], bf16=bf16,
+                           student=student)[0]
 
 
 __all__ = [

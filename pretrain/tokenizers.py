@@ -146,9 +146,7 @@ class PatchTokenizer(nn.Module):
             values = nn.functional.pad(values, flat_pad)
             ivar = nn.functional.pad(ivar, flat_pad)
         mask = (ivar > 0).to(values.dtype)
-        count = mask.flatten(1).sum(1)
-        rms = ((values**2 * mask).flatten(1).sum(1) / count.clamp(min=1)).sqrt()
-        scale = torch.where((count > 0) & (rms > 0), rms, torch.ones_like(rms))  # (n,)
+        scale = sample_scale(values, mask)  # (n,)
         bshape = (n,) + (1,) * len(shape)
         values = values / scale.view(bshape)
         ivar = ivar * scale.view(bshape) ** 2
@@ -194,6 +192,15 @@ class PatchTokenizer(nn.Module):
             scale=scale,
             hidden=hidden,
         )
+
+
+def sample_scale(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(n, ...) values and their 0 / 1 mask -> (n,) each sample's rms over its unmasked
+    elements (1 where it has none or they are all 0): the scale the tokenizer divides by,
+    which `TokenGroup.scale` carries and the heads' pixel branches reuse."""
+    count = mask.flatten(1).sum(1)
+    rms = ((values**2 * mask).flatten(1).sum(1) / count.clamp(min=1)).sqrt()
+    return torch.where((count > 0) & (rms > 0), rms, torch.ones_like(rms))
 
 
 def token_mask(seeds: torch.Tensor, n_tokens: int, ratio: float, valid: torch.Tensor) -> torch.Tensor:

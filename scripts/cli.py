@@ -192,7 +192,7 @@ def _cmd_deblend(args):
     summary = deblend_image(args.image, args.output, model=args.model, method=args.method, tile=cli_shape(args.tile, 2, "tile"),
                             overlap=cli_shape(args.overlap, 2, "overlap"), workers=args.workers, write_stamps=args.write_stamps,
                             overwrite=args.overwrite, bands=args.bands.split(",") if args.bands else None, fwhm_pixels=args.fwhm_pixels,
-                            thresh=args.thresh, bf16=args.bf16)
+                            thresh=args.thresh, bf16=args.bf16, student=args.student)
     if summary.get("rank", 0):  # launched: rank 0 wrote the catalogue and reports it
         return
     print(f"deblended {summary['n_sources']} sources ({summary['method']}, bands {','.join(summary['bands'])}, "
@@ -428,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="--model: bfloat16 autocast of the network (1.2-1.6x faster per core, fluxes within ~0.1 %% of float32's); "
                          "default: on where the device computes bfloat16 natively (CUDA, CPUs with AVX512-BF16 / AMX)")
+    db.add_argument("--student", action="store_true",
+                    help="--model: its distilled convolutional student in place of the backbone and decoder (faster; figures in docs/benchmarks.md)")
     db.add_argument("--overwrite", action="store_true", help="replace an existing catalogue at --output")
     db.set_defaults(func=_cmd_deblend)
 

@@ -303,8 +303,9 @@ def key_values(option: str, items: Sequence[str]) -> dict:
     return out
 
 
-def tune_threshold(model, blends, fwhm: float) -> float:
-    """The heatmap threshold with the best detection F1 on training blends (larger on ties)."""
+def tune_threshold(model, blends, fwhm: float, **options) -> float:
+    """The heatmap threshold with the best detection F1 on training blends (larger on ties);
+    `options` go to `deblend_samples` (e.g. student=True)."""
     from cosmofm.heads import deblending_metrics as dm
     from cosmofm.heads.deblending_predict import deblend_samples
 
@@ -312,7 +313,7 @@ def tune_threshold(model, blends, fwhm: float) -> float:
     keep = model.head_config.peak_threshold
     for thr in THRESHOLDS:
         model.head_config.peak_threshold = thr
-        cats = deblend_samples(model, [s for s, _ in blends])
+        cats = deblend_samples(model, [s for s, _ in blends], **options)
         tp = sum(len(dm.match_detections(t.pixel_positions, c.positions, fwhm)[0]) for c, (_, t) in zip(cats, blends))
         f1 = dm.detection_scores(tp, sum(len(t.pixel_positions) for _, t in blends), sum(len(c) for c in cats))["f1"]
         if f1 >= best_f1:

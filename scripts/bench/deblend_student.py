@@ -1,0 +1,217 @@
+r"""The deblending head's fast path: a distilled convolutional student against the head and sep.
+
+    python -m cosmofm.bench.deblend_student --out docs/bench --steps 1500 --student-steps 1500 \
+        --seeds 0 1 2 --arms distilled scratch
+
+The speed target of issue 20 is half of sep's stamps per second; the head runs at ~0.1x,
+its backbone and full-resolution decoder most of the time (docs/benchmarks.md,
+deblending). `heads/deblending_student.PixelStudent` computes the decoder's outputs from the
+pixels alone; peaks, the split, the refiner and the fluxes stay the head's. Here:
+
+1. a head (the "teacher") is trained on `--n-train` lsst-like blends of universe 1000 as
+   `deblend_quality` trains it (`train_head`; or loaded with `--model DIR`), its peak
+   threshold tuned by detection F1 on training blends;
+2. per arm and seed a student of `--student-widths` is trained on the same blends for
+   `--student-steps` steps, the head frozen: arm "distilled" with the task loss plus
+   `distillation_loss` against the head's outputs (distill_weight 1), arm "scratch" with
+   the task loss alone (distill_weight 0: does the student need the backbone at all?);
+   its own peak threshold tuned the same way;
+3. the head, each student and sep (contrast tuned on the training blends) deblend the same
+   held-out blends (universes `--test-seeds`); detection and flux figures as
+   `deblend_quality` (`summarise`, `headline`), and stamps per second in `--rounds`
+   interleaved rounds on one torch thread, sep in the same rounds: the speed ratio is
+   measured in one process on one load, as the target asks.
+
+Writes `deblend_student.json` to `--out` (machine and load recorded); `--save-model DIR`
+saves the head with the last distilled student and both peak thresholds
+(`cosmofm deblend --model DIR --student`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, summarise, train_head, tune_threshold
+from cosmofm.bench.deblend_report import headline
+
+ARMS = {"distilled": 1.0, "scratch": 0.0}  # arm -> distill_weight
+
+
+def train_student(model, train, widths: Sequence[int], steps: int, batch_size: int, lr: float, seed: int,
+                  distill_weight: float, log_every: int = 100) -> dict:
+    """Attach a fresh `PixelStudent` (seeded by `seed`) to `model` and train it alone on the
+    `train` blends for `steps` AdamW steps (warmup + cosine, grad clip 1), everything else
+    frozen and in eval mode: loss = the task loss on the student's path + distill_weight x
+    `distillation_loss`. Returns training facts."""
+    from cosmofm.heads.deblending import DeblendingTask
+    from cosmofm.heads.deblending_student import PixelStudent
+    from cosmofm.pretrain.data import collate_samples
+
+    model._set_task(student_widths=[int(w) for w in widths], distill_weight=float(distill_weight))  # config.task in step: saved as trained
+    h = model.head_config
+    torch.manual_seed(seed)
+    model.student = PixelStudent(h.n_bands, h.embed_size, h.student_widths, h.n_bands if h.psf_conditioning else 0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("student."))
+    samples = [s for s, _ in train]
+    targets = DeblendingTask(h).targets(samples)
+    opt = torch.optim.AdamW(model.student.parameters(), lr=lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, k / steps))))
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()  # the frozen head without dropout; the student has none
+    losses, t0 = [], time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(samples), (batch_size,), generator=gen)
+        out = model(collate_samples([samples[i] for i in idx], model.config.survey_names), student=True, **{k: v[idx] for k, v in targets.items()})
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.student.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+        if step % log_every == 0 or step == steps - 1:
+            print(f"student step {step} loss {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"train_s": time.perf_counter() - t0, "steps": steps, "losses_first": float(np.mean(losses[:10])),
+            "losses_last": float(np.mean(losses[-10:])), "parameters": sum(p.numel() for p in model.student.parameters())}
+
+
+def timed_rounds(runs: dict, samples, rounds: int) -> dict:
+    """Stamps per second of each `runs` callable (samples -> anything) over `samples`, in
+    `rounds` interleaved rounds; plus each run's ratio to "sep" in the same round."""
+    rate = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn(samples)
+            rate[name].append(len(samples) / (time.perf_counter() - t0))
+    out = {name: {"stamps_per_s": r} for name, r in rate.items()}
+    for name in runs:
+        if "sep" in rate and name != "sep":
+            out[name]["ratio_to_sep"] = [a / b for a, b in zip(rate[name], rate["sep"])]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    from cosmofm.bench.pretrain_throughput import machine_info
+    from cosmofm.data_cards.io.atomic import atomic_write_bytes
+    from cosmofm.data_cards.schema import load_card
+    from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band, sep_deblend, tune_contrast
+    from cosmofm.heads.deblending_predict import deblend_samples
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--card", default="lsst-like")
+    ap.add_argument("--model", help="a saved deblending head (the teacher) instead of training one")
+    ap.add_argument("--backbone", help="pretrained backbone for the teacher (default: a fresh one of the demo recipe's shape)")
+    ap.add_argument("--n-train", type=int, default=1000)
+    ap.add_argument("--n-tune", type=int, default=200, help="training blends (with truth) the peak thresholds and sep's contrast are tuned on")
+    ap.add_argument("--n-test", type=int, default=100, help="held-out blends per test universe")
+    ap.add_argument("--test-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=1500, help="the teacher's training steps")
+    ap.add_argument("--student-steps", type=int, default=1500)
+    ap.add_argument("--student-widths", type=int, nargs="+", default=[16, 32, 48, 64])
+    ap.add_argument("--student-lr", type=float, default=2e-3)
+    ap.add_argument("--arms", nargs="+", default=["distilled", "scratch"], choices=sorted(ARMS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds per arm")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="the teacher's learning rate")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--save-model", help="save the head with the last distilled student here")
+    ap.add_argument("--save-teacher", help="save the trained head (before any student) here, for --model in later runs")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    card = dataclasses.replace(load_card(args.card), stamp_size=64)
+    fwhm, bands, ref = fwhm_in_pixels(card), [b.name for b in card.bands], reference_band(card)
+    report: dict = {"card": card.name, "args": vars(args), "machine": {**machine_info(), "loadavg_start": os.getloadavg()},
+                    "reference_band": bands[ref], "arms": {}}
+    train = _blends(card, args.n_train, TRAIN_SEED, args.workers, n_truth=args.n_tune)
+    tune = train[: args.n_tune]
+    test = [b for seed in args.test_seeds for b in _blends(card, args.n_test, seed, args.workers)]
+    samples = [s for s, _ in test]
+    print(f"mocks: {len(train)} train, {len(test)} test", flush=True)
+    if args.model:
+        from cosmofm.finetune.task_predict import load_task_model
+
+        model, report["teacher_training"] = load_task_model(args.model, "deblending"), {"loaded": str(args.model)}
+    else:
+        model, report["teacher_training"] = train_head(card, train, args.steps, args.batch_size, args.lr, 0, args.backbone)
+        if args.save_teacher:
+            from cosmofm.pretrain.manifest import save_release
+
+            report["saved_teacher"] = str(save_release(model, args.save_teacher))
+    model.eval()
+    model.student = None
+    model._set_task(student_widths=[])
+    head_threshold = tune_threshold(model, tune, fwhm)
+    sep_cont = tune_contrast("sep", tune, fwhm)
+    report.update(head_peak_threshold=head_threshold, sep_contrast=sep_cont)
+
+    def head_run(xs):
+        model.head_config.peak_threshold = head_threshold
+        return deblend_samples(model, xs, batch_size=32)
+
+    def sep_run(xs):
+        return [sep_deblend(s, sep_cont, fwhm_pixels=fwhm) for s in xs]
+
+    scored = {"head": summarise(head_run(samples), test, fwhm, "head", bands, ref),
+              "head_known_positions": summarise(deblend_samples(model, samples, [t.pixel_positions for _, t in test], batch_size=32),
+                                                test, fwhm, "head", bands, ref),
+              "sep": summarise(sep_run(samples), test, fwhm, "aperture", bands, ref)}
+    keep = None  # the last distilled student, for --save-model
+    for arm in args.arms:
+        for seed in args.seeds:
+            name = f"student {arm} seed {seed}"
+            facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm])
+            threshold = tune_threshold(model, tune, fwhm, student=True)
+
+            def student_run(xs, threshold=threshold):
+                model.head_config.peak_threshold = threshold
+                return deblend_samples(model, xs, batch_size=32, student=True)
+
+            scored[name] = summarise(student_run(samples), test, fwhm, "head", bands, ref)
+            known = summarise(deblend_samples(model, samples, [t.pixel_positions for _, t in test], batch_size=32, student=True),
+                              test, fwhm, "head", bands, ref)
+            speed = timed_rounds({"sep": sep_run, "head": head_run, name: student_run}, samples, args.rounds)
+            report["arms"][name] = {"arm": arm, "seed": seed, "distill_weight": ARMS[arm], "peak_threshold": threshold, "training": facts,
+                                    "speed": speed, "known_positions": {k: v for k, v in known.items() if k != "_points"}}
+            print(f"{name}: {json.dumps(speed, default=float)}", flush=True)
+            if arm == "distilled":
+                keep = (model.student, threshold)
+    for res in scored.values():
+        res.pop("_points", None)
+        res["stamps_per_s"] = float("nan")  # speeds are in report["arms"][...]["speed"], measured in interleaved rounds
+    report["results"] = scored
+    report["headline"] = headline(scored, bands[ref])
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    if args.save_model and keep is not None:
+        from cosmofm.pretrain.manifest import save_release
+
+        model.student = keep[0]
+        model._set_task(student_widths=[int(w) for w in args.student_widths], distill_weight=ARMS["distilled"], peak_threshold=head_threshold,
+                        student_peak_threshold=keep[1])
+        report["saved_model"] = str(save_release(model, args.save_model))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "deblend_student.json", json.dumps(report, indent=1, default=float).encode())
+    for name, row in report["headline"].items():
+        print(f"{name:32s} F1 {row['f1']:.3f} blended bias {row['blended_bias']:+.3f} NMAD {row['blended_nmad']:.3f} "
+              f"MAPE {row['blended_mape']:.1f} % isolated NMAD {row['isolated_nmad']:.3f}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
