@@ -159,7 +159,7 @@ def test_cli_path_runs_the_student_over_a_mosaic(tmp_path):
 def test_bench_scores_and_times_head_student_and_sep(tmp_path):
     report = bench_main(["--out", str(tmp_path), "--n-train", "12", "--n-tune", "6", "--n-test", "4", "--test-seeds", "0",
                          "--steps", "3", "--student-steps", "3", "--student-widths", "8", "16", "--rounds", "2",
-                         "--arms", "distilled", "scratch", "--save-model", str(tmp_path / "m")])
+                         "--arms", "distilled", "scratch", "--save-model", str(tmp_path / "m"), "--save-teacher", str(tmp_path / "m0")])
     saved = json.loads((tmp_path / "deblend_student.json").read_text())
     assert set(saved["arms"]) == {"student distilled seed 0", "student scratch seed 0"}
     for arm in saved["arms"].values():
@@ -171,3 +171,12 @@ def test_bench_scores_and_times_head_student_and_sep(tmp_path):
     assert saved["machine"]["cpu_model"] and "loadavg_end" in saved["machine"]
     loaded = load_task_model(tmp_path / "m", "deblending")
     assert loaded.student is not None and loaded.head_config.distill_weight == 1.0
+    assert loaded.head_config.student_peak_threshold == saved["arms"]["student distilled seed 0"]["peak_threshold"]
+    # the saved student scored as it is, on test blends of another seeing: nothing trains
+    shifted = bench_main(["--out", str(tmp_path / "shift"), "--model", str(tmp_path / "m"), "--arms", "loaded", "--n-train", "6",
+                          "--n-tune", "6", "--n-test", "4", "--test-seeds", "0", "--rounds", "1", "--test-shift", "psf_scale=1.25"])
+    assert list(shifted["arms"]) == ["student loaded"] and shifted["test_shift"] == {"psf_scale": 1.25}
+    assert shifted["arms"]["student loaded"]["peak_threshold"] == loaded.head_config.student_peak_threshold
+    with pytest.raises(InputError, match="no distilled student"):
+        bench_main(["--out", str(tmp_path / "x"), "--model", str(tmp_path / "m0"), "--arms", "loaded", "--n-train", "6", "--n-tune", "6",
+                    "--n-test", "2", "--test-seeds", "0"])

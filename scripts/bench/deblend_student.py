@@ -22,6 +22,13 @@ pixels alone; peaks, the split, the refiner and the fluxes stay the head's. Here
    interleaved rounds on one torch thread, sep in the same rounds: the speed ratio is
    measured in one process on one load, as the target asks.
 
+`--test-shift KEY=VALUE ...` draws the test blends with settings nothing was trained on
+(`deblend_shifts.shifted_card`: seeing, depth, a sky residual; thresholds and sep's contrast
+stay as tuned on the training blends); with `--model DIR` holding a distilled student, arm
+"loaded" scores that student as saved (its own peak threshold) without training one, e.g.
+
+    python -m cosmofm.bench.deblend_student --out OUT --model DIR --arms loaded --test-shift psf_scale=1.25
+
 Writes `deblend_student.json` to `--out` (machine and load recorded); `--save-model DIR`
 saves the head with the last distilled student and both peak thresholds
 (`cosmofm deblend --model DIR --student`).
@@ -43,7 +50,7 @@ import torch
 from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, summarise, train_head, tune_threshold
 from cosmofm.bench.deblend_report import headline
 
-ARMS = {"distilled": 1.0, "scratch": 0.0}  # arm -> distill_weight
+ARMS = {"distilled": 1.0, "scratch": 0.0, "loaded": None}  # arm -> distill_weight (loaded: the saved model's student, as saved)
 
 
 def train_student(model, train, widths: Sequence[int], steps: int, batch_size: int, lr: float, seed: int,
@@ -104,7 +111,10 @@ def timed_rounds(runs: dict, samples, rounds: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    from cosmofm.bench.deblend_quality import key_values
+    from cosmofm.bench.deblend_shifts import offset_sky, shifted_card
     from cosmofm.bench.pretrain_throughput import machine_info
+    from cosmofm.data_cards.errors import InputError
     from cosmofm.data_cards.io.atomic import atomic_write_bytes
     from cosmofm.data_cards.schema import load_card
     from cosmofm.heads.deblend_baseline import fwhm_in_pixels, reference_band, sep_deblend, tune_contrast
@@ -131,16 +141,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--save-model", help="save the head with the last distilled student here")
+    ap.add_argument("--test-shift", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="draw the test blends with these settings (deblend_shifts.SHIFTS: psf_scale, noise_scale, sky_offset)")
     ap.add_argument("--save-teacher", help="save the trained head (before any student) here, for --model in later runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     card = dataclasses.replace(load_card(args.card), stamp_size=64)
-    fwhm, bands, ref = fwhm_in_pixels(card), [b.name for b in card.bands], reference_band(card)
-    report: dict = {"card": card.name, "args": vars(args), "machine": {**machine_info(), "loadavg_start": os.getloadavg()},
+    shift = key_values("--test-shift", args.test_shift)
+    test_card, sky_offset = shifted_card(card, shift)
+    # matching and "blended" in the test blends' own PSF; tuning on the training blends' (as deblend_quality)
+    tune_fwhm, fwhm, bands, ref = fwhm_in_pixels(card), fwhm_in_pixels(test_card), [b.name for b in card.bands], reference_band(card)
+    report: dict = {"card": card.name, "args": vars(args), "test_shift": shift, "machine": {**machine_info(), "loadavg_start": os.getloadavg()},
                     "reference_band": bands[ref], "arms": {}}
     train = _blends(card, args.n_train, TRAIN_SEED, args.workers, n_truth=args.n_tune)
     tune = train[: args.n_tune]
-    test = [b for seed in args.test_seeds for b in _blends(card, args.n_test, seed, args.workers)]
+    test = offset_sky([b for seed in args.test_seeds for b in _blends(test_card, args.n_test, seed, args.workers)], test_card, sky_offset)
     samples = [s for s, _ in test]
     print(f"mocks: {len(train)} train, {len(test)} test", flush=True)
     if args.model:
@@ -154,10 +169,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
             report["saved_teacher"] = str(save_release(model, args.save_teacher))
     model.eval()
+    if "loaded" in args.arms and model.student is None:
+        raise InputError("--arms loaded", f"{args.model or 'the trained head'} has no distilled student", "give --model DIR saved with one (--save-model)")
+    h = model.head_config
+    loaded = (model.student, h.student_peak_threshold or h.peak_threshold, list(h.student_widths))
     model.student = None
-    model._set_task(student_widths=[])
-    head_threshold = tune_threshold(model, tune, fwhm)
-    sep_cont = tune_contrast("sep", tune, fwhm)
+    model._set_task(student_widths=[], student_peak_threshold=0.0)
+    head_threshold = tune_threshold(model, tune, tune_fwhm)
+    sep_cont = tune_contrast("sep", tune, tune_fwhm)
     report.update(head_peak_threshold=head_threshold, sep_contrast=sep_cont)
 
     def head_run(xs):
@@ -174,9 +193,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     keep = None  # the last distilled student, for --save-model
     for arm in args.arms:
         for seed in args.seeds:
-            name = f"student {arm} seed {seed}"
-            facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm])
-            threshold = tune_threshold(model, tune, fwhm, student=True)
+            if arm == "loaded":
+                if seed != args.seeds[0]:
+                    continue  # one saved student: nothing to seed
+                name, facts, (model.student, threshold, widths) = "student loaded", {"loaded": str(args.model)}, loaded
+                model._set_task(student_widths=widths)
+            else:
+                name = f"student {arm} seed {seed}"
+                facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm])
+                threshold = tune_threshold(model, tune, tune_fwhm, student=True)
 
             def student_run(xs, threshold=threshold):
                 model.head_config.peak_threshold = threshold
