@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from astropy.io import fits
+from test_deblending_head import CARD, TINY, one_thread  # noqa: F401 (one_thread: the module's autouse fixture)
 from test_tiling import write_mosaic  # tests/test_tiling.py
 
 from cosmofm.bench.deblend_student import main as bench_main
 from cosmofm.bench.deblend_student import train_student
-from cosmofm.data_cards import InputError, load_card
+from cosmofm.data_cards import InputError
 from cosmofm.finetune.deblend import deblend_image
 from cosmofm.finetune.task_predict import load_task_model
 from cosmofm.heads import deblending_net as net
@@ -25,18 +26,6 @@ from cosmofm.pretrain import CosmoFMConfig, collate_samples
 from cosmofm.pretrain.manifest import save_release
 from cosmofm.pretrain.tokenizers import sample_scale
 
-CARD = load_card("lsst-like")
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_patch_size=8, coord_frequencies=6,
-            projection_dim=16, survey_names=[CARD.name])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, two threads contend and run 5-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
