@@ -117,6 +117,13 @@ def test_student_survives_save_and_load(blends, tmp_path):
     b = deblend_samples(loaded, blends, student=True)
     assert sum(len(c) for c in a) > 0
     assert all(np.array_equal(x.positions, y.positions) and np.allclose(x.fluxes["head"], y.fluxes["head"]) for x, y in zip(a, b))
+    # under bfloat16 autocast (the default of `cosmofm deblend` on CPUs that compute it natively) the
+    # student's hidden convolutions round, its outputs and the split stay float32: same sources, close fluxes
+    given = [c.positions for c in a]
+    f32 = deblend_samples(loaded, blends, given, student=True)
+    bf = deblend_samples(loaded, blends, given, student=True, bf16=True)
+    rel = np.concatenate([(y.fluxes["head"] - x.fluxes["head"]) / np.abs(x.fluxes["head"]).clip(1e-3) for x, y in zip(f32, bf)])
+    assert np.median(np.abs(rel)) < 0.01 and not np.array_equal(bf[0].fluxes["head"], f32[0].fluxes["head"])  # the autocast reached it
     # the student's own threshold: the head's path at the same threshold finds other sources
     head = deblend_samples(model, blends)
     assert [len(c) for c in head] != [len(c) for c in a]
