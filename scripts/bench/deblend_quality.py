@@ -196,7 +196,6 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
     `head_settings`: DeblendingHeadConfig fields other than the card's (e.g. fraction_flux_weight)."""
     from cosmofm.finetune.run import build_task_model
     from cosmofm.heads.deblending import DeblendingHeadConfig, DeblendingTask
-    from cosmofm.pretrain.data import collate_samples
     from cosmofm.pretrain.recipe import PretrainRecipe
 
     head = DeblendingHeadConfig.from_card(card, **head_settings)
@@ -206,7 +205,20 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
     task = DeblendingTask(head)
     targets = task.targets(samples)
     task.prepare(model, samples)  # records the training seeing (trained_psf_range)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    return model.eval(), fit(model, list(model.parameters()), samples, targets, steps, batch_size, lr, seed, budget_s, log_every)
+
+
+def fit(model, parameters: list, samples, targets: dict, steps: int, batch_size: int, lr: float, seed: int,
+        budget_s: float | None = None, log_every: int = 25, label: str = "step", **forward) -> dict:
+    """Train `parameters` of `model` on random batches of `samples` (AdamW, warmup + cosine, grad
+    clip 1) for `steps` steps or, on a shared machine whose speed varies, until `budget_s`
+    seconds: the cosine then follows max(step / steps, elapsed / budget_s), so the schedule
+    ends either way. `forward`: extra keywords of the model's forward (e.g. student=True).
+    Leaves the model's train / eval mode as it is. Returns training facts."""
+    from cosmofm.pretrain.data import collate_samples
+
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     warm = max(1, steps // 20)
     progress = [0.0]
 
@@ -215,7 +227,6 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(seed)
-    model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
         if budget_s is not None:
@@ -223,19 +234,19 @@ def train_head(card, train, steps: int, batch_size: int, lr: float, seed: int, b
             if progress[0] >= 1.0:
                 break
         idx = torch.randint(0, len(samples), (batch_size,), generator=gen)
-        out = model(collate_samples([samples[i] for i in idx], model.config.survey_names), **{k: v[idx] for k, v in targets.items()})
+        out = model(collate_samples([samples[i] for i in idx], model.config.survey_names), **forward, **{k: v[idx] for k, v in targets.items()})
         opt.zero_grad()
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         opt.step()
         sched.step()
         losses.append(float(out.loss.detach()))
         if step % log_every == 0 or step == steps - 1:
-            print(f"step {step} loss {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return model.eval(), {"losses_first": float(np.mean(losses[:10])), "losses_last": float(np.mean(losses[-10:])),
-                          "train_s": time.perf_counter() - t0, "steps": len(losses), "steps_asked": steps,
-                          "budget_s": budget_s,
-                          "loss_per_tenth": [float(np.mean(x)) for x in np.array_split(np.asarray(losses), 10)], "batch_size": batch_size, "lr": lr}
+            print(f"{label} {step} loss {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return {"losses_first": float(np.mean(losses[:10])), "losses_last": float(np.mean(losses[-10:])),
+            "train_s": time.perf_counter() - t0, "steps": len(losses), "steps_asked": steps,
+            "budget_s": budget_s,
+            "loss_per_tenth": [float(np.mean(x)) for x in np.array_split(np.asarray(losses), 10)], "batch_size": batch_size, "lr": lr}
 
 
 def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict,

@@ -44,10 +44,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, summarise, train_head, tune_threshold
+from cosmofm.bench.deblend_quality import TRAIN_SEED, _blends, fit, summarise, train_head, tune_threshold
 from cosmofm.bench.deblend_report import headline
 
 ARMS = {"distilled": 1.0, "scratch": 0.0, "loaded": None}  # arm -> distill_weight (loaded: the saved model's student, as saved)
@@ -61,7 +60,6 @@ def train_student(model, train, widths: Sequence[int], steps: int, batch_size: i
     `distillation_loss`. Returns training facts."""
     from cosmofm.heads.deblending import DeblendingTask
     from cosmofm.heads.deblending_student import PixelStudent
-    from cosmofm.pretrain.data import collate_samples
 
     model._set_task(student_widths=[int(w) for w in widths], distill_weight=float(distill_weight))  # config.task in step: saved as trained
     h = model.head_config
@@ -70,28 +68,13 @@ def train_student(model, train, widths: Sequence[int], steps: int, batch_size: i
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("student."))
     samples = [s for s, _ in train]
-    targets = DeblendingTask(h).targets(samples)
-    opt = torch.optim.AdamW(model.student.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(1.0, k / steps))))
-    gen = torch.Generator().manual_seed(seed)
     model.eval()  # the frozen head without dropout; the student has none
-    losses, t0 = [], time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(0, len(samples), (batch_size,), generator=gen)
-        out = model(collate_samples([samples[i] for i in idx], model.config.survey_names), student=True, **{k: v[idx] for k, v in targets.items()})
-        opt.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(out.loss.detach()))
-        if step % log_every == 0 or step == steps - 1:
-            print(f"student step {step} loss {np.mean(losses[-log_every:]):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    facts = fit(model, list(model.student.parameters()), samples, DeblendingTask(h).targets(samples), steps, batch_size, lr, seed,
+                log_every=log_every, label="student step", student=True)
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"train_s": time.perf_counter() - t0, "steps": steps, "losses_first": float(np.mean(losses[:10])),
-            "losses_last": float(np.mean(losses[-10:])), "parameters": sum(p.numel() for p in model.student.parameters())}
+    return {"train_s": facts["train_s"], "steps": steps, "losses_first": facts["losses_first"], "losses_last": facts["losses_last"],
+            "parameters": sum(p.numel() for p in model.student.parameters())}
 
 
 def timed_rounds(runs: dict, samples, rounds: int) -> dict:
