@@ -231,7 +231,7 @@ def finetune_loop(model, samples: Sequence[Sample], targets: Callable[[Sequence[
             device = accelerator.device
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    out = model(batch.to(device), **{k: v.to(device) for k, v in batch_targets.items()})
+                    out = model(batch.to(device), **{k: v.to(device) for k, v in batch_targets.items()}, **strategy.forward_options())
                 value = out.loss if loss is None else loss(out, index)
                 if value is None:
                     raise InputError("targets", "gave the model no loss", "return the forward's target arguments from targets(samples)")

@@ -177,6 +177,10 @@ def run_recipe(recipe: FinetuneRecipe, workers: int = 1, progress: bool = True) 
     if backbone is not None and recipe.backbone_recipe:
         raise InputError("backbone_recipe", "shapes a fresh backbone, so it cannot be combined with a backbone", "drop one of the two")
     check_backbone_task(recipe)
+    if cfg.tuning.name == "student":
+        from cosmofm.finetune.run import student_teacher
+
+        student_teacher(recipe.task, backbone, cfg.head)  # before the mocks are made
     task_model_class(recipe.task).head_config_class.from_card(card, **cfg.head)  # the head's settings, checked
     backbone_config = None
     if recipe.backbone_recipe:

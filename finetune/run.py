@@ -47,7 +47,8 @@ class TaskFinetuneConfig(LoopConfig, StrategyKnobs):
 
     Args:
         strategy (`str`, "frozen"): "frozen" (head only), "last-n" (the last n_blocks
-            blocks and the head), "lora" or "full" (`finetune.strategies`), with the
+            blocks and the head), "lora", "full" or "student" (the head's fast path alone,
+            distilled from a fine-tuned release: `build_student_model`) (`finetune.strategies`), with the
             `StrategyKnobs` (n_blocks, layer_decay, backbone_lr_scale, lora_rank, lora_alpha).
         label_fraction (`float`, 1.0): fraction of the training block whose labels are used.
         calibration_fraction (`float`, 0.2): fraction of all samples held out for calibration.
@@ -125,6 +126,52 @@ def build_task_model(task: str, head: TaskHeadConfig, seed: int, backbone=None, 
     return model
 
 
+def student_teacher(task: str, release, head_settings: dict) -> Path:
+    """The verified release folder a strategy "student" fine-tune of `task` starts from (its
+    teacher), checked before any compute from its config and weight headers: given, of
+    `task`, and with `head_settings` (the student's) giving its head a student while every
+    tensor of the teacher keeps its shape. Anything else is an InputError."""
+    from cosmofm.finetune.release import check_release, resolve_release
+    from cosmofm.finetune.release_folder import weight_tensors
+
+    if release is None:
+        raise InputError("backbone", f'is not given, and strategy "student" distils a fine-tuned {task!r} model',
+                         f"give the release of a {task!r} fine-tune (its output_dir/model) as the backbone (--backbone)")
+    folder = resolve_release(release)
+    cls, config, _ = check_release(folder, expect_task=task)
+    config.task = {**config.task, **head_settings}
+    with torch.device("meta"):  # shapes only: nothing allocated or initialised
+        model = cls(config)
+    if getattr(model, "student", None) is None:
+        raise InputError("head", f"settings {head_settings} give the {task!r} head no student",
+                         "give it one (deblending: head.student_widths=[16, 32, 48, 64])")
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    changed = sorted(key for _path, key, tensor in weight_tensors(folder)
+                     if not key.startswith("student.") and ours.get(key) != tuple(tensor.get_shape()))
+    if changed:
+        raise InputError("head", f"settings {sorted(head_settings)} change the teacher's tensors ({', '.join(changed[:3])})",
+                         "set only the student's settings (deblending: student_widths, distill_weight, student_peak_threshold)")
+    return folder
+
+
+def build_student_model(task: str, release, head_settings: dict, seed: int) -> CosmoFMForTask:
+    """The start of a strategy "student" fine-tune: the fine-tuned `task` release whole
+    (backbone and head: the frozen teacher), its head config updated with `head_settings`
+    (the student's, e.g. deblending's student_widths and distill_weight; checked by
+    `student_teacher`), and its student: the release's own where the settings keep its
+    shape (a distillation continued), else a fresh one initialised from `seed`."""
+    from cosmofm.finetune.release import from_pretrained
+
+    teacher = from_pretrained(student_teacher(task, release, head_settings), expect_task=task)
+    config = CosmoFMConfig.from_dict(teacher.config.to_dict())
+    config.task = {**teacher.config.task, **head_settings}
+    torch.manual_seed(seed)
+    model = type(teacher)(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v for k, v in teacher.state_dict().items() if shapes.get(k) == v.shape}, strict=False)
+    return model
+
+
 def refuse_other_task(where: str, other: str | None, task: str) -> None:
     """An InputError at `where` when a release fine-tuned for task `other` would start a
     `task` fine-tune: its backbone was tuned for that task."""
@@ -135,9 +182,10 @@ def refuse_other_task(where: str, other: str | None, task: str) -> None:
 
 
 @torch.no_grad()
-def collect_outputs(model: CosmoFMForTask, samples: Sequence[Sample], batch_size: int = 128) -> dict[str, torch.Tensor]:
+def collect_outputs(model: CosmoFMForTask, samples: Sequence[Sample], batch_size: int = 128, **forward) -> dict[str, torch.Tensor]:
     """The model's outputs on `samples` (eval mode, in order): every tensor field of its
-    TaskOutput except `loss`, concatenated over batches, on the CPU in float32."""
+    TaskOutput except `loss`, concatenated over batches, on the CPU in float32. `forward`:
+    keyword arguments of the forward (a strategy's `forward_options`, e.g. student=True)."""
     from cosmofm.pretrain.data import collate_samples
 
     model.eval()
@@ -147,7 +195,7 @@ def collect_outputs(model: CosmoFMForTask, samples: Sequence[Sample], batch_size
     for start in range(0, len(samples), batch_size):
         part = list(samples[start:start + batch_size])
         inputs = {k: v.to(device) for k, v in task.inputs(part).items()}  # how they were observed (`Task.inputs`)
-        out = model(collate_samples(part, model.config.survey_names).to(device), **inputs)
+        out = model(collate_samples(part, model.config.survey_names).to(device), **inputs, **forward)
         for name, value in out.items():
             if name != "loss" and isinstance(value, torch.Tensor):
                 parts.setdefault(name, []).append(value.detach().float().cpu())
@@ -166,22 +214,34 @@ def finetune_task(task: str, samples: Sequence[Sample], card, cfg: TaskFinetuneC
     from accelerate.utils import set_seed
 
     cfg = cfg or TaskFinetuneConfig()
+    strategy = cfg.tuning
     if len(samples) < 10:
         raise InputError("samples", f"only {len(samples)} labelled samples", "give at least 10 (train, calibration and test blocks)")
-    head = task_model_class(task).head_config_class.from_card(card, **cfg.head)
+    student = strategy.name == "student"  # the release's whole model is the start, and its head config the head's
+    if student:
+        if backbone_config is not None:
+            raise InputError("backbone_recipe", 'shapes a fresh backbone, and strategy "student" starts from a fine-tuned release', "drop it")
+        set_seed(cfg.seed)
+        model = build_student_model(task, backbone, cfg.head, cfg.seed)
+        head = model.head_config
+        if getattr(head, "card", card.name) != card.name:
+            raise InputError("card", f"is {card.name}, and the teacher was fine-tuned on {head.card}", f"distil on {head.card}'s mocks")
+    else:
+        head = task_model_class(task).head_config_class.from_card(card, **cfg.head)
     job = task_class(task)(head)
     splits = split_indices(len(samples), cfg)
     block = {name: [samples[int(i)] for i in index] for name, index in splits.items()}
     targets = {name: job.targets(part) for name, part in block.items()}  # every label checked before any compute
-    set_seed(cfg.seed)
-    model = build_task_model(task, head, cfg.seed, backbone, backbone_config)
-    job.prepare(model, block["train"])
-    run = finetune_loop(model, block["train"], job.targets, cfg.tuning, replace(cfg, desc=f"finetune {task} ({cfg.strategy})"), loss)
-    model = run.model
-    fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size), targets["calibration"])
+    if not student:  # a student keeps its teacher's preparation: it learns to copy that model
+        set_seed(cfg.seed)
+        model = build_task_model(task, head, cfg.seed, backbone, backbone_config)
+        job.prepare(model, block["train"])
+    run = finetune_loop(model, block["train"], job.targets, strategy, replace(cfg, desc=f"finetune {task} ({cfg.strategy})"), loss)
+    model, forward = run.model, strategy.forward_options()  # calibrated and scored as it was trained (the student's path)
+    fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size, **forward), targets["calibration"])
     job = task_class(task)(model.head_config)  # the calibrated head
     metrics = {"n_train": len(block["train"]), "n_calibration": len(block["calibration"]), "n_test": len(block["test"]),
-               **job.metrics(collect_outputs(model, block["test"], cfg.eval_batch_size), targets["test"]), "calibration": fitted}
+               **job.metrics(collect_outputs(model, block["test"], cfg.eval_batch_size, **forward), targets["test"]), "calibration": fitted}
     result = {"model": model, "metrics": metrics, "history": run.epoch_losses, "splits": {k: v.tolist() for k, v in splits.items()}}
     if cfg.output_dir and run.main_process:
         result.update(save_task_run(model, task_eval_results(metrics, task, card.name), cfg, run.epoch_losses))
@@ -253,6 +313,7 @@ def config_fields(config_class: type) -> set[str]:
 __all__ = [
     "RUNNERS",
     "TaskFinetuneConfig",
+    "build_student_model",
     "build_task_model",
     "collect_outputs",
     "config_fields",
@@ -262,5 +323,6 @@ __all__ = [
     "runner_for",
     "save_task_run",
     "split_indices",
+    "student_teacher",
     "task_eval_results",
 ]

@@ -17,6 +17,11 @@ looks at module names or types:
 - `lora`: low-rank adapters (Hu et al. 2021, via peft) on the attention qkv / proj
   layers train with the head; merged into the weights when training ends.
 - `full`: everything trains.
+- `student`: only the model's student trains: the fast path some heads carry (the
+  deblending head's `PixelStudent`, `model.student`), distilled from the rest of a
+  fine-tuned release of the task, which stays frozen in eval mode and is its teacher.
+  The forward runs with `student=True` (`Strategy.forward_options`), in training and
+  in the evaluation that follows.
 
 `layer_decay` (layer-wise LR decay, `CosmoFMPreTrainedModel.parameter_groups`) scales
 the LR of whatever backbone parameters train: the last block's is the backbone LR, each
@@ -29,7 +34,7 @@ from dataclasses import dataclass, fields
 
 from cosmofm.data_cards.errors import InputError
 
-STRATEGIES = ("frozen", "last-n", "lora", "full")
+STRATEGIES = ("frozen", "last-n", "lora", "full", "student")
 LORA_TARGETS = r".*attn\.(qkv|proj)"  # the attention's fused qkv and output projections
 
 
@@ -83,10 +88,14 @@ class Strategy(StrategyKnobs):
             raise InputError("n_blocks", f"is {self.n_blocks}, but only strategy last-n trains a number of blocks", "use strategy last-n, or drop n_blocks")
         if not 0 < self.layer_decay <= 1:
             raise InputError("layer_decay", f"must be in (0, 1], got {self.layer_decay}", "e.g. 0.75, or 1 for no decay")
-        if self.name == "frozen" and self.layer_decay != 1:
-            raise InputError("layer_decay", "has no effect with strategy frozen (no backbone parameter trains)", "use last-n, lora or full, or drop layer_decay")
+        if self.name in ("frozen", "student") and self.layer_decay != 1:
+            raise InputError("layer_decay", f"has no effect with strategy {self.name} (no backbone parameter trains)", "use last-n, lora or full, or drop layer_decay")
         if not self.backbone_lr_scale > 0:
             raise InputError("backbone_lr_scale", f"must be > 0, got {self.backbone_lr_scale}", "e.g. 0.3")
+
+    def forward_options(self) -> dict:
+        """Keyword arguments of the model's forward under this strategy: the student's path for "student"."""
+        return {"student": True} if self.name == "student" else {}
 
 
 def train_last_blocks(backbone, n_blocks: int) -> None:
@@ -111,6 +120,13 @@ def add_lora(model, rank: int, alpha: int) -> None:
 def apply_strategy(model, strategy: Strategy, lr: float, weight_decay: float) -> list[dict]:
     """Set what trains in `model` (a CosmoFMPreTrainedModel with a head) for `strategy`;
     return its AdamW parameter groups (head at `lr`, the backbone as `Strategy` says)."""
+    if strategy.name == "student":
+        if getattr(model, "student", None) is None:
+            raise InputError("strategy", f"student trains the model's student, and this {type(model).__name__} has none",
+                             "give the head one (deblending: head.student_widths=[16, 32, 48, 64]), or use another strategy")
+        model.requires_grad_(False)
+        model.student.requires_grad_(True)
+        return model.parameter_groups(lr, weight_decay, head_lr=lr)
     if strategy.name in ("frozen", "last-n"):
         train_last_blocks(model.base_model, strategy.n_blocks)
     elif strategy.name == "lora":
@@ -121,7 +137,11 @@ def apply_strategy(model, strategy: Strategy, lr: float, weight_decay: float) ->
 
 def eval_frozen_layers(model, strategy: Strategy) -> None:
     """After `model.train()`: the layer groups that do not train under frozen / last-n go
-    back to eval mode, so a frozen backbone also runs without dropout."""
+    back to eval mode, so a frozen backbone also runs without dropout; under "student"
+    everything but the student (the teacher)."""
+    if strategy.name == "student":
+        for part in model.children():
+            part.train(part is model.student)
     if strategy.name in ("frozen", "last-n"):
         for group in model.base_model.layer_groups():
             if not any(p.requires_grad for p in group.parameters()):
@@ -133,5 +153,5 @@ def finish_strategy(model, strategy: Strategy):
     parameter trainable; returns the model."""
     if strategy.name == "lora":
         setattr(model, model.base_model_prefix, model.base_model.merge_and_unload())
-    model.base_model.requires_grad_(True)
+    (model if strategy.name == "student" else model.base_model).requires_grad_(True)  # a head's frozen teacher too
     return model

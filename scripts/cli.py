@@ -364,12 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--config", help="fine-tune recipe: YAML path or shipped name (photoz, spectral-classification)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe entry, e.g. finetune.lr=3e-4 or n_labelled=500")
     f.add_argument("--output", required=True, help="run folder: model/, eval_results.json, finetune_recipe.yaml, checkpoints/")
-    f.add_argument("--backbone", help="pretrained backbone release folder or repo id; 'none' for a fresh backbone")
+    f.add_argument("--backbone", help="pretrained backbone release folder or repo id ('none' for a fresh backbone); "
+                        "with --strategy student, the fine-tuned release whose head is distilled")
     f.add_argument("--recipe", help="a fresh backbone's shape, from a pretraining recipe (e.g. spectra-fast); not with --backbone")
     f.add_argument("--teacher", help="spectral-classification: a fine-tuned model (folder or repo id) to distil from")
     f.add_argument("--card", help="data card whose mocks (and label schema) are the labelled data")
     f.add_argument("--n-train", type=int, help="labelled mocks (split into train / calibration / test)")
-    f.add_argument("--strategy", choices=STRATEGIES, help="frozen backbone (a probe), the last --n-blocks blocks, LoRA adapters, or full fine-tune")
+    f.add_argument("--strategy", choices=STRATEGIES, help="frozen backbone (a probe), the last --n-blocks blocks, LoRA adapters, full fine-tune, or student: "
+                        "only the head's fast path trains, distilled from the fine-tuned release given as --backbone "
+                        "(deblending: --set finetune.head.student_widths=[16,32,48,64])")
     f.add_argument("--n-blocks", type=int, help="with --strategy last-n: trailing transformer blocks that train")
     f.add_argument("--layer-decay", type=float, help="layer-wise LR decay: LR factor per block below the last (1 = none)")
     f.add_argument("--epochs", type=int)
