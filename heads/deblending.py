@@ -122,6 +122,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
             student's outputs against the head's) beside the task loss when a student trains.
         student_peak_threshold (`float`, 0): the student's own `peak_threshold` (tuned as the
             head's); 0 = the head's.
+        student_refine_channels (`int`, 0): width of the student's own `SplitRefiner` (the
+            head's window and dilations), trained with the student on the task loss and, with
+            distill_weight, the head's refined fractions; 0 = the student path uses the head's.
         card (`str`, ""): the data card the head was trained on (provenance).
     """
 
@@ -153,6 +156,7 @@ class DeblendingHeadConfig(TaskHeadConfig):
     student_widths: list = field(default_factory=list)
     distill_weight: float = 1.0
     student_peak_threshold: float = 0.0
+    student_refine_channels: int = 0
     card: str = ""
 
     TYPE: ClassVar[str] = TASK_TYPE
@@ -199,6 +203,9 @@ class DeblendingHeadConfig(TaskHeadConfig):
             raise InputError("task.student_widths", f"is {w!r}", "[] (no student) or two or more channel counts, e.g. [16, 32, 48, 64]")
         if not (self.student_peak_threshold == 0 or 0 < self.student_peak_threshold < 1):
             raise InputError("task.student_peak_threshold", f"is {self.student_peak_threshold!r}", "0 (the head's peak_threshold) or in (0, 1)")
+        c = self.student_refine_channels
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise InputError("task.student_refine_channels", f"is {c!r}", "0 (the head's refiner) or a width, e.g. 12")
         if not self.distill_weight >= 0:
             raise InputError("task.distill_weight", f"must be >= 0, got {self.distill_weight!r}", "e.g. 1.0")
 
@@ -289,7 +296,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
         planes = h.n_bands if h.psf_conditioning else 0  # log PSF FWHM over the card's, per band
         self.decoder = net.PixelDecoder(h.hidden_size, h.n_bands, h.embed_size, planes)
         self.refiner = net.SplitRefiner(h.n_bands, h.refine_channels, h.refine_window, h.refine_dilations, planes) if h.refine_steps else None
-        self.student = PixelStudent(h.n_bands, h.embed_size, h.student_widths, planes) if h.student_widths else None
+        self.student = PixelStudent.from_head(h) if h.student_widths else None
         self.post_init()
 
     def forward(self, batch: CosmoFMBatch, centres: torch.Tensor | None = None, fluxes: torch.Tensor | None = None,
@@ -354,11 +361,9 @@ class CosmoFMForDeblending(CosmoFMForTask):
         present = torch.isfinite(use).all(-1)
         keep = present.any(0).nonzero().flatten()  # the slots some sample uses (detections come sorted, present first)
         use, present = use[:, keep], present[:, keep]
-        with torch.autocast(values.device.type, enabled=False):
-            logits = net.split_logits(dense, use, present, h.min_size)  # (n, K + 1, B, H, W)
-            for _ in range(h.refine_steps):
-                logits = self.refiner(logits, pixels[:, :b, :hh, :ww], use, present, condition)  # the decoder's asinh(values / scale)
-            fr = logits.softmax(dim=1)
+        refiner = self.student.refiner if student and self.student.refiner is not None else self.refiner
+        split = lambda d, r: self._split(d, use, present, pixels[:, :b, :hh, :ww], condition, r)  # noqa: E731
+        fr = split(dense, refiner)
         flux, err = net.source_fluxes(fr, values, ivar)
         # detected (and, in training, true) sources' fluxes corrected for the outskirts their fractions
         # miss, given positions' not (see `flux_correction`); the background keeps the rest
@@ -389,6 +394,10 @@ class CosmoFMForDeblending(CosmoFMForTask):
                 loss = loss + h.fraction_flux_weight * net.fraction_flux_loss(fr[:, :-1], target[:, :-1], image, fluxes.float()[:, keep], err[:, :-1])
             if student and h.distill_weight:
                 loss = loss + h.distill_weight * distillation_loss(dense, teacher)
+                if refiner is not self.refiner:  # the student's own refiner also learns the head's refined split
+                    with torch.no_grad():
+                        teacher_fr = split(teacher, self.refiner)
+                    loss = loss + h.distill_weight * net.fraction_loss(fr, teacher_fr, weight)
         heat = torch.sigmoid(dense.heat)
         scores = net.read_at(heat.unsqueeze(1), use)[..., 0] * present
         seg = fr.mean(2)  # (n, K + 1, H, W)
@@ -404,6 +413,17 @@ class CosmoFMForDeblending(CosmoFMForTask):
             flux_errors=pick(_pad_slots(err[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
             background_flux=pick(flux[:, -1]), segmentation=pick(segmentation), heatmap=pick(heat),
             fractions=[fr[i] for i in order.tolist()], backbone=out)
+
+    def _split(self, dense: net.DenseOutputs, use: torch.Tensor, present: torch.Tensor, image: torch.Tensor,
+               condition: torch.Tensor | None, refiner: torch.nn.Module | None) -> torch.Tensor:
+        """The flux fractions (n, K + 1, B, H, W) of the sources at `use` (`present`): the first
+        split of `dense` (`split_logits`), refine_steps of `refiner` (it sees `image`, the
+        decoder's asinh(values / scale)), softmax; in float32 under any autocast."""
+        with torch.autocast(image.device.type, enabled=False):
+            logits = net.split_logits(dense, use, present, self.head_config.min_size)
+            for _ in range(self.head_config.refine_steps):
+                logits = refiner(logits, image, use, present, condition)
+            return logits.softmax(dim=1)
 
     def _decode(self, out: CosmoFMOutput, gi: int, pixels: torch.Tensor, shape: tuple[int, int]) -> net.DenseOutputs:
         """The readable path's per-pixel outputs: the image group `gi`'s band tokens on their

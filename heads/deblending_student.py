@@ -9,7 +9,8 @@ channels (Ronneberger et al. 2015, arXiv:1505.04597), so everything after them (
 the split, the refiner, the fluxes) is the head's, unchanged. It is trained by
 distillation (Hinton et al. 2015, arXiv:1503.02531) from the head's own outputs on the
 training blends, beside the head's task loss (`distillation_loss`), the backbone,
-decoder and refiner frozen: a speed option chosen by flag (`deblend_samples(student=True)`,
+decoder and refiner frozen (a student with its own, narrower refiner also learns the head's
+refined fractions): a speed option chosen by flag (`deblend_samples(student=True)`,
 `cosmofm deblend --student`), measured against the readable path in
 `scripts/bench/deblend_student.py`.
 """
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cosmofm.heads.deblending_net import DenseOutputs, _conv, dense_outputs, output_convs
+from cosmofm.heads.deblending_net import DenseOutputs, SplitRefiner, _conv, dense_outputs, output_convs
 
 
 class PixelStudent(nn.Module):
@@ -34,10 +35,17 @@ class PixelStudent(nn.Module):
     up: a 1 x 1 convolution to the level's width, bilinear x2 up, added to the encoder's
     features of that level (the skip, added as in feature pyramids, Lin et al. 2017,
     arXiv:1612.03144: concatenating tripled the cost of the full-resolution convolution),
-    one 3 x 3 convolution; then the head's own 1 x 1 output convolutions (`output_convs`)."""
+    one 3 x 3 convolution; then the head's own 1 x 1 output convolutions (`output_convs`).
 
-    def __init__(self, n_bands: int, embed_size: int, widths: Sequence[int] = (16, 32, 48, 64), condition_planes: int = 0):
+    `refiner`: the student's own `deblending_net.SplitRefiner` (narrower than the head's,
+    which is ~40 % of the student path's time with it), used in place of the head's on the
+    student's path; None: the head's refiner. Kept here so that everything the fast path
+    trains lives under `student.`."""
+
+    def __init__(self, n_bands: int, embed_size: int, widths: Sequence[int] = (16, 32, 48, 64), condition_planes: int = 0,
+                 refiner: nn.Module | None = None):
         super().__init__()
+        self.refiner = refiner
         widths = [int(w) for w in widths]
         self.n_bands, self.embed_size = n_bands, embed_size
         cin = 2 * n_bands + 1 + condition_planes
@@ -47,6 +55,16 @@ class PixelStudent(nn.Module):
         self.lateral = nn.ModuleList([nn.Conv2d(b, a, 1) for a, b in zip(widths[:-1], widths[1:])])  # level i+1 -> i's width
         self.up = nn.ModuleList([_conv(a, a) for a in widths[:-1]])
         self.out, self.correction = output_convs(widths[0], n_bands, embed_size)
+
+    @classmethod
+    def from_head(cls, head) -> "PixelStudent":
+        """A fresh student for a `DeblendingHeadConfig`: its student_widths, and its own refiner
+        of student_refine_channels (0: none, the head's is used) with the head's window and dilations."""
+        planes = head.n_bands if head.psf_conditioning else 0
+        refiner = None
+        if head.student_refine_channels and head.refine_steps:
+            refiner = SplitRefiner(head.n_bands, head.student_refine_channels, head.refine_window, head.refine_dilations, planes)
+        return cls(head.n_bands, head.embed_size, head.student_widths, planes, refiner)
 
     def forward(self, pixels: torch.Tensor, shape: tuple[int, int]) -> DenseOutputs:
         skips, x = [], pixels

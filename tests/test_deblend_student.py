@@ -20,6 +20,7 @@ from cosmofm.finetune.deblend import deblend_image
 from cosmofm.finetune.task_predict import load_task_model
 from cosmofm.heads import deblending_net as net
 from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig, DeblendingTask
+from cosmofm.heads.deblending_data import blend_truth_arrays
 from cosmofm.heads.deblending_predict import deblend_samples
 from cosmofm.heads.deblending_student import distillation_loss
 from cosmofm.pretrain import CosmoFMConfig, collate_samples
@@ -176,3 +177,50 @@ def test_bench_scores_and_times_head_student_and_sep(tmp_path):
     with pytest.raises(InputError, match="no distilled student"):
         bench_main(["--out", str(tmp_path / "x"), "--model", str(tmp_path / "m0"), "--arms", "loaded", "--n-train", "6", "--n-tune", "6",
                     "--n-test", "2", "--test-seeds", "0"])
+
+
+def test_a_students_own_refiner_replaces_the_heads_on_its_path_and_learns(blends, tmp_path):
+    model = _head(student_widths=[8, 16], student_refine_channels=6)
+    assert model.student.refiner.out.in_channels == 6 and model.student.refiner.window == model.refiner.window
+    positions = [blend_truth_arrays(s)[1] for s in blends[:4]]  # known positions: the same sources on both paths
+    student = lambda: deblend_samples(model, blends[:4], positions, student=True)  # noqa: E731
+    head = lambda: deblend_samples(model, blends[:4], positions)  # noqa: E731
+    before_student, before_head = student(), head()
+    with torch.no_grad():
+        model.refiner.out.bias.fill_(0.5)  # the head's refiner moves: only the head's path follows
+        model.refiner.out.weight.normal_(0, 0.1)
+    moved_head = head()
+    assert all(np.array_equal(a.fluxes["head"], b.fluxes["head"]) for a, b in zip(before_student, student()))
+    assert not all(np.allclose(a.fluxes["head"], b.fluxes["head"]) for a, b in zip(before_head, moved_head))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("student.")}
+    start = model.student.refiner.out.weight.clone()
+    train_student(model, [(s, None) for s in blends], [8, 16], steps=5, batch_size=4, lr=3e-3, seed=0, distill_weight=1.0,
+                  log_every=1000, refine_channels=6)
+    assert not torch.equal(model.student.refiner.out.weight, start)  # it trained (its last layer left zero) ...
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())  # ... and nothing of the head moved
+    save_release(model, tmp_path / "m")
+    loaded = load_task_model(tmp_path / "m", "deblending")
+    assert loaded.head_config.student_refine_channels == 6 and loaded.student.refiner is not None
+    a, b = student(), deblend_samples(loaded, blends[:4], positions, student=True)
+    assert all(np.allclose(x.fluxes["head"], y.fluxes["head"]) for x, y in zip(a, b))
+    with pytest.raises(InputError, match="student_refine_channels"):
+        DeblendingHeadConfig.from_card(CARD, student_refine_channels=-1)
+
+
+def test_channels_last_is_a_layout_not_a_change_of_results(blends):
+    """`deblend_samples(channels_last=...)`, the CPU default: the same sources and fluxes as the
+    default layout, on the head's path and the student's."""
+    model = _head(student_widths=[8, 16], student_refine_channels=6)
+    with torch.no_grad():
+        model.decoder.out.bias[0] = model.student.out.bias[0] = 2.0  # both paths find peaks to compare
+        model.student.refiner.out.weight.normal_(0, 0.1)  # and its refiner acts
+    for student in (False, True):
+        plain = deblend_samples(model, blends, student=student, channels_last=False)
+        assert model.student.up[0][0].weight.is_contiguous()
+        fast = deblend_samples(model, blends, student=student, channels_last=True)
+        assert model.student.up[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert sum(len(c) for c in plain) > 0
+        for a, b in zip(plain, fast):
+            assert a.positions.shape == b.positions.shape and np.allclose(a.positions, b.positions, atol=1e-4)  # float rounding
+            assert (a.segmentation == b.segmentation).mean() > 0.999
+            assert np.allclose(a.fluxes["head"], b.fluxes["head"], rtol=1e-4, atol=1e-3)

@@ -124,7 +124,7 @@ def test_the_strategy_refuses_a_model_without_a_student_and_freezes_the_rest():
     with pytest.raises(InputError, match="has none"):
         apply_strategy(model, Strategy("student"), 1e-3, 0.01)
     model._set_task(student_widths=[8, 16])
-    model.student = PixelStudent(model.head_config.n_bands, model.head_config.embed_size, [8, 16])
+    model.student = PixelStudent.from_head(model.head_config)
     groups = apply_strategy(model, Strategy("student"), 1e-3, 0.01)
     trained = {id(p) for g in groups for p in g["params"]}
     assert trained == {id(p) for p in model.student.parameters()}

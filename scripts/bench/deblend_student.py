@@ -53,18 +53,20 @@ ARMS = {"distilled": 1.0, "scratch": 0.0, "loaded": None}  # arm -> distill_weig
 
 
 def train_student(model, train, widths: Sequence[int], steps: int, batch_size: int, lr: float, seed: int,
-                  distill_weight: float, log_every: int = 100) -> dict:
+                  distill_weight: float, log_every: int = 100, refine_channels: int = 0) -> dict:
     """Attach a fresh `PixelStudent` (seeded by `seed`) to `model` and train it alone on the
     `train` blends for `steps` AdamW steps (warmup + cosine, grad clip 1), everything else
     frozen and in eval mode: loss = the task loss on the student's path + distill_weight x
-    `distillation_loss`. Returns training facts."""
+    `distillation_loss` (with `refine_channels`, the student's own refiner of that width, which
+    also learns the head's refined fractions). Returns training facts."""
     from cosmofm.heads.deblending import DeblendingTask
     from cosmofm.heads.deblending_student import PixelStudent
 
-    model._set_task(student_widths=[int(w) for w in widths], distill_weight=float(distill_weight))  # config.task in step: saved as trained
+    model._set_task(student_widths=[int(w) for w in widths], distill_weight=float(distill_weight),  # config.task in step: saved as trained
+                    student_refine_channels=int(refine_channels))
     h = model.head_config
     torch.manual_seed(seed)
-    model.student = PixelStudent(h.n_bands, h.embed_size, h.student_widths, h.n_bands if h.psf_conditioning else 0)
+    model.student = PixelStudent.from_head(h)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("student."))
     samples = [s for s, _ in train]
@@ -116,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--student-steps", type=int, default=1500)
     ap.add_argument("--student-widths", type=int, nargs="+", default=[16, 32, 48, 64])
     ap.add_argument("--student-lr", type=float, default=2e-3)
+    ap.add_argument("--student-refine-channels", type=int, default=0, help="the student's own refiner's width (0: the head's refiner)")
     ap.add_argument("--arms", nargs="+", default=["distilled", "scratch"], choices=sorted(ARMS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds per arm")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -155,9 +158,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "loaded" in args.arms and model.student is None:
         raise InputError("--arms loaded", f"{args.model or 'the trained head'} has no distilled student", "give --model DIR saved with one (--save-model)")
     h = model.head_config
-    loaded = (model.student, h.student_peak_threshold or h.peak_threshold, list(h.student_widths))
+    loaded = (model.student, h.student_peak_threshold or h.peak_threshold, (list(h.student_widths), h.student_refine_channels))
     model.student = None
-    model._set_task(student_widths=[], student_peak_threshold=0.0)
+    model._set_task(student_widths=[], student_peak_threshold=0.0, student_refine_channels=0)
     head_threshold = tune_threshold(model, tune, tune_fwhm)
     sep_cont = tune_contrast("sep", tune, tune_fwhm)
     report.update(head_peak_threshold=head_threshold, sep_contrast=sep_cont)
@@ -179,11 +182,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if arm == "loaded":
                 if seed != args.seeds[0]:
                     continue  # one saved student: nothing to seed
-                name, facts, (model.student, threshold, widths) = "student loaded", {"loaded": str(args.model)}, loaded
-                model._set_task(student_widths=widths)
+                name, facts, (model.student, threshold, (widths, channels)) = "student loaded", {"loaded": str(args.model)}, loaded
+                model._set_task(student_widths=widths, student_refine_channels=channels)
             else:
                 name = f"student {arm} seed {seed}"
-                facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm])
+                facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm],
+                                      refine_channels=args.student_refine_channels)
                 threshold = tune_threshold(model, tune, tune_fwhm, student=True)
 
             def student_run(xs, threshold=threshold):
@@ -210,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         model.student = keep[0]
         model._set_task(student_widths=[int(w) for w in args.student_widths], distill_weight=ARMS["distilled"], peak_threshold=head_threshold,
-                        student_peak_threshold=keep[1])
+                        student_peak_threshold=keep[1], student_refine_channels=args.student_refine_channels)
         report["saved_model"] = str(save_release(model, args.save_model))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
