@@ -178,13 +178,14 @@ def split_logits(dense: DenseOutputs, centres: torch.Tensor, present: torch.Tens
     v = read_at(dense.source_embedding, centres)  # (n, K, E)
     amp = read_at(dense.amplitude, centres)  # (n, K, B)
     size = F.softplus(read_at(dense.size.unsqueeze(1), centres)[..., 0]) + min_size  # (n, K) pixels
-    sim = torch.einsum("nbehw,nke->nkbhw", dense.pixel_embedding, v) / math.sqrt(e)
-    rows = torch.arange(h, device=centres.device, dtype=sim.dtype).view(1, 1, h, 1)
-    cols = torch.arange(w, device=centres.device, dtype=sim.dtype).view(1, 1, 1, w)
-    c = torch.nan_to_num(centres, nan=-1e4).to(sim.dtype)
+    rows = torch.arange(h, device=centres.device, dtype=v.dtype).view(1, 1, h, 1)
+    cols = torch.arange(w, device=centres.device, dtype=v.dtype).view(1, 1, 1, w)
+    c = torch.nan_to_num(centres, nan=-1e4).to(v.dtype)
     dist = torch.sqrt((rows - c[..., 0, None, None]) ** 2 + (cols - c[..., 1, None, None]) ** 2 + 1e-6)  # (n, K, H, W)
-    logits = sim + amp[..., None, None] - (dist / size[..., None, None]).unsqueeze(2)
-    logits = logits.masked_fill(~present[:, :, None, None, None], float("-inf"))
+    # sim / sqrt(E) + amp - dist / size, in place on the einsum's (n, K, B, H, W) output (its backward does not need it)
+    logits = torch.einsum("nbehw,nke->nkbhw", dense.pixel_embedding, v).div_(math.sqrt(e))
+    logits.add_(amp[..., None, None]).sub_((dist / size[..., None, None]).unsqueeze(2))
+    logits.masked_fill_(~present[:, :, None, None, None], float("-inf"))
     return torch.cat([logits, dense.background.unsqueeze(1)], dim=1)
 
 
@@ -228,32 +229,36 @@ class SplitRefiner(nn.Module):
         k, win, half = k1 - 1, self.window, self.window // 2
         if k == 0 or not present.any():
             return logits
-        sel = present.nonzero(as_tuple=True)  # the m present sources
-        c = torch.nan_to_num(centres.float(), nan=0.0)[sel]  # (m, 2)
+        sample, slot = present.nonzero(as_tuple=True)  # the m present sources
+        c = torch.nan_to_num(centres.float(), nan=0.0)[sample, slot]  # (m, 2)
         ar = torch.arange(win, device=logits.device)
         rows = c[:, 0:1].round() - half + ar  # (m, win) image rows of each crop, may leave the image
         cols = c[:, 1:2].round() - half + ar
         inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]).flatten(1)  # (m, win^2)
         idx = (rows.clamp(0, h - 1)[:, :, None] * w + cols.clamp(0, w - 1)[:, None, :]).long().flatten(1)
         inside = inside.unsqueeze(1).to(logits.dtype)  # (m, 1, win^2): pixels outside the image are zeros
+        band = torch.arange(b, device=logits.device)[None, :, None]
+        # each crop pixel's place in a flattened (n, B, H, W) tensor, and in the (n, K + 1, B, H, W) logits
+        at = (sample[:, None, None] * b + band) * (h * w) + idx[:, None, :]  # (m, B, win^2)
+        own_at = ((sample * k1 + slot)[:, None, None] * b + band) * (h * w) + idx[:, None, :]
 
-        def crop(x: torch.Tensor) -> torch.Tensor:  # (m, C, H, W) -> (m, C, win^2)
-            return x.flatten(-2).gather(-1, idx.unsqueeze(1).expand(-1, x.shape[1], -1)) * inside
+        def crop(x: torch.Tensor, where: torch.Tensor = at) -> torch.Tensor:  # the crops' pixels, read in place: (m, B, win^2)
+            return torch.take(x, where) * inside
 
         fr = logits.softmax(dim=1)
-        image = crop(image[sel[0]])
-        own = crop(fr[sel])
-        rest = crop(fr[:, :k].sum(1)[sel[0]]) - own  # the other sources' fractions (the background's excluded)
+        image = crop(image)
+        own = crop(fr, own_at)
+        rest = crop(fr[:, :k].sum(1)) - own  # the other sources' fractions (the background's excluded)
         offsets = torch.stack([((rows - c[:, 0:1]) / half)[:, :, None].expand(-1, -1, win),
                                ((cols - c[:, 1:2]) / half)[:, None, :].expand(-1, win, -1)], 1).flatten(-2)
         x = torch.cat([image, own * image, rest * image, torch.log(own + 1e-3), inside, offsets], dim=1)
         x = x.view(x.shape[0], x.shape[1], win, win)
         if condition is not None:
-            x = torch.cat([x, condition_planes(condition[sel[0]], x)], dim=1)
+            x = torch.cat([x, condition_planes(condition[sample], x)], dim=1)
         delta = self.out(self.body(x)).flatten(-2) * inside  # (m, B, win^2)
-        full = logits.new_zeros(n, k, b, h * w)
-        full[sel] = full[sel].scatter_add(-1, idx.unsqueeze(1).expand(-1, b, -1), delta)  # outside pixels add 0
-        return torch.cat([logits[:, :k] + full.view(n, k, b, h, w), logits[:, k:]], dim=1)
+        refined = logits.clone(memory_format=torch.contiguous_format)  # the background's and absent sources' stay
+        refined.view(-1).index_add_(0, own_at.flatten(), delta.flatten())  # outside pixels add 0
+        return refined
 
 
 def find_peaks(heat: torch.Tensor, offset: torch.Tensor, threshold: float, max_sources: int, window: int = 3):
