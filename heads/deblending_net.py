@@ -125,8 +125,10 @@ def dense_outputs(x: torch.Tensor, out: nn.Conv2d, correction: nn.Conv2d, n_band
     """Features x (n, C, H8, W8) -> `DenseOutputs` cropped to shape (H, W), through `output_convs`."""
     with torch.autocast(x.device.type, enabled=False):  # the per-pixel outputs in float32 under a bf16 autocast (no ties in the heatmap)
         x = x.float()
-        o = out(x)[:, :, : shape[0], : shape[1]]  # (n, K, H, W): the tokenizer's padding cropped off
-        corr = correction(x)[:, :, : shape[0], : shape[1]]
+        # (n, K, H, W): the tokenizer's padding cropped off; contiguous, so that the fields sliced
+        # from it below are too when the convolutions run in channels-last memory (`deblend_samples`)
+        o = out(x)[:, :, : shape[0], : shape[1]].contiguous()
+        corr = correction(x)[:, :, : shape[0], : shape[1]].contiguous()
     n, b, e, (h, w) = o.shape[0], n_bands, embed_size, shape
     i = 3
     background = o[:, i:i + b]
