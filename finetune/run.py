@@ -150,7 +150,7 @@ def student_teacher(task: str, release, head_settings: dict) -> Path:
                      if not key.startswith("student.") and ours.get(key) != tuple(tensor.get_shape()))
     if changed:
         raise InputError("head", f"settings {sorted(head_settings)} change the teacher's tensors ({', '.join(changed[:3])})",
-                         "set only the student's settings (deblending: student_widths, distill_weight, student_peak_threshold)")
+                         "set only the student's settings (deblending: student_widths, student_refine_channels, distill_weight, student_peak_threshold)")
     return folder
 
 

@@ -131,7 +131,7 @@ def deblend_samples(model: CosmoFMForDeblending, samples: Sequence[Sample], posi
     fast path (`heads/deblending_student.py`) in place of the backbone and decoder.
     `channels_last` (default: on a CPU): the model's convolution weights, and so their
     outputs, in channels-last memory (oneDNN's own layout): the same values, the student's
-    path ~1.1-1.3x faster on CPU (scripts/bench/deblend_student.py); the model keeps it."""
+    path 1.05-1.3x faster on CPU (docs/benchmarks.md, deblending, session 24); the model keeps it."""
     from cosmofm.pretrain.data import collate_samples
 
     model.eval()
