@@ -238,7 +238,7 @@ def finetune_task(task: str, samples: Sequence[Sample], card, cfg: TaskFinetuneC
         job.prepare(model, block["train"])
     run = finetune_loop(model, block["train"], job.targets, strategy, replace(cfg, desc=f"finetune {task} ({cfg.strategy})"), loss)
     model, forward = run.model, strategy.forward_options()  # calibrated and scored as it was trained (the student's path)
-    fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size, **forward), targets["calibration"])
+    fitted = job.calibrate(model, collect_outputs(model, block["calibration"], cfg.eval_batch_size, **forward), targets["calibration"], **forward)
     job = task_class(task)(model.head_config)  # the calibrated head
     metrics = {"n_train": len(block["train"]), "n_calibration": len(block["calibration"]), "n_test": len(block["test"]),
                **job.metrics(collect_outputs(model, block["test"], cfg.eval_batch_size, **forward), targets["test"]), "calibration": fitted}

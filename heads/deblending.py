@@ -60,6 +60,7 @@ from cosmofm.pretrain.tokenizers import sample_scale
 
 TASK_TYPE = "deblending"
 SLOT_AREA = 64 * 64  # max_sources counts per this many pixels
+PEAK_THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)  # the heatmap thresholds a calibration chooses from
 
 
 @dataclass
@@ -245,6 +246,8 @@ class DeblendingOutput(TaskOutput):
     segmentation: (N, H, W) 0 background, k + 1 where source k has the largest band-mean fraction.
     heatmap: (N, H, W) detection probabilities.
     fractions: per sample a (K + 1, B, H, W) tensor, sources then background (a list).
+    offsets: (N, 2, H, W) the heatmap's sub-pixel offsets: with it, peaks can be found again
+    at another threshold (`DeblendingTask.calibrate`).
     """
 
     loss: torch.Tensor | None = None
@@ -259,6 +262,7 @@ class DeblendingOutput(TaskOutput):
     heatmap: torch.Tensor | None = None
     fractions: list | None = None
     backbone: CosmoFMOutput | None = None
+    offsets: torch.Tensor | None = None
 
 
 def _image_group(batch: CosmoFMBatch, head: DeblendingHeadConfig) -> int:
@@ -412,7 +416,7 @@ class CosmoFMForDeblending(CosmoFMForTask):
             n_sources=pick(present.sum(1)), fluxes=pick(_pad_slots(flux[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
             flux_errors=pick(_pad_slots(err[:, :-1].masked_fill(~present.unsqueeze(-1), nan), slots, nan)),
             background_flux=pick(flux[:, -1]), segmentation=pick(segmentation), heatmap=pick(heat),
-            fractions=[fr[i] for i in order.tolist()], backbone=out)
+            fractions=[fr[i] for i in order.tolist()], backbone=out, offsets=pick(dense.offset))
 
     def _split(self, dense: net.DenseOutputs, use: torch.Tensor, present: torch.Tensor, image: torch.Tensor,
                condition: torch.Tensor | None, refiner: torch.nn.Module | None) -> torch.Tensor:
@@ -509,6 +513,27 @@ class DeblendingTask(Task):
             iou = np.concatenate(ious)
             out["segmentation_iou_mean"] = float(iou.mean()) if iou.size else float("nan")
         return out
+
+    def calibrate(self, model: CosmoFMForDeblending, outputs: Mapping[str, Any], targets: Mapping[str, torch.Tensor],
+                  student: bool = False) -> dict[str, float]:
+        """The peak threshold of the best detection F1 on the calibration block (the larger on
+        ties), its peaks found again from the collected heatmaps and offsets at each of
+        PEAK_THRESHOLDS (as the bench tunes it on training blends); stored as the head's
+        peak_threshold, or, when the student's path made `outputs` (`student`, the fine-tune's
+        forward options), as student_peak_threshold."""
+        heat = torch.logit(outputs["heatmap"].float().clamp(1e-7, 1 - 1e-7))
+        true = [c[np.isfinite(c).all(-1)] for c in _numpy(targets["centres"])]
+        slots = self.head.slots(tuple(heat.shape[-2:]))
+        best, best_f1 = PEAK_THRESHOLDS[0], -1.0
+        for threshold in PEAK_THRESHOLDS:
+            found, _, present = net.find_peaks(heat, outputs["offsets"].float(), threshold, slots)
+            found, present = _numpy(found), _numpy(present).astype(bool)
+            tp = sum(len(dm.match_detections(t, p[ok], self.head.fwhm_pixels)[0]) for t, p, ok in zip(true, found, present))
+            f1 = dm.detection_scores(tp, sum(len(t) for t in true), int(present.sum()))["f1"]
+            if f1 >= best_f1:  # NaN (nothing true or found) never wins
+                best, best_f1 = threshold, f1
+        model._set_task(**{"student_peak_threshold" if student else "peak_threshold": best})
+        return {"peak_threshold": best, "f1": best_f1}
 
     def catalogue_rows(self, outputs: Mapping[str, Any]) -> dict[str, Any]:
         """The catalogue columns of one batch's outputs: per stamp, its central source."""

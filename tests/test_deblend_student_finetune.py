@@ -23,8 +23,7 @@ from cosmofm.pretrain.checkpoint import save_release
 
 SMALL = ["finetune", "--task", "deblending", "--strategy", "student", "--set", "mocks.stamp_size=32", "--n-train", "20",
          "--batch-size", "4", "--lr", "1e-2", "--workers", "1"]
-STUDENT = [*SMALL, "--set", "finetune.head.student_widths=[8,16]", "--set", "finetune.head.student_peak_threshold=0.5",
-           "--set", "finetune.head.distill_weight=50"]
+STUDENT = [*SMALL, "--set", "finetune.head.student_widths=[8,16]", "--set", "finetune.head.distill_weight=50"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,9 @@ def test_only_the_student_trains_and_it_learns_the_teachers_outputs(teacher, stu
     assert {k for k in ours if not k.startswith("student.")} == set(theirs)
     assert all(torch.equal(ours[k], v) for k, v in theirs.items())  # backbone, decoder and refiner: the teacher's, bit for bit
     model = from_pretrained(student_run / "model", expect_task="deblending")
-    assert model.head_config.student_widths == [8, 16] and model.head_config.student_peak_threshold == 0.5
+    calibrated = json.loads((student_run / "eval_results.json").read_text())["details"]["calibration"]
+    assert model.head_config.student_widths == [8, 16] and model.head_config.student_peak_threshold == calibrated["peak_threshold"]
+    assert model.head_config.peak_threshold == from_pretrained(teacher).head_config.peak_threshold  # the teacher's path keeps its own
     assert json.loads((student_run / "finetune_config.json").read_text())["strategy"] == "student"
     # against the same student untrained (the run's seed, the teacher's config): the distance to the teacher fell
     # (distill_weight 50: an untrained teacher's outputs do not follow the task loss)

@@ -16,7 +16,7 @@ from cosmofm.data_cards.mocks.images import mock_image
 from cosmofm.finetune.recipe import FinetuneRecipe, run_recipe
 from cosmofm.heads.base import task_class, task_model_class
 from cosmofm.heads.deblend_baseline import DeblendCatalog
-from cosmofm.heads.deblending import CosmoFMForDeblending, DeblendingHeadConfig, DeblendingTask
+from cosmofm.heads.deblending import PEAK_THRESHOLDS, CosmoFMForDeblending, DeblendingHeadConfig, DeblendingTask
 from cosmofm.heads.deblending_data import blend_targets, blend_truth_arrays
 from cosmofm.heads.deblending_predict import deblend_samples, deblend_stamp
 from cosmofm.pretrain import CosmoFMConfig, collate_samples
@@ -324,6 +324,8 @@ def test_the_shipped_recipe_end_to_end(tmp_path):
     model = cosmofm.from_pretrained(result["model_dir"], expect_task="deblending")
     assert isinstance(model, CosmoFMForDeblending) and model.config.hidden_size == 32
     assert model.head_config.trained_psf_range == [0.85, 1.35]  # the recipe's psf_scales, all in the training block
+    calibrated = details["calibration"]  # the peak threshold chosen by F1 on the calibration block, saved with the model
+    assert calibrated["peak_threshold"] in PEAK_THRESHOLDS and model.head_config.peak_threshold == calibrated["peak_threshold"]
 
 
 def test_bad_input_is_refused_naming_the_sample(blends):
@@ -429,3 +431,29 @@ def test_split_refiner_equals_its_per_source_reference():
             expect[i, j][:, rs, cs] += delta[:, ws[0], ws[1]]
     assert torch.equal(torch.isinf(got), torch.isinf(expect))
     assert torch.allclose(got.nan_to_num(neginf=0), expect.nan_to_num(neginf=0), atol=1e-5)
+
+
+def test_calibration_chooses_the_peak_threshold_of_the_best_f1():
+    """DeblendingTask.calibrate finds the peaks again from the collected heatmaps and offsets:
+    true sources peak at p = 0.9, a spurious one at 0.25, so F1 is 1 from threshold 0.3 to 0.5
+    and the larger wins the tie; with true peaks at 0.45 it is 0.4. With student=True the
+    student's threshold is set and the head's kept."""
+    model = _model()
+    task = DeblendingTask(model.head_config)
+    n, h, w = 3, 32, 32
+    rows, cols = torch.arange(h)[:, None].float(), torch.arange(w)[None, :].float()
+    heat = torch.full((n, h, w), 1e-4)
+    centres = torch.full((n, 2, 2), float("nan"))
+    for i in range(n):
+        for j, (r, c, p) in enumerate([(8 + i, 9, 0.9), (22, 20 - i, 0.9)]):
+            heat[i] = torch.maximum(heat[i], p * torch.exp(-((rows - r) ** 2 + (cols - c) ** 2) / 4))
+            centres[i, j] = torch.tensor([r, c])
+        heat[i] = torch.maximum(heat[i], 0.25 * torch.exp(-((rows - 26) ** 2 + (cols - 5) ** 2) / 4))  # spurious
+    outputs = {"heatmap": heat, "offsets": torch.zeros(n, 2, h, w)}
+    fitted = task.calibrate(model, outputs, {"centres": centres})
+    assert fitted == {"peak_threshold": 0.5, "f1": 1.0} and model.head_config.peak_threshold == 0.5
+    assert model.config.task["peak_threshold"] == 0.5  # saved as calibrated
+    weak = {"heatmap": heat * torch.where(heat > 0.5, 0.5, 1.0), "offsets": outputs["offsets"]}  # true peaks at 0.45
+    fitted = task.calibrate(model, weak, {"centres": centres}, student=True)
+    assert fitted["peak_threshold"] == 0.4 and fitted["f1"] == 1.0
+    assert model.head_config.student_peak_threshold == 0.4 and model.head_config.peak_threshold == 0.5

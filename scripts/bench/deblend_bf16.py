@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         model, _ = train_head(card, train, args.steps, 8, 1.5e-3, args.train_seed, None)
     report = {"machine": machine_info(), "args": vars(args), "train_s": time.perf_counter() - t0, "loadavg_start": os.getloadavg(), "rounds": []}
-    model.head_config.peak_threshold = tune_threshold(model, train[:args.n_tune], fwhm)
+    model.head_config.peak_threshold = tune_threshold(model, train[:args.n_tune])
     samples, centres = [s for s, _ in test], [t.pixel_positions for _, t in test]
     for _ in range(args.rounds):
         for bf16 in (False, True):

@@ -63,7 +63,7 @@ def one_run(arm: str, fraction: float, seed: int, train, test, card, args, backb
     r = finetune_task("deblending", samples, card, cfg, **kw)
     model = r["model"].eval()
     fwhm = fwhm_in_pixels(card)
-    model.head_config.peak_threshold = tune_threshold(model, train[: min(args.n_tune, n_train)], fwhm)
+    model.head_config.peak_threshold = tune_threshold(model, train[: min(args.n_tune, n_train)])
     bands = [b.name for b in card.bands]
     ref = reference_band(card)
     res = summarise(deblend_samples(model, [s for s, _ in test], batch_size=32), test, fwhm, "head", bands, ref)

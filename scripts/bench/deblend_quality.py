@@ -82,7 +82,6 @@ from cosmofm.bench.deblend_shifts import SHIFTS, offset_sky, shifted_card
 
 SETTINGS = {"n_objects": (2, 6), "separation": (0.5, 3.0), "delta_mag": (0.0, 2.5)}
 TRAIN_SEED = 1000  # the training universe; test universes are --seeds (must differ)
-THRESHOLDS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
 MAG_EDGES = (0.0, 19.0, 20.0, 21.0, 22.0, 30.0)  # true r magnitude bins: the test mocks span r ~ 16.5-23
 ORACLES = ("oracle (true fractions)", "oracle (isolated + own noise)")
 
@@ -249,10 +248,9 @@ def fit(model, parameters: list, samples, targets: dict, steps: int, batch_size:
             "loss_per_tenth": [float(np.mean(x)) for x in np.array_split(np.asarray(losses), 10)], "batch_size": batch_size, "lr": lr}
 
 
-def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict,
-             tune_fwhm: float | None = None):
-    """Train the head (`train_head`), tune its peak threshold on `tune` (matching radius
-    `tune_fwhm`, default `fwhm`: the test blends' own under --test-shift) and score it on `test`
+def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], ref: int, report: dict, results: dict):
+    """Train the head (`train_head`), tune its peak threshold on `tune` (`tune_threshold`:
+    matching within the training card's worst PSF FWHM) and score it on `test`
     in detection mode (with and without its outskirts correction) and with true centres; rows
     go to `results`, training facts to `report`. Returns (model, detection catalogues)."""
     from cosmofm.heads.deblending_predict import deblend_samples
@@ -266,7 +264,7 @@ def run_head(args, card, train, tune, test, fwhm: float, bands: Sequence[str], r
     else:
         model, report["training"] = train_head(card, train, args.steps, args.batch_size, args.lr, args.train_seed, args.backbone,
                                                  budget_s=args.train_budget_s, **head_settings(args))
-    model.head_config.peak_threshold = tune_threshold(model, tune, tune_fwhm or fwhm)
+    model.head_config.peak_threshold = tune_threshold(model, tune)
     report["head_peak_threshold"] = model.head_config.peak_threshold
     centres = [t.pixel_positions for _, t in test]
 
@@ -314,23 +312,23 @@ def key_values(option: str, items: Sequence[str]) -> dict:
     return out
 
 
-def tune_threshold(model, blends, fwhm: float, **options) -> float:
-    """The heatmap threshold with the best detection F1 on training blends (larger on ties);
-    `options` go to `deblend_samples` (e.g. student=True)."""
-    from cosmofm.heads import deblending_metrics as dm
-    from cosmofm.heads.deblending_predict import deblend_samples
+def tune_threshold(model, blends, **options) -> float:
+    """The heatmap threshold with the best detection F1 on training blends (larger on ties):
+    `DeblendingTask.calibrate` (the fine-tune's own calibration) on the model's outputs for
+    them, the model's thresholds left as they were; `options` go to the forward (student=True
+    tunes the student's path)."""
+    from cosmofm.finetune.run import collect_outputs
+    from cosmofm.heads.deblending import DeblendingTask
+    from cosmofm.heads.deblending_predict import padded_positions
 
-    best, best_f1 = THRESHOLDS[0], -1.0
-    keep = model.head_config.peak_threshold
-    for thr in THRESHOLDS:
-        model.head_config.peak_threshold = thr
-        cats = deblend_samples(model, [s for s, _ in blends], **options)
-        tp = sum(len(dm.match_detections(t.pixel_positions, c.positions, fwhm)[0]) for c, (_, t) in zip(cats, blends))
-        f1 = dm.detection_scores(tp, sum(len(t.pixel_positions) for _, t in blends), sum(len(c) for c in cats))["f1"]
-        if f1 >= best_f1:
-            best, best_f1 = thr, f1
-    model.head_config.peak_threshold = keep
-    return best
+    h = model.head_config
+    keep = {"peak_threshold": h.peak_threshold, "student_peak_threshold": h.student_peak_threshold}
+    samples = [s for s, _ in blends]
+    centres = padded_positions([t.pixel_positions for _, t in blends])
+    fitted = DeblendingTask(h).calibrate(model, collect_outputs(model, samples, 32, **options), {"centres": centres},
+                                         student=bool(options.get("student")))
+    model._set_task(**keep)
+    return fitted["peak_threshold"]
 
 
 def summarise(cats, blends, fwhm: float, method: str, bands: Sequence[str], ref: int) -> dict:
@@ -437,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     samples = [s for s, _ in test]
     results: dict = {"_points": {}}
     if args.head:
-        model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results, tune_fwhm)
+        model, head_cats = run_head(args, card, train, tune, test, fwhm, bands, ref, report, results)
         if args.save_model:
             from cosmofm.pretrain.checkpoint import save_release
 

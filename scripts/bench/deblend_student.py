@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loaded = (model.student, h.student_peak_threshold or h.peak_threshold, (list(h.student_widths), h.student_refine_channels))
     model.student = None
     model._set_task(student_widths=[], student_peak_threshold=0.0, student_refine_channels=0)
-    head_threshold = tune_threshold(model, tune, tune_fwhm)
+    head_threshold = tune_threshold(model, tune)
     sep_cont = tune_contrast("sep", tune, tune_fwhm)
     report.update(head_peak_threshold=head_threshold, sep_contrast=sep_cont)
 
@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 name = f"student {arm} seed {seed}"
                 facts = train_student(model, train, args.student_widths, args.student_steps, args.batch_size, args.student_lr, seed, ARMS[arm],
                                       refine_channels=args.student_refine_channels)
-                threshold = tune_threshold(model, tune, tune_fwhm, student=True)
+                threshold = tune_threshold(model, tune, student=True)
 
             def student_run(xs, threshold=threshold):
                 model.head_config.peak_threshold = threshold
