@@ -25,7 +25,7 @@ from cosmofm.data_cards.sample import Sample
 from cosmofm.heads import deblending_metrics as dm
 
 if TYPE_CHECKING:
-    from cosmofm.heads.deblending import DeblendingHeadConfig
+    from cosmofm.heads.deblending_config import DeblendingHeadConfig
 
 
 def truth_objects(sample: Sample) -> list[dict]:
